@@ -1,0 +1,237 @@
+"""The configuration of a run, as nested dataclasses with defaults, strict loading and stage hashes.
+
+This is the single schema: the local command fills it from flags, the orchestrator from Hydra. Loading
+from a dict rejects unknown keys and wrong types with the dotted key at fault; ``validate`` checks what
+depends on several keys (levels vs subspace dims vs resolution, and so on) before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+
+from .data import DATASETS
+from .models import PRESETS, VARIANTS, HKDConfig
+from .sampler import SAMPLERS
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"          # mnist | fashion_mnist | cifar10_jpeg
+    split: str = "train"
+    resolution: int = 32                 # 28 -> 32 by zero-padding for the gray sets
+    limit: int | None = 5000             # images the teacher sees (a seeded subset); None: all
+    root: str | None = None              # a folder holding the data files (searched first)
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "empirical"              # empirical (closed form, no training) | edm (trained here)
+    channels: int = 32                   # edm: U-Net width ...
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=lambda: [8])
+    dropout: float = 0.0
+    total_kimg: float = 200.0            # edm: training length
+    batch_size: int = 128
+    lr: float = 1e-3
+    ema_halflife_kimg: float = 10.0
+    checkpoint: str | None = None        # edm: start from / use this checkpoint file instead of training
+
+
+@dataclass
+class TrajectoryConfig:
+    num: int = 2000                      # trajectories for training
+    holdout: int = 200                   # extra trajectories (unseen seeds) to measure error vs the teacher
+    sampler: str = "heun"
+    steps: int = 18                      # Heun: 2 * steps - 1 NFE (35 at 18)
+    shard_size: int = 250
+    batch_size: int = 250
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "hkd"                 # hkd | no_koopman | one_level | kd | kdm
+    preset: str = "small"                # tiny | small | cifar; the fields below override it when set
+    levels: int | None = None
+    subspace_dims: list[int] | None = None
+    channels: int | None = None
+    channel_mult: list[int] | None = None
+    blocks: int | None = None
+    attn_levels: list[int] | None = None
+    operator: str | None = None          # position | shared | none
+    dropout: float | None = None
+    kdm_dim: int | None = None
+
+    def hkd_config(self, img_channels: int, resolution: int) -> HKDConfig:
+        over = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("variant", "preset") and v is not None}
+        base = dataclasses.replace(PRESETS[self.preset], img_channels=img_channels, resolution=resolution)
+        if "levels" in over and "subspace_dims" not in over and over["levels"] != base.levels:
+            raise ConfigError(f"model.levels={over['levels']} differs from preset {self.preset!r} "
+                              f"({base.levels} levels); give model.subspace_dims too (one even d_l per level)")
+        return dataclasses.replace(base, **over)
+
+
+@dataclass
+class TrainConfig:
+    total_kimg: float = 10.0
+    max_train_s: float | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_rampup_kimg: float = 1.0
+    grad_clip: float = 1.0
+    ema_halflife_kimg: float = 1.0
+    ema_rampup: float = 0.05
+    states_per_traj: int = 4             # 1: no trajectory consistency
+    lambda1_start: float = 1.0
+    lambda1_end: float = 0.0
+    lambda1_anneal_kimg: float = 5.0
+    lambda2: float = 1.0
+    perceptual: str = "pseudo_huber"     # pseudo_huber | mse | lpips
+    log_every_kimg: float = 0.5
+    checkpoint_every_kimg: float = 2.0
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    n: int = 500                         # samples for FID/KID (state it with every number)
+    split: str = "test"                  # reference split
+    teacher_nfe: list[int] = field(default_factory=lambda: [35])  # also score the teacher at these NFE
+    kid_subset_size: int = 1000
+    batch_size: int = 100
+    inception_weights: str | None = None
+    seed: int = 123
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hkd_config(self) -> HKDConfig:
+        return self.model.hkd_config(DATASETS[self.data.name].channels, self.data.resolution)
+
+
+def _check_type(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {tp}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        (inner,) = typing.get_args(tp)
+        return [_check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}={value!r} must be of type {getattr(tp, '__name__', tp)}")
+
+
+def from_dict(cls, d: dict | None, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    d = dict(d or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed under {prefix.rstrip('.') or 'the top level'}: "
+                          f"{names}")
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
+            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {sorted(allowed)}")
+
+
+def _positive(key: str, value, strict: bool = True) -> None:
+    if value is not None and (value <= 0 if strict else value < 0):
+        raise ConfigError(f"{key}={value} must be {'> 0' if strict else '>= 0'}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every key and every cross-key constraint; raise ConfigError naming the key."""
+    _choice("data.name", cfg.data.name, DATASETS)
+    _choice("data.split", cfg.data.split, {"train", "test"})
+    native = DATASETS[cfg.data.name].resolution
+    if cfg.data.resolution < native or (cfg.data.resolution - native) % 2:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} is not reachable from {cfg.data.name}'s {native}px "
+                          f"by symmetric zero-padding; use {native} or {native} + an even number (e.g. 32)")
+    _positive("data.limit", cfg.data.limit)
+    _choice("teacher.kind", cfg.teacher.kind, {"empirical", "edm"})
+    _choice("trajectories.sampler", cfg.trajectories.sampler, SAMPLERS)
+    for k in ("num", "steps", "shard_size", "batch_size"):
+        _positive(f"trajectories.{k}", getattr(cfg.trajectories, k))
+    _positive("trajectories.holdout", cfg.trajectories.holdout, strict=False)
+    _choice("model.variant", cfg.model.variant, VARIANTS)
+    _choice("model.preset", cfg.model.preset, PRESETS)
+    try:
+        cfg.hkd_config().validate()
+    except ValueError as e:   # ConfigError included: keep the message, which names the key
+        raise ConfigError(str(e)) from None
+    for k in ("total_kimg", "batch_size", "lr", "states_per_traj", "log_every_kimg", "checkpoint_every_kimg"):
+        _positive(f"train.{k}", getattr(cfg.train, k))
+    _positive("train.max_train_s", cfg.train.max_train_s)
+    _choice("train.perceptual", cfg.train.perceptual, {"pseudo_huber", "mse", "lpips"})
+    inner = cfg.trajectories.steps - 1   # states strictly between x_T and x_0
+    if cfg.train.states_per_traj - 1 > inner:
+        raise ConfigError(f"train.states_per_traj={cfg.train.states_per_traj} needs {cfg.train.states_per_traj - 1} "
+                          f"intermediate states, but trajectories.steps={cfg.trajectories.steps} gives {inner}")
+    _positive("eval.n", cfg.eval.n)
+    _choice("eval.split", cfg.eval.split, {"train", "test"})
+    for i, n in enumerate(cfg.eval.teacher_nfe):
+        _positive(f"eval.teacher_nfe[{i}]", n)
+    return cfg
+
+
+def config_hash(*parts) -> str:
+    """A short content hash of dataclasses / dicts / strings, for content-addressed stage outputs."""
+    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def stage_hashes(cfg: RunConfig) -> dict[str, str]:
+    """Each stage's identity: its own config plus the identity of what it consumes."""
+    teacher = config_hash(cfg.data, cfg.teacher)
+    traj = config_hash(teacher, cfg.trajectories)
+    distill = config_hash(traj, cfg.model, cfg.train)
+    evaluate = config_hash(distill, cfg.eval)
+    return {"teacher": teacher, "trajectories": traj, "distill": distill, "evaluate": evaluate}

@@ -1,0 +1,178 @@
+"""FID and KID with torch-fidelity's standard Inception network, offline, with cached reference statistics.
+
+Features come from torch-fidelity's ``inception-v3-compat`` extractor (pool3, 2048-d); FID from its
+``fid_statistics_to_metric`` and KID from its ``kid_features_to_metric``, so the metric code is
+torch-fidelity's. Statistics are accumulated in float64 as (n, sum, sum of outer products), which merge
+exactly across workers (see ``FeatureStats.merge``). Reference statistics and features of a data set are
+computed once per (data set, split, N, resolution, weights sha256) and cached.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_bytes
+from .data import cache_dir, load_images, to_uint8
+from .inception import weights_digest, weights_path
+
+log = logging.getLogger(__name__)
+DIM = 2048
+
+
+class InceptionFeatures:
+    """Images -> (N, 2048) float32 pool3 features. Accepts uint8 in [0, 255] or float in [-1, 1]; gray is
+    repeated to 3 channels. Inputs are resized to 299 inside torch-fidelity, as in TF's FID code."""
+
+    def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 batch_size: int = 64):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.path = weights_path(weights)
+        self.sha256 = weights_digest(self.path)
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                               feature_extractor_weights_path=str(self.path)).to(self.device)
+        if self.device.type == "cpu":
+            self.net = self.net.to(memory_format=torch.channels_last)   # about 1.3x faster on CPU
+
+    @staticmethod
+    def as_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+        x = images if images.dtype == torch.uint8 else to_uint8(images)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        x = self.as_uint8_rgb(images)
+        out = []
+        for i in tqdm(range(0, x.shape[0], self.batch_size), desc="inception", unit="batch", disable=not progress):
+            out.append(self.net(x[i:i + self.batch_size].to(self.device))[0].float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, DIM)
+
+
+@dataclass
+class FeatureStats:
+    """Running first and second moments of features in float64; ``merge`` combines workers exactly."""
+
+    n: int
+    total: np.ndarray        # (D,) sum of features
+    outer: np.ndarray        # (D, D) sum of outer products
+
+    @classmethod
+    def empty(cls, dim: int = DIM) -> "FeatureStats":
+        return cls(0, np.zeros(dim), np.zeros((dim, dim)))
+
+    @classmethod
+    def of(cls, features: torch.Tensor) -> "FeatureStats":
+        s = cls.empty(features.shape[1])
+        s.add(features)
+        return s
+
+    def add(self, features: torch.Tensor) -> "FeatureStats":
+        f = features.double().numpy()
+        self.n += f.shape[0]
+        self.total += f.sum(0)
+        self.outer += f.T @ f
+        return self
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        return FeatureStats(self.n + other.n, self.total + other.total, self.outer + other.outer)
+
+    def mu_sigma(self) -> dict[str, np.ndarray]:
+        """Mean and unbiased covariance (as numpy.cov, which torch-fidelity uses)."""
+        if self.n < 2:
+            raise ValueError(f"FID needs at least 2 samples, got {self.n}")
+        mu = self.total / self.n
+        sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        return {"mu": mu, "sigma": sigma}
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    return fid_statistics_to_metric(a.mu_sigma(), b.mu_sigma(), verbose=False)[KEY_METRIC_FID]
+
+
+def kid_from_features(a: torch.Tensor, b: torch.Tensor, subset_size: int = 1000, subsets: int = 100,
+                      seed: int = 2020) -> tuple[float, float]:
+    """KID mean and std over subsets (torch-fidelity's polynomial-kernel MMD); subset size capped at N."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    size = min(subset_size, a.shape[0], b.shape[0])
+    out = kid_features_to_metric(a, b, kid_subsets=subsets, kid_subset_size=size, verbose=False, rng_seed=seed,
+                                 kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
+                                 kid_kernel_poly_coef0=1)
+    return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
+
+
+@dataclass
+class Reference:
+    key: dict
+    stats: FeatureStats
+    features: torch.Tensor   # kept for KID
+
+
+def reference_key(dataset: str, split: str, n: int, resolution: int | None, weights_sha256: str) -> dict:
+    return {"dataset": dataset, "split": split, "n": n, "resolution": resolution, "weights": weights_sha256[:16]}
+
+
+def reference_cache_name(key: dict) -> str:
+    return "ref-{dataset}-{split}-n{n}-r{resolution}-w{weights}.npz".format(**key)
+
+
+def encode_reference(ref: Reference) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, n=ref.stats.n, total=ref.stats.total, outer=ref.stats.outer, features=ref.features.numpy(),
+             key=np.frombuffer(json.dumps(ref.key).encode(), np.uint8))
+    return buf.getvalue()
+
+
+def decode_reference(data: bytes) -> Reference:
+    with np.load(io.BytesIO(data)) as z:
+        return Reference(json.loads(z["key"].tobytes()), FeatureStats(int(z["n"]), z["total"], z["outer"]),
+                         torch.from_numpy(z["features"].copy()))
+
+
+def reference_stats(dataset: str, split: str, n: int, features: InceptionFeatures, resolution: int | None = None,
+                    root=None, cache: str | os.PathLike | None = None, progress: bool = True) -> Reference:
+    """Statistics of a fixed seeded subset of N images; computed once, then read from the cache folder."""
+    key = reference_key(dataset, split, n, resolution, features.sha256)
+    folder = Path(cache) if cache else cache_dir() / "fid_refs"
+    path = folder / reference_cache_name(key)
+    if path.is_file():
+        ref = decode_reference(path.read_bytes())
+        if ref.key == key:
+            return ref
+    images, _ = load_images(dataset, split, resolution=resolution, limit=n, root=root, seed=12345)
+    if images.shape[0] < n:
+        raise ValueError(f"{dataset}/{split} has {images.shape[0]} images, fewer than eval.n={n}")
+    log.info("reference statistics for %s/%s N=%d (once; cached at %s)", dataset, split, n, path)
+    feats = features(images, progress=progress)
+    ref = Reference(key, FeatureStats.of(feats), feats)
+    atomic_write_bytes(path, encode_reference(ref))
+    return ref
+
+
+def evaluate_features(feats: torch.Tensor, ref: Reference, kid_subset_size: int = 1000) -> dict[str, float]:
+    kid, kid_std = kid_from_features(feats, ref.features, kid_subset_size)
+    return {"fid": fid_from_stats(FeatureStats.of(feats), ref.stats), "kid": kid, "kid_std": kid_std,
+            "n": float(feats.shape[0])}
+
+
+@torch.no_grad()
+def evaluate_generator(sample: Callable[[int, int], torch.Tensor], n: int, ref: Reference,
+                       features: InceptionFeatures, batch_size: int = 100, progress: bool = True,
+                       kid_subset_size: int = 1000) -> dict[str, float]:
+    """FID/KID of N samples; ``sample(count, batch_index)`` returns images in [-1, 1]."""
+    feats = []
+    for i, start in enumerate(tqdm(range(0, n, batch_size), desc="fid", unit="batch", disable=not progress)):
+        feats.append(features(sample(min(batch_size, n - start), i)))
+    return evaluate_features(torch.cat(feats), ref, kid_subset_size)

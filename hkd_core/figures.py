@@ -1,0 +1,137 @@
+"""PNG figures: sample grids, Koopman spectra, band masking, trajectory strips (matplotlib, no display)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .data import to_uint8  # noqa: E402
+
+BAND_NAMES = {1: ["all"], 2: ["low", "high"], 3: ["low", "mid", "high"]}
+
+
+def _hwc(img: torch.Tensor) -> np.ndarray:
+    a = to_uint8(img.detach().cpu()).permute(1, 2, 0).numpy()
+    return a[..., 0] if a.shape[-1] == 1 else a
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> one uint8 array (rows of ``nrow``)."""
+    n, c, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad) + ((3,) if c == 3 else ()), 255, np.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = _hwc(images[i])
+    return grid
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_grid(images, nrow)).save(path)
+    return path
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_spectrum(spectrum: list[torch.Tensor], path: str | os.PathLike, title: str = "") -> Path:
+    """Per level: eigenvalues alpha +- i beta in the complex plane, and histograms of alpha and beta."""
+    n = len(spectrum)
+    fig, axes = plt.subplots(n, 3, figsize=(11, 3.2 * n), squeeze=False)
+    for l, ev in enumerate(spectrum):
+        a, b = ev.real.flatten().numpy(), ev.imag.flatten().numpy()
+        ax = axes[l, 0]
+        ax.scatter(np.concatenate([a, a]), np.concatenate([b, -b]), s=3, alpha=0.4)
+        ax.axvline(0, color="k", lw=0.6)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xlabel("alpha (decay rate)")
+        ax.set_ylabel("beta (frequency)")
+        ax.set_title(f"level {l + 1}: {a.size} modes, {np.mean(a > 0):.0%} growing")
+        axes[l, 1].hist(a, bins=50, color="tab:blue")
+        axes[l, 1].set_xlabel("alpha")
+        axes[l, 2].hist(b, bins=50, color="tab:orange")
+        axes[l, 2].set_xlabel("beta")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_alpha_maps(spectrum: list[torch.Tensor], path: str | os.PathLike) -> Path:
+    """Per level: the mean decay rate alpha over modes at each position (a map for per-position operators)."""
+    n = len(spectrum)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3), squeeze=False)
+    for l, ev in enumerate(spectrum):
+        ax = axes[0, l]
+        if ev.ndim == 3:
+            im = ax.imshow(ev.real.mean(0).numpy(), cmap="coolwarm")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        ax.set_title(f"level {l + 1}: mean alpha")
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def plot_rows(rows: torch.Tensor, path: str | os.PathLike, row_labels: list[str], col_labels: list[str] | None = None,
+              title: str = "") -> Path:
+    """rows: (R, K, C, H, W); one image per cell, labelled rows (and columns)."""
+    r, k = rows.shape[:2]
+    fig, axes = plt.subplots(r, k, figsize=(1.2 * k + 0.8, 1.2 * r + 0.3), squeeze=False)
+    for i in range(r):
+        for j in range(k):
+            ax = axes[i, j]
+            img = _hwc(rows[i, j])
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(row_labels[i], fontsize=8)
+            if i == 0 and col_labels:
+                ax.set_title(col_labels[j], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_band_masking(images: torch.Tensor, path: str | os.PathLike, full: torch.Tensor | None = None) -> Path:
+    """images: (n_bands, B, C, H, W) from ``spectra.band_masking``; the full sample as the last row if given."""
+    n = images.shape[0]
+    labels = [f"band {b}" for b in BAND_NAMES.get(n, [str(i) for i in range(n)])]
+    if full is not None:
+        images = torch.cat([images, full[None]])
+        labels.append("all bands")
+    return plot_rows(images, path, labels, title="band masking: keep one band of modes (sorted by alpha)")
+
+
+def plot_trajectory_strip(previews: torch.Tensor, taus, path: str | os.PathLike) -> Path:
+    """previews: (T, B, C, H, W) from ``HKD.trajectory``; one row per sample, one column per tau."""
+    cols = [f"tau={float(t):.2f}" for t in taus]
+    return plot_rows(previews.transpose(0, 1), path, [f"sample {i}" for i in range(previews.shape[1])], cols,
+                     title="decoded latents z_tau along the Koopman trajectory")
+
+
+def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | os.PathLike, xlabel: str,
+                ylabel: str, logy: bool = False) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

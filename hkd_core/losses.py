@@ -1,0 +1,146 @@
+"""HKD's distillation loss (DESIGN 1.2) and its pluggable distances.
+
+L = sum over t in S of d(model(x_t, sigma_t), x_0): S holds x_T (the reconstruction term) and s - 1 states
+drawn from each stored trajectory (the trajectory-consistency term); s = 1 is the no-consistency ablation.
+d = lambda1 * MSE + lambda2 * perceptual, with lambda1 annealed by kimg. The perceptual term defaults to a
+pseudo-Huber distance (iCT, Song & Dhariwal 2023); LPIPS plugs in where its weights exist locally.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (x, y) -> per-sample distance (B,)
+
+
+def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x - y).square().flatten(1).mean(1)
+
+
+def pseudo_huber(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(sqrt(|x - y|^2 + c^2) - c) / sqrt(dim), c = 0.00054 sqrt(dim).
+
+    Divided by sqrt(dim) (our choice) so that it reads as a per-pixel RMS and sits on MSE's scale.
+    """
+    dim = x[0].numel()
+    c = 0.00054 * math.sqrt(dim)
+    return ((x - y).square().flatten(1).sum(1) + c * c).sqrt().sub(c) / math.sqrt(dim)
+
+
+class LPIPS(nn.Module):
+    """LPIPS (Zhang et al. 2018) on VGG-16 features, from local weight files only (nothing is downloaded).
+
+    ``vgg_path``: torchvision's ``vgg16`` state dict; ``lin_path``: the five LPIPS linear heads
+    (``lin{0..4}.model.1.weight`` as in the reference release). Images in [-1, 1], 1 or 3 channels.
+    """
+
+    _taps = (3, 8, 15, 22, 29)                                 # relu1_2 .. relu5_3 in vgg16.features
+    _shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    _scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+    def __init__(self, vgg_path: str | os.PathLike, lin_path: str | os.PathLike):
+        super().__init__()
+        import torchvision
+
+        for p in (vgg_path, lin_path):
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"LPIPS weights {p} not found; LPIPS needs local weight files "
+                                        f"(loss.perceptual=pseudo_huber works without any)")
+        vgg = torchvision.models.vgg16()
+        vgg.load_state_dict(torch.load(vgg_path, map_location="cpu", weights_only=True))
+        self.features = vgg.features[: self._taps[-1] + 1].eval().requires_grad_(False)
+        lin = torch.load(lin_path, map_location="cpu", weights_only=True)
+        self.lins = [lin[f"lin{i}.model.1.weight"] for i in range(5)]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        h = torch.cat([x, y])
+        h = (h - self._shift.to(h)) / self._scale.to(h)
+        total = 0
+        taps = iter(self.lins)
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self._taps:
+                fx, fy = h.chunk(2)
+                fx = fx / (fx.square().sum(1, keepdim=True).sqrt() + 1e-10)
+                fy = fy / (fy.square().sum(1, keepdim=True).sqrt() + 1e-10)
+                w = next(taps).to(h)
+                total = total + ((fx - fy).square() * w.view(1, -1, 1, 1)).sum(1).mean((1, 2))
+        return total
+
+
+def perceptual_distance(name: str, **kwargs) -> Distance:
+    if name == "pseudo_huber":
+        return pseudo_huber
+    if name == "mse":
+        return mse
+    if name == "lpips":
+        return LPIPS(**kwargs)
+    raise ValueError(f"loss.perceptual is {name!r}; allowed: 'pseudo_huber', 'mse', 'lpips'")
+
+
+@dataclass
+class LambdaSchedule:
+    """lambda1 goes linearly from ``start`` to ``end`` over ``anneal_kimg`` (coarse -> perceptual)."""
+
+    start: float = 1.0
+    end: float = 0.0
+    anneal_kimg: float = 100.0
+
+    def __call__(self, kimg: float) -> float:
+        if self.anneal_kimg <= 0:
+            return self.end
+        return self.start + (self.end - self.start) * min(1.0, kimg / self.anneal_kimg)
+
+
+class HKDLoss:
+    """Reconstruction plus trajectory consistency over stored teacher trajectories.
+
+    ``states``: (B, S+1, *shape) with x_T first and x_0 last; ``sigmas``: (S+1,). ``s`` states per
+    trajectory enter the loss: x_T and s - 1 drawn without replacement from the intermediate states
+    1..S-1. Returns a dict of scalars: ``loss`` (to minimise), ``loss_recon``, ``loss_tcons``.
+    """
+
+    def __init__(self, states_per_traj: int = 4, lambda1: LambdaSchedule | None = None, lambda2: float = 1.0,
+                 perceptual: Distance = pseudo_huber):
+        if states_per_traj < 1:
+            raise ValueError(f"loss.states_per_traj must be >= 1, got {states_per_traj}")
+        self.s = states_per_traj
+        self.lambda1 = lambda1 or LambdaSchedule()
+        self.lambda2, self.perceptual = lambda2, perceptual
+
+    def distance(self, x: torch.Tensor, y: torch.Tensor, kimg: float) -> torch.Tensor:
+        l1 = self.lambda1(kimg)
+        d = self.lambda2 * self.perceptual(x, y)
+        return d + l1 * mse(x, y) if l1 else d
+
+    def pick(self, b: int, n_states: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, s) state indices: column 0 is x_T (index 0), the rest distinct intermediate states."""
+        inner = n_states - 2
+        if self.s - 1 > inner:
+            raise ValueError(f"loss.states_per_traj={self.s} needs at least {self.s - 1} intermediate states; "
+                             f"the trajectories have {inner}")
+        cols = [torch.zeros(b, 1, dtype=torch.long)]
+        if self.s > 1:
+            cols.append(torch.rand(b, inner, generator=generator).argsort(1)[:, : self.s - 1] + 1)
+        return torch.cat(cols, 1)
+
+    def __call__(self, model: nn.Module, states: torch.Tensor, sigmas: torch.Tensor, kimg: float = 0.0,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        b, n = states.shape[:2]
+        idx = self.pick(b, n, generator).to(states.device)                    # (B, s)
+        x = states[torch.arange(b, device=states.device)[:, None], idx]      # (B, s, *shape)
+        sig = sigmas.to(states.device, torch.float32)[idx]                   # (B, s)
+        target = states[:, -1].float()
+        pred = model(x.flatten(0, 1).float(), sig.flatten())
+        d = self.distance(pred, target.repeat_interleave(self.s, 0), kimg).view(b, self.s)
+        out = {"loss": d.sum(1).mean(), "loss_recon": d[:, 0].mean().detach()}
+        out["loss_tcons"] = d[:, 1:].mean().detach() if self.s > 1 else torch.zeros(())
+        return out

@@ -1,0 +1,308 @@
+"""The HKD model (DESIGN 1.2), its one-step baselines (KD, KDM-style) and a registry of named presets.
+
+Every model maps a trajectory state to a clean image with ``forward(x_t, sigma_t)`` and samples in one
+network evaluation with ``sample(n)``. ``build_model(variant, preset, **overrides)`` makes the ablations
+switches on the same code:
+
+- ``hkd``: full model; ``no_koopman``: generators fixed at A = 0; ``one_level``: L = 1 (non-hierarchical);
+- ``kd``: a U-Net regressing x_0 from x_T directly; ``kdm``: one global linear operator on a flat latent.
+(No trajectory consistency, s = 1, is a loss switch: see ``losses.HKDLoss``.)
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, EDMPrecond, UNet, UNetConfig, as_sigma
+from .koopman import OPERATORS, KoopmanOperator, tau_of_sigma
+from .layers import NoiseEmbedding, Stage, downsample, group_norm, upsample
+
+VARIANTS = ("hkd", "no_koopman", "one_level", "kd", "kdm")
+
+
+@dataclass
+class HKDConfig:
+    img_channels: int = 1
+    resolution: int = 32
+    levels: int = 3                                  # L: number of spatial scales (resolution / 2^(l-1))
+    subspace_dims: list[int] = field(default_factory=lambda: [16, 16, 16])  # d_l per level, each even
+    channels: int = 32                               # trunk width at full resolution
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # width per level; last repeats if L > len
+    blocks: int = 1                                  # residual blocks per level, encoder and decoder
+    attn_levels: list[int] = field(default_factory=list)  # 1-based levels with self-attention
+    operator: str = "position"                       # 'position' | 'shared' | 'none' (A = 0)
+    latent_levels: list[int] = field(default_factory=list)  # 1-based levels carrying a latent; [] = all
+    dropout: float = 0.0
+    kdm_dim: int = 64                                # KDM only: size of the flat global latent
+
+    def widths(self) -> list[int]:
+        m = self.channel_mult
+        return [self.channels * m[min(l, len(m) - 1)] for l in range(self.levels)]
+
+    def sizes(self) -> list[int]:
+        return [self.resolution // 2 ** l for l in range(self.levels)]
+
+    def validate(self) -> "HKDConfig":
+        """Raise ValueError naming the field at fault."""
+        if self.levels < 1:
+            raise ValueError(f"model.levels must be >= 1, got {self.levels}")
+        if len(self.subspace_dims) != self.levels:
+            raise ValueError(f"model.subspace_dims has {len(self.subspace_dims)} entries {list(self.subspace_dims)}"
+                             f" but model.levels is {self.levels}; give one d_l per level")
+        for l, d in enumerate(self.subspace_dims, 1):
+            if d < 2 or d % 2:
+                raise ValueError(f"model.subspace_dims[{l - 1}] (level {l}) is {d}; each d_l must be even "
+                                 f"and >= 2 (it holds d_l/2 complex-conjugate eigenvalue pairs)")
+        if self.resolution % 2 ** (self.levels - 1):
+            max_l = next(l for l in range(self.levels, 0, -1) if self.resolution % 2 ** (l - 1) == 0)
+            raise ValueError(f"model.levels={self.levels} needs resolution divisible by 2^{self.levels - 1}; "
+                             f"resolution {self.resolution} allows at most {max_l} levels")
+        if self.operator not in OPERATORS:
+            raise ValueError(f"model.operator is {self.operator!r}; allowed: {list(OPERATORS)}")
+        for key in ("attn_levels", "latent_levels"):
+            bad = [a for a in getattr(self, key) if not 1 <= a <= self.levels]
+            if bad:
+                raise ValueError(f"model.{key} {bad} are outside 1..{self.levels}")
+        return self
+
+    def latent_dims(self) -> list[int]:
+        """d_l per level, 0 where the level carries no latent."""
+        keep = set(self.latent_levels or range(1, self.levels + 1))
+        return [d if l in keep else 0 for l, d in enumerate(self.subspace_dims, 1)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Encoder(nn.Module):
+    """Noise-conditioned downsampling trunk; returns the features at every level, finest first."""
+
+    def __init__(self, cfg: HKDConfig):
+        super().__init__()
+        emb = cfg.channels * 4
+        self.embed = NoiseEmbedding(cfg.channels, emb)
+        self.conv_in = nn.Conv2d(cfg.img_channels, cfg.channels, 3, padding=1)
+        cin, self.stages = cfg.channels, nn.ModuleList()
+        for l, w in enumerate(cfg.widths(), 1):
+            self.stages.append(Stage(cin, w, cfg.blocks, emb, l in cfg.attn_levels, cfg.dropout))
+            cin = w
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
+        s = as_sigma(sigma, x)
+        emb = self.embed(s.flatten().log() / 4)
+        h = self.conv_in(x / (s ** 2 + SIGMA_DATA ** 2).sqrt())   # EDM's c_in: unit-variance input
+        feats = []
+        for i, stage in enumerate(self.stages):
+            h = stage(downsample(h) if i else h, emb)
+            feats.append(h)
+        return feats
+
+
+class Decoder(nn.Module):
+    """Upsampling trunk fusing the per-level latents coarse to fine (they take the place of skip features).
+
+    ``in_dims[l]`` is the number of latent channels fed at level l (0: none); ``coarse_channels`` is the
+    width of an extra input below the coarsest level (KDM's decoded global latent).
+    """
+
+    def __init__(self, cfg: HKDConfig, in_dims: list[int], coarse_channels: int = 0):
+        super().__init__()
+        widths = cfg.widths()
+        self.lift = nn.ModuleList(nn.Conv2d(d, w, 1) if d else nn.Identity() for d, w in zip(in_dims, widths))
+        self.in_dims = in_dims
+        self.stages = nn.ModuleList()
+        for l in range(cfg.levels):
+            below = widths[l + 1] if l + 1 < cfg.levels else coarse_channels
+            cin = below + (widths[l] if in_dims[l] else 0)
+            self.stages.append(Stage(cin, widths[l], cfg.blocks, None, (l + 1) in cfg.attn_levels, cfg.dropout))
+        self.norm_out = group_norm(widths[0])
+        self.conv_out = nn.Conv2d(widths[0], cfg.img_channels, 3, padding=1)
+
+    def forward(self, zs: list[torch.Tensor | None], coarse: torch.Tensor | None = None) -> torch.Tensor:
+        h = coarse
+        for l in reversed(range(len(self.stages))):
+            parts = [] if h is None else [upsample(h) if l + 1 < len(self.stages) else h]
+            if self.in_dims[l]:
+                parts.append(self.lift[l](zs[l]))
+            h = self.stages[l](torch.cat(parts, 1))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class OneStepModel(nn.Module):
+    """What every one-step generator shares: sampling from fresh noise in one network evaluation."""
+
+    sigma_min, sigma_max = SIGMA_MIN, SIGMA_MAX
+
+    def noise(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        c, r = self.cfg.img_channels, self.cfg.resolution
+        return torch.randn(n, c, r, r, generator=generator, device=device) * self.sigma_max
+
+    def sample(self, n: int | None = None, generator: torch.Generator | None = None,
+               x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """x_hat = model(x_T, sigma_max): NFE = 1. Pass x_T (already scaled by sigma_max) or n."""
+        if x_T is None:
+            x_T = self.noise(n, generator, next(self.parameters()).device)
+        return self(x_T, self.sigma_max)
+
+    def spectrum(self) -> list[torch.Tensor]:
+        """Eigenvalues per level (complex); empty for models without a Koopman operator."""
+        return []
+
+
+class HKD(OneStepModel):
+    """x_hat(x_t) = Decoder(evolve(Encoder(x_t, sigma_t), tau_t -> 1))."""
+
+    def __init__(self, cfg: HKDConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.encoder = Encoder(cfg)
+        self.levels = [l for l, d in enumerate(cfg.latent_dims()) if d]   # 0-based levels with a latent
+        dims, widths, sizes = cfg.latent_dims(), cfg.widths(), cfg.sizes()
+        self.proj = nn.ModuleList(nn.Conv2d(widths[l], dims[l], 1) for l in self.levels)
+        self.koopman = nn.ModuleList(KoopmanOperator(dims[l], sizes[l], sizes[l], cfg.operator) for l in self.levels)
+        self.decoder = Decoder(cfg, dims)
+
+    def encode(self, x: torch.Tensor, sigma: torch.Tensor | float) -> list[torch.Tensor]:
+        """One latent per latent-carrying level, finest first."""
+        feats = self.encoder(x, sigma)
+        return [p(feats[l]) for p, l in zip(self.proj, self.levels)]
+
+    def evolve(self, zs: list[torch.Tensor], dtau: torch.Tensor | float) -> list[torch.Tensor]:
+        return [k(z, dtau) for k, z in zip(self.koopman, zs)]
+
+    def decode(self, zs: list[torch.Tensor]) -> torch.Tensor:
+        full: list[torch.Tensor | None] = [None] * self.cfg.levels
+        for l, z in zip(self.levels, zs):
+            full[l] = z
+        return self.decoder(full)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        s = as_sigma(sigma, x).flatten()
+        return self.decode(self.evolve(self.encode(x, s), 1 - tau_of_sigma(s).to(x.device)))
+
+    def trajectory(self, x_T: torch.Tensor, taus: torch.Tensor | list[float]) -> dict:
+        """Latents z_tau = evolve(E(x_T), 0 -> tau) and their decodings D(z_tau), for each tau.
+
+        D(z_tau) is the preview: by the group property evolve(z_tau, tau -> 1) is the same for every tau
+        (it is the final latent), so what changes along the trajectory is the latent itself, decoded.
+        """
+        z0 = self.encode(x_T, self.sigma_max)
+        latents, previews = [], []
+        for t in torch.as_tensor(taus, dtype=torch.float32).tolist():
+            zt = self.evolve(z0, t)
+            latents.append(zt)
+            previews.append(self.decode(zt))
+        return {"taus": torch.as_tensor(taus, dtype=torch.float32), "latents": latents,
+                "previews": torch.stack(previews)}
+
+    def spectrum(self) -> list[torch.Tensor]:
+        return [k.eigenvalues() for k in self.koopman]
+
+
+class KD(OneStepModel):
+    """Knowledge distillation (Luhman & Luhman 2021): an EDM-preconditioned U-Net mapping x_t to x_0."""
+
+    def __init__(self, cfg: HKDConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.net = EDMPrecond(UNet(UNetConfig(
+            img_channels=cfg.img_channels, resolution=cfg.resolution, channels=cfg.channels,
+            channel_mult=tuple(cfg.widths()[l] // cfg.channels for l in range(cfg.levels)), blocks=cfg.blocks,
+            attn_resolutions=tuple(cfg.sizes()[l - 1] for l in cfg.attn_levels), dropout=cfg.dropout)))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        return self.net(x, sigma)
+
+
+class KDM(OneStepModel):
+    """KDM-style (Berman et al. 2025): one global linear operator K on a flattened latent, exp(K dtau) z."""
+
+    def __init__(self, cfg: HKDConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.encoder = Encoder(cfg)
+        w, s = cfg.widths()[-1], cfg.sizes()[-1]
+        self.flat = (w, s, s)
+        self.to_latent = nn.Linear(w * s * s, cfg.kdm_dim)
+        self.generator = nn.Parameter(torch.zeros(cfg.kdm_dim, cfg.kdm_dim))
+        self.from_latent = nn.Linear(cfg.kdm_dim, w * s * s)
+        self.decoder = Decoder(cfg, [0] * cfg.levels, coarse_channels=w)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        s = as_sigma(sigma, x).flatten()
+        z = self.to_latent(self.encoder(x, s)[-1].flatten(1))
+        dtau = (1 - tau_of_sigma(s).to(x.device))[:, None, None]
+        z = (torch.matrix_exp(self.generator[None] * dtau) @ z[:, :, None])[:, :, 0]
+        return self.decoder([None] * self.cfg.levels, self.from_latent(z).reshape(-1, *self.flat))
+
+    def spectrum(self) -> list[torch.Tensor]:
+        return [torch.linalg.eigvals(self.generator.detach().double()).to(torch.complex64)]
+
+
+PRESETS: dict[str, HKDConfig] = {
+    # Unit tests: a few thousand parameters per level, 32x32 gray.
+    "tiny": HKDConfig(levels=2, subspace_dims=[4, 4], channels=8, channel_mult=[1, 2], blocks=1, kdm_dim=16),
+    # CPU experiments on (Fashion-)MNIST padded to 32x32.
+    "small": HKDConfig(levels=3, subspace_dims=[8, 16, 16], channels=32, channel_mult=[1, 2, 2], blocks=1,
+                       kdm_dim=64),
+    # CIFAR-10 scale (GPU): three levels 32/16/8, attention at 8x8.
+    "cifar": HKDConfig(img_channels=3, levels=3, subspace_dims=[16, 32, 64], channels=128, channel_mult=[1, 2, 2],
+                       blocks=2, attn_levels=[3], kdm_dim=256),
+}
+
+
+def preset(name: str, **overrides) -> HKDConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides).validate()
+
+
+def build_model(variant: str = "hkd", cfg: HKDConfig | str = "small", **overrides) -> OneStepModel:
+    """A model for one of VARIANTS from a config or preset name, with field overrides."""
+    if isinstance(cfg, str):
+        cfg = preset(cfg, **overrides)
+    elif overrides:
+        cfg = replace(cfg, **overrides)
+    model = _build(variant, cfg)
+    model.variant = variant
+    return model
+
+
+def _build(variant: str, cfg: HKDConfig) -> OneStepModel:
+    if variant == "hkd":
+        return HKD(cfg)
+    if variant == "no_koopman":
+        return HKD(replace(cfg, operator="none"))
+    if variant == "one_level":
+        # Non-hierarchical: the same trunk, but a single latent at the coarsest level, holding as many
+        # modes per position as all levels together had; the decoder gets no finer latents.
+        dims = list(cfg.subspace_dims[:-1]) + [sum(cfg.latent_dims())]
+        return HKD(replace(cfg, subspace_dims=dims, latent_levels=[cfg.levels]))
+    if variant == "kd":
+        return KD(cfg)
+    if variant == "kdm":
+        return KDM(cfg)
+    raise ValueError(f"unknown model variant {variant!r}; choose one of {list(VARIANTS)}")
+
+
+def model_record(model: OneStepModel, state_dict: dict | None = None) -> dict:
+    """Everything needed to rebuild a trained model: class, final config, variant, weights."""
+    return {"class": type(model).__name__, "variant": getattr(model, "variant", None), "config": model.cfg.to_dict(),
+            "state_dict": state_dict if state_dict is not None else model.state_dict()}
+
+
+def model_from_record(record: dict) -> OneStepModel:
+    classes = {"HKD": HKD, "KD": KD, "KDM": KDM}
+    if record.get("class") not in classes:
+        raise ValueError(f"model record has class {record.get('class')!r}; expected one of {sorted(classes)}")
+    model = classes[record["class"]](HKDConfig(**record["config"]))
+    model.variant = record.get("variant")
+    model.load_state_dict(record["state_dict"])
+    return model.eval()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,271 @@
+"""Trajectory data set format: fixed-size shards plus a manifest with a checksum per shard.
+
+A shard is an uncompressed ``.npz`` holding ``states`` (n, S+1, C, H, W) float16, ``sigmas`` (S+1,)
+float64, ``seeds`` (n,) int64 and ``meta`` (UTF-8 JSON: the teacher identity, the sampler). The manifest
+(``manifest.json``) lists every shard with its size and sha256, so that a reader can check each shard it
+streams and a trainer can check that all shards exist before spending time. Objects go through a small
+``BlobStore`` interface (``LocalStore`` here; the orchestrator adds S3) whose ``put`` is atomic.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .checkpoint import atomic_write_bytes
+
+FORMAT, VERSION = "hkd-trajectories", 1
+MANIFEST = "manifest.json"
+
+
+class ShardError(RuntimeError):
+    """A shard or manifest is missing, truncated or altered."""
+
+
+class BlobStore(Protocol):
+    """Where shards and manifests live. ``put`` must be atomic: an object appears whole or not at all."""
+
+    def put(self, key: str, data: bytes) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int: ...
+    def uri(self, key: str) -> str: ...
+
+
+class LocalStore:
+    """A folder as a BlobStore; writes go to a temporary file that is then renamed into place."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def put(self, key: str, data: bytes) -> None:
+        atomic_write_bytes(self.root / key, data)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError:
+            raise ShardError(f"{self.uri(key)} does not exist") from None
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+    def size(self, key: str) -> int:
+        return (self.root / key).stat().st_size
+
+    def uri(self, key: str) -> str:
+        return str(self.root / key)
+
+
+@dataclass
+class ShardInfo:
+    key: str
+    n: int
+    sha256: str
+    bytes: int
+    first_index: int    # global index of the shard's first trajectory
+
+
+@dataclass
+class Manifest:
+    shape: list[int]                 # per-state shape (C, H, W)
+    sigmas: list[float]              # the shared sigma grid, x_T first, 0 last
+    nfe: int
+    teacher: dict
+    sampler: dict
+    shard_size: int
+    shards: list[ShardInfo] = field(default_factory=list)
+    format: str = FORMAT
+    version: int = VERSION
+
+    @property
+    def num_trajectories(self) -> int:
+        return sum(s.n for s in self.shards)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["num_trajectories"] = self.num_trajectories
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST) -> "Manifest":
+        try:
+            d = json.loads(text)
+            if d.get("format") != FORMAT or d.get("version") != VERSION:
+                raise ShardError(f"{where}: not a {FORMAT} v{VERSION} manifest "
+                                 f"(format={d.get('format')!r}, version={d.get('version')!r})")
+            d.pop("num_trajectories", None)
+            d["shards"] = [ShardInfo(**s) for s in d["shards"]]
+            return cls(**d)
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise ShardError(f"{where}: unreadable manifest ({e}); regenerate the trajectories") from None
+
+
+def shard_key(index: int) -> str:
+    return f"shard-{index:06d}.npz"
+
+
+def encode_shard(states: torch.Tensor, sigmas: torch.Tensor, seeds: torch.Tensor, meta: dict) -> bytes:
+    """states: (n, S+1, *shape); stored as float16."""
+    buf = io.BytesIO()
+    np.savez(buf, states=states.detach().cpu().to(torch.float16).numpy(),
+             sigmas=sigmas.detach().cpu().double().numpy(), seeds=seeds.detach().cpu().long().numpy(),
+             meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8))
+    return buf.getvalue()
+
+
+def write_shard(store: BlobStore, index: int, first_index: int, states: torch.Tensor, sigmas: torch.Tensor,
+                seeds: torch.Tensor, meta: dict) -> ShardInfo:
+    data = encode_shard(states, sigmas, seeds, meta)
+    key = shard_key(index)
+    store.put(key, data)
+    return ShardInfo(key, int(states.shape[0]), hashlib.sha256(data).hexdigest(), len(data), first_index)
+
+
+def write_manifest(store: BlobStore, manifest: Manifest) -> None:
+    manifest.shards.sort(key=lambda s: s.first_index)
+    store.put(MANIFEST, manifest.to_json().encode())
+
+
+def read_manifest(store: BlobStore) -> Manifest:
+    if not store.exists(MANIFEST):
+        raise ShardError(f"{store.uri(MANIFEST)} does not exist; generate the trajectories first")
+    return Manifest.from_json(store.get(MANIFEST).decode(), store.uri(MANIFEST))
+
+
+def check_shards(store: BlobStore, manifest: Manifest) -> None:
+    """Every listed shard exists with its listed size: cheap, run it before training."""
+    for s in manifest.shards:
+        if not store.exists(s.key):
+            raise ShardError(f"manifest lists {store.uri(s.key)}, which does not exist; regenerate it or "
+                             f"rewrite the manifest")
+        if store.size(s.key) != s.bytes:
+            raise ShardError(f"{store.uri(s.key)} has {store.size(s.key)} bytes, the manifest says {s.bytes}: "
+                             f"truncated or altered; regenerate it")
+
+
+def read_shard(store: BlobStore, info: ShardInfo, verify: bool = True) -> dict:
+    data = store.get(info.key)
+    where = store.uri(info.key)
+    if verify:
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != info.bytes or digest != info.sha256:
+            raise ShardError(f"{where} is corrupt: {len(data)} bytes with sha256 {digest[:16]}..., the manifest "
+                             f"expects {info.bytes} bytes with {info.sha256[:16]}...; regenerate this shard")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            out = {"states": torch.from_numpy(z["states"].copy()), "sigmas": torch.from_numpy(z["sigmas"].copy()),
+                   "seeds": torch.from_numpy(z["seeds"].copy()), "meta": json.loads(z["meta"].tobytes())}
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as e:
+        raise ShardError(f"{where} is unreadable ({type(e).__name__}: {e}); regenerate this shard") from None
+    if out["states"].shape[0] != info.n:
+        raise ShardError(f"{where} holds {out['states'].shape[0]} trajectories, the manifest says {info.n}")
+    return out
+
+
+def load_all(store: BlobStore, manifest: Manifest | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every trajectory in memory: states (N, S+1, *shape) float16 and the sigma grid."""
+    manifest = manifest or read_manifest(store)
+    states = [read_shard(store, s)["states"] for s in manifest.shards]
+    return torch.cat(states), torch.tensor(manifest.sigmas, dtype=torch.float64)
+
+
+class TrajectoryWriter:
+    """Buffers trajectories and writes fixed-size shards, then the manifest on ``close``."""
+
+    def __init__(self, store: BlobStore, sigmas: torch.Tensor, nfe: int, teacher: dict, sampler: dict,
+                 shard_size: int = 256):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.store = store
+        self.manifest = Manifest(shape=[], sigmas=[float(s) for s in sigmas], nfe=nfe, teacher=teacher,
+                                 sampler=sampler, shard_size=shard_size)
+        self.meta = {"teacher": teacher, "sampler": sampler}
+        self._states: list[torch.Tensor] = []
+        self._seeds: list[torch.Tensor] = []
+        self._count = 0
+
+    def add(self, states: torch.Tensor, seeds: torch.Tensor) -> None:
+        """states: (S+1, B, *shape) as a sampler returns them; seeds: (B,)."""
+        if not self.manifest.shape:
+            self.manifest.shape = list(states.shape[2:])
+        self._states.append(states.transpose(0, 1).to(torch.float16))
+        self._seeds.append(seeds)
+        self._count += states.shape[1]
+        while self._count >= self.manifest.shard_size:
+            self._flush(self.manifest.shard_size)
+
+    def _flush(self, n: int) -> None:
+        states, seeds = torch.cat(self._states), torch.cat(self._seeds)
+        first = sum(s.n for s in self.manifest.shards)
+        info = write_shard(self.store, len(self.manifest.shards), first, states[:n],
+                           torch.tensor(self.manifest.sigmas), seeds[:n], self.meta)
+        self.manifest.shards.append(info)
+        self._states, self._seeds, self._count = [states[n:]], [seeds[n:]], states.shape[0] - n
+
+    def close(self) -> Manifest:
+        if self._count:
+            self._flush(self._count)
+        write_manifest(self.store, self.manifest)
+        return self.manifest
+
+
+class TrajectoryDataset(IterableDataset):
+    """Streams trajectories shard by shard; each rank (and each DataLoader worker) reads its own shards.
+
+    Yields dicts with ``states`` (S+1, *shape) float16 and ``seed``. ``epochs=None`` repeats forever,
+    reshuffling shard and sample order each epoch from (seed, epoch). With ``skip_corrupt`` a bad shard is
+    skipped and counted in ``self.skipped`` instead of raising.
+    """
+
+    def __init__(self, store: BlobStore, manifest: Manifest | None = None, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, seed: int = 0, epochs: int | None = 1, skip_corrupt: bool = False):
+        self.store = store
+        self.manifest = manifest or read_manifest(store)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if len(self.manifest.shards) < world_size:
+            raise ShardError(f"{len(self.manifest.shards)} shards cannot be shared by {world_size} ranks; "
+                             f"write smaller shards (shard_size) or use fewer workers")
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed, self.epochs, self.skip_corrupt = shuffle, seed, epochs, skip_corrupt
+        self.skipped: list[str] = []
+        self.sigmas = torch.tensor(self.manifest.sigmas, dtype=torch.float64)
+
+    def my_shards(self, epoch: int) -> list[ShardInfo]:
+        shards = list(self.manifest.shards)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(shards)
+        mine = shards[self.rank::self.world_size]
+        w = get_worker_info()
+        if w is not None:
+            mine = mine[w.id::w.num_workers]
+        return mine
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            for info in self.my_shards(epoch):
+                try:
+                    shard = read_shard(self.store, info)
+                except ShardError:
+                    if not self.skip_corrupt:
+                        raise
+                    self.skipped.append(info.key)
+                    continue
+                order = list(range(info.n))
+                if self.shuffle:
+                    random.Random(hash((self.seed, epoch, info.first_index))).shuffle(order)
+                for i in order:
+                    yield {"states": shard["states"][i], "seed": int(shard["seeds"][i])}
+            epoch += 1

@@ -1,0 +1,42 @@
+import pytest
+
+from hkd_core.config import ConfigError, RunConfig, from_dict, stage_hashes, validate
+
+
+def _cfg(d):
+    return validate(from_dict(RunConfig, d))
+
+
+@pytest.mark.parametrize("d, msg", [
+    ({"trainn": {}}, "unknown key trainn"),
+    ({"train": {"lrr": 1}}, r"unknown key train.lrr; allowed under train"),
+    ({"train": {"lr": "fast"}}, "train.lr='fast' must be of type float"),
+    ({"train": {"batch_size": 1.5}}, "train.batch_size=1.5 must be of type int"),
+    ({"model": {"subspace_dims": [8, 15, 16]}}, r"subspace_dims\[1\] \(level 2\) is 15"),
+    ({"model": {"levels": 2, "subspace_dims": [8, 16, 16]}}, "has 3 entries .* but model.levels is 2"),
+    ({"model": {"levels": 2}}, "give model.subspace_dims too"),
+    ({"model": {"levels": 7, "subspace_dims": [2] * 7}}, "resolution 32 allows at most 6 levels"),
+    ({"data": {"name": "imagenet"}}, "data.name='imagenet' is not allowed"),
+    ({"data": {"resolution": 31}}, "data.resolution=31 is not reachable"),
+    ({"data": {"resolution": 30}}, "model.levels=3 needs resolution divisible by 2\\^2; resolution 30 allows at most 2"),
+    ({"model": {"variant": "dmd"}}, "model.variant='dmd'"),
+    ({"train": {"states_per_traj": 20}}, "states_per_traj=20 needs 19 intermediate states"),
+    ({"train": {"total_kimg": 0}}, "train.total_kimg=0.0 must be > 0"),
+    ({"eval": {"teacher_nfe": [35, 0]}}, r"eval.teacher_nfe\[1\]=0"),
+    ({"model": {"subspace_dims": "8,16,16"}}, "model.subspace_dims='8,16,16' has the wrong type"),
+])
+def test_bad_configs_name_the_key(d, msg):
+    with pytest.raises(ConfigError, match=msg):
+        _cfg(d)
+
+
+def test_good_config_and_stage_hashes():
+    a = _cfg({"model": {"levels": 2, "subspace_dims": [8, 16]}})
+    assert a.hkd_config().levels == 2 and a.train.lr == 1e-3
+    b = _cfg({"model": {"levels": 2, "subspace_dims": [8, 16]}, "train": {"lr": 2e-3}})
+    ha, hb = stage_hashes(a), stage_hashes(b)
+    # changing a training key changes distill and evaluate, not the teacher or the trajectories
+    assert ha["teacher"] == hb["teacher"] and ha["trajectories"] == hb["trajectories"]
+    assert ha["distill"] != hb["distill"] and ha["evaluate"] != hb["evaluate"]
+    c = _cfg({"model": {"levels": 2, "subspace_dims": [8, 16]}, "trajectories": {"num": 100}})
+    assert stage_hashes(c)["trajectories"] != ha["trajectories"] and stage_hashes(c)["teacher"] == ha["teacher"]

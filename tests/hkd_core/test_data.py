@@ -1,0 +1,65 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from hkd_core.data import DataError, find_data_file, load_images, to_uint8, toy_2d
+
+
+def _have(name):
+    try:
+        return find_data_file(name) is not None
+    except DataError:
+        return False
+
+
+@pytest.mark.skipif(not _have("fashion_mnist"), reason="shared/data/fashion_mnist.npz not present")
+def test_fashion_mnist_padded_to_32():
+    x, y = load_images("fashion_mnist", "test", resolution=32, limit=100)
+    assert x.shape == (100, 1, 32, 32) and y.shape == (100,)
+    assert x.min() >= -1 and x.max() <= 1 and x.max() > 0.9
+    assert torch.all(x[:, :, :2, :] == -1) and torch.all(x[:, :, :, -2:] == -1)   # the padding is black
+    x28, _ = load_images("fashion_mnist", "test", limit=100)
+    assert torch.equal(x28, x[:, :, 2:30, 2:30])
+    assert torch.equal(to_uint8(x28), torch.as_tensor(np.round((x28.numpy() + 1) * 127.5)).to(torch.uint8))
+
+
+def test_corrupt_file_names_path_and_checksum(tmp_path):
+    src = find_data_file("mnist")
+    if src is None:
+        pytest.skip("mnist.npz not present")
+    bad = tmp_path / "mnist.npz"
+    shutil.copy(src, bad)
+    with open(bad, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(DataError, match=rf"{bad}: sha256 is [0-9a-f]+, expected 06af5dfe"):
+        load_images("mnist", root=tmp_path)
+
+
+def test_missing_data_set_says_where_it_looked(tmp_path, monkeypatch):
+    import hkd_core.data as data
+
+    monkeypatch.setattr(data, "default_search_dirs", lambda root=None: [tmp_path])
+    with pytest.raises(DataError, match=rf"not found. Looked for {tmp_path}/cifar10_jpeg_files.tar.gz"):
+        load_images("cifar10_jpeg")
+    with pytest.raises(DataError, match="unknown data set 'svhn'"):
+        load_images("svhn")
+
+
+def test_bad_resolution_is_refused():
+    if not _have("mnist"):
+        pytest.skip("mnist.npz not present")
+    with pytest.raises(DataError, match="resolution=31"):
+        load_images("mnist", limit=4, resolution=31)
+
+
+def test_toy_sets():
+    c = toy_2d("checkerboard", 2000, seed=1)
+    ij = ((c + 1) * 2).floor().long()
+    assert c.shape == (2000, 2) and torch.all((ij[:, 0] + ij[:, 1]) % 2 == 0)
+    g = toy_2d("gmm", 2000)
+    r = g.norm(dim=1)
+    assert abs(r.mean().item() - 0.8) < 0.02
+    assert torch.equal(toy_2d("gmm", 10, seed=4), toy_2d("gmm", 10, seed=4))

@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+
+from hkd_core.koopman import KoopmanOperator, block_generator, evolve, sigma_of_tau, tau_of_sigma
+
+
+def _random_op(d=6, h=3, w=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d // 2, h, w, generator=g, dtype=torch.float64), \
+        torch.randn(d // 2, h, w, generator=g, dtype=torch.float64) * 3
+
+
+def test_closed_form_equals_matrix_exponential_of_the_block_generator():
+    alpha, beta = _random_op()
+    z = torch.randn(4, 6, 3, 2, dtype=torch.float64)
+    dtau = 0.37
+    out = evolve(z, alpha, beta, dtau)
+    for i in range(3):
+        for j in range(2):
+            m = torch.linalg.matrix_exp(block_generator(alpha[:, i, j], beta[:, i, j]) * dtau)
+            ref = z[:, :, i, j] @ m.T
+            torch.testing.assert_close(out[:, :, i, j], ref, rtol=1e-10, atol=1e-12)
+
+
+def test_per_sample_time_steps_broadcast():
+    alpha, beta = _random_op()
+    z = torch.randn(3, 6, 3, 2, dtype=torch.float64)
+    dt = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    out = evolve(z, alpha, beta, dt)
+    for b in range(3):
+        torch.testing.assert_close(out[b:b + 1], evolve(z[b:b + 1], alpha, beta, float(dt[b])))
+    torch.testing.assert_close(out[0], z[0])
+
+
+def test_evolution_composes_and_inverts():
+    alpha, beta = _random_op(seed=1)
+    z = torch.randn(2, 6, 3, 2, dtype=torch.float64)
+    a_b = evolve(z, alpha, beta, 0.2)
+    a_c = evolve(z, alpha, beta, 0.9)
+    torch.testing.assert_close(evolve(a_b, alpha, beta, 0.7), a_c)
+    torch.testing.assert_close(evolve(a_c, alpha, beta, -0.9), z)
+
+
+def test_operator_is_identity_at_initialisation_and_counts_parameters():
+    for mode, n_params in (("position", 2 * 4 * 5 * 5), ("shared", 2 * 4), ("none", 0)):
+        op = KoopmanOperator(8, 5, 5, mode)
+        z = torch.randn(2, 8, 5, 5)
+        torch.testing.assert_close(op(z, 0.8), z)
+        assert sum(p.numel() for p in op.parameters()) == n_params
+        assert op.eigenvalues().shape == (4, 5, 5)
+
+
+def test_shared_operator_applies_the_same_eigenvalues_everywhere():
+    op = KoopmanOperator(4, 3, 3, "shared")
+    with torch.no_grad():
+        op.alpha.fill_(-1.0)
+        op.beta.fill_(math.pi)
+    z = torch.zeros(1, 4, 3, 3)
+    z[:, 0] = 1.0
+    out = op(z, 0.5)   # scale e^-0.5, rotate by pi/2: channel 0 -> channel 1
+    torch.testing.assert_close(out[:, 0], torch.zeros(1, 3, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[:, 1], torch.full((1, 3, 3), math.exp(-0.5)))
+
+
+def test_odd_dimension_is_refused():
+    with pytest.raises(ValueError, match="even"):
+        KoopmanOperator(5, 2, 2)
+
+
+def test_tau_maps_noise_end_to_zero_and_data_end_to_one():
+    assert tau_of_sigma(80.0).item() == pytest.approx(0.0)
+    assert tau_of_sigma(0.002).item() == pytest.approx(1.0)
+    assert tau_of_sigma(0.0).item() == pytest.approx(1.0)   # the final state counts as sigma_min
+    s = torch.tensor([50.0, 1.0, 0.01])
+    torch.testing.assert_close(sigma_of_tau(tau_of_sigma(s)), s, rtol=1e-5, atol=0)
+    assert torch.all(tau_of_sigma(torch.tensor([80.0, 10.0, 1.0, 0.1])).diff() > 0)

@@ -1,0 +1,55 @@
+import math
+
+import pytest
+import torch
+
+from hkd_core.losses import HKDLoss, LambdaSchedule, mse, pseudo_huber
+
+
+def test_pseudo_huber():
+    x = torch.zeros(3, 1, 4, 4)
+    assert torch.equal(pseudo_huber(x, x), torch.zeros(3))
+    y = torch.full_like(x, 0.5)
+    c = 0.00054 * 4
+    expected = (math.sqrt(16 * 0.25 + c * c) - c) / 4
+    torch.testing.assert_close(pseudo_huber(x, y), torch.full((3,), expected))
+    # quadratic near zero, linear far away
+    small, big = pseudo_huber(x, x + 1e-5), pseudo_huber(x, x + 10)
+    assert small[0] < 1e-6 and big[0] == pytest.approx(10, rel=1e-3)
+
+
+def test_lambda_schedule():
+    s = LambdaSchedule(1.0, 0.2, 10.0)
+    assert s(0) == 1.0 and s(5) == pytest.approx(0.6) and s(10) == pytest.approx(0.2) and s(50) == pytest.approx(0.2)
+
+
+def test_state_picks_are_distinct_intermediate_states():
+    loss = HKDLoss(states_per_traj=4)
+    idx = loss.pick(500, 19, torch.Generator().manual_seed(0))
+    assert idx.shape == (500, 4) and torch.all(idx[:, 0] == 0)
+    inner = idx[:, 1:]
+    assert inner.min() >= 1 and inner.max() <= 17
+    assert all(len(set(r.tolist())) == 3 for r in inner)
+    assert len(set(inner.flatten().tolist())) == 17      # every intermediate state gets drawn
+    with pytest.raises(ValueError, match="states_per_traj=9"):
+        HKDLoss(9).pick(2, 8)
+
+
+class Identity(torch.nn.Module):
+    def forward(self, x, sigma):
+        return x
+
+
+def test_reconstruction_and_consistency_terms(toy_trajectories):
+    states, sigmas = toy_trajectories
+    one = HKDLoss(1, LambdaSchedule(1.0, 1.0), lambda2=0.0)
+    out = one(Identity(), states, sigmas)
+    # s = 1: only x_T enters, and the identity model's error is |x_T - x_0|^2
+    torch.testing.assert_close(out["loss_recon"], mse(states[:, 0], states[:, -1]).mean())
+    assert out["loss_tcons"] == 0 and torch.isclose(out["loss"], out["loss_recon"])
+    four = HKDLoss(4, LambdaSchedule(1.0, 1.0), lambda2=0.0)
+    out4 = four(Identity(), states, sigmas, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out4["loss_recon"], out["loss_recon"])
+    # intermediate states are closer to x_0 than x_T is, so the consistency term is smaller
+    assert 0 < out4["loss_tcons"] < out4["loss_recon"]
+    torch.testing.assert_close(out4["loss"], out4["loss_recon"] + 3 * out4["loss_tcons"], rtol=1e-5, atol=0)

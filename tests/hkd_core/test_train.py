@@ -1,0 +1,74 @@
+import json
+
+import pytest
+import torch
+
+from hkd_core.checkpoint import CheckpointError, latest_checkpoint
+from hkd_core.edm import EDMPrecond, UNet, UNetConfig
+from hkd_core.models import build_model
+from hkd_core.train import train_hkd, train_teacher
+
+FAST = dict(batch_size=16, lr=3e-3, lr_rampup_kimg=0.0, log_every_kimg=0.016, checkpoint_every_kimg=0.016,
+            ema_halflife_kimg=0.01, progress=False)
+
+
+def _fresh(tiny_cfg, variant="hkd"):
+    torch.manual_seed(0)
+    return build_model(variant, tiny_cfg)
+
+
+def test_distillation_reduces_the_loss(tiny_cfg, toy_trajectories):
+    states, sigmas = toy_trajectories
+    logged = []
+    res = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.8, states_per_traj=3,
+                    metrics_cb=lambda m, k: logged.append(m), **FAST)
+    assert res["steps"] == 50 and res["kimg"] == pytest.approx(0.8)
+    first, last = logged[0]["train/loss"], logged[-1]["train/loss"]
+    assert last < 0.7 * first, (first, last)
+    assert {"train/loss_recon", "train/loss_tcons", "train/lambda1", "perf/samples_per_s"} <= set(logged[-1])
+
+
+def test_resume_continues_exactly_where_it_stopped(tiny_cfg, toy_trajectories, tmp_path):
+    states, sigmas = toy_trajectories
+    straight = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "a", **FAST)
+    train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.08, checkpoint_dir=tmp_path / "b", **FAST)
+    assert json.loads((tmp_path / "b" / "latest.json").read_text())["kimg"] == pytest.approx(0.08)
+    resumed = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "b", **FAST)
+    assert resumed["steps"] == straight["steps"] == 10
+    for a, b in zip(straight["model"].state_dict().values(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight["ema"].state_dict().values(), resumed["ema"].state_dict().values()):
+        assert torch.equal(a, b)
+    # old checkpoints are pruned; the pointer names the newest
+    assert latest_checkpoint(tmp_path / "b").name == "ckpt-000000.160.pt"
+    assert len(list((tmp_path / "b").glob("ckpt-*.pt"))) == 2
+
+
+def test_wall_clock_budget_stops_training(tiny_cfg, toy_trajectories):
+    states, sigmas = toy_trajectories
+    res = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=float("inf"), max_train_s=1.0, **FAST)
+    assert 1.0 <= res["train_s"] < 5.0 and res["steps"] > 1
+
+
+def test_resuming_with_another_architecture_is_refused(tiny_cfg, toy_trajectories, tmp_path):
+    states, sigmas = toy_trajectories
+    train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.016, checkpoint_dir=tmp_path, **FAST)
+    with pytest.raises(CheckpointError, match="different architecture"):
+        train_hkd(_fresh(tiny_cfg, "kdm"), states, sigmas, total_kimg=0.032, checkpoint_dir=tmp_path, **FAST)
+
+
+def test_batch_must_split_over_workers(tiny_cfg, toy_trajectories):
+    states, sigmas = toy_trajectories
+    with pytest.raises(ValueError, match="batch_size=16 is not divisible by the 3 workers"):
+        train_hkd(_fresh(tiny_cfg), states, sigmas, world_size=3, **FAST)
+
+
+def test_teacher_training_learns_to_denoise(toy_images, tmp_path):
+    torch.manual_seed(0)
+    net = EDMPrecond(UNet(UNetConfig(resolution=8, channels=8, channel_mult=(1, 2), blocks=1, attn_resolutions=())))
+    logged = []
+    res = train_teacher(net, toy_images, total_kimg=1.6, batch_size=32, lr=3e-3, lr_rampup_kimg=0, log_every_kimg=0.32,
+                        checkpoint_every_kimg=0.8, checkpoint_dir=tmp_path, progress=False,
+                        metrics_cb=lambda m, k: logged.append(m["train/loss"]))
+    assert logged[-1] < 0.7 * logged[0]
+    assert latest_checkpoint(tmp_path) is not None and res["steps"] == 50
