@@ -86,6 +86,7 @@ class TrainConfig:
     max_train_s: float | None = None
     batch_size: int = 64
     lr: float = 1e-3
+    koopman_lr_mult: float = 10.0        # alpha/beta move lr * mult per step: short runs still shape the spectrum
     lr_rampup_kimg: float = 1.0
     grad_clip: float = 1.0
     ema_halflife_kimg: float = 1.0

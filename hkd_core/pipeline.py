@@ -119,6 +119,7 @@ def distill(cfg: RunConfig, store: LocalStore, manifest: Manifest, folder: Path,
             metrics_cb(metrics, kimg)
 
     args = dict(total_kimg=tr.total_kimg, max_train_s=tr.max_train_s, batch_size=tr.batch_size, lr=tr.lr,
+                koopman_lr_mult=tr.koopman_lr_mult,
                 lr_rampup_kimg=tr.lr_rampup_kimg, grad_clip=tr.grad_clip, ema_halflife_kimg=tr.ema_halflife_kimg,
                 ema_rampup=tr.ema_rampup, states_per_traj=tr.states_per_traj, lambda1_start=tr.lambda1_start,
                 lambda1_end=tr.lambda1_end, lambda1_anneal_kimg=tr.lambda1_anneal_kimg, lambda2=tr.lambda2,

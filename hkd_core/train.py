@@ -47,6 +47,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _param_groups(model: nn.Module, lr_mults: dict[str, float]) -> list[dict]:
+    """One Adam group per learning-rate multiplier; a parameter whose name ends with a key gets its multiplier."""
+    groups: dict[float, list] = {}
+    for name, p in model.named_parameters():
+        mult = next((m for suffix, m in lr_mults.items() if name.endswith(suffix)), 1.0)
+        groups.setdefault(mult, []).append(p)
+    return [{"params": ps, "lr_mult": m} for m, ps in groups.items()]
+
+
 def _update_ema(ema: nn.Module, model: nn.Module, nimg: float, batch: int, halflife_kimg: float, rampup: float):
     halflife = halflife_kimg * 1000
     if rampup:
@@ -70,6 +79,7 @@ def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
 
 def run_loop(model: nn.Module, step_loss: Callable[[int, float], dict], *, config: dict, total_kimg: float,
              max_train_s: float | None, batch_size: int, lr: float, lr_rampup_kimg: float, grad_clip: float,
+             lr_mults: dict[str, float],
              ema_halflife_kimg: float, ema_rampup: float, rank: int, world_size: int, device,
              log_every_kimg: float, checkpoint_every_kimg: float, checkpoint_dir, resume,
              metrics_cb: MetricsCallback | None, checkpoint_cb: CheckpointCallback | None, progress: bool,
@@ -77,7 +87,7 @@ def run_loop(model: nn.Module, step_loss: Callable[[int, float], dict], *, confi
     """The engine behind both loops: optimiser, lr ramp-up, EMA, logging, checkpoint and resume."""
     raw = unwrap(model)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.Adam(raw.parameters(), lr=lr)
+    opt = torch.optim.Adam(_param_groups(raw, lr_mults), lr=lr)
     step, nimg, train_s = 0, 0.0, 0.0
     state = None
     src = checkpoint_dir if resume is True else (resume or None)
@@ -118,7 +128,9 @@ def run_loop(model: nn.Module, step_loss: Callable[[int, float], dict], *, confi
     while not done():
         t0 = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (nimg / 1000) / lr_rampup_kimg) if lr_rampup_kimg > 0 else lr
+            ramp = min(1.0, (nimg / 1000) / lr_rampup_kimg) if lr_rampup_kimg > 0 else 1.0
+            g["lr"] = lr * g["lr_mult"] * ramp
+        cur_lr = lr * ramp
         losses = step_loss(step, nimg / 1000)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -139,7 +151,7 @@ def run_loop(model: nn.Module, step_loss: Callable[[int, float], dict], *, confi
             now = time.perf_counter()
             vals = {f"train/{k}": v / n_acc for k, v in acc.items()}
             vals = _mean_over_ranks(vals, device)
-            metrics = {**vals, "train/lr": opt.param_groups[0]["lr"], "train/kimg": kimg, "train/train_s": train_s,
+            metrics = {**vals, "train/lr": cur_lr, "train/kimg": kimg, "train/train_s": train_s,
                        "perf/samples_per_s": img_window / max(now - t_window, 1e-9)}
             if is_main:
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
@@ -210,7 +222,7 @@ def train_teacher(
         return {"loss": loss_fn(denoiser, x0, generator=g if x0.device.type == "cpu" else None).mean()}
 
     return run_loop(denoiser, step_loss, config=config or {}, total_kimg=total_kimg, max_train_s=max_train_s,
-                    batch_size=batch_size, lr=lr, lr_rampup_kimg=lr_rampup_kimg, grad_clip=grad_clip,
+                    batch_size=batch_size, lr=lr, lr_rampup_kimg=lr_rampup_kimg, grad_clip=grad_clip, lr_mults={},
                     ema_halflife_kimg=ema_halflife_kimg, ema_rampup=ema_rampup, rank=rank, world_size=world_size,
                     device=device, log_every_kimg=log_every_kimg, checkpoint_every_kimg=checkpoint_every_kimg,
                     checkpoint_dir=checkpoint_dir, resume=resume, metrics_cb=metrics_cb,
@@ -226,6 +238,7 @@ def train_hkd(
     max_train_s: float | None = None,    # optional wall-clock budget, seconds of training (cumulative)
     batch_size: int = 64,                # global batch of trajectories over all ranks
     lr: float = 1e-3,                    # Adam learning rate after ramp-up (the paper's)
+    koopman_lr_mult: float = 10.0,       # learning-rate multiplier for the generators (alpha, beta; KDM's K)
     lr_rampup_kimg: float = 2.0,         # linear learning-rate warm-up, kimg
     grad_clip: float = 1.0,              # max gradient norm (0: off)
     ema_halflife_kimg: float = 2.0,      # EMA half-life, kimg
@@ -267,6 +280,7 @@ def train_hkd(
 
     return run_loop(model, step_loss, config=config or {}, total_kimg=total_kimg, max_train_s=max_train_s,
                     batch_size=batch_size, lr=lr, lr_rampup_kimg=lr_rampup_kimg, grad_clip=grad_clip,
+                    lr_mults={".alpha": koopman_lr_mult, ".beta": koopman_lr_mult, "generator": koopman_lr_mult},
                     ema_halflife_kimg=ema_halflife_kimg, ema_rampup=ema_rampup, rank=rank, world_size=world_size,
                     device=device, log_every_kimg=log_every_kimg, checkpoint_every_kimg=checkpoint_every_kimg,
                     checkpoint_dir=checkpoint_dir, resume=resume, metrics_cb=metrics_cb,

@@ -72,3 +72,13 @@ def test_teacher_training_learns_to_denoise(toy_images, tmp_path):
                         metrics_cb=lambda m, k: logged.append(m["train/loss"]))
     assert logged[-1] < 0.7 * logged[0]
     assert latest_checkpoint(tmp_path) is not None and res["steps"] == 50
+
+
+def test_generators_learn_at_their_own_rate(tiny_cfg, toy_trajectories):
+    states, sigmas = toy_trajectories
+    fast = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.08, koopman_lr_mult=10.0, **FAST)["model"]
+    slow = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.08, koopman_lr_mult=1.0, **FAST)["model"]
+    # Adam moves each parameter by about lr per step, so after 5 steps |alpha| is bounded by 5 * lr * mult
+    a_fast = max(k.alpha.abs().max().item() for k in fast.koopman)
+    a_slow = max(k.alpha.abs().max().item() for k in slow.koopman)
+    assert a_slow <= 5 * 3e-3 * 1.01 < a_fast <= 5 * 3e-3 * 10 * 1.01
