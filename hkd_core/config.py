@@ -148,6 +148,8 @@ def _check_type(value, tp, key: str):
             raise ConfigError(f"{key}={value!r} must be a list")
         (inner,) = typing.get_args(tp)
         return [_check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if (tp is dict or origin is dict) and isinstance(value, dict):
+        return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):

@@ -122,6 +122,11 @@ def _curve(path: Path) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+def _overrides(cfg: RunConfig) -> str:
+    over = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("variant", "preset") and v is not None}
+    return (" with " + ", ".join(f"{k}={v}" for k, v in over.items())) if over else ""
+
+
 def to_markdown(r: dict, cfg: RunConfig) -> str:
     n = r["n"]
     d = cfg.data
@@ -129,7 +134,9 @@ def to_markdown(r: dict, cfg: RunConfig) -> str:
         f"# HKD quality report: {d.name} at {d.resolution}x{d.resolution} (zero-padded)",
         "",
         f"Teacher: {cfg.teacher.kind} over {d.limit} {d.split} images; {cfg.trajectories.num} trajectories "
-        f"({cfg.trajectories.sampler}, {cfg.trajectories.steps} steps); model preset `{cfg.model.preset}`; "
+        f"({cfg.trajectories.sampler}, {cfg.trajectories.steps} steps); model preset `{cfg.model.preset}`"
+        f"{_overrides(cfg)}; batch {cfg.train.batch_size}, s = {cfg.train.states_per_traj} for the "
+        f"consistency rows; "
         f"FID/KID with N = {n} samples against {n} {cfg.eval.split} images (torch-fidelity, standard Inception). "
         f"Budget: full HKD trains {r['budget_s']:.0f} s, reaching K = {r['k_budget']:.2f} kimg; every row trains to "
         f"K kimg (equal images seen); x_T-only rows also continue to HKD's seconds (equal wall-clock). "

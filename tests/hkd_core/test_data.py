@@ -63,3 +63,17 @@ def test_toy_sets():
     r = g.norm(dim=1)
     assert abs(r.mean().item() - 0.8) < 0.02
     assert torch.equal(toy_2d("gmm", 10, seed=4), toy_2d("gmm", 10, seed=4))
+
+
+@pytest.mark.slow
+def test_cifar10_jpeg_decodes_once_and_keeps_labels():
+    if not _have("cifar10_jpeg"):
+        pytest.skip("cifar10_jpeg_files.tar.gz not present")
+    x, y = load_images("cifar10_jpeg", "test")
+    assert x.shape == (10000, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(torch.bincount(y), torch.full((10,), 1000))       # 1000 per class
+    from hkd_core.data import cache_dir
+
+    assert len(list(cache_dir().glob("cifar10_jpeg_*.npz"))) == 1      # decoded once, cached
+    x2, _ = load_images("cifar10_jpeg", "test", limit=5, seed=3)
+    assert x2.shape == (5, 3, 32, 32)

@@ -53,3 +53,13 @@ def test_reconstruction_and_consistency_terms(toy_trajectories):
     # intermediate states are closer to x_0 than x_T is, so the consistency term is smaller
     assert 0 < out4["loss_tcons"] < out4["loss_recon"]
     torch.testing.assert_close(out4["loss"], out4["loss_recon"] + 3 * out4["loss_tcons"], rtol=1e-5, atol=0)
+
+
+def test_lpips_needs_local_weights(tmp_path):
+    from hkd_core.losses import perceptual_distance
+
+    with pytest.raises(FileNotFoundError, match="LPIPS weights .*vgg.pth not found"):
+        perceptual_distance("lpips", vgg_path=tmp_path / "vgg.pth", lin_path=tmp_path / "lin.pth")
+    with pytest.raises(ValueError, match="loss.perceptual is 'ssim'"):
+        perceptual_distance("ssim")
+    assert perceptual_distance("pseudo_huber") is pseudo_huber
