@@ -45,6 +45,15 @@ _IDX_MD5 = {
         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
     },
 }
+#: md5 of the decompressed IDX files (what the Debian package dataset-fashion-mnist holds, recompressed).
+_IDX_RAW_MD5 = {
+    "fashion_mnist": {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
 _MIRRORS = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -132,14 +141,22 @@ def _read_idx(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _load_idx_dir(folder: Path, md5: dict[str, str] | None, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _load_idx_dir(folder: Path, md5: dict[str, str], split: str, raw: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """IDX .gz files from a folder; ``raw`` checks the decompressed bytes' md5 (Debian recompresses them)."""
     prefix = "train" if split == "train" else "t10k"
     arrays = []
     for kind in ("images-idx3", "labels-idx1"):
         p = folder / f"{prefix}-{kind}-ubyte.gz"
-        if md5 is not None:
+        if not raw:
             verify_file(p, md5[p.name], "md5")
-        arrays.append(_read_idx(gzip.decompress(p.read_bytes())))
+        content = gzip.decompress(p.read_bytes())
+        if raw:
+            got = hashlib.md5(content).hexdigest()
+            if got != md5[p.name[:-3]]:
+                raise DataError(f"{p}: md5 of its decompressed content is {got}, expected {md5[p.name[:-3]]}; "
+                                f"reinstall the package (apt-get install --reinstall dataset-fashion-mnist)")
+        arrays.append(_read_idx(content))
     return arrays[0], arrays[1]
 
 
@@ -201,7 +218,7 @@ def load_uint8(name: str, split: str = "train", root: str | os.PathLike | None =
         with np.load(path) as z:
             return z[f"x_{split}"], z[f"y_{split}"]
     if name == "fashion_mnist" and (_DEBIAN_FASHION / "train-images-idx3-ubyte.gz").is_file():
-        return _load_idx_dir(_DEBIAN_FASHION, _IDX_MD5["fashion_mnist"], split)
+        return _load_idx_dir(_DEBIAN_FASHION, _IDX_RAW_MD5["fashion_mnist"], split, raw=True)
     if allow_download is None:
         allow_download = os.environ.get("HKD_ALLOW_DOWNLOAD", "0") == "1"
     if allow_download and name in _MIRRORS:

@@ -77,3 +77,17 @@ def test_cifar10_jpeg_decodes_once_and_keeps_labels():
     assert len(list(cache_dir().glob("cifar10_jpeg_*.npz"))) == 1      # decoded once, cached
     x2, _ = load_images("cifar10_jpeg", "test", limit=5, seed=3)
     assert x2.shape == (5, 3, 32, 32)
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_debian_fashion_mnist_is_found_and_checked(monkeypatch):
+    import hkd_core.data as data
+
+    monkeypatch.setattr(data, "default_search_dirs", lambda root=None: [])
+    x, y = load_images("fashion_mnist", "test", limit=50, seed=0)
+    assert x.shape == (50, 1, 28, 28) and int(y.max()) <= 9
+    if _have("fashion_mnist"):
+        monkeypatch.undo()
+        x2, y2 = load_images("fashion_mnist", "test", limit=50, seed=0)
+        assert torch.equal(x, x2) and torch.equal(y, y2)     # the same images as the npz
