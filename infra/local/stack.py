@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""The local stack on 127.0.0.1: a SeaweedFS S3 server, an MLflow server (SQLite, artifacts in S3), a Ray head.
+
+    python infra/local/stack.py start [--ray] [--s3-port 8333] [--mlflow-port 5000] [--ray-port 6379]
+    python infra/local/stack.py status
+    python infra/local/stack.py env          # shell exports for clients: eval "$(python infra/local/stack.py env)"
+    python infra/local/stack.py stop
+
+State lives in ``--dir`` (default ``$HKD_STACK_DIR`` or ``.stack/`` in the checkout): data, logs, PIDs,
+and ``credentials`` (an S3 access key pair generated at first start, mode 0600, never printed: clients get
+``AWS_SHARED_CREDENTIALS_FILE`` pointing at it; dev-only keys for this local server). Every server binds 127.0.0.1. ``start`` is idempotent: services
+already healthy are left alone. ``stop`` ends what ``start`` started, by PID (process group).
+Standard library only, so it runs before the project's packages are importable; the ``weed``, ``mlflow``
+and ``ray`` executables are taken from the same virtual environment as this Python.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+BUCKET = "hkd"
+# Every fixed port each server opens, so that a second stack (the tests') can run beside the default one.
+DEFAULTS = {"s3": 8333, "master": 9333, "volume": 9340, "filer": 8888, "mlflow": 5000, "ray": 6379,
+            "dashboard": 8265, "agent": 52365, "client": 10001}
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get("HKD_STACK_DIR", ROOT / ".stack")).expanduser().resolve()
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise SystemExit(f"stack: `{name}` not found next to {sys.executable} or on PATH; run infra/setup.sh first")
+    return found
+
+
+def _http_status(url: str, timeout: float = 2.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _wait(check, what: str, timeout_s: float, log: Path, pid: int | None = None) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if check():
+            print(f"stack: {what} ready in {time.monotonic() - t0:.1f} s")
+            return
+        if pid is not None and not _alive(pid):
+            break   # it exited: no point waiting out the timeout
+        time.sleep(0.3)
+    tail = log.read_text(errors="replace")[-2000:] if log.is_file() else "(no log)"
+    state = "exited" if pid is not None and not _alive(pid) else f"did not become healthy within {timeout_s:.0f} s"
+    raise SystemExit(f"stack: {what} {state}; last log lines ({log}):\n{tail}")
+
+
+def credentials(state: Path) -> dict:
+    """The local server's key pair: generated once, stored 0600 in the state folder."""
+    f = state / "credentials"
+    if not f.is_file():
+        state.mkdir(parents=True, exist_ok=True)
+        creds = {"aws_access_key_id": "hkd" + secrets.token_hex(8), "aws_secret_access_key": secrets.token_hex(24)}
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("[default]\n" + "".join(f"{k} = {v}\n" for k, v in creds.items()))
+    out = {}
+    for line in f.read_text().splitlines():
+        if "=" in line:
+            k, v = line.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def load_state(state: Path) -> dict:
+    f = state / "stack.json"
+    return json.loads(f.read_text()) if f.is_file() else {"services": {}}
+
+
+def save_state(state: Path, d: dict) -> None:
+    tmp = state / "stack.json.tmp"
+    tmp.write_text(json.dumps(d, indent=1))
+    os.replace(tmp, state / "stack.json")
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:   # a zombie counts as dead
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _spawn(cmd: list[str], log: Path, env: dict) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                             start_new_session=True)   # its own process group, so stop can end all of it
+    return p.pid
+
+
+def endpoints(st: dict) -> dict:
+    ports = st["ports"]
+    return {"s3": f"http://{HOST}:{ports['s3']}", "mlflow": f"http://{HOST}:{ports['mlflow']}",
+            "ray": f"{HOST}:{ports['ray']}" if "ray" in st["services"] else None,
+            "dashboard": f"http://{HOST}:{ports['dashboard']}" if "ray" in st["services"] else None}
+
+
+def client_env(state: Path, st: dict) -> dict:
+    """What a client of this stack needs in its environment."""
+    credentials(state)
+    ep = endpoints(st)
+    # The keys stay in the 0600 credentials file (boto3, pyarrow and MLflow all read it through
+    # AWS_SHARED_CREDENTIALS_FILE), so no secret ever sits in an environment listing or a log.
+    env = {"AWS_ENDPOINT_URL": ep["s3"], "AWS_SHARED_CREDENTIALS_FILE": str(state / "credentials"),
+           "AWS_PROFILE": "default", "AWS_DEFAULT_REGION": "us-east-1",
+           "MLFLOW_S3_ENDPOINT_URL": ep["s3"], "MLFLOW_TRACKING_URI": ep["mlflow"], "HKD_S3_BUCKET": BUCKET,
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "HKD_STACK_DIR": str(state)}
+    if ep["ray"]:
+        env["RAY_ADDRESS"] = ep["ray"]
+    return env
+
+
+def start_s3(state: Path, st: dict) -> None:
+    p = st["ports"]
+    if _alive(st["services"].get("s3", {}).get("pid")) and _http_status(f"http://{HOST}:{p['s3']}/") == 403:
+        print("stack: s3 already running")
+        return
+    creds = credentials(state)
+    cfg = state / "s3.json"
+    fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"identities": [{"name": "hkd", "credentials": [
+            {"accessKey": creds["aws_access_key_id"], "secretKey": creds["aws_secret_access_key"]}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}, fh)
+    data = state / "seaweedfs"
+    data.mkdir(parents=True, exist_ok=True)
+    (state / "logs" / "seaweedfs").mkdir(parents=True, exist_ok=True)
+    # -logdir is a global flag: it goes before the subcommand
+    cmd = [_bin("weed"), f"-logdir={state / 'logs' / 'seaweedfs'}", "mini", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.port={p['s3']}",
+           f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
+           f"-s3.config={cfg}", f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+           "-s3.port.lance=0"]
+    log = state / "logs" / "s3.log"
+    st["services"]["s3"] = {"pid": _spawn(cmd, log, dict(os.environ)), "log": str(log)}
+    save_state(state, st)
+    # 403 to an anonymous request: the server is up and enforcing auth
+    pid = st["services"]["s3"]["pid"]
+    _wait(lambda: _http_status(f"http://{HOST}:{p['s3']}/") == 403, f"S3 (SeaweedFS) on {HOST}:{p['s3']}", 60, log, pid)
+    _wait(lambda: _bucket_ready(state, st), f"bucket s3://{BUCKET}", 60, log, pid)
+
+
+def _bucket_ready(state: Path, st: dict) -> bool:
+    """The bucket answers an authenticated listing (boto3, if this Python has it; else trust -bucket)."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        return True
+    creds = credentials(state)
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoints(st)["s3"], aws_access_key_id=creds["aws_access_key_id"],
+                          aws_secret_access_key=creds["aws_secret_access_key"], region_name="us-east-1",
+                          config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
+        s3.list_objects_v2(Bucket=BUCKET, MaxKeys=1)
+        return True
+    except Exception:
+        return False
+
+
+def start_mlflow(state: Path, st: dict) -> None:
+    p = st["ports"]
+    if _alive(st["services"].get("mlflow", {}).get("pid")) and _http_status(f"http://{HOST}:{p['mlflow']}/health") == 200:
+        print("stack: mlflow already running")
+        return
+    (state / "mlflow").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **client_env(state, st), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
+           "--artifacts-destination", f"s3://{BUCKET}/mlflow-artifacts", "--host", HOST, "--port", str(p["mlflow"]),
+           "--workers", "1"]
+    log = state / "logs" / "mlflow.log"
+    st["services"]["mlflow"] = {"pid": _spawn(cmd, log, env), "log": str(log)}
+    save_state(state, st)
+    _wait(lambda: _http_status(f"http://{HOST}:{p['mlflow']}/health") == 200, f"MLflow on {HOST}:{p['mlflow']}",
+          90, log, st["services"]["mlflow"]["pid"])
+
+
+def start_ray(state: Path, st: dict, num_cpus: int | None) -> None:
+    p = st["ports"]
+    if _alive(st["services"].get("ray", {}).get("pid")) and _http_status(
+            f"http://{HOST}:{p['dashboard']}/api/version") == 200:
+        print("stack: ray already running")
+        return
+    env = {**os.environ, **client_env(state, st)}
+    env.pop("RAY_ADDRESS", None)
+    # jobs submitted to this head run `hkd` and `python` from this virtual environment
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [_bin("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}", f"--port={p['ray']}",
+           f"--dashboard-host={HOST}", f"--dashboard-port={p['dashboard']}", "--include-dashboard=true",
+           f"--dashboard-agent-listen-port={p['agent']}", f"--ray-client-server-port={p['client']}",
+           "--disable-usage-stats", f"--temp-dir={state / 'ray'}"]
+    if num_cpus:
+        cmd.append(f"--num-cpus={num_cpus}")
+    log = state / "logs" / "ray.log"
+    st["services"]["ray"] = {"pid": _spawn(cmd, log, env), "log": str(log)}
+    save_state(state, st)
+    _wait(lambda: _http_status(f"http://{HOST}:{p['dashboard']}/api/version") == 200,
+          f"Ray head on {HOST}:{p['ray']} (dashboard :{p['dashboard']})", 120, log, st["services"]["ray"]["pid"])
+
+
+def _session_members(sid: int) -> list[int]:
+    """Processes in session ``sid`` (what a service started with start_new_session spawned)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid and fields[0] != "Z":
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _stop_pid(name: str, pid: int, grace_s: float = 20.0) -> None:
+    """SIGTERM the service's whole session (its children too), then SIGKILL what is left."""
+    if not _alive(pid) and not _session_members(pid):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for member in _session_members(pid) or [pid]:
+            try:
+                os.kill(member, sig)
+            except OSError:
+                pass
+        t0 = time.monotonic()
+        while _session_members(pid) and time.monotonic() - t0 < grace_s:
+            time.sleep(0.2)
+        if not _session_members(pid):
+            break
+    print(f"stack: stopped {name} (pid {pid})")
+
+
+def stop(state: Path) -> None:
+    st = load_state(state)
+    # By process group only: `ray stop` would end every Ray on the machine, other stacks' included.
+    for name in ("ray", "mlflow", "s3"):
+        svc = st["services"].get(name)
+        if svc:
+            _stop_pid(name, svc["pid"])
+    st["services"] = {}
+    save_state(state, st)
+
+
+def status(state: Path) -> dict:
+    st = load_state(state)
+    out = {}
+    for name, svc in st.get("services", {}).items():
+        out[name] = {"pid": svc["pid"], "alive": _alive(svc["pid"])}
+    if "ports" in st:
+        out["endpoints"] = endpoints(st)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["start", "stop", "status", "env"])
+    ap.add_argument("--dir", type=Path, default=None, help="state folder (default $HKD_STACK_DIR or .stack/)")
+    ap.add_argument("--ray", action="store_true", help="also start a Ray head (ray start --head)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs the Ray head offers")
+    for name, port in DEFAULTS.items():
+        ap.add_argument(f"--{name}-port", type=int, default=None, help=f"default {port}")
+    args = ap.parse_args(argv)
+    state = (args.dir or default_dir()).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    st = load_state(state)
+    if args.command == "start":
+        ports = {**DEFAULTS, **st.get("ports", {})}
+        for name in DEFAULTS:
+            v = getattr(args, f"{name}_port")
+            if v:
+                ports[name] = v
+        st["ports"] = ports
+        save_state(state, st)
+        start_s3(state, st)
+        start_mlflow(state, st)
+        if args.ray:
+            start_ray(state, st, args.num_cpus)
+        ep = endpoints(st)
+        print(f"stack: S3 {ep['s3']} (bucket {BUCKET})  MLflow UI {ep['mlflow']}"
+              + (f"  Ray {ep['ray']} (dashboard {ep['dashboard']})" if ep["ray"] else ""))
+        print(f'stack: for clients: eval "$({sys.executable} {Path(__file__)} env --dir {state})"')
+    elif args.command == "stop":
+        stop(state)
+    elif args.command == "status":
+        print(json.dumps(status(state), indent=1))
+    elif args.command == "env":
+        if "ports" not in st:
+            raise SystemExit(f"stack: not started yet (no stack.json in {state})")
+        for k, v in client_env(state, st).items():
+            print(f"export {k}={v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

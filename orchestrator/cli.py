@@ -1,0 +1,113 @@
+"""``hkd``: the distributed HKD pipeline on Ray, tracked in MLflow, stored in S3.
+
+    hkd preflight                                   # probe S3 (boto3 and Ray's filesystem) and MLflow
+    hkd pipeline                                    # teacher -> trajectories -> distill -> evaluate
+    hkd pipeline data=mnist model.levels=3 model.subspace_dims=[16,32,32]
+    hkd distill experiment=smoke --dry-run          # the resolved config and the plan; runs nothing
+    hkd teacher | trajectories | distill | evaluate # one stage (and the unfinished ones before it)
+
+Overrides are Hydra's (``group=option``, ``key=value``); the composed config is validated before Ray
+starts. Endpoints come from the environment (the local stack's ``env`` command sets them); without it,
+a local stack started by ``infra/local/stack.py start`` in ``.stack/`` is found automatically.
+On a cluster: ``ray job submit --working-dir . -- hkd pipeline cluster=gpu storage=s3 tracking=remote``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hkd_core.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_CMDS = ("teacher", "trajectories", "distill", "evaluate", "pipeline")
+
+
+def adopt_local_stack() -> None:
+    """If no endpoints are set and a local stack is running, use it (without exporting any secret)."""
+    state = Path(os.environ.get("HKD_STACK_DIR", ROOT / ".stack"))
+    f = state / "stack.json"
+    if os.environ.get("AWS_ENDPOINT_URL") or not f.is_file():
+        return
+    ports = json.loads(f.read_text()).get("ports", {})
+    services = json.loads(f.read_text()).get("services", {})
+    if "s3" not in services:
+        return
+    os.environ.setdefault("AWS_ENDPOINT_URL", f"http://127.0.0.1:{ports['s3']}")
+    os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", str(state / "credentials"))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{ports['mlflow']}")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if "ray" in services:
+        os.environ.setdefault("RAY_ADDRESS", f"127.0.0.1:{ports['ray']}")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def plan(pc, upto: str) -> dict:
+    from .pipeline import STAGES
+
+    hashes = pc.stages()
+    root = f"s3://{pc.storage.bucket}/{pc.storage.prefix.strip('/')}"
+    steps = STAGES[: STAGES.index(upto) + 1]
+    return {s: {"hash": hashes[s], "output": f"{root}/{s}-{hashes[s]}/"} for s in steps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="hkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=("preflight",) + STAGE_CMDS)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.levels=2 experiment=smoke")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan; run nothing")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", help="write the results (or preflight report) to this file")
+    args = p.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    adopt_local_stack()
+
+    from .config import compose, from_composed
+
+    try:
+        cfg_dict = compose(args.overrides)
+        pc = from_composed(cfg_dict)
+    except (ConfigError, ValueError) as e:
+        print(f"hkd: config error: {e}", file=sys.stderr)
+        return 2
+    upto = "evaluate" if args.command == "pipeline" else args.command
+    if args.dry_run:
+        out = {"config": pc.to_dict(), "plan": plan(pc, upto if args.command != "preflight" else "evaluate")}
+        print(json.dumps(out, indent=1))
+        return 0
+    if args.command == "preflight":
+        from .storage import preflight
+
+        results = preflight(pc.storage, pc.tracking.resolved_uri())
+        for r in results:
+            print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['name']}: {r['detail']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return 0 if all(r["ok"] for r in results) else 1
+
+    from .pipeline import run_stages
+
+    res = run_stages(pc, cfg_dict, upto, progress=not args.no_progress)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    ui = res["_tracking_uri"]
+    print(f"\nstages skipped (already done): {', '.join(res.get('_skipped', [])) or 'none'}")
+    if "evaluate" in res:
+        m = res["evaluate"]["metrics"]
+        print(f"FID@{int(m['eval/n'])} (NFE 1): {m['eval/fid']:.2f}   KID: {m['eval/kid']:.4f}")
+        for k in sorted(m):
+            if k.startswith("eval/teacher_fid"):
+                print(f"  {k}: {m[k]:.2f}")
+    print(f"artifacts: {res['_storage_root']}/")
+    if ui.startswith("http"):
+        print(f"MLflow UI: {ui}/#/experiments/{res['_experiment_id']}/runs/{res['_parent_run_id']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

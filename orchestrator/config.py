@@ -1,0 +1,121 @@
+"""Compose the pipeline config with Hydra and validate all of it before any cluster work.
+
+The method's sections (data, teacher, trajectories, model, train, eval) load into hkd_core's ``RunConfig``
+(strict: unknown keys and wrong types are errors naming the dotted key); storage, tracking and cluster
+load into the orchestrator's own dataclasses, checked the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hkd_core.config import ConfigError, RunConfig, from_dict, stage_hashes, validate as validate_run
+
+from .storage import StorageConfig
+from .tracking import TrackingConfig
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+CORE = ("data", "teacher", "trajectories", "model", "train", "eval")
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None       # None: an in-process Ray; "auto" or "host:port" to join a running one
+    num_workers: int = 2             # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    generation_tasks: int = 2        # parallel tasks for trajectories and evaluation
+    max_failures: int = 3            # Ray Train FailureConfig
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "hkd"
+    run: RunConfig = field(default_factory=RunConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **self.run.to_dict(), "storage": dataclasses.asdict(self.storage),
+                "tracking": dataclasses.asdict(self.tracking), "cluster": dataclasses.asdict(self.cluster)}
+
+    def stages(self) -> dict[str, str]:
+        return stage_hashes(self.run)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> dict:
+    """Hydra composition -> a plain resolved dict. Hydra's own errors are turned into ConfigErrors."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_hydra_message(e)) from None
+
+
+def _hydra_message(e: Exception) -> str:
+    text = str(e).strip()
+    env = re.search(r"Environment variable '([^']+)' not found.*full_key: (\S+)", text, re.S)
+    if env:
+        return (f"{env.group(2)} comes from the environment variable {env.group(1)}, which is not set; export it "
+                f"(or override {env.group(2)}=...)")
+    m = re.match(r"Could not override '([^']+)'", text)
+    if m:
+        return (f"unknown key {m.group(1)}: it is not in the composed config (a typo? `hkd pipeline --dry-run` "
+                f"prints every key)")
+    lines = [ln.strip() for ln in text.split("Config search path")[0].splitlines() if ln.strip()]
+    return " ".join(lines).replace("Available options in", "; available options in")
+
+
+def from_composed(d: dict) -> PipelineConfig:
+    d = dict(d)
+    known = set(CORE) | {"storage", "tracking", "cluster", "name"}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]}; allowed at the top level: {sorted(known)}")
+    run = validate_run(from_dict(RunConfig, {k: d[k] for k in CORE if k in d}))
+    cfg = PipelineConfig(name=str(d.get("name", "hkd")), run=run,
+                         storage=from_dict(StorageConfig, d.get("storage"), "storage."),
+                         tracking=from_dict(TrackingConfig, d.get("tracking"), "tracking."),
+                         cluster=from_dict(ClusterConfig, d.get("cluster"), "cluster."))
+    return validate(cfg)
+
+
+def validate(cfg: PipelineConfig) -> PipelineConfig:
+    s, c, t = cfg.storage, cfg.cluster, cfg.tracking
+    if not s.bucket:
+        raise ConfigError("storage.bucket is empty; name the S3 bucket (or set HKD_S3_BUCKET)")
+    if s.endpoint_url and not s.endpoint_url.startswith(("http://", "https://")):
+        raise ConfigError(f"storage.endpoint_url={s.endpoint_url!r} must start with http:// or https://")
+    if not t.uri:
+        raise ConfigError("tracking.uri is empty; set it (or MLFLOW_TRACKING_URI) to the MLflow server's URL")
+    if not t.uri.startswith(("http://", "https://", "sqlite:", "file:", "databricks")):
+        raise ConfigError(f"tracking.uri={t.uri!r} is not an MLflow tracking URI (http://host:port, sqlite:///...)")
+    if c.num_workers < 1:
+        raise ConfigError(f"cluster.num_workers={c.num_workers} must be >= 1")
+    if c.generation_tasks < 1:
+        raise ConfigError(f"cluster.generation_tasks={c.generation_tasks} must be >= 1")
+    if c.use_gpu and c.gpus_per_worker <= 0:
+        raise ConfigError("cluster.use_gpu is true but cluster.gpus_per_worker is 0; give each worker a GPU")
+    if cfg.run.train.batch_size % c.num_workers:
+        raise ConfigError(f"train.batch_size={cfg.run.train.batch_size} is not divisible by "
+                          f"cluster.num_workers={c.num_workers}")
+    shards = -(-cfg.run.trajectories.num // cfg.run.trajectories.shard_size)
+    if shards < c.num_workers:
+        raise ConfigError(f"trajectories.num={cfg.run.trajectories.num} with trajectories.shard_size="
+                          f"{cfg.run.trajectories.shard_size} makes {shards} shards, fewer than cluster.num_workers="
+                          f"{c.num_workers}: every worker streams its own shards; lower shard_size")
+    return cfg
+
+
+def load(overrides: list[str] | None = None) -> PipelineConfig:
+    return from_composed(compose(overrides))

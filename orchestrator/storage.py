@@ -1,0 +1,311 @@
+"""S3-compatible object storage: one config for boto3, Ray's ``storage_path`` and MLflow alike.
+
+``S3Store`` implements hkd_core's ``BlobStore`` (put/get/exists/size/uri) on a bucket and prefix. A PUT
+is atomic in S3 (an object appears whole or not at all; multipart uploads appear only on completion),
+and every call is retried on transient errors (connection refused or reset, throttling, 5xx) with
+exponential back-off for up to ``retry_deadline_s``, so a store that blips for a few seconds costs time,
+not work. ``preflight`` writes, reads and lists a probe through each client and says exactly what failed.
+"""
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import logging
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """The store cannot be used as configured; the message says which key, URI or credential to fix."""
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = None        # e.g. http://127.0.0.1:8333; None: $AWS_ENDPOINT_URL, else AWS itself
+    bucket: str = "hkd"
+    prefix: str = "runs"                   # every object of this project lives under s3://bucket/prefix/
+    region: str = "us-east-1"
+    credentials_file: str | None = None    # an AWS-style INI file; None: $AWS_SHARED_CREDENTIALS_FILE or env keys
+    profile: str = "default"
+    retry_deadline_s: float = 120.0        # keep retrying transient errors this long
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+
+    def resolved_endpoint(self) -> str | None:
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+
+    def root_uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix.strip('/')}".rstrip("/")
+
+
+def read_credentials(cfg: StorageConfig) -> tuple[str | None, str | None]:
+    """Keys from the configured file, else $AWS_SHARED_CREDENTIALS_FILE, else the environment."""
+    path = cfg.credentials_file or os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise StorageError(f"storage.credentials_file {p} does not exist; point it at an AWS-style credentials "
+                               f"file or unset it to use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        ini = configparser.ConfigParser()
+        ini.read(p)
+        profile = os.environ.get("AWS_PROFILE", cfg.profile) if not cfg.credentials_file else cfg.profile
+        if profile not in ini or "aws_access_key_id" not in ini[profile]:
+            raise StorageError(f"{p} has no [{profile}] section with aws_access_key_id (storage.profile)")
+        return ini[profile]["aws_access_key_id"], ini[profile].get("aws_secret_access_key")
+    return os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+
+
+_TRANSIENT_CODES = {"RequestTimeout", "RequestTimeoutException", "SlowDown", "Throttling", "ThrottlingException",
+                    "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
+
+
+def is_transient(err: BaseException) -> bool:
+    from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError, \
+        ReadTimeoutError, ConnectTimeoutError
+
+    if isinstance(err, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectTimeoutError,
+                        ConnectionError)):
+        return True
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return code in _TRANSIENT_CODES or status >= 500
+    name = type(err).__name__
+    return name in ("ProtocolError", "NewConnectionError", "IncompleteRead")
+
+
+def retry(fn: Callable[[], T], what: str, deadline_s: float, on_retry: Callable[[int, BaseException], None] | None = None
+          ) -> T:
+    """Call fn until it succeeds, retrying transient errors with jittered back-off until the deadline."""
+    t0 = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below
+            attempt += 1
+            if not is_transient(e) or time.monotonic() - t0 > deadline_s:
+                raise
+            delay = min(8.0, 0.25 * 2 ** min(attempt, 6)) * (0.5 + random.random())
+            log.warning("%s failed (%s: %s); retry %d in %.1f s", what, type(e).__name__, str(e)[:200], attempt, delay)
+            if on_retry:
+                on_retry(attempt, e)
+            time.sleep(delay)
+
+
+class S3Store:
+    """A BlobStore on ``s3://bucket/prefix/<sub>``; keys are relative to that folder."""
+
+    def __init__(self, cfg: StorageConfig, sub: str = ""):
+        self.cfg = cfg
+        self.base = "/".join(p.strip("/") for p in (cfg.prefix, sub) if p.strip("/"))
+        self.client = make_client(cfg)
+        self.retries = 0
+
+    def child(self, sub: str) -> "S3Store":
+        c = S3Store.__new__(S3Store)
+        c.cfg, c.client, c.retries = self.cfg, self.client, 0
+        c.base = "/".join(p for p in (self.base, sub.strip("/")) if p)
+        return c
+
+    def key(self, key: str) -> str:
+        return f"{self.base}/{key}" if self.base else key
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.cfg.bucket}/{self.key(key)}".rstrip("/")
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        def count(attempt, err):
+            self.retries += 1
+        return retry(fn, what, self.cfg.retry_deadline_s, count)
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call(f"PUT {self.uri(key)}", lambda: self.client.put_object(Bucket=self.cfg.bucket, Key=self.key(key),
+                                                                         Body=data))
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        """Large files go up as a multipart upload, which becomes visible only once complete."""
+        self._call(f"upload {path} -> {self.uri(key)}",
+                   lambda: self.client.upload_file(str(path), self.cfg.bucket, self.key(key)))
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+        from hkd_core.trajectories import ShardError
+
+        try:
+            return self._call(f"GET {self.uri(key)}", lambda: self.client.get_object(
+                Bucket=self.cfg.bucket, Key=self.key(key))["Body"].read())
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ShardError(f"{self.uri(key)} does not exist") from None
+            raise
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        self._call(f"download {self.uri(key)}", lambda: self.client.download_file(self.cfg.bucket, self.key(key),
+                                                                                  str(path)))
+
+    def _head(self, key: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._call(f"HEAD {self.uri(key)}", lambda: self.client.head_object(Bucket=self.cfg.bucket,
+                                                                                       Key=self.key(key)))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def size(self, key: str) -> int:
+        h = self._head(key)
+        if h is None:
+            raise FileNotFoundError(self.uri(key))
+        return int(h["ContentLength"])
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix``, relative to this store's folder."""
+        out: list[str] = []
+        full = self.key(prefix)
+        token = None
+        while True:
+            kw = {"Bucket": self.cfg.bucket, "Prefix": full}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call(f"LIST {self.uri(prefix)}", lambda: self.client.list_objects_v2(**kw))
+            strip = len(self.base) + 1 if self.base else 0
+            out += [o["Key"][strip:] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return out
+            token = page["NextContinuationToken"]
+
+    def delete(self, key: str) -> None:
+        self._call(f"DELETE {self.uri(key)}", lambda: self.client.delete_object(Bucket=self.cfg.bucket,
+                                                                               Key=self.key(key)))
+
+
+def make_client(cfg: StorageConfig, max_attempts: int = 3):
+    import boto3
+    from botocore.config import Config
+
+    endpoint = cfg.resolved_endpoint()
+    key, secret = read_credentials(cfg)
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name=cfg.region, aws_access_key_id=key, aws_secret_access_key=secret,
+        config=Config(retries={"mode": "standard", "max_attempts": max_attempts},
+                      connect_timeout=cfg.connect_timeout_s, read_timeout=cfg.read_timeout_s,
+                      s3={"addressing_style": "path"}, signature_version="s3v4"))
+
+
+def ray_storage(cfg: StorageConfig):
+    """(storage_path, storage_filesystem) for ray.train.RunConfig: an explicit pyarrow S3 filesystem, so that
+    workers need nothing from the environment and the endpoint is never the public cloud by accident."""
+    import pyarrow.fs
+
+    endpoint = cfg.resolved_endpoint()
+    key, secret = read_credentials(cfg)
+    kw = {"access_key": key, "secret_key": secret, "region": cfg.region}
+    if endpoint:
+        u = urlparse(endpoint)
+        kw.update(endpoint_override=u.netloc, scheme=u.scheme or "https")
+    kw["retry_strategy"] = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=10)
+    fs = pyarrow.fs.S3FileSystem(**kw)
+    return f"{cfg.bucket}/{cfg.prefix.strip('/')}/ray".replace("//", "/"), fs
+
+
+class MissingBucket(StorageError):
+    pass
+
+
+def bucket_exists(client, bucket: str) -> None:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise MissingBucket(f"NoSuchBucket: {bucket}") from None
+        raise
+
+
+def classify(err: BaseException, cfg: StorageConfig) -> str:
+    """One sentence naming the failure and what to do."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    endpoint = cfg.resolved_endpoint() or "the AWS default endpoint"
+    text = str(err)
+    if isinstance(err, (EndpointConnectionError, ConnectionError)) or "Could not connect" in text \
+            or "Connection refused" in text or "connection refused" in text.lower():
+        return (f"endpoint unreachable: nothing answers at {endpoint} (storage.endpoint_url); start the S3 server "
+                f"(python infra/local/stack.py start) or fix the URL")
+    if isinstance(err, NoCredentialsError):
+        return "no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentials_file"
+    code = ""
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken") or \
+            "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "403" in text:
+        return (f"bad credentials: {endpoint} refused the access key ({code or 'access denied'}); check "
+                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentials_file")
+    if isinstance(err, MissingBucket) or code in ("NoSuchBucket",) or "NoSuchBucket" in text \
+            or "bucket does not exist" in text.lower():
+        return (f"missing bucket: s3://{cfg.bucket} does not exist at {endpoint} (storage.bucket); create it or "
+                f"choose another")
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def preflight(cfg: StorageConfig, tracking_uri: str | None = None) -> list[dict]:
+    """Write, read and list a probe through boto3, through Ray's pyarrow filesystem and (if a tracking URI is
+    given) through MLflow's artifact store. Returns one dict per check: name, ok, detail."""
+    probe = f"_preflight/{uuid.uuid4().hex}.txt"
+    body = b"hkd preflight probe"
+    results = []
+
+    def check(name: str, fn: Callable[[], str]) -> None:
+        try:
+            results.append({"name": name, "ok": True, "detail": fn()})
+        except Exception as e:  # noqa: BLE001 - reported to the user
+            results.append({"name": name, "ok": False, "detail": classify(e, cfg)})
+
+    def via_boto3() -> str:
+        store = S3Store(dataclasses.replace(cfg, retry_deadline_s=0))
+        bucket_exists(store.client, cfg.bucket)    # some servers create a bucket on first PUT: ask first
+        store.put(probe, body)
+        assert store.get(probe) == body, "read back different bytes"
+        assert probe in store.list("_preflight/"), "probe missing from the listing"
+        store.delete(probe)
+        return f"write/read/list/delete {store.uri(probe)}"
+
+    def via_pyarrow() -> str:
+        import pyarrow.fs
+
+        path, fs = ray_storage(cfg)
+        target = f"{path}/{probe}"
+        with fs.open_output_stream(target) as f:
+            f.write(body)
+        with fs.open_input_stream(target) as f:
+            assert f.read() == body, "read back different bytes"
+        listed = fs.get_file_info(pyarrow.fs.FileSelector(target.rsplit("/", 1)[0]))
+        assert any(i.path == target for i in listed), "probe missing from the listing"
+        fs.delete_file(target)
+        return f"write/read/list/delete s3://{target} (Ray storage_path)"
+
+    check("s3 (boto3)", via_boto3)
+    if results[-1]["ok"]:
+        check("ray storage (pyarrow)", via_pyarrow)
+    if tracking_uri:
+        from .tracking import artifact_probe
+
+        check("mlflow artifacts", lambda: artifact_probe(tracking_uri, body))
+    return results

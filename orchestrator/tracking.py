@@ -1,0 +1,217 @@
+"""MLflow tracking with deterministic run identity, buffered metrics and lineage tags.
+
+A run is found by its key (tag ``hkd.run_key``) before one is created, so a restarted stage reopens the
+same MLflow run. Params are flattened with ``/`` and logged once. Metrics go into a buffer that is flushed
+with retries; if the tracking server is down, they wait in memory and arrive when it is back.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+RUN_KEY = "hkd.run_key"
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None              # e.g. http://127.0.0.1:5000; None: $MLFLOW_TRACKING_URI
+    experiment: str = "hkd"
+    register_model: str | None = "hkd"  # Model Registry name for distilled models; None: don't register
+    retry_deadline_s: float = 300.0     # keep unsent metrics and retry this long before failing the run
+    tags: dict = field(default_factory=dict)
+
+    def resolved_uri(self) -> str:
+        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise ValueError("tracking.uri is not set and MLFLOW_TRACKING_URI is empty; point it at the MLflow "
+                             "server (python infra/local/stack.py start prints it)")
+        return uri
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested params -> {'a/b/c': 'value'} (lists as JSON)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}/"))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _with_retry(fn, what: str, deadline_s: float):
+    """Retry anything but a permanent MLflow error (a server restart looks like refused connections)."""
+    t0 = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            if _permanent(e) or time.monotonic() - t0 > deadline_s:
+                raise
+            attempt += 1
+            delay = min(10.0, 0.5 * 2 ** min(attempt, 5))
+            log.warning("%s failed (%s); retry %d in %.1f s", what, str(e)[:160], attempt, delay)
+            time.sleep(delay)
+
+
+def _permanent(e: BaseException) -> bool:
+    """Errors that retrying cannot fix (bad request, resource exists/missing)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        code = getattr(e, "error_code", "")
+        return code in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                        "BAD_REQUEST", "INVALID_STATE")
+    return isinstance(e, (ValueError, TypeError, FileNotFoundError))
+
+
+class Tracker:
+    """One MLflow client for the driver (or a worker), with retrying, buffered writes."""
+
+    def __init__(self, cfg: TrackingConfig):
+        self.cfg = cfg
+        self.uri = cfg.resolved_uri()
+        self.client = _client(self.uri)
+        self._buffer: dict[str, list] = {}
+        self._lock = threading.Lock()
+        self.experiment_id = self._call(lambda: self._experiment(cfg.experiment), "get experiment")
+
+    def _call(self, fn, what: str):
+        return _with_retry(fn, what, self.cfg.retry_deadline_s)
+
+    def _experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:   # a concurrent creator won the race
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def find_run(self, key: str):
+        runs = self._call(lambda: self.client.search_runs([self.experiment_id], f"tags.`{RUN_KEY}` = '{key}'",
+                                                          max_results=5, order_by=["attributes.start_time ASC"]),
+                          f"search run {key}")
+        return runs[0] if runs else None
+
+    def open_run(self, key: str, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> str:
+        """The run with this key (reopened, status RUNNING again), or a new one. Returns its run id."""
+        run = self.find_run(key)
+        all_tags = {RUN_KEY: key, **self.cfg.tags, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if run is None:
+            run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=name,
+                                                            tags={k: str(v) for k, v in all_tags.items()}),
+                             f"create run {name}")
+            log.info("mlflow: new run %s (%s)", name, run.info.run_id)
+        else:
+            self._call(lambda: self.client.update_run(run.info.run_id, status="RUNNING"), "reopen run")
+            self.set_tags(run.info.run_id, all_tags)
+            log.info("mlflow: reopened run %s (%s)", name, run.info.run_id)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        """Flattened, and only those not logged yet (MLflow refuses to change a param)."""
+        from mlflow.entities import Param
+
+        have = self._call(lambda: self.client.get_run(run_id).data.params, "get params")
+        flat = {k: v[:6000] for k, v in flatten(params).items() if k not in have}
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self._call(lambda: self.client.log_batch(run_id, params=items[i:i + 100]), "log params")
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._call(lambda: self.client.log_batch(run_id, tags=items), "set tags")
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int, flush: bool = True) -> None:
+        """Buffer, then try to send; a failure keeps the buffer for the next flush (never drops metrics)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._lock:
+            buf = self._buffer.setdefault(run_id, [])
+            buf += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                    if isinstance(v, (int, float)) and v == v]
+        if flush:
+            self.flush(deadline_s=0)
+
+    def flush(self, deadline_s: float | None = None) -> bool:
+        """Send buffered metrics; with deadline_s=0 one attempt, else retry up to the deadline. True if empty."""
+        deadline = self.cfg.retry_deadline_s if deadline_s is None else deadline_s
+        with self._lock:
+            for run_id in list(self._buffer):
+                items = self._buffer[run_id]
+                while items:
+                    chunk = items[:500]
+                    try:
+                        if deadline:
+                            _with_retry(lambda: self.client.log_batch(run_id, metrics=chunk), "log metrics", deadline)
+                        else:
+                            self.client.log_batch(run_id, metrics=chunk)
+                    except Exception as e:  # noqa: BLE001 - kept for the next flush
+                        if _permanent(e):
+                            raise
+                        log.warning("mlflow unreachable (%s); %d metric values buffered", str(e)[:120], len(items))
+                        return False
+                    del items[:len(chunk)]
+                del self._buffer[run_id]
+        return True
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._buffer.values())
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._call(lambda: self.client.log_artifact(run_id, str(path), artifact_path), f"log artifact {path}")
+
+    def log_dict(self, run_id: str, d: dict, artifact_file: str) -> None:
+        self._call(lambda: self.client.log_dict(run_id, d, artifact_file), f"log {artifact_file}")
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self._call(lambda: self.client.log_text(run_id, text, artifact_file), f"log {artifact_file}")
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.flush()
+        self._call(lambda: self.client.set_terminated(run_id, status), "end run")
+
+    def run_data(self, run_id: str):
+        return self._call(lambda: self.client.get_run(run_id), "get run")
+
+
+def artifact_probe(tracking_uri: str, body: bytes) -> str:
+    """Log, list and read back a small artifact through the tracking server (proxied to S3)."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name("hkd-preflight")
+    exp_id = exp.experiment_id if exp else client.create_experiment("hkd-preflight")
+    run = client.create_run(exp_id, run_name="preflight")
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "probe.txt"
+            p.write_bytes(body)
+            client.log_artifact(run.info.run_id, str(p))
+            names = [f.path for f in client.list_artifacts(run.info.run_id)]
+            assert "probe.txt" in names, f"probe missing from the artifact listing {names}"
+            got = Path(client.download_artifacts(run.info.run_id, "probe.txt", d + "/dl")).read_bytes()
+            assert got == body, "read back different bytes"
+        return f"log/list/read an artifact of run {run.info.run_id} at {client.get_run(run.info.run_id).info.artifact_uri}"
+    finally:
+        client.delete_run(run.info.run_id)

@@ -1,0 +1,252 @@
+"""What runs on Ray workers: the Ray Train loops (teacher, distillation) and the sampling tasks.
+
+Each function takes plain dicts (the resolved config) so it can be shipped to any node. The numbered
+comments mark the Ray-specific lines; everything else is a call into hkd_core.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _pipeline(cfg: dict):
+    from .config import from_composed
+
+    return from_composed(cfg)
+
+
+def _resume_file() -> str | None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()                                    # (1) the newest reported checkpoint
+    if ckpt is None:
+        return None
+    local = Path(tempfile.mkdtemp(prefix="hkd-resume-"))
+    ckpt.to_directory(str(local))
+    files = sorted(local.glob("ckpt-*.pt"))
+    return str(files[-1]) if files else None
+
+
+def _reporter(rank: int, tracker, run_id: str | None, attempt_tag: dict):
+    """metrics_cb / checkpoint_cb for hkd_core's loops: MLflow from rank 0, checkpoints through Ray."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    def metrics_cb(metrics: dict, kimg: float) -> None:
+        if tracker is not None and run_id:
+            tracker.log_metrics(run_id, metrics, step=int(round(kimg * 1000)))
+
+    def checkpoint_cb(path: str | None, metrics: dict, kimg: float) -> None:
+        report = {"kimg": kimg, **{k.replace("/", "_"): v for k, v in metrics.items()}}
+        if rank == 0 and path:
+            d = Path(tempfile.mkdtemp(prefix="hkd-ckpt-"))
+            shutil.copy2(path, d / Path(path).name)
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(d)))   # (2) upload to storage
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            ray.train.report(report)                                      # (2) every rank reports each time
+        if tracker is not None and run_id:
+            tracker.flush(deadline_s=0)
+
+    return metrics_cb, checkpoint_cb
+
+
+def _tracker_for_rank0(pc, rank: int):
+    if rank != 0:
+        return None
+    from .tracking import Tracker
+
+    return Tracker(pc.tracking)
+
+
+def distill_loop(config: dict) -> None:
+    """Ray Train loop: each rank streams its share of the trajectory shards from S3 into train_hkd."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader
+
+    from hkd_core.models import build_model
+    from hkd_core.train import train_hkd
+    from hkd_core.trajectories import TrajectoryDataset, check_shards, read_manifest
+
+    from .storage import S3Store
+
+    pc = _pipeline(config["pipeline"])
+    ctx = ray.train.get_context()                                         # (3) rank and world size from Ray
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    store = S3Store(pc.storage, config["trajectories_prefix"])
+    manifest = read_manifest(store)
+    if rank == 0:
+        check_shards(store, manifest)          # a missing or truncated shard fails here, before any training
+    tr = pc.run.train
+    per_rank = tr.batch_size // world
+    ds = TrajectoryDataset(store, manifest, rank=rank, world_size=world, seed=tr.seed, epochs=None,
+                           skip_corrupt=bool(config.get("skip_corrupt", False)))
+    loader = DataLoader(ds, batch_size=per_rank, num_workers=0, collate_fn=lambda b: torch.stack([x["states"] for x in b]))
+    batches = iter(loader)
+    device = ray.train.torch.get_device()                                 # (4) cpu, or this worker's GPU
+    torch.manual_seed(tr.seed)             # identical initial weights on every rank
+    model = build_model(pc.run.model.variant, pc.run.hkd_config())
+    model = ray.train.torch.prepare_model(model)                          # (5) DDP (gloo on CPU, NCCL on GPU)
+    sigmas = torch.tensor(manifest.sigmas, dtype=torch.float64)
+    tracker = _tracker_for_rank0(pc, rank)
+    metrics_cb, checkpoint_cb = _reporter(rank, tracker, config.get("run_id"), {})
+    resume = _resume_file()
+    if resume and tracker is not None:
+        # ckpt-<kimg>.pt: say in the run where this attempt picked up
+        kimg = float(Path(resume).stem.split("-", 1)[1])
+        tracker.log_metrics(config["run_id"], {"train/resumed_from_kimg": kimg}, step=int(round(kimg * 1000)))
+    local = Path(tempfile.mkdtemp(prefix="hkd-distill-"))
+    train_hkd(model, lambda step: next(batches), sigmas, total_kimg=tr.total_kimg, max_train_s=tr.max_train_s,
+              batch_size=tr.batch_size, lr=tr.lr, koopman_lr_mult=tr.koopman_lr_mult, lr_rampup_kimg=tr.lr_rampup_kimg,
+              grad_clip=tr.grad_clip, ema_halflife_kimg=tr.ema_halflife_kimg, ema_rampup=tr.ema_rampup,
+              states_per_traj=tr.states_per_traj, lambda1_start=tr.lambda1_start, lambda1_end=tr.lambda1_end,
+              lambda1_anneal_kimg=tr.lambda1_anneal_kimg, lambda2=tr.lambda2, perceptual=tr.perceptual,
+              seed=tr.seed, rank=rank, world_size=world, device=device, log_every_kimg=tr.log_every_kimg,
+              checkpoint_every_kimg=tr.checkpoint_every_kimg, checkpoint_dir=local, resume=resume or False,
+              metrics_cb=metrics_cb, checkpoint_cb=checkpoint_cb, progress=False, config=pc.run.to_dict())
+    if tracker is not None:
+        if ds.skipped:
+            tracker.log_metrics(config["run_id"], {"data/skipped_shards": len(ds.skipped)}, step=0)
+        tracker.flush()
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def teacher_loop(config: dict) -> None:
+    """Ray Train loop for the EDM teacher; the images come through the object store."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from hkd_core.edm import EDMPrecond, UNet
+    from hkd_core.pipeline import teacher_unet_config
+    from hkd_core.train import train_teacher
+
+    pc = _pipeline(config["pipeline"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    images = ray.get(config["images_ref"][0])                             # (1) the data set, shared by ref
+    device = ray.train.torch.get_device()
+    torch.manual_seed(pc.run.train.seed)
+    net = ray.train.torch.prepare_model(EDMPrecond(UNet(teacher_unet_config(pc.run, images.shape[1]))))
+    tracker = _tracker_for_rank0(pc, rank)
+    metrics_cb, checkpoint_cb = _reporter(rank, tracker, config.get("run_id"), {})
+    t = pc.run.teacher
+    local = Path(tempfile.mkdtemp(prefix="hkd-teacher-"))
+    train_teacher(net, images, total_kimg=t.total_kimg, batch_size=t.batch_size, lr=t.lr,
+                  ema_halflife_kimg=t.ema_halflife_kimg, seed=pc.run.train.seed, rank=rank, world_size=world,
+                  device=device, log_every_kimg=max(t.total_kimg / 100, 0.1),
+                  checkpoint_every_kimg=max(t.total_kimg / 10, 0.5), checkpoint_dir=local,
+                  resume=_resume_file() or False, metrics_cb=metrics_cb, checkpoint_cb=checkpoint_cb,
+                  progress=False, config=pc.run.to_dict())
+    if tracker is not None:
+        tracker.flush()
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def build_teacher_on_worker(pc, images, teacher_key: str | None):
+    """The teacher a sampling task uses: empirical from the images, or the EDM EMA weights from S3."""
+    from hkd_core.edm import EDMPrecond, UNet
+    from hkd_core.pipeline import teacher_unet_config
+    from hkd_core.teachers import EDMTeacher, EmpiricalTeacher
+
+    from .storage import S3Store
+
+    if pc.run.teacher.kind == "empirical":
+        d = pc.run.data
+        return EmpiricalTeacher(images, name=f"{d.name}/{d.split}/{images.shape[0]}")
+    net = EDMPrecond(UNet(teacher_unet_config(pc.run, images.shape[1])))
+    state = torch.load(io.BytesIO(S3Store(pc.storage).get(teacher_key)), map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return EDMTeacher(net.to(dev), {"unet": teacher_unet_config(pc.run, images.shape[1]).to_dict(),
+                                    "checkpoint": S3Store(pc.storage).uri(teacher_key)})
+
+
+def generate_shard_task(cfg: dict, images, teacher_key: str | None, prefix: str, index: int, first: int, count: int,
+                        seed: int, threads: int = 1) -> dict:
+    """One shard of teacher trajectories, written to S3 (reused if a whole one is already there)."""
+    import dataclasses
+
+    from hkd_core.generate import _existing, generate_shard, sampler_spec
+
+    torch.set_num_threads(threads)
+    pc = _pipeline(cfg)
+    from .storage import S3Store
+
+    store = S3Store(pc.storage, prefix)
+    info = _existing(store, index, first, count, seed)
+    if info is None:
+        t = pc.run.trajectories
+        teacher = build_teacher_on_worker(pc, images, teacher_key)
+        shape = tuple(images.shape[1:])
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        info = generate_shard(store, teacher, index, first, count, shape, sampler_spec(t.sampler, t.steps), seed,
+                              t.batch_size, dev)
+    return dataclasses.asdict(info)
+
+
+def features_task(cfg: dict, what: dict, seeds: list[int], images=None, teacher_key: str | None = None,
+                  model_key: str | None = None, threads: int = 1):
+    """Inception features of samples drawn from the given noise seeds: the model at NFE 1, or the teacher at
+    ``what['nfe']``. Returns float32 features (n, 2048); statistics are merged by the driver in float64."""
+    from hkd_core.data import DATASETS
+    from hkd_core.fid import InceptionFeatures
+    from hkd_core.generate import noise_for_seeds
+    from hkd_core.models import model_from_record
+    from hkd_core.sampler import sample_nfe
+
+    from .storage import S3Store
+
+    torch.set_num_threads(threads)
+    pc = _pipeline(cfg)
+    d = pc.run.data
+    shape = (DATASETS[d.name].channels, d.resolution, d.resolution)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    feats = InceptionFeatures(pc.run.eval.inception_weights, device=dev, batch_size=pc.run.eval.batch_size)
+    x_T = noise_for_seeds(torch.tensor(seeds), shape).to(dev) * 80.0
+    out = []
+    with torch.no_grad():
+        if what["kind"] == "model":
+            rec = torch.load(io.BytesIO(S3Store(pc.storage).get(model_key)), map_location="cpu", weights_only=False)
+            model = model_from_record(rec).to(dev)
+            for i in range(0, len(seeds), pc.run.eval.batch_size):
+                out.append(feats(model.sample(x_T=x_T[i:i + pc.run.eval.batch_size])))
+        else:
+            teacher = build_teacher_on_worker(pc, images, teacher_key)
+            for i in range(0, len(seeds), pc.run.eval.batch_size):
+                x = sample_nfe(teacher.denoise, x_T[i:i + pc.run.eval.batch_size], what["nfe"]).x0.clamp(-1, 1)
+                out.append(feats(x))
+    return torch.cat(out).numpy()
+
+
+def reference_task(cfg: dict, threads: int = 1) -> bytes:
+    """Reference statistics of the evaluation split (computed once, then cached in S3 by the driver)."""
+    from hkd_core.fid import InceptionFeatures, encode_reference, reference_stats
+
+    torch.set_num_threads(threads)
+    pc = _pipeline(cfg)
+    e, d = pc.run.eval, pc.run.data
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    feats = InceptionFeatures(e.inception_weights, device=dev, batch_size=e.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = reference_stats(d.name, e.split, e.n, feats, d.resolution, root=d.root, cache=tmp, progress=False)
+    return encode_reference(ref)
+
+
+def env_for_workers() -> dict:
+    """Variables the workers need that the driver has (endpoints and the credentials file, never the keys)."""
+    keys = ("AWS_ENDPOINT_URL", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE", "AWS_DEFAULT_REGION",
+            "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "HKD_S3_BUCKET", "HKD_INCEPTION_WEIGHTS", "HKD_CACHE",
+            "HKD_DATA_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    return {k: os.environ[k] for k in keys if os.environ.get(k)}

@@ -1,0 +1,83 @@
+"""The real local stack for integration tests: SeaweedFS S3, an MLflow server and a Ray head, on 127.0.0.1
+and free ports, in a temporary folder; started once per session and stopped at the end."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STACK = ROOT / "infra" / "local" / "stack.py"
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    while len(ports) < n:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        p = s.getsockname()[1]
+        # weed also listens on port + 10000 (gRPC); keep both inside the valid range
+        if p + 10000 < 65536 and p not in ports:
+            ports.append(p)
+        socks.append(s)
+    for s in socks:
+        s.close()
+    return ports
+
+
+def stack(*args: str, state: Path) -> str:
+    r = subprocess.run([sys.executable, str(STACK), *args, "--dir", str(state)], capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode:
+        raise RuntimeError(f"stack {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
+    return r.stdout
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory):
+    """Starts the stack (with a Ray head of 4 logical CPUs) and exports its client environment."""
+    state = tmp_path_factory.mktemp("stack")
+    names = ["s3", "master", "volume", "filer", "mlflow", "ray", "dashboard", "agent", "client"]
+    ports = dict(zip(names, free_ports(len(names))))
+    flags = [f"--{k}-port={v}" for k, v in ports.items()]
+    old = dict(os.environ)
+    try:
+        stack("start", "--ray", "--num-cpus=4", *flags, state=state)
+        env = {}
+        for line in stack("env", state=state).splitlines():
+            k, v = line.removeprefix("export ").split("=", 1)
+            env[k] = v
+        os.environ.update(env)
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+        yield {"dir": state, "ports": ports, "env": env,
+               "status": json.loads(stack("status", state=state))}
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except ImportError:
+            pass
+        os.environ.clear()
+        os.environ.update(old)
+        stack("stop", state=state)
+
+
+@pytest.fixture
+def s3(local_stack):
+    import boto3
+
+    from orchestrator.storage import StorageConfig, make_client
+
+    return make_client(StorageConfig(endpoint_url=local_stack["env"]["AWS_ENDPOINT_URL"]))
+
+
+@pytest.fixture
+def free_port():
+    return lambda: free_ports(1)[0]

@@ -1,0 +1,141 @@
+"""The pipeline end to end on the real stack: Ray (2 Train workers), SeaweedFS S3, MLflow."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from orchestrator.cli import main
+
+pytestmark = pytest.mark.integration
+TAG = uuid.uuid4().hex[:6]
+SMOKE = ["experiment=smoke", "cluster.num_workers=2", f"storage.prefix=it-{TAG}", f"tracking.experiment=it-{TAG}",
+         f"name=smoke-{TAG}", "tracking.register_model=hkd-it"]
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def _runs(experiment: str, filt: str = ""):
+    c = _client()
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id], filt, max_results=200) if exp else []
+
+
+def _keys(s3, prefix: str) -> list[str]:
+    out, token = [], None
+    while True:
+        kw = {"Bucket": "hkd", "Prefix": prefix}
+        if token:
+            kw["ContinuationToken"] = token
+        page = s3.list_objects_v2(**kw)
+        out += [o["Key"] for o in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return out
+        token = page["NextContinuationToken"]
+
+
+@pytest.fixture(scope="module")
+def first_pipeline(local_stack, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "res.json"
+    t0 = time.perf_counter()
+    assert main(["pipeline", *SMOKE, "--no-progress", "--json", str(out)]) == 0
+    return json.loads(out.read_text()), time.perf_counter() - t0
+
+
+def test_pipeline_end_to_end(first_pipeline, s3):
+    res, _ = first_pipeline
+    parent = res["_parent_run_id"]
+    runs = {r.data.tags["hkd.stage"]: r for r in _runs(f"it-{TAG}") if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert set(runs) == {"trajectories", "distill", "evaluate"}          # the empirical teacher needs no run
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+
+    c = _client()
+    distill = runs["distill"]
+    loss = c.get_metric_history(distill.info.run_id, "train/loss")
+    assert len(loss) >= 3 and [m.step for m in loss] == sorted(m.step for m in loss)
+    assert loss[-1].step == 256                        # step = images seen: 0.256 kimg
+    assert distill.data.params["train/total_kimg"] == "0.256" and distill.data.params["model/preset"] == "tiny"
+    for tag in ("hkd.config_hash", "hkd.git_sha", "hkd.trajectories_uri", "hkd.model_uri", "hkd.data"):
+        assert distill.data.tags.get(tag), tag
+    versions = c.search_model_versions("name='hkd-it'")
+    assert any(v.run_id == distill.info.run_id for v in versions)
+
+    ev = runs["evaluate"].data.metrics
+    assert ev["eval/n"] == 32 and ev["eval/fid"] > 0 and "eval/kid" in ev and "eval/teacher_fid_nfe11" in ev
+    assert {"spectra/l1/alpha_mean", "spectra/l2/frac_growing"} <= set(ev)
+    arts = {f.path for d in ("figures", "spectra", "config") for f in c.list_artifacts(runs["evaluate"].info.run_id, d)}
+    assert {"figures/samples.png", "figures/band_masking.png", "figures/trajectory.png", "spectra/spectrum.png",
+            "spectra/alpha_maps.png", "spectra/eigenvalues.npz", "config/resolved.json"} <= arts
+
+    keys = _keys(s3, f"it-{TAG}/")
+    names = [k.split("/", 1)[1] for k in keys]
+    assert any(n.startswith("trajectories-") and n.endswith("/train/manifest.json") for n in names)
+    assert sum(n.endswith(".npz") and "/train/shard-" in n for n in names) == 4          # 128 / 32
+    assert any(n.startswith("ray/distill-") and "/checkpoint_" in n and n.endswith(".pt") for n in names)
+    assert any(n.startswith("distill-") and n.endswith("/model.pt") for n in names)
+    assert sum(n.endswith("/_SUCCESS.json") for n in names) == 3
+
+
+def test_second_pipeline_skips_finished_stages(first_pipeline):
+    res1, t_first = first_pipeline
+    t0 = time.perf_counter()
+    out = os.path.join(os.path.dirname(os.environ["AWS_SHARED_CREDENTIALS_FILE"]), f"second-{TAG}.json")
+    assert main(["pipeline", *SMOKE, "--no-progress", "--json", out]) == 0
+    res2 = json.loads(open(out).read())
+    assert res2["_skipped"] == ["trajectories", "distill", "evaluate"]
+    assert res2["evaluate"]["metrics"]["eval/fid"] == res1["evaluate"]["metrics"]["eval/fid"]
+    assert res2["_parent_run_id"] == res1["_parent_run_id"]                 # the same MLflow run, reopened
+    assert time.perf_counter() - t0 < t_first / 2
+
+
+def test_invalid_config_fails_before_ray_starts(local_stack):
+    before = len(_runs(f"it-{TAG}"))
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "pipeline", *SMOKE, "model.subspace_dims=[8,15]"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "model.subspace_dims[1] (level 2) is 15" in r.stderr
+    assert "ray" not in r.stderr.lower().replace("array", "")
+    assert len(_runs(f"it-{TAG}")) == before and time.perf_counter() - t0 < 30
+
+
+def test_distill_resumes_in_the_same_run_after_the_driver_is_killed(local_stack, s3):
+    args = [*SMOKE, "train.total_kimg=1.28", "train.checkpoint_every_kimg=0.128", "train.log_every_kimg=0.064",
+            f"name=resume-{TAG}"]
+    from orchestrator.config import load
+
+    ray_prefix = f"it-{TAG}/ray/distill-{load(args).stages()['distill']}/"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "distill", *args, "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        while not any("/checkpoint_" in k and k.endswith(".pt") for k in _keys(s3, ray_prefix)):
+            assert proc.poll() is None, "the first attempt ended before it could be interrupted"
+            assert time.monotonic() - t0 < 300, "no checkpoint reached S3 within 300 s"
+            time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)       # the driver dies; its Ray Train workers go with it
+        proc.wait()
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "distill", *args, "--no-progress"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [x for x in _runs(f"it-{TAG}") if x.data.tags.get("hkd.stage") == "distill"
+            and x.data.tags.get("hkd.run_key", "").startswith(f"resume-{TAG}/")]
+    assert len(runs) == 1                                     # one MLflow run for both attempts
+    run = runs[0]
+    assert run.data.tags["hkd.attempt"] == "2" and run.info.status == "FINISHED"
+    c = _client()
+    resumed = c.get_metric_history(run.info.run_id, "train/resumed_from_kimg")
+    assert resumed and resumed[-1].value >= 0.128
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "train/kimg")]
+    # every logging point once, or twice where the second attempt redid what the first did after its checkpoint
+    assert set(steps) == set(range(64, 1281, 64)) and len(steps) < 2 * 20

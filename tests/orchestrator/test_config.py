@@ -1,0 +1,56 @@
+"""Hydra composition and validation: every error names its key, before anything runs."""
+import pytest
+
+from hkd_core.config import ConfigError
+from orchestrator.config import compose, from_composed, load
+
+
+def test_defaults_compose_into_the_core_schema():
+    pc = load([])
+    assert pc.run.data.name == "fashion_mnist" and pc.run.model.preset == "small" and pc.cluster.num_workers == 2
+    assert pc.storage.bucket == "hkd" and pc.run.hkd_config().subspace_dims == [8, 16, 16]
+    assert set(pc.stages()) == {"teacher", "trajectories", "distill", "evaluate"}
+
+
+def test_experiment_overrides_only_what_changes():
+    base, smoke = compose([]), compose(["experiment=smoke"])
+    assert smoke["model"]["preset"] == "tiny" and smoke["trajectories"]["num"] == 128
+    assert smoke["teacher"] == base["teacher"] and smoke["storage"] == base["storage"]
+    cifar = load(["experiment=cifar_gpu"])
+    assert cifar.run.data.name == "cifar10_jpeg" and cifar.run.teacher.kind == "edm" and cifar.cluster.use_gpu
+
+
+def test_overrides_reach_the_model():
+    pc = load(["data=mnist", "model.levels=3", "model.subspace_dims=[16,32,32]", "model.operator=shared"])
+    cfg = pc.run.hkd_config()
+    assert pc.run.data.name == "mnist" and cfg.subspace_dims == [16, 32, 32] and cfg.operator == "shared"
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (["model.levelz=3"], "unknown key model.levelz"),
+    (["data=svhn"], "Could not find 'data/svhn' ; available options in 'data': cifar10_jpeg fashion_mnist mnist"),
+    (["model.subspace_dims=[8,15,16]"], r"model.subspace_dims\[1\] \(level 2\) is 15; each d_l must be even"),
+    (["model.levels=2", "model.subspace_dims=[8,16,16]"], "has 3 entries .* but model.levels is 2"),
+    (["model.levels=6", "model.subspace_dims=[2,2,2,2,2,2]", "data.resolution=28"],
+     "resolution 28 allows at most 3 levels"),
+    (["cluster.num_workers=3"], "train.batch_size=64 is not divisible by cluster.num_workers=3"),
+    (["experiment=smoke", "cluster.num_workers=8"], "makes 4 shards, fewer than cluster.num_workers=8"),
+    (["cluster.use_gpu=true"], "cluster.use_gpu is true but cluster.gpus_per_worker is 0"),
+    (["storage.endpoint_url=127.0.0.1:8333"], "storage.endpoint_url='127.0.0.1:8333' must start with http"),
+    (["storage.bucket="], "storage.bucket is empty"),
+    (["tracking.uri=mlflow.example.org"], "tracking.uri='mlflow.example.org' is not an MLflow tracking URI"),
+    (["train.lr=fast"], "train.lr='fast' must be of type float"),
+    (["cluster.num_workers=0"], "cluster.num_workers=0 must be >= 1"),
+    (["storage=s3"], "storage.bucket comes from the environment variable HKD_S3_BUCKET, which is not set"),
+])
+def test_bad_configs(overrides, msg, monkeypatch):
+    monkeypatch.delenv("HKD_S3_BUCKET", raising=False)
+    with pytest.raises(ConfigError, match=msg):
+        load(overrides)
+
+
+def test_unknown_top_level_key():
+    d = compose([])
+    d["clusterr"] = {}
+    with pytest.raises(ConfigError, match="unknown key clusterr"):
+        from_composed(d)
