@@ -67,7 +67,7 @@ class ModelConfig:
     channel_mult: list[int] | None = None
     blocks: int | None = None
     attn_levels: list[int] | None = None
-    operator: str | None = None          # position | shared | none
+    operator: str | list[str] | None = None   # position | shared | none, or one per level
     dropout: float | None = None
     kdm_dim: int | None = None
 
@@ -82,7 +82,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    total_kimg: float = 10.0
+    total_kimg: float = 5.0
     max_train_s: float | None = None
     batch_size: int = 64
     lr: float = 1e-3
@@ -104,7 +104,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    n: int = 500                         # samples for FID/KID (state it with every number)
+    n: int = 300                         # samples for FID/KID (state it with every number)
     split: str = "test"                  # reference split
     teacher_nfe: list[int] = field(default_factory=lambda: [35])  # also score the teacher at these NFE
     kid_subset_size: int = 1000

@@ -33,7 +33,7 @@ class HKDConfig:
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # width per level; last repeats if L > len
     blocks: int = 1                                  # residual blocks per level, encoder and decoder
     attn_levels: list[int] = field(default_factory=list)  # 1-based levels with self-attention
-    operator: str = "position"                       # 'position' | 'shared' | 'none' (A = 0)
+    operator: str | list[str] = "position"           # 'position' | 'shared' | 'none' (A = 0), or one per level
     latent_levels: list[int] = field(default_factory=list)  # 1-based levels carrying a latent; [] = all
     dropout: float = 0.0
     kdm_dim: int = 64                                # KDM only: size of the flat global latent
@@ -60,13 +60,22 @@ class HKDConfig:
             max_l = next(l for l in range(self.levels, 0, -1) if self.resolution % 2 ** (l - 1) == 0)
             raise ValueError(f"model.levels={self.levels} needs resolution divisible by 2^{self.levels - 1}; "
                              f"resolution {self.resolution} allows at most {max_l} levels")
-        if self.operator not in OPERATORS:
-            raise ValueError(f"model.operator is {self.operator!r}; allowed: {list(OPERATORS)}")
+        ops = self.operator if isinstance(self.operator, list) else [self.operator]
+        if isinstance(self.operator, list) and len(self.operator) != self.levels:
+            raise ValueError(f"model.operator has {len(self.operator)} entries {self.operator} but model.levels is "
+                             f"{self.levels}; give one operator per level, or a single one for all")
+        bad_ops = [o for o in ops if o not in OPERATORS]
+        if bad_ops:
+            raise ValueError(f"model.operator is {self.operator!r}; allowed: {list(OPERATORS)} (or one per level)")
         for key in ("attn_levels", "latent_levels"):
             bad = [a for a in getattr(self, key) if not 1 <= a <= self.levels]
             if bad:
                 raise ValueError(f"model.{key} {bad} are outside 1..{self.levels}")
         return self
+
+    def operators(self) -> list[str]:
+        """The operator mode of each level."""
+        return list(self.operator) if isinstance(self.operator, list) else [self.operator] * self.levels
 
     def latent_dims(self) -> list[int]:
         """d_l per level, 0 where the level carries no latent."""
@@ -162,7 +171,8 @@ class HKD(OneStepModel):
         self.levels = [l for l, d in enumerate(cfg.latent_dims()) if d]   # 0-based levels with a latent
         dims, widths, sizes = cfg.latent_dims(), cfg.widths(), cfg.sizes()
         self.proj = nn.ModuleList(nn.Conv2d(widths[l], dims[l], 1) for l in self.levels)
-        self.koopman = nn.ModuleList(KoopmanOperator(dims[l], sizes[l], sizes[l], cfg.operator) for l in self.levels)
+        ops = cfg.operators()
+        self.koopman = nn.ModuleList(KoopmanOperator(dims[l], sizes[l], sizes[l], ops[l]) for l in self.levels)
         self.decoder = Decoder(cfg, dims)
 
     def encode(self, x: torch.Tensor, sigma: torch.Tensor | float) -> list[torch.Tensor]:

@@ -28,6 +28,7 @@ from .losses import HKDLoss, LambdaSchedule, perceptual_distance
 log = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[dict, float], None]                    # (metrics, kimg), rank 0 only
+EvalCallback = Callable[[nn.Module, float], dict]                   # (EMA model, kimg) -> metrics, rank 0 only
 CheckpointCallback = Callable[["str | None", dict, float], None]   # (path on rank 0 else None, metrics, kimg)
 
 
@@ -83,6 +84,7 @@ def run_loop(model: nn.Module, step_loss: Callable[[int, float], dict], *, confi
              ema_halflife_kimg: float, ema_rampup: float, rank: int, world_size: int, device,
              log_every_kimg: float, checkpoint_every_kimg: float, checkpoint_dir, resume,
              metrics_cb: MetricsCallback | None, checkpoint_cb: CheckpointCallback | None, progress: bool,
+             eval_cb: EvalCallback | None = None,
              desc: str) -> dict:
     """The engine behind both loops: optimiser, lr ramp-up, EMA, logging, checkpoint and resume."""
     raw = unwrap(model)
@@ -113,6 +115,13 @@ def run_loop(model: nn.Module, step_loss: Callable[[int, float], dict], *, confi
     metrics: dict[str, float] = {}
 
     def checkpoint(kimg: float) -> None:
+        nonlocal metrics
+        if is_main and eval_cb is not None:
+            # evaluated at each checkpoint (rank 0): what a scheduler such as ASHA decides on
+            evals = eval_cb(ema, kimg)
+            metrics = {**metrics, **evals}
+            if metrics_cb is not None:
+                metrics_cb(evals, kimg)
         path = None
         if is_main and checkpoint_dir is not None:
             path = str(save_checkpoint(checkpoint_dir, {
@@ -258,6 +267,7 @@ def train_hkd(
     resume=True,                         # True: newest in checkpoint_dir; a path; or False
     metrics_cb: MetricsCallback | None = None,
     checkpoint_cb: CheckpointCallback | None = None,
+    eval_cb: EvalCallback | None = None, # (EMA model, kimg) -> metrics at each checkpoint, e.g. a proxy for ASHA
     progress: bool = True,
     config: dict | None = None,          # stored in checkpoints, for lineage
 ) -> dict:
@@ -284,4 +294,4 @@ def train_hkd(
                     ema_halflife_kimg=ema_halflife_kimg, ema_rampup=ema_rampup, rank=rank, world_size=world_size,
                     device=device, log_every_kimg=log_every_kimg, checkpoint_every_kimg=checkpoint_every_kimg,
                     checkpoint_dir=checkpoint_dir, resume=resume, metrics_cb=metrics_cb,
-                    checkpoint_cb=checkpoint_cb, progress=progress, desc="distill")
+                    checkpoint_cb=checkpoint_cb, progress=progress, desc="distill", eval_cb=eval_cb)

@@ -5,6 +5,8 @@
     hkd pipeline data=mnist model.levels=3 model.subspace_dims=[16,32,32]
     hkd distill experiment=smoke --dry-run          # the resolved config and the plan; runs nothing
     hkd teacher | trajectories | distill | evaluate # one stage (and the unfinished ones before it)
+    hkd sweep sweeps/scale_count.yaml               # Ray Tune + Optuna + ASHA, one MLflow child run per trial
+    hkd sweep sweeps/scale_count.yaml --resume scale_count-20261130-101500
 
 Overrides are Hydra's (``group=option``, ``key=value``); the composed config is validated before Ray
 starts. Endpoints come from the environment (the local stack's ``env`` command sets them); without it,
@@ -56,8 +58,11 @@ def plan(pc, upto: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("preflight",) + STAGE_CMDS)
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.levels=2 experiment=smoke")
+    p.add_argument("command", choices=("preflight", "sweep") + STAGE_CMDS)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.levels=2 experiment=smoke "
+                                                "(for sweep: the sweep YAML first)")
+    p.add_argument("--resume", metavar="SWEEP_ID", help="sweep: continue this sweep after its driver was stopped")
+    p.add_argument("--id", metavar="SWEEP_ID", help="sweep: name a new sweep (default: <name>-<date>-<time>)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan; run nothing")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="write the results (or preflight report) to this file")
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import compose, from_composed
 
+    if args.command == "sweep":
+        return sweep_main(args)
     try:
         cfg_dict = compose(args.overrides)
         pc = from_composed(cfg_dict)
@@ -104,8 +111,53 @@ def main(argv: list[str] | None = None) -> int:
             if k.startswith("eval/teacher_fid"):
                 print(f"  {k}: {m[k]:.2f}")
     print(f"artifacts: {res['_storage_root']}/")
+    if "distill" in res and res["distill"].get("model_uri"):
+        print(f"  model: {res['distill']['model_uri']}   trajectories: {res['trajectories']['train']['uri']}/")
     if ui.startswith("http"):
         print(f"MLflow UI: {ui}/#/experiments/{res['_experiment_id']}/runs/{res['_parent_run_id']}")
+    return 0
+
+
+def sweep_main(args) -> int:
+    from .sweep_spec import SweepError, asha_rungs, check_against_config, load
+
+    from .config import compose, from_composed
+
+    if not args.overrides:
+        print("hkd: sweep needs a sweep YAML, e.g. hkd sweep sweeps/smoke.yaml", file=sys.stderr)
+        return 2
+    path, overrides = args.overrides[0], args.overrides[1:]
+    try:
+        spec = load(path)
+        import dataclasses
+
+        spec = dataclasses.replace(spec, base=spec.base + overrides)
+        base = check_against_config(spec, compose)
+        pc = from_composed(base)
+    except (SweepError, ConfigError) as e:
+        print(f"hkd: sweep error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps({"sweep": {k: v for k, v in dataclasses.asdict(spec).items()},
+                          "base_config": pc.to_dict(), "shared_stages": plan(pc, "trajectories"),
+                          "asha_rungs_kimg": asha_rungs(spec, pc.run.train.total_kimg)}, indent=1, default=str))
+        return 0
+    from .sweep import run_sweep, to_markdown
+
+    try:
+        summary = run_sweep(spec, [], args.resume, progress=not args.no_progress, sweep_id=args.id)
+    except SweepError as e:
+        print(f"hkd: sweep error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
+    print(to_markdown(summary))
+    if summary.get("preset"):
+        print(f"best config written as an experiment preset: hkd pipeline experiment={summary['preset']}")
+    ui = summary["_tracking_uri"]
+    print(f"sweep id: {summary['sweep_id']} (resume with --resume {summary['sweep_id']})")
+    if ui.startswith("http"):
+        print(f"MLflow UI: {ui}/#/experiments/{summary['_experiment_id']}/runs/{summary['_sweep_run_id']}")
     return 0
 
 

@@ -60,10 +60,13 @@ def context(pc: PipelineConfig, cfg_dict: dict, progress: bool = True) -> StageC
     return StageContext(pc, cfg_dict, tracker, parent, lineage, progress)
 
 
-def run_stages(pc: PipelineConfig, cfg_dict: dict, upto: str = "evaluate", progress: bool = True) -> dict:
-    """Every stage up to ``upto`` (inclusive), each skipped if its output exists for this config."""
+def run_stages(pc: PipelineConfig, cfg_dict: dict, upto: str = "evaluate", progress: bool = True,
+               ctx: StageContext | None = None) -> dict:
+    """Every stage up to ``upto`` (inclusive), each skipped if its output exists for this config.
+    With ``ctx`` (a sweep's), the stages nest under its parent run, which is left open."""
     init_ray(pc)
-    ctx = context(pc, cfg_dict, progress)
+    own = ctx is None
+    ctx = ctx or context(pc, cfg_dict, progress)
     results: dict = {}
     fns = {"teacher": lambda: stage_teacher(ctx), "trajectories": lambda: stage_trajectories(ctx, results["teacher"]),
            "distill": lambda: stage_distill(ctx, results["trajectories"]),
@@ -84,11 +87,12 @@ def run_stages(pc: PipelineConfig, cfg_dict: dict, upto: str = "evaluate", progr
             log.info("%s: finished in %.1f s", stage, time.perf_counter() - ts)
         status = "FINISHED"
     finally:
-        if "evaluate" in results and "metrics" in results["evaluate"]:
-            ctx.tracker.log_metrics(ctx.parent_run_id, results["evaluate"]["metrics"],
-                                    int(round(results.get("distill", {}).get("kimg", 0) * 1000)))
-        ctx.tracker.log_metrics(ctx.parent_run_id, {"perf/pipeline_wall_s": time.perf_counter() - t0}, 0)
-        ctx.tracker.end(ctx.parent_run_id, status)
+        if own:
+            if "evaluate" in results and "metrics" in results["evaluate"]:
+                ctx.tracker.log_metrics(ctx.parent_run_id, results["evaluate"]["metrics"],
+                                        int(round(results.get("distill", {}).get("kimg", 0) * 1000)))
+            ctx.tracker.log_metrics(ctx.parent_run_id, {"perf/pipeline_wall_s": time.perf_counter() - t0}, 0)
+            ctx.tracker.end(ctx.parent_run_id, status)
     results["_parent_run_id"] = ctx.parent_run_id
     results["_experiment_id"] = ctx.tracker.experiment_id
     results["_tracking_uri"] = ctx.tracker.uri

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hkd_core.data import DATASETS, load_images
-from hkd_core.trajectories import Manifest, ShardInfo, read_manifest, write_manifest
+from hkd_core.trajectories import Manifest, ShardInfo, write_manifest
 
 from .config import PipelineConfig
 from .storage import S3Store, ray_storage
@@ -252,7 +252,7 @@ def log_model(ctx: StageContext, run_id: str, model) -> str | None:
     return f"{name}/{info.registered_model_version}" if name else None
 
 
-def _reference(ctx: StageContext) -> "Reference":
+def _reference(ctx: StageContext):
     """Reference statistics cached in S3 under a content hash of (data set, split, N, resolution, weights)."""
     import ray
 

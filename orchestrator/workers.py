@@ -35,17 +35,27 @@ def _resume_file() -> str | None:
     return str(files[-1]) if files else None
 
 
-def _reporter(rank: int, tracker, run_id: str | None, attempt_tag: dict):
-    """metrics_cb / checkpoint_cb for hkd_core's loops: MLflow from rank 0, checkpoints through Ray."""
+def _reporter(rank: int, tracker, run_id: str | None, total_kimg: float, what: str):
+    """metrics_cb / checkpoint_cb for hkd_core's loops: MLflow and a progress line from rank 0, checkpoints
+    through Ray."""
+    import time
+
     import ray.train
     from ray.train import Checkpoint
+
+    t0 = time.monotonic()
 
     def metrics_cb(metrics: dict, kimg: float) -> None:
         if tracker is not None and run_id:
             tracker.log_metrics(run_id, metrics, step=int(round(kimg * 1000)))
+        if rank == 0 and "train/loss" in metrics:
+            rate = metrics.get("perf/samples_per_s", 0.0)
+            eta = (total_kimg - kimg) * 1000 / rate if rate else float("nan")
+            print(f"[{what}] {kimg:.2f}/{total_kimg:g} kimg  loss {metrics['train/loss']:.4f}  {rate:.0f} samples/s  "
+                  f"elapsed {time.monotonic() - t0:.0f} s  ETA {eta:.0f} s", flush=True)
 
     def checkpoint_cb(path: str | None, metrics: dict, kimg: float) -> None:
-        report = {"kimg": kimg, **{k.replace("/", "_"): v for k, v in metrics.items()}}
+        report = {"kimg": kimg, **metrics}      # Tune's schedulers read these (rank 0) by their metric names
         if rank == 0 and path:
             d = Path(tempfile.mkdtemp(prefix="hkd-ckpt-"))
             shutil.copy2(path, d / Path(path).name)
@@ -99,7 +109,8 @@ def distill_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)                          # (5) DDP (gloo on CPU, NCCL on GPU)
     sigmas = torch.tensor(manifest.sigmas, dtype=torch.float64)
     tracker = _tracker_for_rank0(pc, rank)
-    metrics_cb, checkpoint_cb = _reporter(rank, tracker, config.get("run_id"), {})
+    metrics_cb, checkpoint_cb = _reporter(rank, tracker, config.get("run_id"), tr.total_kimg, "distill")
+    eval_cb = make_eval_cb(pc, config["eval"], device) if rank == 0 and config.get("eval") else None
     resume = _resume_file()
     if resume and tracker is not None:
         # ckpt-<kimg>.pt: say in the run where this attempt picked up
@@ -113,12 +124,52 @@ def distill_loop(config: dict) -> None:
               lambda1_anneal_kimg=tr.lambda1_anneal_kimg, lambda2=tr.lambda2, perceptual=tr.perceptual,
               seed=tr.seed, rank=rank, world_size=world, device=device, log_every_kimg=tr.log_every_kimg,
               checkpoint_every_kimg=tr.checkpoint_every_kimg, checkpoint_dir=local, resume=resume or False,
-              metrics_cb=metrics_cb, checkpoint_cb=checkpoint_cb, progress=False, config=pc.run.to_dict())
+              metrics_cb=metrics_cb, checkpoint_cb=checkpoint_cb, eval_cb=eval_cb, progress=False,
+              config=pc.run.to_dict())
     if tracker is not None:
         if ds.skipped:
             tracker.log_metrics(config["run_id"], {"data/skipped_shards": len(ds.skipped)}, step=0)
         tracker.flush()
     shutil.rmtree(local, ignore_errors=True)
+
+
+def make_eval_cb(pc, spec: dict, device):
+    """The metric a sweep's scheduler decides on, computed on rank 0 at every checkpoint from the EMA model:
+    the error against the teacher on held-out trajectories, or FID/KID with a small N against cached
+    reference statistics. Reported under the sweep's metric name (see orchestrator/sweep.py)."""
+    from hkd_core.fid import FeatureStats, InceptionFeatures, decode_reference, fid_from_stats, kid_from_features
+    from hkd_core.generate import noise_for_seeds
+    from hkd_core.trajectories import load_all, read_manifest
+
+    from .storage import S3Store
+
+    metric = spec["metric"]
+    if metric == "eval/mse_vs_teacher":
+        store = S3Store(pc.storage, spec["holdout_prefix"])
+        states, _ = load_all(store, read_manifest(store))
+        x_T, x0 = states[:, 0].float().to(device), states[:, -1].float().to(device)
+
+        def mse(ema, kimg: float) -> dict:
+            with torch.no_grad():
+                out = torch.cat([ema.sample(x_T=x_T[i:i + 100]) for i in range(0, len(x_T), 100)])
+            return {metric: (out - x0).square().flatten(1).mean(1).mean().item()}
+        return mse
+
+    feats = InceptionFeatures(pc.run.eval.inception_weights, device=device, batch_size=pc.run.eval.batch_size)
+    ref = decode_reference(S3Store(pc.storage, "fid-refs").get(spec["reference_key"]))
+    n = int(spec["fid_n"])
+    d = pc.run.data
+    from hkd_core.data import DATASETS
+
+    x_T = noise_for_seeds(torch.arange(n) + 7_000_000, (DATASETS[d.name].channels, d.resolution, d.resolution))
+
+    def fid(ema, kimg: float) -> dict:
+        with torch.no_grad():
+            f = torch.cat([feats(ema.sample(x_T=(x_T[i:i + 100] * 80.0).to(device))) for i in range(0, n, 100)])
+        if metric == "eval/kid":
+            return {metric: kid_from_features(f, ref.features, min(pc.run.eval.kid_subset_size, n))[0]}
+        return {metric: fid_from_stats(FeatureStats.of(f), ref.stats)}
+    return fid
 
 
 def teacher_loop(config: dict) -> None:
@@ -140,8 +191,8 @@ def teacher_loop(config: dict) -> None:
     torch.manual_seed(pc.run.train.seed)
     net = ray.train.torch.prepare_model(EDMPrecond(UNet(teacher_unet_config(pc.run, images.shape[1]))))
     tracker = _tracker_for_rank0(pc, rank)
-    metrics_cb, checkpoint_cb = _reporter(rank, tracker, config.get("run_id"), {})
     t = pc.run.teacher
+    metrics_cb, checkpoint_cb = _reporter(rank, tracker, config.get("run_id"), t.total_kimg, "teacher")
     local = Path(tempfile.mkdtemp(prefix="hkd-teacher-"))
     train_teacher(net, images, total_kimg=t.total_kimg, batch_size=t.batch_size, lr=t.lr,
                   ema_halflife_kimg=t.ema_halflife_kimg, seed=pc.run.train.seed, rank=rank, world_size=world,

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from hkd_core.models import HKD, KD, KDM, PRESETS, build_model, count_parameters, model_from_record, model_record, \
+from hkd_core.models import KD, KDM, PRESETS, build_model, count_parameters, model_from_record, model_record, \
     preset
 
 # Parameter counts at the presets' own sizes (32x32); a change here is an architecture change: update the
@@ -106,3 +106,15 @@ def test_model_record_round_trip(tiny_cfg):
         assert type(m2) is type(m) and m2.variant == v
         torch.testing.assert_close(m2(x, 3.0), m.eval()(x, 3.0))
     assert dataclasses.asdict(model_from_record(model_record(build_model("one_level", tiny_cfg))).cfg)["latent_levels"] == [2]
+
+
+def test_operator_sharing_per_level(tiny_cfg):
+    import dataclasses
+
+    m = build_model("hkd", dataclasses.replace(tiny_cfg, operator=["position", "shared"]))
+    assert [k.mode for k in m.koopman] == ["position", "shared"]
+    assert m.koopman[1].alpha.shape == (2, 1, 1) and m.koopman[0].alpha.shape == (2, 8, 8)
+    with pytest.raises(ValueError, match="model.operator has 3 entries"):
+        preset("tiny", operator=["shared"] * 3)
+    with pytest.raises(ValueError, match="model.operator is"):
+        preset("tiny", operator=["shared", "dense"])

@@ -82,3 +82,18 @@ def test_generators_learn_at_their_own_rate(tiny_cfg, toy_trajectories):
     a_fast = max(k.alpha.abs().max().item() for k in fast.koopman)
     a_slow = max(k.alpha.abs().max().item() for k in slow.koopman)
     assert a_slow <= 5 * 3e-3 * 1.01 < a_fast <= 5 * 3e-3 * 10 * 1.01
+
+
+def test_eval_callback_runs_at_each_checkpoint_on_the_ema(tiny_cfg, toy_trajectories):
+    states, sigmas = toy_trajectories
+    seen, reported = [], []
+
+    def eval_cb(ema, kimg):
+        assert not ema.training and not any(p.requires_grad for p in ema.parameters())
+        seen.append(kimg)
+        return {"eval/proxy": 10 * kimg}
+
+    train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.048, eval_cb=eval_cb,
+              checkpoint_cb=lambda path, m, kimg: reported.append(m), **FAST)
+    assert seen == pytest.approx([0.016, 0.032, 0.048])
+    assert [m["eval/proxy"] for m in reported] == pytest.approx([0.16, 0.32, 0.48])

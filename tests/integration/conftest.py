@@ -40,14 +40,14 @@ def stack(*args: str, state: Path) -> str:
 
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory):
-    """Starts the stack (with a Ray head of 4 logical CPUs) and exports its client environment."""
+    """Starts the stack (with a Ray head of 6 logical CPUs: three 1-worker sweep trials at once) and exports its client environment."""
     state = tmp_path_factory.mktemp("stack")
     names = ["s3", "master", "volume", "filer", "mlflow", "ray", "dashboard", "agent", "client"]
     ports = dict(zip(names, free_ports(len(names))))
     flags = [f"--{k}-port={v}" for k, v in ports.items()]
     old = dict(os.environ)
     try:
-        stack("start", "--ray", "--num-cpus=4", *flags, state=state)
+        stack("start", "--ray", "--num-cpus=6", *flags, state=state)
         env = {}
         for line in stack("env", state=state).splitlines():
             k, v = line.removeprefix("export ").split("=", 1)
@@ -71,8 +71,6 @@ def local_stack(tmp_path_factory):
 
 @pytest.fixture
 def s3(local_stack):
-    import boto3
-
     from orchestrator.storage import StorageConfig, make_client
 
     return make_client(StorageConfig(endpoint_url=local_stack["env"]["AWS_ENDPOINT_URL"]))
@@ -81,3 +79,33 @@ def s3(local_stack):
 @pytest.fixture
 def free_port():
     return lambda: free_ports(1)[0]
+
+
+RUN_TAG = __import__("uuid").uuid4().hex[:6]
+SMOKE = ["experiment=smoke", "cluster.num_workers=2", f"storage.prefix=it-{RUN_TAG}",
+         f"tracking.experiment=it-{RUN_TAG}", f"name=smoke-{RUN_TAG}", "tracking.register_model=hkd-it"]
+
+
+@pytest.fixture(scope="session")
+def run_tag() -> str:
+    """Unique per session: the S3 prefix, MLflow experiment and names of this session's runs."""
+    return RUN_TAG
+
+
+@pytest.fixture(scope="session")
+def smoke() -> list[str]:
+    """Hydra overrides of the smoke pipeline used across the integration tests."""
+    return list(SMOKE)
+
+
+@pytest.fixture(scope="session")
+def first_pipeline(local_stack, tmp_path_factory):
+    """The smoke pipeline, run once per session; other tests build on its finished stages."""
+    import time
+
+    from orchestrator.cli import main
+
+    out = tmp_path_factory.mktemp("pipeline") / "res.json"
+    t0 = time.perf_counter()
+    assert main(["pipeline", *SMOKE, "--no-progress", "--json", str(out)]) == 0
+    return json.loads(out.read_text()), time.perf_counter() - t0

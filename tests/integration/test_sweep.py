@@ -1,0 +1,115 @@
+"""The smoke sweep on the real stack: Ray Tune + Optuna + ASHA over Ray Train trials, tracked in MLflow."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+TAG = uuid.uuid4().hex[:6]
+COMMON = [f"storage.prefix=sw-{TAG}", f"tracking.experiment=sw-{TAG}"]
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def _runs(filt: str):
+    c = _client()
+    exp = c.get_experiment_by_name(f"sw-{TAG}")
+    return c.search_runs([exp.experiment_id], filt, max_results=500) if exp else []
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(local_stack, tmp_path_factory):
+    """The smoke sweep, with its driver killed once two trials have finished, then resumed to the end."""
+    sweep_id = f"smoke-{TAG}"
+    out = tmp_path_factory.mktemp("sweep") / "summary.json"
+    args = [sys.executable, "-m", "orchestrator", "sweep", str(ROOT / "sweeps" / "smoke.yaml"), *COMMON,
+            "--no-progress"]
+    preset = ROOT / "orchestrator" / "conf" / "experiment" / f"sweep_{sweep_id.replace('-', '_')}.yaml"
+    proc = subprocess.Popen(args + ["--id", sweep_id], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        while True:
+            done = _runs(f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial' and "
+                         f"attributes.status = 'FINISHED'")
+            if len(done) >= 2:
+                break
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.monotonic() - t0 < 600, "no two trials finished within 600 s"
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)       # the driver dies mid-sweep, its trials with it
+        proc.wait()
+    before = {r.data.tags["hkd.trial_id"]: r.info.end_time for r in done}
+    try:
+        r = subprocess.run(args + ["--resume", sweep_id, "--json", str(out)], capture_output=True, text=True,
+                           timeout=1200)
+        assert r.returncode == 0, r.stderr[-4000:]
+        yield {**json.loads(out.read_text()), "finished_before_kill": before, "stdout": r.stdout}
+    finally:
+        preset.unlink(missing_ok=True)
+
+
+def test_smoke_sweep_runs_trials_and_asha_stops_some(smoke_sweep):
+    rows = smoke_sweep["rows"]
+    assert len(rows) == 6
+    stopped = [r for r in rows if r["status"].startswith("stopped early")]
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert stopped and completed and len(stopped) + len(completed) == 6
+    assert all(r["kimg"] < 0.256 for r in stopped) and all(r["kimg"] == pytest.approx(0.256) for r in completed)
+    assert smoke_sweep["best"]["metric"] == min(r["metric"] for r in completed)
+    assert "| rank | trial | status |" in smoke_sweep["stdout"]
+
+
+def test_every_trial_has_its_mlflow_child_run(smoke_sweep):
+    sweep_run = smoke_sweep["_sweep_run_id"]
+    trials = _runs(f"tags.`hkd.sweep_id` = 'smoke-{TAG}' and tags.`hkd.stage` = 'trial'")
+    assert len(trials) == 6 and len({t.data.tags["hkd.trial_id"] for t in trials}) == 6   # none duplicated
+    assert all(t.data.tags["mlflow.parentRunId"] == sweep_run for t in trials)
+    c = _client()
+    for t in trials:
+        p = t.data.params
+        dims, levels = json.loads(p["model/subspace_dims"]), int(p["model/levels"])
+        assert len(dims) == levels and all(d % 2 == 0 for d in dims)          # every sampled config is valid
+        assert len(c.get_metric_history(t.info.run_id, "eval/mse_vs_teacher")) >= 1
+    arts = {f.path for f in c.list_artifacts(sweep_run, "summary")}
+    assert {"summary/trials.md", "summary/trials.csv"} <= arts
+    assert any(a.startswith("summary/experiment_") and a.endswith(".yaml") for a in arts)
+    sweeps = _runs(f"tags.`hkd.sweep_id` = 'smoke-{TAG}' and tags.`hkd.stage` = 'sweep'")
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+
+
+def test_resume_reran_no_finished_trial_and_continued_the_study(smoke_sweep):
+    before = smoke_sweep["finished_before_kill"]
+    trials = _runs(f"tags.`hkd.sweep_id` = 'smoke-{TAG}' and tags.`hkd.stage` = 'trial'")
+    after = {t.data.tags["hkd.trial_id"]: t.info.end_time for t in trials}
+    assert len(before) >= 2 and all(after[k] == v for k, v in before.items())
+    import optuna
+
+    from orchestrator.sweep import study_url
+    from orchestrator.sweep_spec import load
+
+    study = optuna.load_study(study_name=f"smoke-{TAG}", storage=study_url(load(ROOT / "sweeps" / "smoke.yaml")))
+    assert len(study.trials) >= 6
+
+
+def test_best_config_is_a_usable_experiment_preset(smoke_sweep):
+    from orchestrator.config import load
+
+    pc = load([f"experiment={smoke_sweep['preset']}"])
+    best = smoke_sweep["best"]["params"]
+    assert pc.run.hkd_config().levels == best["model.levels"]
+    assert pc.run.hkd_config().subspace_dims == best["model.subspace_dims"]

@@ -1,0 +1,88 @@
+"""Sweep YAMLs: the schema, its errors (before anything runs), and the define-by-run space."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from orchestrator.config import compose, from_composed
+from orchestrator.sweep_spec import SweepError, check_against_config, define_by_run, load, overrides_for, parse
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = """
+name: t
+base: [experiment=smoke]
+space:
+  model.levels: {values: [1, 2, 3]}
+  model.subspace_dims: {per_level: {values: [2, 4, 8]}}
+  model.operator: {per_level: {values: [position, shared]}}
+  train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+"""
+
+
+@pytest.mark.parametrize("name", ["smoke", "scale_count", "subspace_dims"])
+def test_shipped_sweeps_are_valid(name):
+    spec = load(ROOT / "sweeps" / f"{name}.yaml")
+    check_against_config(spec, compose)
+
+
+def test_every_sampled_config_is_valid_and_dims_follow_levels():
+    spec = parse(GOOD)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    fn = define_by_run(spec, 2)
+    seen = set()
+    for _ in range(40):
+        t = study.ask()
+        p = fn(t)
+        study.tell(t, 0.0)
+        L = p["model.levels"]
+        seen.add(L)
+        assert len(p["model.subspace_dims"]) == L and all(d % 2 == 0 for d in p["model.subspace_dims"])
+        assert len(p["model.operator"]) == L
+        cfg = from_composed(compose(spec.base + overrides_for(p))).run.hkd_config()
+        assert cfg.levels == L and cfg.subspace_dims == p["model.subspace_dims"]
+    assert seen == {1, 2, 3}
+
+
+BAD = [
+    ("name: x\nbase: []\nspace: {train.lr: {uniform: [0.1, 0.2]}}\nschedulr: {}\n", "schedulr: unknown key"),
+    ("name: x\nbase: []\nspace: {}\n", "space: is empty"),
+    ("name: x\nbase: []\n", "space: missing"),
+    ("name: x\nspace: {train.lr: {uniform: [0.3, 0.1]}}\n", r"space.train.lr: uniform range \[0.3, 0.1\] is empty"),
+    ("name: x\nspace: {train.lr: {loguniform: [0, 0.1]}}\n", "loguniform needs lo > 0"),
+    ("name: x\nspace: {train.lr: {normal: [0, 1]}}\n", "space.train.lr: must be one of"),
+    ("name: x\nspace: {train.lr: {values: []}}\n", "values must be a non-empty list"),
+    ("name: x\nspace: {model.subspace_dims: {per_level: {values: [4, 5]}}}\n", "must be even integers >= 2"),
+    ("name: x\nspace: {train.lr: {per_level: {values: [1]}}}\n", "per_level applies to model.subspace_dims"),
+    ("name: x\nspace: {model.levels: {values: [1, 2]}}\n", "needs model.subspace_dims with per_level"),
+    ("name: x\nspace: {train.lr: {uniform: [0.1, 0.2]}}\nmetric: eval/acc\n", "metric: 'eval/acc' is not reported"),
+    ("name: x\nspace: {train.lr: {uniform: [0.1, 0.2]}}\nscheduler: {type: hyperband}\n", "scheduler.type"),
+    ("name: x\nspace: {train.lr: {uniform: [0.1, 0.2]}}\nscheduler: {grace: 1}\n", "scheduler.grace: unknown key"),
+    ("name: x\nspace: {train.lr: {uniform: [0.1, 0.2]}}\ntrials: 0\n", "trials: must be an integer >= 1"),
+    ("name: x y\nspace: {train.lr: {uniform: [0.1, 0.2]}}\n", "name: must be letters"),
+    ("name: x\nspace: {lr: {uniform: [0.1, 0.2]}}\n", "space.lr: keys are dotted config keys"),
+    ("name: [x\n", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("text, msg", BAD)
+def test_malformed_sweeps_name_the_key(text, msg):
+    with pytest.raises(SweepError, match=msg):
+        parse(text, "bad.yaml")
+
+
+def test_space_keys_must_exist_in_the_config():
+    spec = parse("name: x\nbase: [experiment=smoke]\nspace: {train.lrr: {uniform: [0.1, 0.2]}}\n", "bad.yaml")
+    with pytest.raises(SweepError, match="bad.yaml: space.train.lrr: is not a key of the composed base config"):
+        check_against_config(spec, compose)
+
+
+def test_hkd_sweep_refuses_a_malformed_file_before_anything_runs(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbase: [experiment=smoke]\nspace: {train.lr: {uniform: [0.3, 0.1]}}\n")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and f"{bad}: space.train.lr: uniform range [0.3, 0.1] is empty" in r.stderr
+    assert time.perf_counter() - t0 < 30
