@@ -16,17 +16,19 @@ def _hkd_commands(text: str) -> list[list[str]]:
 
 
 def _check(cmd: list[str], where: str) -> None:
-    assert cmd[1] in STAGE_CMDS + ("preflight", "--help"), f"{where}: unknown hkd command {cmd[1]!r}"
+    assert cmd[1] in STAGE_CMDS + ("preflight", "sweep", "--help"), f"{where}: unknown hkd command {cmd[1]!r}"
+    if cmd[1] == "sweep":
+        assert (ROOT / cmd[2]).is_file(), f"{where}: sweep file {cmd[2]} does not exist"
     for tok in cmd[2:]:
         if tok.startswith("-") or "=" not in tok:
             continue
         key, value = tok.split("=", 1)
-        if "." not in key:       # a config group choice: the option file must exist
+        if "." not in key and "<" not in value:   # a config group choice (not a <placeholder>): the file must exist
             assert (CONF_DIR / key / f"{value}.yaml").is_file(), f"{where}: {key}={value} is not a config option"
 
 
 @pytest.mark.parametrize("path", ["infra/kuberay/raycluster.yaml", "infra/kuberay/rayjob.yaml",
-                                  "infra/launcher/cluster.yaml", "infra/README.md", "README.md"])
+                                  "infra/launcher/cluster.yaml", "infra/README.md", "README.md", "sweeps/README.md"])
 def test_entry_points_name_real_stages_and_groups(path):
     text = (ROOT / path).read_text()
     cmds = _hkd_commands(text)
