@@ -86,6 +86,21 @@ class FeatureStats:
     def merge(self, other: "FeatureStats") -> "FeatureStats":
         return FeatureStats(self.n + other.n, self.total + other.total, self.outer + other.outer)
 
+    @classmethod
+    def merge_all(cls, parts: list["FeatureStats"]) -> "FeatureStats":
+        out = cls.empty(parts[0].total.shape[0] if parts else DIM)
+        for p in parts:
+            out = out.merge(p)
+        return out
+
+    def to_dict(self) -> dict:
+        """Plain arrays (for shipping from a worker): n, total, outer."""
+        return {"n": self.n, "total": self.total, "outer": self.outer}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureStats":
+        return cls(int(d["n"]), np.asarray(d["total"], np.float64), np.asarray(d["outer"], np.float64))
+
     def mu_sigma(self) -> dict[str, np.ndarray]:
         """Mean and unbiased covariance (as numpy.cov, which torch-fidelity uses)."""
         if self.n < 2:

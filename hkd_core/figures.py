@@ -135,3 +135,74 @@ def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_band_masking_levels(per_level: list[torch.Tensor], path: str | os.PathLike, full: torch.Tensor) -> Path:
+    """per_level[l]: (n_bands, B, C, H, W) from ``spectra.band_masking(level=l + 1)``: one row per (level, band)
+    with the other levels left whole, for the first sample of each batch, and the full sample last."""
+    rows, labels = [], []
+    for l, imgs in enumerate(per_level):
+        names = BAND_NAMES.get(imgs.shape[0], [str(i) for i in range(imgs.shape[0])])
+        for k in range(imgs.shape[0]):
+            rows.append(imgs[k])
+            labels.append(f"L{l + 1} {names[k]}")
+    rows.append(full)
+    labels.append("all bands")
+    return plot_rows(torch.stack(rows), path, labels,
+                     title="band masking per level: keep one band at one level, the other levels whole")
+
+
+def plot_band_trajectory(images: torch.Tensor, taus, path: str | os.PathLike) -> Path:
+    """images: (T, n_bands + 1, C, H, W) for one sample (``spectra.band_trajectory``): a row per band (and
+    all bands), a column per tau: how each band's contribution builds up along the trajectory."""
+    n = images.shape[1] - 1
+    labels = [f"band {b}" for b in BAND_NAMES.get(n, [str(i) for i in range(n)])] + ["all bands"]
+    return plot_rows(images.transpose(0, 1), path, labels, [f"tau={float(t):.2f}" for t in taus],
+                     title="each band alone along tau (decoded z_tau keeping one band)")
+
+
+def plot_band_energy(energy: torch.Tensor, taus, path: str | os.PathLike) -> Path:
+    """energy: (T, levels, n_bands) from ``editing.band_energy``; one panel per level, a line per band."""
+    t, levels, n = energy.shape
+    names = BAND_NAMES.get(n, [str(i) for i in range(n)])
+    fig, axes = plt.subplots(1, levels, figsize=(3.6 * levels, 3), squeeze=False)
+    for l in range(levels):
+        ax = axes[0, l]
+        for k in range(n):
+            ax.plot(list(map(float, taus)), energy[:, l, k].numpy(), marker="o", ms=3, label=f"band {names[k]}")
+        ax.set_yscale("log")
+        ax.set_xlabel("tau")
+        ax.set_title(f"level {l + 1}: mean |z|^2 per band", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_edit_grid(sweep, path: str | os.PathLike, max_samples: int = 3) -> Path:
+    """``editing.EditSweep``: per sample a row for the band edit and one for the all-bands baseline; columns
+    original, reference, then one per ratio r. The mask's border is drawn on the reference."""
+    b = min(max_samples, sweep.original.shape[0])
+    name = BAND_NAMES.get(sweep.n_bands, [str(i) for i in range(sweep.n_bands)])[sweep.band]
+    rows, labels = [], []
+    for i in range(b):
+        for what, imgs in ((f"band {name}", sweep.band_edits), ("all bands", sweep.all_edits)):
+            rows.append(torch.cat([sweep.original[i:i + 1], sweep.reference[i:i + 1], imgs[:, i]]))
+            labels.append(f"#{i} {what}")
+    cols = ["original", "reference"] + [f"r={r:g}" for r in sweep.ratios]
+    return plot_rows(torch.stack(rows), path, labels, cols,
+                     title=f"frequency-aware editing at tau_mid={sweep.tau_mid} (mask: {int(sweep.mask.sum())} px)")
+
+
+def plot_edit_tradeoff(sweep, path: str | os.PathLike) -> Path:
+    """Structure kept against detail arrived, one line per method, a point per ratio r."""
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    for k, label in (("band", f"band {sweep.band}"), ("all", "all bands")):
+        x, y = sweep.scores[k]["detail_arrived"], sweep.scores[k]["structure_kept"]
+        ax.plot(x, y, marker="o", label=label)
+        for r, xi, yi in zip(sweep.ratios, x, y):
+            ax.annotate(f"{r:g}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("reference detail arrived (in the mask)")
+    ax.set_ylabel("original structure kept (coarse)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -18,11 +18,13 @@ from .config import RunConfig, stage_hashes, validate
 from .data import load_images
 from .edm import EDMPrecond, UNet, UNetConfig
 from .fid import InceptionFeatures, evaluate_generator, reference_stats
-from .figures import plot_alpha_maps, plot_band_masking, plot_spectrum, plot_trajectory_strip, save_image_grid
+from .editing import band_energy
+from .figures import (plot_alpha_maps, plot_band_energy, plot_band_masking, plot_band_masking_levels,
+                      plot_band_trajectory, plot_spectrum, plot_trajectory_strip, save_image_grid)
 from .generate import generate_trajectories, noise_for_seeds
 from .models import HKD, OneStepModel, build_model, count_parameters, model_from_record, model_record
 from .sampler import sample_nfe
-from .spectra import band_masking, summarize
+from .spectra import band_masking, band_trajectory, summarize
 from .teachers import EDMTeacher, EmpiricalTeacher, Teacher
 from .train import train_hkd, train_teacher
 from .trajectories import LocalStore, Manifest, load_all, read_manifest
@@ -180,7 +182,9 @@ def evaluate(cfg: RunConfig, model: OneStepModel, teacher: Teacher | None, progr
 
 @torch.no_grad()
 def write_figures(model: OneStepModel, folder: Path, n: int = 8, seed: int = 7) -> list[Path]:
-    """Samples; for Koopman models also the spectrum, decay-rate maps, band masking and a trajectory strip."""
+    """Samples; for Koopman models also the spectrum (complex plane, alpha and beta histograms), decay-rate
+    maps, band masking (all levels, and per level), a trajectory strip, each band along tau (images), and
+    the energy of each band along tau (curves)."""
     g = torch.Generator().manual_seed(seed)
     x_T = model.noise(n, g)
     paths = [save_image_grid(model.sample(x_T=x_T), folder / "samples.png")]
@@ -190,11 +194,17 @@ def write_figures(model: OneStepModel, folder: Path, n: int = 8, seed: int = 7) 
     if isinstance(model, HKD):
         paths.append(plot_alpha_maps(spec, folder / "alpha_maps.png"))
         k = min(3, min(ev.shape[0] for ev in spec))
-        paths.append(plot_band_masking(band_masking(model, x_T[:6], k), folder / "band_masking.png",
-                                       full=model.sample(x_T=x_T[:6])))
+        full = model.sample(x_T=x_T[:6])
+        paths.append(plot_band_masking(band_masking(model, x_T[:6], k), folder / "band_masking.png", full=full))
+        per_level = [band_masking(model, x_T[:6], k, level=l + 1) for l in range(len(spec))]
+        paths.append(plot_band_masking_levels(per_level, folder / "band_masking_levels.png", full))
         taus = torch.linspace(0, 1, 6)
         paths.append(plot_trajectory_strip(model.trajectory(x_T[:4], taus)["previews"], taus.tolist(),
                                            folder / "trajectory.png"))
+        bt = band_trajectory(model, x_T[:1], taus.tolist(), k)[:, :, 0]
+        paths.append(plot_band_trajectory(bt, taus.tolist(), folder / "band_trajectory.png"))
+        fine = torch.linspace(0, 1, 11).tolist()
+        paths.append(plot_band_energy(band_energy(model, x_T, fine, k), fine, folder / "band_energy.png"))
     return paths
 
 

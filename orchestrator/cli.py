@@ -7,6 +7,8 @@
     hkd teacher | trajectories | distill | evaluate # one stage (and the unfinished ones before it)
     hkd sweep sweeps/scale_count.yaml               # Ray Tune + Optuna + ASHA, one MLflow child run per trial
     hkd sweep sweeps/scale_count.yaml --resume scale_count-20261130-101500
+    hkd study experiment=study_fmnist              # HKD, ablations, KD, KDM, teacher NFE 1/2/4/full: one table
+    hkd edit --band high --mask lower --ratios 0,0.5,1   # frequency-aware editing of the config's model
 
 Overrides are Hydra's (``group=option``, ``key=value``); the composed config is validated before Ray
 starts. Endpoints come from the environment (the local stack's ``env`` command sets them); without it,
@@ -26,6 +28,7 @@ from hkd_core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CMDS = ("teacher", "trajectories", "distill", "evaluate", "pipeline")
+COMMANDS = ("preflight", "sweep", "study", "edit") + STAGE_CMDS
 
 
 def adopt_local_stack() -> None:
@@ -58,7 +61,7 @@ def plan(pc, upto: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("preflight", "sweep") + STAGE_CMDS)
+    p.add_argument("command", choices=COMMANDS)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.levels=2 experiment=smoke "
                                                 "(for sweep: the sweep YAML first)")
     p.add_argument("--resume", metavar="SWEEP_ID", help="sweep: continue this sweep after its driver was stopped")
@@ -66,6 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan; run nothing")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="write the results (or preflight report) to this file")
+    g = p.add_argument_group("study")
+    g.add_argument("--variants", help="study: comma-separated subset of hkd,no_koopman,no_tcons,one_level,kd,kdm")
+    g.add_argument("--teacher-nfe", help="study: teacher NFEs to score (default 1,2,4 and the trajectories' full NFE)")
+    g = p.add_argument_group("edit")
+    g.add_argument("--model", help="edit: s3://bucket/key, a local model.pt or models:/name/version "
+                                   "(default: the distilled model of the given config)")
+    g.add_argument("--band", default="high", help="edit: band to blend, by name (low/mid/high) or index (default high)")
+    g.add_argument("--bands", type=int, default=3, help="edit: number of bands the modes are split into (default 3)")
+    g.add_argument("--tau-mid", type=float, default=0.5, help="edit: where on the trajectory to blend (default 0.5)")
+    g.add_argument("--mask", default="lower", help="edit: lower|upper|left|right|center|all (default lower)")
+    g.add_argument("--ratios", default="0,0.25,0.5,0.75,1", help="edit: blend ratios r (default 0,0.25,0.5,0.75,1)")
+    g.add_argument("--samples", type=int, default=4, help="edit: images to edit (default 4)")
+    g.add_argument("--seed", type=int, default=0, help="edit: noise seed of the images and references")
+    g.add_argument("--out", help="study/edit: local folder for the tables and figures (default runs/...)")
     args = p.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "urllib3", "filelock"):
@@ -76,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "sweep":
         return sweep_main(args)
+    if args.command == "study":
+        return study_main(args)
+    if args.command == "edit":
+        return edit_main(args)
     try:
         cfg_dict = compose(args.overrides)
         pc = from_composed(cfg_dict)
@@ -158,6 +179,70 @@ def sweep_main(args) -> int:
     print(f"sweep id: {summary['sweep_id']} (resume with --resume {summary['sweep_id']})")
     if ui.startswith("http"):
         print(f"MLflow UI: {ui}/#/experiments/{summary['_experiment_id']}/runs/{summary['_sweep_run_id']}")
+    return 0
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: give comma-separated numbers, e.g. 0,0.5,1") from None
+
+
+def study_main(args) -> int:
+    from .study import parse_variants, run_study, variant_configs
+
+    try:
+        variants = parse_variants(args.variants)
+        nfe = [int(x) for x in _floats(args.teacher_nfe, "--teacher-nfe")] if args.teacher_nfe else None
+        study, cfgs = variant_configs(args.overrides, variants, nfe)
+    except (ConfigError, ValueError) as e:
+        print(f"hkd: study error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps({"study": study, "variants": {v: {"config": pc.to_dict(), "plan": plan(pc, "evaluate")}
+                                                       for v, (pc, _) in cfgs.items()}}, indent=1, default=str))
+        return 0
+    res = run_study(args.overrides, variants, nfe, progress=not args.no_progress, out=args.out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    print(res["markdown"])
+    print(f"table and figure: {res['folder']}/study.md, study_fid.png")
+    ui = res["_tracking_uri"]
+    if ui.startswith("http"):
+        print(f"MLflow UI: {ui}/#/experiments/{res['_experiment_id']}/runs/{res['_study_run_id']}  "
+              f"(compare: filter tags.hkd.study = '{res['study']}')")
+    return 0
+
+
+def edit_main(args) -> int:
+    from .config import compose, from_composed
+    from .editing import EditArgs, run_edit
+
+    try:
+        pc = from_composed(compose(args.overrides))
+        ea = EditArgs(band=args.band, tau_mid=args.tau_mid, mask=args.mask,
+                      ratios=tuple(_floats(args.ratios, "--ratios")), samples=args.samples, seed=args.seed,
+                      n_bands=args.bands).validate()
+    except (ConfigError, ValueError) as e:
+        print(f"hkd: edit error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps({"edit": ea.__dict__, "model": args.model or plan(pc, "distill")["distill"]["output"] +
+                          "model.pt"}, indent=1, default=str))
+        return 0
+    try:
+        res = run_edit(pc, ea, args.model, args.out)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"hkd: edit error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    print(res["markdown"])
+    print(f"figures: {res['folder']}/edit_grid.png, edit_tradeoff.png")
+    ui = res.get("_tracking_uri", "")
+    if ui.startswith("http"):
+        print(f"MLflow UI: {ui}/#/experiments/{res['_experiment_id']}/runs/{res['_run_id']}")
     return 0
 
 

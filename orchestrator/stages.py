@@ -252,29 +252,66 @@ def log_model(ctx: StageContext, run_id: str, model) -> str | None:
     return f"{name}/{info.registered_model_version}" if name else None
 
 
-def _reference(ctx: StageContext):
-    """Reference statistics cached in S3 under a content hash of (data set, split, N, resolution, weights)."""
-    import ray
-
-    from hkd_core.fid import decode_reference, reference_cache_name, reference_key
+def reference(pc: PipelineConfig) -> tuple:
+    """Reference statistics of the evaluation split, cached in S3 under a content hash of (data set, split,
+    N, resolution, Inception weights sha256): computed across Ray tasks once, then read. Returns
+    (Reference, computed now?)."""
+    from hkd_core.fid import Reference, decode_reference, encode_reference, reference_cache_name, reference_key
     from hkd_core.inception import weights_digest, weights_path
 
-    pc = ctx.pc
     e, d = pc.run.eval, pc.run.data
     key = reference_key(d.name, e.split, e.n, d.resolution, weights_digest(weights_path(e.inception_weights)))
     store = S3Store(pc.storage, "fid-refs")
     name = reference_cache_name(key)
     if store.exists(name):
-        return decode_reference(store.get(name))
-    task = ray.remote(workers.reference_task).options(num_cpus=_threads(pc),
-                                                      runtime_env={"env_vars": workers.env_for_workers()})
-    data = ray.get(task.remote(ctx.cfg_dict, _threads(pc)))
-    store.put(name, data)
-    return decode_reference(data)
+        ref = decode_reference(store.get(name))
+        if ref.key == key:
+            return ref, False
+    images, _ = load_images(d.name, e.split, resolution=d.resolution, limit=e.n, root=d.root, seed=12345)
+    if images.shape[0] < e.n:
+        raise ValueError(f"eval.n={e.n}: {d.name}/{e.split} has only {images.shape[0]} images")
+    log.info("reference statistics for %s/%s N=%d across Ray tasks (once; cached at %s)", d.name, e.split, e.n,
+             store.uri(name))
+    stats, feats = image_features(pc, images)
+    ref = Reference(key, stats, feats)
+    store.put(name, encode_reference(ref))
+    return ref, True
 
 
-def _features(ctx: StageContext, what: dict, model_key=None, teacher_key=None, images_ref=None) -> np.ndarray:
-    """Samples and their Inception features computed across Ray tasks, one chunk of seeds each."""
+def _reference(ctx: StageContext):
+    return reference(ctx.pc)[0]
+
+
+def _feature_tasks(pc: PipelineConfig):
+    import ray
+
+    return ray.remote(num_cpus=_threads(pc), num_gpus=pc.cluster.gpus_per_worker if pc.cluster.use_gpu else 0,
+                      max_retries=2, runtime_env={"env_vars": workers.env_for_workers()})
+
+
+def merge_features(results: list[dict]):
+    """Per-task float64 statistics merged exactly, and the features concatenated in task order (for KID)."""
+    from hkd_core.fid import FeatureStats
+
+    stats = FeatureStats.merge_all([FeatureStats.from_dict(r) for r in results])
+    return stats, torch.from_numpy(np.concatenate([r["features"] for r in results]))
+
+
+def image_features(pc: PipelineConfig, images: torch.Tensor, tasks: int | None = None):
+    """(FeatureStats, features) of given images, split into contiguous chunks over ``tasks`` Ray tasks
+    (default cluster.generation_tasks)."""
+    import ray
+
+    k = max(1, min(tasks or pc.cluster.generation_tasks, images.shape[0]))
+    bounds = np.linspace(0, images.shape[0], k + 1).round().astype(int)
+    fn = _feature_tasks(pc)(workers.image_features_task)
+    cfg = pc.to_dict()
+    refs = [fn.remote(cfg, images[a:b].clone(), _threads(pc)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return merge_features(ray.get(refs))
+
+
+def _features(ctx: StageContext, what: dict, model_key=None, teacher_key=None, images_ref=None):
+    """Samples and their Inception statistics computed across Ray tasks, one chunk of seeds each, merged."""
     import ray
 
     pc = ctx.pc
@@ -282,18 +319,16 @@ def _features(ctx: StageContext, what: dict, model_key=None, teacher_key=None, i
     seeds = list(range(e.seed * 1_000_000, e.seed * 1_000_000 + e.n))
     k = pc.cluster.generation_tasks
     chunks = [seeds[i::k] for i in range(k) if seeds[i::k]]
-    task = ray.remote(workers.features_task).options(
-        num_cpus=_threads(pc), num_gpus=pc.cluster.gpus_per_worker if pc.cluster.use_gpu else 0,
-        runtime_env={"env_vars": workers.env_for_workers()}, max_retries=2)
-    refs = [task.remote(ctx.cfg_dict, what, c, images_ref, teacher_key, model_key, _threads(pc)) for c in chunks]
-    return np.concatenate(ray.get(refs))
+    fn = _feature_tasks(pc)(workers.features_task)
+    refs = [fn.remote(ctx.cfg_dict, what, c, images_ref, teacher_key, model_key, _threads(pc)) for c in chunks]
+    return merge_features(ray.get(refs))
 
 
 def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     """FID/KID of the model (NFE 1) and the teacher (eval.teacher_nfe), spectra and figures, into MLflow."""
     import ray
 
-    from hkd_core.fid import FeatureStats, fid_from_stats, kid_from_features
+    from hkd_core.fid import fid_from_stats, kid_from_features
     from hkd_core.models import model_from_record
 
     pc = ctx.pc
@@ -303,9 +338,8 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     ref = _reference(ctx)
     ksize = min(e.kid_subset_size, e.n)
 
-    def score(feats: np.ndarray) -> dict:
-        f = torch.from_numpy(feats)
-        stats = FeatureStats.of(f)          # float64 sums: the same whether merged per worker or not
+    def score(merged) -> dict:
+        stats, f = merged                    # float64 sums merged over the tasks; features for KID
         kid, kid_std = kid_from_features(f, ref.features, ksize)
         return {"fid": fid_from_stats(stats, ref.stats), "kid": kid, "kid_std": kid_std}
 

@@ -23,7 +23,7 @@ import torch
 
 from .config import compose, from_composed
 from .pipeline import context, init_ray, run_stages
-from .stages import StageContext, _reference
+from .stages import StageContext, reference
 from .storage import S3Store, ray_storage
 from .sweep_spec import SweepError, SweepSpec, check_against_config, define_by_run, overrides_for
 from .tracking import Tracker
@@ -152,17 +152,12 @@ def final_metrics(pc, model, ctx: dict) -> dict:
 
 def _reference_name(ctx: StageContext, n: int) -> str:
     """Ensure reference statistics for N images are cached in S3; return their object name."""
-    from hkd_core.fid import reference_cache_name, reference_key
-    from hkd_core.inception import weights_digest, weights_path
+    from hkd_core.fid import reference_cache_name
 
     pc = dataclasses.replace(ctx.pc, run=dataclasses.replace(ctx.pc.run, eval=dataclasses.replace(ctx.pc.run.eval,
                                                                                                    n=n)))
-    sub = StageContext(pc, {**ctx.cfg_dict, "eval": {**ctx.cfg_dict["eval"], "n": n}}, ctx.tracker,
-                       ctx.parent_run_id, ctx.lineage, ctx.progress)
-    _reference(sub)
-    e, d = pc.run.eval, pc.run.data
-    return reference_cache_name(reference_key(d.name, e.split, n, d.resolution,
-                                              weights_digest(weights_path(e.inception_weights))))
+    ref, _ = reference(pc)
+    return reference_cache_name(ref.key)
 
 
 def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = None, progress: bool = True,

@@ -56,6 +56,11 @@ def _reporter(rank: int, tracker, run_id: str | None, total_kimg: float, what: s
 
     def checkpoint_cb(path: str | None, metrics: dict, kimg: float) -> None:
         report = {"kimg": kimg, **metrics}      # Tune's schedulers read these (rank 0) by their metric names
+        if kimg >= total_kimg - 1e-9:
+            # the end of training: ASHA has a rung at the budget when budget / grace is a power of the
+            # reduction factor; without its time attribute this report cannot stop the trial before the
+            # trial evaluates itself and sends its final report (orchestrator/sweep.py)
+            report.pop("kimg")
         if rank == 0 and path:
             d = Path(tempfile.mkdtemp(prefix="hkd-ckpt-"))
             shutil.copy2(path, d / Path(path).name)
@@ -250,7 +255,7 @@ def generate_shard_task(cfg: dict, images, teacher_key: str | None, prefix: str,
 def features_task(cfg: dict, what: dict, seeds: list[int], images=None, teacher_key: str | None = None,
                   model_key: str | None = None, threads: int = 1):
     """Inception features of samples drawn from the given noise seeds: the model at NFE 1, or the teacher at
-    ``what['nfe']``. Returns float32 features (n, 2048); statistics are merged by the driver in float64."""
+    ``what['nfe']``. Returns the statistics of its chunk in float64 and the features (``stats_result``)."""
     from hkd_core.data import DATASETS
     from hkd_core.fid import InceptionFeatures
     from hkd_core.generate import noise_for_seeds
@@ -278,21 +283,26 @@ def features_task(cfg: dict, what: dict, seeds: list[int], images=None, teacher_
             for i in range(0, len(seeds), pc.run.eval.batch_size):
                 x = sample_nfe(teacher.denoise, x_T[i:i + pc.run.eval.batch_size], what["nfe"]).x0.clamp(-1, 1)
                 out.append(feats(x))
-    return torch.cat(out).numpy()
+    return stats_result(torch.cat(out))
 
 
-def reference_task(cfg: dict, threads: int = 1) -> bytes:
-    """Reference statistics of the evaluation split (computed once, then cached in S3 by the driver)."""
-    from hkd_core.fid import InceptionFeatures, encode_reference, reference_stats
+def stats_result(feats: torch.Tensor) -> dict:
+    """What a feature task returns: float64 sums (merged exactly by the driver) and the float32 features
+    (KID needs them)."""
+    from hkd_core.fid import FeatureStats
+
+    return {**FeatureStats.of(feats).to_dict(), "features": feats.numpy()}
+
+
+def image_features_task(cfg: dict, images: torch.Tensor, threads: int = 1) -> dict:
+    """Inception statistics and features of given images (a chunk of the reference set, or any images)."""
+    from hkd_core.fid import InceptionFeatures
 
     torch.set_num_threads(threads)
     pc = _pipeline(cfg)
-    e, d = pc.run.eval, pc.run.data
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    feats = InceptionFeatures(e.inception_weights, device=dev, batch_size=e.batch_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        ref = reference_stats(d.name, e.split, e.n, feats, d.resolution, root=d.root, cache=tmp, progress=False)
-    return encode_reference(ref)
+    feats = InceptionFeatures(pc.run.eval.inception_weights, device=dev, batch_size=pc.run.eval.batch_size)
+    return stats_result(feats(images))
 
 
 def env_for_workers() -> dict:

@@ -44,3 +44,53 @@ def toy_trajectories(toy_images):
     x_T = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 80
     tr = sample_heun(teacher.denoise, x_T, sigmas)
     return tr.states.transpose(0, 1).contiguous(), sigmas
+
+
+def _real_weights():
+    import os
+    from pathlib import Path
+
+    if os.environ.get("HKD_INCEPTION_WEIGHTS"):
+        return Path(os.environ["HKD_INCEPTION_WEIGHTS"])
+    real = Path(os.environ.get("HKD_CACHE", Path.home() / ".cache" / "hkd")).expanduser()
+    return real / "inception" / "weights-inception-2015-12-05-6726825d.pth"
+
+
+@pytest.fixture(scope="session")
+def fid_images():
+    """Two small, different sets of Fashion-MNIST images at 32x32 (32 train, 28 test)."""
+    from hkd_core.data import load_images
+
+    a, _ = load_images("fashion_mnist", "train", resolution=32, limit=32, seed=1)
+    b, _ = load_images("fashion_mnist", "test", resolution=32, limit=28, seed=2)
+    return a, b
+
+
+@pytest.fixture(scope="session")
+def torch_fidelity_direct(fid_images):
+    """torch-fidelity's own FID and KID (subsets of 16) of ``fid_images``, computed once per session; the
+    project's single-process and distributed FIDs are both checked against it."""
+    import torch_fidelity
+
+    from hkd_core.fid import InceptionFeatures
+
+    weights = _real_weights()
+    if not weights.is_file():
+        pytest.fail(f"FID Inception weights missing at {weights}: run `python -m hkd_core weights` (set-up does)")
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, x):
+            self.x = InceptionFeatures.as_uint8_rgb(x)
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    a, b = fid_images
+    m = torch_fidelity.calculate_metrics(input1=Images(a), input2=Images(b), fid=True, kid=True, kid_subset_size=16,
+                                         cuda=False, verbose=False, save_cpu_ram=True,
+                                         feature_extractor_weights_path=str(weights))
+    return {"weights": weights, "fid": m["frechet_inception_distance"], "kid": m["kernel_inception_distance_mean"],
+            "kid_std": m["kernel_inception_distance_std"]}

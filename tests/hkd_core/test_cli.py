@@ -36,7 +36,8 @@ def test_run_end_to_end_then_skip_finished_stages(capsys, tmp_path):
     assert ev["eval/n"] == 24 and ev["eval/fid"] > 0 and "eval/teacher_fid_nfe1" in ev
     assert "eval/mse_vs_teacher" in ev and "spectra/l1/alpha_mean" in ev
     names = {p.split("/")[-1] for p in res["figures"]}
-    assert names == {"samples.png", "spectrum.png", "alpha_maps.png", "band_masking.png", "trajectory.png"}
+    assert names == {"samples.png", "spectrum.png", "alpha_maps.png", "band_masking.png", "trajectory.png",
+                     "band_masking_levels.png", "band_trajectory.png", "band_energy.png"}
     model = next(tmp_path.glob("distill-*/model.pt"))
     shard = next(tmp_path.glob("trajectories-*/train/shard-000000.npz"))
     stamps = model.stat().st_mtime_ns, shard.stat().st_mtime_ns

@@ -40,7 +40,7 @@ def _keys(s3, prefix: str) -> list[str]:
         token = page["NextContinuationToken"]
 
 
-def test_pipeline_end_to_end(first_pipeline, s3, run_tag):
+def test_pipeline_end_to_end(first_pipeline, s3, run_tag, smoke):
     res, _ = first_pipeline
     parent = res["_parent_run_id"]
     runs = {r.data.tags["hkd.stage"]: r for r in _runs(f"it-{run_tag}") if r.data.tags.get("mlflow.parentRunId") == parent}
@@ -60,10 +60,32 @@ def test_pipeline_end_to_end(first_pipeline, s3, run_tag):
 
     ev = runs["evaluate"].data.metrics
     assert ev["eval/n"] == 32 and ev["eval/fid"] > 0 and "eval/kid" in ev and "eval/teacher_fid_nfe11" in ev
-    assert {"spectra/l1/alpha_mean", "spectra/l2/frac_growing"} <= set(ev)
-    arts = {f.path for d in ("figures", "spectra", "config") for f in c.list_artifacts(runs["evaluate"].info.run_id, d)}
-    assert {"figures/samples.png", "figures/band_masking.png", "figures/trajectory.png", "spectra/spectrum.png",
+    from hkd_core.models import build_model
+    from orchestrator.config import load
+
+    pc = load(smoke)
+    levels = len(build_model(pc.run.model.variant, pc.run.hkd_config()).spectrum())
+    assert levels >= 2
+    stats = ("alpha_mean", "alpha_min", "alpha_max", "alpha_std", "abs_beta_mean", "frac_growing", "num_modes")
+    expected = {f"spectra/l{l}/{s}" for l in range(1, levels + 1) for s in stats}
+    assert expected <= set(ev), sorted(expected - set(ev))                # every spectrum scalar, every level
+    assert not any(k.startswith(f"spectra/l{levels + 1}/") for k in ev)
+    ev_id = runs["evaluate"].info.run_id
+    arts = {f.path for d in ("figures", "spectra", "config") for f in c.list_artifacts(ev_id, d)}
+    assert {"figures/samples.png", "figures/band_masking.png", "figures/band_masking_levels.png",
+            "figures/trajectory.png", "figures/band_trajectory.png", "figures/band_energy.png", "spectra/spectrum.png",
             "spectra/alpha_maps.png", "spectra/eigenvalues.npz", "config/resolved.json"} <= arts
+    import mlflow
+    import numpy as np
+
+    local = mlflow.artifacts.download_artifacts(run_id=ev_id, artifact_path="spectra/eigenvalues.npz",
+                                                tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    with np.load(local) as z:                                              # the raw eigenvalues, per level
+        assert sorted(z.files) == [f"level{l}" for l in range(1, levels + 1)]
+        for l in range(1, levels + 1):
+            e = z[f"level{l}"]
+            assert np.iscomplexobj(e) and e.size == ev[f"spectra/l{l}/num_modes"]
+            assert float(np.real(e).mean()) == pytest.approx(ev[f"spectra/l{l}/alpha_mean"], rel=1e-5, abs=1e-7)
 
     keys = _keys(s3, f"it-{run_tag}/")
     names = [k.split("/", 1)[1] for k in keys]
@@ -154,3 +176,26 @@ def test_edm_teacher_trains_on_ray_and_feeds_the_trajectory_tasks(local_stack, s
     prefix = res["trajectories"]["train"]["uri"].split("s3://hkd/", 1)[1]
     m = read_manifest(S3Store(StorageConfig(prefix=""), prefix))
     assert m.teacher == {"kind": "edm", "uri": teacher["checkpoint_uri"]} and m.num_trajectories == 64
+
+
+def test_edit_logs_the_grid_and_scores_beside_the_pipeline_run(first_pipeline, smoke, run_tag, tmp_path):
+    """`hkd edit` on the smoke pipeline's model: r = 0 is the original for both methods; figures and the
+    numbers land in an MLflow run nested under the pipeline's run."""
+    res, _ = first_pipeline
+    out = tmp_path / "edit.json"
+    assert main(["edit", *smoke, "--mask", "lower", "--band", "high", "--bands", "2", "--ratios", "0,0.5,1",
+                 "--samples", "3", "--out", str(tmp_path / "figs"), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    rows = {row["r"]: row for row in r["rows"]}
+    assert rows[0.0]["band_structure_kept"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[0.0]["all_detail_arrived"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[1.0]["all_structure_kept"] < 1.0 - 1e-4          # the baseline moved the coarse image
+    run = _client().get_run(r["_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == res["_parent_run_id"] and run.data.tags["hkd.stage"] == "edit"
+    assert run.data.tags["hkd.model_uri"] == res["distill"]["model_uri"]
+    arts = {f.path for f in _client().list_artifacts(r["_run_id"], "edit")}
+    assert {"edit/edit_grid.png", "edit/edit_tradeoff.png", "edit/edit_scores.md", "edit/edit_scores.json"} <= arts
+    hist = _client().get_metric_history(r["_run_id"], "edit/all_structure_kept")
+    assert sorted(m.step for m in hist) == [0, 50, 100]
+    # a config whose model was never distilled: a clear error naming where it looked
+    assert main(["edit", *smoke, "train.total_kimg=0.5"]) == 2

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import STAGE_CMDS
+from orchestrator.cli import COMMANDS
 from orchestrator.config import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,7 +16,7 @@ def _hkd_commands(text: str) -> list[list[str]]:
 
 
 def _check(cmd: list[str], where: str) -> None:
-    assert cmd[1] in STAGE_CMDS + ("preflight", "sweep", "--help"), f"{where}: unknown hkd command {cmd[1]!r}"
+    assert cmd[1] in COMMANDS + ("--help",), f"{where}: unknown hkd command {cmd[1]!r}"
     if cmd[1] == "sweep":
         assert (ROOT / cmd[2]).is_file(), f"{where}: sweep file {cmd[2]} does not exist"
     for tok in cmd[2:]:

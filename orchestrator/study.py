@@ -1,0 +1,166 @@
+"""``hkd study``: the quality study on Ray. Full HKD, its ablations, KD and the KDM-style model, trained and
+evaluated on the same teacher trajectories with the same budget (images seen), and the teacher at NFE 1, 2,
+4 and full; a markdown table, a bar chart, and an MLflow study run whose variants' pipeline runs carry the
+tag ``hkd.study`` (the MLflow UI's compare view then shows them side by side).
+
+Each variant is a pipeline with the base config plus its overrides. The teacher and trajectory stages do
+not depend on the model or the training, so their content hashes are equal: they run once and every later
+variant skips them. A rerun of the study skips every finished stage, so a stopped study resumes.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+from .config import PipelineConfig, compose, from_composed
+
+log = logging.getLogger(__name__)
+
+# name -> (label, extra overrides)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "hkd": ("HKD (full)", []),
+    "no_koopman": ("HKD w/o Koopman evolution (A = 0)", ["model.variant=no_koopman"]),
+    "no_tcons": ("HKD w/o trajectory consistency (s = 1)", ["train.states_per_traj=1"]),
+    "one_level": ("HKD w/o hierarchy (one level)", ["model.variant=one_level"]),
+    "kd": ("KD (U-Net x_T -> x_0)", ["model.variant=kd", "train.states_per_traj=1"]),
+    "kdm": ("KDM-style (one global operator)", ["model.variant=kdm"]),
+}
+
+
+def parse_variants(text: str | None) -> list[str]:
+    names = [v.strip() for v in (text or ",".join(VARIANTS)).split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or not names:
+        raise ValueError(f"--variants {text!r}: unknown {bad or 'empty list'}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def variant_configs(overrides: list[str], variants: list[str], teacher_nfe: list[int] | None = None
+                    ) -> tuple[str, dict[str, tuple[PipelineConfig, dict]]]:
+    """Every variant's composed and validated config (before anything runs), and the study's id."""
+    base = from_composed(compose(overrides))
+    full = base.run.trajectories.nfe_full() if hasattr(base.run.trajectories, "nfe_full") else \
+        (2 * base.run.trajectories.steps - 1 if base.run.trajectories.sampler == "heun" else base.run.trajectories.steps)
+    nfe = sorted(set(teacher_nfe if teacher_nfe is not None else [1, 2, 4, full]))
+    ident = hashlib.sha256(json.dumps({"o": overrides, "v": variants, "t": nfe}).encode()).hexdigest()[:8]
+    study = f"{base.name}-study-{ident}"
+    out = {}
+    for i, v in enumerate(variants):
+        # the first variant also scores the teacher; the others need not repeat it
+        extra = VARIANTS[v][1] + [f"name={base.name}-{v}",
+                                  "eval.teacher_nfe=[" + (",".join(map(str, nfe)) if i == 0 else "") + "]"]
+        d = compose(overrides + extra)
+        pc = from_composed(d)
+        pc = dataclasses.replace(pc, tracking=dataclasses.replace(pc.tracking, tags={**pc.tracking.tags,
+                                                                                     "hkd.study": study}))
+        out[v] = (pc, d)
+    hashes = {v: pc.stages() for v, (pc, _) in out.items()}
+    first = next(iter(hashes.values()))
+    for v, h in hashes.items():
+        if (h["teacher"], h["trajectories"]) != (first["teacher"], first["trajectories"]):
+            raise ValueError(f"variant {v} would not share the teacher trajectories; its overrides change them")
+    return study, out
+
+
+def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] | None = None,
+              progress: bool = True, out: str | Path | None = None) -> dict:
+    from .pipeline import run_stages
+    from .tracking import Tracker
+
+    study, cfgs = variant_configs(overrides, variants, teacher_nfe)
+    t0 = time.perf_counter()
+    results: dict = {"study": study, "variants": {}, "teacher": {}}
+    for v, (pc, d) in cfgs.items():
+        log.info("study %s: variant %s (%s)", study, v, VARIANTS[v][0])
+        res = run_stages(pc, d, "evaluate", progress)
+        m = res["evaluate"]["metrics"]
+        results["variants"][v] = {
+            "label": VARIANTS[v][0], "fid": m["eval/fid"], "kid": m["eval/kid"], "n": int(m["eval/n"]),
+            "kimg": res["distill"]["kimg"], "train_s": res["distill"].get("train_s"),
+            "params": res["distill"].get("params"), "pipeline_run_id": res["_parent_run_id"],
+            "skipped": res.get("_skipped", [])}
+        for k, val in m.items():
+            if k.startswith("eval/teacher_fid_nfe"):
+                nfe = int(k.removeprefix("eval/teacher_fid_nfe"))
+                results["teacher"][nfe] = {"fid": val, "kid": m.get(f"eval/teacher_kid_nfe{nfe}"), "n": int(m["eval/n"])}
+        results["_tracking_uri"], results["_experiment_id"] = res["_tracking_uri"], res["_experiment_id"]
+    results["wall_s"] = time.perf_counter() - t0
+    first = next(iter(cfgs.values()))[0]
+    md = to_markdown(results, first)
+    results["markdown"] = md
+    folder = Path(out or Path("runs") / study)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = write_outputs(results, folder)
+    tracker = Tracker(first.tracking)
+    run_id = tracker.open_run(f"{study}/study", study, None, {"hkd.stage": "study", "hkd.study": study})
+    tracker.log_params(run_id, {"study": {"variants": variants, "overrides": overrides,
+                                          "teacher_nfe": sorted(results["teacher"])}})
+    metrics = {f"study/{v}/fid": r["fid"] for v, r in results["variants"].items()}
+    metrics.update({f"study/{v}/kid": r["kid"] for v, r in results["variants"].items()})
+    metrics.update({f"study/teacher_nfe{k}/fid": r["fid"] for k, r in results["teacher"].items()})
+    metrics["perf/study_wall_s"] = results["wall_s"]
+    tracker.log_metrics(run_id, metrics, 0)
+    for p in paths:
+        tracker.log_artifact(run_id, p, "study")
+    tracker.end(run_id)
+    results.update({"_study_run_id": run_id, "folder": str(folder)})
+    return results
+
+
+def to_markdown(r: dict, pc: PipelineConfig) -> str:
+    t = pc.run.train
+    n = next(iter(r["variants"].values()))["n"] if r["variants"] else 0
+    lines = [f"Quality study `{r['study']}`: {pc.run.data.name} {pc.run.data.resolution}x{pc.run.data.resolution}, "
+             f"{pc.run.teacher.kind} teacher, {pc.run.trajectories.num} trajectories, every model trained for "
+             f"{t.total_kimg:g} kimg (batch {t.batch_size}); FID/KID with N = {n} (standard Inception).", "",
+             "| model | NFE | FID | KID | kimg | train s | params |", "|---|---|---|---|---|---|---|"]
+    for v in r["variants"].values():
+        lines.append(f"| {v['label']} | 1 | {v['fid']:.2f} | {v['kid']:.4f} | {v['kimg']:.2f} | "
+                     f"{(v['train_s'] or 0):.0f} | {v['params'] or 0:,} |")
+    for nfe, tr in sorted(r["teacher"].items()):
+        kid = f"{tr['kid']:.4f}" if tr.get("kid") is not None else "-"
+        lines.append(f"| teacher ({pc.run.teacher.kind}, Heun) | {nfe} | {tr['fid']:.2f} | {kid} | - | - | - |")
+    lines += ["", f"Wall-clock {r['wall_s'] / 60:.1f} min. Each model row is a pipeline run tagged "
+                  f"`hkd.study = {r['study']}` in MLflow."]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(r: dict, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    md = folder / "study.md"
+    md.write_text(r["markdown"])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "nfe", "fid", "kid", "n", "kimg", "train_s", "params"])
+    for v, row in r["variants"].items():
+        w.writerow([v, 1, row["fid"], row["kid"], row["n"], row["kimg"], row["train_s"], row["params"]])
+    for nfe, tr in sorted(r["teacher"].items()):
+        w.writerow([f"teacher_nfe{nfe}", nfe, tr["fid"], tr.get("kid"), tr["n"], "", "", ""])
+    table = folder / "study.csv"
+    table.write_text(buf.getvalue())
+    (folder / "study.json").write_text(json.dumps({k: v for k, v in r.items() if not k.startswith("_")},
+                                                  indent=1, default=str))
+    names = [row["label"] for row in r["variants"].values()] + [f"teacher NFE {k}" for k in sorted(r["teacher"])]
+    fids = [row["fid"] for row in r["variants"].values()] + [r["teacher"][k]["fid"] for k in sorted(r["teacher"])]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1))
+    colors = ["tab:blue"] * len(r["variants"]) + ["tab:gray"] * len(r["teacher"])
+    ax.barh(range(len(names)), fids, color=colors)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    for i, f in enumerate(fids):
+        ax.text(f, i, f" {f:.1f}", va="center", fontsize=7)
+    ax.set_xlabel("FID (lower is better)")
+    ax.set_title(f"{r['study']}", fontsize=9)
+    fig.savefig(folder / "study_fid.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return [md, table, folder / "study.json", folder / "study_fid.png"]
