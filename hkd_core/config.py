@@ -219,6 +219,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.states_per_traj={cfg.train.states_per_traj} needs {cfg.train.states_per_traj - 1} "
                           f"intermediate states, but trajectories.steps={cfg.trajectories.steps} gives {inner}")
     _positive("eval.n", cfg.eval.n)
+    if cfg.eval.n < 2:
+        raise ConfigError(f"eval.n={cfg.eval.n}: FID needs at least 2 samples (a covariance); use a few hundred or more")
     _choice("eval.split", cfg.eval.split, {"train", "test"})
     for i, n in enumerate(cfg.eval.teacher_nfe):
         _positive(f"eval.teacher_nfe[{i}]", n)

@@ -100,6 +100,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         raise ConfigError("tracking.uri is empty; set it (or MLFLOW_TRACKING_URI) to the MLflow server's URL")
     if not t.uri.startswith(("http://", "https://", "sqlite:", "file:", "databricks")):
         raise ConfigError(f"tracking.uri={t.uri!r} is not an MLflow tracking URI (http://host:port, sqlite:///...)")
+    if not t.experiment or not t.experiment.strip():
+        raise ConfigError("tracking.experiment is empty; name the MLflow experiment the runs go to (default hkd)")
     if c.num_workers < 1:
         raise ConfigError(f"cluster.num_workers={c.num_workers} must be >= 1")
     if c.generation_tasks < 1:

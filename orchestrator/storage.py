@@ -307,5 +307,30 @@ def preflight(cfg: StorageConfig, tracking_uri: str | None = None) -> list[dict]
     if tracking_uri:
         from .tracking import artifact_probe
 
-        check("mlflow artifacts", lambda: artifact_probe(tracking_uri, body))
+        server = tracking_server_check(tracking_uri)
+        results.append(server)
+        if server["ok"]:
+            check("mlflow artifacts", lambda: artifact_probe(tracking_uri, body))
     return results
+
+
+def tracking_server_check(uri: str, timeout_s: float = 5.0) -> dict:
+    """Is an MLflow server answering at ``uri``? Asked once with a short timeout, because MLflow's own client
+    retries a refused connection with backoff for minutes before it gives up."""
+    import urllib.error
+    import urllib.request
+
+    name = "mlflow server"
+    if not uri.startswith(("http://", "https://")):
+        return {"name": name, "ok": True, "detail": f"{uri} (a local store: nothing to reach)"}
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+            r.read()
+        return {"name": name, "ok": True, "detail": f"{uri} answers"}
+    except urllib.error.HTTPError as e:       # it answered: a server that has no /health is still a server
+        return {"name": name, "ok": True, "detail": f"{uri} answers (HTTP {e.code} on /health)"}
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return {"name": name, "ok": False,
+                "detail": f"tracking server unreachable: nothing answers at {uri} (tracking.uri / MLFLOW_TRACKING_URI: "
+                          f"{reason}); start it (python infra/local/stack.py start) or fix the URL"}

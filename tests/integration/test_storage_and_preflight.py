@@ -54,7 +54,7 @@ def test_trajectory_shards_stream_from_s3(local_stack):
 
 def test_preflight_passes_on_the_stack(local_stack):
     results = preflight(_cfg(local_stack), local_stack["env"]["MLFLOW_TRACKING_URI"])
-    assert [r["name"] for r in results] == ["s3 (boto3)", "ray storage (pyarrow)", "mlflow artifacts"]
+    assert [r["name"] for r in results] == ["s3 (boto3)", "ray storage (pyarrow)", "mlflow server", "mlflow artifacts"]
     assert all(r["ok"] for r in results), results
 
 
@@ -71,13 +71,22 @@ def test_preflight_names_each_failure(local_stack, tmp_path, free_port):
     r = preflight(_cfg(local_stack, bucket="no-such-bucket"))
     assert not r[0]["ok"] and r[0]["detail"].startswith("missing bucket: s3://no-such-bucket does not exist"), r
 
+    import time
+
+    t0 = time.perf_counter()                  # a dead tracking server: said at once, not after MLflow's backoff
+    r = preflight(_cfg(local_stack), f"http://127.0.0.1:{dead}")
+    server = next(x for x in r if x["name"] == "mlflow server")
+    assert not server["ok"] and server["detail"].startswith(f"tracking server unreachable: nothing answers at "
+                                                            f"http://127.0.0.1:{dead}"), r
+    assert "mlflow artifacts" not in [x["name"] for x in r] and time.perf_counter() - t0 < 30
+
 
 def test_preflight_command_exit_codes(local_stack):
     import sys
 
     ok = subprocess.run([sys.executable, "-m", "orchestrator", "preflight"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert ok.stdout.count("ok  ") == 3
+    assert ok.stdout.count("ok  ") == 4
     bad = subprocess.run([sys.executable, "-m", "orchestrator", "preflight", "storage.bucket=missing-bucket"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "FAIL s3 (boto3): missing bucket: s3://missing-bucket" in bad.stdout

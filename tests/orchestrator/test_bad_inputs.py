@@ -1,0 +1,158 @@
+"""Bad input is refused before any work, with a message that names the key and what to do. The table of
+cases is also the documentation: docs/bad_inputs.md is generated from it (`python tests/orchestrator/test_bad_inputs.py
+> docs/bad_inputs.md`) and a test keeps the two equal."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (what is wrong, Hydra overrides of `hkd pipeline`, the exact message)
+CONFIGS = [
+    ('odd subspace dimension', ['model.levels=2', 'model.subspace_dims=[8,15]'],
+     'model.subspace_dims[1] (level 2) is 15; each d_l must be even and >= 2 (it holds d_l/2 complex-conjugate eigenvalue pairs)'),
+    ('len(d_l) != L', ['model.levels=2', 'model.subspace_dims=[8,16,16]'],
+     'model.subspace_dims has 3 entries [8, 16, 16] but model.levels is 2; give one d_l per level'),
+    ('levels without dims', ['model.levels=7'],
+     "model.levels=7 differs from preset 'small' (3 levels); give model.subspace_dims too (one even d_l per level)"),
+    ('more levels than the resolution allows', ['data.resolution=30'],
+     'model.levels=3 needs resolution divisible by 2^2; resolution 30 allows at most 2 levels'),
+    ('unknown data set (group)', ['data=imagenet'],
+     "In 'config': Could not find 'data/imagenet' ; available options in 'data': cifar10_jpeg fashion_mnist mnist"),
+    ('unknown data set (key)', ['data.name=svhn'],
+     "data.name='svhn' is not allowed; choose one of ['cifar10_jpeg', 'fashion_mnist', 'mnist']"),
+    ('unknown key (typo)', ['train.lerning_rate=0.1'],
+     'unknown key train.lerning_rate: it is not in the composed config (a typo? `hkd pipeline --dry-run` prints every key)'),
+    ('wrong type', ['train.lr=fast'],
+     "train.lr='fast' must be of type float"),
+    ('negative budget', ['train.total_kimg=-1'],
+     'train.total_kimg=-1.0 must be > 0'),
+    ('zero batch', ['train.batch_size=0'],
+     'train.batch_size=0 must be > 0'),
+    ('unknown operator', ['model.operator=diagonal'],
+     "model.operator is 'diagonal'; allowed: ['position', 'shared', 'none'] (or one per level)"),
+    ('unknown variant', ['model.variant=gan'],
+     "model.variant='gan' is not allowed; choose one of ['hkd', 'kd', 'kdm', 'no_koopman', 'one_level']"),
+    ('unknown sampler', ['trajectories.sampler=rk4'],
+     "trajectories.sampler='rk4' is not allowed; choose one of ['euler', 'heun']"),
+    ('too few steps for s', ['trajectories.steps=1'],
+     'train.states_per_traj=4 needs 3 intermediate states, but trajectories.steps=1 gives 0'),
+    ('FID with one sample', ['eval.n=1'],
+     'eval.n=1: FID needs at least 2 samples (a covariance); use a few hundred or more'),
+    ('bad teacher NFE', ['eval.teacher_nfe=[0]'],
+     'eval.teacher_nfe[0]=0 must be > 0'),
+    ('no workers', ['cluster.num_workers=0'],
+     'cluster.num_workers=0 must be >= 1'),
+    ('batch not divisible by workers', ['cluster.num_workers=3'],
+     'train.batch_size=64 is not divisible by cluster.num_workers=3'),
+    ('GPU without GPUs', ['cluster.use_gpu=true', 'cluster.gpus_per_worker=0'],
+     'cluster.use_gpu is true but cluster.gpus_per_worker is 0; give each worker a GPU'),
+    ('missing bucket setting', ['storage.bucket='],
+     'storage.bucket is empty; name the S3 bucket (or set HKD_S3_BUCKET)'),
+    ('endpoint not a URL', ['storage.endpoint_url=ftp://x'],
+     "storage.endpoint_url='ftp://x' must start with http:// or https://"),
+    ('missing tracking URI', ['tracking.uri='],
+     "tracking.uri is empty; set it (or MLFLOW_TRACKING_URI) to the MLflow server's URL"),
+    ('tracking URI not MLflow', ['tracking.uri=mysql://db'],
+     "tracking.uri='mysql://db' is not an MLflow tracking URI (http://host:port, sqlite:///...)"),
+    ('empty experiment name', ['tracking.experiment='],
+     'tracking.experiment is empty; name the MLflow experiment the runs go to (default hkd)'),
+]
+
+# (what is wrong, the sweep YAML, the exact message)
+SWEEPS = [
+    ('unknown key',
+     'name: x\nbase: [experiment=smoke]\nspace: {train.lr: {uniform: [0.1, 0.2]}}\nschedulr: {}\n',
+     "<sweep>: schedulr: unknown key; allowed: ['name', 'base', 'space', 'metric', 'mode', 'trials', 'max_concurrency', 'scheduler', 'report', 'resources', 'study_storage', 'seed', 'description']"),
+    ('empty space',
+     'name: x\nbase: [experiment=smoke]\nspace: {}\n',
+     '<sweep>: space: is empty: give at least one key to search'),
+    ('empty range',
+     'name: x\nbase: [experiment=smoke]\nspace: {train.lr: {uniform: [0.3, 0.1]}}\n',
+     '<sweep>: space.train.lr: uniform range [0.3, 0.1] is empty: lo must be < hi'),
+    ('log range through 0',
+     'name: x\nbase: [experiment=smoke]\nspace: {train.lr: {loguniform: [0, 0.1]}}\n',
+     '<sweep>: space.train.lr: loguniform needs lo > 0, got 0'),
+    ('odd dims in the space',
+     'name: x\nbase: [experiment=smoke]\nspace: {model.subspace_dims: {per_level: {values: [4, 5]}}}\n',
+     '<sweep>: space.model.subspace_dims.per_level: subspace dimensions must be even integers >= 2, got [4, 5]'),
+    ('levels without per-level dims',
+     'name: x\nbase: [experiment=smoke]\nspace: {model.levels: {values: [1, 2]}}\n',
+     '<sweep>: space.model.levels: searching the number of levels needs model.subspace_dims with per_level, so that d_l follows L'),
+    ('metric never reported',
+     'name: x\nbase: [experiment=smoke]\nspace: {train.lr: {uniform: [0.1, 0.2]}}\nmetric: eval/acc\n',
+     "<sweep>: metric: 'eval/acc' is not reported per trial; choose one of ['eval/fid', 'eval/kid', 'eval/mse_vs_teacher']"),
+    ('key not in the config',
+     'name: x\nbase: [experiment=smoke]\nspace: {train.lerning_rate: {uniform: [0.1, 0.2]}}\n',
+     '<sweep>: space.train.lerning_rate: is not a key of the composed base config'),
+    ('trials not a number',
+     'name: x\nbase: [experiment=smoke]\nspace: {train.lr: {uniform: [0.1, 0.2]}}\ntrials: many\n',
+     "<sweep>: trials: must be an integer >= 1, got 'many'"),
+]
+
+
+@pytest.mark.parametrize("what, overrides, message", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_bad_config_gives_its_exact_message(what, overrides, message):
+    from hkd_core.config import ConfigError
+    from orchestrator.config import compose, from_composed
+
+    with pytest.raises(ConfigError) as e:
+        from_composed(compose(overrides))
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("what, text, message", SWEEPS, ids=[c[0] for c in SWEEPS])
+def test_bad_sweep_gives_its_exact_message(what, text, message):
+    from orchestrator.config import compose
+    from orchestrator.sweep_spec import SweepError, check_against_config, parse
+
+    with pytest.raises(SweepError) as e:
+        check_against_config(parse(text), compose)
+    assert str(e.value) == message
+
+
+def test_cli_prints_the_message_and_exits_2_before_ray_starts():
+    import subprocess
+
+    what, overrides, message = CONFIGS[0]
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "pipeline", *overrides], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().endswith(f"hkd: config error: {message}")
+    assert "ray" not in r.stderr.lower().replace("array", "")
+
+
+def markdown() -> str:
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["# Bad input and what it says", "",
+             "Every case below is refused before Ray starts or anything is written, with exactly this message",
+             "(`hkd` prints it after `hkd: config error:` or `hkd: sweep error:` and exits with 2). The table is",
+             "generated from `tests/orchestrator/test_bad_inputs.py`, which checks every message.", "",
+             "## Configs (`hkd pipeline <overrides>`)", "", "| what is wrong | overrides | message |", "|---|---|---|"]
+    lines += [f"| {w} | `{' '.join(o)}` | {cell(m)} |" for w, o, m in CONFIGS]
+    lines += ["", "## Sweep YAMLs (`hkd sweep <file>`)", "", "`<sweep>` stands for the file's path.", "",
+              "| what is wrong | YAML | message |", "|---|---|---|"]
+    lines += [f"| {w} | `{cell(t.strip())}` | {cell(m)} |" for w, t, m in SWEEPS]
+    lines += ["", "## Unreachable or misconfigured services (`hkd preflight`)", "",
+              "Checked against the real servers by `tests/integration/test_storage_and_preflight.py`; each line",
+              "starts with the words below and names the endpoint, bucket or URL.", "",
+              "| what is wrong | message starts with |", "|---|---|",
+              "| nothing listens at the S3 endpoint | `endpoint unreachable: nothing answers at <endpoint> (storage.endpoint_url)` |",
+              "| wrong access key or secret | `bad credentials: <endpoint> refused the access key` |",
+              "| the bucket does not exist | `missing bucket: s3://<bucket> does not exist at <endpoint> (storage.bucket)` |",
+              "| nothing listens at the MLflow URL | `tracking server unreachable: nothing answers at <uri> (tracking.uri / MLFLOW_TRACKING_URI` |",
+              ""]
+    return "\n".join(lines)
+
+
+def test_docs_show_exactly_these_cases():
+    assert (ROOT / "docs" / "bad_inputs.md").read_text() == markdown(), \
+        "docs/bad_inputs.md is stale: python tests/orchestrator/test_bad_inputs.py > docs/bad_inputs.md"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())
