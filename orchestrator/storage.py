@@ -208,13 +208,27 @@ def make_client(cfg: StorageConfig, max_attempts: int = 3):
 
 
 def ray_storage(cfg: StorageConfig):
-    """(storage_path, storage_filesystem) for ray.train.RunConfig: an explicit pyarrow S3 filesystem, so that
-    workers need nothing from the environment and the endpoint is never the public cloud by accident."""
+    """(storage_path, storage_filesystem) for ray.train.RunConfig: an explicit pyarrow S3 filesystem (so the
+    endpoint is never the public cloud by accident) WITHOUT keys in it.
+
+    Ray pickles the filesystem into its run and experiment state (the session folder on disk, and S3): a
+    filesystem built with access_key/secret_key would carry the secret there. Built without them, pyarrow
+    takes credentials from the AWS SDK's chain in each process: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or
+    AWS_SHARED_CREDENTIALS_FILE + AWS_PROFILE, which this sets from storage.credentials_file/profile and
+    which ``workers.env_for_workers`` hands to every worker (the file's path, never the keys)."""
     import pyarrow.fs
 
     endpoint = cfg.resolved_endpoint()
-    key, secret = read_credentials(cfg)
-    kw = {"access_key": key, "secret_key": secret, "region": cfg.region}
+    key, _ = read_credentials(cfg)             # fails here, clearly, if the configured file is missing or empty
+    if cfg.credentials_file:
+        os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(Path(cfg.credentials_file).expanduser())
+        os.environ["AWS_PROFILE"] = cfg.profile
+    elif os.environ.get("AWS_SHARED_CREDENTIALS_FILE") and cfg.profile != "default":
+        os.environ.setdefault("AWS_PROFILE", cfg.profile)
+    if key is None:
+        log.info("no S3 keys in the environment or a credentials file: pyarrow falls back to the AWS SDK's chain "
+                 "(an instance or pod role)")
+    kw = {"region": cfg.region}
     if endpoint:
         u = urlparse(endpoint)
         kw.update(endpoint_override=u.netloc, scheme=u.scheme or "https")

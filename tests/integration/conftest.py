@@ -109,3 +109,8 @@ def first_pipeline(local_stack, tmp_path_factory):
     t0 = time.perf_counter()
     assert main(["pipeline", *SMOKE, "--no-progress", "--json", str(out)]) == 0
     return json.loads(out.read_text()), time.perf_counter() - t0
+
+
+def pytest_collection_modifyitems(config, items):
+    """The secrets search runs last, over everything the other tests left behind."""
+    items.sort(key=lambda item: "test_secrets.py" in item.nodeid)
