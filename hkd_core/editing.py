@@ -132,7 +132,6 @@ def edit_sweep(model: HKD, x_T: torch.Tensor, x_T_ref: torch.Tensor, mask: torch
     if n_bands > modes:
         raise ValueError(f"{n_bands} bands need at least {n_bands} mode pairs per position; the smallest level has {modes}")
     b = resolve_band(band, n_bands)
-    band_masks(model.spectrum(), n_bands)                      # fails early on a bad band count
     original, reference = model.sample(x_T=x_T), model.sample(x_T=x_T_ref)
     out = {"band": [], "all": []}
     scores = {k: {"structure_kept": [], "detail_arrived": []} for k in out}

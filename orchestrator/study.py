@@ -45,8 +45,8 @@ def variant_configs(overrides: list[str], variants: list[str], teacher_nfe: list
                     ) -> tuple[str, dict[str, tuple[PipelineConfig, dict]]]:
     """Every variant's composed and validated config (before anything runs), and the study's id."""
     base = from_composed(compose(overrides))
-    full = base.run.trajectories.nfe_full() if hasattr(base.run.trajectories, "nfe_full") else \
-        (2 * base.run.trajectories.steps - 1 if base.run.trajectories.sampler == "heun" else base.run.trajectories.steps)
+    t = base.run.trajectories
+    full = 2 * t.steps - 1 if t.sampler == "heun" else t.steps         # the NFE the trajectories were made with
     nfe = sorted(set(teacher_nfe if teacher_nfe is not None else [1, 2, 4, full]))
     ident = hashlib.sha256(json.dumps({"o": overrides, "v": variants, "t": nfe}).encode()).hexdigest()[:8]
     study = f"{base.name}-study-{ident}"

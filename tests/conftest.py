@@ -28,6 +28,21 @@ def tiny_cfg():
     return preset("tiny", resolution=8)
 
 
+@pytest.fixture
+def koopman_model(tiny_cfg):
+    """A tiny HKD model whose generators are spread out (alpha in [-3, 0.5], beta in [-2, 2]), as after
+    training: at initialisation every eigenvalue is 0 and the bands would be arbitrary."""
+    from hkd_core.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model("hkd", tiny_cfg).eval()
+    with torch.no_grad():
+        for k in m.koopman:
+            k.alpha.uniform_(-3, 0.5)
+            k.beta.uniform_(-2, 2)
+    return m
+
+
 @pytest.fixture(scope="session")
 def toy_images():
     g = torch.Generator().manual_seed(0)

@@ -6,18 +6,8 @@ from hkd_core.models import build_model
 from hkd_core.spectra import band_masks
 
 
-def _model(tiny_cfg):
-    torch.manual_seed(0)
-    m = build_model("hkd", tiny_cfg).eval()
-    with torch.no_grad():
-        for k in m.koopman:
-            k.alpha.uniform_(-3, 0.5)
-            k.beta.uniform_(-2, 2)
-    return m
-
-
-def test_sweep_r0_is_the_original_and_scores_say_so(tiny_cfg):
-    m = _model(tiny_cfg)
+def test_sweep_r0_is_the_original_and_scores_say_so(koopman_model):
+    m = koopman_model
     g = torch.Generator().manual_seed(5)
     x_T, x_ref = m.noise(3, g), m.noise(3, g)
     sw = edit_sweep(m, x_T, x_ref, named_mask("lower", 8), [0.0, 0.5, 1.0], band="high", tau_mid=0.3, n_bands=2)
@@ -34,9 +24,9 @@ def test_sweep_r0_is_the_original_and_scores_say_so(tiny_cfg):
     assert "| 0.5 |" in md and "band 1 (high) of 2" in md
 
 
-def test_all_bands_with_the_whole_mask_at_r1_is_the_reference(tiny_cfg):
+def test_all_bands_with_the_whole_mask_at_r1_is_the_reference(koopman_model):
     """Blending every band everywhere with r = 1 replaces the latent at tau_mid: the result is the reference."""
-    m = _model(tiny_cfg)
+    m = koopman_model
     g = torch.Generator().manual_seed(6)
     x_T, x_ref = m.noise(2, g), m.noise(2, g)
     sw = edit_sweep(m, x_T, x_ref, named_mask("all", 8), [1.0], band=0, tau_mid=0.5, n_bands=2)
@@ -58,8 +48,8 @@ def test_scores_measure_what_they_name():
     assert s["structure_kept"] == pytest.approx(0.0) and s["detail_arrived"] == pytest.approx(1.0)
 
 
-def test_bad_edit_arguments_are_named(tiny_cfg):
-    m = _model(tiny_cfg)
+def test_bad_edit_arguments_are_named(koopman_model, tiny_cfg):
+    m = koopman_model
     x = m.noise(1)
     with pytest.raises(ValueError, match="band 'top'"):
         resolve_band("top", 3)
@@ -73,9 +63,9 @@ def test_bad_edit_arguments_are_named(tiny_cfg):
         edit_sweep(build_model("kd", tiny_cfg), x, x, named_mask("all", 8), [0.5])
 
 
-def test_band_energy_follows_the_decay_rates(tiny_cfg):
+def test_band_energy_follows_the_decay_rates(koopman_model):
     """Band 0 holds the most negative alphas: its energy falls fastest along tau; energies partition the latent."""
-    m = _model(tiny_cfg)
+    m = koopman_model
     x = m.noise(4, torch.Generator().manual_seed(1))
     e = band_energy(m, x, [0.0, 0.5, 1.0], n_bands=2)
     assert e.shape == (3, 2, 2)

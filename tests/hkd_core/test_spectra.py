@@ -5,16 +5,6 @@ from hkd_core.models import build_model
 from hkd_core.spectra import band_masking, band_masks, band_trajectory, edit, summarize
 
 
-def _model(tiny_cfg):
-    torch.manual_seed(0)
-    m = build_model("hkd", tiny_cfg).eval()
-    with torch.no_grad():
-        for k in m.koopman:
-            k.alpha.uniform_(-3, 0.5)
-            k.beta.uniform_(-2, 2)
-    return m
-
-
 def test_summary_scalars():
     ev = [torch.complex(torch.tensor([[-1.0, 1.0], [-3.0, 0.0]]), torch.tensor([[2.0, -2.0], [0.0, 1.0]]))[..., None]]
     s = summarize(ev)
@@ -23,8 +13,8 @@ def test_summary_scalars():
     assert s["spectra/l1/abs_beta_mean"] == pytest.approx(1.25) and s["spectra/l1/num_modes"] == 4
 
 
-def test_band_masks_partition_the_modes_in_alpha_order(tiny_cfg):
-    m = _model(tiny_cfg)
+def test_band_masks_partition_the_modes_in_alpha_order(koopman_model, tiny_cfg):
+    m = koopman_model
     for ev, masks in zip(m.spectrum(), band_masks(m.spectrum(), 2)):
         assert masks.shape == (2,) + ev.shape
         assert torch.all(masks.sum(0) == 1)                  # each mode in exactly one band
@@ -39,8 +29,8 @@ def test_band_masks_partition_the_modes_in_alpha_order(tiny_cfg):
         band_masks(fresh.spectrum(), 3)
 
 
-def test_band_masking_decodes_one_band_at_a_time(tiny_cfg):
-    m = _model(tiny_cfg)
+def test_band_masking_decodes_one_band_at_a_time(koopman_model):
+    m = koopman_model
     x_T = m.noise(2, torch.Generator().manual_seed(0))
     out = band_masking(m, x_T, 2)
     assert out.shape == (2, 2, 1, 8, 8) and not torch.allclose(out[0], out[1])
@@ -51,8 +41,8 @@ def test_band_masking_decodes_one_band_at_a_time(tiny_cfg):
     torch.testing.assert_close(bt[1, 2], m.sample(x_T=x_T))
 
 
-def test_editing_ratio_zero_is_the_original_and_one_takes_the_reference_band(tiny_cfg):
-    m = _model(tiny_cfg)
+def test_editing_ratio_zero_is_the_original_and_one_takes_the_reference_band(koopman_model):
+    m = koopman_model
     g = torch.Generator().manual_seed(3)
     x_T, x_ref = m.noise(2, g), m.noise(2, g)
     mask = torch.zeros(8, 8)
