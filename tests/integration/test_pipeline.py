@@ -128,10 +128,19 @@ def test_distill_resumes_in_the_same_run_after_the_driver_is_killed(local_stack,
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "distill", *args, "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     t0 = time.monotonic()
+
+    def recorded() -> bool:
+        """A checkpoint counts once Ray Train's checkpoint manager snapshot lists it: a checkpoint whose files
+        reached S3 a moment before the driver died, but not the snapshot, is not one Ray can resume from."""
+        snap = f"{ray_prefix}checkpoint_manager_snapshot.json"
+        if snap not in _keys(s3, ray_prefix):
+            return False
+        return bool(json.loads(s3.get_object(Bucket="hkd", Key=snap)["Body"].read()).get("checkpoint_results"))
+
     try:
-        while not any("/checkpoint_" in k and k.endswith(".pt") for k in _keys(s3, ray_prefix)):
+        while not recorded():
             assert proc.poll() is None, "the first attempt ended before it could be interrupted"
-            assert time.monotonic() - t0 < 300, "no checkpoint reached S3 within 300 s"
+            assert time.monotonic() - t0 < 300, "no checkpoint was recorded in S3 within 300 s"
             time.sleep(0.3)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)       # the driver dies; its Ray Train workers go with it
