@@ -100,6 +100,8 @@ class TrainConfig:
     log_every_kimg: float = 0.5
     checkpoint_every_kimg: float = 2.0
     seed: int = 0
+    skip_corrupt_shards: bool = False    # leave out trajectory shards that fail the checks (counted in the
+                                         # metric data/skipped_shards) instead of refusing to train
 
 
 @dataclass

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .edm import SIGMA_MAX, SIGMA_MIN
 from .sampler import SAMPLERS, karras_sigmas
 from .teachers import Teacher
-from .trajectories import BlobStore, Manifest, ShardError, ShardInfo, read_shard, shard_key, write_manifest, \
+from .trajectories import BlobStore, Manifest, ShardError, ShardInfo, read_shard, shard_info, shard_key, write_manifest, \
     write_shard
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def _existing(store: BlobStore, index: int, first: int, count: int, seed: int) -
     if not store.exists(key):
         return None
     data = store.get(key)
-    info = ShardInfo(key, count, hashlib.sha256(data).hexdigest(), len(data), first)
+    info = shard_info(key, count, data, first)
     try:
         shard = read_shard(store, info)
     except ShardError:

@@ -66,6 +66,13 @@ class LocalStore:
     def uri(self, key: str) -> str:
         return str(self.root / key)
 
+    def md5(self, key: str) -> str:
+        h = hashlib.md5()
+        with open(self.root / key, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
 
 @dataclass
 class ShardInfo:
@@ -74,6 +81,8 @@ class ShardInfo:
     sha256: str
     bytes: int
     first_index: int    # global index of the shard's first trajectory
+    md5: str = ""       # hex MD5 of the bytes: what an S3 store reports as the ETag of a single PUT, so an
+                        # altered shard is found by a HEAD request, without reading it ("" in old manifests)
 
 
 @dataclass
@@ -129,7 +138,11 @@ def write_shard(store: BlobStore, index: int, first_index: int, states: torch.Te
     data = encode_shard(states, sigmas, seeds, meta)
     key = shard_key(index)
     store.put(key, data)
-    return ShardInfo(key, int(states.shape[0]), hashlib.sha256(data).hexdigest(), len(data), first_index)
+    return shard_info(key, int(states.shape[0]), data, first_index)
+
+
+def shard_info(key: str, n: int, data: bytes, first_index: int) -> ShardInfo:
+    return ShardInfo(key, n, hashlib.sha256(data).hexdigest(), len(data), first_index, hashlib.md5(data).hexdigest())
 
 
 def write_manifest(store: BlobStore, manifest: Manifest) -> None:
@@ -143,15 +156,41 @@ def read_manifest(store: BlobStore) -> Manifest:
     return Manifest.from_json(store.get(MANIFEST).decode(), store.uri(MANIFEST))
 
 
-def check_shards(store: BlobStore, manifest: Manifest) -> None:
-    """Every listed shard exists with its listed size: cheap, run it before training."""
+def shard_problem(store: BlobStore, s: ShardInfo) -> str | None:
+    """What is wrong with one listed shard, judged without reading it (existence, size, and the MD5 the
+    store knows, where it knows one), or None."""
+    if not store.exists(s.key):
+        return f"manifest lists {store.uri(s.key)}, which does not exist; regenerate it or rewrite the manifest"
+    size = store.size(s.key)
+    if size != s.bytes:
+        return f"{store.uri(s.key)} has {size} bytes, the manifest says {s.bytes}: truncated or altered; regenerate it"
+    md5 = getattr(store, "md5", None)
+    got = md5(s.key) if (md5 is not None and s.md5) else None
+    if got is not None and got != s.md5:
+        return (f"{store.uri(s.key)} has MD5 {got}, the manifest says {s.md5}: altered after it was written; "
+                f"regenerate it")
+    return None
+
+
+def check_shards(store: BlobStore, manifest: Manifest, skip_corrupt: bool = False) -> dict[str, str]:
+    """Every listed shard exists with its listed size (and MD5, where the store reports one): cheap, run it
+    before training. Raises ShardError naming the first bad shard, or with ``skip_corrupt`` returns
+    {key: what is wrong} for the shards to leave out."""
+    problems = {}
     for s in manifest.shards:
-        if not store.exists(s.key):
-            raise ShardError(f"manifest lists {store.uri(s.key)}, which does not exist; regenerate it or "
-                             f"rewrite the manifest")
-        if store.size(s.key) != s.bytes:
-            raise ShardError(f"{store.uri(s.key)} has {store.size(s.key)} bytes, the manifest says {s.bytes}: "
-                             f"truncated or altered; regenerate it")
+        why = shard_problem(store, s)
+        if why is not None:
+            if not skip_corrupt:
+                raise ShardError(why)
+            problems[s.key] = why
+    return problems
+
+
+def without_shards(manifest: Manifest, keys: set[str]) -> Manifest:
+    """The manifest minus the named shards (what training reads after skipping bad ones)."""
+    import dataclasses
+
+    return dataclasses.replace(manifest, shards=[s for s in manifest.shards if s.key not in keys])
 
 
 def read_shard(store: BlobStore, info: ShardInfo, verify: bool = True) -> dict:

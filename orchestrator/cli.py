@@ -47,7 +47,12 @@ def adopt_local_stack() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if "ray" in services:
         os.environ.setdefault("RAY_ADDRESS", f"127.0.0.1:{ports['ray']}")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        token = state / "ray_token"
+        if json.loads(f.read_text()).get("ray_auth", "token") == "token" and token.is_file():
+            os.environ.setdefault("RAY_AUTH_MODE", "token")          # the path to the token, never the token
+            os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token))
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def plan(pc, upto: str) -> dict:
@@ -118,9 +123,16 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(results, indent=1))
         return 0 if all(r["ok"] for r in results) else 1
 
+    from hkd_core.checkpoint import CheckpointError
+    from hkd_core.trajectories import ShardError
+
     from .pipeline import run_stages
 
-    res = run_stages(pc, cfg_dict, upto, progress=not args.no_progress)
+    try:
+        res = run_stages(pc, cfg_dict, upto, progress=not args.no_progress)
+    except (ShardError, CheckpointError) as e:       # bad input data, found before training spent time on it
+        print(f"hkd: input error: {e}", file=sys.stderr)
+        return 3
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     ui = res["_tracking_uri"]

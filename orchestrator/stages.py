@@ -208,11 +208,15 @@ def stage_distill(ctx: StageContext, trajectories: dict) -> dict:
     from hkd_core.models import build_model, count_parameters, model_record
 
     pc = ctx.pc
+    skip = check_distill_inputs(ctx)
     run_id = ctx.open_run("distill", {"hkd.trajectories_uri": trajectories["train"]["uri"],
                                       "hkd.teacher_uri": trajectories.get("teacher_uri", "")})
+    if skip:
+        ctx.tracker.set_tags(run_id, {"hkd.skipped_shards": ",".join(sorted(skip))[:4000]})
     attempt = _bump_attempt(ctx, run_id)
     result, wall = _fit(ctx, "distill", workers.distill_loop,
-                        {"trajectories_prefix": f"{ctx.prefix('trajectories')}/train"}, run_id)
+                        {"trajectories_prefix": f"{ctx.prefix('trajectories')}/train", "skip_shards": sorted(skip)},
+                        run_id)
     state = _checkpoint_state(result)
     model = build_model(pc.run.model.variant, pc.run.hkd_config())
     model.load_state_dict(state["ema"])
@@ -230,6 +234,72 @@ def stage_distill(ctx: StageContext, trajectories: dict) -> dict:
     ctx.tracker.end(run_id)
     ctx.finish("distill", summary)
     return summary
+
+
+def check_distill_inputs(ctx: StageContext) -> dict[str, str]:
+    """What distillation reads, checked by the driver before Ray Train starts, so that a bad input costs
+    seconds and names its object: every shard the manifest lists (exists, size, and the MD5 S3 reports in
+    its ETag, all by HEAD requests), and the checkpoint a rerun would resume from (written for this model).
+    Raises ShardError / CheckpointError; with train.skip_corrupt_shards returns {key: problem} of the shards
+    to leave out instead."""
+    from hkd_core.trajectories import ShardError, check_shards, read_manifest
+
+    pc = ctx.pc
+    store = S3Store(pc.storage, f"{ctx.prefix('trajectories')}/train")
+    manifest = read_manifest(store)
+    skip = check_shards(store, manifest, skip_corrupt=pc.run.train.skip_corrupt_shards)
+    for why in skip.values():
+        log.warning("skipping a shard (train.skip_corrupt_shards=true): %s", why)
+    left = len(manifest.shards) - len(skip)
+    if left < pc.cluster.num_workers:
+        raise ShardError(f"{left} usable shards under {store.uri()} for {pc.cluster.num_workers} workers"
+                         + (f" ({len(skip)} skipped: {'; '.join(skip.values())})" if skip else "")
+                         + "; regenerate the trajectories or use fewer workers")
+    check_resume_checkpoint(ctx, "distill")
+    return skip
+
+
+def check_resume_checkpoint(ctx: StageContext, stage: str) -> str | None:
+    """The newest checkpoint Ray Train recorded for this stage, if any, loaded into a model built from this
+    config: a checkpoint of another architecture (a code change under the same config) is refused here,
+    naming its URI, instead of failing every worker restart. Returns its URI."""
+    import dataclasses as dc
+
+    from hkd_core.checkpoint import CheckpointError, load_model_state
+    from hkd_core.models import build_model
+
+    if stage != "distill":
+        raise ValueError(stage)
+    path, fs = ray_storage(ctx.pc.storage)
+    exp = f"{path}/{ctx.prefix(stage)}"
+    bucket, _, key = exp.partition("/")
+    if not S3Store(dc.replace(ctx.pc.storage, bucket=bucket, prefix=key)).exists("checkpoint_manager_snapshot.json"):
+        return None
+    from ray.train import Result
+
+    ckpt = Result.from_path(exp, storage_filesystem=fs).checkpoint
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        files = sorted(Path(d).glob("ckpt-*.pt"))
+        uri = f"s3://{ckpt.path}/{files[-1].name}" if files else f"s3://{ckpt.path}"
+        if not files:
+            raise CheckpointError(f"checkpoint {uri} holds no ckpt-*.pt; delete s3://{exp}/ to start the stage over")
+        try:
+            state = torch.load(files[-1], map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise CheckpointError(f"checkpoint {uri} is unreadable ({type(e).__name__}: {e}); delete s3://{exp}/ "
+                                  f"to start the stage over") from None
+    model = build_model(ctx.pc.run.model.variant, ctx.pc.run.hkd_config())
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"checkpoint {uri} is not an HKD training checkpoint (no 'model' entry); delete "
+                              f"s3://{exp}/ to start the stage over")
+    try:
+        load_model_state(model, state["model"], uri)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; or delete s3://{exp}/ to start this stage over") from None
+    log.info("distill: will resume from %s (%.3f kimg)", uri, state.get("nimg", 0) / 1000)
+    return uri
 
 
 def _bump_attempt(ctx: StageContext, run_id: str) -> int:

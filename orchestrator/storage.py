@@ -167,6 +167,13 @@ class S3Store:
     def exists(self, key: str) -> bool:
         return self._head(key) is not None
 
+    def md5(self, key: str) -> str | None:
+        """The object's MD5 as S3 reports it (the ETag of a single PUT) without reading it; None where the
+        ETag is no MD5 (a multipart upload's)."""
+        h = self._head(key)
+        etag = str((h or {}).get("ETag", "")).strip('"')
+        return etag.lower() if len(etag) == 32 and "-" not in etag else None
+
     def size(self, key: str) -> int:
         h = self._head(key)
         if h is None:

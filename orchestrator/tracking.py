@@ -83,13 +83,38 @@ def _permanent(e: BaseException) -> bool:
 class Tracker:
     """One MLflow client for the driver (or a worker), with retrying, buffered writes."""
 
-    def __init__(self, cfg: TrackingConfig):
+    def __init__(self, cfg: TrackingConfig, background_flush_s: float | None = None):
+        """With ``background_flush_s`` a thread sends the buffer that often, so that logging never waits on the
+        server (the training loops use it: a tracking server that restarts must not stall training)."""
         self.cfg = cfg
         self.uri = cfg.resolved_uri()
         self.client = _client(self.uri)
         self._buffer: dict[str, list] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()          # guards the buffer; never held while talking to the server
+        self._send_lock = threading.Lock()     # one sender at a time
         self.experiment_id = self._call(lambda: self._experiment(cfg.experiment), "get experiment")
+        self.outage_s = 0.0                    # time the buffer waited on an unreachable server
+        self._down_since: float | None = None
+        self._stop = threading.Event()
+        self._thread = None
+        if background_flush_s:
+            self._thread = threading.Thread(target=self._flush_loop, args=(background_flush_s,), daemon=True,
+                                            name="hkd-mlflow-flush")
+            self._thread.start()
+
+    def _flush_loop(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.flush(deadline_s=0)
+            except Exception as e:  # noqa: BLE001 - a permanent error surfaces at the final flush
+                log.warning("background metric flush: %s", str(e)[:200])
+
+    def close(self, deadline_s: float | None = None) -> None:
+        """Stop the background sender and send what is left (retrying up to the deadline)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        self.flush(deadline_s)
 
     def _call(self, fn, what: str):
         return _with_retry(fn, what, self.cfg.retry_deadline_s)
@@ -151,29 +176,52 @@ class Tracker:
             buf = self._buffer.setdefault(run_id, [])
             buf += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
                     if isinstance(v, (int, float)) and v == v]
-        if flush:
+        if flush and self._thread is None:
             self.flush(deadline_s=0)
 
-    def flush(self, deadline_s: float | None = None) -> bool:
-        """Send buffered metrics; with deadline_s=0 one attempt, else retry up to the deadline. True if empty."""
-        deadline = self.cfg.retry_deadline_s if deadline_s is None else deadline_s
+    def _next_chunk(self) -> tuple[str, list] | None:
         with self._lock:
             for run_id in list(self._buffer):
-                items = self._buffer[run_id]
-                while items:
-                    chunk = items[:500]
-                    try:
-                        if deadline:
-                            _with_retry(lambda: self.client.log_batch(run_id, metrics=chunk), "log metrics", deadline)
-                        else:
-                            self.client.log_batch(run_id, metrics=chunk)
-                    except Exception as e:  # noqa: BLE001 - kept for the next flush
-                        if _permanent(e):
-                            raise
-                        log.warning("mlflow unreachable (%s); %d metric values buffered", str(e)[:120], len(items))
-                        return False
-                    del items[:len(chunk)]
+                if self._buffer[run_id]:
+                    return run_id, self._buffer[run_id][:500]
                 del self._buffer[run_id]
+        return None
+
+    def flush(self, deadline_s: float | None = None) -> bool:
+        """Send buffered metrics; with deadline_s=0 one attempt, else retry up to the deadline. True if empty.
+        Values logged meanwhile are appended behind the chunk in flight; a chunk leaves the buffer only once
+        the server took it."""
+        deadline = self.cfg.retry_deadline_s if deadline_s is None else deadline_s
+        # one attempt (deadline 0) never waits for a send already in flight: the caller may be a training loop
+        if not self._send_lock.acquire(blocking=bool(deadline)):
+            return False
+        try:
+            return self._send(deadline)
+        finally:
+            self._send_lock.release()
+
+    def _send(self, deadline: float) -> bool:
+        while (nxt := self._next_chunk()) is not None:
+            run_id, chunk = nxt
+            try:
+                if deadline:
+                    _with_retry(lambda: self.client.log_batch(run_id, metrics=chunk), "log metrics", deadline)
+                else:
+                    self.client.log_batch(run_id, metrics=chunk)
+            except Exception as e:  # noqa: BLE001 - kept for the next flush
+                if _permanent(e):
+                    raise
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                log.warning("mlflow unreachable (%s); %d metric values buffered", str(e)[:120], self.pending())
+                return False
+            if self._down_since is not None:
+                self.outage_s += time.monotonic() - self._down_since
+                log.warning("mlflow reachable again after %.1f s; buffered metric values are being sent",
+                            time.monotonic() - self._down_since)
+                self._down_since = None
+            with self._lock:
+                del self._buffer[run_id][:len(chunk)]
         return True
 
     def pending(self) -> int:

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -35,15 +36,63 @@ def _resume_file() -> str | None:
     return str(files[-1]) if files else None
 
 
-def _reporter(rank: int, tracker, run_id: str | None, total_kimg: float, what: str):
-    """metrics_cb / checkpoint_cb for hkd_core's loops: MLflow and a progress line from rank 0, checkpoints
-    through Ray."""
-    import time
+class CheckpointUploader:
+    """Ray Train's ``checkpoint_upload_fn``: each checkpoint file goes to the run's folder in S3 as one PUT
+    (an object appears whole or not at all), retried with back-off through an object-store outage for up to
+    ``storage.retry_deadline_s``; past that the report fails, so Ray Train restarts the workers from the last
+    checkpoint: a checkpoint is late or retried, never silently dropped. Counts what it retried."""
 
+    def __init__(self, storage_cfg):
+        self.cfg = storage_cfg
+        self.retries = 0          # over the whole attempt
+        self.last_s = 0.0         # wall time of the newest upload, retries included
+        self.last_retries = 0
+
+    def __call__(self, checkpoint, dir_name: str):
+        import dataclasses
+
+        import ray.train
+        from ray.train import Checkpoint
+
+        from .storage import S3Store, retry
+
+        storage = ray.train.get_context().get_storage()
+        dest = f"{storage.experiment_fs_path.rstrip('/')}/{dir_name}"
+        bucket, _, key_prefix = dest.partition("/")
+        if bucket != self.cfg.bucket:
+            raise ValueError(f"Ray's storage path {dest} is not in storage.bucket {self.cfg.bucket}")
+        store = S3Store(dataclasses.replace(self.cfg, prefix=key_prefix))
+        t0, before = time.monotonic(), self.retries
+
+        def count(attempt, err):
+            self.retries += 1
+            print(f"[checkpoint] upload to s3://{dest} failed ({type(err).__name__}); retry {attempt}, "
+                  f"{time.monotonic() - t0:.0f} s into the upload", flush=True)
+
+        local = Path(checkpoint.path)
+        for f in sorted(p for p in local.rglob("*") if p.is_file()):
+            rel = f.relative_to(local).as_posix()
+            if f.stat().st_size < 4 << 30:     # one PUT (S3's limit is 5 GiB)
+                put = lambda: store.client.put_object(Bucket=store.cfg.bucket, Key=store.key(rel),  # noqa: E731
+                                                      Body=f.read_bytes())
+            else:                              # multipart: visible only once complete
+                put = lambda: store.client.upload_file(str(f), store.cfg.bucket, store.key(rel))  # noqa: E731
+            retry(put, f"checkpoint upload {store.uri(rel)}", self.cfg.retry_deadline_s, count)
+        self.last_s, self.last_retries = time.monotonic() - t0, self.retries - before
+        if self.last_retries:
+            print(f"[checkpoint] s3://{dest} uploaded after {self.last_retries} retries in {self.last_s:.1f} s",
+                  flush=True)
+        return Checkpoint(path=dest, filesystem=storage.storage_filesystem)
+
+
+def _reporter(rank: int, tracker, run_id: str | None, total_kimg: float, what: str, storage_cfg=None):
+    """metrics_cb / checkpoint_cb for hkd_core's loops: MLflow and a progress line from rank 0, checkpoints
+    through Ray (uploaded by CheckpointUploader)."""
     import ray.train
     from ray.train import Checkpoint
 
     t0 = time.monotonic()
+    uploader = CheckpointUploader(storage_cfg) if storage_cfg is not None else None
 
     def metrics_cb(metrics: dict, kimg: float) -> None:
         if tracker is not None and run_id:
@@ -64,12 +113,16 @@ def _reporter(rank: int, tracker, run_id: str | None, total_kimg: float, what: s
         if rank == 0 and path:
             d = Path(tempfile.mkdtemp(prefix="hkd-ckpt-"))
             shutil.copy2(path, d / Path(path).name)
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(d)))   # (2) upload to storage
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(d)),      # (2) upload to storage
+                             checkpoint_upload_fn=uploader)
             shutil.rmtree(d, ignore_errors=True)
+            if tracker is not None and run_id and uploader is not None:
+                tracker.log_metrics(run_id, {"checkpoint/kimg": kimg, "checkpoint/upload_s": uploader.last_s,
+                                             "checkpoint/upload_retries": uploader.retries},
+                                    step=int(round(kimg * 1000)))
+                tracker.flush(deadline_s=0)     # what led up to a recorded checkpoint is not left in memory
         else:
             ray.train.report(report)                                      # (2) every rank reports each time
-        if tracker is not None and run_id:
-            tracker.flush(deadline_s=0)
 
     return metrics_cb, checkpoint_cb
 
@@ -79,7 +132,25 @@ def _tracker_for_rank0(pc, rank: int):
         return None
     from .tracking import Tracker
 
-    return Tracker(pc.tracking)
+    # metrics leave from a background thread: a tracking server that restarts delays them, never training;
+    # one HTTP attempt per send (the thread tries again every 2 s) instead of MLflow's minutes of back-off
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    return Tracker(pc.tracking, background_flush_s=2.0)
+
+
+def _count_attempt(tracker, run_id: str | None, resume: str | None) -> None:
+    """Each start of the worker group (the first, and every restart by Ray Train's FailureConfig or by a
+    rerun of the stage) bumps the run's tag hkd.train_attempts and logs train/attempt (and, when it picked up
+    a checkpoint, train/resumed_from_kimg) at the step it starts from."""
+    if tracker is None or not run_id:
+        return
+    n = int(tracker.run_data(run_id).data.tags.get("hkd.train_attempts", "0")) + 1
+    tracker.set_tags(run_id, {"hkd.train_attempts": n})
+    kimg = float(Path(resume).stem.split("-", 1)[1]) if resume else 0.0       # ckpt-<kimg>.pt
+    metrics = {"train/attempt": n, **({"train/resumed_from_kimg": kimg} if resume else {})}
+    tracker.log_metrics(run_id, metrics, step=int(round(kimg * 1000)))
+    if resume:
+        print(f"[train] attempt {n} resumes from {kimg:g} kimg", flush=True)
 
 
 def distill_loop(config: dict) -> None:
@@ -90,7 +161,7 @@ def distill_loop(config: dict) -> None:
 
     from hkd_core.models import build_model
     from hkd_core.train import train_hkd
-    from hkd_core.trajectories import TrajectoryDataset, check_shards, read_manifest
+    from hkd_core.trajectories import TrajectoryDataset, check_shards, read_manifest, without_shards
 
     from .storage import S3Store
 
@@ -99,13 +170,17 @@ def distill_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     store = S3Store(pc.storage, config["trajectories_prefix"])
-    manifest = read_manifest(store)
-    if rank == 0:
-        check_shards(store, manifest)          # a missing or truncated shard fails here, before any training
     tr = pc.run.train
+    manifest = read_manifest(store)
+    # the driver checked every shard before starting Ray Train (stages.check_distill_inputs); with
+    # train.skip_corrupt_shards it hands over the ones to leave out, and a shard that goes bad later is
+    # skipped here too (else it stops the run, naming the object)
+    manifest = without_shards(manifest, set(config.get("skip_shards", [])))
+    if rank == 0 and not tr.skip_corrupt_shards:
+        check_shards(store, manifest)
     per_rank = tr.batch_size // world
     ds = TrajectoryDataset(store, manifest, rank=rank, world_size=world, seed=tr.seed, epochs=None,
-                           skip_corrupt=bool(config.get("skip_corrupt", False)))
+                           skip_corrupt=tr.skip_corrupt_shards)
     loader = DataLoader(ds, batch_size=per_rank, num_workers=0, collate_fn=lambda b: torch.stack([x["states"] for x in b]))
     batches = iter(loader)
     device = ray.train.torch.get_device()                                 # (4) cpu, or this worker's GPU
@@ -114,13 +189,10 @@ def distill_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)                          # (5) DDP (gloo on CPU, NCCL on GPU)
     sigmas = torch.tensor(manifest.sigmas, dtype=torch.float64)
     tracker = _tracker_for_rank0(pc, rank)
-    metrics_cb, checkpoint_cb = _reporter(rank, tracker, config.get("run_id"), tr.total_kimg, "distill")
+    metrics_cb, checkpoint_cb = _reporter(rank, tracker, config.get("run_id"), tr.total_kimg, "distill", pc.storage)
     eval_cb = make_eval_cb(pc, config["eval"], device) if rank == 0 and config.get("eval") else None
     resume = _resume_file()
-    if resume and tracker is not None:
-        # ckpt-<kimg>.pt: say in the run where this attempt picked up
-        kimg = float(Path(resume).stem.split("-", 1)[1])
-        tracker.log_metrics(config["run_id"], {"train/resumed_from_kimg": kimg}, step=int(round(kimg * 1000)))
+    _count_attempt(tracker, config.get("run_id"), resume)
     local = Path(tempfile.mkdtemp(prefix="hkd-distill-"))
     train_hkd(model, lambda step: next(batches), sigmas, total_kimg=tr.total_kimg, max_train_s=tr.max_train_s,
               batch_size=tr.batch_size, lr=tr.lr, koopman_lr_mult=tr.koopman_lr_mult, lr_rampup_kimg=tr.lr_rampup_kimg,
@@ -132,9 +204,10 @@ def distill_loop(config: dict) -> None:
               metrics_cb=metrics_cb, checkpoint_cb=checkpoint_cb, eval_cb=eval_cb, progress=False,
               config=pc.run.to_dict())
     if tracker is not None:
-        if ds.skipped:
-            tracker.log_metrics(config["run_id"], {"data/skipped_shards": len(ds.skipped)}, step=0)
-        tracker.flush()
+        skipped = len(config.get("skip_shards", [])) + len(set(ds.skipped))
+        if tr.skip_corrupt_shards:
+            tracker.log_metrics(config["run_id"], {"data/skipped_shards": skipped}, step=int(round(tr.total_kimg * 1000)))
+        tracker.close()
     shutil.rmtree(local, ignore_errors=True)
 
 
@@ -197,16 +270,18 @@ def teacher_loop(config: dict) -> None:
     net = ray.train.torch.prepare_model(EDMPrecond(UNet(teacher_unet_config(pc.run, images.shape[1]))))
     tracker = _tracker_for_rank0(pc, rank)
     t = pc.run.teacher
-    metrics_cb, checkpoint_cb = _reporter(rank, tracker, config.get("run_id"), t.total_kimg, "teacher")
+    metrics_cb, checkpoint_cb = _reporter(rank, tracker, config.get("run_id"), t.total_kimg, "teacher", pc.storage)
     local = Path(tempfile.mkdtemp(prefix="hkd-teacher-"))
+    resume = _resume_file()
+    _count_attempt(tracker, config.get("run_id"), resume)
     train_teacher(net, images, total_kimg=t.total_kimg, batch_size=t.batch_size, lr=t.lr,
                   ema_halflife_kimg=t.ema_halflife_kimg, seed=pc.run.train.seed, rank=rank, world_size=world,
                   device=device, log_every_kimg=max(t.total_kimg / 100, 0.1),
                   checkpoint_every_kimg=max(t.total_kimg / 10, 0.5), checkpoint_dir=local,
-                  resume=_resume_file() or False, metrics_cb=metrics_cb, checkpoint_cb=checkpoint_cb,
+                  resume=resume or False, metrics_cb=metrics_cb, checkpoint_cb=checkpoint_cb,
                   progress=False, config=pc.run.to_dict())
     if tracker is not None:
-        tracker.flush()
+        tracker.close()
     shutil.rmtree(local, ignore_errors=True)
 
 

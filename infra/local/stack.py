@@ -4,11 +4,13 @@
     python infra/local/stack.py start [--ray] [--s3-port 8333] [--mlflow-port 5000] [--ray-port 6379]
     python infra/local/stack.py status
     python infra/local/stack.py env          # shell exports for clients: eval "$(python infra/local/stack.py env)"
-    python infra/local/stack.py stop
+    python infra/local/stack.py stop [--service s3|mlflow|ray]   # all, or one (start brings it back)
 
 State lives in ``--dir`` (default ``$HKD_STACK_DIR`` or ``.stack/`` in the checkout): data, logs, PIDs,
 and ``credentials`` (an S3 access key pair generated at first start, mode 0600, never printed: clients get
-``AWS_SHARED_CREDENTIALS_FILE`` pointing at it; dev-only keys for this local server). Every server binds 127.0.0.1. ``start`` is idempotent: services
+``AWS_SHARED_CREDENTIALS_FILE`` pointing at it; dev-only keys for this local server). The Ray head runs
+with token authentication (``--ray-auth token``, the default): its token is generated into ``ray_token``
+(0600) and clients get ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``, never the token itself. Every server binds 127.0.0.1. ``start`` is idempotent: services
 already healthy are left alone. ``stop`` ends what ``start`` started, by PID (process group).
 Standard library only, so it runs before the project's packages are importable; the ``weed``, ``mlflow``
 and ``ray`` executables are taken from the same virtual environment as this Python.
@@ -48,9 +50,9 @@ def _bin(name: str) -> str:
     return found
 
 
-def _http_status(url: str, timeout: float = 2.0) -> int | None:
+def _http_status(url: str, timeout: float = 2.0, headers: dict | None = None) -> int | None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -87,6 +89,31 @@ def credentials(state: Path) -> dict:
             k, v = line.split("=", 1)
             out[k.strip()] = v.strip()
     return out
+
+
+def ray_token(state: Path) -> Path:
+    """The Ray head's auth token: generated once, stored 0600 in the state folder."""
+    f = state / "ray_token"
+    if not f.is_file():
+        state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return f
+
+
+def ray_auth_env(state: Path, st: dict) -> dict:
+    if st.get("ray_auth", "token") == "token":
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token(state))}
+    return {"RAY_AUTH_MODE": "disabled"}
+
+
+def _ray_up(state: Path, st: dict) -> bool:
+    """The dashboard answers (with the token, under token auth: without it the answer is 401)."""
+    headers = {}
+    if st.get("ray_auth", "token") == "token":
+        headers["Authorization"] = "Bearer " + ray_token(state).read_text().strip()
+    return _http_status(f"http://{HOST}:{st['ports']['dashboard']}/api/version", headers=headers) == 200
 
 
 def load_state(state: Path) -> dict:
@@ -137,9 +164,10 @@ def client_env(state: Path, st: dict) -> dict:
     env = {"AWS_ENDPOINT_URL": ep["s3"], "AWS_SHARED_CREDENTIALS_FILE": str(state / "credentials"),
            "AWS_PROFILE": "default", "AWS_DEFAULT_REGION": "us-east-1",
            "MLFLOW_S3_ENDPOINT_URL": ep["s3"], "MLFLOW_TRACKING_URI": ep["mlflow"], "HKD_S3_BUCKET": BUCKET,
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "HKD_STACK_DIR": str(state)}
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HKD_STACK_DIR": str(state)}
     if ep["ray"]:
         env["RAY_ADDRESS"] = ep["ray"]
+        env.update(ray_auth_env(state, st))
     return env
 
 
@@ -210,11 +238,10 @@ def start_mlflow(state: Path, st: dict) -> None:
 
 def start_ray(state: Path, st: dict, num_cpus: int | None) -> None:
     p = st["ports"]
-    if _alive(st["services"].get("ray", {}).get("pid")) and _http_status(
-            f"http://{HOST}:{p['dashboard']}/api/version") == 200:
+    if _alive(st["services"].get("ray", {}).get("pid")) and _ray_up(state, st):
         print("stack: ray already running")
         return
-    env = {**os.environ, **client_env(state, st)}
+    env = {**os.environ, **client_env(state, st), **ray_auth_env(state, st)}
     env.pop("RAY_ADDRESS", None)
     # jobs submitted to this head run `hkd` and `python` from this virtual environment
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -222,12 +249,14 @@ def start_ray(state: Path, st: dict, num_cpus: int | None) -> None:
            f"--dashboard-host={HOST}", f"--dashboard-port={p['dashboard']}", "--include-dashboard=true",
            f"--dashboard-agent-listen-port={p['agent']}", f"--ray-client-server-port={p['client']}",
            "--disable-usage-stats", f"--temp-dir={state / 'ray'}"]
+    num_cpus = num_cpus or st.get("ray_num_cpus")
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
+        st["ray_num_cpus"] = num_cpus
     log = state / "logs" / "ray.log"
     st["services"]["ray"] = {"pid": _spawn(cmd, log, env), "log": str(log)}
     save_state(state, st)
-    _wait(lambda: _http_status(f"http://{HOST}:{p['dashboard']}/api/version") == 200,
+    _wait(lambda: _ray_up(state, st),
           f"Ray head on {HOST}:{p['ray']} (dashboard :{p['dashboard']})", 120, log, st["services"]["ray"]["pid"])
 
 
@@ -263,14 +292,18 @@ def _stop_pid(name: str, pid: int, grace_s: float = 20.0) -> None:
     print(f"stack: stopped {name} (pid {pid})")
 
 
-def stop(state: Path) -> None:
+def stop(state: Path, only: str | None = None) -> None:
+    """Stop every service, or only one (its data stays; ``start`` brings it back on the same ports)."""
     st = load_state(state)
     # By process group only: `ray stop` would end every Ray on the machine, other stacks' included.
     for name in ("ray", "mlflow", "s3"):
         svc = st["services"].get(name)
-        if svc:
+        if svc and svc.get("pid") and only in (None, name):
             _stop_pid(name, svc["pid"])
-    st["services"] = {}
+            if only:
+                svc["pid"] = None    # kept in the listing so `env` and `start` still know the service
+    if only is None:
+        st["services"] = {}
     save_state(state, st)
 
 
@@ -290,6 +323,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", type=Path, default=None, help="state folder (default $HKD_STACK_DIR or .stack/)")
     ap.add_argument("--ray", action="store_true", help="also start a Ray head (ray start --head)")
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs the Ray head offers")
+    ap.add_argument("--ray-auth", choices=["token", "disabled"], default=None,
+                    help="Ray token authentication (default token; the token is generated into <dir>/ray_token)")
+    ap.add_argument("--service", choices=["s3", "mlflow", "ray"], default=None,
+                    help="stop: only this service (start restarts what is not running)")
     for name, port in DEFAULTS.items():
         ap.add_argument(f"--{name}-port", type=int, default=None, help=f"default {port}")
     args = ap.parse_args(argv)
@@ -303,17 +340,19 @@ def main(argv=None) -> int:
             if v:
                 ports[name] = v
         st["ports"] = ports
+        if args.ray_auth:
+            st["ray_auth"] = args.ray_auth
         save_state(state, st)
         start_s3(state, st)
         start_mlflow(state, st)
-        if args.ray:
+        if args.ray or "ray" in st["services"]:
             start_ray(state, st, args.num_cpus)
         ep = endpoints(st)
         print(f"stack: S3 {ep['s3']} (bucket {BUCKET})  MLflow UI {ep['mlflow']}"
               + (f"  Ray {ep['ray']} (dashboard {ep['dashboard']})" if ep["ray"] else ""))
         print(f'stack: for clients: eval "$({sys.executable} {Path(__file__)} env --dir {state})"')
     elif args.command == "stop":
-        stop(state)
+        stop(state, args.service)
     elif args.command == "status":
         print(json.dumps(status(state), indent=1))
     elif args.command == "env":

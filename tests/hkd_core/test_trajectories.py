@@ -7,7 +7,7 @@ from hkd_core.generate import generate_trajectories
 from hkd_core.sampler import karras_sigmas, sample_heun
 from hkd_core.teachers import GaussianTeacher
 from hkd_core.trajectories import (LocalStore, ShardError, TrajectoryDataset, TrajectoryWriter, check_shards,
-                                   load_all, read_manifest)
+                                   load_all, read_manifest, without_shards)
 
 
 def _write(tmp_path, n=10, shard_size=4, steps=3):
@@ -72,6 +72,33 @@ def test_truncated_and_missing_shards_fail_the_cheap_check(tmp_path):
     manifest.shards = manifest.shards[1:]
     with pytest.raises(ShardError, match="shard-000002.npz, which does not exist"):
         check_shards(store, manifest)
+
+
+def test_altered_shard_of_the_same_size_fails_the_cheap_check_by_md5(tmp_path):
+    store, manifest, _ = _write(tmp_path)
+    assert all(len(s.md5) == 32 for s in read_manifest(store).shards)       # the manifest records each MD5
+    p = store.root / manifest.shards[1].key
+    data = bytearray(p.read_bytes())
+    data[-7] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard-000001.npz has MD5 [0-9a-f]{32}, the manifest says"):
+        check_shards(store, manifest)
+    # a manifest from before MD5s were recorded: only existence and size can be judged cheaply
+    for s in manifest.shards:
+        s.md5 = ""
+    assert check_shards(store, manifest) == {}
+
+
+def test_skip_mode_returns_the_bad_shards_and_training_reads_the_rest(tmp_path):
+    store, manifest, _ = _write(tmp_path)
+    (store.root / manifest.shards[0].key).write_bytes(b"x" * 10)
+    (store.root / manifest.shards[2].key).unlink()
+    bad = check_shards(store, manifest, skip_corrupt=True)
+    assert sorted(bad) == ["shard-000000.npz", "shard-000002.npz"]
+    assert "has 10 bytes" in bad["shard-000000.npz"] and "does not exist" in bad["shard-000002.npz"]
+    left = without_shards(manifest, set(bad))
+    assert [s.key for s in left.shards] == ["shard-000001.npz"] and len(manifest.shards) == 3
+    assert sorted(it["seed"] for it in TrajectoryDataset(store, left, shuffle=False)) == [4, 5, 6, 7]
 
 
 def test_unreadable_manifest(tmp_path):

@@ -114,3 +114,41 @@ def first_pipeline(local_stack, tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     """The secrets search runs last, over everything the other tests left behind."""
     items.sort(key=lambda item: "test_secrets.py" in item.nodeid)
+
+
+FAULTS: list[dict] = []
+
+
+@pytest.fixture(scope="session")
+def fault_report():
+    """Where the fault tests put what they injected and how long recovery took: printed at the end of the
+    run (and written to $HKD_FAULT_REPORT as JSON, if set)."""
+    return FAULTS
+
+
+@pytest.fixture(scope="session")
+def stack_service(local_stack):
+    """stack_service("stop", "s3") stops one service of the test stack; stack_service("start") starts what
+    is not running (on the same ports, with the same data). Returns the time it took."""
+    import time
+
+    def ctl(action: str, service: str | None = None) -> float:
+        t0 = time.monotonic()
+        if action == "stop":
+            stack("stop", f"--service={service}", state=local_stack["dir"])
+        else:
+            stack("start", state=local_stack["dir"])
+        return time.monotonic() - t0
+
+    return ctl
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FAULTS:
+        return
+    terminalreporter.section("faults injected and recovery times")
+    for f in FAULTS:
+        terminalreporter.write_line(" | ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}"
+                                               for k, v in f.items()))
+    if os.environ.get("HKD_FAULT_REPORT"):
+        Path(os.environ["HKD_FAULT_REPORT"]).write_text(json.dumps(FAULTS, indent=1))

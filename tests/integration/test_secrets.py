@@ -1,4 +1,4 @@
-"""No access key or secret anywhere a user or a log reader could see it. Runs after every other integration
+"""No access key, secret or Ray token anywhere a user or a log reader could see it. Runs after every other integration
 test (see conftest.py), so it searches what the pipeline, the resumed distillation, `ray job submit` and the
 sweep left: every MLflow run's params, tags and artifacts, every object in the S3 bucket, every Ray job's
 metadata and logs, and every file the stack's servers wrote (Ray's session folder included)."""
@@ -18,6 +18,7 @@ def _secrets(local_stack) -> list[bytes]:
     ini = configparser.ConfigParser()
     ini.read(local_stack["env"]["AWS_SHARED_CREDENTIALS_FILE"])
     out = [ini["default"]["aws_access_key_id"], ini["default"]["aws_secret_access_key"]]
+    out.append(Path(local_stack["env"]["RAY_AUTH_TOKEN_PATH"]).read_text().strip())     # the Ray head's token
     assert all(len(s) >= 8 for s in out)
     return [s.encode() for s in out]
 
@@ -77,7 +78,7 @@ def test_no_secret_in_mlflow_s3_ray_jobs_or_logs(local_stack, first_pipeline, s3
     # Files the servers wrote: logs, Ray's session folder, MLflow's database; not the credentials file (the
     # secret's home), SeaweedFS's identity config or its volume files (their objects were read above)
     state = Path(local_stack["dir"])
-    skip = {state / "credentials", state / "s3.json"}
+    skip = {state / "credentials", state / "s3.json", state / "ray_token"}
     n_files = 0
     for p in state.rglob("*"):
         if not p.is_file() or p in skip or "seaweedfs" in p.relative_to(state).parts or p.is_symlink():
