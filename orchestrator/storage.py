@@ -239,9 +239,45 @@ def ray_storage(cfg: StorageConfig):
     if endpoint:
         u = urlparse(endpoint)
         kw.update(endpoint_override=u.netloc, scheme=u.scheme or "https")
-    kw["retry_strategy"] = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=10)
-    fs = pyarrow.fs.S3FileSystem(**kw)
+    fs = retrying_s3_filesystem(RAY_FS_ATTEMPTS, kw)
     return f"{cfg.bucket}/{cfg.prefix.strip('/')}/ray".replace("//", "/"), fs
+
+
+# The AWS SDK's default strategy waits 25 ms * 2^k before retry k: 12 attempts ride out about 100 s of
+# outage for every write Ray makes itself (Train's checkpoint snapshot, Tune's experiment state).
+RAY_FS_ATTEMPTS = 12
+
+
+_FS_CLASS = None
+
+
+def retrying_s3_filesystem(max_attempts: int, kw: dict):
+    """A pyarrow S3FileSystem(**kw) retrying max_attempts times, also after pickling (module-level, so that
+    pickle finds it in every process)."""
+    global _FS_CLASS
+    if _FS_CLASS is None:
+        _FS_CLASS = _retrying_fs_class()
+    return _FS_CLASS(max_attempts=max_attempts, **kw)
+
+
+def _retrying_fs_class():
+    import pyarrow.fs
+
+    class _RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+        """pyarrow's S3FileSystem whose retry strategy survives pickling. Ray pickles the storage filesystem
+        to its controller, workers and Tune; a plain S3FileSystem loses ``retry_strategy`` on the way (its
+        __reduce__ leaves it out) and falls back to 3 quick attempts, so a store that blips for a few seconds
+        failed Ray Train's controller on its next snapshot write."""
+
+        def __init__(self, *, max_attempts: int = RAY_FS_ATTEMPTS, **kw):
+            super().__init__(retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=max_attempts), **kw)
+            self._hkd_args = (max_attempts, kw)
+
+        def __reduce__(self):
+            return retrying_s3_filesystem, self._hkd_args
+
+    _RetryingS3FileSystem.__name__ = _RetryingS3FileSystem.__qualname__ = "RetryingS3FileSystem"
+    return _RetryingS3FileSystem
 
 
 class MissingBucket(StorageError):

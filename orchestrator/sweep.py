@@ -165,7 +165,7 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = No
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+    from .optuna_search import ResumableOptunaSearch
 
     spec = dataclasses.replace(spec, base=spec.base + list(cli_overrides))
     base_cfg = check_against_config(spec, compose)          # the YAML against the config, before any work
@@ -187,9 +187,9 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = No
         trial_eval["reference_key"] = _reference_name(ctx, spec.report.fid_n)
     final_ref = _reference_name(ctx, pc.run.eval.n)
     levels_default = pc.run.hkd_config().levels
-    searcher = OptunaSearch(space=define_by_run(spec, levels_default), metric=spec.metric, mode=spec.mode,
-                            study_name=sweep_id, storage=optuna.storages.RDBStorage(study_url(spec)),
-                            sampler=optuna.samplers.TPESampler(seed=spec.seed))
+    searcher = ResumableOptunaSearch(space=define_by_run(spec, levels_default), metric=spec.metric, mode=spec.mode,
+                                     study_name=sweep_id, storage=optuna.storages.RDBStorage(study_url(spec)),
+                                     sampler=optuna.samplers.TPESampler(seed=spec.seed))
     total = pc.run.train.total_kimg
     if spec.scheduler.type == "asha":
         # max_t a hair above the budget: ASHA stops a trial that reaches max_t, and a trial that trained to the

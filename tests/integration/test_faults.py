@@ -20,7 +20,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-TOTAL = 0.384                           # kimg: 12 steps of 32 images
+TOTAL = 0.768     # kimg: 24 steps of 32 images, about 8 s of training here: long enough that a fault injected
+                  # at the first checkpoint or progress line lands while the run trains
 # each fault test distils with its own train.seed: its own stage hash, so nothing is shared or skipped
 FAULT_TRAIN = [f"train.total_kimg={TOTAL}", "train.checkpoint_every_kimg=0.064", "train.log_every_kimg=0.032"]
 
@@ -135,7 +136,7 @@ def _assert_complete(res: dict, run, steps_per_log: int = 32) -> None:
     assert res["distill"]["kimg"] == pytest.approx(TOTAL) and res["distill"]["steps"] == round(TOTAL * 1000 / 32)
     assert run.info.status == "FINISHED"
     steps = {m.step for m in _history(run.info.run_id, "train/kimg")}
-    assert steps == set(range(steps_per_log, round(TOTAL * 1000) + 1, steps_per_log))
+    assert steps == set(range(steps_per_log, round(TOTAL * 1000) + 1, steps_per_log))     # each logging point
 
 
 def test_worker_killed_restarts_from_the_last_checkpoint_in_the_same_run(first_pipeline, s3, smoke, run_tag,

@@ -34,16 +34,19 @@ def _runs(filt: str):
 @pytest.fixture(scope="module")
 def smoke_sweep(local_stack, stack_service, tmp_path_factory, fault_report):
     """The smoke sweep, with its driver killed in the middle of a trial's checkpoint write, then resumed to
-    the end. The write is made to last: once two trials have finished, SeaweedFS is stopped, so the next
-    checkpoint upload of a running trial retries; the driver is killed while it does, and S3 comes back."""
+    the end. The write is made to last: once a trial has finished and another is training, SeaweedFS is
+    stopped, so that trial's next checkpoint upload retries; the driver is killed while it does, and S3
+    comes back."""
     sweep_id = f"smoke-{TAG}"
     tmp = tmp_path_factory.mktemp("sweep")
     out, log = tmp / "summary.json", tmp / "driver.log"
     args = [sys.executable, "-m", "orchestrator", "sweep", str(ROOT / "sweeps" / "smoke.yaml"), *COMMON,
             "--no-progress"]
     preset = ROOT / "orchestrator" / "conf" / "experiment" / f"sweep_{sweep_id.replace('-', '_')}.yaml"
+    # RAY_DEDUP_LOGS=0: Ray would otherwise print a worker's repeated lines again later ("[repeated 3x across
+    # cluster]"), and a progress line that old must not pass for training happening now
     proc = subprocess.Popen(args + ["--id", sweep_id], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
     t0 = time.monotonic()
     upload = re.compile(r"\[checkpoint\] upload to s3://hkd/(\S+/sweeps-train/" + re.escape(sweep_id) +
                         r"-(\w+)/checkpoint_\S+) failed")
@@ -52,17 +55,22 @@ def smoke_sweep(local_stack, stack_service, tmp_path_factory, fault_report):
         while True:
             done = _runs(f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial' and "
                          f"attributes.status = 'FINISHED'")
-            if len(done) >= 2:
+            if len(done) >= 1:            # early: later ASHA may have stopped all but the last trial
                 break
             assert proc.poll() is None, "the sweep ended before it could be interrupted"
-            assert time.monotonic() - t0 < 600, "no two trials finished within 600 s"
+            assert time.monotonic() - t0 < 600, "no trial finished within 600 s"
             time.sleep(1)
         before = {r.data.tags["hkd.trial_id"]: r.info.end_time for r in done}
+        seen = log.stat().st_size
+        while not re.search(rb"\[distill\] [^\n]*ETA(?![^\n]*repeated)", log.read_bytes()[seen:]):   # training now: next
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"   # checkpoint in seconds
+            assert time.monotonic() - t0 < 700, "no trial trained after the first one finished"
+            time.sleep(0.2)
         stack_service("stop", "s3")
         s3_down, t_down = True, time.monotonic()
         while not (m := upload.search(log.read_text(errors="replace"))):
             assert proc.poll() is None, "the sweep driver exited while S3 was down"
-            assert time.monotonic() - t_down < 150, "no trial began a checkpoint upload within 150 s of S3 stopping"
+            assert time.monotonic() - t_down < 60, "no trial began a checkpoint upload within 60 s of S3 stopping"
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)       # the driver dies mid-write, its trials with it
@@ -116,7 +124,7 @@ def test_resume_reran_no_finished_trial_and_continued_the_study(smoke_sweep):
     before = smoke_sweep["finished_before_kill"]
     trials = _runs(f"tags.`hkd.sweep_id` = 'smoke-{TAG}' and tags.`hkd.stage` = 'trial'")
     after = {t.data.tags["hkd.trial_id"]: t.info.end_time for t in trials}
-    assert len(before) >= 2 and all(after[k] == v for k, v in before.items())
+    assert len(before) >= 1 and all(after[k] == v for k, v in before.items())
     import optuna
 
     from orchestrator.sweep import study_url

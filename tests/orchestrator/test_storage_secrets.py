@@ -18,3 +18,36 @@ def test_ray_storage_filesystem_pickles_without_the_keys(tmp_path, monkeypatch):
     import os
 
     assert os.environ["AWS_SHARED_CREDENTIALS_FILE"] == str(creds)          # where every process finds them
+
+
+def test_ray_storage_filesystem_keeps_its_retries_through_pickling(monkeypatch):
+    """Ray ships the filesystem to its controller and workers by pickle; pyarrow's own S3FileSystem drops
+    retry_strategy there (3 quick attempts remain, and a store that blips fails Ray Train's controller).
+    Ours comes back with the same retries: against a closed port a write fails only after 25 ms * 2^k
+    back-offs, i.e. seconds, not milliseconds."""
+    import time
+
+    import pyarrow.fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+    monkeypatch.delenv("AWS_SHARED_CREDENTIALS_FILE", raising=False)
+    _, fs = ray_storage(StorageConfig(endpoint_url="http://127.0.0.1:1", bucket="b", prefix="p"))
+    back = pickle.loads(pickle.dumps(fs))
+    assert isinstance(back, pyarrow.fs.S3FileSystem) and back == fs and back._hkd_args == fs._hkd_args
+    plain = pickle.loads(pickle.dumps(pyarrow.fs.S3FileSystem(
+        endpoint_override="127.0.0.1:1", scheme="http", region="us-east-1",
+        retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=8))))
+    quick = pickle.loads(pickle.dumps(type(fs)(max_attempts=7, endpoint_override="127.0.0.1:1", scheme="http",
+                                               region="us-east-1")))
+
+    def fail_time(f) -> float:
+        t0 = time.monotonic()
+        try:
+            with f.open_output_stream("b/p/x.json") as out:
+                out.write(b"x")
+        except OSError:
+            return time.monotonic() - t0
+        raise AssertionError("wrote to a closed port")
+
+    assert fail_time(quick) > 2.0 > fail_time(plain)          # 25 ms * 2^7 = 3.2 s of back-off vs none kept
