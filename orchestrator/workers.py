@@ -78,6 +78,13 @@ class CheckpointUploader:
             else:                              # multipart: visible only once complete
                 put = lambda: store.client.upload_file(str(f), store.cfg.bucket, store.key(rel))  # noqa: E731
             retry(put, f"checkpoint upload {store.uri(rel)}", self.cfg.retry_deadline_s, count)
+        stall = float(os.environ.get("HKD_FAULT_CHECKPOINT_STALL_S") or 0)
+        if stall > 0:
+            # fault injection for the tests: hold the moment a kill is most harmful, the checkpoint in S3 but
+            # not yet in Ray Train's snapshot (tests/integration/test_sweep.py)
+            print(f"[checkpoint] s3://{dest} uploaded, not yet recorded by Ray: stalling {stall:g} s "
+                  f"(HKD_FAULT_CHECKPOINT_STALL_S)", flush=True)
+            time.sleep(stall)
         self.last_s, self.last_retries = time.monotonic() - t0, self.retries - before
         if self.last_retries:
             print(f"[checkpoint] s3://{dest} uploaded after {self.last_retries} retries in {self.last_s:.1f} s",
@@ -384,5 +391,6 @@ def env_for_workers() -> dict:
     """Variables the workers need that the driver has (endpoints and the credentials file, never the keys)."""
     keys = ("AWS_ENDPOINT_URL", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE", "AWS_DEFAULT_REGION",
             "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "HKD_S3_BUCKET", "HKD_INCEPTION_WEIGHTS", "HKD_CACHE",
-            "HKD_DATA_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+            "HKD_DATA_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+            "HKD_FAULT_CHECKPOINT_STALL_S")
     return {k: os.environ[k] for k in keys if os.environ.get(k)}

@@ -32,11 +32,11 @@ def _runs(filt: str):
 
 
 @pytest.fixture(scope="module")
-def smoke_sweep(local_stack, stack_service, tmp_path_factory, fault_report):
+def smoke_sweep(local_stack, tmp_path_factory, fault_report):
     """The smoke sweep, with its driver killed in the middle of a trial's checkpoint write, then resumed to
-    the end. The write is made to last: once a trial has finished and another is training, SeaweedFS is
-    stopped, so that trial's next checkpoint upload retries; the driver is killed while it does, and S3
-    comes back."""
+    the end. The kill lands in the most harmful instant: the checkpoint's file is in S3 but Ray Train's
+    snapshot does not list it yet. HKD_FAULT_CHECKPOINT_STALL_S holds every upload in that state for 6 s;
+    once a trial has finished, the driver is killed as soon as another trial reports such a stall."""
     sweep_id = f"smoke-{TAG}"
     tmp = tmp_path_factory.mktemp("sweep")
     out, log = tmp / "summary.json", tmp / "driver.log"
@@ -44,49 +44,43 @@ def smoke_sweep(local_stack, stack_service, tmp_path_factory, fault_report):
             "--no-progress"]
     preset = ROOT / "orchestrator" / "conf" / "experiment" / f"sweep_{sweep_id.replace('-', '_')}.yaml"
     # RAY_DEDUP_LOGS=0: Ray would otherwise print a worker's repeated lines again later ("[repeated 3x across
-    # cluster]"), and a progress line that old must not pass for training happening now
+    # cluster]"), and a line that old must not pass for a stall happening now
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "HKD_FAULT_CHECKPOINT_STALL_S": "6"}
     proc = subprocess.Popen(args + ["--id", sweep_id], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+                            start_new_session=True, env=env)
     t0 = time.monotonic()
-    upload = re.compile(r"\[checkpoint\] upload to s3://hkd/(\S+/sweeps-train/" + re.escape(sweep_id) +
-                        r"-(\w+)/checkpoint_\S+) failed")
-    s3_down = False
+    stall = re.compile(rb"\[checkpoint\] s3://hkd/(\S+/sweeps-train/" + re.escape(sweep_id).encode() +
+                       rb"-(\w+)/checkpoint_[^/\s]+) uploaded, not yet recorded by Ray(?![^\n]*repeated)")
     try:
         while True:
             done = _runs(f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial' and "
                          f"attributes.status = 'FINISHED'")
-            if len(done) >= 1:            # early: later ASHA may have stopped all but the last trial
+            if len(done) >= 1:
                 break
             assert proc.poll() is None, "the sweep ended before it could be interrupted"
             assert time.monotonic() - t0 < 600, "no trial finished within 600 s"
             time.sleep(1)
         before = {r.data.tags["hkd.trial_id"]: r.info.end_time for r in done}
         seen = log.stat().st_size
-        while not re.search(rb"\[distill\] [^\n]*ETA(?![^\n]*repeated)", log.read_bytes()[seen:]):   # training now: next
-            assert proc.poll() is None, "the sweep ended before it could be interrupted"   # checkpoint in seconds
-            assert time.monotonic() - t0 < 700, "no trial trained after the first one finished"
-            time.sleep(0.2)
-        stack_service("stop", "s3")
-        s3_down, t_down = True, time.monotonic()
-        while not (m := upload.search(log.read_text(errors="replace"))):
-            assert proc.poll() is None, "the sweep driver exited while S3 was down"
-            assert time.monotonic() - t_down < 60, "no trial began a checkpoint upload within 60 s of S3 stopping"
-            time.sleep(0.5)
+        while not (m := stall.search(log.read_bytes()[seen:])):
+            assert proc.poll() is None, "the sweep ended before a trial wrote another checkpoint"
+            assert time.monotonic() - t0 < 700, "no checkpoint write after the first trial finished"
+            time.sleep(0.1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)       # the driver dies mid-write, its trials with it
         proc.wait()
-        if s3_down:
-            stack_service("start")
     t_kill = time.monotonic()
+    hit = {"trial_id": m.group(2).decode(), "checkpoint": m.group(1).decode()}
     try:
         r = subprocess.run(args + ["--resume", sweep_id, "--json", str(out)], capture_output=True, text=True,
                            timeout=1200)
         assert r.returncode == 0, r.stderr[-4000:]
-        fault_report.append({"fault": "sweep driver killed during a trial's checkpoint write (S3 down)",
-                             "trial": m.group(2), "resumed sweep finished after (s)": time.monotonic() - t_kill,
-                             "lost": "that trial's unrecorded interval, redone"})
+        fault_report.append({"fault": "sweep driver killed while a trial's checkpoint was in S3 but not yet "
+                                      "in Ray's snapshot", "trial": hit["trial_id"],
+                             "resumed sweep finished after (s)": time.monotonic() - t_kill,
+                             "lost": "that trial's work since its last recorded checkpoint, redone"})
         yield {**json.loads(out.read_text()), "finished_before_kill": before, "stdout": r.stdout,
-               "interrupted_write": {"trial_id": m.group(2), "checkpoint": m.group(1)}}
+               "interrupted_write": hit}
     finally:
         preset.unlink(missing_ok=True)
 
@@ -144,17 +138,20 @@ def test_best_config_is_a_usable_experiment_preset(smoke_sweep):
 
 
 def test_resume_after_a_kill_during_a_checkpoint_write(smoke_sweep, s3):
-    """The trial whose checkpoint upload the kill interrupted ran to its end in the resumed sweep, in the
-    same MLflow run; no checkpoint folder of the sweep in S3 is partial."""
+    """The trial whose checkpoint write the kill interrupted went on in the resumed sweep (to its end, or until
+    ASHA stopped it), in the same MLflow run; every checkpoint folder of the sweep in S3, the one the kill
+    left unrecorded included, holds one whole checkpoint."""
     import io
 
     import torch
 
     hit = smoke_sweep["interrupted_write"]
     rows = {r["trial_id"]: r for r in smoke_sweep["rows"]}
-    assert rows[hit["trial_id"]]["status"] == "completed" or rows[hit["trial_id"]]["status"].startswith("stopped early")
+    status = rows[hit["trial_id"]]["status"]
+    assert status == "completed" or status.startswith("stopped early")          # not "error"
     runs = _runs(f"tags.`hkd.sweep_id` = 'smoke-{TAG}' and tags.`hkd.trial_id` = '{hit['trial_id']}'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert len(runs) == 1                                                       # one MLflow run for both drivers
+    assert status != "completed" or runs[0].info.status == "FINISHED"
     train_root = hit["checkpoint"].split("/sweeps-train/")[0] + "/sweeps-train/"
     objs = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="hkd", Prefix=train_root)
             for o in page.get("Contents", [])]
