@@ -62,6 +62,7 @@ class CheckpointUploader:
         if bucket != self.cfg.bucket:
             raise ValueError(f"Ray's storage path {dest} is not in storage.bucket {self.cfg.bucket}")
         store = S3Store(dataclasses.replace(self.cfg, prefix=key_prefix))
+        _fault_stall("HKD_FAULT_STALL_BEFORE_UPLOAD_S", f"s3://{dest} about to be uploaded")
         t0, before = time.monotonic(), self.retries
 
         def count(attempt, err):
@@ -78,18 +79,22 @@ class CheckpointUploader:
             else:                              # multipart: visible only once complete
                 put = lambda: store.client.upload_file(str(f), store.cfg.bucket, store.key(rel))  # noqa: E731
             retry(put, f"checkpoint upload {store.uri(rel)}", self.cfg.retry_deadline_s, count)
-        stall = float(os.environ.get("HKD_FAULT_CHECKPOINT_STALL_S") or 0)
-        if stall > 0:
-            # fault injection for the tests: hold the moment a kill is most harmful, the checkpoint in S3 but
-            # not yet in Ray Train's snapshot (tests/integration/test_sweep.py)
-            print(f"[checkpoint] s3://{dest} uploaded, not yet recorded by Ray: stalling {stall:g} s "
-                  f"(HKD_FAULT_CHECKPOINT_STALL_S)", flush=True)
-            time.sleep(stall)
         self.last_s, self.last_retries = time.monotonic() - t0, self.retries - before
         if self.last_retries:
             print(f"[checkpoint] s3://{dest} uploaded after {self.last_retries} retries in {self.last_s:.1f} s",
                   flush=True)
+        _fault_stall("HKD_FAULT_STALL_AFTER_UPLOAD_S", f"s3://{dest} uploaded, not yet recorded by Ray")
         return Checkpoint(path=dest, filesystem=storage.storage_filesystem)
+
+
+def _fault_stall(var: str, what: str) -> None:
+    """Fault injection for the integration tests, off unless the variable is set: hold a checkpoint write
+    at a chosen instant so that a fault lands there for certain (before the upload: an object-store outage
+    meets it; after the upload, before Ray Train records it: a kill is most harmful)."""
+    stall = float(os.environ.get(var) or 0)
+    if stall > 0:
+        print(f"[checkpoint] {what}: stalling {stall:g} s ({var})", flush=True)
+        time.sleep(stall)
 
 
 def _reporter(rank: int, tracker, run_id: str | None, total_kimg: float, what: str, storage_cfg=None):
@@ -392,5 +397,5 @@ def env_for_workers() -> dict:
     keys = ("AWS_ENDPOINT_URL", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE", "AWS_DEFAULT_REGION",
             "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "HKD_S3_BUCKET", "HKD_INCEPTION_WEIGHTS", "HKD_CACHE",
             "HKD_DATA_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-            "HKD_FAULT_CHECKPOINT_STALL_S")
+            "HKD_FAULT_STALL_BEFORE_UPLOAD_S", "HKD_FAULT_STALL_AFTER_UPLOAD_S")
     return {k: os.environ[k] for k in keys if os.environ.get(k)}

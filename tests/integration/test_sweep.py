@@ -35,7 +35,7 @@ def _runs(filt: str):
 def smoke_sweep(local_stack, tmp_path_factory, fault_report):
     """The smoke sweep, with its driver killed in the middle of a trial's checkpoint write, then resumed to
     the end. The kill lands in the most harmful instant: the checkpoint's file is in S3 but Ray Train's
-    snapshot does not list it yet. HKD_FAULT_CHECKPOINT_STALL_S holds every upload in that state for 6 s;
+    snapshot does not list it yet. HKD_FAULT_STALL_AFTER_UPLOAD_S holds every upload in that state for 6 s;
     once a trial has finished, the driver is killed as soon as another trial reports such a stall."""
     sweep_id = f"smoke-{TAG}"
     tmp = tmp_path_factory.mktemp("sweep")
@@ -45,7 +45,7 @@ def smoke_sweep(local_stack, tmp_path_factory, fault_report):
     preset = ROOT / "orchestrator" / "conf" / "experiment" / f"sweep_{sweep_id.replace('-', '_')}.yaml"
     # RAY_DEDUP_LOGS=0: Ray would otherwise print a worker's repeated lines again later ("[repeated 3x across
     # cluster]"), and a line that old must not pass for a stall happening now
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "HKD_FAULT_CHECKPOINT_STALL_S": "6"}
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "HKD_FAULT_STALL_AFTER_UPLOAD_S": "6"}
     proc = subprocess.Popen(args + ["--id", sweep_id], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True, env=env)
     t0 = time.monotonic()
