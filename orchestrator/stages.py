@@ -255,23 +255,21 @@ def check_distill_inputs(ctx: StageContext) -> dict[str, str]:
         raise ShardError(f"{left} usable shards under {store.uri()} for {pc.cluster.num_workers} workers"
                          + (f" ({len(skip)} skipped: {'; '.join(skip.values())})" if skip else "")
                          + "; regenerate the trajectories or use fewer workers")
-    check_resume_checkpoint(ctx, "distill")
+    check_resume_checkpoint(ctx)
     return skip
 
 
-def check_resume_checkpoint(ctx: StageContext, stage: str) -> str | None:
-    """The newest checkpoint Ray Train recorded for this stage, if any, loaded into a model built from this
-    config: a checkpoint of another architecture (a code change under the same config) is refused here,
+def check_resume_checkpoint(ctx: StageContext) -> str | None:
+    """The newest checkpoint Ray Train recorded for the distill stage, if any, loaded into a model built from
+    this config: a checkpoint of another architecture (a code change under the same config) is refused here,
     naming its URI, instead of failing every worker restart. Returns its URI."""
     import dataclasses as dc
 
     from hkd_core.checkpoint import CheckpointError, load_model_state
     from hkd_core.models import build_model
 
-    if stage != "distill":
-        raise ValueError(stage)
     path, fs = ray_storage(ctx.pc.storage)
-    exp = f"{path}/{ctx.prefix(stage)}"
+    exp = f"{path}/{ctx.prefix('distill')}"
     bucket, _, key = exp.partition("/")
     if not S3Store(dc.replace(ctx.pc.storage, bucket=bucket, prefix=key)).exists("checkpoint_manager_snapshot.json"):
         return None

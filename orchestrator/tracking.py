@@ -93,8 +93,7 @@ class Tracker:
         self._lock = threading.Lock()          # guards the buffer; never held while talking to the server
         self._send_lock = threading.Lock()     # one sender at a time
         self.experiment_id = self._call(lambda: self._experiment(cfg.experiment), "get experiment")
-        self.outage_s = 0.0                    # time the buffer waited on an unreachable server
-        self._down_since: float | None = None
+        self._down_since: float | None = None  # when the server stopped answering (for the log line)
         self._stop = threading.Event()
         self._thread = None
         if background_flush_s:
@@ -216,7 +215,6 @@ class Tracker:
                 log.warning("mlflow unreachable (%s); %d metric values buffered", str(e)[:120], self.pending())
                 return False
             if self._down_since is not None:
-                self.outage_s += time.monotonic() - self._down_since
                 log.warning("mlflow reachable again after %.1f s; buffered metric values are being sent",
                             time.monotonic() - self._down_since)
                 self._down_since = None
