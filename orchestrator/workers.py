@@ -184,9 +184,10 @@ def distill_loop(config: dict) -> None:
     store = S3Store(pc.storage, config["trajectories_prefix"])
     tr = pc.run.train
     manifest = read_manifest(store)
-    # the driver checked every shard before starting Ray Train (stages.check_distill_inputs); with
-    # train.skip_corrupt_shards it hands over the ones to leave out, and a shard that goes bad later is
-    # skipped here too (else it stops the run, naming the object)
+    # `hkd distill` checked every shard in the driver before starting Ray Train (stages.check_distill_inputs)
+    # and, with train.skip_corrupt_shards, hands over the ones to leave out. Sweep trials come here without
+    # that driver check, so rank 0 checks again (HEAD requests only); a shard that goes bad later is skipped
+    # while streaming when configured (counted on rank 0), else it stops the run, naming the object.
     manifest = without_shards(manifest, set(config.get("skip_shards", [])))
     if rank == 0 and not tr.skip_corrupt_shards:
         check_shards(store, manifest)
