@@ -39,10 +39,15 @@ class TeacherConfig:
     blocks: int = 2
     attn_resolutions: list[int] = field(default_factory=lambda: [8])
     dropout: float = 0.0
+    sigma_data: float = 0.5              # edm: EDM's sigma_data, the data's std (Fashion-MNIST padded to 32: 0.66)
     total_kimg: float = 200.0            # edm: training length
+    max_train_s: float | None = None     # edm: optional wall-clock budget, seconds of training
     batch_size: int = 128
     lr: float = 1e-3
+    lr_rampup_kimg: float = 10.0
     ema_halflife_kimg: float = 10.0
+    log_every_kimg: float = 2.0
+    checkpoint_every_kimg: float = 20.0
     checkpoint: str | None = None        # edm: start from / use this checkpoint file instead of training
 
 
@@ -202,6 +207,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"by symmetric zero-padding; use {native} or {native} + an even number (e.g. 32)")
     _positive("data.limit", cfg.data.limit)
     _choice("teacher.kind", cfg.teacher.kind, {"empirical", "edm"})
+    for k in ("sigma_data", "total_kimg", "batch_size", "lr", "log_every_kimg", "checkpoint_every_kimg"):
+        _positive(f"teacher.{k}", getattr(cfg.teacher, k))
+    _positive("teacher.max_train_s", cfg.teacher.max_train_s)
     _choice("trajectories.sampler", cfg.trajectories.sampler, SAMPLERS)
     for k in ("num", "steps", "shard_size", "batch_size"):
         _positive(f"trajectories.{k}", getattr(cfg.trajectories, k))

@@ -44,13 +44,18 @@ def teacher_unet_config(cfg: RunConfig, img_channels: int) -> UNetConfig:
                       dropout=t.dropout)
 
 
+def teacher_denoiser(cfg: RunConfig, img_channels: int) -> EDMPrecond:
+    """The EDM teacher's network (untrained): the configured U-Net behind EDM's preconditioning."""
+    return EDMPrecond(UNet(teacher_unet_config(cfg, img_channels)), sigma_data=cfg.teacher.sigma_data)
+
+
 def build_teacher(cfg: RunConfig, folder: Path | None, progress: bool = True, metrics_cb=None) -> Teacher:
     """The empirical denoiser of the data subset, or an EDM U-Net (trained here unless a checkpoint is given)."""
     images, _ = load_images(cfg.data.name, cfg.data.split, resolution=cfg.data.resolution, limit=cfg.data.limit,
                             root=cfg.data.root)
     if cfg.teacher.kind == "empirical":
         return EmpiricalTeacher(images, name=f"{cfg.data.name}/{cfg.data.split}/{images.shape[0]}")
-    net = EDMPrecond(UNet(teacher_unet_config(cfg, images.shape[1])))
+    net = teacher_denoiser(cfg, images.shape[1])
     identity = {"unet": teacher_unet_config(cfg, images.shape[1]).to_dict(), "data": cfg.data.name}
     if cfg.teacher.checkpoint:
         state = load_checkpoint(cfg.teacher.checkpoint)
@@ -62,8 +67,10 @@ def build_teacher(cfg: RunConfig, folder: Path | None, progress: bool = True, me
         log.info("teacher: reusing %s", final)
     else:
         t = cfg.teacher
-        result = train_teacher(net, images, total_kimg=t.total_kimg, batch_size=t.batch_size, lr=t.lr,
+        result = train_teacher(net, images, total_kimg=t.total_kimg, max_train_s=t.max_train_s,
+                               batch_size=t.batch_size, lr=t.lr, lr_rampup_kimg=t.lr_rampup_kimg,
                                ema_halflife_kimg=t.ema_halflife_kimg, seed=cfg.train.seed,
+                               log_every_kimg=t.log_every_kimg, checkpoint_every_kimg=t.checkpoint_every_kimg,
                                checkpoint_dir=folder / "checkpoints" if folder else None, metrics_cb=metrics_cb,
                                progress=progress, config=cfg.to_dict())
         net.load_state_dict(result["ema"].state_dict())

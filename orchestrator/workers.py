@@ -269,8 +269,7 @@ def teacher_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from hkd_core.edm import EDMPrecond, UNet
-    from hkd_core.pipeline import teacher_unet_config
+    from hkd_core.pipeline import teacher_denoiser
     from hkd_core.train import train_teacher
 
     pc = _pipeline(config["pipeline"])
@@ -280,17 +279,17 @@ def teacher_loop(config: dict) -> None:
     images = ray.get(config["images_ref"][0])                             # (1) the data set, shared by ref
     device = ray.train.torch.get_device()
     torch.manual_seed(pc.run.train.seed)
-    net = ray.train.torch.prepare_model(EDMPrecond(UNet(teacher_unet_config(pc.run, images.shape[1]))))
+    net = ray.train.torch.prepare_model(teacher_denoiser(pc.run, images.shape[1]))
     tracker = _tracker_for_rank0(pc, rank)
     t = pc.run.teacher
     metrics_cb, checkpoint_cb = _reporter(rank, tracker, config.get("run_id"), t.total_kimg, "teacher", pc.storage)
     local = Path(tempfile.mkdtemp(prefix="hkd-teacher-"))
     resume = _resume_file()
     _count_attempt(tracker, config.get("run_id"), resume)
-    train_teacher(net, images, total_kimg=t.total_kimg, batch_size=t.batch_size, lr=t.lr,
-                  ema_halflife_kimg=t.ema_halflife_kimg, seed=pc.run.train.seed, rank=rank, world_size=world,
-                  device=device, log_every_kimg=max(t.total_kimg / 100, 0.1),
-                  checkpoint_every_kimg=max(t.total_kimg / 10, 0.5), checkpoint_dir=local,
+    train_teacher(net, images, total_kimg=t.total_kimg, max_train_s=t.max_train_s, batch_size=t.batch_size, lr=t.lr,
+                  lr_rampup_kimg=t.lr_rampup_kimg, ema_halflife_kimg=t.ema_halflife_kimg, seed=pc.run.train.seed,
+                  rank=rank, world_size=world, device=device, log_every_kimg=t.log_every_kimg,
+                  checkpoint_every_kimg=t.checkpoint_every_kimg, checkpoint_dir=local,
                   resume=resume or False, metrics_cb=metrics_cb, checkpoint_cb=checkpoint_cb,
                   progress=False, config=pc.run.to_dict())
     if tracker is not None:
@@ -300,8 +299,7 @@ def teacher_loop(config: dict) -> None:
 
 def build_teacher_on_worker(pc, images, teacher_key: str | None):
     """The teacher a sampling task uses: empirical from the images, or the EDM EMA weights from S3."""
-    from hkd_core.edm import EDMPrecond, UNet
-    from hkd_core.pipeline import teacher_unet_config
+    from hkd_core.pipeline import teacher_denoiser, teacher_unet_config
     from hkd_core.teachers import EDMTeacher, EmpiricalTeacher
 
     from .storage import S3Store
@@ -309,7 +307,7 @@ def build_teacher_on_worker(pc, images, teacher_key: str | None):
     if pc.run.teacher.kind == "empirical":
         d = pc.run.data
         return EmpiricalTeacher(images, name=f"{d.name}/{d.split}/{images.shape[0]}")
-    net = EDMPrecond(UNet(teacher_unet_config(pc.run, images.shape[1])))
+    net = teacher_denoiser(pc.run, images.shape[1])
     state = torch.load(io.BytesIO(S3Store(pc.storage).get(teacher_key)), map_location="cpu", weights_only=True)
     net.load_state_dict(state)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
