@@ -45,7 +45,9 @@ class TeacherConfig:
     batch_size: int = 128
     lr: float = 1e-3
     lr_rampup_kimg: float = 10.0
+    grad_clip: float = 1.0
     ema_halflife_kimg: float = 10.0
+    ema_rampup: float = 0.05
     log_every_kimg: float = 2.0
     checkpoint_every_kimg: float = 20.0
     checkpoint: str | None = None        # edm: start from / use this checkpoint file instead of training

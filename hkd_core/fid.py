@@ -3,8 +3,8 @@
 Features come from torch-fidelity's ``inception-v3-compat`` extractor (pool3, 2048-d); FID from its
 ``fid_statistics_to_metric`` and KID from its ``kid_features_to_metric``, so the metric code is
 torch-fidelity's. Statistics are accumulated in float64 as (n, sum, sum of outer products), which merge
-exactly across workers (see ``FeatureStats.merge``). Reference statistics and features of a data set are
-computed once per (data set, split, N, resolution, weights sha256) and cached.
+exactly across workers (see ``FeatureStats.merge``). Reference statistics are keyed by (data set, split, N,
+resolution, weights sha256) so that a driver can cache them (``evaluation.py`` draws the samples).
 """
 from __future__ import annotations
 
@@ -13,15 +13,12 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_bytes
-from .data import cache_dir, load_images, to_uint8
+from .data import to_uint8
 from .inception import weights_digest, weights_path
 
 log = logging.getLogger(__name__)
@@ -154,40 +151,3 @@ def decode_reference(data: bytes) -> Reference:
     with np.load(io.BytesIO(data)) as z:
         return Reference(json.loads(z["key"].tobytes()), FeatureStats(int(z["n"]), z["total"], z["outer"]),
                          torch.from_numpy(z["features"].copy()))
-
-
-def reference_stats(dataset: str, split: str, n: int, features: InceptionFeatures, resolution: int | None = None,
-                    root=None, cache: str | os.PathLike | None = None, progress: bool = True) -> Reference:
-    """Statistics of a fixed seeded subset of N images; computed once, then read from the cache folder."""
-    key = reference_key(dataset, split, n, resolution, features.sha256)
-    folder = Path(cache) if cache else cache_dir() / "fid_refs"
-    path = folder / reference_cache_name(key)
-    if path.is_file():
-        ref = decode_reference(path.read_bytes())
-        if ref.key == key:
-            return ref
-    images, _ = load_images(dataset, split, resolution=resolution, limit=n, root=root, seed=12345)
-    if images.shape[0] < n:
-        raise ValueError(f"{dataset}/{split} has {images.shape[0]} images, fewer than eval.n={n}")
-    log.info("reference statistics for %s/%s N=%d (once; cached at %s)", dataset, split, n, path)
-    feats = features(images, progress=progress)
-    ref = Reference(key, FeatureStats.of(feats), feats)
-    atomic_write_bytes(path, encode_reference(ref))
-    return ref
-
-
-def evaluate_features(feats: torch.Tensor, ref: Reference, kid_subset_size: int = 1000) -> dict[str, float]:
-    kid, kid_std = kid_from_features(feats, ref.features, kid_subset_size)
-    return {"fid": fid_from_stats(FeatureStats.of(feats), ref.stats), "kid": kid, "kid_std": kid_std,
-            "n": float(feats.shape[0])}
-
-
-@torch.no_grad()
-def evaluate_generator(sample: Callable[[int, int], torch.Tensor], n: int, ref: Reference,
-                       features: InceptionFeatures, batch_size: int = 100, progress: bool = True,
-                       kid_subset_size: int = 1000) -> dict[str, float]:
-    """FID/KID of N samples; ``sample(count, batch_index)`` returns images in [-1, 1]."""
-    feats = []
-    for i, start in enumerate(tqdm(range(0, n, batch_size), desc="fid", unit="batch", disable=not progress)):
-        feats.append(features(sample(min(batch_size, n - start), i)))
-    return evaluate_features(torch.cat(feats), ref, kid_subset_size)

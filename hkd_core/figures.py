@@ -206,3 +206,35 @@ def plot_edit_tradeoff(sweep, path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+@torch.no_grad()
+def write_figures(model, folder: str | os.PathLike, n: int = 8, seed: int = 7) -> list[Path]:
+    """Every figure of a trained one-step model: samples; for Koopman models also the spectrum (complex plane,
+    alpha and beta histograms), decay-rate maps, band masking (all levels, and per level), a trajectory strip,
+    each band along tau (images), and the energy of each band along tau (curves)."""
+    from .editing import band_energy
+    from .models import HKD
+    from .spectra import band_masking, band_trajectory
+
+    folder = Path(folder)
+    x_T = model.noise(n, torch.Generator().manual_seed(seed))
+    paths = [save_image_grid(model.sample(x_T=x_T), folder / "samples.png")]
+    spec = model.spectrum()
+    if spec:
+        paths.append(plot_spectrum(spec, folder / "spectrum.png", f"{getattr(model, 'variant', '')} eigenvalues"))
+    if isinstance(model, HKD):
+        paths.append(plot_alpha_maps(spec, folder / "alpha_maps.png"))
+        k = min(3, min(ev.shape[0] for ev in spec))
+        full = model.sample(x_T=x_T[:6])
+        paths.append(plot_band_masking(band_masking(model, x_T[:6], k), folder / "band_masking.png", full=full))
+        per_level = [band_masking(model, x_T[:6], k, level=l + 1) for l in range(len(spec))]
+        paths.append(plot_band_masking_levels(per_level, folder / "band_masking_levels.png", full))
+        taus = torch.linspace(0, 1, 6)
+        paths.append(plot_trajectory_strip(model.trajectory(x_T[:4], taus)["previews"], taus.tolist(),
+                                           folder / "trajectory.png"))
+        bt = band_trajectory(model, x_T[:1], taus.tolist(), k)[:, :, 0]
+        paths.append(plot_band_trajectory(bt, taus.tolist(), folder / "band_trajectory.png"))
+        fine = torch.linspace(0, 1, 11).tolist()
+        paths.append(plot_band_energy(band_energy(model, x_T, fine, k), fine, folder / "band_energy.png"))
+    return paths

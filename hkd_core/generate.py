@@ -1,7 +1,9 @@
 """Teacher trajectories, shard by shard: the unit of work the orchestrator spreads over workers.
 
 Trajectory i starts from x_T = sigma_max * n_i with n_i drawn from a generator seeded by ``seed + i``, so
-any shard can be (re)generated alone and the whole set does not depend on how it was split.
+any shard can be (re)generated alone and the whole set does not depend on how it was split. Held-out
+trajectories (the error against the teacher) use seeds ``seed + HOLDOUT_SEED_OFFSET + i``, which no
+training trajectory can have.
 """
 from __future__ import annotations
 
@@ -18,6 +20,13 @@ from .trajectories import BlobStore, Manifest, ShardError, ShardInfo, read_shard
     write_shard
 
 log = logging.getLogger(__name__)
+HOLDOUT_SEED_OFFSET = 10 ** 9
+
+
+def splits(num: int, holdout: int, seed: int) -> list[tuple[str, int, int]]:
+    """(split name, trajectories, seed base) of the training and held-out sets; empty sets left out."""
+    return [(name, n, s) for name, n, s in (("train", num, seed), ("holdout", holdout, seed + HOLDOUT_SEED_OFFSET))
+            if n > 0]
 
 
 def noise_for_seeds(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -38,6 +47,19 @@ def shard_plan(num_trajectories: int, shard_size: int) -> list[tuple[int, int, i
             for i, first in enumerate(range(0, num_trajectories, shard_size))]
 
 
+def sampler_nfe(spec: dict) -> int:
+    """Denoiser evaluations per trajectory: Heun's last step is Euler."""
+    return 2 * spec["steps"] - 1 if spec["name"] == "heun" else spec["steps"]
+
+
+def build_manifest(shape: tuple[int, ...], spec: dict, teacher: dict, shard_size: int, shards: list[ShardInfo]
+                   ) -> Manifest:
+    """The manifest of a complete set of shards (in index order)."""
+    sigmas = karras_sigmas(spec["steps"], spec["sigma_min"], spec["sigma_max"], spec["rho"])
+    return Manifest(shape=list(shape), sigmas=sigmas.tolist(), nfe=sampler_nfe(spec), teacher=teacher, sampler=spec,
+                    shard_size=shard_size, shards=sorted(shards, key=lambda s: s.first_index))
+
+
 @torch.no_grad()
 def generate_shard(store: BlobStore, teacher: Teacher, index: int, first: int, count: int, shape: tuple[int, ...],
                    sampler: dict, seed: int = 0, batch_size: int = 256, device="cpu") -> ShardInfo:
@@ -55,7 +77,7 @@ def generate_shard(store: BlobStore, teacher: Teacher, index: int, first: int, c
     return write_shard(store, index, first, torch.cat(parts), sigmas, seeds, meta)
 
 
-def _existing(store: BlobStore, index: int, first: int, count: int, seed: int) -> ShardInfo | None:
+def existing_shard(store: BlobStore, index: int, first: int, count: int, seed: int) -> ShardInfo | None:
     """A shard already written by an earlier (interrupted) run, if it is whole and holds the same seeds."""
     key = shard_key(index)
     if not store.exists(key):
@@ -78,13 +100,10 @@ def generate_trajectories(store: BlobStore, teacher: Teacher, num_trajectories: 
     infos = []
     plan = shard_plan(num_trajectories, shard_size)
     for index, first, count in tqdm(plan, desc="trajectories", unit="shard", disable=not progress):
-        info = _existing(store, index, first, count, seed)
+        info = existing_shard(store, index, first, count, seed)
         if info is None:
             info = generate_shard(store, teacher, index, first, count, shape, spec, seed, batch_size, device)
         infos.append(info)
-    sigmas = karras_sigmas(steps, spec["sigma_min"], spec["sigma_max"], spec["rho"])
-    nfe = 2 * steps - 1 if sampler == "heun" else steps
-    manifest = Manifest(shape=list(shape), sigmas=sigmas.tolist(), nfe=nfe, teacher=teacher.identity, sampler=spec,
-                        shard_size=shard_size, shards=infos)
+    manifest = build_manifest(shape, spec, teacher.identity, shard_size, infos)
     write_manifest(store, manifest)
     return manifest

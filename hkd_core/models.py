@@ -11,6 +11,7 @@ switches on the same code:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,9 +20,6 @@ import torch.nn.functional as F
 from .edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, EDMPrecond, UNet, UNetConfig, as_sigma
 from .koopman import OPERATORS, KoopmanOperator, tau_of_sigma
 from .layers import NoiseEmbedding, Stage, downsample, group_norm, upsample
-
-VARIANTS = ("hkd", "no_koopman", "one_level", "kd", "kdm")
-
 
 @dataclass
 class HKDConfig:
@@ -270,32 +268,34 @@ def preset(name: str, **overrides) -> HKDConfig:
     return replace(PRESETS[name], **overrides).validate()
 
 
+def _one_level(cfg: HKDConfig) -> HKD:
+    """Non-hierarchical: the same trunk, but a single latent at the coarsest level, holding as many modes per
+    position as all levels together had; the decoder gets no finer latents."""
+    dims = list(cfg.subspace_dims[:-1]) + [sum(cfg.latent_dims())]
+    return HKD(replace(cfg, subspace_dims=dims, latent_levels=[cfg.levels]))
+
+
+# model.variant -> how its model is built from the preset's HKDConfig
+VARIANTS: dict[str, Callable[[HKDConfig], OneStepModel]] = {
+    "hkd": HKD,
+    "no_koopman": lambda cfg: HKD(replace(cfg, operator="none")),    # A = 0: no Koopman evolution
+    "one_level": _one_level,
+    "kd": KD,
+    "kdm": KDM,
+}
+
+
 def build_model(variant: str = "hkd", cfg: HKDConfig | str = "small", **overrides) -> OneStepModel:
     """A model for one of VARIANTS from a config or preset name, with field overrides."""
     if isinstance(cfg, str):
         cfg = preset(cfg, **overrides)
     elif overrides:
         cfg = replace(cfg, **overrides)
-    model = _build(variant, cfg)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; choose one of {list(VARIANTS)}")
+    model = VARIANTS[variant](cfg)
     model.variant = variant
     return model
-
-
-def _build(variant: str, cfg: HKDConfig) -> OneStepModel:
-    if variant == "hkd":
-        return HKD(cfg)
-    if variant == "no_koopman":
-        return HKD(replace(cfg, operator="none"))
-    if variant == "one_level":
-        # Non-hierarchical: the same trunk, but a single latent at the coarsest level, holding as many
-        # modes per position as all levels together had; the decoder gets no finer latents.
-        dims = list(cfg.subspace_dims[:-1]) + [sum(cfg.latent_dims())]
-        return HKD(replace(cfg, subspace_dims=dims, latent_levels=[cfg.levels]))
-    if variant == "kd":
-        return KD(cfg)
-    if variant == "kdm":
-        return KDM(cfg)
-    raise ValueError(f"unknown model variant {variant!r}; choose one of {list(VARIANTS)}")
 
 
 def model_record(model: OneStepModel, state_dict: dict | None = None) -> dict:

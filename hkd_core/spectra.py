@@ -9,19 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import metric_names as M
 from .models import HKD
 
 
-def summarize(spectrum: list[torch.Tensor], prefix: str = "spectra") -> dict[str, float]:
+def summarize(spectrum: list[torch.Tensor], prefix: str = M.SPECTRA) -> dict[str, float]:
     """Scalars per level: alpha mean/min/max/std, mean |beta|, fraction of growing modes (alpha > 0)."""
     out = {}
     for l, ev in enumerate(spectrum, 1):
         a, b = ev.real.flatten().double(), ev.imag.flatten().double()
-        p = f"{prefix}/l{l}"
-        out.update({f"{p}/alpha_mean": a.mean().item(), f"{p}/alpha_min": a.min().item(),
-                    f"{p}/alpha_max": a.max().item(), f"{p}/alpha_std": a.std(unbiased=False).item(),
-                    f"{p}/abs_beta_mean": b.abs().mean().item(), f"{p}/frac_growing": (a > 0).double().mean().item(),
-                    f"{p}/num_modes": float(a.numel())})
+        values = {"alpha_mean": a.mean(), "alpha_min": a.min(), "alpha_max": a.max(),
+                  "alpha_std": a.std(unbiased=False), "abs_beta_mean": b.abs().mean(),
+                  "frac_growing": (a > 0).double().mean(), "num_modes": torch.tensor(float(a.numel()))}
+        out.update({M.spectrum(l, k, prefix): values[k].item() for k in M.SPECTRUM_STATS})
     return out
 
 

@@ -10,7 +10,9 @@ import hashlib
 from typing import Protocol, runtime_checkable
 
 import torch
-from .edm import EDMPrecond, as_sigma
+
+from .config import DataConfig, TeacherConfig
+from .edm import EDMPrecond, UNet, UNetConfig, as_sigma
 
 
 @runtime_checkable
@@ -89,3 +91,28 @@ class GaussianTeacher:
         s2 = as_sigma(sigma, x).square()
         v = self.std ** 2
         return self.mean + v / (v + s2) * (x - self.mean)
+
+
+def teacher_unet_config(t: TeacherConfig, img_channels: int, resolution: int) -> UNetConfig:
+    return UNetConfig(img_channels=img_channels, resolution=resolution, channels=t.channels,
+                      channel_mult=tuple(t.channel_mult), blocks=t.blocks, attn_resolutions=tuple(t.attn_resolutions),
+                      dropout=t.dropout)
+
+
+def teacher_denoiser(t: TeacherConfig, img_channels: int, resolution: int) -> EDMPrecond:
+    """The EDM teacher's network, untrained: the configured U-Net behind EDM's preconditioning."""
+    return EDMPrecond(UNet(teacher_unet_config(t, img_channels, resolution)), sigma_data=t.sigma_data)
+
+
+def build_teacher(data: DataConfig, t: TeacherConfig, images: torch.Tensor, weights: dict | None = None,
+                  source: str = "") -> Teacher:
+    """The configured teacher: the empirical denoiser of ``images``, or the EDM U-Net with trained ``weights``
+    (a state dict, the EMA copy; ``source`` names where they came from, for lineage)."""
+    if t.kind == "empirical":
+        return EmpiricalTeacher(images, name=f"{data.name}/{data.split}/{images.shape[0]}")
+    if weights is None:
+        raise ValueError("teacher.kind=edm needs trained weights: run the teacher stage (hkd teacher) first")
+    net = teacher_denoiser(t, images.shape[1], data.resolution)
+    net.load_state_dict(weights)
+    return EDMTeacher(net, {"unet": teacher_unet_config(t, images.shape[1], data.resolution).to_dict(),
+                            "checkpoint": source})

@@ -1,7 +1,8 @@
 """Training loops: the EDM teacher (``train_teacher``) and HKD or a baseline (``train_hkd``).
 
-Both are single functions with every argument defaulted (units in the names), counting progress in
-images seen (kimg) over all ranks. They run as they are in one process, and inside a data-parallel worker
+Both are single functions counting progress in images seen (kimg) over all ranks. Their schedule is the
+keys of ``TrainConfig`` / ``TeacherConfig`` (hkd_core/config.py, the one place defaults live, with units
+in the names): ``train_hkd(model, states, sigmas, **asdict(cfg.train))``. They run as they are in one process, and inside a data-parallel worker
 (a Ray Train worker, say) when given ``rank``/``world_size``, a DDP-wrapped model, this rank's batches, a
 ``metrics_cb`` and a ``checkpoint_dir``: nothing here knows which launcher started it.
 Seeds: rank r of world size w draws from ``seed * w + r`` (as in DiT); batch k draws from (that, k), so a
@@ -10,6 +11,7 @@ resumed run sees the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -21,7 +23,9 @@ from torch import nn
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from . import metric_names as M
 from .checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from .config import TeacherConfig, TrainConfig
 from .edm import EDMLoss, EDMPrecond
 from .losses import HKDLoss, LambdaSchedule, perceptual_distance
 
@@ -78,103 +82,112 @@ def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def run_loop(model: nn.Module, step_loss: Callable[[int, float], dict], *, config: dict, total_kimg: float,
-             max_train_s: float | None, batch_size: int, lr: float, lr_rampup_kimg: float, grad_clip: float,
-             lr_mults: dict[str, float],
-             ema_halflife_kimg: float, ema_rampup: float, rank: int, world_size: int, device,
-             log_every_kimg: float, checkpoint_every_kimg: float, checkpoint_dir, resume,
-             metrics_cb: MetricsCallback | None, checkpoint_cb: CheckpointCallback | None, progress: bool,
-             eval_cb: EvalCallback | None = None,
-             desc: str) -> dict:
-    """The engine behind both loops: optimiser, lr ramp-up, EMA, logging, checkpoint and resume."""
-    raw = unwrap(model)
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.Adam(_param_groups(raw, lr_mults), lr=lr)
-    step, nimg, train_s = 0, 0.0, 0.0
-    state = None
-    src = checkpoint_dir if resume is True else (resume or None)
-    if resume is True and (checkpoint_dir is None or not Path(checkpoint_dir).is_dir()):
-        src = None   # nothing written yet: a fresh start
-    if src is not None:
-        state = load_checkpoint(src, map_location=device)
-    if state is not None:
-        load_model_state(raw, state["model"], str(src))
-        load_model_state(ema, state["ema"], str(src))
-        opt.load_state_dict(state["optimizer"])
-        step, nimg, train_s = state["step"], state["nimg"], state["train_s"]
-        log.info("%s: resumed from %s at %.3f kimg (step %d)", desc, src, nimg / 1000, step)
-    kimg_per_step = batch_size / 1000
-    is_main = rank == 0
-    bar = tqdm(total=total_kimg if math.isfinite(total_kimg) else None, initial=min(nimg / 1000, total_kimg),
-               unit="kimg", desc=desc,
-               disable=not (progress and is_main), bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]")
-    next_log = (int(nimg / 1000 / log_every_kimg) + 1) * log_every_kimg
-    next_ckpt = (int(nimg / 1000 / checkpoint_every_kimg) + 1) * checkpoint_every_kimg
-    acc: dict[str, float] = {}
-    n_acc, t_window, img_window = 0, time.perf_counter(), 0
-    metrics: dict[str, float] = {}
+class _Loop:
+    """The engine behind both loops: optimiser, lr ramp-up, EMA, logging, checkpoint and resume.
 
-    def checkpoint(kimg: float) -> None:
-        nonlocal metrics
-        if is_main and eval_cb is not None:
+    ``s`` holds the schedule (a TrainConfig or a TeacherConfig: total_kimg, max_train_s, batch_size, lr,
+    lr_rampup_kimg, grad_clip, ema_halflife_kimg, ema_rampup, log_every_kimg, checkpoint_every_kimg)."""
+
+    def __init__(self, model: nn.Module, s, lr_mults: dict[str, float], *, rank: int, device, config: dict,
+                 checkpoint_dir, metrics_cb, checkpoint_cb, eval_cb, progress: bool, desc: str):
+        self.model, self.raw, self.s = model, unwrap(model), s
+        self.ema = copy.deepcopy(self.raw).eval().requires_grad_(False)
+        self.opt = torch.optim.Adam(_param_groups(self.raw, lr_mults), lr=s.lr)
+        self.is_main, self.device, self.config, self.desc = rank == 0, device, config, desc
+        self.checkpoint_dir, self.metrics_cb, self.checkpoint_cb, self.eval_cb = (checkpoint_dir, metrics_cb,
+                                                                                  checkpoint_cb, eval_cb)
+        self.progress = progress
+        self.step, self.nimg, self.train_s = 0, 0.0, 0.0
+        self.metrics: dict[str, float] = {}
+
+    def restore(self, resume) -> None:
+        """resume: True (the newest checkpoint in checkpoint_dir, if any), a path, or False."""
+        src = self.checkpoint_dir if resume is True else (resume or None)
+        if resume is True and (self.checkpoint_dir is None or not Path(self.checkpoint_dir).is_dir()):
+            src = None   # nothing written yet: a fresh start
+        state = load_checkpoint(src, map_location=self.device) if src is not None else None
+        if state is None:
+            return
+        load_model_state(self.raw, state["model"], str(src))
+        load_model_state(self.ema, state["ema"], str(src))
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.nimg, self.train_s = state["step"], state["nimg"], state["train_s"]
+        log.info("%s: resumed from %s at %.3f kimg (step %d)", self.desc, src, self.nimg / 1000, self.step)
+
+    def done(self) -> bool:
+        s = self.s
+        return self.nimg / 1000 >= s.total_kimg - 1e-9 or (s.max_train_s is not None and self.train_s >= s.max_train_s)
+
+    def checkpoint(self, kimg: float) -> None:
+        if self.is_main and self.eval_cb is not None:
             # evaluated at each checkpoint (rank 0): what a scheduler such as ASHA decides on
-            evals = eval_cb(ema, kimg)
-            metrics = {**metrics, **evals}
-            if metrics_cb is not None:
-                metrics_cb(evals, kimg)
+            evals = self.eval_cb(self.ema, kimg)
+            self.metrics = {**self.metrics, **evals}
+            if self.metrics_cb is not None:
+                self.metrics_cb(evals, kimg)
         path = None
-        if is_main and checkpoint_dir is not None:
-            path = str(save_checkpoint(checkpoint_dir, {
-                "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "nimg": nimg, "train_s": train_s, "config": config}, kimg))
-        if checkpoint_cb is not None:
-            checkpoint_cb(path, dict(metrics), kimg)
+        if self.is_main and self.checkpoint_dir is not None:
+            path = str(save_checkpoint(self.checkpoint_dir, {
+                "model": self.raw.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "step": self.step, "nimg": self.nimg, "train_s": self.train_s, "config": self.config}, kimg))
+        if self.checkpoint_cb is not None:
+            self.checkpoint_cb(path, dict(self.metrics), kimg)
 
-    def done() -> bool:
-        return nimg / 1000 >= total_kimg - 1e-9 or (max_train_s is not None and train_s >= max_train_s)
-
-    model.train()
-    while not done():
-        t0 = time.perf_counter()
-        for g in opt.param_groups:
-            ramp = min(1.0, (nimg / 1000) / lr_rampup_kimg) if lr_rampup_kimg > 0 else 1.0
-            g["lr"] = lr * g["lr_mult"] * ramp
-        cur_lr = lr * ramp
-        losses = step_loss(step, nimg / 1000)
-        opt.zero_grad(set_to_none=True)
+    def optimizer_step(self, step_loss: Callable[[int, float], dict]) -> dict:
+        s = self.s
+        ramp = min(1.0, (self.nimg / 1000) / s.lr_rampup_kimg) if s.lr_rampup_kimg > 0 else 1.0
+        for g in self.opt.param_groups:
+            g["lr"] = s.lr * g["lr_mult"] * ramp
+        losses = step_loss(self.step, self.nimg / 1000)
+        self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        opt.step()
-        step += 1
-        nimg += batch_size
-        _update_ema(ema, raw, nimg, batch_size, ema_halflife_kimg, ema_rampup)
-        train_s += time.perf_counter() - t0
-        for k, v in losses.items():
-            acc[k] = acc.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-        acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(grad_norm)
-        n_acc += 1
-        img_window += batch_size
-        kimg = nimg / 1000
-        bar.update(min(kimg, total_kimg) - bar.n)
-        if kimg >= next_log - 1e-9 or done():
-            now = time.perf_counter()
-            vals = {f"train/{k}": v / n_acc for k, v in acc.items()}
-            vals = _mean_over_ranks(vals, device)
-            metrics = {**vals, "train/lr": cur_lr, "train/kimg": kimg, "train/train_s": train_s,
-                       "perf/samples_per_s": img_window / max(now - t_window, 1e-9)}
-            if is_main:
-                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                if metrics_cb is not None:
-                    metrics_cb(metrics, kimg)
-            acc, n_acc, t_window, img_window = {}, 0, now, 0
-            next_log = (int(kimg / log_every_kimg) + 1) * log_every_kimg
-        if kimg >= next_ckpt - 1e-9 or done():
-            checkpoint(kimg)
-            next_ckpt = (int(kimg / checkpoint_every_kimg) + 1) * checkpoint_every_kimg
-    bar.close()
-    model.eval()
-    return {"kimg": nimg / 1000, "steps": step, "train_s": train_s, "ema": ema, "model": raw, "metrics": metrics,
-            "kimg_per_step": kimg_per_step}
+        clip = s.grad_clip if s.grad_clip > 0 else float("inf")
+        losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), clip)
+        self.opt.step()
+        self.step += 1
+        self.nimg += s.batch_size
+        _update_ema(self.ema, self.raw, self.nimg, s.batch_size, s.ema_halflife_kimg, s.ema_rampup)
+        return {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in losses.items()} | {"_lr": s.lr * ramp}
+
+    def run(self, step_loss: Callable[[int, float], dict]) -> dict:
+        s = self.s
+        finite = math.isfinite(s.total_kimg)
+        bar = tqdm(total=s.total_kimg if finite else None, initial=min(self.nimg / 1000, s.total_kimg), unit="kimg",
+                   desc=self.desc, disable=not (self.progress and self.is_main),
+                   bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]")
+        next_log = (int(self.nimg / 1000 / s.log_every_kimg) + 1) * s.log_every_kimg
+        next_ckpt = (int(self.nimg / 1000 / s.checkpoint_every_kimg) + 1) * s.checkpoint_every_kimg
+        acc: dict[str, float] = {}
+        n_acc, t_window, img_window = 0, time.perf_counter(), 0
+        self.model.train()
+        while not self.done():
+            t0 = time.perf_counter()
+            values = self.optimizer_step(step_loss)
+            self.train_s += time.perf_counter() - t0
+            cur_lr = values.pop("_lr")
+            for k, v in values.items():
+                acc[k] = acc.get(k, 0.0) + v
+            n_acc, img_window = n_acc + 1, img_window + s.batch_size
+            kimg = self.nimg / 1000
+            bar.update(min(kimg, s.total_kimg) - bar.n)
+            if kimg >= next_log - 1e-9 or self.done():
+                now = time.perf_counter()
+                vals = _mean_over_ranks({f"train/{k}": v / n_acc for k, v in acc.items()}, self.device)
+                self.metrics = {**vals, M.TRAIN_LR: cur_lr, M.TRAIN_KIMG: kimg, M.TRAIN_S: self.train_s,
+                                M.SAMPLES_PER_S: img_window / max(now - t_window, 1e-9)}
+                if self.is_main:
+                    bar.set_postfix(loss=f"{self.metrics[M.TRAIN_LOSS]:.4f}")
+                    if self.metrics_cb is not None:
+                        self.metrics_cb(self.metrics, kimg)
+                acc, n_acc, t_window, img_window = {}, 0, now, 0
+                next_log = (int(kimg / s.log_every_kimg) + 1) * s.log_every_kimg
+            if kimg >= next_ckpt - 1e-9 or self.done():
+                self.checkpoint(kimg)
+                next_ckpt = (int(kimg / s.checkpoint_every_kimg) + 1) * s.checkpoint_every_kimg
+        bar.close()
+        self.model.eval()
+        return {"kimg": self.nimg / 1000, "steps": self.step, "train_s": self.train_s, "ema": self.ema,
+                "model": self.raw, "metrics": self.metrics, "kimg_per_step": s.batch_size / 1000}
 
 
 def _batch_fn(data, batch_per_rank: int, seed: int, rank: int, world_size: int) -> Callable[[int], torch.Tensor]:
@@ -197,31 +210,23 @@ def train_teacher(
     denoiser: nn.Module,                 # EDMPrecond(UNet), possibly DDP-wrapped
     data,                                # images (N, C, H, W) in [-1, 1], or an iterator of this rank's batches
     *,
-    total_kimg: float = 200.0,           # training length, thousands of images over all ranks
-    max_train_s: float | None = None,    # optional wall-clock budget, seconds of training
-    batch_size: int = 128,               # global batch over all ranks
-    lr: float = 1e-3,                    # Adam learning rate after ramp-up
-    lr_rampup_kimg: float = 10.0,        # linear learning-rate warm-up, kimg
-    grad_clip: float = 1.0,              # max gradient norm (0: off)
-    ema_halflife_kimg: float = 10.0,     # EMA half-life, kimg
-    ema_rampup: float = 0.05,            # EMA half-life <= this fraction of images seen (EDM)
-    p_mean: float = -1.2, p_std: float = 1.2,   # ln(sigma) ~ N(p_mean, p_std^2)
     seed: int = 0,
     rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-    log_every_kimg: float = 1.0,         # metrics interval, kimg
-    checkpoint_every_kimg: float = 20.0, # checkpoint interval, kimg
     checkpoint_dir=None,                 # folder for checkpoints (rank 0 writes); None: no checkpoints
     resume=True,                         # True: newest in checkpoint_dir; a path; or False
     metrics_cb: MetricsCallback | None = None,
     checkpoint_cb: CheckpointCallback | None = None,
     progress: bool = True,
     config: dict | None = None,          # stored in checkpoints, for lineage
+    p_mean: float = -1.2, p_std: float = 1.2,   # ln(sigma) ~ N(p_mean, p_std^2)
+    **teacher,                           # TeacherConfig's keys (total_kimg, batch_size, lr, ...): its defaults
 ) -> dict:
-    """Train an EDM denoiser with EDM's loss; returns kimg, steps, train_s, the ``ema`` copy and metrics."""
+    """Train an EDM denoiser with EDM's loss; returns kimg, steps, train_s, the ``ema`` copy and metrics.
+    Call as ``train_teacher(net, images, seed=..., **asdict(cfg.teacher))``."""
     if not isinstance(unwrap(denoiser), EDMPrecond):
         raise TypeError("train_teacher expects an EDMPrecond-wrapped network")
-    per_rank = _check_batch(batch_size, world_size)
-    get = _batch_fn(data, per_rank, seed, rank, world_size)
+    t = _settings(TeacherConfig, teacher)
+    get = _batch_fn(data, _check_batch(t.batch_size, world_size), seed, rank, world_size)
     loss_fn = EDMLoss(p_mean=p_mean, p_std=p_std)
     base = seed * world_size + rank
 
@@ -230,12 +235,10 @@ def train_teacher(
         g = torch.Generator(device="cpu").manual_seed(base * 1_000_003 + step + 7)
         return {"loss": loss_fn(denoiser, x0, generator=g if x0.device.type == "cpu" else None).mean()}
 
-    return run_loop(denoiser, step_loss, config=config or {}, total_kimg=total_kimg, max_train_s=max_train_s,
-                    batch_size=batch_size, lr=lr, lr_rampup_kimg=lr_rampup_kimg, grad_clip=grad_clip, lr_mults={},
-                    ema_halflife_kimg=ema_halflife_kimg, ema_rampup=ema_rampup, rank=rank, world_size=world_size,
-                    device=device, log_every_kimg=log_every_kimg, checkpoint_every_kimg=checkpoint_every_kimg,
-                    checkpoint_dir=checkpoint_dir, resume=resume, metrics_cb=metrics_cb,
-                    checkpoint_cb=checkpoint_cb, progress=progress, desc="teacher")
+    loop = _Loop(denoiser, t, {}, rank=rank, device=device, config=config or {}, checkpoint_dir=checkpoint_dir,
+                 metrics_cb=metrics_cb, checkpoint_cb=checkpoint_cb, eval_cb=None, progress=progress, desc="teacher")
+    loop.restore(resume)
+    return loop.run(step_loss)
 
 
 def train_hkd(
@@ -243,26 +246,7 @@ def train_hkd(
     trajectories,                        # states (N, S+1, C, H, W), or an iterator of this rank's batches
     sigmas: torch.Tensor,                # (S+1,) sigma grid of the stored trajectories
     *,
-    total_kimg: float = 50.0,            # training length, thousands of trajectories over all ranks
-    max_train_s: float | None = None,    # optional wall-clock budget, seconds of training (cumulative)
-    batch_size: int = 64,                # global batch of trajectories over all ranks
-    lr: float = 1e-3,                    # Adam learning rate after ramp-up (the paper's)
-    koopman_lr_mult: float = 10.0,       # learning-rate multiplier for the generators (alpha, beta; KDM's K)
-    lr_rampup_kimg: float = 2.0,         # linear learning-rate warm-up, kimg
-    grad_clip: float = 1.0,              # max gradient norm (0: off)
-    ema_halflife_kimg: float = 2.0,      # EMA half-life, kimg
-    ema_rampup: float = 0.05,            # EMA half-life <= this fraction of images seen
-    states_per_traj: int = 4,            # s: x_T plus s - 1 intermediate states (1: no trajectory consistency)
-    lambda1_start: float = 1.0,          # MSE weight at 0 kimg ...
-    lambda1_end: float = 0.0,            # ... and after the anneal
-    lambda1_anneal_kimg: float = 25.0,   # anneal length, kimg
-    lambda2: float = 1.0,                # perceptual weight
-    perceptual: str = "pseudo_huber",    # 'pseudo_huber' | 'mse' | 'lpips'
-    perceptual_kwargs: dict | None = None,  # e.g. LPIPS weight paths
-    seed: int = 0,
     rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-    log_every_kimg: float = 0.5,         # metrics interval, kimg
-    checkpoint_every_kimg: float = 5.0,  # checkpoint interval, kimg
     checkpoint_dir=None,                 # folder for checkpoints (rank 0 writes); None: no checkpoints
     resume=True,                         # True: newest in checkpoint_dir; a path; or False
     metrics_cb: MetricsCallback | None = None,
@@ -270,16 +254,19 @@ def train_hkd(
     eval_cb: EvalCallback | None = None, # (EMA model, kimg) -> metrics at each checkpoint, e.g. a proxy for ASHA
     progress: bool = True,
     config: dict | None = None,          # stored in checkpoints, for lineage
+    perceptual_kwargs: dict | None = None,  # e.g. LPIPS weight paths
+    **train,                             # TrainConfig's keys (total_kimg, batch_size, lr, ...): its defaults
 ) -> dict:
-    """Distil stored teacher trajectories into a one-step model; returns kimg, steps, train_s, ``ema``, metrics."""
-    per_rank = _check_batch(batch_size, world_size)
-    get = _batch_fn(trajectories, per_rank, seed, rank, world_size)
-    loss_fn = HKDLoss(states_per_traj, LambdaSchedule(lambda1_start, lambda1_end, lambda1_anneal_kimg), lambda2,
-                      perceptual_distance(perceptual, **(perceptual_kwargs or {})))
-    if states_per_traj - 1 > len(sigmas) - 2:
-        raise ValueError(f"train.states_per_traj={states_per_traj} needs {states_per_traj - 1} intermediate "
+    """Distil stored teacher trajectories into a one-step model; returns kimg, steps, train_s, ``ema``, metrics.
+    Call as ``train_hkd(model, states, sigmas, **asdict(cfg.train))``."""
+    t = _settings(TrainConfig, train)
+    get = _batch_fn(trajectories, _check_batch(t.batch_size, world_size), t.seed, rank, world_size)
+    loss_fn = HKDLoss(t.states_per_traj, LambdaSchedule(t.lambda1_start, t.lambda1_end, t.lambda1_anneal_kimg),
+                      t.lambda2, perceptual_distance(t.perceptual, **(perceptual_kwargs or {})))
+    if t.states_per_traj - 1 > len(sigmas) - 2:
+        raise ValueError(f"train.states_per_traj={t.states_per_traj} needs {t.states_per_traj - 1} intermediate "
                          f"states; the trajectories have {len(sigmas) - 2}")
-    base = seed * world_size + rank
+    base = t.seed * world_size + rank
 
     def step_loss(step: int, kimg: float) -> dict:
         states = get(step).to(device)
@@ -288,10 +275,18 @@ def train_hkd(
         out["lambda1"] = torch.tensor(loss_fn.lambda1(kimg))
         return out
 
-    return run_loop(model, step_loss, config=config or {}, total_kimg=total_kimg, max_train_s=max_train_s,
-                    batch_size=batch_size, lr=lr, lr_rampup_kimg=lr_rampup_kimg, grad_clip=grad_clip,
-                    lr_mults={".alpha": koopman_lr_mult, ".beta": koopman_lr_mult, "generator": koopman_lr_mult},
-                    ema_halflife_kimg=ema_halflife_kimg, ema_rampup=ema_rampup, rank=rank, world_size=world_size,
-                    device=device, log_every_kimg=log_every_kimg, checkpoint_every_kimg=checkpoint_every_kimg,
-                    checkpoint_dir=checkpoint_dir, resume=resume, metrics_cb=metrics_cb,
-                    checkpoint_cb=checkpoint_cb, progress=progress, desc="distill", eval_cb=eval_cb)
+    mult = t.koopman_lr_mult
+    loop = _Loop(model, t, {".alpha": mult, ".beta": mult, "generator": mult}, rank=rank, device=device,
+                 config=config or {}, checkpoint_dir=checkpoint_dir, metrics_cb=metrics_cb,
+                 checkpoint_cb=checkpoint_cb, eval_cb=eval_cb, progress=progress, desc="distill")
+    loop.restore(resume)
+    return loop.run(step_loss)
+
+
+def _settings(cls, given: dict):
+    """The config dataclass from keyword arguments: its defaults are the only defaults; unknown keys named."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} key(s) {unknown}; allowed: {sorted(names)}")
+    return cls(**given)

@@ -63,8 +63,8 @@ class LocalStore:
     def size(self, key: str) -> int:
         return (self.root / key).stat().st_size
 
-    def uri(self, key: str) -> str:
-        return str(self.root / key)
+    def uri(self, key: str = "") -> str:
+        return str(self.root / key) if key else str(self.root)
 
     def md5(self, key: str) -> str:
         h = hashlib.md5()

@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+from hkd_core import metric_names as M
 from hkd_core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,13 +56,30 @@ def adopt_local_stack() -> None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def plan(pc, upto: str) -> dict:
-    from .pipeline import STAGES
+def uses_stack(cfg: dict) -> bool:
+    """Does this composed config reach for the local stack's services (S3 or an MLflow server)?"""
+    return cfg.get("storage", {}).get("kind") == "s3" or cfg.get("tracking", {}).get("kind") == "server"
 
-    hashes = pc.stages()
-    root = f"s3://{pc.storage.bucket}/{pc.storage.prefix.strip('/')}"
+
+def compose_for_cli(overrides: list[str]) -> dict:
+    """Compose; if the config uses services and none are configured, adopt a running local stack and compose
+    again (its endpoints are the environment the group YAMLs read). storage=fs tracking=file adopts nothing."""
+    from .config import compose
+
+    cfg = compose(overrides)
+    if uses_stack(cfg) and not os.environ.get("AWS_ENDPOINT_URL"):
+        adopt_local_stack()
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            cfg = compose(overrides)
+    return cfg
+
+
+def plan(pc, upto: str) -> dict:
+    from .identity import STAGES, stage_prefix
+
+    root = pc.storage.root_uri()
     steps = STAGES[: STAGES.index(upto) + 1]
-    return {s: {"hash": hashes[s], "output": f"{root}/{s}-{hashes[s]}/"} for s in steps}
+    return {s: {"hash": pc.stages()[s], "output": f"{root}/{stage_prefix(pc, s)}/"} for s in steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    adopt_local_stack()
 
-    from .config import compose, from_composed
+    from .config import from_composed
 
+    if args.command in ("sweep", "study", "edit"):
+        adopt_local_stack()
     if args.command == "sweep":
         return sweep_main(args)
     if args.command == "study":
@@ -103,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "edit":
         return edit_main(args)
     try:
-        cfg_dict = compose(args.overrides)
+        cfg_dict = compose_for_cli(args.overrides)
         pc = from_composed(cfg_dict)
     except (ConfigError, ValueError) as e:
         print(f"hkd: config error: {e}", file=sys.stderr)
@@ -114,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=1))
         return 0
     if args.command == "preflight":
-        from .storage import preflight
+        from .preflight import preflight
 
         results = preflight(pc.storage, pc.tracking.resolved_uri())
         for r in results:
@@ -139,16 +158,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstages skipped (already done): {', '.join(res.get('_skipped', [])) or 'none'}")
     if "evaluate" in res:
         m = res["evaluate"]["metrics"]
-        print(f"FID@{int(m['eval/n'])} (NFE 1): {m['eval/fid']:.2f}   KID: {m['eval/kid']:.4f}")
+        print(f"FID@{int(m[M.EVAL_N])} (NFE 1): {m[M.FID]:.2f}   KID: {m[M.KID]:.4f} ± {m[M.KID_STD]:.4f}")
         for k in sorted(m):
-            if k.startswith("eval/teacher_fid"):
+            if M.teacher_nfe_of(k) is not None:
                 print(f"  {k}: {m[k]:.2f}")
     print(f"artifacts: {res['_storage_root']}/")
     if "distill" in res and res["distill"].get("model_uri"):
         print(f"  model: {res['distill']['model_uri']}   trajectories: {res['trajectories']['train']['uri']}/")
-    if ui.startswith("http"):
-        print(f"MLflow UI: {ui}/#/experiments/{res['_experiment_id']}/runs/{res['_parent_run_id']}")
+    print_ui(ui, res["_experiment_id"], res["_parent_run_id"])
     return 0
+
+
+def print_ui(uri: str, experiment_id: str, run_id: str, extra: str = "") -> None:
+    if uri.startswith("http"):
+        print(f"MLflow UI: {uri}/#/experiments/{experiment_id}/runs/{run_id}{extra}")
+    else:
+        print(f"MLflow (a local store): mlflow ui --backend-store-uri {uri}   (run {run_id})")
 
 
 def sweep_main(args) -> int:
@@ -186,11 +211,10 @@ def sweep_main(args) -> int:
         Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
     print(to_markdown(summary))
     if summary.get("preset"):
-        print(f"best config written as an experiment preset: hkd pipeline experiment={summary['preset']}")
-    ui = summary["_tracking_uri"]
+        print(f"best config written as an experiment preset ({summary['preset_path']}): "
+              f"hkd pipeline experiment={summary['preset']}")
     print(f"sweep id: {summary['sweep_id']} (resume with --resume {summary['sweep_id']})")
-    if ui.startswith("http"):
-        print(f"MLflow UI: {ui}/#/experiments/{summary['_experiment_id']}/runs/{summary['_sweep_run_id']}")
+    print_ui(summary["_tracking_uri"], summary["_experiment_id"], summary["_sweep_run_id"])
     return 0
 
 
@@ -220,10 +244,8 @@ def study_main(args) -> int:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     print(res["markdown"])
     print(f"table and figure: {res['folder']}/study.md, study_fid.png")
-    ui = res["_tracking_uri"]
-    if ui.startswith("http"):
-        print(f"MLflow UI: {ui}/#/experiments/{res['_experiment_id']}/runs/{res['_study_run_id']}  "
-              f"(compare: filter tags.hkd.study = '{res['study']}')")
+    print_ui(res["_tracking_uri"], res["_experiment_id"], res["_study_run_id"],
+             f"  (compare: filter tags.hkd.study = '{res['study']}')")
     return 0
 
 
@@ -252,9 +274,8 @@ def edit_main(args) -> int:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     print(res["markdown"])
     print(f"figures: {res['folder']}/edit_grid.png, edit_tradeoff.png")
-    ui = res.get("_tracking_uri", "")
-    if ui.startswith("http"):
-        print(f"MLflow UI: {ui}/#/experiments/{res['_experiment_id']}/runs/{res['_run_id']}")
+    if res.get("_tracking_uri"):
+        print_ui(res["_tracking_uri"], res["_experiment_id"], res["_run_id"])
     return 0
 
 

@@ -1,12 +1,18 @@
 """Compose the pipeline config with Hydra and validate all of it before any cluster work.
 
-The method's sections (data, teacher, trajectories, model, train, eval) load into hkd_core's ``RunConfig``
-(strict: unknown keys and wrong types are errors naming the dotted key); storage, tracking and cluster
-load into the orchestrator's own dataclasses, checked the same way.
+Defaults live in one place: the dataclasses (hkd_core/config.py for the method; StorageConfig,
+TrackingConfig and ClusterConfig here). They are registered as the base of the composition
+(``hkd_defaults``); a group YAML under ``conf/`` carries only what its option changes, and an experiment
+preset only what it changes on top. The method's sections load into hkd_core's ``RunConfig`` (strict:
+unknown keys and wrong types are errors naming the dotted key); storage, tracking and cluster load into
+the orchestrator's dataclasses, checked the same way. Presets of your own (``hkd sweep`` writes the best
+trial's there) live in ``$HKD_USER_CONF`` (default ``./conf``): ``conf/experiment/<name>.yaml`` is then
+``experiment=<name>``.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +23,7 @@ from .storage import StorageConfig
 from .tracking import TrackingConfig
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+DEFAULTS_NAME = "hkd_defaults"
 CORE = ("data", "teacher", "trajectories", "model", "train", "eval")
 
 
@@ -47,16 +54,32 @@ class PipelineConfig:
         return stage_hashes(self.run)
 
 
+def defaults() -> dict:
+    """Every key with its default, from the dataclasses: the base of every composition."""
+    return {"name": "hkd", **RunConfig().to_dict(), "storage": dataclasses.asdict(StorageConfig()),
+            "tracking": dataclasses.asdict(TrackingConfig()), "cluster": dataclasses.asdict(ClusterConfig())}
+
+
+def user_conf_dir() -> Path:
+    """The user's own config folder (experiment presets written by `hkd sweep`), on Hydra's search path."""
+    return Path(os.environ.get("HKD_USER_CONF", "conf")).expanduser().resolve()
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> dict:
     """Hydra composition -> a plain resolved dict. Hydra's own errors are turned into ConfigErrors."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    ConfigStore.instance().store(name=DEFAULTS_NAME, node=defaults())
+    extra = []
+    if user_conf_dir().is_dir():
+        extra = [f"hydra.searchpath=[{user_conf_dir().as_uri()}]"]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+            cfg = hydra_compose(config_name=config_name, overrides=extra + list(overrides or []))
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_hydra_message(e)) from None
@@ -92,13 +115,19 @@ def from_composed(d: dict) -> PipelineConfig:
 
 def validate(cfg: PipelineConfig) -> PipelineConfig:
     s, c, t = cfg.storage, cfg.cluster, cfg.tracking
-    if not s.bucket:
+    if s.kind not in ("s3", "fs"):
+        raise ConfigError(f"storage.kind={s.kind!r} is not allowed; choose s3 (storage=local or storage=s3) or fs "
+                          f"(storage=fs: a local folder)")
+    if s.kind == "s3" and not s.bucket:
         raise ConfigError("storage.bucket is empty; name the S3 bucket (or set HKD_S3_BUCKET)")
     if s.endpoint_url and not s.endpoint_url.startswith(("http://", "https://")):
         raise ConfigError(f"storage.endpoint_url={s.endpoint_url!r} must start with http:// or https://")
-    if not t.uri:
+    if t.kind not in ("server", "file"):
+        raise ConfigError(f"tracking.kind={t.kind!r} is not allowed; choose server (tracking=local or "
+                          f"tracking=remote) or file (tracking=file: a local MLflow store)")
+    if t.kind == "server" and not t.uri:
         raise ConfigError("tracking.uri is empty; set it (or MLFLOW_TRACKING_URI) to the MLflow server's URL")
-    if not t.uri.startswith(("http://", "https://", "sqlite:", "file:", "databricks")):
+    if t.kind == "server" and not t.uri.startswith(("http://", "https://", "sqlite:", "file:", "databricks")):
         raise ConfigError(f"tracking.uri={t.uri!r} is not an MLflow tracking URI (http://host:port, sqlite:///...)")
     if not t.experiment or not t.experiment.strip():
         raise ConfigError("tracking.experiment is empty; name the MLflow experiment the runs go to (default hkd)")

@@ -16,8 +16,11 @@ from pathlib import Path
 
 import torch
 
+from hkd_core import metric_names as M
+
+from . import identity
 from .config import PipelineConfig
-from .storage import S3Store
+from .storage import S3Store, make_store
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,8 @@ def load_model(pc: PipelineConfig, uri: str | None):
     from hkd_core.models import model_from_record
 
     if uri is None:
-        key = f"distill-{pc.stages()['distill']}/model.pt"
-        store = S3Store(pc.storage)
+        key = f"{identity.stage_prefix(pc, 'distill')}/model.pt"
+        store = make_store(pc.storage)
         if not store.exists(key):
             raise FileNotFoundError(f"no distilled model for this config at {store.uri(key)}; run `hkd pipeline` "
                                     f"with the same overrides first, or pass --model s3://... | models:/name/version")
@@ -113,13 +116,13 @@ def run_edit(pc: PipelineConfig, args: EditArgs, model_uri: str | None = None, o
               "figures": [str(p) for p in paths]}
     if log_mlflow:
         tracker = Tracker(pc.tracking)
-        parent = tracker.find_run(f"{pc.name}/pipeline-{pc.stages()['evaluate']}")
-        run_id = tracker.open_run(f"{pc.name}/edit-{ident}", f"edit-{args.mask}-band{band}",
+        parent = tracker.find_run(identity.run_key(pc, "pipeline"))
+        run_id = tracker.open_run(identity.edit_run_key(pc, ident), f"edit-{args.mask}-band{band}",
                                   parent.info.run_id if parent else None,
                                   {"hkd.stage": "edit", "hkd.model_uri": uri})
         tracker.log_params(run_id, {"edit": params})
         for row in sweep.table():
-            tracker.log_metrics(run_id, {f"edit/{k}": v for k, v in row.items() if k != "r"},
+            tracker.log_metrics(run_id, {M.edit(k): v for k, v in row.items() if k != "r"},
                                 step=int(round(row["r"] * 100)), flush=False)
         for p in paths:
             tracker.log_artifact(run_id, p, "edit")

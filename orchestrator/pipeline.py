@@ -1,39 +1,36 @@
-"""Run stages in order under one MLflow pipeline run, skipping those already finished for the same config."""
+"""The one driver: stages in order under one MLflow pipeline run, skipping those already finished.
+
+``run_stages`` is what ``hkd pipeline`` (and ``hkd teacher|trajectories|distill|evaluate``), every variant of
+``hkd study`` and the shared stages of ``hkd sweep`` run. It works the same against the local stack or a
+cluster (storage=s3, an MLflow server, a Ray head) and without any service (storage=fs tracking=file, Ray
+started in this process).
+"""
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import time
-from pathlib import Path
 
+from . import identity
 from .config import PipelineConfig
+from .identity import STAGES
 from .stages import StageContext, stage_distill, stage_evaluate, stage_teacher, stage_trajectories
-from .storage import S3Store
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
-STAGES = ("teacher", "trajectories", "distill", "evaluate")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return os.environ.get("HKD_GIT_SHA", "unknown")
 
 
 def init_ray(pc: PipelineConfig) -> None:
-    """Join cluster.address, or start a local Ray sized for the workers (plus one CPU for the driver's tasks)."""
+    """Join cluster.address, or start a Ray in this process sized for the workers (plus one CPU for the
+    driver's tasks)."""
+    # keeps a local Ray on 127.0.0.1; read when ray is imported, so set before that
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     from .workers import env_for_workers
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # keep a local Ray on 127.0.0.1
     runtime_env = {"env_vars": env_for_workers()}
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
         # inside `ray job submit`: the job already carries its runtime env (working dir, env vars); passing
@@ -48,15 +45,16 @@ def init_ray(pc: PipelineConfig) -> None:
                  _node_ip_address="127.0.0.1")
 
 
-def context(pc: PipelineConfig, cfg_dict: dict, progress: bool = True) -> StageContext:
-    tracker = Tracker(pc.tracking)
-    hashes = pc.stages()
-    key = f"{pc.name}/pipeline-{hashes['evaluate']}"
-    lineage = {"hkd.config_hash": hashes["evaluate"], "hkd.git_sha": git_sha(), "hkd.data": pc.run.data.name,
-               "hkd.variant": pc.run.model.variant, "hkd.storage_root": S3Store(pc.storage).uri()}
-    parent = tracker.open_run(key, f"{pc.name}-{hashes['evaluate']}", None, {**lineage, "hkd.stage": "pipeline"})
-    tracker.log_params(parent, pc.run.to_dict())
-    tracker.log_dict(parent, pc.to_dict(), "config/resolved.json")
+def context(pc: PipelineConfig, cfg_dict: dict, progress: bool = True, parent: str | None = None,
+            tracker: Tracker | None = None) -> StageContext:
+    """The stages' shared state. Without ``parent`` the pipeline's own parent run is opened (or reopened)."""
+    tracker = tracker or Tracker(pc.tracking)
+    lineage = identity.lineage(pc)
+    if parent is None:
+        parent = tracker.open_run(identity.run_key(pc, "pipeline"), identity.run_name(pc, "pipeline"), None,
+                                  {**lineage, "hkd.stage": "pipeline"})
+        tracker.log_params(parent, pc.run.to_dict())
+        tracker.log_dict(parent, pc.to_dict(), "config/resolved.json")
     return StageContext(pc, cfg_dict, tracker, parent, lineage, progress)
 
 
@@ -77,24 +75,28 @@ def run_stages(pc: PipelineConfig, cfg_dict: dict, upto: str = "evaluate", progr
         for stage in STAGES[: STAGES.index(upto) + 1]:
             done = ctx.done(stage)
             if done is not None:
-                log.info("%s: done for this config (%s), skipped", stage, ctx.store(stage).uri())
+                log.info("%s: done for this config (%s), skipped", stage, ctx.store(stage).uri(""))
                 results[stage] = done
                 results.setdefault("_skipped", []).append(stage)
                 continue
-            log.info("%s: running (output %s)", stage, ctx.store(stage).uri())
+            log.info("%s: running (output %s)", stage, ctx.store(stage).uri(""))
             ts = time.perf_counter()
             results[stage] = fns[stage]()
             log.info("%s: finished in %.1f s", stage, time.perf_counter() - ts)
         status = "FINISHED"
     finally:
         if own:
-            if "evaluate" in results and "metrics" in results["evaluate"]:
-                ctx.tracker.log_metrics(ctx.parent_run_id, results["evaluate"]["metrics"],
-                                        int(round(results.get("distill", {}).get("kimg", 0) * 1000)))
-            ctx.tracker.log_metrics(ctx.parent_run_id, {"perf/pipeline_wall_s": time.perf_counter() - t0}, 0)
-            ctx.tracker.end(ctx.parent_run_id, status)
-    results["_parent_run_id"] = ctx.parent_run_id
-    results["_experiment_id"] = ctx.tracker.experiment_id
-    results["_tracking_uri"] = ctx.tracker.uri
-    results["_storage_root"] = S3Store(pc.storage).uri()
+            _close_pipeline_run(ctx, results, time.perf_counter() - t0, status)
+    results.update({"_parent_run_id": ctx.parent_run_id, "_experiment_id": ctx.tracker.experiment_id,
+                    "_tracking_uri": ctx.tracker.uri, "_storage_root": pc.storage.root_uri()})
     return results
+
+
+def _close_pipeline_run(ctx: StageContext, results: dict, wall_s: float, status: str) -> None:
+    from hkd_core import metric_names as M
+
+    if "evaluate" in results and "metrics" in results["evaluate"]:
+        ctx.tracker.log_metrics(ctx.parent_run_id, results["evaluate"]["metrics"],
+                                int(round(results.get("distill", {}).get("kimg", 0) * 1000)))
+    ctx.tracker.log_metrics(ctx.parent_run_id, {M.PIPELINE_WALL_S: wall_s}, 0)
+    ctx.tracker.end(ctx.parent_run_id, status)

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
+from hkd_core.trajectories import LocalStore
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -30,6 +32,8 @@ class StorageError(RuntimeError):
 
 @dataclass
 class StorageConfig:
+    kind: str = "s3"                       # s3 | fs (a local folder: one machine, no services; see storage/fs.yaml)
+    root: str | None = None                # fs: the folder; None: $HKD_CACHE/store (default ~/.cache/hkd/store)
     endpoint_url: str | None = None        # e.g. http://127.0.0.1:8333; None: $AWS_ENDPOINT_URL, else AWS itself
     bucket: str = "hkd"
     prefix: str = "runs"                   # every object of this project lives under s3://bucket/prefix/
@@ -44,7 +48,14 @@ class StorageConfig:
         return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
 
     def root_uri(self) -> str:
+        if self.kind == "fs":
+            return str(self.resolved_root() / self.prefix.strip("/")).rstrip("/")
         return f"s3://{self.bucket}/{self.prefix.strip('/')}".rstrip("/")
+
+    def resolved_root(self) -> Path:
+        if self.root:
+            return Path(self.root).expanduser().resolve()
+        return Path(os.environ.get("HKD_CACHE", Path.home() / ".cache" / "hkd")).expanduser().resolve() / "store"
 
 
 def read_credentials(cfg: StorageConfig) -> tuple[str | None, str | None]:
@@ -201,6 +212,50 @@ class S3Store:
                                                                                Key=self.key(key)))
 
 
+class FsStore(LocalStore):
+    """storage=fs: the same interface as S3Store on a local folder (``<root>/<prefix>/<sub>``), for runs without
+    services on one machine. Writes are atomic (a temporary file renamed into place)."""
+
+    def __init__(self, cfg: StorageConfig, sub: str = ""):
+        self.cfg, self.retries = cfg, 0
+        super().__init__(Path(cfg.root_uri()) / sub.strip("/") if sub.strip("/") else Path(cfg.root_uri()))
+
+    def child(self, sub: str) -> "FsStore":
+        c = FsStore.__new__(FsStore)
+        c.cfg, c.retries, c.root = self.cfg, 0, self.root / sub.strip("/")
+        return c
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        self.put(key, Path(path).read_bytes())
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        Path(path).write_bytes(self.get(key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix
+        folder = base if base.is_dir() else base.parent
+        if not folder.is_dir():
+            return []
+        keys = [p.relative_to(self.root).as_posix() for p in folder.rglob("*") if p.is_file()]
+        return sorted(k for k in keys if k.startswith(prefix) and ".tmp" not in Path(k).name)
+
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
+
+
+def make_store(cfg: StorageConfig, sub: str = "") -> "S3Store | FsStore":
+    """The configured store (storage.kind) on ``<root>/<prefix>/<sub>``."""
+    return FsStore(cfg, sub) if cfg.kind == "fs" else S3Store(cfg, sub)
+
+
+def store_at(cfg: StorageConfig, path: str) -> "S3Store | LocalStore":
+    """A store on one of Ray's storage paths (``bucket/key...`` on S3, a folder with storage=fs)."""
+    if cfg.kind == "fs":
+        return LocalStore(path)
+    bucket, _, key = path.partition("/")
+    return S3Store(dataclasses.replace(cfg, bucket=bucket, prefix=key))
+
+
 def make_client(cfg: StorageConfig, max_attempts: int = 3):
     import boto3
     from botocore.config import Config
@@ -225,6 +280,10 @@ def ray_storage(cfg: StorageConfig):
     which ``workers.env_for_workers`` hands to every worker (the file's path, never the keys)."""
     import pyarrow.fs
 
+    if cfg.kind == "fs":          # a local folder: Ray writes there itself
+        path = cfg.resolved_root() / cfg.prefix.strip("/") / "ray"
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path), None
     endpoint = cfg.resolved_endpoint()
     key, _ = read_credentials(cfg)             # fails here, clearly, if the configured file is missing or empty
     if cfg.credentials_file:
@@ -278,116 +337,3 @@ def _retrying_fs_class():
 
     _RetryingS3FileSystem.__name__ = _RetryingS3FileSystem.__qualname__ = "RetryingS3FileSystem"
     return _RetryingS3FileSystem
-
-
-class MissingBucket(StorageError):
-    pass
-
-
-def bucket_exists(client, bucket: str) -> None:
-    from botocore.exceptions import ClientError
-
-    try:
-        client.head_bucket(Bucket=bucket)
-    except ClientError as e:
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchBucket", "NotFound"):
-            raise MissingBucket(f"NoSuchBucket: {bucket}") from None
-        raise
-
-
-def classify(err: BaseException, cfg: StorageConfig) -> str:
-    """One sentence naming the failure and what to do."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
-    endpoint = cfg.resolved_endpoint() or "the AWS default endpoint"
-    text = str(err)
-    if isinstance(err, (EndpointConnectionError, ConnectionError)) or "Could not connect" in text \
-            or "Connection refused" in text or "connection refused" in text.lower():
-        return (f"endpoint unreachable: nothing answers at {endpoint} (storage.endpoint_url); start the S3 server "
-                f"(python infra/local/stack.py start) or fix the URL")
-    if isinstance(err, NoCredentialsError):
-        return "no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentials_file"
-    code = ""
-    if isinstance(err, ClientError):
-        code = str(err.response.get("Error", {}).get("Code", ""))
-    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken") or \
-            "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "403" in text:
-        return (f"bad credentials: {endpoint} refused the access key ({code or 'access denied'}); check "
-                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentials_file")
-    if isinstance(err, MissingBucket) or code in ("NoSuchBucket",) or "NoSuchBucket" in text \
-            or "bucket does not exist" in text.lower():
-        return (f"missing bucket: s3://{cfg.bucket} does not exist at {endpoint} (storage.bucket); create it or "
-                f"choose another")
-    return f"{type(err).__name__}: {text[:300]}"
-
-
-def preflight(cfg: StorageConfig, tracking_uri: str | None = None) -> list[dict]:
-    """Write, read and list a probe through boto3, through Ray's pyarrow filesystem and (if a tracking URI is
-    given) through MLflow's artifact store. Returns one dict per check: name, ok, detail."""
-    probe = f"_preflight/{uuid.uuid4().hex}.txt"
-    body = b"hkd preflight probe"
-    results = []
-
-    def check(name: str, fn: Callable[[], str]) -> None:
-        try:
-            results.append({"name": name, "ok": True, "detail": fn()})
-        except Exception as e:  # noqa: BLE001 - reported to the user
-            results.append({"name": name, "ok": False, "detail": classify(e, cfg)})
-
-    def via_boto3() -> str:
-        store = S3Store(dataclasses.replace(cfg, retry_deadline_s=0))
-        bucket_exists(store.client, cfg.bucket)    # some servers create a bucket on first PUT: ask first
-        store.put(probe, body)
-        assert store.get(probe) == body, "read back different bytes"
-        assert probe in store.list("_preflight/"), "probe missing from the listing"
-        store.delete(probe)
-        return f"write/read/list/delete {store.uri(probe)}"
-
-    def via_pyarrow() -> str:
-        import pyarrow.fs
-
-        path, fs = ray_storage(cfg)
-        target = f"{path}/{probe}"
-        with fs.open_output_stream(target) as f:
-            f.write(body)
-        with fs.open_input_stream(target) as f:
-            assert f.read() == body, "read back different bytes"
-        listed = fs.get_file_info(pyarrow.fs.FileSelector(target.rsplit("/", 1)[0]))
-        assert any(i.path == target for i in listed), "probe missing from the listing"
-        fs.delete_file(target)
-        return f"write/read/list/delete s3://{target} (Ray storage_path)"
-
-    check("s3 (boto3)", via_boto3)
-    if results[-1]["ok"]:
-        check("ray storage (pyarrow)", via_pyarrow)
-    if tracking_uri:
-        from .tracking import artifact_probe
-
-        server = tracking_server_check(tracking_uri)
-        results.append(server)
-        if server["ok"]:
-            check("mlflow artifacts", lambda: artifact_probe(tracking_uri, body))
-    return results
-
-
-def tracking_server_check(uri: str, timeout_s: float = 5.0) -> dict:
-    """Is an MLflow server answering at ``uri``? Asked once with a short timeout, because MLflow's own client
-    retries a refused connection with backoff for minutes before it gives up."""
-    import urllib.error
-    import urllib.request
-
-    name = "mlflow server"
-    if not uri.startswith(("http://", "https://")):
-        return {"name": name, "ok": True, "detail": f"{uri} (a local store: nothing to reach)"}
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
-            r.read()
-        return {"name": name, "ok": True, "detail": f"{uri} answers"}
-    except urllib.error.HTTPError as e:       # it answered: a server that has no /health is still a server
-        return {"name": name, "ok": True, "detail": f"{uri} answers (HTTP {e.code} on /health)"}
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        return {"name": name, "ok": False,
-                "detail": f"tracking server unreachable: nothing answers at {uri} (tracking.uri / MLFLOW_TRACKING_URI: "
-                          f"{reason}); start it (python infra/local/stack.py start) or fix the URL"}

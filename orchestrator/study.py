@@ -18,6 +18,9 @@ import logging
 import time
 from pathlib import Path
 
+from hkd_core import metric_names as M
+
+from . import identity
 from .config import PipelineConfig, compose, from_composed
 
 log = logging.getLogger(__name__)
@@ -81,14 +84,14 @@ def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] 
         res = run_stages(pc, d, "evaluate", progress)
         m = res["evaluate"]["metrics"]
         results["variants"][v] = {
-            "label": VARIANTS[v][0], "fid": m["eval/fid"], "kid": m["eval/kid"], "n": int(m["eval/n"]),
+            "label": VARIANTS[v][0], "fid": m[M.FID], "kid": m[M.KID], "n": int(m[M.EVAL_N]),
             "kimg": res["distill"]["kimg"], "train_s": res["distill"].get("train_s"),
             "params": res["distill"].get("params"), "pipeline_run_id": res["_parent_run_id"],
             "skipped": res.get("_skipped", [])}
         for k, val in m.items():
-            if k.startswith("eval/teacher_fid_nfe"):
-                nfe = int(k.removeprefix("eval/teacher_fid_nfe"))
-                results["teacher"][nfe] = {"fid": val, "kid": m.get(f"eval/teacher_kid_nfe{nfe}"), "n": int(m["eval/n"])}
+            nfe = M.teacher_nfe_of(k)
+            if nfe is not None:
+                results["teacher"][nfe] = {"fid": val, "kid": m.get(M.teacher_kid(nfe)), "n": int(m[M.EVAL_N])}
         results["_tracking_uri"], results["_experiment_id"] = res["_tracking_uri"], res["_experiment_id"]
     results["wall_s"] = time.perf_counter() - t0
     first = next(iter(cfgs.values()))[0]
@@ -98,13 +101,13 @@ def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] 
     folder.mkdir(parents=True, exist_ok=True)
     paths = write_outputs(results, folder)
     tracker = Tracker(first.tracking)
-    run_id = tracker.open_run(f"{study}/study", study, None, {"hkd.stage": "study", "hkd.study": study})
+    run_id = tracker.open_run(identity.study_run_key(study), study, None, {"hkd.stage": "study", "hkd.study": study})
     tracker.log_params(run_id, {"study": {"variants": variants, "overrides": overrides,
                                           "teacher_nfe": sorted(results["teacher"])}})
-    metrics = {f"study/{v}/fid": r["fid"] for v, r in results["variants"].items()}
-    metrics.update({f"study/{v}/kid": r["kid"] for v, r in results["variants"].items()})
-    metrics.update({f"study/teacher_nfe{k}/fid": r["fid"] for k, r in results["teacher"].items()})
-    metrics["perf/study_wall_s"] = results["wall_s"]
+    metrics = {M.study(v, "fid"): r["fid"] for v, r in results["variants"].items()}
+    metrics.update({M.study(v, "kid"): r["kid"] for v, r in results["variants"].items()})
+    metrics.update({M.study(f"teacher_nfe{k}", "fid"): r["fid"] for k, r in results["teacher"].items()})
+    metrics[M.STUDY_WALL_S] = results["wall_s"]
     tracker.log_metrics(run_id, metrics, 0)
     for p in paths:
         tracker.log_artifact(run_id, p, "study")

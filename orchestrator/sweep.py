@@ -21,13 +21,15 @@ from pathlib import Path
 
 import torch
 
-from .config import compose, from_composed
+from hkd_core import metric_names as M
+
+from . import asha, identity, trainer, workers
+from .config import compose, from_composed, user_conf_dir
+from .evaluation import REFERENCES, reference
 from .pipeline import context, init_ray, run_stages
-from .stages import StageContext, reference
-from .storage import S3Store, ray_storage
+from .storage import make_store, ray_storage, store_at
 from .sweep_spec import SweepError, SweepSpec, check_against_config, define_by_run, overrides_for
 from .tracking import Tracker
-from . import workers
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +62,6 @@ def concurrency(spec: SweepSpec) -> int:
 def trial_fn(params: dict, ctx: dict) -> None:
     """One trial: distil with the sampled params on Ray Train, report to Tune, evaluate, log to MLflow."""
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from hkd_core.models import build_model, model_record
@@ -70,143 +70,111 @@ def trial_fn(params: dict, ctx: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     # Tune hands over Optuna's per-suggestion values too (model.subspace_dims.l1, ...): keep the config keys
     params = {k: v for k, v in params.items() if k in ctx["space_keys"]}
-    spec_report, metric = ctx["report"], ctx["metric"]
-    over = ctx["base"] + overrides_for(params) + [f"train.checkpoint_every_kimg={spec_report['every_kimg']}",
-                                                  f"cluster.num_workers={ctx['workers']}"]
+    r = ctx["resources"]
+    over = ctx["base"] + overrides_for(params) + [f"train.checkpoint_every_kimg={ctx['report']['every_kimg']}",
+                                                  f"cluster.num_workers={r['workers']}"]
     cfg = compose(over)
     pc = from_composed(cfg)
-    results = S3Store(pc.storage, f"sweeps/{ctx['sweep_id']}/{trial_id}")
+    results = make_store(pc.storage, f"sweeps/{ctx['sweep_id']}/{trial_id}")
     if results.exists("final.json"):
         # finished before the driver went down, but Tune's snapshot did not know yet: report, don't redo
         tune.report(json.loads(results.get("final.json")))
         return
     tracker = Tracker(pc.tracking)
-    key = f"sweep/{ctx['sweep_id']}/{trial_id}"
-    run_id = tracker.open_run(key, f"{ctx['sweep_id']}-{trial_id}", ctx["sweep_run_id"],
+    run_id = tracker.open_run(identity.sweep_run_key(ctx["sweep_id"], trial_id), f"{ctx['sweep_id']}-{trial_id}",
+                              ctx["sweep_run_id"],
                               {"hkd.sweep_id": ctx["sweep_id"], "hkd.trial_id": trial_id, "hkd.stage": "trial",
                                "hkd.config_hash": pc.stages()["distill"], "hkd.trajectories_uri": ctx["traj_uri"]})
     tracker.log_params(run_id, {**pc.run.to_dict(), "sweep": {"params": json.dumps(params, sort_keys=True)}})
-    path, fs = ray_storage(pc.storage)
-    r = ctx["resources"]
-    res = {"CPU": r["cpus_per_worker"]}
-    if r["gpus_per_worker"]:
-        res["GPU"] = r["gpus_per_worker"]
-    trainer = TorchTrainer(
-        workers.distill_loop,
-        train_loop_config={"pipeline": cfg, "run_id": run_id, "threads": max(1, int(r["cpus_per_worker"])),
-                           "trajectories_prefix": ctx["traj_prefix"], "eval": ctx["eval"]},
-        scaling_config=ScalingConfig(num_workers=r["workers"], use_gpu=bool(r["gpus_per_worker"]),
-                                     resources_per_worker=res),
-        run_config=RunConfig(name=f"{ctx['sweep_id']}-{trial_id}", storage_path=f"{path}/sweeps-train",
-                             storage_filesystem=fs, callbacks=[TuneReportCallback()],             # (1) to Tune
-                             failure_config=FailureConfig(max_failures=pc.cluster.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             worker_runtime_env={"env_vars": workers.env_for_workers()}))
-    result = trainer.fit()
-    if result.error:
+    t = trainer.make_trainer(pc, workers.distill_loop,
+                             {"pipeline": cfg, "run_id": run_id, "trajectories_prefix": ctx["traj_prefix"],
+                              "eval": ctx["eval"]},
+                             f"{ctx['sweep_id']}-{trial_id}", subdir="sweeps-train",
+                             workers=trainer.Workers(r["workers"], r["cpus_per_worker"], r["gpus_per_worker"]),
+                             callbacks=[TuneReportCallback()], num_to_keep=1)                      # (1) to Tune
+    try:
+        result, _ = trainer.fit(t)
+    except Exception:
         tracker.end(run_id, "FAILED")
-        raise result.error
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(sorted(Path(d).glob("ckpt-*.pt"))[-1], map_location="cpu", weights_only=False)
+        raise
+    state = trainer.checkpoint_state(result)
     model = build_model(pc.run.model.variant, pc.run.hkd_config())
     model.load_state_dict(state["ema"])
     model.eval()
-    kimg = state["nimg"] / 1000
     final = final_metrics(pc, model, ctx)
     final.update(summarize(model.spectrum()))
     tracker.log_metrics(run_id, final, int(state["nimg"]))
     buf = io.BytesIO()
     torch.save(model_record(model), buf)
     results.put("model.pt", buf.getvalue())
-    report = {metric: final[metric], "kimg": kimg, "final": 1.0, **{k: v for k, v in final.items()
-                                                                      if k.startswith("eval/")}}
+    metric = ctx["metric"]
+    report = {metric: final[metric], "kimg": state["nimg"] / 1000, "final": 1.0,
+              **{k: v for k, v in final.items() if k.startswith("eval/")}}
     tracker.end(run_id)
     results.put("final.json", json.dumps(report).encode())     # from here on the trial counts as done
     tune.report(report)                                                                        # (2) final value
 
 
 def final_metrics(pc, model, ctx: dict) -> dict:
-    """eval.n-sample FID/KID (standard Inception) and the error against the teacher on held-out noise."""
-    from hkd_core.fid import FeatureStats, InceptionFeatures, decode_reference, fid_from_stats, kid_from_features
-    from hkd_core.generate import noise_for_seeds
-    from hkd_core.pipeline import holdout_error
-    from hkd_core.trajectories import read_manifest
+    """The evaluate stage's scores on the same seeds (hkd_core.evaluation), drawn in the trial's process, and
+    the error against the teacher on held-out noise."""
+    from hkd_core import evaluation as E
+    from hkd_core.fid import InceptionFeatures, decode_reference
+    from hkd_core.trajectories import load_all, read_manifest
 
-    out = {}
-    hold = S3Store(pc.storage, ctx["eval"]["holdout_prefix"])
-    out["eval/mse_vs_teacher"] = holdout_error(model, hold, read_manifest(hold))
+    hold = make_store(pc.storage, ctx["eval"]["holdout_prefix"])
+    out = {M.MSE_VS_TEACHER: E.holdout_error(model, load_all(hold, read_manifest(hold))[0])}
     if ctx.get("final_reference_key"):
-        e, d = pc.run.eval, pc.run.data
+        e = pc.run.eval
         feats = InceptionFeatures(e.inception_weights, batch_size=e.batch_size)
-        ref = decode_reference(S3Store(pc.storage, "fid-refs").get(ctx["final_reference_key"]))
-        shape = (model.cfg.img_channels, d.resolution, d.resolution)
-        seeds = torch.arange(e.n) + e.seed * 1_000_000
-        with torch.no_grad():
-            f = torch.cat([feats(model.sample(x_T=noise_for_seeds(seeds[i:i + e.batch_size], shape) * 80.0))
-                           for i in range(0, e.n, e.batch_size)])
-        out["eval/fid"] = fid_from_stats(FeatureStats.of(f), ref.stats)
-        out["eval/kid"] = kid_from_features(f, ref.features, min(e.kid_subset_size, e.n))[0]
-        out["eval/n"] = float(e.n)
+        ref = decode_reference(make_store(pc.storage, REFERENCES).get(ctx["final_reference_key"]))
+        f = E.chunk_features(E.model_generator(model), E.eval_seeds(e), E.image_shape(pc.run.data), feats,
+                             e.batch_size)
+        s = E.score(*E.merge_chunks([E.chunk_result(f)]), ref, e.kid_subset_size)
+        out.update({M.FID: s["fid"], M.KID: s["kid"], M.EVAL_N: float(e.n)})
     return out
-
-
-def _reference_name(ctx: StageContext, n: int) -> str:
-    """Ensure reference statistics for N images are cached in S3; return their object name."""
-    from hkd_core.fid import reference_cache_name
-
-    pc = dataclasses.replace(ctx.pc, run=dataclasses.replace(ctx.pc.run, eval=dataclasses.replace(ctx.pc.run.eval,
-                                                                                                   n=n)))
-    ref, _ = reference(pc)
-    return reference_cache_name(ref.key)
 
 
 def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = None, progress: bool = True,
               sweep_id: str | None = None) -> dict:
-    import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from .optuna_search import ResumableOptunaSearch
-
     spec = dataclasses.replace(spec, base=spec.base + list(cli_overrides))
     base_cfg = check_against_config(spec, compose)          # the YAML against the config, before any work
     pc = from_composed(base_cfg)
     sweep_id = resume or sweep_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     init_ray(pc)
     tracker = Tracker(pc.tracking)
-    sweep_run = tracker.open_run(f"sweep/{sweep_id}", sweep_id, None,
+    sweep_run = tracker.open_run(identity.sweep_run_key(sweep_id), sweep_id, None,
                                  {"hkd.sweep_id": sweep_id, "hkd.stage": "sweep", "hkd.sweep_spec": spec.source})
     tracker.log_params(sweep_run, {"sweep": {"base": json.dumps(spec.base), "metric": spec.metric, "mode": spec.mode,
                                              "trials": spec.trials, "space": json.dumps(spec.space)}})
-    ctx = context(pc, base_cfg, progress)
-    ctx.tracker.end(ctx.parent_run_id)       # the base pipeline run only records lineage; stages nest under the sweep
-    ctx = StageContext(pc, base_cfg, tracker, sweep_run, ctx.lineage, progress)
+    base = context(pc, base_cfg, progress, tracker=tracker)
+    tracker.end(base.parent_run_id)       # the base pipeline run only records lineage; stages nest under the sweep
+    ctx = context(pc, base_cfg, progress, parent=sweep_run, tracker=tracker)
     shared = run_stages(pc, base_cfg, "trajectories", progress, ctx=ctx)
-    traj_prefix = f"{ctx.prefix('trajectories')}"
+    traj_prefix = ctx.prefix("trajectories")
     trial_eval = {"metric": spec.metric, "fid_n": spec.report.fid_n, "holdout_prefix": f"{traj_prefix}/holdout"}
-    if spec.metric in ("eval/fid", "eval/kid"):
-        trial_eval["reference_key"] = _reference_name(ctx, spec.report.fid_n)
-    final_ref = _reference_name(ctx, pc.run.eval.n)
-    levels_default = pc.run.hkd_config().levels
-    searcher = ResumableOptunaSearch(space=define_by_run(spec, levels_default), metric=spec.metric, mode=spec.mode,
-                                     study_name=sweep_id, storage=optuna.storages.RDBStorage(study_url(spec)),
-                                     sampler=optuna.samplers.TPESampler(seed=spec.seed))
-    total = pc.run.train.total_kimg
-    if spec.scheduler.type == "asha":
-        # max_t a hair above the budget: ASHA stops a trial that reaches max_t, and a trial that trained to the
-        # end must live on to evaluate itself and send its final report
-        scheduler = ASHAScheduler(time_attr="kimg", max_t=total * 1.001,
-                                  grace_period=min(spec.scheduler.grace_period_kimg, total),
-                                  reduction_factor=spec.scheduler.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
-    conc = concurrency(spec)
-    log.info("sweep %s: %d trials, %d at a time, metric %s (%s), study %s", sweep_id, spec.trials, conc, spec.metric,
-             spec.mode, study_url(spec).split("://")[0])
+    if spec.metric in (M.FID, M.KID):
+        trial_eval["reference_key"] = reference(pc, spec.report.fid_n)[1]
     trial_ctx = {"sweep_id": sweep_id, "sweep_run_id": sweep_run, "base": spec.base, "report": dataclasses.asdict(
-        spec.report), "metric": spec.metric, "workers": spec.resources.workers,
-        "resources": dataclasses.asdict(spec.resources), "traj_prefix": f"{traj_prefix}/train",
-        "traj_uri": shared["trajectories"]["train"]["uri"], "eval": trial_eval, "final_reference_key": final_ref,
-        "space_keys": sorted(spec.space)}
+        spec.report), "metric": spec.metric, "resources": dataclasses.asdict(spec.resources),
+        "traj_prefix": f"{traj_prefix}/train", "traj_uri": shared["trajectories"]["train"]["uri"],
+        "eval": trial_eval, "final_reference_key": reference(pc)[1], "space_keys": sorted(spec.space)}
+    results = _tuner(spec, pc, sweep_id, trial_ctx, resume).fit()
+    summary = summarize_sweep(spec, sweep_id, results, pc.run.train.total_kimg, pc)
+    publish(tracker, sweep_run, spec, sweep_id, summary, pc, base_cfg)
+    tracker.end(sweep_run)
+    summary.update({"_sweep_run_id": sweep_run, "_tracking_uri": tracker.uri, "_experiment_id": tracker.experiment_id})
+    return summary
+
+
+def _tuner(spec: SweepSpec, pc, sweep_id: str, trial_ctx: dict, resume: str | None):
+    """A new Tuner (Optuna's TPE, ASHA over kimg), or the stopped sweep's, restored from storage."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from .optuna_search import ResumableOptunaSearch
+
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=trial_ctx), {"cpu": 1})
     # snapshot the experiment state often, so that a killed driver loses at most a second of bookkeeping
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
@@ -214,25 +182,27 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = No
     tune_path = f"{path}/sweeps"
     if resume:
         if not tune.Tuner.can_restore(f"{tune_path}/{sweep_id}", storage_filesystem=fs):
-            raise SweepError(f"--resume {sweep_id}: no sweep of that id under s3://{tune_path}/; the ids are the "
-                             f"MLflow sweep runs' names (tag hkd.sweep_id)")
+            raise SweepError(f"--resume {sweep_id}: no sweep of that id under {store_at(pc.storage, tune_path).uri('')}/;"
+                             f" the ids are the MLflow sweep runs' names (tag hkd.sweep_id)")
         log.info("sweep %s: resuming from %s/%s", sweep_id, tune_path, sweep_id)
-        tuner = tune.Tuner.restore(f"{tune_path}/{sweep_id}", trainable, resume_unfinished=True,
-                                   resume_errored=True, storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, metric=spec.metric, mode=spec.mode, num_samples=spec.trials,
-            max_concurrent_trials=conc),
-            run_config=tune.RunConfig(name=sweep_id, storage_path=tune_path, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=1)))
-    results = tuner.fit()
-    summary = summarize_sweep(spec, sweep_id, results, total, pc)
-    publish(tracker, sweep_run, spec, sweep_id, summary, pc, base_cfg)
-    tracker.end(sweep_run)
-    summary["_sweep_run_id"] = sweep_run
-    summary["_tracking_uri"] = tracker.uri
-    summary["_experiment_id"] = tracker.experiment_id
-    return summary
+        return tune.Tuner.restore(f"{tune_path}/{sweep_id}", trainable, resume_unfinished=True,
+                                  resume_errored=True, storage_filesystem=fs)
+    total = pc.run.train.total_kimg
+    sched = spec.scheduler
+    scheduler = (asha.scheduler(total, sched.grace_period_kimg, sched.reduction_factor) if sched.type == "asha"
+                 else FIFOScheduler())
+    searcher = ResumableOptunaSearch(space=define_by_run(spec, pc.run.hkd_config().levels), metric=spec.metric,
+                                     mode=spec.mode, study_name=sweep_id,
+                                     storage=optuna.storages.RDBStorage(study_url(spec)),
+                                     sampler=optuna.samplers.TPESampler(seed=spec.seed))
+    conc = concurrency(spec)
+    log.info("sweep %s: %d trials, %d at a time, metric %s (%s), study %s", sweep_id, spec.trials, conc, spec.metric,
+             spec.mode, study_url(spec).split("://")[0])
+    return tune.Tuner(trainable, tune_config=tune.TuneConfig(
+        search_alg=searcher, scheduler=scheduler, metric=spec.metric, mode=spec.mode, num_samples=spec.trials,
+        max_concurrent_trials=conc),
+        run_config=tune.RunConfig(name=sweep_id, storage_path=tune_path, storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(max_failures=1)))
 
 
 def summarize_sweep(spec: SweepSpec, sweep_id: str, results, total_kimg: float, pc) -> dict:
@@ -244,7 +214,7 @@ def summarize_sweep(spec: SweepSpec, sweep_id: str, results, total_kimg: float, 
         status = "error" if r.error else ("completed" if m.get("final") else "stopped early (ASHA)")
         rows.append({"trial_id": m.get("trial_id", r.path.rsplit("/", 1)[-1] if r.path else "?"), "status": status,
                      "kimg": kimg, "metric": m.get(spec.metric), "params": params,
-                     "fid": m.get("eval/fid"), "mse_vs_teacher": m.get("eval/mse_vs_teacher")})
+                     "fid": m.get(M.FID), "mse_vs_teacher": m.get(M.MSE_VS_TEACHER)})
     sign = 1 if spec.mode == "min" else -1
     done = [r for r in rows if r["status"] == "completed" and r["metric"] is not None]
     done.sort(key=lambda r: sign * r["metric"])
@@ -297,16 +267,23 @@ def publish(tracker: Tracker, run_id: str, spec: SweepSpec, sweep_id: str, summa
                     json.dumps(r["params"], sort_keys=True)])
     tracker.log_text(run_id, buf.getvalue(), "summary/trials.csv")
     stopped = sum(r["status"].startswith("stopped") for r in summary["rows"])
-    tracker.log_metrics(run_id, {"sweep/trials": len(summary["rows"]), "sweep/stopped_early": stopped,
-                                 "sweep/completed": len(summary["ranked"])}, 0)
+    tracker.log_metrics(run_id, {M.SWEEP_TRIALS: len(summary["rows"]), M.SWEEP_STOPPED_EARLY: stopped,
+                                 M.SWEEP_COMPLETED: len(summary["ranked"])}, 0)
     preset = best_preset(summary, base_cfg)
     if preset:
-        tracker.log_metrics(run_id, {f"sweep/best_{spec.metric.split('/')[-1]}": summary["best"]["metric"]}, 0)
-        tracker.log_text(run_id, preset, f"summary/experiment_{sweep_id.replace('-', '_')}.yaml")
+        name = f"sweep_{sweep_id.replace('-', '_')}"
+        tracker.log_metrics(run_id, {M.sweep_best(spec.metric): summary["best"]["metric"]}, 0)
+        tracker.log_text(run_id, preset, f"summary/experiment_{name.removeprefix('sweep_')}.yaml")
         tracker.set_tags(run_id, {"hkd.best_params": json.dumps(summary["best"]["params"], sort_keys=True)})
-        S3Store(pc.storage, f"sweeps/{sweep_id}").put("best_experiment.yaml", preset.encode())
-        local = ROOT / "orchestrator" / "conf" / "experiment"
-        if os.access(local, os.W_OK):
-            name = f"sweep_{sweep_id.replace('-', '_')}"
-            (local / f"{name}.yaml").write_text(preset)
-            summary["preset"] = name
+        make_store(pc.storage, f"sweeps/{sweep_id}").put("best_experiment.yaml", preset.encode())
+        summary["preset"], summary["preset_path"] = name, str(write_preset(name, preset))
+
+
+def write_preset(name: str, text: str) -> Path:
+    """An experiment preset in the user's config folder ($HKD_USER_CONF, default ./conf; on Hydra's search path),
+    never inside the installed package: ``hkd pipeline experiment=<name>`` then finds it."""
+    from hkd_core.checkpoint import atomic_write_bytes
+
+    path = user_conf_dir() / "experiment" / f"{name}.yaml"
+    atomic_write_bytes(path, text.encode())
+    return path

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import yaml
 
+from hkd_core import metric_names as M
 from hkd_core.config import ConfigError
 
-METRICS = ("eval/fid", "eval/kid", "eval/mse_vs_teacher")
+METRICS = (M.FID, M.KID, M.MSE_VS_TEACHER)
 DIST_KINDS = ("values", "uniform", "loguniform", "int")
 TOP_KEYS = ("name", "base", "space", "metric", "mode", "trials", "max_concurrency", "scheduler", "report",
             "resources", "study_storage", "seed", "description")
@@ -66,7 +67,7 @@ class SweepSpec:
     name: str
     base: list[str]
     space: dict
-    metric: str = "eval/mse_vs_teacher"
+    metric: str = M.MSE_VS_TEACHER
     mode: str = "min"
     trials: int = 8
     max_concurrency: int | None = None
@@ -159,7 +160,7 @@ def parse(text: str, src: str = "<sweep>") -> SweepSpec:
     if "model.levels" in space and "model.subspace_dims" not in space:
         raise _err(src, "space.model.levels", "searching the number of levels needs model.subspace_dims with "
                                               "per_level, so that d_l follows L")
-    metric = d.get("metric", "eval/mse_vs_teacher")
+    metric = d.get("metric", M.MSE_VS_TEACHER)
     if metric not in METRICS:
         raise _err(src, "metric", f"{metric!r} is not reported per trial; choose one of {list(METRICS)}")
     mode = d.get("mode", "min")

@@ -21,13 +21,28 @@ RUN_KEY = "hkd.run_key"
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None              # e.g. http://127.0.0.1:5000; None: $MLFLOW_TRACKING_URI
+    kind: str = "server"                # server (an MLflow server at uri) | file (a local store, no server)
+    root: str | None = None             # file: folder of mlflow.db and the artifacts; None: $HKD_CACHE/mlflow
+    uri: str | None = None              # server: e.g. http://127.0.0.1:5000; None: $MLFLOW_TRACKING_URI
     experiment: str = "hkd"
     register_model: str | None = "hkd"  # Model Registry name for distilled models; None: don't register
     retry_deadline_s: float = 300.0     # keep unsent metrics and retry this long before failing the run
     tags: dict = field(default_factory=dict)
 
+    def resolved_root(self) -> Path:
+        if self.root:
+            return Path(self.root).expanduser().resolve()
+        return Path(os.environ.get("HKD_CACHE", Path.home() / ".cache" / "hkd")).expanduser().resolve() / "mlflow"
+
+    def artifact_location(self) -> str | None:
+        """Where a new experiment keeps its artifacts: the server decides, a file store keeps them beside it."""
+        return (self.resolved_root() / "artifacts").as_uri() if self.kind == "file" else None
+
     def resolved_uri(self) -> str:
+        if self.kind == "file":
+            root = self.resolved_root()
+            root.mkdir(parents=True, exist_ok=True)
+            return f"sqlite:///{root / 'mlflow.db'}"
         uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             raise ValueError("tracking.uri is not set and MLFLOW_TRACKING_URI is empty; point it at the MLflow "
@@ -123,7 +138,7 @@ class Tracker:
         if exp is not None:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, artifact_location=self.cfg.artifact_location())
         except Exception:   # a concurrent creator won the race
             return self.client.get_experiment_by_name(name).experiment_id
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from hkd_core.fid import FeatureStats, InceptionFeatures, evaluate_features, fid_from_stats, kid_from_features, \
-    reference_stats
+from hkd_core import evaluation as E
+from hkd_core.fid import FeatureStats, InceptionFeatures, Reference, fid_from_stats, kid_from_features
 from hkd_core.inception import WeightsError, weights_path
 
 pytestmark = pytest.mark.slow
@@ -40,14 +40,13 @@ def test_stats_merge_exactly_across_workers():
     np.testing.assert_allclose(whole.mu_sigma()["sigma"], np.cov(f.double().numpy(), rowvar=False), atol=1e-10)
 
 
-def test_reference_statistics_are_cached_per_n(features, tmp_path):
-    r1 = reference_stats("fashion_mnist", "test", 16, features, 32, cache=tmp_path, progress=False)
-    files = list(tmp_path.glob("ref-*.npz"))
-    assert len(files) == 1 and "n16" in files[0].name and features.sha256[:16] in files[0].name
-    mtime = files[0].stat().st_mtime_ns
-    r2 = reference_stats("fashion_mnist", "test", 16, features, 32, cache=tmp_path, progress=False)
-    assert files[0].stat().st_mtime_ns == mtime and torch.equal(r1.features, r2.features)
-    reference_stats("fashion_mnist", "test", 20, features, 32, cache=tmp_path, progress=False)
-    assert len(list(tmp_path.glob("ref-*.npz"))) == 2
-    m = evaluate_features(r1.features, r1, kid_subset_size=8)
-    assert abs(m["fid"]) < 1e-2 and m["n"] == 16
+def test_chunks_merged_score_as_the_whole_set(features, fid_images):
+    a, b = fid_images
+    fa, fb = features(a), features(b)
+    ref = Reference({}, FeatureStats.of(fb), fb)
+    whole = E.score(FeatureStats.of(fa), fa, ref, kid_subset_size=16)
+    merged = E.score(*E.merge_chunks([E.chunk_result(fa[:11]), E.chunk_result(fa[11:])]), ref, kid_subset_size=16)
+    assert merged["fid"] == pytest.approx(whole["fid"], rel=1e-9) and merged["kid"] == pytest.approx(whole["kid"])
+    assert whole["fid"] > 20
+    itself = E.score(*E.merge_chunks([E.chunk_result(fb)]), ref, kid_subset_size=16)
+    assert abs(itself["fid"]) < 1e-2

@@ -24,7 +24,7 @@ def pc(local_stack, smoke, tmp_path_factory):
 def test_distributed_fid_equals_torch_fidelity(pc, fid_images, torch_fidelity_direct):
     """Statistics accumulated per Ray task in float64 and merged on the driver give torch-fidelity's FID."""
     from hkd_core.fid import fid_from_stats, kid_from_features
-    from orchestrator.stages import image_features
+    from orchestrator.evaluation import image_features
 
     a, b = fid_images
     sa, fa = image_features(pc, a, tasks=2)             # two chunks, merged
@@ -38,7 +38,7 @@ def test_distributed_fid_equals_torch_fidelity(pc, fid_images, torch_fidelity_di
 def test_reference_statistics_cached_in_s3_reused_and_recomputed(pc, s3, tmp_path):
     from hkd_core.fid import reference_cache_name
     from hkd_core.inception import weights_path
-    from orchestrator.stages import reference
+    from orchestrator.evaluation import reference
 
     def with_eval(**kw):
         return dataclasses.replace(pc, run=dataclasses.replace(pc.run, eval=dataclasses.replace(pc.run.eval, **kw)))
@@ -48,11 +48,11 @@ def test_reference_statistics_cached_in_s3_reused_and_recomputed(pc, s3, tmp_pat
         return sorted(o["Key"] for o in page.get("Contents", []))
 
     small = with_eval(n=20)
-    r1, computed = reference(small)
+    r1, _, computed = reference(small)
     assert computed and r1.stats.n == 20 and keys() == [f"{pc.storage.prefix}/fid-refs/{reference_cache_name(r1.key)}"]
-    r2, computed = reference(small)                                # the same (data, split, N, weights): reused
+    r2, _, computed = reference(small)                                # the same (data, split, N, weights): reused
     assert not computed and torch.equal(r1.features, r2.features) and len(keys()) == 1
-    r3, computed = reference(with_eval(n=24))                      # another N: computed anew, its own object
+    r3, _, computed = reference(with_eval(n=24))                      # another N: computed anew, its own object
     assert computed and r3.stats.n == 24 and len(keys()) == 2
     assert r3.features.shape == (24, 2048) and r3.key["n"] == 24
 
@@ -63,5 +63,5 @@ def test_reference_statistics_cached_in_s3_reused_and_recomputed(pc, s3, tmp_pat
     sd[name].view(-1)[0] += 1e-3
     other = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     torch.save(sd, other)
-    r4, computed = reference(with_eval(n=20, inception_weights=str(other)))
+    r4, _, computed = reference(with_eval(n=20, inception_weights=str(other)))
     assert computed and r4.key["weights"] != r1.key["weights"] and len(keys()) == 3

@@ -4,7 +4,8 @@ import subprocess
 
 import pytest
 
-from orchestrator.storage import S3Store, StorageConfig, preflight
+from orchestrator.preflight import preflight
+from orchestrator.storage import S3Store, StorageConfig
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,108 @@
+"""Seeds -> samples -> Inception features -> FID/KID: the one evaluation path, as units a driver spreads out.
+
+Sample i of an evaluation starts from the noise of seed ``eval.seed * SEED_STRIDE + i`` (scaled to
+sigma_max), whoever draws it: the evaluate stage's Ray tasks, a sweep trial's final score and the
+in-loop proxy a scheduler decides on all use ``eval_seeds``. A chunk of seeds becomes a ``chunk_result``
+(float64 sums and the float32 features); the driver merges the chunks exactly (``merge_chunks``) and
+scores them (``score``) against reference statistics of a fixed subset of real images
+(``reference_images``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import metric_names as M
+from .config import DataConfig, EvalConfig
+from .data import DATASETS, load_images
+from .edm import SIGMA_MAX
+from .fid import FeatureStats, InceptionFeatures, Reference, fid_from_stats, kid_from_features
+from .generate import noise_for_seeds
+from .sampler import sample_nfe
+
+SEED_STRIDE = 1_000_000      # eval.seed k owns seeds [k * 1e6, (k + 1) * 1e6)
+REFERENCE_SEED = 12345       # the seeded subset of real images behind the reference statistics
+
+Generate = Callable[[torch.Tensor], torch.Tensor]      # x_T (scaled to sigma_max) -> images in [-1, 1]
+
+
+def image_shape(data: DataConfig) -> tuple[int, int, int]:
+    return (DATASETS[data.name].channels, data.resolution, data.resolution)
+
+
+def eval_seeds(e: EvalConfig, n: int | None = None) -> list[int]:
+    """The noise seeds of an evaluation: the first ``n`` (default eval.n)."""
+    base = e.seed * SEED_STRIDE
+    return list(range(base, base + (e.n if n is None else n)))
+
+
+def noise(seeds, shape: tuple[int, ...]) -> torch.Tensor:
+    """x_T = sigma_max * n_seed for each seed."""
+    return noise_for_seeds(torch.as_tensor(list(seeds)), shape) * SIGMA_MAX
+
+
+def model_generator(model) -> Generate:
+    """A one-step model: NFE 1."""
+    return lambda x_T: model.sample(x_T=x_T)
+
+
+def teacher_generator(teacher, nfe: int) -> Generate:
+    """The teacher's deterministic sampler at ``nfe`` denoiser evaluations (Heun, or Euler at NFE 1)."""
+    return lambda x_T: sample_nfe(teacher.denoise, x_T, nfe).x0.clamp(-1, 1)
+
+
+@torch.no_grad()
+def chunk_features(generate: Generate, seeds: list[int], shape: tuple[int, ...], features: InceptionFeatures,
+                   batch_size: int = 100, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Inception features of the samples drawn from ``seeds``, batch by batch."""
+    out = [features(generate(noise(seeds[i:i + batch_size], shape).to(device)))
+           for i in range(0, len(seeds), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, 2048)
+
+
+def chunk_result(feats: torch.Tensor) -> dict:
+    """What a chunk hands to the driver: its float64 sums (merged exactly) and its features (KID needs them)."""
+    return {**FeatureStats.of(feats).to_dict(), "features": feats.numpy()}
+
+
+def merge_chunks(results: list[dict]) -> tuple[FeatureStats, torch.Tensor]:
+    """The chunks' statistics merged exactly, and their features concatenated in chunk order."""
+    stats = FeatureStats.merge_all([FeatureStats.from_dict(r) for r in results])
+    return stats, torch.from_numpy(np.concatenate([r["features"] for r in results]))
+
+
+def score(stats: FeatureStats, feats: torch.Tensor, ref: Reference, kid_subset_size: int) -> dict[str, float]:
+    """FID from the merged statistics, KID (mean and std over subsets) from the features."""
+    kid, kid_std = kid_from_features(feats, ref.features, min(kid_subset_size, feats.shape[0]))
+    return {"fid": fid_from_stats(stats, ref.stats), "kid": kid, "kid_std": kid_std}
+
+
+def model_metrics(s: dict[str, float], n: int) -> dict[str, float]:
+    """The model's scores under their metric names (NFE 1)."""
+    return {M.FID: s["fid"], M.KID: s["kid"], M.KID_STD: s["kid_std"], M.EVAL_N: n, M.FID_NFE1: s["fid"]}
+
+
+def teacher_metrics(s: dict[str, float], nfe: int) -> dict[str, float]:
+    return {M.teacher_fid(nfe): s["fid"], M.teacher_kid(nfe): s["kid"]}
+
+
+def reference_images(data: DataConfig, split: str, n: int) -> torch.Tensor:
+    """The fixed, seeded subset of N real images that reference statistics are computed from."""
+    images, _ = load_images(data.name, split, resolution=data.resolution, limit=n, root=data.root,
+                            seed=REFERENCE_SEED)
+    if images.shape[0] < n:
+        raise ValueError(f"eval.n={n}: {data.name}/{split} has only {images.shape[0]} images; lower eval.n")
+    return images
+
+
+@torch.no_grad()
+def holdout_error(model, states: torch.Tensor, batch_size: int = 100) -> float:
+    """Mean squared error of model(x_T) against the teacher's x_0 on held-out trajectories (N, S+1, C, H, W)."""
+    errs = []
+    dev = next(model.parameters()).device
+    for i in range(0, states.shape[0], batch_size):
+        s = states[i:i + batch_size].float().to(dev)
+        errs.append((model.sample(x_T=s[:, 0]) - s[:, -1]).square().flatten(1).mean(1))
+    return torch.cat(errs).mean().item()

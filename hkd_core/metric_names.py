@@ -1,0 +1,80 @@
+"""Every metric name the project logs, in one place (DESIGN 2: hierarchical names, `/`-separated).
+
+Code that logs or reads a metric takes its name from here, so a rename is one edit and a typo is an
+AttributeError instead of an empty chart in the MLflow UI. Steps count images seen (1 kimg = 1000 steps).
+"""
+from __future__ import annotations
+
+# training loop (hkd_core.train): train/<loss term> for every term a loss returns, plus these
+TRAIN_LOSS = "train/loss"
+TRAIN_LOSS_RECON = "train/loss_recon"
+TRAIN_LOSS_TCONS = "train/loss_tcons"
+TRAIN_LR = "train/lr"
+TRAIN_KIMG = "train/kimg"
+TRAIN_S = "train/train_s"
+TRAIN_ATTEMPT = "train/attempt"                      # starts of the worker group, restarts included
+TRAIN_RESUMED_FROM_KIMG = "train/resumed_from_kimg"
+SAMPLES_PER_S = "perf/samples_per_s"
+
+# checkpoints and data (the Ray Train loops)
+CHECKPOINT_KIMG = "checkpoint/kimg"
+CHECKPOINT_UPLOAD_S = "checkpoint/upload_s"
+CHECKPOINT_UPLOAD_RETRIES = "checkpoint/upload_retries"
+SKIPPED_SHARDS = "data/skipped_shards"
+
+# evaluation: the model at NFE 1, the teacher at eval.teacher_nfe, all with their N
+FID = "eval/fid"
+KID = "eval/kid"
+KID_STD = "eval/kid_std"
+EVAL_N = "eval/n"
+FID_NFE1 = "eval/fid_nfe1"
+MSE_VS_TEACHER = "eval/mse_vs_teacher"
+EVAL_S = "perf/eval_s"
+TEACHER_FID_PREFIX = "eval/teacher_fid_nfe"
+
+
+def teacher_fid(nfe: int) -> str:
+    return f"{TEACHER_FID_PREFIX}{nfe}"
+
+
+def teacher_kid(nfe: int) -> str:
+    return f"eval/teacher_kid_nfe{nfe}"
+
+
+def teacher_nfe_of(name: str) -> int | None:
+    """The NFE of a ``teacher_fid`` name, None for any other metric."""
+    return int(name.removeprefix(TEACHER_FID_PREFIX)) if name.startswith(TEACHER_FID_PREFIX) else None
+
+
+# spectra (hkd_core.spectra.summarize): spectra/l<level>/<stat>
+SPECTRA = "spectra"
+SPECTRUM_STATS = ("alpha_mean", "alpha_min", "alpha_max", "alpha_std", "abs_beta_mean", "frac_growing", "num_modes")
+
+
+def spectrum(level: int, stat: str, prefix: str = SPECTRA) -> str:
+    return f"{prefix}/l{level}/{stat}"
+
+
+# stage and job wall-clock
+WALL_S = "perf/wall_s"
+STAGE_TRAIN_S = "perf/train_s"
+TRAJECTORIES_PER_S = "perf/trajectories_per_s"
+PIPELINE_WALL_S = "perf/pipeline_wall_s"
+STUDY_WALL_S = "perf/study_wall_s"
+
+# sweeps and studies
+SWEEP_TRIALS = "sweep/trials"
+SWEEP_STOPPED_EARLY = "sweep/stopped_early"
+SWEEP_COMPLETED = "sweep/completed"
+
+
+def sweep_best(metric: str) -> str:
+    return f"sweep/best_{metric.split('/')[-1]}"
+
+
+def study(variant: str, what: str) -> str:
+    return f"study/{variant}/{what}"
+
+
+def edit(what: str) -> str:
+    return f"edit/{what}"

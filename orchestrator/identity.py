@@ -1,0 +1,64 @@
+"""Who a run is: stage prefixes in storage, MLflow run keys, lineage tags. One function for each.
+
+A stage's identity is its content hash (hkd_core.config.stage_hashes: its config and the hashes of what it
+consumes); its output lives under ``<storage root>/<stage>-<hash>/`` and its MLflow run is found again by
+the tag ``hkd.run_key``, so a restart reopens the same run. Everything that names a stage or finds a run
+(the pipeline, sweeps, the study, ``hkd edit``) calls these.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+STAGES = ("teacher", "trajectories", "distill", "evaluate")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_prefix(pc, stage: str) -> str:
+    """The stage's folder under the storage root: ``<stage>-<hash>``."""
+    return f"{stage}-{pc.stages()[stage]}"
+
+
+def pipeline_hash(pc) -> str:
+    """The whole pipeline's identity: the last stage's hash covers every config it depends on."""
+    return pc.stages()["evaluate"]
+
+
+def run_key(pc, stage: str) -> str:
+    """The MLflow run key of a stage (``teacher`` .. ``evaluate``) or of the ``pipeline`` parent run."""
+    if stage == "pipeline":
+        return f"{pc.name}/pipeline-{pipeline_hash(pc)}"
+    return f"{pc.name}/{stage_prefix(pc, stage)}"
+
+
+def run_name(pc, stage: str) -> str:
+    return f"{pc.name}-{pipeline_hash(pc)}" if stage == "pipeline" else stage_prefix(pc, stage)
+
+
+def sweep_run_key(sweep_id: str, trial_id: str | None = None) -> str:
+    return f"sweep/{sweep_id}" + (f"/{trial_id}" if trial_id else "")
+
+
+def study_run_key(study: str) -> str:
+    return f"{study}/study"
+
+
+def edit_run_key(pc, ident: str) -> str:
+    return f"{pc.name}/edit-{ident}"
+
+
+def git_sha() -> str:
+    """The commit of the code that runs: git where there is a checkout, else $HKD_GIT_SHA (images, jobs)."""
+    try:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        sha = ""
+    return sha or os.environ.get("HKD_GIT_SHA", "unknown")
+
+
+def lineage(pc) -> dict[str, str]:
+    """Tags every run of a pipeline carries."""
+    return {"hkd.config_hash": pipeline_hash(pc), "hkd.git_sha": git_sha(), "hkd.data": pc.run.data.name,
+            "hkd.variant": pc.run.model.variant, "hkd.storage_root": pc.storage.root_uri()}

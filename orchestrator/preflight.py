@@ -1,0 +1,141 @@
+"""``hkd preflight``: write, read and list a probe through each client (boto3, Ray's filesystem, MLflow's
+artifact store) and say in one sentence what failed and what to do."""
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Callable
+
+from .storage import FsStore, S3Store, StorageConfig, StorageError, make_store, ray_storage
+
+
+class MissingBucket(StorageError):
+    pass
+
+
+def bucket_exists(client, bucket: str) -> None:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise MissingBucket(f"NoSuchBucket: {bucket}") from None
+        raise
+
+
+def classify(err: BaseException, cfg: StorageConfig) -> str:
+    """One sentence naming the failure and what to do."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    endpoint = cfg.resolved_endpoint() or "the AWS default endpoint"
+    text = str(err)
+    if isinstance(err, (EndpointConnectionError, ConnectionError)) or "Could not connect" in text \
+            or "Connection refused" in text or "connection refused" in text.lower():
+        return (f"endpoint unreachable: nothing answers at {endpoint} (storage.endpoint_url); start the S3 server "
+                f"(python infra/local/stack.py start) or fix the URL")
+    if isinstance(err, NoCredentialsError):
+        return "no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentials_file"
+    code = ""
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken") or \
+            "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "403" in text:
+        return (f"bad credentials: {endpoint} refused the access key ({code or 'access denied'}); check "
+                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentials_file")
+    if isinstance(err, MissingBucket) or code in ("NoSuchBucket",) or "NoSuchBucket" in text \
+            or "bucket does not exist" in text.lower():
+        return (f"missing bucket: s3://{cfg.bucket} does not exist at {endpoint} (storage.bucket); create it or "
+                f"choose another")
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def preflight(cfg: StorageConfig, tracking_uri: str | None = None) -> list[dict]:
+    """Write, read and list a probe through boto3, through Ray's pyarrow filesystem and (if a tracking URI is
+    given) through MLflow's artifact store. Returns one dict per check: name, ok, detail."""
+    probe = f"_preflight/{uuid.uuid4().hex}.txt"
+    body = b"hkd preflight probe"
+    results = []
+    if cfg.kind == "fs":
+        return _preflight_fs(cfg, probe, body, tracking_uri)
+
+    def check(name: str, fn: Callable[[], str]) -> None:
+        try:
+            results.append({"name": name, "ok": True, "detail": fn()})
+        except Exception as e:  # noqa: BLE001 - reported to the user
+            results.append({"name": name, "ok": False, "detail": classify(e, cfg)})
+
+    def via_boto3() -> str:
+        store = S3Store(dataclasses.replace(cfg, retry_deadline_s=0))
+        bucket_exists(store.client, cfg.bucket)    # some servers create a bucket on first PUT: ask first
+        store.put(probe, body)
+        assert store.get(probe) == body, "read back different bytes"
+        assert probe in store.list("_preflight/"), "probe missing from the listing"
+        store.delete(probe)
+        return f"write/read/list/delete {store.uri(probe)}"
+
+    def via_pyarrow() -> str:
+        import pyarrow.fs
+
+        path, fs = ray_storage(cfg)
+        target = f"{path}/{probe}"
+        with fs.open_output_stream(target) as f:
+            f.write(body)
+        with fs.open_input_stream(target) as f:
+            assert f.read() == body, "read back different bytes"
+        listed = fs.get_file_info(pyarrow.fs.FileSelector(target.rsplit("/", 1)[0]))
+        assert any(i.path == target for i in listed), "probe missing from the listing"
+        fs.delete_file(target)
+        return f"write/read/list/delete s3://{target} (Ray storage_path)"
+
+    check("s3 (boto3)", via_boto3)
+    if results[-1]["ok"]:
+        check("ray storage (pyarrow)", via_pyarrow)
+    if tracking_uri:
+        from .tracking import artifact_probe
+
+        server = tracking_server_check(tracking_uri)
+        results.append(server)
+        if server["ok"]:
+            check("mlflow artifacts", lambda: artifact_probe(tracking_uri, body))
+    return results
+
+
+def tracking_server_check(uri: str, timeout_s: float = 5.0) -> dict:
+    """Is an MLflow server answering at ``uri``? Asked once with a short timeout, because MLflow's own client
+    retries a refused connection with backoff for minutes before it gives up."""
+    import urllib.error
+    import urllib.request
+
+    name = "mlflow server"
+    if not uri.startswith(("http://", "https://")):
+        return {"name": name, "ok": True, "detail": f"{uri} (a local store: nothing to reach)"}
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+            r.read()
+        return {"name": name, "ok": True, "detail": f"{uri} answers"}
+    except urllib.error.HTTPError as e:       # it answered: a server that has no /health is still a server
+        return {"name": name, "ok": True, "detail": f"{uri} answers (HTTP {e.code} on /health)"}
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return {"name": name, "ok": False,
+                "detail": f"tracking server unreachable: nothing answers at {uri} (tracking.uri / MLFLOW_TRACKING_URI: "
+                          f"{reason}); start it (python infra/local/stack.py start) or fix the URL"}
+
+
+def _preflight_fs(cfg: StorageConfig, probe: str, body: bytes, tracking_uri: str | None) -> list[dict]:
+    """storage=fs: the folder is writable (and so is Ray's), and the tracking store answers."""
+    results = []
+    try:
+        store = make_store(cfg)
+        store.put(probe, body)
+        assert store.get(probe) == body, "read back different bytes"
+        store.delete(probe)
+        results.append({"name": "storage (fs)", "ok": True, "detail": f"write/read/delete {store.uri(probe)}"})
+    except (OSError, AssertionError) as e:
+        results.append({"name": "storage (fs)", "ok": False,
+                        "detail": f"storage.root {cfg.resolved_root()} is not writable ({e}); choose another folder"})
+    if tracking_uri:
+        results.append(tracking_server_check(tracking_uri))
+    return results

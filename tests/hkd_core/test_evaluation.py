@@ -1,0 +1,67 @@
+"""The one evaluation path: which noise an evaluation draws, and that chunking it changes nothing."""
+import pytest
+import torch
+
+from hkd_core import evaluation as E
+from hkd_core import metric_names as M
+from hkd_core.config import DataConfig, EvalConfig
+from hkd_core.edm import SIGMA_MAX
+
+
+def test_eval_seeds_belong_to_eval_seed_and_prefix_each_other():
+    e = EvalConfig(n=5, seed=3)
+    assert E.eval_seeds(e) == [3_000_000 + i for i in range(5)]
+    assert E.eval_seeds(e, 2) == E.eval_seeds(e)[:2]          # a sweep's small-N proxy: the first seeds
+    assert not set(E.eval_seeds(EvalConfig(n=5, seed=4))) & set(E.eval_seeds(e))
+
+
+def test_noise_is_a_function_of_the_seed_alone():
+    x = E.noise([7, 8, 9], (1, 4, 4))
+    assert torch.equal(E.noise([8], (1, 4, 4))[0], x[1])
+    assert x.std() > 0.3 * SIGMA_MAX
+
+
+def test_chunks_of_seeds_give_the_samples_of_the_whole(koopman_model):
+    flat = lambda imgs: imgs.flatten(1)                     # noqa: E731 - a stand-in feature extractor
+    seeds = list(range(10))
+    shape = (koopman_model.cfg.img_channels, koopman_model.cfg.resolution, koopman_model.cfg.resolution)
+    gen = E.model_generator(koopman_model)
+    whole = E.chunk_features(gen, seeds, shape, flat, batch_size=4)
+    parts = [E.chunk_features(gen, seeds[i::3], shape, flat, batch_size=3) for i in range(3)]
+    by_seed = {s: f for i, p in enumerate(parts) for s, f in zip(seeds[i::3], p)}
+    assert torch.allclose(torch.stack([by_seed[s] for s in seeds]), whole, atol=1e-5)
+    stats, feats = E.merge_chunks([E.chunk_result(p) for p in parts])
+    assert stats.n == 10 and feats.shape == whole.shape
+
+
+def test_metric_names_of_model_and_teacher():
+    s = {"fid": 12.5, "kid": 0.01, "kid_std": 0.002}
+    assert E.model_metrics(s, 300) == {M.FID: 12.5, M.KID: 0.01, M.KID_STD: 0.002, M.EVAL_N: 300,
+                                       M.FID_NFE1: 12.5}
+    assert E.teacher_metrics(s, 35) == {"eval/teacher_fid_nfe35": 12.5, "eval/teacher_kid_nfe35": 0.01}
+    assert M.teacher_nfe_of("eval/teacher_fid_nfe35") == 35 and M.teacher_nfe_of(M.FID) is None
+
+
+def test_reference_images_refuse_more_than_the_split_holds():
+    x = E.reference_images(DataConfig(), "test", 16)
+    assert x.shape == (16, 1, 32, 32)
+    assert torch.equal(x, E.reference_images(DataConfig(), "test", 16))   # the same seeded subset each time
+    with pytest.raises(ValueError, match="eval.n=20000: fashion_mnist/test has only 10000 images"):
+        E.reference_images(DataConfig(), "test", 20000)
+
+
+def test_holdout_error_is_zero_for_a_model_that_returns_the_teachers_endpoint(koopman_model):
+    states = torch.randn(6, 3, 1, 8, 8)
+
+    class TeacherLookup(torch.nn.Module):
+        """x_T -> the teacher's x_0 of that trajectory: a perfect one-step student."""
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def sample(self, x_T):
+            idx = [int((states[:, 0] - x).abs().flatten(1).sum(1).argmin()) for x in x_T]
+            return states[idx, -1]
+
+    assert E.holdout_error(TeacherLookup(), states, batch_size=4) == pytest.approx(0.0)
+    assert E.holdout_error(koopman_model, states) > 0.1

@@ -1,0 +1,79 @@
+"""The one driver without any service: `hkd pipeline experiment=smoke storage=fs tracking=file` end to end,
+with Ray started in this process, a local folder for storage and a local MLflow store (SQLite)."""
+import json
+
+import pytest
+import torch
+
+from orchestrator.cli import main, plan
+from orchestrator.config import load
+from orchestrator import identity
+
+LEAN = ["experiment=smoke", "storage=fs", "tracking=file", "eval.teacher_nfe=[1]", "cluster.generation_tasks=1",
+        "cluster.address=null"]
+
+
+@pytest.fixture(scope="module")
+def fs_runs(tmp_path_factory):
+    """The smoke pipeline in fs mode, then the same command again (which must skip every finished stage)."""
+    import ray
+
+    root = tmp_path_factory.mktemp("fs")
+    over = LEAN + [f"storage.root={root}/store", f"tracking.root={root}/mlflow"]
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):   # no service, even if one runs
+            mp.delenv(var, raising=False)
+        if ray.is_initialized():
+            ray.shutdown()
+        runs = []
+        for i in range(2):
+            out = root / f"res{i}.json"
+            assert main(["pipeline", *over, "--no-progress", "--json", str(out)]) == 0
+            runs.append(json.loads(out.read_text()))
+        pc = load(over)
+        ray.shutdown()
+    yield {"root": root, "pc": pc, "first": runs[0], "again": runs[1]}
+
+
+def test_every_stage_writes_where_the_plan_says(fs_runs):
+    pc, root = fs_runs["pc"], fs_runs["root"]
+    assert pc.storage.kind == "fs" and fs_runs["first"]["_storage_root"] == str(root / "store" / "runs")
+    steps = plan(pc, "evaluate")
+    for stage in ("trajectories", "distill", "evaluate"):
+        assert (root / "store" / "runs" / identity.stage_prefix(pc, stage) / "_SUCCESS.json").is_file()
+        assert steps[stage]["output"].startswith(str(root / "store" / "runs" / identity.stage_prefix(pc, stage)))
+    manifest = json.loads((root / "store" / "runs" / identity.stage_prefix(pc, "trajectories") / "train" /
+                           "manifest.json").read_text())
+    assert manifest["num_trajectories"] == 128 and len(manifest["shards"]) == 4
+    rec = torch.load(root / "store" / "runs" / identity.stage_prefix(pc, "distill") / "model.pt", weights_only=False)
+    assert rec["class"] == "HKD" and rec["config"]["channels"] == 8          # the 'tiny' preset of experiment=smoke
+    assert fs_runs["first"]["distill"]["kimg"] == pytest.approx(0.256)
+
+
+def test_runs_and_metrics_land_in_the_local_mlflow_store(fs_runs):
+    from mlflow.tracking import MlflowClient
+
+    pc, first = fs_runs["pc"], fs_runs["first"]
+    assert first["_tracking_uri"] == f"sqlite:///{fs_runs['root'] / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(first["_tracking_uri"])
+    runs = {r.data.tags["hkd.run_key"]: r for r in client.search_runs([first["_experiment_id"]])}
+    parent = runs[identity.run_key(pc, "pipeline")]
+    assert parent.info.run_id == first["_parent_run_id"] and parent.info.status == "FINISHED"
+    for stage in ("trajectories", "distill", "evaluate"):
+        r = runs[identity.run_key(pc, stage)]
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.info.status == "FINISHED"
+    ev = runs[identity.run_key(pc, "evaluate")]
+    assert {"eval/fid", "eval/kid", "eval/kid_std", "eval/n", "eval/teacher_fid_nfe1",
+            "spectra/l1/alpha_mean"} <= set(ev.data.metrics)
+    assert ev.data.metrics["eval/n"] == 32 and ev.data.metrics["eval/fid"] > 0
+    arts = {a.path for folder in ("spectra", "figures") for a in client.list_artifacts(ev.info.run_id, folder)}
+    assert {"spectra/spectrum.png", "spectra/eigenvalues.npz", "figures/samples.png"} <= arts
+    # artifacts stay beside the store, never in the working directory
+    assert (fs_runs["root"] / "mlflow" / "artifacts").is_dir()
+
+
+def test_the_same_command_again_skips_every_finished_stage(fs_runs):
+    first, again = fs_runs["first"], fs_runs["again"]
+    assert again["_skipped"] == ["trajectories", "distill", "evaluate"]
+    assert again["_parent_run_id"] == first["_parent_run_id"]          # the same MLflow run, reopened
+    assert again["evaluate"]["metrics"] == pytest.approx(first["evaluate"]["metrics"])

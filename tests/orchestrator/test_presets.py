@@ -1,0 +1,78 @@
+"""Every shipped experiment preset and sweep YAML composes, validates and plans in --dry-run; group YAMLs carry
+only what differs from the dataclass defaults (one source of defaults); sweeps write presets to the user's
+folder, which is on Hydra's search path."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.config import CONF_DIR, compose, defaults
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+SWEEPS = sorted(p.name for p in (ROOT / "sweeps").glob("*.yaml"))
+GROUP_FILES = sorted(p for p in CONF_DIR.glob("*/*.yaml") if p.parent.name != "experiment")
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_the_shipped_presets_and_sweeps_are_found():
+    assert {"smoke", "fmnist_small", "cifar_gpu", "study_fmnist", "study_cifar_gpu"} <= set(PRESETS)
+    assert {"smoke.yaml", "scale_count.yaml", "subspace_dims.yaml"} <= set(SWEEPS)
+    assert not [p for p in PRESETS if p.startswith("sweep_")], "generated presets belong in the user's folder"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_composes_and_plans_in_dry_run(name, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HKD_USER_CONF", str(tmp_path))
+    command = "study" if name.startswith("study") else "pipeline"
+    assert main([command, f"experiment={name}", "--dry-run"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    configs = [v["config"] for v in out["variants"].values()] if command == "study" else [out["config"]]
+    text = yaml.safe_load((CONF_DIR / "experiment" / f"{name}.yaml").read_text())
+    for cfg in configs:
+        leaves = _leaves(cfg)
+        for key, value in _leaves({k: v for k, v in text.items() if k != "defaults"}).items():
+            if key in ("train.states_per_traj", "eval.teacher_nfe") and command == "study":
+                continue          # a study's variants set these themselves
+            assert leaves[key] == value, (name, key)           # every key the preset names reaches the config
+    if command == "pipeline":
+        assert list(out["plan"]) == ["teacher", "trajectories", "distill", "evaluate"]
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_sweep_yaml_composes_and_plans_in_dry_run(name, capsys):
+    assert main(["sweep", str(ROOT / "sweeps" / name), "--dry-run"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["shared_stages"]) == ["teacher", "trajectories"] and out["sweep"]["trials"] >= 1
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_group_yamls_carry_only_what_differs_from_the_dataclass_defaults(path):
+    group = path.parent.name
+    base = defaults()[group]
+    for key, value in _leaves(yaml.safe_load(path.read_text()) or {}).items():
+        assert key.split(".")[0] in base, f"{path}: {key} is not a {group} key"
+        if isinstance(value, str) and value.startswith("${"):
+            continue              # read from the environment: not a default
+        assert value != base[key.split(".")[0]], f"{path}: {key}={value!r} repeats the dataclass default"
+
+
+def test_a_preset_in_the_user_folder_is_found_by_name(tmp_path, monkeypatch):
+    from orchestrator.sweep import write_preset
+
+    monkeypatch.setenv("HKD_USER_CONF", str(tmp_path))
+    path = write_preset("sweep_mine", "# @package _global_\ntrain:\n  lr: 0.0042\n")
+    assert path == tmp_path / "experiment" / "sweep_mine.yaml"
+    assert compose(["experiment=sweep_mine"])["train"]["lr"] == 0.0042
+    assert not (CONF_DIR / "experiment" / "sweep_mine.yaml").exists()     # never into the installed package
