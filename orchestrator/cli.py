@@ -9,6 +9,8 @@
     hkd sweep sweeps/scale_count.yaml --resume scale_count-20261130-101500
     hkd study experiment=study_fmnist              # HKD, ablations, KD, KDM, teacher NFE 1/2/4/full: one table
     hkd edit --band high --mask lower --ratios 0,0.5,1   # frequency-aware editing of the config's model
+    hkd pipeline experiment=smoke storage=fs tracking=file   # no service at all: a local folder, a local
+                                                    # MLflow store (SQLite), Ray in this process
 
 Overrides are Hydra's (``group=option``, ``key=value``); the composed config is validated before Ray
 starts. Endpoints come from the environment (the local stack's ``env`` command sets them); without it,
@@ -110,9 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-    from .config import from_composed
-
     if args.command in ("sweep", "study", "edit"):
         adopt_local_stack()
     if args.command == "sweep":
@@ -121,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         return study_main(args)
     if args.command == "edit":
         return edit_main(args)
+    return stage_main(args)
+
+
+def stage_main(args) -> int:
+    """preflight, and the stage commands: pipeline | teacher | trajectories | distill | evaluate."""
+    from .config import from_composed
+
     try:
         cfg_dict = compose_for_cli(args.overrides)
         pc = from_composed(cfg_dict)
@@ -154,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
-    ui = res["_tracking_uri"]
+    print_results(res)
+    return 0
+
+
+def print_results(res: dict) -> None:
     print(f"\nstages skipped (already done): {', '.join(res.get('_skipped', [])) or 'none'}")
     if "evaluate" in res:
         m = res["evaluate"]["metrics"]
@@ -165,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"artifacts: {res['_storage_root']}/")
     if "distill" in res and res["distill"].get("model_uri"):
         print(f"  model: {res['distill']['model_uri']}   trajectories: {res['trajectories']['train']['uri']}/")
-    print_ui(ui, res["_experiment_id"], res["_parent_run_id"])
-    return 0
+    print_ui(res["_tracking_uri"], res["_experiment_id"], res["_parent_run_id"])
 
 
 def print_ui(uri: str, experiment_id: str, run_id: str, extra: str = "") -> None:
