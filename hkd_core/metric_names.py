@@ -6,6 +6,10 @@ AttributeError instead of an empty chart in the MLflow UI. Steps count images se
 from __future__ import annotations
 
 # training loop (hkd_core.train): train/<loss term> for every term a loss returns, plus these
+def train(term: str) -> str:
+    return f"train/{term}"
+
+
 TRAIN_LOSS = "train/loss"
 TRAIN_LOSS_RECON = "train/loss_recon"
 TRAIN_LOSS_TCONS = "train/loss_tcons"
@@ -23,6 +27,7 @@ CHECKPOINT_UPLOAD_RETRIES = "checkpoint/upload_retries"
 SKIPPED_SHARDS = "data/skipped_shards"
 
 # evaluation: the model at NFE 1, the teacher at eval.teacher_nfe, all with their N
+EVAL_PREFIX = "eval/"
 FID = "eval/fid"
 KID = "eval/kid"
 KID_STD = "eval/kid_std"

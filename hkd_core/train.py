@@ -172,7 +172,7 @@ class _Loop:
             bar.update(min(kimg, s.total_kimg) - bar.n)
             if kimg >= next_log - 1e-9 or self.done():
                 now = time.perf_counter()
-                vals = _mean_over_ranks({f"train/{k}": v / n_acc for k, v in acc.items()}, self.device)
+                vals = _mean_over_ranks({M.train(k): v / n_acc for k, v in acc.items()}, self.device)
                 self.metrics = {**vals, M.TRAIN_LR: cur_lr, M.TRAIN_KIMG: kimg, M.TRAIN_S: self.train_s,
                                 M.SAMPLES_PER_S: img_window / max(now - t_window, 1e-9)}
                 if self.is_main:

@@ -109,7 +109,7 @@ def trial_fn(params: dict, ctx: dict) -> None:
     results.put("model.pt", buf.getvalue())
     metric = ctx["metric"]
     report = {metric: final[metric], "kimg": state["nimg"] / 1000, "final": 1.0,
-              **{k: v for k, v in final.items() if k.startswith("eval/")}}
+              **{k: v for k, v in final.items() if k.startswith(M.EVAL_PREFIX)}}
     tracker.end(run_id)
     results.put("final.json", json.dumps(report).encode())     # from here on the trial counts as done
     tune.report(report)                                                                        # (2) final value

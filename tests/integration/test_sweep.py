@@ -42,10 +42,11 @@ def smoke_sweep(local_stack, tmp_path_factory, fault_report):
     out, log = tmp / "summary.json", tmp / "driver.log"
     args = [sys.executable, "-m", "orchestrator", "sweep", str(ROOT / "sweeps" / "smoke.yaml"), *COMMON,
             "--no-progress"]
-    preset = ROOT / "orchestrator" / "conf" / "experiment" / f"sweep_{sweep_id.replace('-', '_')}.yaml"
+    user_conf = tmp / "conf"          # the user's config folder, where the best trial's preset is written
+    preset = user_conf / "experiment" / f"sweep_{sweep_id.replace('-', '_')}.yaml"
     # RAY_DEDUP_LOGS=0: Ray would otherwise print a worker's repeated lines again later ("[repeated 3x across
     # cluster]"), and a line that old must not pass for a stall happening now
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "HKD_FAULT_STALL_AFTER_UPLOAD_S": "6"}
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "HKD_FAULT_STALL_AFTER_UPLOAD_S": "6", "HKD_USER_CONF": str(user_conf)}
     proc = subprocess.Popen(args + ["--id", sweep_id], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True, env=env)
     t0 = time.monotonic()
@@ -73,14 +74,14 @@ def smoke_sweep(local_stack, tmp_path_factory, fault_report):
     hit = {"trial_id": m.group(2).decode(), "checkpoint": m.group(1).decode()}
     try:
         r = subprocess.run(args + ["--resume", sweep_id, "--json", str(out)], capture_output=True, text=True,
-                           timeout=1200)
+                           timeout=1200, env={**os.environ, "HKD_USER_CONF": str(user_conf)})
         assert r.returncode == 0, r.stderr[-4000:]
         fault_report.append({"fault": "sweep driver killed while a trial's checkpoint was in S3 but not yet "
                                       "in Ray's snapshot", "trial": hit["trial_id"],
                              "resumed sweep finished after (s)": time.monotonic() - t_kill,
                              "lost": "that trial's work since its last recorded checkpoint, redone"})
         yield {**json.loads(out.read_text()), "finished_before_kill": before, "stdout": r.stdout,
-               "interrupted_write": hit}
+               "interrupted_write": hit, "user_conf": user_conf, "preset_file": preset}
     finally:
         preset.unlink(missing_ok=True)
 
@@ -128,9 +129,13 @@ def test_resume_reran_no_finished_trial_and_continued_the_study(smoke_sweep):
     assert len(study.trials) >= 6
 
 
-def test_best_config_is_a_usable_experiment_preset(smoke_sweep):
-    from orchestrator.config import load
+def test_best_config_is_a_usable_experiment_preset(smoke_sweep, monkeypatch):
+    from orchestrator.config import CONF_DIR, load
 
+    # written to the user's folder (HKD_USER_CONF), never into the installed package
+    assert smoke_sweep["preset_path"] == str(smoke_sweep["preset_file"]) and smoke_sweep["preset_file"].is_file()
+    assert not (CONF_DIR / "experiment" / smoke_sweep["preset_file"].name).exists()
+    monkeypatch.setenv("HKD_USER_CONF", str(smoke_sweep["user_conf"]))
     pc = load([f"experiment={smoke_sweep['preset']}"])
     best = smoke_sweep["best"]["params"]
     assert pc.run.hkd_config().levels == best["model.levels"]
