@@ -120,16 +120,13 @@ def _assert_checkpoints_whole(s3, ray_prefix: str) -> int:
 
 
 def _train_workers() -> list[int]:
-    """PIDs of the Ray Train worker processes on this machine (Ray names them ray::RayTrainWorker...)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if (d / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                    out.append(int(d.name))
-            except OSError:
-                pass
-    return sorted(out)
+    """PIDs of the live Ray Train workers of the test stack's Ray, from Ray's state API: never a process of
+    another Ray that happens to run on the machine."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=os.environ["RAY_ADDRESS"], raise_on_missing_output=False,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return sorted(a.pid for a in actors)
 
 
 def _assert_complete(res: dict, run, steps_per_log: int = 32) -> None:

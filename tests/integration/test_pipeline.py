@@ -164,7 +164,8 @@ def test_distill_resumes_in_the_same_run_after_the_driver_is_killed(local_stack,
 def test_edm_teacher_trains_on_ray_and_feeds_the_trajectory_tasks(local_stack, s3, smoke, run_tag):
     """teacher=edm: Ray Train fits the U-Net, its EMA weights go to S3, and the sampling tasks load them."""
     args = [*smoke, "teacher=edm", "teacher.channels=8", "teacher.channel_mult=[1,2]", "teacher.blocks=1",
-            "teacher.attn_resolutions=[]", "teacher.total_kimg=0.256", "teacher.batch_size=32", f"name=edm-{run_tag}",
+            "teacher.attn_resolutions=[]", "teacher.total_kimg=0.256", "teacher.batch_size=32",
+            "teacher.log_every_kimg=0.064", "teacher.checkpoint_every_kimg=0.128", f"name=edm-{run_tag}",
             "trajectories.num=64", "trajectories.holdout=8"]
     out = os.path.join(os.path.dirname(os.environ["AWS_SHARED_CREDENTIALS_FILE"]), f"edm-{run_tag}.json")
     r = subprocess.run([sys.executable, "-m", "orchestrator", "trajectories", *args, "--no-progress", "--json", out],
