@@ -149,13 +149,14 @@ def stage_main(args) -> int:
         return 0 if all(r["ok"] for r in results) else 1
 
     from hkd_core.checkpoint import CheckpointError
+    from hkd_core.shipped import ShippedTeacherError
     from hkd_core.trajectories import ShardError
 
     from .pipeline import run_stages
 
     try:
         res = run_stages(pc, cfg_dict, upto, progress=not args.no_progress)
-    except (ShardError, CheckpointError) as e:       # bad input data, found before training spent time on it
+    except (ShardError, CheckpointError, ShippedTeacherError) as e:   # bad input data, found before training
         print(f"hkd: input error: {e}", file=sys.stderr)
         return 3
     if args.json:

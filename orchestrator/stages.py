@@ -74,24 +74,40 @@ def images(pc: PipelineConfig) -> torch.Tensor:
 
 
 def stage_teacher(ctx: StageContext) -> dict:
-    """EDM teacher training on Ray Train (an empirical teacher needs none: recorded, not trained)."""
-    import ray
+    """The EDM teacher: a shipped one trained with exactly this config is adopted (hkd_core/shipped.py), else it
+    is trained on Ray Train. Either way its EMA weights become the stage's output. An empirical teacher needs
+    neither: recorded, not trained."""
+    from hkd_core.data import DATASETS
+    from hkd_core.shipped import find_shipped
 
     pc = ctx.pc
     if pc.run.teacher.kind == "empirical":
         return {"kind": "empirical", "teacher_key": None}
-    run_id = ctx.open_run("teacher")
-    result, wall = ctx.fit("teacher", workers.teacher_loop, run_id, {"images_ref": [ray.put(images(pc))]})
-    state = trainer.checkpoint_state(result)
+    shipped = find_shipped(pc.run.data, pc.run.teacher)
+    run_id = ctx.open_run("teacher", {"hkd.teacher_source": "shipped" if shipped else "trained"})
+    if shipped is not None:
+        t0 = time.perf_counter()
+        ema = shipped.load(DATASETS[pc.run.data.name].channels)       # sha256 and architecture checked
+        kimg, wall = float(shipped.record.get("kimg", 0.0)), time.perf_counter() - t0
+        log.info("teacher: adopted the shipped teacher %s (trained %.0f kimg; no training)", shipped.folder, kimg)
+        for name in ("record.json", "samples.png"):
+            if (shipped.folder / name).is_file():
+                ctx.tracker.log_artifact(run_id, shipped.folder / name, "shipped_teacher")
+    else:
+        import ray
+
+        result, wall = ctx.fit("teacher", workers.teacher_loop, run_id, {"images_ref": [ray.put(images(pc))]})
+        state = trainer.checkpoint_state(result)
+        ema, kimg = state["ema"], state["nimg"] / 1000
     buf = io.BytesIO()
-    torch.save(state["ema"], buf)
+    torch.save(ema, buf)
     key = f"{ctx.prefix('teacher')}/teacher.pt"
     root = make_store(pc.storage)
     root.put(key, buf.getvalue())
-    summary = {"kind": "edm", "teacher_key": key, "kimg": state["nimg"] / 1000, "wall_s": wall,
-               "checkpoint_uri": root.uri(key)}
+    summary = {"kind": "edm", "teacher_key": key, "kimg": kimg, "wall_s": wall, "checkpoint_uri": root.uri(key),
+               "adopted": str(shipped.folder) if shipped else None}
     ctx.tracker.set_tags(run_id, {"hkd.teacher_uri": summary["checkpoint_uri"]})
-    ctx.tracker.log_metrics(run_id, {M.WALL_S: wall}, step=int(state["nimg"]))
+    ctx.tracker.log_metrics(run_id, {M.WALL_S: wall}, step=int(kimg * 1000))
     ctx.tracker.end(run_id)
     ctx.finish("teacher", summary)
     return summary
