@@ -21,6 +21,7 @@ from hkd_core.data import load_images
 
 from . import evaluation, identity, trainer, workers
 from .config import PipelineConfig
+from .raycluster import init_ray
 from .storage import make_store, ray_storage, store_at
 from .tracking import Tracker
 
@@ -96,6 +97,7 @@ def stage_teacher(ctx: StageContext) -> dict:
     else:
         import ray
 
+        init_ray(pc)
         result, wall = ctx.fit("teacher", workers.teacher_loop, run_id, {"images_ref": [ray.put(images(pc))]})
         state = trainer.checkpoint_state(result)
         ema, kimg = state["ema"], state["nimg"] / 1000
@@ -122,6 +124,7 @@ def stage_trajectories(ctx: StageContext, teacher: dict) -> dict:
     from hkd_core.trajectories import ShardInfo, write_manifest
 
     pc = ctx.pc
+    init_ray(pc)
     t = pc.run.trajectories
     teacher_uri = teacher.get("checkpoint_uri") or f"empirical:{pc.run.data.name}/{pc.run.data.split}"
     run_id = ctx.open_run("trajectories", {"hkd.teacher_uri": teacher.get("checkpoint_uri") or "empirical"})
@@ -167,7 +170,8 @@ def stage_distill(ctx: StageContext, trajectories: dict) -> dict:
     from hkd_core.models import build_model, count_parameters, model_record
 
     pc = ctx.pc
-    skip = check_distill_inputs(ctx)
+    init_ray(pc)
+    skip = check_distill_inputs(ctx)      # before Ray Train starts: a bad input costs seconds
     run_id = ctx.open_run("distill", {"hkd.trajectories_uri": trajectories["train"]["uri"],
                                       "hkd.teacher_uri": trajectories.get("teacher_uri", "")})
     if skip:
@@ -282,6 +286,7 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     from hkd_core.spectra import summarize
 
     pc = ctx.pc
+    init_ray(pc)
     run_id = ctx.open_run("evaluate", {"hkd.model_uri": distill["model_uri"]})
     t0 = time.perf_counter()
     metrics = evaluation.evaluate(pc, ctx.cfg_dict, distill["model_key"], teacher.get("teacher_key"),
