@@ -104,15 +104,19 @@ def teacher_denoiser(t: TeacherConfig, img_channels: int, resolution: int) -> ED
     return EDMPrecond(UNet(teacher_unet_config(t, img_channels, resolution)), sigma_data=t.sigma_data)
 
 
-def build_teacher(data: DataConfig, t: TeacherConfig, images: torch.Tensor, weights: dict | None = None,
-                  source: str = "") -> Teacher:
+def build_teacher(data: DataConfig, t: TeacherConfig, images: torch.Tensor | None = None,
+                  weights: dict | None = None, source: str = "") -> Teacher:
     """The configured teacher: the empirical denoiser of ``images``, or the EDM U-Net with trained ``weights``
-    (a state dict, the EMA copy; ``source`` names where they came from, for lineage)."""
+    (a state dict, the EMA copy; ``source`` names where they came from, for lineage; no images needed)."""
+    from .data import DATASETS
+
     if t.kind == "empirical":
+        if images is None:
+            raise ValueError("the empirical teacher needs the data set's images")
         return EmpiricalTeacher(images, name=f"{data.name}/{data.split}/{images.shape[0]}")
     if weights is None:
         raise ValueError("teacher.kind=edm needs trained weights: run the teacher stage (hkd teacher) first")
-    net = teacher_denoiser(t, images.shape[1], data.resolution)
+    channels = DATASETS[data.name].channels
+    net = teacher_denoiser(t, channels, data.resolution)
     net.load_state_dict(weights)
-    return EDMTeacher(net, {"unet": teacher_unet_config(t, images.shape[1], data.resolution).to_dict(),
-                            "checkpoint": source})
+    return EDMTeacher(net, {"unet": teacher_unet_config(t, channels, data.resolution).to_dict(), "checkpoint": source})

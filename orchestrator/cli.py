@@ -9,6 +9,7 @@
     hkd sweep sweeps/scale_count.yaml --resume scale_count-20261130-101500
     hkd study experiment=study_fmnist              # HKD, ablations, KD, KDM, teacher NFE 1/2/4/full: one table
     hkd edit --band high --mask lower --ratios 0,0.5,1   # frequency-aware editing of the config's model
+    hkd ship-teacher teacher=edm eval.n=1000 --out hkd_core/shipped/NAME   # a trained teacher, scored, shipped
     hkd pipeline experiment=smoke storage=fs tracking=file   # no service at all: a local folder, a local
                                                     # MLflow store (SQLite), Ray in this process
 
@@ -31,7 +32,7 @@ from hkd_core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CMDS = ("teacher", "trajectories", "distill", "evaluate", "pipeline")
-COMMANDS = ("preflight", "sweep", "study", "edit") + STAGE_CMDS
+COMMANDS = ("preflight", "sweep", "study", "edit", "ship-teacher") + STAGE_CMDS
 
 
 def adopt_local_stack() -> None:
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ratios", default="0,0.25,0.5,0.75,1", help="edit: blend ratios r (default 0,0.25,0.5,0.75,1)")
     g.add_argument("--samples", type=int, default=4, help="edit: images to edit (default 4)")
     g.add_argument("--seed", type=int, default=0, help="edit: noise seed of the images and references")
-    g.add_argument("--out", help="study/edit: local folder for the tables and figures (default runs/...)")
+    g.add_argument("--out", help="study/edit: local folder for the tables and figures (default runs/...); "
+                                 "ship-teacher: the shipped teacher's folder (e.g. hkd_core/shipped/<name>)")
     args = p.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "urllib3", "filelock"):
@@ -120,7 +122,28 @@ def main(argv: list[str] | None = None) -> int:
         return study_main(args)
     if args.command == "edit":
         return edit_main(args)
+    if args.command == "ship-teacher":
+        return ship_main(args)
     return stage_main(args)
+
+
+def ship_main(args) -> int:
+    from .config import from_composed
+    from .ship import ship_teacher
+
+    if not args.out:
+        print("hkd: ship-teacher needs --out FOLDER (e.g. hkd_core/shipped/fmnist-edm)", file=sys.stderr)
+        return 2
+    try:
+        cfg_dict = compose_for_cli(args.overrides)
+        pc = from_composed(cfg_dict)
+        res = ship_teacher(pc, cfg_dict, args.out, command="hkd ship-teacher " + " ".join(args.overrides))
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"hkd: ship-teacher error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res["record"], indent=1, default=float))
+    print(f"shipped teacher written to {res['folder']}/ (teacher.pt, record.json, samples.png)")
+    return 0
 
 
 def stage_main(args) -> int:
@@ -149,13 +172,14 @@ def stage_main(args) -> int:
         return 0 if all(r["ok"] for r in results) else 1
 
     from hkd_core.checkpoint import CheckpointError
+    from hkd_core.shipped import ShippedTeacherError
     from hkd_core.trajectories import ShardError
 
     from .pipeline import run_stages
 
     try:
         res = run_stages(pc, cfg_dict, upto, progress=not args.no_progress)
-    except (ShardError, CheckpointError) as e:       # bad input data, found before training spent time on it
+    except (ShardError, CheckpointError, ShippedTeacherError) as e:   # bad input data, found before training
         print(f"hkd: input error: {e}", file=sys.stderr)
         return 3
     if args.json:

@@ -94,7 +94,7 @@ def evaluate(pc, cfg_dict: dict, model_key: str, teacher_key: str | None, images
     e = pc.run.eval
     metrics = E.model_metrics(sample_scores(pc, cfg_dict, ref, {"kind": "model"}, model_key=model_key), e.n)
     if e.teacher_nfe:
-        img_ref = ray.put(images())
+        img_ref = ray.put(images()) if pc.run.teacher.kind == "empirical" else None
         for nfe in e.teacher_nfe:
             s = sample_scores(pc, cfg_dict, ref, {"kind": "teacher", "nfe": nfe}, teacher_key=teacher_key,
                               images_ref=img_ref)

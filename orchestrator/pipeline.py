@@ -8,41 +8,16 @@ started in this process).
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from . import identity
 from .config import PipelineConfig
 from .identity import STAGES
+from .raycluster import init_ray  # noqa: F401 - the driver's entry points import it from here
 from .stages import StageContext, stage_distill, stage_evaluate, stage_teacher, stage_trajectories
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-def init_ray(pc: PipelineConfig) -> None:
-    """Join cluster.address, or start a Ray in this process sized for the workers (plus one CPU for the
-    driver's tasks)."""
-    # keeps a local Ray on 127.0.0.1; read when ray is imported, so set before that
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    from .workers import env_for_workers
-
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": env_for_workers()}
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        # inside `ray job submit`: the job already carries its runtime env (working dir, env vars); passing
-        # another one here would replace it
-        ray.init(address=pc.cluster.address or "auto", log_to_driver=True)
-    elif pc.cluster.address:
-        ray.init(address=pc.cluster.address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        need = pc.cluster.num_workers * pc.cluster.cpus_per_worker + 1
-        ray.init(num_cpus=max(int(need), os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env,
-                 _node_ip_address="127.0.0.1")
 
 
 def context(pc: PipelineConfig, cfg_dict: dict, progress: bool = True, parent: str | None = None,
@@ -61,8 +36,8 @@ def context(pc: PipelineConfig, cfg_dict: dict, progress: bool = True, parent: s
 def run_stages(pc: PipelineConfig, cfg_dict: dict, upto: str = "evaluate", progress: bool = True,
                ctx: StageContext | None = None) -> dict:
     """Every stage up to ``upto`` (inclusive), each skipped if its output exists for this config.
-    With ``ctx`` (a sweep's), the stages nest under its parent run, which is left open."""
-    init_ray(pc)
+    With ``ctx`` (a sweep's), the stages nest under its parent run, which is left open. Ray is started (or
+    joined) by the first stage that needs it: a rerun whose stages are all done starts none."""
     own = ctx is None
     ctx = ctx or context(pc, cfg_dict, progress)
     results: dict = {}

@@ -176,9 +176,10 @@ def load_model(pc, model_key: str):
     return model_from_record(torch.load(io.BytesIO(data), map_location="cpu", weights_only=False))
 
 
-def generate_shard_task(cfg: dict, images, teacher_key: str | None, prefix: str, index: int, first: int, count: int,
+def generate_shard_task(cfg: dict, images: torch.Tensor | None, teacher_key: str | None, prefix: str, index: int, first: int, count: int,
                         seed: int, threads: int = 1) -> dict:
-    """One shard of teacher trajectories, written to storage (reused if a whole one is already there)."""
+    """One shard of teacher trajectories, written to storage (reused if a whole one is already there); ``images``
+    only for the empirical teacher (an EDM teacher's weights come from storage)."""
     from hkd_core.generate import existing_shard, generate_shard, sampler_spec
 
     from .storage import make_store
@@ -189,8 +190,10 @@ def generate_shard_task(cfg: dict, images, teacher_key: str | None, prefix: str,
     info = existing_shard(store, index, first, count, seed)
     if info is None:
         t = pc.run.trajectories
+        from hkd_core.evaluation import image_shape
+
         info = generate_shard(store, load_teacher(pc, images, teacher_key), index, first, count,
-                              tuple(images.shape[1:]), sampler_spec(t.sampler, t.steps), seed, t.batch_size, _device())
+                              image_shape(pc.run.data), sampler_spec(t.sampler, t.steps), seed, t.batch_size, _device())
     return dataclasses.asdict(info)
 
 

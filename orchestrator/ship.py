@@ -1,0 +1,84 @@
+"""``hkd ship-teacher``: turn a trained teacher stage into a shipped teacher (hkd_core/shipped.py).
+
+It takes the teacher stage's output for the given config (run ``hkd teacher`` with the same overrides
+first), scores it through the evaluation path (Ray tasks) at every ``eval.teacher_nfe`` with N = eval.n,
+measures the noise floor at the same N (N training images against the N reference test images), draws a
+sample grid, and writes ``teacher.pt``, ``record.json`` and ``samples.png`` into ``--out``. Commit that
+folder under ``hkd_core/shipped/`` and every pipeline with the same data and teacher config adopts it.
+
+    hkd teacher teacher=edm ... && hkd ship-teacher teacher=edm ... eval.n=1000 eval.teacher_nfe=[1,2,4,35] \\
+        --out hkd_core/shipped/fmnist-edm
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from hkd_core import evaluation as E
+from hkd_core import metric_names as M
+
+from . import evaluation, identity
+from .storage import make_store
+
+log = logging.getLogger(__name__)
+
+
+def noise_floor(pc, ref) -> dict:
+    """FID/KID of N real training images against the N reference test images: no generator can be expected
+    to score below this at this N."""
+    from hkd_core.data import load_images
+
+    e, d = pc.run.eval, pc.run.data
+    real, _ = load_images(d.name, "train", resolution=d.resolution, limit=e.n, root=d.root, seed=E.REFERENCE_SEED + 1)
+    stats, feats = evaluation.image_features(pc, real)
+    return E.score(stats, feats, ref, e.kid_subset_size)
+
+
+def ship_teacher(pc, cfg_dict: dict, out: str | Path, command: str = "") -> dict:
+    from hkd_core.data import DATASETS
+    from hkd_core.figures import save_image_grid
+    from hkd_core.shipped import write_shipped
+    from hkd_core.teachers import build_teacher
+
+    from .pipeline import init_ray
+
+    prefix = identity.stage_prefix(pc, "teacher")
+    store = make_store(pc.storage, prefix)
+    if pc.run.teacher.kind != "edm" or not store.exists("_SUCCESS.json"):
+        raise FileNotFoundError(f"no trained EDM teacher for this config at {store.uri('')}: run `hkd teacher` "
+                                f"with the same overrides first (teacher=edm)")
+    import json
+
+    summary = json.loads(store.get("_SUCCESS.json"))
+    ema = torch.load(io.BytesIO(store.get("teacher.pt")), map_location="cpu", weights_only=True)
+    init_ray(pc)
+    t0 = time.perf_counter()
+    ref = evaluation.reference(pc)[0]
+    scores = {}
+    for nfe in pc.run.eval.teacher_nfe:
+        s = evaluation.sample_scores(pc, cfg_dict, ref, {"kind": "teacher", "nfe": nfe},
+                                     teacher_key=f"{prefix}/teacher.pt")
+        scores[str(nfe)] = s
+        log.info("teacher at NFE %d: FID@%d %.2f, KID %.4f ± %.4f", nfe, pc.run.eval.n, s["fid"], s["kid"],
+                 s["kid_std"])
+    floor = noise_floor(pc, ref)
+    channels = DATASETS[pc.run.data.name].channels
+    teacher = build_teacher(pc.run.data, pc.run.teacher, None, ema, "shipping")
+    out = Path(out)
+    nfe_full = max(pc.run.eval.teacher_nfe) if pc.run.eval.teacher_nfe else 35
+    grid = E.teacher_generator(teacher, nfe_full)(E.noise(E.eval_seeds(pc.run.eval, 64), (channels, pc.run.data.resolution,
+                                                                                          pc.run.data.resolution)))
+    save_image_grid(grid, out / "samples.png")
+    shipped = write_shipped(out, pc.run.data, pc.run.teacher, ema, kimg=summary.get("kimg"),
+                            train_wall_s=summary.get("wall_s"), source=summary.get("checkpoint_uri"),
+                            eval={"n": pc.run.eval.n, "split": pc.run.eval.split, "seed": pc.run.eval.seed,
+                                  "by_nfe": scores, "noise_floor_train_vs_test": floor,
+                                  "samples": f"samples.png: {len(grid)} samples at NFE {nfe_full}"},
+                            params=sum(v.numel() for v in ema.values() if v.is_floating_point()),
+                            command=command, eval_wall_s=time.perf_counter() - t0, git_sha=identity.git_sha())
+    return {"folder": str(out), "record": shipped.record, "metrics": {
+        **{M.teacher_fid(int(k)): v["fid"] for k, v in scores.items()}, "floor/fid": floor["fid"]}}

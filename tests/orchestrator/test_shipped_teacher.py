@@ -1,0 +1,60 @@
+"""The teacher stage adopts a shipped teacher trained with exactly its config, without training; a corrupt one
+stops the command (exit 3) naming the file. No service: storage=fs tracking=file, Ray in this process."""
+import io
+import json
+
+import pytest
+import torch
+
+from hkd_core.config import DataConfig, TeacherConfig
+from hkd_core.shipped import write_shipped
+from hkd_core.teachers import teacher_denoiser
+from orchestrator import identity
+from orchestrator.cli import main
+from orchestrator.config import load
+
+TINY = ["teacher=edm", "teacher.channels=8", "teacher.channel_mult=[1,2]", "teacher.blocks=1",
+        "teacher.attn_resolutions=[]", "teacher.total_kimg=1", "data.limit=64"]
+
+
+@pytest.fixture
+def fs(tmp_path, monkeypatch):
+    import ray
+
+    for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HKD_SHIPPED_TEACHERS", str(tmp_path / "shipped"))
+    if ray.is_initialized():
+        ray.shutdown()
+    yield ["storage=fs", "tracking=file", "cluster.address=null", f"storage.root={tmp_path}/store",
+           f"tracking.root={tmp_path}/mlflow"]
+    ray.shutdown()
+
+
+def _ship(tmp_path, over):
+    pc = load(TINY + over)
+    torch.manual_seed(3)
+    net = teacher_denoiser(pc.run.teacher, 1, pc.run.data.resolution)
+    write_shipped(tmp_path / "shipped" / "tiny-edm", pc.run.data, pc.run.teacher, net.state_dict(), kimg=7.0)
+    return pc, net
+
+
+def test_a_matching_shipped_teacher_is_adopted_not_trained(fs, tmp_path, capsys):
+    pc, net = _ship(tmp_path, fs)
+    out = tmp_path / "res.json"
+    assert main(["teacher", *TINY, *fs, "--no-progress", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["teacher"]
+    assert res["adopted"] == str(tmp_path / "shipped" / "tiny-edm") and res["kimg"] == 7.0
+    stored = torch.load(io.BytesIO((tmp_path / "store" / "runs" / res["teacher_key"]).read_bytes()), weights_only=True)
+    assert all(torch.equal(stored[k], v) for k, v in net.state_dict().items())     # the shipped weights, as they are
+    assert not (tmp_path / "store" / "runs" / "ray").exists()                      # Ray Train never ran
+    assert res["teacher_key"].startswith(identity.stage_prefix(pc, "teacher"))
+
+
+def test_a_corrupt_shipped_teacher_stops_the_stage_naming_it(fs, tmp_path, capsys):
+    _ship(tmp_path, fs)
+    w = tmp_path / "shipped" / "tiny-edm" / "teacher.pt"
+    w.write_bytes(w.read_bytes()[:-100])
+    assert main(["teacher", *TINY, *fs, "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert f"shipped teacher {w} has sha256" in err and "altered or truncated" in err
