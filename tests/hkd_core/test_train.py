@@ -47,7 +47,8 @@ def test_resume_continues_exactly_where_it_stopped(tiny_cfg, toy_trajectories, t
 def test_wall_clock_budget_stops_training(tiny_cfg, toy_trajectories):
     states, sigmas = toy_trajectories
     res = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=float("inf"), max_train_s=1.0, **FAST)
-    assert 1.0 <= res["train_s"] < 5.0 and res["steps"] > 1
+    # with no kimg limit only the budget can end it; how long a step takes is for benchmarks/, not a test
+    assert res["train_s"] >= 1.0 and res["steps"] >= 1 and res["kimg"] == pytest.approx(res["steps"] * 0.016)
 
 
 def test_resuming_with_another_architecture_is_refused(tiny_cfg, toy_trajectories, tmp_path):

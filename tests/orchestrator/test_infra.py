@@ -17,7 +17,7 @@ def _hkd_commands(text: str) -> list[list[str]]:
 
 def _check(cmd: list[str], where: str) -> None:
     assert cmd[1] in COMMANDS + ("--help",), f"{where}: unknown hkd command {cmd[1]!r}"
-    if cmd[1] == "sweep":
+    if cmd[1] == "sweep" and len(cmd) > 2:         # a sweep named in prose has no file
         assert (ROOT / cmd[2]).is_file(), f"{where}: sweep file {cmd[2]} does not exist"
     for tok in cmd[2:]:
         if tok.startswith("-") or "=" not in tok:

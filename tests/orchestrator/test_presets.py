@@ -59,13 +59,17 @@ def test_every_sweep_yaml_composes_and_plans_in_dry_run(name, capsys):
 
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_group_yamls_carry_only_what_differs_from_the_dataclass_defaults(path):
-    group = path.parent.name
-    base = defaults()[group]
-    for key, value in _leaves(yaml.safe_load(path.read_text()) or {}).items():
-        assert key.split(".")[0] in base, f"{path}: {key} is not a {group} key"
-        if isinstance(value, str) and value.startswith("${"):
-            continue              # read from the environment: not a default
-        assert value != base[key.split(".")[0]], f"{path}: {key}={value!r} repeats the dataclass default"
+    text = path.read_text()
+    node = yaml.safe_load(text) or {}
+    # a group option is its group's keys, or (`# @package _global_`) whole sections
+    sections = node if text.startswith("# @package _global_") else {path.parent.name: node}
+    for section, keys in sections.items():
+        base = defaults()[section]
+        for key, value in keys.items():
+            assert key in base, f"{path}: {section}.{key} is not a config key"
+            if isinstance(value, str) and value.startswith("${"):
+                continue              # read from the environment: not a default
+            assert value != base[key], f"{path}: {section}.{key}={value!r} repeats the dataclass default"
 
 
 def test_a_preset_in_the_user_folder_is_found_by_name(tmp_path, monkeypatch):
