@@ -74,8 +74,9 @@ def merge_chunks(results: list[dict]) -> tuple[FeatureStats, torch.Tensor]:
 
 
 def score(stats: FeatureStats, feats: torch.Tensor, ref: Reference, kid_subset_size: int) -> dict[str, float]:
-    """FID from the merged statistics, KID (mean and std over subsets) from the features."""
-    kid, kid_std = kid_from_features(feats, ref.features, min(kid_subset_size, feats.shape[0]))
+    """FID from the merged statistics, KID (mean and std over 100 subsets) from the features. A subset is at
+    most half the samples: subsets as large as the set would all be the set, and the std would read 0."""
+    kid, kid_std = kid_from_features(feats, ref.features, max(2, min(kid_subset_size, feats.shape[0] // 2)))
     return {"fid": fid_from_stats(stats, ref.stats), "kid": kid, "kid_std": kid_std}
 
 

@@ -65,3 +65,12 @@ def test_holdout_error_is_zero_for_a_model_that_returns_the_teachers_endpoint(ko
 
     assert E.holdout_error(TeacherLookup(), states, batch_size=4) == pytest.approx(0.0)
     assert E.holdout_error(koopman_model, states) > 0.1
+
+
+def test_kid_has_a_spread_even_when_the_subset_size_exceeds_n():
+    from hkd_core.fid import FeatureStats, Reference
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 2048, generator=g), torch.randn(40, 2048, generator=g) + 0.1
+    s = E.score(FeatureStats.of(a), a, Reference({}, FeatureStats.of(b), b), kid_subset_size=1000)
+    assert s["kid_std"] > 0          # subsets of 20 of the 40: a std that says how noisy the KID is
