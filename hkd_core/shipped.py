@@ -10,7 +10,6 @@ refused with its path, never used.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 
 from .checkpoint import CheckpointError, atomic_write, atomic_write_bytes, load_model_state
 from .config import ConfigError, DataConfig, TeacherConfig, config_hash, from_dict
+from .data import file_digest as file_sha256
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 RECORD, WEIGHTS = "record.json", "teacher.pt"
@@ -32,14 +32,6 @@ class ShippedTeacherError(RuntimeError):
 def teacher_hash(data: DataConfig, teacher: TeacherConfig) -> str:
     """The teacher stage's identity (hkd_core.config.stage_hashes['teacher'])."""
     return config_hash(data, teacher)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
