@@ -77,10 +77,15 @@ class ModelConfig:
     operator: str | list[str] | None = None   # position | shared | none, or one per level
     dropout: float | None = None
     kdm_dim: int | None = None
+    sigma_data: float | None = None      # the data's std for the encoder's input scaling; None: teacher.sigma_data
+    init: str = "none"                   # none | teacher: start from the teacher's U-Net (hkd_core/teacher_init.py)
 
-    def hkd_config(self, img_channels: int, resolution: int) -> HKDConfig:
-        over = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("variant", "preset") and v is not None}
+    def hkd_config(self, img_channels: int, resolution: int, sigma_data: float | None = None) -> HKDConfig:
+        over = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("variant", "preset", "init") and v is not None}
         base = dataclasses.replace(PRESETS[self.preset], img_channels=img_channels, resolution=resolution)
+        if sigma_data is not None and self.sigma_data is None:
+            base = dataclasses.replace(base, sigma_data=sigma_data)
         if "levels" in over and "subspace_dims" not in over and over["levels"] != base.levels:
             raise ConfigError(f"model.levels={over['levels']} differs from preset {self.preset!r} "
                               f"({base.levels} levels); give model.subspace_dims too (one even d_l per level)")
@@ -99,6 +104,8 @@ class TrainConfig:
     ema_halflife_kimg: float = 1.0
     ema_rampup: float = 0.05
     states_per_traj: int = 4             # 1: no trajectory consistency
+    xT_weight: float | None = None       # x_T's share of the loss; None: the paper's plain sum (1/states_per_traj)
+    tcons_sigma_min: float = 0.0         # consistency states are drawn among those with sigma >= this (0: all)
     lambda1_start: float = 1.0
     lambda1_end: float = 0.0
     lambda1_anneal_kimg: float = 5.0
@@ -116,6 +123,7 @@ class EvalConfig:
     n: int = 300                         # samples for FID/KID (state it with every number)
     split: str = "test"                  # reference split
     teacher_nfe: list[int] = field(default_factory=lambda: [35])  # also score the teacher at these NFE
+    curve_n: int = 0                     # > 0: FID/KID with this N at every distill checkpoint (curve/* in MLflow)
     kid_subset_size: int = 1000
     batch_size: int = 100
     inception_weights: str | None = None
@@ -135,7 +143,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def hkd_config(self) -> HKDConfig:
-        return self.model.hkd_config(DATASETS[self.data.name].channels, self.data.resolution)
+        return self.model.hkd_config(DATASETS[self.data.name].channels, self.data.resolution, self.teacher.sigma_data)
 
 
 def _check_type(value, tp, key: str):
@@ -218,25 +226,80 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("trajectories.holdout", cfg.trajectories.holdout, strict=False)
     _choice("model.variant", cfg.model.variant, VARIANTS)
     _choice("model.preset", cfg.model.preset, PRESETS)
+    _positive("model.sigma_data", cfg.model.sigma_data)
     try:
         cfg.hkd_config().validate()
     except ValueError as e:   # ConfigError included: keep the message, which names the key
         raise ConfigError(str(e)) from None
+    _check_init(cfg)
     for k in ("total_kimg", "batch_size", "lr", "states_per_traj", "log_every_kimg", "checkpoint_every_kimg"):
         _positive(f"train.{k}", getattr(cfg.train, k))
     _positive("train.max_train_s", cfg.train.max_train_s)
     _choice("train.perceptual", cfg.train.perceptual, {"pseudo_huber", "mse", "lpips"})
-    inner = cfg.trajectories.steps - 1   # states strictly between x_T and x_0
-    if cfg.train.states_per_traj - 1 > inner:
+    if cfg.train.xT_weight is not None and not 0 < cfg.train.xT_weight <= 1:
+        raise ConfigError(f"train.xT_weight={cfg.train.xT_weight} must be in (0, 1], or null for the paper's plain "
+                          f"sum over the states")
+    _positive("train.tcons_sigma_min", cfg.train.tcons_sigma_min, strict=False)
+    from .sampler import karras_sigmas
+
+    inner = karras_sigmas(cfg.trajectories.steps)[1:-1]   # the states strictly between x_T and x_0
+    allowed = int((inner >= cfg.train.tcons_sigma_min).sum())
+    if cfg.train.states_per_traj - 1 > allowed:
         raise ConfigError(f"train.states_per_traj={cfg.train.states_per_traj} needs {cfg.train.states_per_traj - 1} "
-                          f"intermediate states, but trajectories.steps={cfg.trajectories.steps} gives {inner}")
+                          f"intermediate states, but trajectories.steps={cfg.trajectories.steps} gives {allowed}"
+                          + (f" with sigma >= train.tcons_sigma_min={cfg.train.tcons_sigma_min}"
+                             if cfg.train.tcons_sigma_min else ""))
     _positive("eval.n", cfg.eval.n)
     if cfg.eval.n < 2:
         raise ConfigError(f"eval.n={cfg.eval.n}: FID needs at least 2 samples (a covariance); use a few hundred or more")
     _choice("eval.split", cfg.eval.split, {"train", "test"})
+    _positive("eval.curve_n", cfg.eval.curve_n, strict=False)
+    if cfg.eval.curve_n == 1:
+        raise ConfigError("eval.curve_n=1: FID needs at least 2 samples; use 0 (no curve) or a few hundred or more")
     for i, n in enumerate(cfg.eval.teacher_nfe):
         _positive(f"eval.teacher_nfe[{i}]", n)
     return cfg
+
+
+def _check_init(cfg: RunConfig) -> None:
+    """model.init: the teacher must be a U-Net, and the student's trunk must take its tensors (checked on
+    shapes only, with both networks built on the meta device: no memory, no time)."""
+    from .teacher_init import INIT_MODES, TeacherInitError, init_from_teacher
+
+    _choice("model.init", cfg.model.init, INIT_MODES)
+    if cfg.model.init == "none":
+        return
+    if cfg.teacher.kind != "edm":
+        raise ConfigError(f"model.init={cfg.model.init} needs a U-Net teacher (teacher=edm); teacher.kind is "
+                          f"{cfg.teacher.kind!r}, which has no weights to start from; use model.init=none")
+    import torch
+
+    from .models import build_model
+    from .teachers import teacher_denoiser
+
+    with torch.device("meta"):
+        student = build_model(cfg.model.variant, cfg.hkd_config())
+        teacher = teacher_denoiser(cfg.teacher, DATASETS[cfg.data.name].channels, cfg.data.resolution)
+    if cfg.model.variant != "kd" or cfg.model.init == "teacher":
+        shapes = {k: torch.empty(v.shape, device="meta") for k, v in teacher.state_dict().items()}
+        try:
+            _dry_init(student, shapes, cfg.model.init, init_from_teacher)
+        except TeacherInitError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        raise ConfigError("model.init=teacher_encoder does not apply to model.variant=kd (no separate encoder); "
+                          "use model.init=teacher (the whole U-Net) or none")
+    if abs(cfg.hkd_config().sigma_data - cfg.teacher.sigma_data) > 1e-12:
+        raise ConfigError(f"model.init={cfg.model.init} with model.sigma_data={cfg.model.sigma_data} != "
+                          f"teacher.sigma_data={cfg.teacher.sigma_data}: the copied layers expect the teacher's input "
+                          f"scaling; leave model.sigma_data unset (it follows the teacher)")
+
+
+def _dry_init(student, shapes, mode, init) -> None:
+    import torch
+
+    with torch.no_grad():
+        init(student, shapes, mode, "teacher")
 
 
 def config_hash(*parts) -> str:

@@ -105,42 +105,65 @@ class HKDLoss:
 
     ``states``: (B, S+1, *shape) with x_T first and x_0 last; ``sigmas``: (S+1,). ``s`` states per
     trajectory enter the loss: x_T and s - 1 drawn without replacement from the intermediate states
-    1..S-1. Returns a dict of scalars: ``loss`` (to minimise), ``loss_recon``, ``loss_tcons``.
+    1..S-1 whose sigma is at least ``tcons_sigma_min`` (0: all of them, the paper's way).
+
+    The loss is the paper's plain sum over the s states when ``xT_weight`` is None (x_T then carries 1/s
+    of it); a weight w in (0, 1] gives s * (w d(x_T) + (1 - w) mean of the others), the same scale with
+    x_T's share set to w. Returns scalars: ``loss`` (to minimise), ``loss_recon``, ``loss_tcons``.
     """
 
     def __init__(self, states_per_traj: int = 4, lambda1: LambdaSchedule | None = None, lambda2: float = 1.0,
-                 perceptual: Distance = pseudo_huber):
+                 perceptual: Distance = pseudo_huber, xT_weight: float | None = None, tcons_sigma_min: float = 0.0):
         if states_per_traj < 1:
             raise ValueError(f"loss.states_per_traj must be >= 1, got {states_per_traj}")
+        if xT_weight is not None and not 0 < xT_weight <= 1:
+            raise ValueError(f"train.xT_weight must be in (0, 1] (or null: the paper's plain sum), got {xT_weight}")
         self.s = states_per_traj
         self.lambda1 = lambda1 or LambdaSchedule()
         self.lambda2, self.perceptual = lambda2, perceptual
+        self.xT_weight, self.tcons_sigma_min = xT_weight, tcons_sigma_min
 
     def distance(self, x: torch.Tensor, y: torch.Tensor, kimg: float) -> torch.Tensor:
         l1 = self.lambda1(kimg)
         d = self.lambda2 * self.perceptual(x, y)
         return d + l1 * mse(x, y) if l1 else d
 
-    def pick(self, b: int, n_states: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, s) state indices: column 0 is x_T (index 0), the rest distinct intermediate states."""
-        inner = n_states - 2
-        if self.s - 1 > inner:
-            raise ValueError(f"loss.states_per_traj={self.s} needs at least {self.s - 1} intermediate states; "
-                             f"the trajectories have {inner}")
+    def candidates(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Indices of the intermediate states a consistency term may use (1..S-1, sigma >= tcons_sigma_min)."""
+        inner = torch.arange(1, len(sigmas) - 1)
+        keep = inner[sigmas[1:-1].cpu() >= self.tcons_sigma_min]
+        if self.s - 1 > len(keep):
+            raise ValueError(f"train.states_per_traj={self.s} needs {self.s - 1} intermediate states; the trajectories "
+                             f"have {len(keep)} with sigma >= train.tcons_sigma_min={self.tcons_sigma_min} "
+                             f"(of {len(inner)})")
+        return keep
+
+    def pick(self, b: int, sigmas: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, s) state indices: column 0 is x_T (index 0), the rest distinct allowed intermediate states."""
+        keep = self.candidates(sigmas)
         cols = [torch.zeros(b, 1, dtype=torch.long)]
         if self.s > 1:
-            cols.append(torch.rand(b, inner, generator=generator).argsort(1)[:, : self.s - 1] + 1)
+            cols.append(keep[torch.rand(b, len(keep), generator=generator).argsort(1)[:, : self.s - 1]])
         return torch.cat(cols, 1)
+
+    def weights(self) -> torch.Tensor:
+        """(s,) per-state weights of the sum: ones (the paper), or x_T's share set to xT_weight."""
+        if self.xT_weight is None or self.s == 1:
+            return torch.ones(self.s)
+        rest = (1 - self.xT_weight) / (self.s - 1)
+        return self.s * torch.tensor([self.xT_weight] + [rest] * (self.s - 1))
 
     def __call__(self, model: nn.Module, states: torch.Tensor, sigmas: torch.Tensor, kimg: float = 0.0,
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         b, n = states.shape[:2]
-        idx = self.pick(b, n, generator).to(states.device)                    # (B, s)
+        if n != len(sigmas):
+            raise ValueError(f"the trajectories hold {n} states but their sigma grid has {len(sigmas)}")
+        idx = self.pick(b, sigmas, generator).to(states.device)              # (B, s)
         x = states[torch.arange(b, device=states.device)[:, None], idx]      # (B, s, *shape)
         sig = sigmas.to(states.device, torch.float32)[idx]                   # (B, s)
         target = states[:, -1].float()
         pred = model(x.flatten(0, 1).float(), sig.flatten())
         d = self.distance(pred, target.repeat_interleave(self.s, 0), kimg).view(b, self.s)
-        out = {"loss": d.sum(1).mean(), "loss_recon": d[:, 0].mean().detach()}
+        out = {"loss": (d * self.weights().to(d)).sum(1).mean(), "loss_recon": d[:, 0].mean().detach()}
         out["loss_tcons"] = d[:, 1:].mean().detach() if self.s > 1 else torch.zeros(())
         return out

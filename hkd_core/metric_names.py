@@ -35,6 +35,10 @@ EVAL_N = "eval/n"
 FID_NFE1 = "eval/fid_nfe1"
 MSE_VS_TEACHER = "eval/mse_vs_teacher"
 EVAL_S = "perf/eval_s"
+CURVE = "curve"                                      # eval.curve_n: scored at every distill checkpoint
+CURVE_FID = "curve/fid"
+CURVE_KID = "curve/kid"
+CURVE_KID_STD = "curve/kid_std"
 TEACHER_FID_PREFIX = "eval/teacher_fid_nfe"
 
 

@@ -35,6 +35,7 @@ class HKDConfig:
     latent_levels: list[int] = field(default_factory=list)  # 1-based levels carrying a latent; [] = all
     dropout: float = 0.0
     kdm_dim: int = 64                                # KDM only: size of the flat global latent
+    sigma_data: float = SIGMA_DATA                   # the data's std: the encoder's input scaling c_in (EDM)
 
     def widths(self) -> list[int]:
         m = self.channel_mult
@@ -47,6 +48,8 @@ class HKDConfig:
         """Raise ValueError naming the field at fault."""
         if self.levels < 1:
             raise ValueError(f"model.levels must be >= 1, got {self.levels}")
+        if not self.sigma_data > 0:
+            raise ValueError(f"model.sigma_data must be > 0 (the data's std), got {self.sigma_data}")
         if len(self.subspace_dims) != self.levels:
             raise ValueError(f"model.subspace_dims has {len(self.subspace_dims)} entries {list(self.subspace_dims)}"
                              f" but model.levels is {self.levels}; give one d_l per level")
@@ -90,6 +93,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: HKDConfig):
         super().__init__()
         emb = cfg.channels * 4
+        self.sigma_data = cfg.sigma_data
         self.embed = NoiseEmbedding(cfg.channels, emb)
         self.conv_in = nn.Conv2d(cfg.img_channels, cfg.channels, 3, padding=1)
         cin, self.stages = cfg.channels, nn.ModuleList()
@@ -100,7 +104,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
         s = as_sigma(sigma, x)
         emb = self.embed(s.flatten().log() / 4)
-        h = self.conv_in(x / (s ** 2 + SIGMA_DATA ** 2).sqrt())   # EDM's c_in: unit-variance input
+        h = self.conv_in(x / (s ** 2 + self.sigma_data ** 2).sqrt())   # EDM's c_in: unit-variance input
         feats = []
         for i, stage in enumerate(self.stages):
             h = stage(downsample(h) if i else h, emb)
@@ -219,7 +223,8 @@ class KD(OneStepModel):
         self.net = EDMPrecond(UNet(UNetConfig(
             img_channels=cfg.img_channels, resolution=cfg.resolution, channels=cfg.channels,
             channel_mult=tuple(cfg.widths()[l] // cfg.channels for l in range(cfg.levels)), blocks=cfg.blocks,
-            attn_resolutions=tuple(cfg.sizes()[l - 1] for l in cfg.attn_levels), dropout=cfg.dropout)))
+            attn_resolutions=tuple(cfg.sizes()[l - 1] for l in cfg.attn_levels), dropout=cfg.dropout)),
+            sigma_data=cfg.sigma_data)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         return self.net(x, sigma)

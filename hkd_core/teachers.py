@@ -27,19 +27,32 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 class EDMTeacher:
-    """Wraps an ``EDMPrecond`` network (usually the EMA copy) in eval mode, without gradients."""
+    """Wraps an ``EDMPrecond`` network (usually the EMA copy) in eval mode, without gradients.
 
-    def __init__(self, denoiser: EDMPrecond, identity: dict | None = None, batch_size: int = 512):
-        self.net = denoiser.eval()
+    On CPU the network runs in channels_last memory format and in chunks of ``batch_size`` (64): on two
+    cores that is 1.4x the default layout's rate (222 against 162 images/s for the shipped 0.73M U-Net,
+    batch 64; 144 at batch 250), and the sampler adds nothing measurable on top of the raw forwards
+    (benchmarks/sampling_throughput.py --efficiency)."""
+
+    def __init__(self, denoiser: EDMPrecond, identity: dict | None = None, batch_size: int = 64):
+        self.net = denoiser.eval().requires_grad_(False)
         self.batch_size = batch_size
         self.identity = {"kind": "edm", **(identity or {})}
+        self._format = torch.preserve_format
+        if next(self.net.parameters()).device.type == "cpu":
+            self.channels_last()
 
-    @torch.no_grad()
+    def channels_last(self) -> "EDMTeacher":
+        self.net.to(memory_format=torch.channels_last)
+        self._format = torch.channels_last
+        return self
+
+    @torch.inference_mode()
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         s = as_sigma(sigma, x).flatten()
-        outs = [self.net(x[i:i + self.batch_size], s[i:i + self.batch_size])
+        outs = [self.net(x[i:i + self.batch_size].contiguous(memory_format=self._format), s[i:i + self.batch_size])
                 for i in range(0, x.shape[0], self.batch_size)]
-        return torch.cat(outs)
+        return torch.cat(outs).contiguous()
 
 
 class EmpiricalTeacher:

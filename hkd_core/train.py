@@ -262,10 +262,9 @@ def train_hkd(
     t = _settings(TrainConfig, train)
     get = _batch_fn(trajectories, _check_batch(t.batch_size, world_size), t.seed, rank, world_size)
     loss_fn = HKDLoss(t.states_per_traj, LambdaSchedule(t.lambda1_start, t.lambda1_end, t.lambda1_anneal_kimg),
-                      t.lambda2, perceptual_distance(t.perceptual, **(perceptual_kwargs or {})))
-    if t.states_per_traj - 1 > len(sigmas) - 2:
-        raise ValueError(f"train.states_per_traj={t.states_per_traj} needs {t.states_per_traj - 1} intermediate "
-                         f"states; the trajectories have {len(sigmas) - 2}")
+                      t.lambda2, perceptual_distance(t.perceptual, **(perceptual_kwargs or {})), t.xT_weight,
+                      t.tcons_sigma_min)
+    loss_fn.candidates(torch.as_tensor(sigmas))   # refuses too few intermediate states before the first step
     base = t.seed * world_size + rank
 
     def step_loss(step: int, kimg: float) -> dict:

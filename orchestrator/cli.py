@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="write the results (or preflight report) to this file")
     g = p.add_argument_group("study")
-    g.add_argument("--variants", help="study: comma-separated subset of hkd,no_koopman,no_tcons,one_level,kd,kdm")
+    g.add_argument("--variants", help="study: comma-separated subset of no_koopman_no_tcons,no_tcons,one_level,hkd "
+                   "(the paper's cumulative ablation rows), kd, kd_matched, kdm, hkd_scratch")
     g.add_argument("--teacher-nfe", help="study: teacher NFEs to score (default 1,2,4 and the trajectories' full NFE)")
     g = p.add_argument_group("edit")
     g.add_argument("--model", help="edit: s3://bucket/key, a local model.pt or models:/name/version "

@@ -42,7 +42,7 @@ def run_stages(pc: PipelineConfig, cfg_dict: dict, upto: str = "evaluate", progr
     ctx = ctx or context(pc, cfg_dict, progress)
     results: dict = {}
     fns = {"teacher": lambda: stage_teacher(ctx), "trajectories": lambda: stage_trajectories(ctx, results["teacher"]),
-           "distill": lambda: stage_distill(ctx, results["trajectories"]),
+           "distill": lambda: stage_distill(ctx, results["trajectories"], results["teacher"]),
            "evaluate": lambda: stage_evaluate(ctx, results["teacher"], results["distill"])}
     t0 = time.perf_counter()
     status = "FAILED"

@@ -165,7 +165,7 @@ def stage_trajectories(ctx: StageContext, teacher: dict) -> dict:
     return summary
 
 
-def stage_distill(ctx: StageContext, trajectories: dict) -> dict:
+def stage_distill(ctx: StageContext, trajectories: dict, teacher: dict | None = None) -> dict:
     """HKD (or a baseline) on Ray Train; each worker streams its shards; the EMA model goes to storage and MLflow."""
     from hkd_core.models import build_model, count_parameters, model_record
 
@@ -177,8 +177,12 @@ def stage_distill(ctx: StageContext, trajectories: dict) -> dict:
     if skip:
         ctx.tracker.set_tags(run_id, {"hkd.skipped_shards": ",".join(sorted(skip))[:4000]})
     attempt = _bump_attempt(ctx, run_id)
-    result, wall = ctx.fit("distill", workers.distill_loop, run_id,
-                           {"trajectories_prefix": f"{ctx.prefix('trajectories')}/train", "skip_shards": sorted(skip)})
+    extra = {"trajectories_prefix": f"{ctx.prefix('trajectories')}/train", "skip_shards": sorted(skip),
+             "teacher_key": (teacher or {}).get("teacher_key")}
+    if pc.run.eval.curve_n:   # FID/KID against kimg, scored at each checkpoint on rank 0
+        extra["eval"] = {"metric": M.CURVE, "fid_n": pc.run.eval.curve_n,
+                         "reference_key": evaluation.reference(pc, pc.run.eval.curve_n)[1]}
+    result, wall = ctx.fit("distill", workers.distill_loop, run_id, extra)
     state = trainer.checkpoint_state(result)
     model = build_model(pc.run.model.variant, pc.run.hkd_config())
     model.load_state_dict(state["ema"])
@@ -190,6 +194,8 @@ def stage_distill(ctx: StageContext, trajectories: dict) -> dict:
     summary = {"model_key": key, "model_uri": root.uri(key), "kimg": state["nimg"] / 1000,
                "steps": state["step"], "train_s": state["train_s"], "wall_s": wall, "attempts": attempt,
                "params": count_parameters(model), "ray_path": result.path}
+    if pc.run.eval.curve_n:
+        summary["curve"] = curve(ctx.tracker, run_id)
     ctx.tracker.log_metrics(run_id, {M.WALL_S: wall, M.STAGE_TRAIN_S: state["train_s"]}, int(state["nimg"]))
     summary["registered_model"] = log_model(ctx, run_id, model)
     ctx.tracker.set_tags(run_id, {"hkd.model_uri": summary["model_uri"]})
@@ -279,6 +285,18 @@ def log_model(ctx: StageContext, run_id: str, model) -> str | None:
         info = mlflow.pytorch.log_model(model, name="model", registered_model_name=name, serialization_format="pickle",
                                         pip_requirements=["torch"], await_registration_for=60)
     return f"{name}/{info.registered_model_version}" if name else None
+
+
+def curve(tracker, run_id: str) -> list[dict]:
+    """The distill run's FID/KID curve (eval.curve_n) with the training seconds at each point, from MLflow."""
+    fid, kid, std = (tracker.history(run_id, k) for k in (M.CURVE_FID, M.CURVE_KID, M.CURVE_KID_STD))
+    train_s = sorted(tracker.history(run_id, M.TRAIN_S).items())
+    out = []
+    for step in sorted(fid):
+        before = [v for s, v in train_s if s <= step]
+        out.append({"kimg": step / 1000, "fid": fid[step], "kid": kid.get(step), "kid_std": std.get(step),
+                    "train_s": before[-1] if before else None})
+    return out
 
 
 def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:

@@ -1,7 +1,9 @@
-"""``hkd study``: the quality study on Ray. Full HKD, its ablations, KD and the KDM-style model, trained and
-evaluated on the same teacher trajectories with the same budget (images seen), and the teacher at NFE 1, 2,
-4 and full; a markdown table, a bar chart, and an MLflow study run whose variants' pipeline runs carry the
-tag ``hkd.study`` (the MLflow UI's compare view then shows them side by side).
+"""``hkd study``: the quality study on Ray. Full HKD, the paper's cumulative ablation rows (DESIGN 1.4), KD
+and the KDM-style model (at the teacher's size and at HKD's parameter count), trained and evaluated on the
+same teacher trajectories with the same budget (images seen), and the teacher at NFE 1, 2, 4 and full; a
+markdown table, a bar chart, with ``eval.curve_n`` FID-against-kimg curves and a table at equal wall-clock,
+and an MLflow study run whose variants' pipeline runs carry the tag ``hkd.study`` (the MLflow UI's compare
+view then shows them side by side).
 
 Each variant is a pipeline with the base config plus its overrides. The teacher and trajectory stages do
 not depend on the model or the training, so their content hashes are equal: they run once and every later
@@ -25,19 +27,26 @@ from .config import PipelineConfig, compose, from_composed
 
 log = logging.getLogger(__name__)
 
-# name -> (label, extra overrides)
+# name -> (label, extra overrides). The first four are the paper's cumulative ablation table, in its order:
+# (no Koopman, no consistency, hierarchical), (+ Koopman), (+ consistency, one level), (+ hierarchy = full).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "hkd": ("HKD (full)", []),
-    "no_koopman": ("HKD w/o Koopman evolution (A = 0)", ["model.variant=no_koopman"]),
-    "no_tcons": ("HKD w/o trajectory consistency (s = 1)", ["train.states_per_traj=1"]),
-    "one_level": ("HKD w/o hierarchy (one level)", ["model.variant=one_level"]),
-    "kd": ("KD (U-Net x_T -> x_0)", ["model.variant=kd", "train.states_per_traj=1"]),
-    "kdm": ("KDM-style (one global operator)", ["model.variant=kdm"]),
+    "no_koopman_no_tcons": ("no Koopman, no consistency, hierarchical",
+                            ["model.variant=no_koopman", "train.states_per_traj=1"]),
+    "no_tcons": ("+ Koopman (no consistency, hierarchical)", ["train.states_per_traj=1"]),
+    "one_level": ("+ consistency, one level (no hierarchy)", ["model.variant=one_level"]),
+    "hkd": ("HKD (full): + hierarchy", []),
+    "kd": ("KD (U-Net x_T -> x_0, the teacher's size)", ["model.variant=kd", "train.states_per_traj=1"]),
+    "kd_matched": ("KD at HKD's parameter count (width 24)",
+                   ["model.variant=kd", "train.states_per_traj=1", "model.channels=24", "model.init=none"]),
+    "kdm": ("KDM-style (one global operator, HKD's parameter count)", ["model.variant=kdm", "model.kdm_dim=16"]),
+    "hkd_scratch": ("HKD (full), not initialised from the teacher", ["model.init=none"]),
 }
+ABLATION_ROWS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd")   # DESIGN 1.4, top to bottom
+DEFAULT_VARIANTS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd", "kd", "kdm")
 
 
 def parse_variants(text: str | None) -> list[str]:
-    names = [v.strip() for v in (text or ",".join(VARIANTS)).split(",") if v.strip()]
+    names = [v.strip() for v in (text or ",".join(DEFAULT_VARIANTS)).split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad or not names:
         raise ValueError(f"--variants {text!r}: unknown {bad or 'empty list'}; choose from {', '.join(VARIANTS)}")
@@ -87,6 +96,7 @@ def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] 
             "label": VARIANTS[v][0], "fid": m[M.FID], "kid": m[M.KID], "n": int(m[M.EVAL_N]),
             "kimg": res["distill"]["kimg"], "train_s": res["distill"].get("train_s"),
             "params": res["distill"].get("params"), "pipeline_run_id": res["_parent_run_id"],
+            "kid_std": m.get(M.KID_STD), "curve": res["distill"].get("curve", []),
             "skipped": res.get("_skipped", [])}
         for k, val in m.items():
             nfe = M.teacher_nfe_of(k)
@@ -95,6 +105,7 @@ def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] 
         results["_tracking_uri"], results["_experiment_id"] = res["_tracking_uri"], res["_experiment_id"]
     results["wall_s"] = time.perf_counter() - t0
     first = next(iter(cfgs.values()))[0]
+    results["curve_n"] = first.run.eval.curve_n
     md = to_markdown(results, first)
     results["markdown"] = md
     folder = Path(out or Path("runs") / study)
@@ -122,16 +133,46 @@ def to_markdown(r: dict, pc: PipelineConfig) -> str:
     lines = [f"Quality study `{r['study']}`: {pc.run.data.name} {pc.run.data.resolution}x{pc.run.data.resolution}, "
              f"{pc.run.teacher.kind} teacher, {pc.run.trajectories.num} trajectories, every model trained for "
              f"{t.total_kimg:g} kimg (batch {t.batch_size}); FID/KID with N = {n} (standard Inception).", "",
-             "| model | NFE | FID | KID | kimg | train s | params |", "|---|---|---|---|---|---|---|"]
+             "**At equal images seen**", "",
+             "| model | NFE | FID | KID x1e3 (± std) | kimg | train s | params |", "|---|---|---|---|---|---|---|"]
     for v in r["variants"].values():
-        lines.append(f"| {v['label']} | 1 | {v['fid']:.2f} | {v['kid']:.4f} | {v['kimg']:.2f} | "
+        lines.append(f"| {v['label']} | 1 | {v['fid']:.2f} | {_kid(v)} | {v['kimg']:.2f} | "
                      f"{(v['train_s'] or 0):.0f} | {v['params'] or 0:,} |")
     for nfe, tr in sorted(r["teacher"].items()):
-        kid = f"{tr['kid']:.4f}" if tr.get("kid") is not None else "-"
+        kid = f"{tr['kid'] * 1e3:.1f}" if tr.get("kid") is not None else "-"
         lines.append(f"| teacher ({pc.run.teacher.kind}, Heun) | {nfe} | {tr['fid']:.2f} | {kid} | - | - | - |")
+    wall = equal_wall(r)
+    if wall:
+        lines += ["", f"**At equal wall-clock**: each model's curve point (eval.curve_n = {wall['n']}) with the most "
+                      f"training seconds up to {wall['seconds']:.0f} s, the shortest run's total.", "",
+                  "| model | kimg | train s | FID | KID x1e3 (± std) |", "|---|---|---|---|---|"]
+        for v, p in wall["rows"].items():
+            lines.append(f"| {r['variants'][v]['label']} | {p['kimg']:.2f} | {p['train_s']:.0f} | {p['fid']:.2f} | "
+                         f"{_kid(p)} |")
     lines += ["", f"Wall-clock {r['wall_s'] / 60:.1f} min. Each model row is a pipeline run tagged "
                   f"`hkd.study = {r['study']}` in MLflow."]
     return "\n".join(lines) + "\n"
+
+
+def _kid(row: dict) -> str:
+    if row.get("kid") is None:
+        return "-"
+    std = f" ± {row['kid_std'] * 1e3:.1f}" if row.get("kid_std") is not None else ""
+    return f"{row['kid'] * 1e3:.1f}{std}"
+
+
+def equal_wall(r: dict) -> dict | None:
+    """Every variant at the same training seconds: its last curve point at or before the shortest run's total."""
+    curves = {v: [p for p in row.get("curve") or [] if p.get("train_s") is not None] for v, row in r["variants"].items()}
+    if not curves or not all(curves.values()):
+        return None
+    budget = min(c[-1]["train_s"] for c in curves.values())
+    rows = {}
+    for v, c in curves.items():
+        within = [p for p in c if p["train_s"] <= budget * 1.0001]
+        rows[v] = within[-1] if within else c[0]
+    n = r.get("curve_n", 0)
+    return {"seconds": budget, "rows": rows, "n": n}
 
 
 def write_outputs(r: dict, folder: Path) -> list[Path]:
@@ -144,11 +185,12 @@ def write_outputs(r: dict, folder: Path) -> list[Path]:
     md.write_text(r["markdown"])
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["model", "nfe", "fid", "kid", "n", "kimg", "train_s", "params"])
+    w.writerow(["model", "nfe", "fid", "kid", "kid_std", "n", "kimg", "train_s", "params"])
     for v, row in r["variants"].items():
-        w.writerow([v, 1, row["fid"], row["kid"], row["n"], row["kimg"], row["train_s"], row["params"]])
+        w.writerow([v, 1, row["fid"], row["kid"], row.get("kid_std"), row["n"], row["kimg"], row["train_s"],
+                    row["params"]])
     for nfe, tr in sorted(r["teacher"].items()):
-        w.writerow([f"teacher_nfe{nfe}", nfe, tr["fid"], tr.get("kid"), tr["n"], "", "", ""])
+        w.writerow([f"teacher_nfe{nfe}", nfe, tr["fid"], tr.get("kid"), "", tr["n"], "", "", ""])
     table = folder / "study.csv"
     table.write_text(buf.getvalue())
     (folder / "study.json").write_text(json.dumps({k: v for k, v in r.items() if not k.startswith("_")},
@@ -166,4 +208,35 @@ def write_outputs(r: dict, folder: Path) -> list[Path]:
     ax.set_title(f"{r['study']}", fontsize=9)
     fig.savefig(folder / "study_fid.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return [md, table, folder / "study.json", folder / "study_fid.png"]
+    out = [md, table, folder / "study.json", folder / "study_fid.png"]
+    if any(row.get("curve") for row in r["variants"].values()):
+        out.append(plot_curves(r, folder / "study_curves.png"))
+    return out
+
+
+def plot_curves(r: dict, path: Path) -> Path:
+    """FID against kimg (left) and against training seconds (right), one line per variant, the teacher's
+    full-NFE FID as a dashed line."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for v, row in r["variants"].items():
+        c = row.get("curve") or []
+        if not c:
+            continue
+        style = "-o" if v in ABLATION_ROWS else "--s"
+        for ax, x in zip(axes, ("kimg", "train_s")):
+            pts = [(p[x], p["fid"]) for p in c if p.get(x) is not None]
+            ax.plot(*zip(*pts), style, ms=3, label=row["label"])
+    if r["teacher"]:
+        full = max(r["teacher"])
+        for ax in axes:
+            ax.axhline(r["teacher"][full]["fid"], color="gray", ls=":", label=f"teacher, {full} NFE")
+    axes[0].set_xlabel("kimg (trajectories seen)")
+    axes[1].set_xlabel("training seconds")
+    axes[0].set_ylabel(f"FID@{r.get('curve_n', '?')} (NFE 1)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(r["study"], fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -88,7 +88,7 @@ def trial_fn(params: dict, ctx: dict) -> None:
     tracker.log_params(run_id, {**pc.run.to_dict(), "sweep": {"params": json.dumps(params, sort_keys=True)}})
     t = trainer.make_trainer(pc, workers.distill_loop,
                              {"pipeline": cfg, "run_id": run_id, "trajectories_prefix": ctx["traj_prefix"],
-                              "eval": ctx["eval"]},
+                              "eval": ctx["eval"], "teacher_key": ctx.get("teacher_key")},
                              f"{ctx['sweep_id']}-{trial_id}", subdir="sweeps-train",
                              workers=trainer.Workers(r["workers"], r["cpus_per_worker"], r["gpus_per_worker"]),
                              callbacks=[TuneReportCallback()], num_to_keep=1)                      # (1) to Tune
@@ -158,7 +158,8 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = No
     trial_ctx = {"sweep_id": sweep_id, "sweep_run_id": sweep_run, "base": spec.base, "report": dataclasses.asdict(
         spec.report), "metric": spec.metric, "resources": dataclasses.asdict(spec.resources),
         "traj_prefix": f"{traj_prefix}/train", "traj_uri": shared["trajectories"]["train"]["uri"],
-        "eval": trial_eval, "final_reference_key": reference(pc)[1], "space_keys": sorted(spec.space)}
+        "eval": trial_eval, "final_reference_key": reference(pc)[1], "space_keys": sorted(spec.space),
+        "teacher_key": shared["teacher"].get("teacher_key")}
     results = _tuner(spec, pc, sweep_id, trial_ctx, resume).fit()
     summary = summarize_sweep(spec, sweep_id, results, pc.run.train.total_kimg, pc)
     publish(tracker, sweep_run, spec, sweep_id, summary, pc, base_cfg)

@@ -257,6 +257,12 @@ class Tracker:
     def run_data(self, run_id: str):
         return self._call(lambda: self.client.get_run(run_id), "get run")
 
+    def history(self, run_id: str, key: str) -> dict[int, float]:
+        """A metric's values by step (the last one logged at each step)."""
+        self.flush()
+        hist = self._call(lambda: self.client.get_metric_history(run_id, key), f"read {key}")
+        return {m.step: m.value for m in sorted(hist, key=lambda m: m.timestamp)}
+
 
 def artifact_probe(tracking_uri: str, body: bytes) -> str:
     """Log, list and read back a small artifact through the tracking server (proxied to S3)."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hkd_core.losses import HKDLoss, LambdaSchedule, mse, pseudo_huber
+from hkd_core.sampler import karras_sigmas
 
 
 def test_pseudo_huber():
@@ -25,14 +26,41 @@ def test_lambda_schedule():
 
 def test_state_picks_are_distinct_intermediate_states():
     loss = HKDLoss(states_per_traj=4)
-    idx = loss.pick(500, 19, torch.Generator().manual_seed(0))
+    idx = loss.pick(500, karras_sigmas(18), torch.Generator().manual_seed(0))
     assert idx.shape == (500, 4) and torch.all(idx[:, 0] == 0)
     inner = idx[:, 1:]
     assert inner.min() >= 1 and inner.max() <= 17
     assert all(len(set(r.tolist())) == 3 for r in inner)
     assert len(set(inner.flatten().tolist())) == 17      # every intermediate state gets drawn
     with pytest.raises(ValueError, match="states_per_traj=9"):
-        HKDLoss(9).pick(2, 8)
+        HKDLoss(9).pick(2, karras_sigmas(7))
+
+
+def test_tcons_sigma_min_leaves_out_the_low_noise_states():
+    sig = karras_sigmas(18)
+    loss = HKDLoss(states_per_traj=4, tcons_sigma_min=1.0)
+    allowed = [i for i in range(1, 18) if sig[i] >= 1.0]
+    assert 0 < len(allowed) < 17
+    idx = loss.pick(400, sig, torch.Generator().manual_seed(1))
+    assert set(idx[:, 1:].flatten().tolist()) == set(allowed)
+    with pytest.raises(ValueError, match="tcons_sigma_min=50"):
+        HKDLoss(4, tcons_sigma_min=50.0).pick(2, sig)
+
+
+def test_xT_weight_sets_its_share_at_the_same_scale(toy_trajectories):
+    states, sigmas = toy_trajectories
+    plain = HKDLoss(4, LambdaSchedule(1.0, 1.0), lambda2=0.0)
+    half = HKDLoss(4, LambdaSchedule(1.0, 1.0), lambda2=0.0, xT_weight=0.5)
+    g = lambda: torch.Generator().manual_seed(3)   # noqa: E731 - the same states for both
+    a, b = plain(Identity(), states, sigmas, generator=g()), half(Identity(), states, sigmas, generator=g())
+    torch.testing.assert_close(a["loss_recon"], b["loss_recon"])
+    # 4 * (0.5 d_T + 0.5 mean(d_inner)) = 2 d_T + 2 mean(d_inner)
+    torch.testing.assert_close(b["loss"], 2 * b["loss_recon"] + 2 * b["loss_tcons"], rtol=1e-5, atol=0)
+    # at w = 1/s it is the plain sum
+    quarter = HKDLoss(4, LambdaSchedule(1.0, 1.0), lambda2=0.0, xT_weight=0.25)
+    torch.testing.assert_close(quarter(Identity(), states, sigmas, generator=g())["loss"], a["loss"])
+    with pytest.raises(ValueError, match="xT_weight must be in"):
+        HKDLoss(4, xT_weight=0.0)
 
 
 class Identity(torch.nn.Module):

@@ -1,25 +1,61 @@
 """The quality study's plan: every variant shares the teacher trajectories, differs where declared, and the
 teacher is scored once."""
 import pytest
+import torch
 
-from orchestrator.study import VARIANTS, parse_variants, to_markdown, variant_configs
+from orchestrator.study import DEFAULT_VARIANTS, parse_variants, to_markdown, variant_configs
 
 
 def test_variants_share_the_trajectories_and_differ_where_declared():
-    study, cfgs = variant_configs(["experiment=smoke"], list(VARIANTS), teacher_nfe=None)
-    assert list(cfgs) == list(VARIANTS) and study.startswith("hkd-study-")
+    variants = list(DEFAULT_VARIANTS) + ["kd_matched"]
+    study, cfgs = variant_configs(["experiment=smoke"], variants, teacher_nfe=None)
+    assert list(cfgs) == variants and study.startswith("hkd-study-")
     hashes = {v: pc.stages() for v, (pc, _) in cfgs.items()}
     assert len({(h["teacher"], h["trajectories"]) for h in hashes.values()}) == 1     # one shared teacher + data
-    assert len({h["distill"] for h in hashes.values()}) == len(VARIANTS)               # six different models
+    assert len({h["distill"] for h in hashes.values()}) == len(variants)               # all different models
     run = {v: pc.run for v, (pc, _) in cfgs.items()}
-    assert run["no_koopman"].model.variant == "no_koopman" and run["kd"].model.variant == "kd"
-    assert run["no_tcons"].train.states_per_traj == 1 and run["hkd"].train.states_per_traj > 1
+    assert run["kd"].model.variant == "kd" and run["kd_matched"].model.channels == 24
     assert len({r.train.total_kimg for r in run.values()}) == 1                         # the same budget
-    # the teacher at NFE 1, 2, 4 and its full NFE (smoke: Heun 6 steps = 11), scored once
-    assert run["hkd"].eval.teacher_nfe == [1, 2, 4, 11]
-    assert all(r.eval.teacher_nfe == [] for v, r in run.items() if v != "hkd")
+    # the teacher at NFE 1, 2, 4 and its full NFE (smoke: Heun 6 steps = 11), scored once, by the first variant
+    first = variants[0]
+    assert run[first].eval.teacher_nfe == [1, 2, 4, 11]
+    assert all(r.eval.teacher_nfe == [] for v, r in run.items() if v != first)
     assert all(pc.tracking.tags["hkd.study"] == study for pc, _ in cfgs.values())
-    assert len({pc.name for pc, _ in cfgs.values()}) == len(VARIANTS)                 # distinct MLflow runs
+    assert len({pc.name for pc, _ in cfgs.values()}) == len(variants)                 # distinct MLflow runs
+
+
+def test_the_cumulative_ablation_rows_build_the_model_and_loss_they_declare(toy_trajectories):
+    """DESIGN 1.4, row by row: (Koopman, consistency, hierarchy) = (no, no, yes), (yes, no, yes), (yes, yes, no),
+    (yes, yes, yes); checked on the built model (its operators, its latent levels) and on the loss (how many
+    states of each trajectory it scores)."""
+    from dataclasses import asdict
+
+    from hkd_core.losses import HKDLoss
+    from hkd_core.models import HKD, build_model
+    from hkd_core.train import _settings
+    from hkd_core.config import TrainConfig
+    from orchestrator.study import ABLATION_ROWS
+
+    _, cfgs = variant_configs(["experiment=smoke"], list(ABLATION_ROWS))
+    declared = {"no_koopman_no_tcons": (False, False, True), "no_tcons": (True, False, True),
+                "one_level": (True, True, False), "hkd": (True, True, True)}
+    states, sigmas = toy_trajectories
+    for v, (koopman, tcons, hier) in declared.items():
+        r = cfgs[v][0].run
+        model = build_model(r.model.variant, r.hkd_config())
+        assert isinstance(model, HKD)
+        ops = [k.mode for k in model.koopman]
+        assert (set(ops) != {"none"}) == koopman, (v, ops)
+        assert (len(model.levels) > 1) == hier, (v, model.levels)
+        t = _settings(TrainConfig, asdict(r.train))
+        loss = HKDLoss(t.states_per_traj)
+        picked = loss.pick(8, sigmas)
+        assert (picked.shape[1] > 1) == tcons, (v, picked.shape)
+        # the model's one-step output ignores A only when there is no Koopman evolution
+        x = states[:4, 0]
+        if not koopman:
+            z = model.encode(x, 80.0)
+            torch.testing.assert_close(model.evolve(z, 0.7)[0], z[0])
 
 
 def test_study_id_follows_its_inputs_and_bad_variants_are_named():
@@ -29,7 +65,7 @@ def test_study_id_follows_its_inputs_and_bad_variants_are_named():
     assert a == b != c
     with pytest.raises(ValueError, match=r"unknown \['vae'\]"):
         parse_variants("hkd,vae")
-    assert parse_variants(None) == list(VARIANTS)
+    assert parse_variants(None) == list(DEFAULT_VARIANTS)
 
 
 def test_markdown_table_has_a_row_per_model_and_teacher_nfe():
@@ -42,5 +78,5 @@ def test_markdown_table_has_a_row_per_model_and_teacher_nfe():
                              "params": 999}},
          "teacher": {1: {"fid": 300.0, "kid": 0.3, "n": 32}, 11: {"fid": 50.0, "kid": 0.05, "n": 32}}}
     md = to_markdown(r, pc)
-    assert "| HKD (full) | 1 | 100.00 | 0.1000 |" in md and "| KD | 1 | 120.00 |" in md
+    assert "| HKD (full) | 1 | 100.00 | 100.0 |" in md and "| KD | 1 | 120.00 |" in md
     assert "Heun) | 11 | 50.00 |" in md and "N = 32" in md

@@ -1,0 +1,84 @@
+"""model.init: the student takes exactly the teacher tensors it says, and nothing else; a mismatched trunk is
+refused before training, naming the tensor."""
+import pytest
+import torch
+
+from hkd_core.config import ConfigError, DataConfig, ModelConfig, RunConfig, TeacherConfig, validate
+from hkd_core.models import build_model
+from hkd_core.teacher_init import TeacherInitError, init_from_teacher
+from hkd_core.teachers import teacher_denoiser
+
+TEACHER = TeacherConfig(kind="edm", channels=8, channel_mult=[1, 2], blocks=1, attn_resolutions=[], sigma_data=0.66)
+STUDENT = dict(preset="tiny")   # channels 8, channel_mult [1, 2], blocks 1: the teacher's trunk
+
+
+def _pair(variant: str):
+    cfg = RunConfig(data=DataConfig(limit=None), teacher=TEACHER, model=ModelConfig(variant=variant, **STUDENT))
+    torch.manual_seed(0)
+    teacher = teacher_denoiser(TEACHER, 1, 32)
+    with torch.no_grad():   # random, non-zero values everywhere (fresh U-Nets zero some convs)
+        for p in teacher.parameters():
+            p.normal_()
+    torch.manual_seed(1)
+    return cfg, build_model(variant, cfg.hkd_config()), teacher.state_dict()
+
+
+@pytest.mark.parametrize("mode", ["teacher_encoder", "teacher"])
+def test_hkd_takes_exactly_the_tensors_it_names(mode):
+    _, model, tstate = _pair("hkd")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = init_from_teacher(model, tstate, mode)
+    after = model.state_dict()
+    enc = [k for k in after if k.startswith("encoder.")]
+    assert set(enc) <= set(names)                                  # the whole encoder, always
+    for k in names:
+        src = k.replace("encoder.stages.", "net.down.").replace("encoder.", "net.")
+        if k.startswith("decoder.stages."):
+            level, rest = k[len("decoder.stages."):].split(".", 1)
+            src = f"net.up.{model.cfg.levels - 1 - int(level)}.{rest}"
+        elif k.startswith("decoder."):
+            src = "net." + k[len("decoder."):]
+        assert torch.equal(after[k], tstate[src]), k
+    for k in set(after) - set(names):                              # everything else untouched
+        assert torch.equal(after[k], before[k]), k
+    dec = [k for k in names if k.startswith("decoder.")]
+    if mode == "teacher_encoder":
+        assert dec == []
+    else:
+        # the output head and the finer decoder stages take the teacher's up path; the coarsest stage's first
+        # convolution cannot (it sees the latent alone, the teacher's sees the bottleneck and a skip)
+        assert "decoder.conv_out.weight" in dec and "decoder.stages.0.res.0.conv0.weight" in dec
+        assert "decoder.stages.1.res.0.conv0.weight" not in dec
+        assert not any(k.startswith(("proj.", "koopman.", "decoder.lift.")) for k in names)
+
+
+def test_kd_is_the_whole_teacher():
+    _, model, tstate = _pair("kd")
+    names = init_from_teacher(model, tstate, "teacher")
+    assert len(names) == len(tstate) == len(model.state_dict())
+    x = torch.randn(3, 1, 32, 32)
+    teacher = teacher_denoiser(TEACHER, 1, 32)
+    teacher.load_state_dict(tstate)
+    torch.testing.assert_close(model(x, 2.5), teacher(x, 2.5))     # the same function
+
+
+def test_a_mismatched_trunk_is_refused_naming_the_tensor():
+    _, model, tstate = _pair("hkd")
+    bad = dict(tstate)
+    bad["net.down.1.res.0.conv0.weight"] = torch.zeros(3, 3, 3, 3)
+    with pytest.raises(TeacherInitError, match=r"encoder.stages.1.res.0.conv0.weight .*net.down.1.res.0.conv0.weight"):
+        init_from_teacher(model, bad, "teacher")
+    wide = RunConfig(data=DataConfig(limit=None), teacher=TEACHER, model=ModelConfig(preset="tiny", channels=16,
+                                                                                     init="teacher"))
+    with pytest.raises(ConfigError, match="model.init=teacher: student tensor encoder.embed"):
+        validate(wide)
+    empirical = RunConfig(model=ModelConfig(preset="tiny", init="teacher"))
+    with pytest.raises(ConfigError, match="needs a U-Net teacher"):
+        validate(empirical)
+    validate(RunConfig(data=DataConfig(limit=None), teacher=TEACHER, model=ModelConfig(preset="tiny", init="teacher")))
+
+
+def test_the_student_follows_the_teachers_sigma_data():
+    cfg, model, _ = _pair("hkd")
+    assert cfg.hkd_config().sigma_data == 0.66 and model.encoder.sigma_data == 0.66
+    assert RunConfig(model=ModelConfig(sigma_data=0.5), teacher=TEACHER).hkd_config().sigma_data == 0.5
