@@ -35,6 +35,7 @@ EVAL_N = "eval/n"
 FID_NFE1 = "eval/fid_nfe1"
 MSE_VS_TEACHER = "eval/mse_vs_teacher"
 EVAL_S = "perf/eval_s"
+NOISE_FLOOR_FID = "eval/noise_floor_fid"            # real training images against the reference, same N
 CURVE = "curve"                                      # eval.curve_n: scored at every distill checkpoint
 CURVE_FID = "curve/fid"
 CURVE_KID = "curve/kid"

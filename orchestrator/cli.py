@@ -194,9 +194,12 @@ def print_results(res: dict) -> None:
     if "evaluate" in res:
         m = res["evaluate"]["metrics"]
         print(f"FID@{int(m[M.EVAL_N])} (NFE 1): {m[M.FID]:.2f}   KID: {m[M.KID]:.4f} ± {m[M.KID_STD]:.4f}")
-        for k in sorted(m):
-            if M.teacher_nfe_of(k) is not None:
-                print(f"  {k}: {m[k]:.2f}")
+        for k in sorted(m, key=lambda k: M.teacher_nfe_of(k) or 0):
+            nfe = M.teacher_nfe_of(k)
+            if nfe is not None:
+                print(f"  teacher at NFE {nfe}: FID {m[k]:.2f}   FID ratio HKD / teacher: {m[M.FID] / m[k]:.2f}")
+        if M.NOISE_FLOOR_FID in m:
+            print(f"  noise floor (real training images against the same reference, same N): {m[M.NOISE_FLOOR_FID]:.2f}")
     print(f"artifacts: {res['_storage_root']}/")
     if "distill" in res and res["distill"].get("model_uri"):
         print(f"  model: {res['distill']['model_uri']}   trajectories: {res['trajectories']['train']['uri']}/")

@@ -85,17 +85,44 @@ def sample_scores(pc, cfg_dict: dict, ref, what: dict, model_key=None, teacher_k
     return E.score(*E.merge_chunks(ray.get(refs)), ref, pc.run.eval.kid_subset_size)
 
 
-def evaluate(pc, cfg_dict: dict, model_key: str, teacher_key: str | None, images) -> dict:
+def recorded_teacher_scores(pc, adopted: str | None) -> tuple[dict[int, dict], dict | None]:
+    """The shipped teacher's own scores (its record.json) when they were measured exactly as this evaluation
+    would measure them (the same N, noise seeds and reference split): {nfe: scores} and the noise floor."""
+    from hkd_core.shipped import find_shipped
+
+    shipped = find_shipped(pc.run.data, pc.run.teacher) if adopted else None
+    if shipped is None:
+        return {}, None
+    ev = shipped.record.get("eval") or {}
+    e = pc.run.eval
+    if (ev.get("n"), ev.get("seed"), ev.get("split")) != (e.n, e.seed, e.split):
+        return {}, None
+    return {int(k): v for k, v in (ev.get("by_nfe") or {}).items()}, ev.get("noise_floor_train_vs_test")
+
+
+def evaluate(pc, cfg_dict: dict, model_key: str, teacher_key: str | None, images, adopted: str | None = None
+             ) -> dict:
     """FID/KID of the model (NFE 1) and of the teacher at each eval.teacher_nfe, under their metric names.
-    ``images()`` gives the teacher's data set (loaded only when the teacher is scored)."""
+    ``images()`` gives the teacher's data set (loaded only when the teacher is scored). A teacher adopted from
+    ``hkd_core/shipped/`` (``adopted``: where from) is not sampled again where its record already holds the
+    score on the same N, seeds and split; the record's train-vs-test noise floor comes along."""
     import ray
 
     ref = reference(pc)[0]
     e = pc.run.eval
     metrics = E.model_metrics(sample_scores(pc, cfg_dict, ref, {"kind": "model"}, model_key=model_key), e.n)
-    if e.teacher_nfe:
+    recorded, floor = recorded_teacher_scores(pc, adopted)
+    if floor:
+        metrics[M.NOISE_FLOOR_FID] = floor["fid"]
+    todo = [nfe for nfe in e.teacher_nfe if nfe not in recorded]
+    for nfe in e.teacher_nfe:
+        if nfe in recorded:
+            metrics.update(E.teacher_metrics(recorded[nfe], nfe))
+            log.info("teacher at NFE %d: from the shipped teacher's record (N=%d, the same seeds): FID %.2f",
+                     nfe, e.n, recorded[nfe]["fid"])
+    if todo:
         img_ref = ray.put(images()) if pc.run.teacher.kind == "empirical" else None
-        for nfe in e.teacher_nfe:
+        for nfe in todo:
             s = sample_scores(pc, cfg_dict, ref, {"kind": "teacher", "nfe": nfe}, teacher_key=teacher_key,
                               images_ref=img_ref)
             metrics.update(E.teacher_metrics(s, nfe))

@@ -308,7 +308,7 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     run_id = ctx.open_run("evaluate", {"hkd.model_uri": distill["model_uri"]})
     t0 = time.perf_counter()
     metrics = evaluation.evaluate(pc, ctx.cfg_dict, distill["model_key"], teacher.get("teacher_key"),
-                                  lambda: images(pc))
+                                  lambda: images(pc), teacher.get("adopted"))
     model = workers.load_model(pc, distill["model_key"])
     metrics.update(summarize(model.spectrum()))
     metrics[M.EVAL_S] = time.perf_counter() - t0

@@ -74,3 +74,22 @@ def test_kid_has_a_spread_even_when_the_subset_size_exceeds_n():
     a, b = torch.randn(40, 2048, generator=g), torch.randn(40, 2048, generator=g) + 0.1
     s = E.score(FeatureStats.of(a), a, Reference({}, FeatureStats.of(b), b), kid_subset_size=1000)
     assert s["kid_std"] > 0          # subsets of 20 of the 40: a std that says how noisy the KID is
+
+
+def test_endpoint_sensitivity_tells_a_lookup_table_from_a_smooth_map(toy_images):
+    from hkd_core.evaluation import endpoint_sensitivity, nearest
+    from hkd_core.teachers import EmpiricalTeacher, GaussianTeacher
+
+    x_T = torch.randn(64, *toy_images.shape[1:], generator=torch.Generator().manual_seed(0)) * 80
+    idx, dist = nearest(toy_images[[3, 1]] + 0.001, toy_images)
+    assert idx.tolist() == [3, 1] and torch.allclose(dist, torch.full((2,), 0.001), atol=1e-5)
+    table = EmpiricalTeacher(toy_images)
+    still = endpoint_sensitivity(table.denoise, x_T, toy_images, rel=0.0, nfe=11)
+    assert still["endpoint_rms_change"] == 0 and still["jump_rate"] == 0
+    assert still["nn_rms"] < 1e-3                    # its endpoints are training images
+    moved = endpoint_sensitivity(table.denoise, x_T, toy_images, rel=0.5, nfe=11)
+    assert moved["jump_rate"] > 0.1                  # a big enough nudge swaps images
+    smooth = GaussianTeacher(0.0, 0.5)                # linear: the change grows with the nudge
+    a = endpoint_sensitivity(smooth.denoise, x_T, toy_images, rel=0.05, nfe=11)["endpoint_rms_change"]
+    b = endpoint_sensitivity(smooth.denoise, x_T, toy_images, rel=0.10, nfe=11)["endpoint_rms_change"]
+    assert a > 0 and 1.8 * a < b <= 2.001 * a     # (a little less than twice: the endpoints are clamped to [-1, 1])

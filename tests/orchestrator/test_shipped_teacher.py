@@ -58,3 +58,20 @@ def test_a_corrupt_shipped_teacher_stops_the_stage_naming_it(fs, tmp_path, capsy
     assert main(["teacher", *TINY, *fs, "--no-progress"]) == 3
     err = capsys.readouterr().err
     assert f"shipped teacher {w} has sha256" in err and "altered or truncated" in err
+
+
+def test_recorded_scores_are_reused_only_for_the_same_n_seeds_and_split(fs, tmp_path):
+    """The evaluate stage takes the shipped teacher's own FID instead of sampling it again, but only where the
+    record measured it exactly as this evaluation would."""
+    from orchestrator.evaluation import recorded_teacher_scores
+
+    pc = load(TINY + fs + ["eval.n=64"])
+    net = teacher_denoiser(pc.run.teacher, 1, pc.run.data.resolution)
+    ev = {"n": 64, "seed": pc.run.eval.seed, "split": "test", "by_nfe": {"35": {"fid": 40.0, "kid": 0.01}},
+          "noise_floor_train_vs_test": {"fid": 20.0}}
+    write_shipped(tmp_path / "shipped" / "tiny-edm", pc.run.data, pc.run.teacher, net.state_dict(), eval=ev)
+    scores, floor = recorded_teacher_scores(pc, "adopted")
+    assert scores == {35: {"fid": 40.0, "kid": 0.01}} and floor == {"fid": 20.0}
+    assert recorded_teacher_scores(pc, None) == ({}, None)                          # not adopted: nothing
+    for other in (["eval.n=65"], ["eval.seed=7"], ["eval.split=train"], ["teacher.lr=0.5"]):
+        assert recorded_teacher_scores(load(TINY + fs + ["eval.n=64"] + other), "adopted") == ({}, None), other
