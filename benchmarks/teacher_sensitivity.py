@@ -48,8 +48,10 @@ def main() -> None:
         t0 = time.perf_counter()
         rows[name] = {**endpoint_sensitivity(t.denoise, x_T, train, a.rel), "seconds": time.perf_counter() - t0}
         r = rows[name]
-        print(f"{name}: endpoint RMS change {r['endpoint_rms_change']:.3f}, jump rate {r['jump_rate']:.1%}, "
-              f"nearest training image at RMS {r['nn_rms']:.3f} (N = {r['n']}, {r['seconds']:.0f} s)", flush=True)
+        print(f"{name}: endpoint RMS change mean {r['endpoint_rms_change']:.3f} / median {r['median_change']:.3f} / "
+              f"p90 {r['p90_change']:.3f}; jump rate (> {r['jump_rms']}) {r['jump_rate']:.1%}; nearest training "
+              f"image changes for {r['nn_change_rate']:.1%}; endpoints at RMS {r['nn_rms']:.3f} from the nearest "
+              f"training image (N = {r['n']}, {r['seconds']:.0f} s)", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

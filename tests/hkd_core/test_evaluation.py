@@ -85,10 +85,10 @@ def test_endpoint_sensitivity_tells_a_lookup_table_from_a_smooth_map(toy_images)
     assert idx.tolist() == [3, 1] and torch.allclose(dist, torch.full((2,), 0.001), atol=1e-5)
     table = EmpiricalTeacher(toy_images)
     still = endpoint_sensitivity(table.denoise, x_T, toy_images, rel=0.0, nfe=11)
-    assert still["endpoint_rms_change"] == 0 and still["jump_rate"] == 0
+    assert still["endpoint_rms_change"] == 0 and still["jump_rate"] == 0 == still["nn_change_rate"]
     assert still["nn_rms"] < 1e-3                    # its endpoints are training images
     moved = endpoint_sensitivity(table.denoise, x_T, toy_images, rel=0.5, nfe=11)
-    assert moved["jump_rate"] > 0.1                  # a big enough nudge swaps images
+    assert moved["nn_change_rate"] > 0.1 and moved["jump_rate"] > 0 and moved["median_change"] == 0                # a big enough nudge swaps images
     smooth = GaussianTeacher(0.0, 0.5)                # linear: the change grows with the nudge
     a = endpoint_sensitivity(smooth.denoise, x_T, toy_images, rel=0.05, nfe=11)["endpoint_rms_change"]
     b = endpoint_sensitivity(smooth.denoise, x_T, toy_images, rel=0.10, nfe=11)["endpoint_rms_change"]
