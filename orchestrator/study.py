@@ -45,6 +45,18 @@ ABLATION_ROWS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd")   # DESI
 DEFAULT_VARIANTS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd", "kd", "kdm")
 
 
+def with_final(curve: list[dict], res: dict, e) -> list[dict]:
+    """The distill stage's curve plus its last point, the evaluate stage's score (eval.curve_n = eval.n: the
+    same seeds and reference, so the checkpoint evaluation leaves the final one to it)."""
+    if not curve or e.curve_n != e.n:
+        return curve
+    m, d = res["evaluate"]["metrics"], res["distill"]
+    if curve[-1]["kimg"] >= d["kimg"] - 1e-9:
+        return curve
+    return curve + [{"kimg": d["kimg"], "fid": m[M.FID], "kid": m[M.KID], "kid_std": m.get(M.KID_STD),
+                     "train_s": d.get("train_s")}]
+
+
 def parse_variants(text: str | None) -> list[str]:
     names = [v.strip() for v in (text or ",".join(DEFAULT_VARIANTS)).split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
@@ -96,7 +108,7 @@ def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] 
             "label": VARIANTS[v][0], "fid": m[M.FID], "kid": m[M.KID], "n": int(m[M.EVAL_N]),
             "kimg": res["distill"]["kimg"], "train_s": res["distill"].get("train_s"),
             "params": res["distill"].get("params"), "pipeline_run_id": res["_parent_run_id"],
-            "kid_std": m.get(M.KID_STD), "curve": res["distill"].get("curve", []),
+            "kid_std": m.get(M.KID_STD), "curve": with_final(res["distill"].get("curve", []), res, pc.run.eval),
             "skipped": res.get("_skipped", [])}
         for k, val in m.items():
             nfe = M.teacher_nfe_of(k)

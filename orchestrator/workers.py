@@ -165,7 +165,12 @@ def make_eval_cb(pc, spec: dict, device):
     ref = decode_reference(make_store(pc.storage, "fid-refs").get(spec["reference_key"]))
     seeds = E.eval_seeds(e, int(spec["fid_n"]))
 
+    final_is_evaluated = metric == M.CURVE and int(spec["fid_n"]) == e.n
+    total = pc.run.train.total_kimg
+
     def proxy(ema, kimg: float) -> dict:
+        if final_is_evaluated and kimg >= total - 1e-9:
+            return {}    # the evaluate stage scores the final model on the same seeds and reference: not twice
         f = E.chunk_features(E.model_generator(ema), seeds, E.image_shape(pc.run.data), feats, e.batch_size, device)
         s = E.score(*E.merge_chunks([E.chunk_result(f)]), ref, e.kid_subset_size)
         if metric == M.CURVE:     # eval.curve_n: FID/KID against images seen, as curves in MLflow

@@ -13,7 +13,7 @@ from orchestrator import identity
 from orchestrator.cli import main
 from orchestrator.config import load
 
-TINY = ["teacher=edm", "teacher.channels=8", "teacher.channel_mult=[1,2]", "teacher.blocks=1",
+TINY = ["model=tiny", "teacher=edm", "teacher.channels=8", "teacher.channel_mult=[1,2]", "teacher.blocks=1",
         "teacher.attn_resolutions=[]", "teacher.total_kimg=1", "data.limit=64"]
 
 
