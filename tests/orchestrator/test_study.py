@@ -80,3 +80,21 @@ def test_markdown_table_has_a_row_per_model_and_teacher_nfe():
     md = to_markdown(r, pc)
     assert "| HKD (full) | 1 | 100.00 | 100.0 |" in md and "| KD | 1 | 120.00 |" in md
     assert "Heun) | 11 | 50.00 |" in md and "N = 32" in md
+
+
+def test_equal_wall_clock_picks_each_curve_at_the_shortest_runs_seconds():
+    from orchestrator.study import equal_wall, with_final
+    from hkd_core.config import EvalConfig
+
+    fast = [{"kimg": 4, "train_s": 60, "fid": 200, "kid": 0.2}, {"kimg": 8, "train_s": 120, "fid": 150, "kid": 0.1}]
+    slow = [{"kimg": 4, "train_s": 100, "fid": 210, "kid": 0.2}, {"kimg": 8, "train_s": 200, "fid": 140, "kid": 0.1}]
+    r = {"variants": {"kd": {"curve": fast}, "hkd": {"curve": slow}}, "curve_n": 1000}
+    w = equal_wall(r)
+    assert w["seconds"] == 120 and w["rows"]["kd"]["kimg"] == 8 and w["rows"]["hkd"]["kimg"] == 4
+    assert equal_wall({"variants": {"kd": {"curve": fast}, "hkd": {"curve": []}}}) is None
+    # the final point comes from the evaluate stage when the curve is scored at eval.n, and only then
+    res = {"evaluate": {"metrics": {"eval/fid": 120.0, "eval/kid": 0.05, "eval/kid_std": 0.01}},
+           "distill": {"kimg": 12.0, "train_s": 180.0}}
+    full = with_final(fast, res, EvalConfig(n=1000, curve_n=1000))
+    assert full[-1] == {"kimg": 12.0, "fid": 120.0, "kid": 0.05, "kid_std": 0.01, "train_s": 180.0}
+    assert with_final(fast, res, EvalConfig(n=1000, curve_n=500)) == fast
