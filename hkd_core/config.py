@@ -299,7 +299,7 @@ def _dry_init(student, shapes, mode, init) -> None:
     import torch
 
     with torch.no_grad():
-        init(student, shapes, mode, "teacher")
+        init(student, shapes, mode, "the teacher (teacher.*)")
 
 
 def config_hash(*parts) -> str:

@@ -40,6 +40,19 @@ CONFIGS = [
      "trajectories.sampler='rk4' is not allowed; choose one of ['euler', 'heun']"),
     ('too few steps for s', ['trajectories.steps=1'],
      'train.states_per_traj=4 needs 3 intermediate states, but trajectories.steps=1 gives 0'),
+    ('teacher init, student wider than the teacher', ['model.channels=16'],
+     'model.init=teacher: student tensor encoder.embed.mlp.0.weight (64, 16) needs net.embed.mlp.0.weight from '
+     'the teacher (teacher.*), which is shape (128, 32); the student\'s trunk must match the teacher\'s (model.channels, '
+     'model.channel_mult, model.blocks and attention equal to teacher.channels, channel_mult, blocks, '
+     'attn_resolutions), or use model.init=none'),
+    ('teacher init without a U-Net teacher', ['teacher=empirical', 'model.init=teacher'],
+     "model.init=teacher needs a U-Net teacher (teacher=edm); teacher.kind is 'empirical', which has no weights to "
+     "start from; use model.init=none"),
+    ('x_T weight out of range', ['train.xT_weight=1.5'],
+     'train.xT_weight=1.5 must be in (0, 1], or null for the paper\'s plain sum over the states'),
+    ('consistency states above every sigma', ['train.tcons_sigma_min=100'],
+     'train.states_per_traj=4 needs 3 intermediate states, but trajectories.steps=18 gives 0 with sigma >= '
+     'train.tcons_sigma_min=100.0'),
     ('FID with one sample', ['eval.n=1'],
      'eval.n=1: FID needs at least 2 samples (a covariance); use a few hundred or more'),
     ('bad teacher NFE', ['eval.teacher_nfe=[0]'],
