@@ -32,8 +32,8 @@ def test_bad_configs_name_the_key(d, msg):
 
 def test_good_config_and_stage_hashes():
     a = _cfg({"model": {"levels": 2, "subspace_dims": [8, 16]}})
-    assert a.hkd_config().levels == 2 and a.train.lr == 1e-3
-    b = _cfg({"model": {"levels": 2, "subspace_dims": [8, 16]}, "train": {"lr": 2e-3}})
+    assert a.hkd_config().levels == 2 and a.train.lr == 2e-3
+    b = _cfg({"model": {"levels": 2, "subspace_dims": [8, 16]}, "train": {"lr": 1e-3}})
     ha, hb = stage_hashes(a), stage_hashes(b)
     # changing a training key changes distill and evaluate, not the teacher or the trajectories
     assert ha["teacher"] == hb["teacher"] and ha["trajectories"] == hb["trajectories"]
