@@ -280,7 +280,8 @@ def study_main(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     print(res["markdown"])
-    print(f"table and figure: {res['folder']}/study.md, study_fid.png")
+    curves = ", study_curves.png (FID against kimg and training seconds)" if res.get("curve_n") else ""
+    print(f"table and figures: {res['folder']}/study.md, study_fid.png{curves}")
     print_ui(res["_tracking_uri"], res["_experiment_id"], res["_study_run_id"],
              f"  (compare: filter tags.hkd.study = '{res['study']}')")
     return 0
