@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
 from hkd_core.config import DataConfig, TeacherConfig
 from hkd_core.data import load_images
 from hkd_core.evaluation import endpoint_sensitivity, noise
-from hkd_core.shipped import find_shipped
+from _default_teacher import default_teacher
 from hkd_core.teachers import build_teacher
 
 
@@ -28,18 +29,12 @@ def main() -> None:
     p.add_argument("--json")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    import yaml
-    from pathlib import Path
-
-    edm_yaml = Path(__file__).resolve().parents[1] / "orchestrator" / "conf" / "teacher" / "edm.yaml"
-    edm = TeacherConfig(**yaml.safe_load(edm_yaml.read_text())["teacher"])
-    full = DataConfig(limit=None)
+    full, edm, shipped = default_teacher()          # teacher=edm, as `hkd pipeline` composes it
     train = load_images(full.name, "train", resolution=full.resolution)[0]
     sub = DataConfig()                                    # the empirical teacher's default: 5,000 images
     subset = load_images(sub.name, "train", resolution=sub.resolution, limit=sub.limit)[0]
-    shipped = find_shipped(full, edm)
     if shipped is None:
-        raise SystemExit(f"no shipped teacher matches {edm_yaml}")
+        raise SystemExit("no shipped teacher matches the default teacher=edm config")
     teachers = {"empirical (5,000 images)": build_teacher(sub, TeacherConfig(), subset),
                 "EDM U-Net (shipped)": build_teacher(full, edm, None, shipped.load(1), str(shipped.weights_path))}
     x_T = noise(range(a.n), (1, 32, 32))

@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from hkd_core import evaluation as E
-from hkd_core.config import DataConfig, EvalConfig, TeacherConfig
+from hkd_core.config import EvalConfig
 from hkd_core.fid import FeatureStats, InceptionFeatures, Reference
-from hkd_core.shipped import find_shipped
+from _default_teacher import default_teacher
 from hkd_core.teachers import build_teacher
 
 
@@ -31,12 +30,10 @@ def main() -> None:
     p.add_argument("--json")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    edm_yaml = Path(__file__).resolve().parents[1] / "orchestrator" / "conf" / "teacher" / "edm.yaml"
-    cfg = TeacherConfig(**yaml.safe_load(edm_yaml.read_text())["teacher"])
-    data, e = DataConfig(limit=None), EvalConfig(n=a.n)
-    shipped = find_shipped(data, cfg)
+    data, cfg, shipped = default_teacher()          # teacher=edm, as `hkd pipeline` composes it
+    e = EvalConfig(n=a.n)
     if shipped is None:
-        raise SystemExit(f"no shipped teacher matches {edm_yaml}")
+        raise SystemExit("no shipped teacher matches the default teacher=edm config")
     teacher = build_teacher(data, cfg, None, shipped.load(1), str(shipped.weights_path))
     feats = InceptionFeatures(e.inception_weights, batch_size=e.batch_size)
     t0 = time.perf_counter()

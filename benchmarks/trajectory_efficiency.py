@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from hkd_core.config import DataConfig, TeacherConfig
 from hkd_core.generate import generate_shard, sampler_nfe, sampler_spec
-from hkd_core.shipped import find_shipped
+from _default_teacher import default_teacher
 from hkd_core.teachers import build_teacher, teacher_denoiser
 
 
@@ -62,12 +61,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="per forward-rate measurement")
     p.add_argument("--json")
     a = p.parse_args()
-    import yaml
-
-    edm_yaml = Path(__file__).resolve().parents[1] / "orchestrator" / "conf" / "teacher" / "edm.yaml"
-    cfg = TeacherConfig(**yaml.safe_load(edm_yaml.read_text())["teacher"])
-    data = DataConfig(limit=None)
-    shipped = find_shipped(data, cfg)
+    data, cfg, shipped = default_teacher()          # teacher=edm, as `hkd pipeline` composes it
     weights = shipped.load(1) if shipped else teacher_denoiser(cfg, 1, 32).state_dict()
     spec = sampler_spec("heun", a.steps)
     nfe = sampler_nfe(spec)
