@@ -8,6 +8,10 @@
   takes the latent alone where the teacher takes the bottleneck and its skip, so its first convolution
   differs; the decoder has no noise embedding, so the teacher's scale/shift layers have no counterpart).
   For KD, whose network *is* a U-Net of the teacher's kind, it is the whole teacher.
+  Where an HKD level's latent is as wide as its features (``model.subspace_dims`` equal to the trunk's widths),
+  ``teacher`` also starts that level's projection and lift (1x1 convolutions) as the identity: with the
+  Koopman evolution starting as the identity too, the decoder's first step sees exactly the teacher's skip
+  features.
 
 ``init_from_teacher`` copies and returns the student's tensor names it set; nothing else is touched.
 """
@@ -74,7 +78,25 @@ def init_from_teacher(model: nn.Module, teacher_state: dict[str, torch.Tensor], 
         src = teacher_state.get(t)
         if src is not None and src.shape == own[n].shape:
             copied[n] = src
+    if mode == "teacher" and kind == "HKD":
+        copied.update(_identity_links(model, own))
     with torch.no_grad():
         for n, src in copied.items():
             own[n].copy_(src.to(own[n].dtype))
     return [n for n in own if n in copied]
+
+
+def _identity_links(model: nn.Module, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Identity weights (and zero biases) for each square projection encoder -> latent and lift latent ->
+    decoder, so that a latent as wide as its level passes the encoder's features through unchanged."""
+    out = {}
+    pairs = [(f"proj.{i}", f"decoder.lift.{l}") for i, l in enumerate(model.levels)]
+    for proj, lift in pairs:
+        w = own[f"{proj}.weight"]
+        if w.shape[0] != w.shape[1]:
+            continue
+        eye = torch.eye(w.shape[0]).reshape(w.shape)
+        for name in (proj, lift):
+            out[f"{name}.weight"] = eye
+            out[f"{name}.bias"] = torch.zeros_like(own[f"{name}.bias"])
+    return out

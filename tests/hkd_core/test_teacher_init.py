@@ -82,3 +82,27 @@ def test_the_student_follows_the_teachers_sigma_data():
     cfg, model, _ = _pair("hkd")
     assert cfg.hkd_config().sigma_data == 0.66 and model.encoder.sigma_data == 0.66
     assert RunConfig(model=ModelConfig(sigma_data=0.5), teacher=TEACHER).hkd_config().sigma_data == 0.5
+
+
+def test_latents_as_wide_as_their_level_start_as_the_teachers_skip_features():
+    """model.init=teacher with subspace_dims equal to the trunk's widths: the projections and lifts are set to
+    the identity (and named), so each latent is the teacher's down-path feature and the lift hands it on
+    unchanged; narrower latents keep their random projections."""
+    cfg = RunConfig(data=DataConfig(limit=None), teacher=TEACHER,
+                    model=ModelConfig(variant="hkd", subspace_dims=[8, 16], **STUDENT))
+    _, _, tstate = _pair("hkd")
+    torch.manual_seed(1)
+    wide = build_model("hkd", cfg.hkd_config())
+    names = init_from_teacher(wide, tstate, "teacher")
+    links = sorted(k for k in names if k.startswith(("proj.", "decoder.lift.")))
+    assert links == sorted(f"{m}.{i}.{p}" for m in ("proj", "decoder.lift") for i in (0, 1) for p in ("weight", "bias"))
+    x, sigma = torch.randn(2, 1, 32, 32) * 5, torch.tensor([5.0, 5.0])
+    feats = wide.encoder(x, sigma)
+    for f, z in zip(feats, wide.encode(x, sigma)):
+        torch.testing.assert_close(z, f)
+    for l, f in enumerate(feats):
+        torch.testing.assert_close(wide.decoder.lift[l](f), f)
+    _, narrow, _ = _pair("hkd")                                     # tiny: subspace_dims [4, 4] < widths [8, 16]
+    before = {k: v.clone() for k, v in narrow.state_dict().items() if k.startswith(("proj.", "decoder.lift."))}
+    assert not [k for k in init_from_teacher(narrow, tstate, "teacher") if k in before]
+    assert all(torch.equal(narrow.state_dict()[k], v) for k, v in before.items())
