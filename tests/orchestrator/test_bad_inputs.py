@@ -38,7 +38,7 @@ CONFIGS = [
      "model.variant='gan' is not allowed; choose one of ['hkd', 'kd', 'kdm', 'no_koopman', 'one_level']"),
     ('unknown sampler', ['trajectories.sampler=rk4'],
      "trajectories.sampler='rk4' is not allowed; choose one of ['euler', 'heun']"),
-    ('too few steps for s', ['trajectories.steps=1'],
+    ('too few steps for s', ['train.states_per_traj=4', 'trajectories.steps=1'],
      'train.states_per_traj=4 needs 3 intermediate states, but trajectories.steps=1 gives 0'),
     ('teacher init, student wider than the teacher', ['model.channels=16'],
      'model.init=teacher: student tensor encoder.embed.mlp.0.weight (64, 16) needs net.embed.mlp.0.weight from '
@@ -50,7 +50,7 @@ CONFIGS = [
      "start from; use model.init=none"),
     ('x_T weight out of range', ['train.xT_weight=1.5'],
      'train.xT_weight=1.5 must be in (0, 1], or null for the paper\'s plain sum over the states'),
-    ('consistency states above every sigma', ['train.tcons_sigma_min=100'],
+    ('consistency states above every sigma', ['train.states_per_traj=4', 'train.tcons_sigma_min=100'],
      'train.states_per_traj=4 needs 3 intermediate states, but trajectories.steps=18 gives 0 with sigma >= '
      'train.tcons_sigma_min=100.0'),
     ('FID with one sample', ['eval.n=1'],

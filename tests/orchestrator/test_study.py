@@ -58,6 +58,19 @@ def test_the_cumulative_ablation_rows_build_the_model_and_loss_they_declare(toy_
             torch.testing.assert_close(model.evolve(z, 0.7)[0], z[0])
 
 
+def test_consistency_rows_score_more_than_x_T_whatever_the_default():
+    """The main job's default is s = 1 (x_T alone); the study's rows with consistency take the paper's s = 4 then,
+    and a config's own s > 1 otherwise; the rows without consistency always score x_T alone."""
+    from orchestrator.study import CONSISTENCY_ROWS, PAPER_STATES_PER_TRAJ
+
+    rows = ["no_koopman_no_tcons", "no_tcons", "one_level", "hkd", "kd", "kdm"]
+    for overrides, s in (([], PAPER_STATES_PER_TRAJ), (["experiment=smoke"], 3),
+                         (["train.states_per_traj=2"], 2)):
+        _, cfgs = variant_configs(overrides, rows)
+        got = {v: cfgs[v][0].run.train.states_per_traj for v in rows}
+        assert got == {v: (s if v in CONSISTENCY_ROWS else 1) for v in rows}, (overrides, got)
+
+
 def test_study_id_follows_its_inputs_and_bad_variants_are_named():
     a, _ = variant_configs(["experiment=smoke"], ["hkd", "kd"])
     b, _ = variant_configs(["experiment=smoke"], ["hkd", "kd"])
