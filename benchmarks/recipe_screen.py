@@ -27,7 +27,7 @@ import torch
 
 from hkd_core import evaluation as E
 from hkd_core.fid import FeatureStats, InceptionFeatures, Reference
-from hkd_core.figures import save_image_grid
+from hkd_core.figures import plot_rows, save_image_grid
 from hkd_core.models import build_model, count_parameters
 from hkd_core.shipped import find_shipped
 from hkd_core.teacher_init import init_from_teacher
@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jsonl", help="append one JSON line per row")
     p.add_argument("--grids", help="folder for each row's 8x8 sample grid (PNG)")
+    p.add_argument("--figure", help="one PNG: each row's first 10 samples (the same noise in each column), "
+                                    "labelled with its FID")
     a = p.parse_args()
     from orchestrator.config import load
 
@@ -81,6 +83,7 @@ def main() -> None:
     ref = Reference({}, FeatureStats.of(ref_feats), ref_feats)
     seeds = E.eval_seeds(e)
     shape = E.image_shape(first.data)
+    shown, labels = [], []
     for name, over in rows:
         run = configs[name]
         torch.manual_seed(run.train.seed)
@@ -116,6 +119,11 @@ def main() -> None:
         if a.grids:
             Path(a.grids).mkdir(parents=True, exist_ok=True)
             save_image_grid(imgs[:64], Path(a.grids) / f"{name}.png")
+        shown.append(imgs[:10])
+        labels.append(f"{name}\nFID {s['fid']:.1f}")
+    if a.figure:
+        plot_rows(torch.stack(shown), a.figure, labels,
+                  title=f"one step (NFE 1), {a.seconds:.0f} s of training each; FID@{a.n}")
 
 
 if __name__ == "__main__":

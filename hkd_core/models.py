@@ -259,7 +259,7 @@ PRESETS: dict[str, HKDConfig] = {
     # Unit tests: a few thousand parameters per level, 32x32 gray.
     "tiny": HKDConfig(levels=2, subspace_dims=[4, 4], channels=8, channel_mult=[1, 2], blocks=1, kdm_dim=16),
     # CPU experiments on (Fashion-)MNIST padded to 32x32.
-    "small": HKDConfig(levels=3, subspace_dims=[8, 16, 16], channels=32, channel_mult=[1, 2, 2], blocks=1,
+    "small": HKDConfig(levels=3, subspace_dims=[32, 64, 64], channels=32, channel_mult=[1, 2, 2], blocks=1,
                        kdm_dim=64),
     # CIFAR-10 scale (GPU): three levels 32/16/8, attention at 8x8.
     "cifar": HKDConfig(img_channels=3, levels=3, subspace_dims=[16, 32, 64], channels=128, channel_mult=[1, 2, 2],

@@ -36,8 +36,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "one_level": ("+ consistency, one level (no hierarchy)", ["model.variant=one_level"]),
     "hkd": ("HKD (full): + hierarchy", []),
     "kd": ("KD (U-Net x_T -> x_0, the teacher's size)", ["model.variant=kd", "train.states_per_traj=1"]),
-    "kd_matched": ("KD at HKD's parameter count (width 24)",
-                   ["model.variant=kd", "train.states_per_traj=1", "model.channels=24", "model.init=none"]),
+    "kd_matched": ("KD at HKD's parameter count (width 26)",
+                   ["model.variant=kd", "train.states_per_traj=1", "model.channels=26", "model.init=none"]),
     "kdm": ("KDM-style (one global operator, HKD's parameter count)", ["model.variant=kdm", "model.kdm_dim=16"]),
     "hkd_scratch": ("HKD (full), not initialised from the teacher", ["model.init=none"]),
 }

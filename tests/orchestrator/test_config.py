@@ -8,7 +8,7 @@ from orchestrator.config import compose, from_composed, load
 def test_defaults_compose_into_the_core_schema():
     pc = load([])
     assert pc.run.data.name == "fashion_mnist" and pc.run.model.preset == "small" and pc.cluster.num_workers == 2
-    assert pc.storage.bucket == "hkd" and pc.run.hkd_config().subspace_dims == [8, 16, 16]
+    assert pc.storage.bucket == "hkd" and pc.run.hkd_config().subspace_dims == [32, 64, 64]
     assert set(pc.stages()) == {"teacher", "trajectories", "distill", "evaluate"}
 
 
