@@ -218,8 +218,9 @@ def write_figures(model, folder: str | os.PathLike, n: int = 8, seed: int = 7) -
     from .spectra import band_masking, band_trajectory
 
     folder = Path(folder)
-    x_T = model.noise(n, torch.Generator().manual_seed(seed))
-    paths = [save_image_grid(model.sample(x_T=x_T), folder / "samples.png")]
+    noise = model.noise(max(n, 64), torch.Generator().manual_seed(seed))
+    paths = [save_image_grid(model.sample(x_T=noise), folder / "samples.png")]   # 8x8: enough to judge by eye
+    x_T = noise[:n]
     spec = model.spectrum()
     if spec:
         paths.append(plot_spectrum(spec, folder / "spectrum.png", f"{getattr(model, 'variant', '')} eigenvalues"))
