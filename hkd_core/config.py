@@ -77,6 +77,7 @@ class ModelConfig:
     operator: str | list[str] | None = None   # position | shared | none, or one per level
     dropout: float | None = None
     kdm_dim: int | None = None
+    decoder: str | None = None           # light | unet (the teacher's up path; hkd_core/models.py Decoder)
     sigma_data: float | None = None      # the data's std for the encoder's input scaling; None: teacher.sigma_data
     init: str = "none"                   # none | teacher: start from the teacher's U-Net (hkd_core/teacher_init.py)
 

@@ -10,6 +10,7 @@ switches on the same code:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -19,7 +20,10 @@ import torch.nn.functional as F
 
 from .edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, EDMPrecond, UNet, UNetConfig, as_sigma
 from .koopman import OPERATORS, KoopmanOperator, tau_of_sigma
-from .layers import NoiseEmbedding, Stage, downsample, group_norm, upsample
+from .layers import NoiseEmbedding, ResBlock, SelfAttention, Stage, downsample, group_norm, upsample
+
+DECODERS = ("light", "unet")
+
 
 @dataclass
 class HKDConfig:
@@ -35,6 +39,8 @@ class HKDConfig:
     latent_levels: list[int] = field(default_factory=list)  # 1-based levels carrying a latent; [] = all
     dropout: float = 0.0
     kdm_dim: int = 64                                # KDM only: size of the flat global latent
+    decoder: str = "light"                           # 'light': stages fed by the latents, no conditioning;
+                                                     # 'unet': the teacher's up path (see Decoder)
     sigma_data: float = SIGMA_DATA                   # the data's std: the encoder's input scaling c_in (EDM)
 
     def widths(self) -> list[int]:
@@ -68,6 +74,8 @@ class HKDConfig:
         bad_ops = [o for o in ops if o not in OPERATORS]
         if bad_ops:
             raise ValueError(f"model.operator is {self.operator!r}; allowed: {list(OPERATORS)} (or one per level)")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"model.decoder is {self.decoder!r}; allowed: {list(DECODERS)}")
         for key in ("attn_levels", "latent_levels"):
             bad = [a for a in getattr(self, key) if not 1 <= a <= self.levels]
             if bad:
@@ -114,32 +122,56 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Upsampling trunk fusing the per-level latents coarse to fine (they take the place of skip features).
-
     ``in_dims[l]`` is the number of latent channels fed at level l (0: none); ``coarse_channels`` is the
     width of an extra input below the coarsest level (KDM's decoded global latent).
+
+    ``cfg.decoder = 'unet'`` makes it the teacher's up path at sigma_max, block for block: a bottleneck
+    (residual block, attention, residual block) on the coarsest lifted latent, whose output joins that latent
+    at the coarsest stage as the teacher's bottleneck joins its last skip; every block modulated by one learned
+    embedding vector (the teacher's noise embedding at sigma_max, under ``model.init=teacher``); and EDM's
+    output scale c_out(sigma_max). With latents as wide as their level, identity links and the Koopman
+    evolution at the identity, the student then computes the teacher's denoiser at sigma_max (less c_skip x_T,
+    0.007 % of it).
     """
 
     def __init__(self, cfg: HKDConfig, in_dims: list[int], coarse_channels: int = 0):
         super().__init__()
         widths = cfg.widths()
+        self.unet = cfg.decoder == "unet" and in_dims[-1] > 0 and not coarse_channels
+        emb = cfg.channels * 4 if self.unet else None
         self.lift = nn.ModuleList(nn.Conv2d(d, w, 1) if d else nn.Identity() for d, w in zip(in_dims, widths))
         self.in_dims = in_dims
+        if self.unet:
+            w = widths[-1]
+            self.emb = nn.Parameter(torch.zeros(emb))
+            self.mid0 = ResBlock(w, w, emb, cfg.dropout)
+            self.mid_attn = SelfAttention(w)
+            self.mid1 = ResBlock(w, w, emb, cfg.dropout)
+            coarse_channels = w
+            sd = cfg.sigma_data
+            self.out_scale = SIGMA_MAX * sd / math.sqrt(SIGMA_MAX ** 2 + sd ** 2)   # EDM's c_out(sigma_max)
+        else:
+            self.out_scale = 1.0
         self.stages = nn.ModuleList()
         for l in range(cfg.levels):
             below = widths[l + 1] if l + 1 < cfg.levels else coarse_channels
             cin = below + (widths[l] if in_dims[l] else 0)
-            self.stages.append(Stage(cin, widths[l], cfg.blocks, None, (l + 1) in cfg.attn_levels, cfg.dropout))
+            self.stages.append(Stage(cin, widths[l], cfg.blocks, emb, (l + 1) in cfg.attn_levels, cfg.dropout))
         self.norm_out = group_norm(widths[0])
         self.conv_out = nn.Conv2d(widths[0], cfg.img_channels, 3, padding=1)
 
     def forward(self, zs: list[torch.Tensor | None], coarse: torch.Tensor | None = None) -> torch.Tensor:
-        h = coarse
+        h, emb = coarse, None
+        if self.unet:
+            top = self.lift[-1](zs[-1])
+            emb = self.emb[None].expand(top.shape[0], -1)
+            h = self.mid1(self.mid_attn(self.mid0(top, emb)), emb)
         for l in reversed(range(len(self.stages))):
             parts = [] if h is None else [upsample(h) if l + 1 < len(self.stages) else h]
             if self.in_dims[l]:
                 parts.append(self.lift[l](zs[l]))
-            h = self.stages[l](torch.cat(parts, 1))
-        return self.conv_out(F.silu(self.norm_out(h)))
+            h = self.stages[l](torch.cat(parts, 1), emb)
+        return self.out_scale * self.conv_out(F.silu(self.norm_out(h)))
 
 
 class OneStepModel(nn.Module):

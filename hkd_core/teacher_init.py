@@ -11,7 +11,8 @@
   Where an HKD level's latent is as wide as its features (``model.subspace_dims`` equal to the trunk's widths),
   ``teacher`` also starts that level's projection and lift (1x1 convolutions) as the identity: with the
   Koopman evolution starting as the identity too, the decoder's first step sees exactly the teacher's skip
-  features.
+  features. With ``model.decoder=unet`` the decoder is the teacher's whole up path (bottleneck included) and
+  its embedding is the teacher's at sigma_max: the student then starts as the teacher's one-step denoiser.
 
 ``init_from_teacher`` copies and returns the student's tensor names it set; nothing else is touched.
 """
@@ -46,6 +47,8 @@ def _mapping(model: nn.Module, mode: str) -> tuple[dict[str, str], dict[str, str
             optional[n] = f"net.up.{levels - 1 - int(level)}.{rest}"
         elif mode == "teacher" and (n.startswith("decoder.norm_out.") or n.startswith("decoder.conv_out.")):
             optional[n] = "net." + n[len("decoder."):]
+        elif mode == "teacher" and n.startswith(("decoder.mid0.", "decoder.mid_attn.", "decoder.mid1.")):
+            required[n] = "net." + n[len("decoder."):]     # the 'unet' decoder's bottleneck is the teacher's
     return required, optional
 
 
@@ -80,10 +83,27 @@ def init_from_teacher(model: nn.Module, teacher_state: dict[str, torch.Tensor], 
             copied[n] = src
     if mode == "teacher" and kind == "HKD":
         copied.update(_identity_links(model, own))
+        if "decoder.emb" in own:
+            copied["decoder.emb"] = _teacher_embedding(model, teacher_state)
     with torch.no_grad():
         for n, src in copied.items():
             own[n].copy_(src.to(own[n].dtype))
     return [n for n in own if n in copied]
+
+
+def _teacher_embedding(model: nn.Module, teacher_state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The teacher's noise embedding at sigma_max (c_noise = log(sigma_max) / 4, as EDMPrecond feeds it): the
+    constant that modulates the teacher's up path when it denoises x_T."""
+    import math
+
+    from .edm import SIGMA_MAX
+    from .layers import NoiseEmbedding
+
+    c = model.cfg.channels
+    embed = NoiseEmbedding(c, 4 * c)
+    embed.load_state_dict({k[len("net.embed."):]: v for k, v in teacher_state.items() if k.startswith("net.embed.")})
+    with torch.no_grad():
+        return embed(torch.tensor([math.log(SIGMA_MAX) / 4]))[0]
 
 
 def _identity_links(model: nn.Module, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

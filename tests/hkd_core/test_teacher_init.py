@@ -106,3 +106,31 @@ def test_latents_as_wide_as_their_level_start_as_the_teachers_skip_features():
     before = {k: v.clone() for k, v in narrow.state_dict().items() if k.startswith(("proj.", "decoder.lift."))}
     assert not [k for k in init_from_teacher(narrow, tstate, "teacher") if k in before]
     assert all(torch.equal(narrow.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_unet_decoder_starts_as_the_teachers_denoiser_at_sigma_max():
+    """model.decoder=unet, latents as wide as their level, model.init=teacher: before any training the one-step
+    student computes the teacher's D(x_T; sigma_max) less its c_skip x_T term, to float precision; only the
+    Koopman generators (which start at 0) are left unset."""
+    from hkd_core.edm import SIGMA_MAX
+
+    cfg = RunConfig(data=DataConfig(limit=None), teacher=TEACHER,
+                    model=ModelConfig(variant="hkd", subspace_dims=[8, 16], decoder="unet", **STUDENT))
+    torch.manual_seed(0)
+    teacher = teacher_denoiser(TEACHER, 1, 32)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(0, 0.2)
+    student = build_model("hkd", cfg.hkd_config())
+    names = init_from_teacher(student, teacher.state_dict(), "teacher")
+    assert sorted(set(student.state_dict()) - set(names)) == sorted(
+        f"koopman.{l}.{p}" for l in (0, 1) for p in ("alpha", "beta"))
+    x = torch.randn(3, 1, 32, 32) * SIGMA_MAX
+    c_skip = 0.66 ** 2 / (SIGMA_MAX ** 2 + 0.66 ** 2)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, SIGMA_MAX), teacher(x, SIGMA_MAX) - c_skip * x, atol=1e-4, rtol=1e-4)
+    light = build_model("hkd", RunConfig(data=DataConfig(limit=None), teacher=TEACHER,
+                                         model=ModelConfig(subspace_dims=[8, 16], **STUDENT)).hkd_config())
+    init_from_teacher(light, teacher.state_dict(), "teacher")
+    with torch.no_grad():                                          # the light decoder is not the teacher
+        assert (light(x, SIGMA_MAX) - (teacher(x, SIGMA_MAX) - c_skip * x)).abs().max() > 1e-2
