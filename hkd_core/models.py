@@ -292,10 +292,10 @@ PRESETS: dict[str, HKDConfig] = {
     "tiny": HKDConfig(levels=2, subspace_dims=[4, 4], channels=8, channel_mult=[1, 2], blocks=1, kdm_dim=16),
     # CPU experiments on (Fashion-)MNIST padded to 32x32.
     "small": HKDConfig(levels=3, subspace_dims=[32, 64, 64], channels=32, channel_mult=[1, 2, 2], blocks=1,
-                       kdm_dim=64),
+                       kdm_dim=64, decoder="unet"),
     # CIFAR-10 scale (GPU): three levels 32/16/8, attention at 8x8.
     "cifar": HKDConfig(img_channels=3, levels=3, subspace_dims=[16, 32, 64], channels=128, channel_mult=[1, 2, 2],
-                       blocks=2, attn_levels=[3], kdm_dim=256),
+                       blocks=2, attn_levels=[3], kdm_dim=256, decoder="unet"),
 }
 
 

@@ -100,6 +100,8 @@ def _teacher_embedding(model: nn.Module, teacher_state: dict[str, torch.Tensor])
     from .layers import NoiseEmbedding
 
     c = model.cfg.channels
+    if any(v.is_meta for k, v in teacher_state.items() if k.startswith("net.embed.")):
+        return torch.empty(4 * c, device="meta")          # a shape check (hkd_core/config.py), nothing to compute
     embed = NoiseEmbedding(c, 4 * c)
     embed.load_state_dict({k[len("net.embed."):]: v for k, v in teacher_state.items() if k.startswith("net.embed.")})
     with torch.no_grad():

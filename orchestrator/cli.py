@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results (or preflight report) to this file")
     g = p.add_argument_group("study")
     g.add_argument("--variants", help="study: comma-separated subset of no_koopman_no_tcons,no_tcons,one_level,hkd "
-                   "(the paper's cumulative ablation rows), kd, kd_matched, kdm, hkd_scratch")
+                   "(the paper's cumulative ablation rows), kd, kdm, hkd_scratch")
     g.add_argument("--teacher-nfe", help="study: teacher NFEs to score (default 1,2,4 and the trajectories' full NFE)")
     g = p.add_argument_group("edit")
     g.add_argument("--model", help="edit: s3://bucket/key, a local model.pt or models:/name/version "

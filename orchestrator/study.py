@@ -1,5 +1,5 @@
 """``hkd study``: the quality study on Ray. Full HKD, the paper's cumulative ablation rows (DESIGN 1.4), KD
-and the KDM-style model (at the teacher's size and at HKD's parameter count), trained and evaluated on the
+and the KDM-style model (both within 15 % of HKD's parameter count), trained and evaluated on the
 same teacher trajectories with the same budget (images seen), and the teacher at NFE 1, 2, 4 and full; a
 markdown table, a bar chart, with ``eval.curve_n`` FID-against-kimg curves and a table at equal wall-clock,
 and an MLflow study run whose variants' pipeline runs carry the tag ``hkd.study`` (the MLflow UI's compare
@@ -36,9 +36,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "one_level": ("+ consistency, one level (no hierarchy)", ["model.variant=one_level"]),
     "hkd": ("HKD (full): + hierarchy", []),
     "kd": ("KD (U-Net x_T -> x_0, the teacher's size)", ["model.variant=kd", "train.states_per_traj=1"]),
-    "kd_matched": ("KD at HKD's parameter count (width 26)",
-                   ["model.variant=kd", "train.states_per_traj=1", "model.channels=26", "model.init=none"]),
-    "kdm": ("KDM-style (one global operator, HKD's parameter count)", ["model.variant=kdm", "model.kdm_dim=16"]),
+    "kdm": ("KDM-style (one global operator, HKD's parameter count)", ["model.variant=kdm", "model.kdm_dim=48"]),
     "hkd_scratch": ("HKD (full), not initialised from the teacher", ["model.init=none"]),
 }
 # Rows with trajectory consistency score s > 1 states per trajectory: the config's train.states_per_traj when it
