@@ -6,7 +6,11 @@ student under ``model.init``), so a row names the keys a user would set.
 
     python benchmarks/recipe_screen.py --trajectories TRAJ --seconds 600 \\
         --row "s1: train.states_per_traj=1" --row "kd: model.variant=kd train.states_per_traj=1" \\
-        [--n 1000] [--jsonl out.jsonl] [--grids DIR]
+        [--kimg K] [--n 1000] [--jsonl out.jsonl] [--grids DIR]
+
+``--kimg`` also caps each row at K thousand images (a row stops at whichever comes first), so that rows can be
+compared at equal images too; ``--n 0`` skips the evaluation and reports the training rate alone (images/s, rows
+side by side in one process: the ratio is what to read, these machines are noisy).
 
 TRAJ is a trajectory stage's training split: ``s3://<bucket>/<prefix>/trajectories-<hash>/train`` (endpoint and
 credentials from the environment, as ``eval "$(python infra/local/stack.py env)"`` sets them), a local folder
@@ -59,10 +63,13 @@ def main() -> None:
     p.add_argument("--trajectories", required=True)
     p.add_argument("--row", action="append", required=True, help="'NAME: hydra overrides' (repeatable)")
     p.add_argument("--seconds", type=float, default=600.0, help="training seconds per row")
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--kimg", type=float, default=1e9, help="also stop each row at this many kimg")
+    p.add_argument("--n", type=int, default=1000, help="FID/KID samples; 0: training rate only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jsonl", help="append one JSON line per row")
     p.add_argument("--grids", help="folder for each row's 8x8 sample grid (PNG)")
+    p.add_argument("--save", help="folder for each row's EMA model record (NAME.pt, hkd_core.models.model_record): "
+                                  "for hkd compare and the spectra")
     p.add_argument("--figure", help="one PNG: each row's first 10 samples (the same noise in each column), "
                                     "labelled with its FID")
     a = p.parse_args()
@@ -77,11 +84,12 @@ def main() -> None:
     states, sigmas = load_trajectories(a.trajectories)
     print(f"{states.shape[0]} trajectories of {states.shape[1]} states from {a.trajectories}", flush=True)
     first = next(iter(configs.values()))
-    e = dataclasses.replace(first.eval, n=a.n)
-    feats = InceptionFeatures(e.inception_weights, batch_size=e.batch_size)
-    ref_feats = feats(E.reference_images(first.data, e.split, a.n))
-    ref = Reference({}, FeatureStats.of(ref_feats), ref_feats)
-    seeds = E.eval_seeds(e)
+    e = dataclasses.replace(first.eval, n=max(a.n, 2))
+    if a.n:
+        feats = InceptionFeatures(e.inception_weights, batch_size=e.batch_size)
+        ref_feats = feats(E.reference_images(first.data, e.split, a.n))
+        ref = Reference({}, FeatureStats.of(ref_feats), ref_feats)
+        seeds = E.eval_seeds(e)
     shape = E.image_shape(first.data)
     shown, labels = [], []
     for name, over in rows:
@@ -96,11 +104,25 @@ def main() -> None:
             copied = init_from_teacher(model, shipped.load(shape[0]), run.model.init, str(shipped.weights_path))
         model = model.to(memory_format=torch.channels_last)
         train = dataclasses.asdict(run.train)
-        train.update(total_kimg=1e9, max_train_s=a.seconds, log_every_kimg=1e9, checkpoint_every_kimg=1e9)
+        train.update(total_kimg=a.kimg, max_train_s=a.seconds, log_every_kimg=1e9, checkpoint_every_kimg=1e9)
         t0 = time.perf_counter()
         out = train_hkd(model, states.float(), sigmas.float(), progress=False, **train)
         train_s = time.perf_counter() - t0
         ema = out["ema"].eval()
+        if a.save:
+            from hkd_core.models import model_record
+
+            Path(a.save).mkdir(parents=True, exist_ok=True)
+            torch.save(model_record(ema), Path(a.save) / f"{name}.pt")
+        if not a.n:
+            res = {"row": name, "overrides": over, "params": count_parameters(model), "kimg": out["kimg"],
+                   "train_s": round(train_s, 1), "img_per_s": round(out["kimg"] * 1000 / train_s, 1)}
+            print(f"{name:>24}: {res['img_per_s']:6.1f} images/s ({out['kimg']:.1f} kimg in {train_s:.0f} s, "
+                  f"{res['params']:,} params)", flush=True)
+            if a.jsonl:
+                with open(a.jsonl, "a") as fh:
+                    fh.write(json.dumps(res) + "\n")
+            continue
         t1 = time.perf_counter()
         with torch.no_grad():
             imgs = torch.cat([ema.sample(x_T=E.noise(seeds[i:i + e.batch_size], shape)).clamp(-1, 1)
@@ -121,7 +143,7 @@ def main() -> None:
             save_image_grid(imgs[:64], Path(a.grids) / f"{name}.png")
         shown.append(imgs[:10])
         labels.append(f"{name}\nFID {s['fid']:.1f}")
-    if a.figure:
+    if a.figure and shown:
         plot_rows(torch.stack(shown), a.figure, labels,
                   title=f"one step (NFE 1), {a.seconds:.0f} s of training each; FID@{a.n}")
 
