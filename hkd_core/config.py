@@ -77,6 +77,7 @@ class ModelConfig:
     operator: str | list[str] | None = None   # position | shared | none, or one per level
     dropout: float | None = None
     kdm_dim: int | None = None
+    alpha_bound: float | None = None     # > 0: Koopman decay rates alpha = B tanh(rho / B), in (-B, B); 0: unbounded
     decoder: str | None = None           # light | unet (the teacher's up path; hkd_core/models.py Decoder)
     sigma_data: float | None = None      # the data's std for the encoder's input scaling; None: teacher.sigma_data
     init: str = "none"                   # none | teacher: start from the teacher's U-Net (hkd_core/teacher_init.py)
@@ -111,6 +112,8 @@ class TrainConfig:
                                          # consistency); the paper's 4 costs 4x the compute per image
     xT_weight: float | None = None       # x_T's share of the loss; None: the paper's plain sum (1/states_per_traj)
     tcons_sigma_min: float = 0.0         # consistency states are drawn among those with sigma >= this (0: all)
+    latent_weight: float = 0.0           # > 0: + this x |evolve(E(x_T), tau_s - tau_T) - E(x_s)|^2 / |E(x_s)|^2 for a
+                                         # later state x_s of each trajectory (issue 13; hkd_core/losses.py)
     lambda1_start: float = 1.0
     lambda1_end: float = 0.0
     lambda1_anneal_kimg: float = 4.0
@@ -248,11 +251,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("train.tcons_sigma_min", cfg.train.tcons_sigma_min, strict=False)
     from .sampler import karras_sigmas
 
+    _positive("train.latent_weight", cfg.train.latent_weight, strict=False)
+    if cfg.train.latent_weight > 0 and cfg.model.variant in ("kd", "kdm"):
+        raise ConfigError(f"train.latent_weight={cfg.train.latent_weight} needs per-level Koopman latents "
+                          f"(model.variant hkd, no_koopman or one_level); model.variant={cfg.model.variant} has none: "
+                          f"use train.latent_weight=0")
     inner = karras_sigmas(cfg.trajectories.steps)[1:-1]   # the states strictly between x_T and x_0
     allowed = int((inner >= cfg.train.tcons_sigma_min).sum())
-    if cfg.train.states_per_traj - 1 > allowed:
-        raise ConfigError(f"train.states_per_traj={cfg.train.states_per_traj} needs {cfg.train.states_per_traj - 1} "
-                          f"intermediate states, but trajectories.steps={cfg.trajectories.steps} gives {allowed}"
+    s = cfg.train.states_per_traj
+    needed = s - 1 + (1 if cfg.train.latent_weight > 0 and s == 1 else 0)
+    if needed > allowed:
+        why = f"train.states_per_traj={s}" + (f" with train.latent_weight={cfg.train.latent_weight}"
+                                             if needed > s - 1 else "")
+        raise ConfigError(f"{why} needs {needed} intermediate states, but trajectories.steps="
+                          f"{cfg.trajectories.steps} gives {allowed}"
                           + (f" with sigma >= train.tcons_sigma_min={cfg.train.tcons_sigma_min}"
                              if cfg.train.tcons_sigma_min else ""))
     _positive("eval.n", cfg.eval.n)

@@ -1,8 +1,10 @@
 """Frequency-aware editing as an experiment (DESIGN 1.3): a sweep of blend ratios r, the band edit beside
-the all-bands baseline, and two numbers per edit.
+its control (random mode sets of the band's size) and the all-bands baseline, and two numbers per edit.
 
-``spectra.edit`` blends one band of a reference's latent into a sample's at tau_mid inside a spatial mask.
-Here that is run for several r, for the chosen band and for all bands at once, and each result is scored:
+``spectra.edit`` blends one band of a reference's latent into a sample's at tau_mid inside a spatial mask;
+the reference's latent is the encoding of its own state at sigma(tau_mid). Here that is run for several r,
+for the chosen band, for random mode sets of the same size and for all bands at once, and each result is
+scored:
 
 * ``structure_kept``: how much of the original's coarse structure survives, over the whole image:
   ``1 - |C(edit) - C(orig)|^2 / |C(ref) - C(orig)|^2`` with C an average pool to 1/``factor`` of the size.
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import HKD
-from .spectra import band_masks, edit
+from .spectra import band_masks, band_modes, edit, random_modes, reference_state
 
 BAND_NAMES = {1: ["all"], 2: ["low", "high"], 3: ["low", "mid", "high"]}
 MASKS = ("lower", "upper", "left", "right", "center", "all")
@@ -85,64 +87,79 @@ def edit_scores(edited: torch.Tensor, original: torch.Tensor, reference: torch.T
     return {"structure_kept": kept.mean().item(), "detail_arrived": arrived.mean().item()}
 
 
+KINDS = ("band", "random", "all")      # the band, random mode sets of its size (the control), every mode
+
+
 @dataclass
 class EditSweep:
     ratios: list[float]
     band: int
     n_bands: int
     tau_mid: float
-    original: torch.Tensor            # (B, C, H, W)
-    reference: torch.Tensor           # (B, C, H, W)
+    original: torch.Tensor            # (B, C, H, W): the unedited samples
+    reference: torch.Tensor           # (B, C, H, W): the reference images
+    ref_state: torch.Tensor           # (B, C, H, W): their states at sigma(tau_mid), which the edit encodes
     mask: torch.Tensor                # (H, W)
     band_edits: torch.Tensor          # (R, B, C, H, W)
-    all_edits: torch.Tensor           # (R, B, C, H, W): the all-bands baseline
-    scores: dict = field(default_factory=dict)   # {"band"|"all": {"structure_kept": [R], "detail_arrived": [R]}}
+    random_edits: torch.Tensor        # (R, B, C, H, W): the first random mode set (the scores average all draws)
+    all_edits: torch.Tensor           # (R, B, C, H, W): every mode, the baseline
+    controls: int = 1                 # random mode sets drawn
+    scores: dict = field(default_factory=dict)   # {kind: {"structure_kept": [R], "detail_arrived": [R]}}
 
     def table(self) -> list[dict]:
-        rows = []
-        for i, r in enumerate(self.ratios):
-            rows.append({"r": r, **{f"{k}_{m}": self.scores[k][m][i] for k in ("band", "all")
-                                    for m in ("structure_kept", "detail_arrived")}})
-        return rows
+        return [{"r": r, **{f"{k}_{m}": self.scores[k][m][i] for k in KINDS
+                            for m in ("structure_kept", "detail_arrived")}} for i, r in enumerate(self.ratios)]
 
     def to_markdown(self) -> str:
         name = BAND_NAMES.get(self.n_bands, [str(i) for i in range(self.n_bands)])[self.band]
         head = (f"Frequency-aware editing: band {self.band} ({name}) of {self.n_bands}, tau_mid = {self.tau_mid}, "
-                f"{self.original.shape[0]} samples\n\n"
-                "| r | band: structure kept | band: detail arrived | all bands: structure kept | "
-                "all bands: detail arrived |\n|---|---|---|---|---|\n")
-        return head + "".join(f"| {t['r']:g} | {t['band_structure_kept']:.3f} | {t['band_detail_arrived']:.3f} | "
-                              f"{t['all_structure_kept']:.3f} | {t['all_detail_arrived']:.3f} |\n"
-                              for t in self.table())
+                f"{self.original.shape[0]} samples; the control: random mode sets of the band's size (mean of "
+                f"{self.controls})\n\n"
+                "| r | band: structure kept | band: detail arrived | random: structure kept | random: detail arrived "
+                "| all bands: structure kept | all bands: detail arrived |\n|---|---|---|---|---|---|---|\n")
+        return head + "".join(
+            f"| {t['r']:g} | " + " | ".join(f"{t[f'{k}_{m}']:.3f}" for k in KINDS
+                                            for m in ("structure_kept", "detail_arrived")) + " |\n"
+            for t in self.table())
 
 
 @torch.no_grad()
-def edit_sweep(model: HKD, x_T: torch.Tensor, x_T_ref: torch.Tensor, mask: torch.Tensor, ratios: list[float],
-               band: int | str = "high", tau_mid: float = 0.5, n_bands: int = 3, factor: int = 4) -> EditSweep:
-    """Edit every sample of ``x_T`` with the matching reference of ``x_T_ref`` at each ratio, band and all bands."""
+def edit_sweep(model: HKD, x_T: torch.Tensor, references: torch.Tensor, mask: torch.Tensor, ratios: list[float],
+               band: int | str = "high", tau_mid: float = 0.5, n_bands: int = 3, factor: int = 4,
+               controls: int = 4, generator: torch.Generator | None = None) -> EditSweep:
+    """Edit every sample of ``x_T`` with the matching reference image of ``references`` (a data set image, a
+    file or a generated sample, in [-1, 1]), at each ratio: the band, ``controls`` random mode sets of the same
+    size per level and position (scores averaged), and every mode. The reference enters through its own state
+    at sigma(tau_mid) (``spectra.reference_state``, noise from ``generator``)."""
     if not isinstance(model, HKD):
         raise TypeError(f"editing needs a Koopman model with levels (variant hkd or one_level), got {type(model).__name__}")
-    if x_T.shape != x_T_ref.shape:
-        raise ValueError(f"samples {tuple(x_T.shape)} and references {tuple(x_T_ref.shape)} differ in shape")
+    if x_T.shape != references.shape:
+        raise ValueError(f"samples {tuple(x_T.shape)} and references {tuple(references.shape)} differ in shape")
     if not 0.0 <= tau_mid <= 1.0:
         raise ValueError(f"tau_mid={tau_mid} must lie in [0, 1]")
     if mask.shape != x_T.shape[-2:]:
         raise ValueError(f"mask {tuple(mask.shape)} must match the image size {tuple(x_T.shape[-2:])}")
+    if controls < 1:
+        raise ValueError(f"controls={controls}: draw at least one random mode set")
     modes = min(ev.shape[0] for ev in model.spectrum())
     if n_bands > modes:
         raise ValueError(f"{n_bands} bands need at least {n_bands} mode pairs per position; the smallest level has {modes}")
     b = resolve_band(band, n_bands)
-    original, reference = model.sample(x_T=x_T), model.sample(x_T=x_T_ref)
-    out = {"band": [], "all": []}
-    scores = {k: {"structure_kept": [], "detail_arrived": []} for k in out}
+    original = model.sample(x_T=x_T)
+    ref_state = reference_state(references, tau_mid, generator)
+    chosen = band_modes(model.spectrum(), b, n_bands)
+    draws = [random_modes(chosen, generator) for _ in range(controls)]
+    out = {k: [] for k in KINDS}
+    scores = {k: {"structure_kept": [], "detail_arrived": []} for k in KINDS}
     for r in ratios:
-        for k, which in (("band", b), ("all", None)):
-            img = edit(model, x_T, x_T_ref, mask, float(r), band=which, tau_mid=tau_mid, n_bands=n_bands)
-            out[k].append(img)
-            for m, v in edit_scores(img, original, reference, mask, factor).items():
-                scores[k][m].append(v)
-    return EditSweep([float(r) for r in ratios], b, n_bands, tau_mid, original, reference, mask,
-                     torch.stack(out["band"]), torch.stack(out["all"]), scores)
+        for k, sets in (("band", [chosen]), ("random", draws), ("all", [None])):
+            imgs = [edit(model, x_T, ref_state, mask, float(r), m, tau_mid) for m in sets]
+            out[k].append(imgs[0])
+            per = [edit_scores(img, original, references, mask, factor) for img in imgs]
+            for m in ("structure_kept", "detail_arrived"):
+                scores[k][m].append(sum(p[m] for p in per) / len(per))
+    return EditSweep([float(r) for r in ratios], b, n_bands, tau_mid, original, references, ref_state, mask,
+                     torch.stack(out["band"]), torch.stack(out["random"]), torch.stack(out["all"]), controls, scores)
 
 
 @torch.no_grad()

@@ -71,6 +71,39 @@ def plot_spectrum(spectrum: list[torch.Tensor], path: str | os.PathLike, title: 
     return _save(fig, path)
 
 
+def plot_spectra_overlay(spectra: dict[str, list[torch.Tensor]], path: str | os.PathLike, max_points: int = 3000
+                         ) -> Path:
+    """Several models' spectra over each other: per level (a column) the alpha histogram (density, one step line
+    per model, the same bins), the beta histogram, and the eigenvalues in the complex plane (a subsample)."""
+    n = max(len(s) for s in spectra.values())
+    fig, axes = plt.subplots(3, n, figsize=(4.2 * n, 9.5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for l in range(n):
+        present = {k: s[l] for k, s in spectra.items() if l < len(s)}
+        for row, part in ((0, "real"), (1, "imag")):
+            vals = {k: getattr(ev, part).flatten().numpy() for k, ev in present.items()}
+            lo_, hi_ = min(v.min() for v in vals.values()), max(v.max() for v in vals.values())
+            bins = np.linspace(lo_, hi_ + 1e-9, 60)
+            for i, (k, v) in enumerate(vals.items()):
+                axes[row, l].hist(v, bins=bins, density=True, histtype="step", lw=1.4, color=colors[i % len(colors)],
+                                  label=k)
+            axes[row, l].set_xlabel("alpha (decay rate)" if part == "real" else "beta (frequency)")
+            axes[row, l].set_title(f"level {l + 1}")
+        ax = axes[2, l]
+        rng = np.random.default_rng(0)
+        for i, (k, ev) in enumerate(present.items()):
+            a, b = ev.real.flatten().numpy(), ev.imag.flatten().numpy()
+            pick = rng.permutation(a.size)[:max_points]
+            ax.scatter(a[pick], b[pick], s=2, alpha=0.35, color=colors[i % len(colors)], label=k)
+        ax.axvline(0, color="k", lw=0.6)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("beta")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Koopman spectra compared: alpha and beta densities per level, eigenvalues (a subsample)")
+    return _save(fig, path)
+
+
 def plot_alpha_maps(spectrum: list[torch.Tensor], path: str | os.PathLike) -> Path:
     """Per level: the mean decay rate alpha over modes at each position (a map for per-position operators)."""
     n = len(spectrum)
@@ -179,16 +212,19 @@ def plot_band_energy(energy: torch.Tensor, taus, path: str | os.PathLike) -> Pat
 
 
 def plot_edit_grid(sweep, path: str | os.PathLike, max_samples: int = 3) -> Path:
-    """``editing.EditSweep``: per sample a row for the band edit and one for the all-bands baseline; columns
-    original, reference, then one per ratio r. The mask's border is drawn on the reference."""
+    """``editing.EditSweep``: per sample a row for the band edit, one for its control (a random mode set of the
+    band's size) and one for the all-bands baseline; columns original, reference, the reference's state at
+    sigma(tau_mid) that the edit encodes, then one per ratio r."""
     b = min(max_samples, sweep.original.shape[0])
     name = BAND_NAMES.get(sweep.n_bands, [str(i) for i in range(sweep.n_bands)])[sweep.band]
     rows, labels = [], []
     for i in range(b):
-        for what, imgs in ((f"band {name}", sweep.band_edits), ("all bands", sweep.all_edits)):
-            rows.append(torch.cat([sweep.original[i:i + 1], sweep.reference[i:i + 1], imgs[:, i]]))
+        for what, imgs in ((f"band {name}", sweep.band_edits), ("random set", sweep.random_edits),
+                           ("all bands", sweep.all_edits)):
+            rows.append(torch.cat([sweep.original[i:i + 1], sweep.reference[i:i + 1],
+                                   sweep.ref_state[i:i + 1].clamp(-1, 1), imgs[:, i]]))
             labels.append(f"#{i} {what}")
-    cols = ["original", "reference"] + [f"r={r:g}" for r in sweep.ratios]
+    cols = ["original", "reference", "its state"] + [f"r={r:g}" for r in sweep.ratios]
     return plot_rows(torch.stack(rows), path, labels, cols,
                      title=f"frequency-aware editing at tau_mid={sweep.tau_mid} (mask: {int(sweep.mask.sum())} px)")
 
@@ -196,7 +232,8 @@ def plot_edit_grid(sweep, path: str | os.PathLike, max_samples: int = 3) -> Path
 def plot_edit_tradeoff(sweep, path: str | os.PathLike) -> Path:
     """Structure kept against detail arrived, one line per method, a point per ratio r."""
     fig, ax = plt.subplots(figsize=(4.8, 4))
-    for k, label in (("band", f"band {sweep.band}"), ("all", "all bands")):
+    for k, label in (("band", f"band {sweep.band}"), ("random", f"random set (mean of {sweep.controls})"),
+                     ("all", "all bands")):
         x, y = sweep.scores[k]["detail_arrived"], sweep.scores[k]["structure_kept"]
         ax.plot(x, y, marker="o", label=label)
         for r, xi, yi in zip(sweep.ratios, x, y):

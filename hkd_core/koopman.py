@@ -61,15 +61,22 @@ class KoopmanOperator(nn.Module):
 
     'none' is the no-Koopman-evolution ablation (A = 0): evolution is the identity and there are no
     parameters. alpha and beta start at 0, so every variant starts as the identity.
+
+    ``alpha_bound`` B > 0 bounds the decay rates: the stored parameter ``alpha`` is then a raw value rho and the
+    rate is ``B tanh(rho / B)``, in (-B, B), equal to rho near 0 (so B = 0, unbounded, and a large B agree
+    where |rho| << B). Without a bound the encoder can trade any shift of alpha for a rescaling of its output
+    (issue 13), and alpha can run off; ``rates()`` is the alpha that evolution uses.
     """
 
-    def __init__(self, dim: int, height: int, width: int, mode: str = "position"):
+    def __init__(self, dim: int, height: int, width: int, mode: str = "position", alpha_bound: float = 0.0):
         super().__init__()
         if dim % 2:
             raise ValueError(f"Koopman subspace dimension must be even, got {dim}")
         if mode not in OPERATORS:
             raise ValueError(f"operator mode {mode!r} is not one of {OPERATORS}")
-        self.dim, self.mode = dim, mode
+        if alpha_bound < 0:
+            raise ValueError(f"alpha_bound must be >= 0 (0: unbounded), got {alpha_bound}")
+        self.dim, self.mode, self.alpha_bound = dim, mode, float(alpha_bound)
         shape = (dim // 2, height, width) if mode == "position" else (dim // 2, 1, 1)
         if mode == "none":
             self.register_buffer("alpha", torch.zeros(shape))
@@ -79,15 +86,22 @@ class KoopmanOperator(nn.Module):
             self.beta = nn.Parameter(torch.zeros(shape))
         self.height, self.width = height, width
 
+    def rates(self) -> torch.Tensor:
+        """The decay rates alpha that evolution uses: the parameter itself, or B tanh(rho / B) under a bound."""
+        if self.alpha_bound > 0:
+            return self.alpha_bound * torch.tanh(self.alpha / self.alpha_bound)
+        return self.alpha
+
     def forward(self, z: torch.Tensor, dtau: torch.Tensor | float) -> torch.Tensor:
         if self.mode == "none":
             return z
-        return evolve(z, self.alpha, self.beta, dtau)
+        return evolve(z, self.rates(), self.beta, dtau)
 
     def eigenvalues(self) -> torch.Tensor:
         """alpha + i beta, one per mode pair, expanded to (d/2, h, w) (the conjugate is implied)."""
         shape = (self.dim // 2, self.height, self.width)
-        return torch.complex(self.alpha.detach().expand(shape).float(), self.beta.detach().expand(shape).float())
+        return torch.complex(self.rates().detach().expand(shape).float(), self.beta.detach().expand(shape).float())
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, size={self.height}x{self.width}, mode={self.mode}"
+        bound = f", alpha_bound={self.alpha_bound:g}" if self.alpha_bound else ""
+        return f"dim={self.dim}, size={self.height}x{self.width}, mode={self.mode}{bound}"

@@ -2,6 +2,8 @@
 
 L = sum over t in S of d(model(x_t, sigma_t), x_0): S holds x_T (the reconstruction term) and s - 1 states
 drawn from each stored trajectory (the trajectory-consistency term); s = 1 is the no-consistency ablation.
+``train.latent_weight`` > 0 adds KDM's latent alignment carried to the hierarchy (issue 13): x_T's latents
+evolved to a later state's tau against that state's own encoding (``latent_consistency``).
 d = lambda1 * MSE + lambda2 * perceptual, with lambda1 annealed by kimg. The perceptual term defaults to a
 pseudo-Huber distance (iCT, Song & Dhariwal 2023); LPIPS plugs in where its weights exist locally.
 """
@@ -15,6 +17,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from .koopman import tau_of_sigma
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (x, y) -> per-sample distance (B,)
 
@@ -109,41 +113,51 @@ class HKDLoss:
 
     The loss is the paper's plain sum over the s states when ``xT_weight`` is None (x_T then carries 1/s
     of it); a weight w in (0, 1] gives s * (w d(x_T) + (1 - w) mean of the others), the same scale with
-    x_T's share set to w. Returns scalars: ``loss`` (to minimise), ``loss_recon``, ``loss_tcons``.
+    x_T's share set to w. Returns scalars: ``loss`` (to minimise), ``loss_recon``, ``loss_tcons`` (and
+    ``loss_latent`` with ``latent_weight`` > 0).
     """
 
     def __init__(self, states_per_traj: int = 4, lambda1: LambdaSchedule | None = None, lambda2: float = 1.0,
-                 perceptual: Distance = pseudo_huber, xT_weight: float | None = None, tcons_sigma_min: float = 0.0):
+                 perceptual: Distance = pseudo_huber, xT_weight: float | None = None, tcons_sigma_min: float = 0.0,
+                 latent_weight: float = 0.0):
         if states_per_traj < 1:
             raise ValueError(f"loss.states_per_traj must be >= 1, got {states_per_traj}")
         if xT_weight is not None and not 0 < xT_weight <= 1:
             raise ValueError(f"train.xT_weight must be in (0, 1] (or null: the paper's plain sum), got {xT_weight}")
+        if not latent_weight >= 0:
+            raise ValueError(f"train.latent_weight must be >= 0 (0: no latent-consistency term), got {latent_weight}")
         self.s = states_per_traj
         self.lambda1 = lambda1 or LambdaSchedule()
         self.lambda2, self.perceptual = lambda2, perceptual
         self.xT_weight, self.tcons_sigma_min = xT_weight, tcons_sigma_min
+        self.latent_weight = latent_weight
 
     def distance(self, x: torch.Tensor, y: torch.Tensor, kimg: float) -> torch.Tensor:
         l1 = self.lambda1(kimg)
         d = self.lambda2 * self.perceptual(x, y)
         return d + l1 * mse(x, y) if l1 else d
 
+    def columns(self) -> int:
+        """States per trajectory that go through the model: s, plus one for the latent term when s = 1."""
+        return self.s + (1 if self.latent_weight > 0 and self.s == 1 else 0)
+
     def candidates(self, sigmas: torch.Tensor) -> torch.Tensor:
         """Indices of the intermediate states a consistency term may use (1..S-1, sigma >= tcons_sigma_min)."""
         inner = torch.arange(1, len(sigmas) - 1)
         keep = inner[sigmas[1:-1].cpu() >= self.tcons_sigma_min]
-        if self.s - 1 > len(keep):
-            raise ValueError(f"train.states_per_traj={self.s} needs {self.s - 1} intermediate states; the trajectories "
-                             f"have {len(keep)} with sigma >= train.tcons_sigma_min={self.tcons_sigma_min} "
-                             f"(of {len(inner)})")
+        if self.columns() - 1 > len(keep):
+            raise ValueError(f"train.states_per_traj={self.s} needs {self.columns() - 1} intermediate states; the "
+                             f"trajectories have {len(keep)} with sigma >= train.tcons_sigma_min="
+                             f"{self.tcons_sigma_min} (of {len(inner)})")
         return keep
 
     def pick(self, b: int, sigmas: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, s) state indices: column 0 is x_T (index 0), the rest distinct allowed intermediate states."""
+        """(B, columns) state indices: column 0 is x_T (index 0), the rest distinct allowed intermediate states
+        (the consistency term's s - 1, or the latent term's one when s = 1)."""
         keep = self.candidates(sigmas)
         cols = [torch.zeros(b, 1, dtype=torch.long)]
-        if self.s > 1:
-            cols.append(keep[torch.rand(b, len(keep), generator=generator).argsort(1)[:, : self.s - 1]])
+        if self.columns() > 1:
+            cols.append(keep[torch.rand(b, len(keep), generator=generator).argsort(1)[:, : self.columns() - 1]])
         return torch.cat(cols, 1)
 
     def weights(self) -> torch.Tensor:
@@ -158,12 +172,35 @@ class HKDLoss:
         b, n = states.shape[:2]
         if n != len(sigmas):
             raise ValueError(f"the trajectories hold {n} states but their sigma grid has {len(sigmas)}")
-        idx = self.pick(b, sigmas, generator).to(states.device)              # (B, s)
-        x = states[torch.arange(b, device=states.device)[:, None], idx]      # (B, s, *shape)
-        sig = sigmas.to(states.device, torch.float32)[idx]                   # (B, s)
+        idx = self.pick(b, sigmas, generator).to(states.device)              # (B, c), c = columns()
+        c = idx.shape[1]
+        x = states[torch.arange(b, device=states.device)[:, None], idx]      # (B, c, *shape)
+        sig = sigmas.to(states.device, torch.float32)[idx]                   # (B, c)
         target = states[:, -1].float()
-        pred = model(x.flatten(0, 1).float(), sig.flatten())
-        d = self.distance(pred, target.repeat_interleave(self.s, 0), kimg).view(b, self.s)
+        if self.latent_weight > 0:
+            # every state's latent evolved to the tau of its row's latest state (the last column: the smallest
+            # sigma of the row when s = 1; any drawn state otherwise), then x_T's against that state's own
+            t_last = tau_of_sigma(sig[:, -1:]).expand(b, c).to(states.device)
+            pred, lat = model(x.flatten(0, 1).float(), sig.flatten(), latent_tau=t_last.flatten())
+            lat = [z.view(b, c, *z.shape[1:]) for z in lat]
+            lc = latent_consistency([z[:, 0] for z in lat], [z[:, -1] for z in lat])
+        else:
+            pred = model(x.flatten(0, 1).float(), sig.flatten())
+        d = self.distance(pred.view(b, c, *pred.shape[1:])[:, : self.s].flatten(0, 1),
+                          target.repeat_interleave(self.s, 0), kimg).view(b, self.s)
         out = {"loss": (d * self.weights().to(d)).sum(1).mean(), "loss_recon": d[:, 0].mean().detach()}
         out["loss_tcons"] = d[:, 1:].mean().detach() if self.s > 1 else torch.zeros(())
+        if self.latent_weight > 0:
+            out["loss"] = out["loss"] + self.latent_weight * lc.mean()
+            out["loss_latent"] = lc.mean().detach()
         return out
+
+
+def latent_consistency(z_from: list[torch.Tensor], z_to: list[torch.Tensor]) -> torch.Tensor:
+    """(B,) the latent-consistency residual |evolve(E(x_t), tau_s - tau_t) - E(x_s)|^2 / |E(x_s)|^2, summed over
+    the levels (``z_from``: the evolved latents of x_t, ``z_to``: the encodings of the later x_s). Relative, so
+    that shrinking every latent (with the decoder scaling back up) cannot make it small. Zero exactly when the
+    encoder maps the trajectory onto an orbit of the linear evolution; positive otherwise."""
+    num = sum((a - b).square().flatten(1).sum(1) for a, b in zip(z_from, z_to))
+    den = sum(b.square().flatten(1).sum(1) for b in z_to)
+    return num / den.clamp_min(1e-12)

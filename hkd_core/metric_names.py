@@ -13,6 +13,7 @@ def train(term: str) -> str:
 TRAIN_LOSS = "train/loss"
 TRAIN_LOSS_RECON = "train/loss_recon"
 TRAIN_LOSS_TCONS = "train/loss_tcons"
+TRAIN_LOSS_LATENT = "train/loss_latent"               # train.latent_weight > 0 (issue 13)
 TRAIN_LR = "train/lr"
 TRAIN_KIMG = "train/kimg"
 TRAIN_S = "train/train_s"
@@ -84,6 +85,17 @@ def sweep_best(metric: str) -> str:
 
 def study(variant: str, what: str) -> str:
     return f"study/{variant}/{what}"
+
+
+def band_share(kind: str, band: int | None, ring: str) -> str:
+    """Band masking with a number: the share of spatial-frequency ring ``ring`` (low/mid/high) in what removing
+    band ``band`` changes (kind 'band'), in the same for its random control ('random'), or in the samples ('image')."""
+    return f"bands/{kind}/{ring}" if band is None else f"bands/{kind}{band}/{ring}"
+
+
+def compare(model: int, level: int, stat: str) -> str:
+    """``hkd compare``: model i's (0 = the reference row) alpha statistic or distance to model 0, per level."""
+    return f"compare/model{model}/l{level}/{stat}"
 
 
 def edit(what: str) -> str:

@@ -39,6 +39,7 @@ class HKDConfig:
     latent_levels: list[int] = field(default_factory=list)  # 1-based levels carrying a latent; [] = all
     dropout: float = 0.0
     kdm_dim: int = 64                                # KDM only: size of the flat global latent
+    alpha_bound: float = 0.0                         # > 0: decay rates alpha = B tanh(rho / B); 0: unbounded
     decoder: str = "light"                           # 'light': stages fed by the latents, no conditioning;
                                                      # 'unet': the teacher's up path (see Decoder)
     sigma_data: float = SIGMA_DATA                   # the data's std: the encoder's input scaling c_in (EDM)
@@ -56,6 +57,9 @@ class HKDConfig:
             raise ValueError(f"model.levels must be >= 1, got {self.levels}")
         if not self.sigma_data > 0:
             raise ValueError(f"model.sigma_data must be > 0 (the data's std), got {self.sigma_data}")
+        if not self.alpha_bound >= 0:
+            raise ValueError(f"model.alpha_bound is {self.alpha_bound}; it must be > 0 (the largest |alpha|) or 0 "
+                             f"(unbounded)")
         if len(self.subspace_dims) != self.levels:
             raise ValueError(f"model.subspace_dims has {len(self.subspace_dims)} entries {list(self.subspace_dims)}"
                              f" but model.levels is {self.levels}; give one d_l per level")
@@ -206,7 +210,8 @@ class HKD(OneStepModel):
         dims, widths, sizes = cfg.latent_dims(), cfg.widths(), cfg.sizes()
         self.proj = nn.ModuleList(nn.Conv2d(widths[l], dims[l], 1) for l in self.levels)
         ops = cfg.operators()
-        self.koopman = nn.ModuleList(KoopmanOperator(dims[l], sizes[l], sizes[l], ops[l]) for l in self.levels)
+        self.koopman = nn.ModuleList(KoopmanOperator(dims[l], sizes[l], sizes[l], ops[l], cfg.alpha_bound)
+                                     for l in self.levels)
         self.decoder = Decoder(cfg, dims)
 
     def encode(self, x: torch.Tensor, sigma: torch.Tensor | float) -> list[torch.Tensor]:
@@ -223,9 +228,17 @@ class HKD(OneStepModel):
             full[l] = z
         return self.decoder(full)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, latent_tau: torch.Tensor | None = None):
+        """x_hat = D(evolve(E(x, sigma), tau(sigma) -> 1)). With ``latent_tau`` (B,) also the latents evolved from
+        tau(sigma) to latent_tau, (x_hat, latents): what the latent-consistency term compares (losses.py); one
+        call, so that a DDP-wrapped model sees one forward per step."""
         s = as_sigma(sigma, x).flatten()
-        return self.decode(self.evolve(self.encode(x, s), 1 - tau_of_sigma(s).to(x.device)))
+        tau = tau_of_sigma(s).to(x.device)
+        zs = self.encode(x, s)
+        out = self.decode(self.evolve(zs, 1 - tau))
+        if latent_tau is None:
+            return out
+        return out, self.evolve(zs, latent_tau.to(x.device, torch.float32).flatten() - tau)
 
     def trajectory(self, x_T: torch.Tensor, taus: torch.Tensor | list[float]) -> dict:
         """Latents z_tau = evolve(E(x_T), 0 -> tau) and their decodings D(z_tau), for each tau.

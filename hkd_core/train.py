@@ -263,7 +263,10 @@ def train_hkd(
     get = _batch_fn(trajectories, _check_batch(t.batch_size, world_size), t.seed, rank, world_size)
     loss_fn = HKDLoss(t.states_per_traj, LambdaSchedule(t.lambda1_start, t.lambda1_end, t.lambda1_anneal_kimg),
                       t.lambda2, perceptual_distance(t.perceptual, **(perceptual_kwargs or {})), t.xT_weight,
-                      t.tcons_sigma_min)
+                      t.tcons_sigma_min, t.latent_weight)
+    if t.latent_weight > 0 and not hasattr(unwrap(model), "koopman"):
+        raise ValueError(f"train.latent_weight={t.latent_weight} needs per-level Koopman latents; "
+                         f"{type(unwrap(model)).__name__} has none (use train.latent_weight=0)")
     loss_fn.candidates(torch.as_tensor(sigmas))   # refuses too few intermediate states before the first step
     base = t.seed * world_size + rank
 

@@ -9,6 +9,7 @@
     hkd sweep sweeps/scale_count.yaml --resume scale_count-20261130-101500
     hkd study experiment=study_fmnist              # HKD, ablations, KD, KDM, teacher NFE 1/2/4/full: one table
     hkd edit --band high --mask lower --ratios 0,0.5,1   # frequency-aware editing of the config's model
+    hkd compare RUN_ID SWEEP_ID STUDY_ID ...        # Koopman spectra of several runs in one figure, in MLflow
     hkd ship-teacher teacher=edm eval.n=1000 --out hkd_core/shipped/NAME   # a trained teacher, scored, shipped
     hkd pipeline experiment=smoke storage=fs tracking=file   # no service at all: a local folder, a local
                                                     # MLflow store (SQLite), Ray in this process
@@ -32,7 +33,7 @@ from hkd_core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CMDS = ("teacher", "trajectories", "distill", "evaluate", "pipeline")
-COMMANDS = ("preflight", "sweep", "study", "edit", "ship-teacher") + STAGE_CMDS
+COMMANDS = ("preflight", "sweep", "study", "edit", "compare", "ship-teacher") + STAGE_CMDS
 
 
 def adopt_local_stack() -> None:
@@ -109,13 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ratios", default="0,0.25,0.5,0.75,1", help="edit: blend ratios r (default 0,0.25,0.5,0.75,1)")
     g.add_argument("--samples", type=int, default=4, help="edit: images to edit (default 4)")
     g.add_argument("--seed", type=int, default=0, help="edit: noise seed of the images and references")
-    g.add_argument("--out", help="study/edit: local folder for the tables and figures (default runs/...); "
+    g.add_argument("--reference", default="data", help="edit: data (test images drawn with --seed), data:I,J,... "
+                   "(those indices), file:PATH[,PATH...] (image files) or sample (the model's own samples); each "
+                   "enters through its own state at sigma(tau_mid) (default data)")
+    g.add_argument("--controls", type=int, default=4, help="edit: random mode sets of the band's size, the "
+                   "control beside the band (default 4)")
+    g.add_argument("--out", help="study/edit/compare: local folder for the tables and figures (default runs/...); "
                                  "ship-teacher: the shipped teacher's folder (e.g. hkd_core/shipped/<name>)")
     args = p.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command in ("sweep", "study", "edit"):
+    if args.command in ("sweep", "study", "edit", "compare"):
         adopt_local_stack()
     if args.command == "sweep":
         return sweep_main(args)
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return study_main(args)
     if args.command == "edit":
         return edit_main(args)
+    if args.command == "compare":
+        return compare_main(args)
     if args.command == "ship-teacher":
         return ship_main(args)
     return stage_main(args)
@@ -295,7 +303,7 @@ def edit_main(args) -> int:
         pc = from_composed(compose(args.overrides))
         ea = EditArgs(band=args.band, tau_mid=args.tau_mid, mask=args.mask,
                       ratios=tuple(_floats(args.ratios, "--ratios")), samples=args.samples, seed=args.seed,
-                      n_bands=args.bands).validate()
+                      n_bands=args.bands, reference=args.reference, controls=args.controls).validate()
     except (ConfigError, ValueError) as e:
         print(f"hkd: edit error: {e}", file=sys.stderr)
         return 2
@@ -312,6 +320,31 @@ def edit_main(args) -> int:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     print(res["markdown"])
     print(f"figures: {res['folder']}/edit_grid.png, edit_tradeoff.png")
+    if res.get("_tracking_uri"):
+        print_ui(res["_tracking_uri"], res["_experiment_id"], res["_run_id"])
+    return 0
+
+
+def compare_main(args) -> int:
+    """``hkd compare [overrides] RUN_OR_SWEEP...``: the arguments with '=' are Hydra overrides (the tracking and
+    storage to read from), the others name runs, sweeps, studies or models."""
+    from .compare import run_compare
+    from .config import compose, from_composed
+
+    overrides = [a for a in args.overrides if "=" in a]
+    tokens = [a for a in args.overrides if "=" not in a]
+    try:
+        pc = from_composed(compose(overrides))
+        if not tokens:
+            raise ValueError("name at least one MLflow run id, sweep id, study id or model URI to compare")
+        res = run_compare(pc, tokens, args.out)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"hkd: compare error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    print(res["markdown"])
+    print(f"figure: {res['figures'][0]}")
     if res.get("_tracking_uri"):
         print_ui(res["_tracking_uri"], res["_experiment_id"], res["_run_id"])
     return 0

@@ -1,5 +1,7 @@
-"""``hkd edit``: frequency-aware editing of generated images with a reference, against the all-bands baseline,
-as a figure grid, a trade-off plot and a table, logged to MLflow beside the pipeline run that made the model.
+"""``hkd edit``: frequency-aware editing of generated images with a reference (a test image, an image file or a
+generated sample, entering through its own state at sigma(tau_mid)), against its control (random mode sets of
+the band's size) and the all-bands baseline, as a figure grid, a trade-off plot and a table, logged to MLflow
+beside the pipeline run that made the model.
 
 The model is the distilled one of the given config (``s3://.../distill-<hash>/model.pt``) unless ``--model``
 names another: an ``s3://bucket/key``, a local ``model.pt`` record, or a registered ``models:/name/version``.
@@ -35,9 +37,20 @@ class EditArgs:
     samples: int = 4
     seed: int = 0
     n_bands: int = 3
+    reference: str = "data"          # data | data:I,J,... | file:PATH[,PATH...] | sample  (see load_references)
+    controls: int = 4                 # random mode sets of the band's size, the control
 
     def validate(self) -> "EditArgs":
         from hkd_core.editing import MASKS
+
+        kind = self.reference.partition(":")[0]
+        if kind not in REFERENCE_KINDS:
+            raise ValueError(f"--reference {self.reference!r}: use data, data:I,J,... (indices of the test split), "
+                             f"file:PATH[,PATH...] (image files) or sample (the model's own samples)")
+        if kind == "file" and not self.reference.partition(":")[2]:
+            raise ValueError("--reference file: give the image path(s), e.g. file:shirt.png")
+        if self.controls < 1:
+            raise ValueError(f"--controls {self.controls} must be >= 1 (random mode sets, the band's control)")
 
         if self.mask not in MASKS:
             raise ValueError(f"--mask {self.mask!r}: use one of {', '.join(MASKS)}")
@@ -50,6 +63,52 @@ class EditArgs:
         if self.n_bands < 1:
             raise ValueError(f"--bands {self.n_bands} must be >= 1")
         return self
+
+
+REFERENCE_KINDS = ("data", "file", "sample")
+
+
+def load_references(pc: PipelineConfig, args: EditArgs, model, n: int) -> tuple[torch.Tensor, list[str]]:
+    """(n reference images in [-1, 1] at the model's size, a label for each). ``data``: test-split images drawn
+    with --seed; ``data:I,J``: those indices (cycled to n); ``file:A.png,B.png``: image files (converted to the
+    model's channels, resized to its resolution); ``sample``: the model's own one-step samples from other noise."""
+    from hkd_core.data import load_images
+
+    kind, _, rest = args.reference.partition(":")
+    c, r = model.cfg.img_channels, model.cfg.resolution
+    if kind == "sample":
+        g = torch.Generator().manual_seed(args.seed + 1)
+        with torch.no_grad():
+            return model.sample(n, g).clamp(-1, 1), [f"sample {i}" for i in range(n)]
+    if kind == "file":
+        from PIL import Image
+
+        paths = [Path(p).expanduser() for p in rest.split(",") if p]
+        imgs = []
+        for p in paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"--reference file:{p}: no such file")
+            try:
+                im = Image.open(p).convert("L" if c == 1 else "RGB").resize((r, r), Image.BICUBIC)
+            except OSError as e:
+                raise ValueError(f"--reference file:{p}: not an image PIL can read ({e})") from None
+            t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(r, r, c).permute(2, 0, 1)
+            imgs.append(t.float() / 127.5 - 1)
+        return torch.stack([imgs[i % len(imgs)] for i in range(n)]), [paths[i % len(paths)].name for i in range(n)]
+    images, _ = load_images(pc.run.data.name, "test", resolution=pc.run.data.resolution, root=pc.run.data.root)
+    if rest:
+        try:
+            idx = [int(i) for i in rest.split(",") if i.strip()]
+        except ValueError:
+            raise ValueError(f"--reference {args.reference!r}: indices must be integers, e.g. data:3,17") from None
+        bad = [i for i in idx if not 0 <= i < len(images)]
+        if bad or not idx:
+            raise ValueError(f"--reference {args.reference!r}: indices {bad or idx} outside the test split's "
+                             f"0..{len(images) - 1}")
+        idx = [idx[i % len(idx)] for i in range(n)]
+    else:
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+    return images[idx], [f"{pc.run.data.name} test #{i}" for i in idx]
 
 
 def load_model(pc: PipelineConfig, uri: str | None):
@@ -97,12 +156,13 @@ def run_edit(pc: PipelineConfig, args: EditArgs, model_uri: str | None = None, o
     modes = min(ev.shape[0] for ev in model.spectrum())
     n_bands = min(args.n_bands, modes)
     band = resolve_band(args.band, n_bands)
+    refs, ref_labels = load_references(pc, args, model, args.samples)
     g = torch.Generator().manual_seed(args.seed)
-    x_T, x_ref = model.noise(args.samples, g), model.noise(args.samples, g)
-    sweep = edit_sweep(model, x_T, x_ref, named_mask(args.mask, model.cfg.resolution), list(args.ratios), band,
-                       args.tau_mid, n_bands)
+    x_T = model.noise(args.samples, g)
+    sweep = edit_sweep(model, x_T, refs, named_mask(args.mask, model.cfg.resolution), list(args.ratios), band,
+                       args.tau_mid, n_bands, controls=args.controls, generator=g)
     params = {**dataclasses.asdict(args), "ratios": list(args.ratios), "n_bands": n_bands, "band_index": band,
-              "model_uri": uri}
+              "model_uri": uri, "references": ref_labels}
     ident = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(out or Path("runs") / f"edit-{ident}")
     folder.mkdir(parents=True, exist_ok=True)

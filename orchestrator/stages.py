@@ -301,7 +301,8 @@ def curve(tracker, run_id: str) -> list[dict]:
 
 def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     """FID/KID of the model (NFE 1) and the teacher (eval.teacher_nfe), spectra and figures, into MLflow."""
-    from hkd_core.spectra import summarize
+    from hkd_core.models import HKD
+    from hkd_core.spectra import band_share_metrics, summarize
 
     pc = ctx.pc
     init_ray(pc)
@@ -311,6 +312,8 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
                                   lambda: images(pc), teacher.get("adopted"))
     model = workers.load_model(pc, distill["model_key"])
     metrics.update(summarize(model.spectrum()))
+    if isinstance(model, HKD):
+        metrics.update(band_share_metrics(model))        # band masking with a number (issue 13)
     metrics[M.EVAL_S] = time.perf_counter() - t0
     ctx.tracker.log_metrics(run_id, metrics, int(round(distill["kimg"] * 1000)))
     evaluation.figures(model, lambda path, folder: ctx.tracker.log_artifact(run_id, path, folder))

@@ -107,6 +107,7 @@ def trial_fn(params: dict, ctx: dict) -> None:
     buf = io.BytesIO()
     torch.save(model_record(model), buf)
     results.put("model.pt", buf.getvalue())
+    tracker.set_tags(run_id, {"hkd.model_uri": results.uri("model.pt")})      # what `hkd compare SWEEP_ID` loads
     metric = ctx["metric"]
     report = {metric: final[metric], "kimg": state["nimg"] / 1000, "final": 1.0,
               **{k: v for k, v in final.items() if k.startswith(M.EVAL_PREFIX)}}

@@ -3,36 +3,42 @@ import torch
 
 from hkd_core.editing import band_energy, edit_scores, edit_sweep, named_mask, resolve_band
 from hkd_core.models import build_model
-from hkd_core.spectra import band_masks
+from hkd_core.koopman import sigma_of_tau
+from hkd_core.spectra import band_masks, reference_state
 
 
 def test_sweep_r0_is_the_original_and_scores_say_so(koopman_model):
     m = koopman_model
     g = torch.Generator().manual_seed(5)
-    x_T, x_ref = m.noise(3, g), m.noise(3, g)
-    sw = edit_sweep(m, x_T, x_ref, named_mask("lower", 8), [0.0, 0.5, 1.0], band="high", tau_mid=0.3, n_bands=2)
-    assert sw.band == 1 and sw.band_edits.shape == (3, 3, 1, 8, 8) and sw.all_edits.shape == (3, 3, 1, 8, 8)
-    torch.testing.assert_close(sw.band_edits[0], sw.original, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(sw.all_edits[0], sw.original, rtol=1e-4, atol=1e-5)
-    for k in ("band", "all"):
+    x_T, refs = m.noise(3, g), torch.rand(3, 1, 8, 8, generator=g) * 2 - 1
+    sw = edit_sweep(m, x_T, refs, named_mask("lower", 8), [0.0, 0.5, 1.0], band="high", tau_mid=0.3, n_bands=2,
+                    controls=3, generator=g)
+    assert sw.band == 1 and sw.controls == 3
+    for imgs in (sw.band_edits, sw.random_edits, sw.all_edits):
+        assert imgs.shape == (3, 3, 1, 8, 8)
+        torch.testing.assert_close(imgs[0], sw.original, rtol=1e-4, atol=1e-5)
+    for k in ("band", "random", "all"):
         assert sw.scores[k]["structure_kept"][0] == pytest.approx(1.0, abs=1e-6)
         assert sw.scores[k]["detail_arrived"][0] == pytest.approx(0.0, abs=1e-6)
-    # the edits change the image, the all-bands one at least as much inside the mask's levels
+    # the edits change the image; the band and its control blend different modes
     assert not torch.allclose(sw.band_edits[2], sw.original)
+    assert not torch.allclose(sw.band_edits[2], sw.random_edits[2])
     assert sw.scores["all"]["structure_kept"][2] < 1.0
     md = sw.to_markdown()
-    assert "| 0.5 |" in md and "band 1 (high) of 2" in md
+    assert "| 0.5 |" in md and "band 1 (high) of 2" in md and "random: structure kept" in md and "mean of 3" in md
 
 
-def test_all_bands_with_the_whole_mask_at_r1_is_the_reference(koopman_model):
-    """Blending every band everywhere with r = 1 replaces the latent at tau_mid: the result is the reference."""
+def test_all_bands_with_the_whole_mask_at_r1_is_the_model_on_the_references_state(koopman_model):
+    """Blending every band everywhere with r = 1 replaces the sample's latent at tau_mid by the reference's own
+    encoding there: the result is the model's one-step output from the reference's state, x_hat(x_ref_t)."""
     m = koopman_model
     g = torch.Generator().manual_seed(6)
-    x_T, x_ref = m.noise(2, g), m.noise(2, g)
-    sw = edit_sweep(m, x_T, x_ref, named_mask("all", 8), [1.0], band=0, tau_mid=0.5, n_bands=2)
-    torch.testing.assert_close(sw.all_edits[0], sw.reference, rtol=1e-4, atol=1e-4)
-    assert sw.scores["all"]["structure_kept"][0] == pytest.approx(0.0, abs=1e-4)
-    assert sw.scores["all"]["detail_arrived"][0] == pytest.approx(1.0, abs=1e-4)
+    x_T, refs = m.noise(2, g), torch.rand(2, 1, 8, 8, generator=g) * 2 - 1
+    sw = edit_sweep(m, x_T, refs, named_mask("all", 8), [1.0], band=0, tau_mid=0.5, n_bands=2,
+                    generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sw.ref_state, reference_state(refs, 0.5, torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        torch.testing.assert_close(sw.all_edits[0], m(sw.ref_state, sigma_of_tau(0.5)), rtol=1e-4, atol=1e-4)
 
 
 def test_scores_measure_what_they_name():
@@ -59,6 +65,8 @@ def test_bad_edit_arguments_are_named(koopman_model, tiny_cfg):
         named_mask("diagonal", 8)
     with pytest.raises(ValueError, match="tau_mid"):
         edit_sweep(m, x, x, named_mask("all", 8), [0.5], tau_mid=1.5, n_bands=2)
+    with pytest.raises(ValueError, match="controls=0"):
+        edit_sweep(m, x, x, named_mask("all", 8), [0.5], n_bands=2, controls=0)
     with pytest.raises(TypeError, match="Koopman model"):
         edit_sweep(build_model("kd", tiny_cfg), x, x, named_mask("all", 8), [0.5])
 

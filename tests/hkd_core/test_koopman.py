@@ -76,3 +76,34 @@ def test_tau_maps_noise_end_to_zero_and_data_end_to_one():
     s = torch.tensor([50.0, 1.0, 0.01])
     torch.testing.assert_close(sigma_of_tau(tau_of_sigma(s)), s, rtol=1e-5, atol=0)
     assert torch.all(tau_of_sigma(torch.tensor([80.0, 10.0, 1.0, 0.1])).diff() > 0)
+
+
+def test_bounded_alpha_never_exceeds_its_bound_and_is_alpha_near_zero():
+    """model.alpha_bound = B: alpha = B tanh(rho / B) stays inside [-B, B] whatever rho becomes, under an optimiser
+    pushed hard both ways, and matches the unbounded alpha where |rho| << B."""
+    op = KoopmanOperator(4, 2, 2, "position", alpha_bound=2.0)
+    with torch.no_grad():
+        op.alpha.copy_(torch.tensor([-1e6, -3.0, 1e-3, 50.0]).view(2, 1, 2).expand(2, 2, 2))
+    r = op.rates()
+    assert r.abs().max() <= 2.0 and op.eigenvalues().real.abs().max() <= 2.0   # float32 tanh saturates at 1
+    assert math.isclose(r[1, 0, 0].item(), 1e-3, rel_tol=1e-5)                  # tanh(x) = x near 0
+    free = KoopmanOperator(4, 2, 2, "position")
+    with torch.no_grad():
+        free.alpha.copy_(op.alpha)
+    assert free.rates().abs().max() == 1e6                                       # unbounded: what was set
+    # an optimiser that drives every rate towards -inf and +inf for many steps
+    opt = torch.optim.SGD(op.parameters(), lr=100.0)
+    z = torch.randn(3, 4, 2, 2)
+    for sign in (1.0, -1.0):
+        for _ in range(50):
+            opt.zero_grad()
+            (sign * op(z, 1.0).square().sum()).backward()
+            opt.step()
+            assert op.rates().abs().max() <= 2.0
+    # evolution uses the bounded rate: exp(alpha dtau) scales a pure-real mode
+    with torch.no_grad():
+        op.alpha.fill_(1e9)
+        op.beta.zero_()
+    torch.testing.assert_close(op(torch.ones(1, 4, 2, 2), 1.0), torch.full((1, 4, 2, 2), math.exp(2.0)))
+    with pytest.raises(ValueError, match="alpha_bound"):
+        KoopmanOperator(4, 2, 2, alpha_bound=-1.0)

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from hkd_core.losses import HKDLoss, LambdaSchedule, mse, pseudo_huber
+from hkd_core.koopman import KoopmanOperator, tau_of_sigma
+from hkd_core.losses import HKDLoss, LambdaSchedule, latent_consistency, mse, pseudo_huber
 from hkd_core.sampler import karras_sigmas
 
 
@@ -81,6 +82,82 @@ def test_reconstruction_and_consistency_terms(toy_trajectories):
     # intermediate states are closer to x_0 than x_T is, so the consistency term is smaller
     assert 0 < out4["loss_tcons"] < out4["loss_recon"]
     torch.testing.assert_close(out4["loss"], out4["loss_recon"] + 3 * out4["loss_tcons"], rtol=1e-5, atol=0)
+
+
+class LinearToy(torch.nn.Module):
+    """A model whose latent is the image itself (one level, 2 channels read as one mode pair per pixel) and whose
+    dynamics are one Koopman operator: the latent-consistency term's ground truth."""
+
+    def __init__(self):
+        super().__init__()
+        self.op = KoopmanOperator(2, 8, 8, "position")
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            self.op.alpha.copy_(-torch.rand(1, 8, 8, generator=g) * 2)
+            self.op.beta.copy_(torch.randn(1, 8, 8, generator=g))
+
+    def forward(self, x, sigma, latent_tau=None):
+        tau = tau_of_sigma(sigma)
+        out = self.op(x, 1 - tau)
+        return out if latent_tau is None else (out, [self.op(x, latent_tau - tau)])
+
+
+def test_latent_consistency_is_zero_on_an_exactly_linear_system_and_positive_otherwise():
+    """Trajectories that are orbits of the toy's own linear evolution, x(tau) = exp(A tau) x(0): every state's
+    latent evolved to a later state's tau equals that state's latent, so the term is 0 (to float precision);
+    any trajectory that leaves the orbit makes it positive, and it grows with the departure."""
+    toy = LinearToy()
+    sigmas = karras_sigmas(6)
+    taus = tau_of_sigma(sigmas)
+    x0 = torch.randn(16, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        states = torch.stack([toy.op(x0, t) for t in taus.tolist()], 1)     # (16, 7, 2, 8, 8) on the orbit
+        loss = HKDLoss(1, LambdaSchedule(1.0, 1.0), lambda2=0.0, latent_weight=1.0)
+        g = lambda: torch.Generator().manual_seed(0)   # noqa: E731
+        on = loss(toy, states, sigmas, generator=g())
+        assert on["loss_latent"] < 1e-10
+        torch.testing.assert_close(on["loss"], on["loss_recon"] + on["loss_latent"])
+        bumped = states.clone()
+        bumped[:, 1:-1] += 0.05 * torch.randn(bumped[:, 1:-1].shape, generator=torch.Generator().manual_seed(3))
+        off = loss(toy, bumped, sigmas, generator=g())["loss_latent"]
+        more = states.clone()
+        more[:, 1:-1] += 0.5 * torch.randn(more[:, 1:-1].shape, generator=torch.Generator().manual_seed(3))
+        assert 0 < off < loss(toy, more, sigmas, generator=g())["loss_latent"]
+        # the x_T reconstruction is unchanged by the extra state the latent term draws (s = 1)
+        torch.testing.assert_close(on["loss_recon"], HKDLoss(1, LambdaSchedule(1.0, 1.0), lambda2=0.0)(
+            toy, states, sigmas)["loss_recon"])
+    # scale-free: shrinking every latent does not shrink the relative residual
+    a, b = [torch.randn(4, 6, 3, 3)], [torch.randn(4, 6, 3, 3)]
+    torch.testing.assert_close(latent_consistency(a, b), latent_consistency([a[0] * 1e-3], [b[0] * 1e-3]))
+
+
+def test_latent_term_on_hkd_matches_its_formula_and_trains_encoder_and_spectrum(tiny_cfg, toy_trajectories):
+    """On the real HKD: the term equals |evolve(E(x_T), tau_s - tau_T) - E(x_s)|^2 / |E(x_s)|^2 computed by
+    hand for the drawn state, and its gradient reaches the encoder and the Koopman rates."""
+    from hkd_core.models import build_model
+
+    states, sigmas = toy_trajectories
+    torch.manual_seed(0)
+    m = build_model("hkd", tiny_cfg)
+    with torch.no_grad():
+        for k in m.koopman:
+            k.alpha.uniform_(-2, 0)
+            k.beta.uniform_(-1, 1)
+    loss = HKDLoss(1, LambdaSchedule(1.0, 1.0), lambda2=0.0, latent_weight=0.5)
+    idx = loss.pick(8, sigmas, torch.Generator().manual_seed(4))
+    assert idx.shape == (8, 2) and (idx[:, 0] == 0).all() and (idx[:, 1] > 0).all()
+    out = loss(m, states[:8], sigmas, generator=torch.Generator().manual_seed(4))
+    x_T, s_T = states[:8, 0], sigmas[0].expand(8)
+    x_s, s_s = states[torch.arange(8), idx[:, 1]], sigmas[idx[:, 1]]
+    dtau = tau_of_sigma(s_s) - tau_of_sigma(s_T)
+    by_hand = latent_consistency(m.evolve(m.encode(x_T, s_T), dtau), m.encode(x_s, s_s)).mean()
+    torch.testing.assert_close(out["loss_latent"], by_hand.detach(), rtol=1e-4, atol=1e-7)
+    assert out["loss_latent"] > 0
+    out["loss"].backward()
+    assert m.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert all(k.alpha.grad.abs().sum() > 0 for k in m.koopman)
+    with pytest.raises(ValueError, match="latent_weight must be >= 0"):
+        HKDLoss(1, latent_weight=-1.0)
 
 
 def test_lpips_needs_local_weights(tmp_path):

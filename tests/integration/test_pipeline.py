@@ -194,10 +194,13 @@ def test_edit_logs_the_grid_and_scores_beside_the_pipeline_run(first_pipeline, s
     res, _ = first_pipeline
     out = tmp_path / "edit.json"
     assert main(["edit", *smoke, "--mask", "lower", "--band", "high", "--bands", "2", "--ratios", "0,0.5,1",
-                 "--samples", "3", "--out", str(tmp_path / "figs"), "--json", str(out)]) == 0
+                 "--samples", "3", "--reference", "data:3,17", "--controls", "2", "--out", str(tmp_path / "figs"),
+                 "--json", str(out)]) == 0
     r = json.loads(out.read_text())
+    assert r["params"]["references"] == ["fashion_mnist test #3", "fashion_mnist test #17", "fashion_mnist test #3"]
     rows = {row["r"]: row for row in r["rows"]}
     assert rows[0.0]["band_structure_kept"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[0.0]["random_detail_arrived"] == pytest.approx(0.0, abs=1e-5)
     assert rows[0.0]["all_detail_arrived"] == pytest.approx(0.0, abs=1e-5)
     assert rows[1.0]["all_structure_kept"] < 1.0 - 1e-4          # the baseline moved the coarse image
     run = _client().get_run(r["_run_id"])

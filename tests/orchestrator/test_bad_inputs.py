@@ -34,6 +34,13 @@ CONFIGS = [
      'train.batch_size=0 must be > 0'),
     ('unknown operator', ['model.operator=diagonal'],
      "model.operator is 'diagonal'; allowed: ['position', 'shared', 'none'] (or one per level)"),
+    ('unknown decoder', ['model.decoder=conv'],
+     "model.decoder is 'conv'; allowed: ['light', 'unet']"),
+    ('negative alpha bound', ['model.alpha_bound=-1'],
+     'model.alpha_bound is -1.0; it must be > 0 (the largest |alpha|) or 0 (unbounded)'),
+    ('latent term on a model without Koopman latents', ['model.variant=kd', 'train.latent_weight=0.1'],
+     'train.latent_weight=0.1 needs per-level Koopman latents (model.variant hkd, no_koopman or one_level); '
+     'model.variant=kd has none: use train.latent_weight=0'),
     ('unknown variant', ['model.variant=gan'],
      "model.variant='gan' is not allowed; choose one of ['hkd', 'kd', 'kdm', 'no_koopman', 'one_level']"),
     ('unknown sampler', ['trajectories.sampler=rk4'],

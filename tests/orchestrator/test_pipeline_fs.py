@@ -64,7 +64,7 @@ def test_runs_and_metrics_land_in_the_local_mlflow_store(fs_runs):
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.info.status == "FINISHED"
     ev = runs[identity.run_key(pc, "evaluate")]
     assert {"eval/fid", "eval/kid", "eval/kid_std", "eval/n", "eval/teacher_fid_nfe1",
-            "spectra/l1/alpha_mean"} <= set(ev.data.metrics)
+            "spectra/l1/alpha_mean", "bands/band0/low", "bands/random1/high", "bands/image/mid"} <= set(ev.data.metrics)
     assert ev.data.metrics["eval/n"] == 32 and ev.data.metrics["eval/fid"] > 0
     arts = {a.path for folder in ("spectra", "figures") for a in client.list_artifacts(ev.info.run_id, folder)}
     assert {"spectra/spectrum.png", "spectra/eigenvalues.npz", "figures/samples.png"} <= arts
@@ -77,3 +77,39 @@ def test_the_same_command_again_skips_every_finished_stage(fs_runs):
     assert again["_skipped"] == ["trajectories", "distill", "evaluate"]
     assert again["_parent_run_id"] == first["_parent_run_id"]          # the same MLflow run, reopened
     assert again["evaluate"]["metrics"] == pytest.approx(first["evaluate"]["metrics"])
+
+
+def test_compare_overlays_the_spectra_of_runs_and_models_and_logs_them(fs_runs, tmp_path):
+    """`hkd compare PIPELINE_RUN MODEL.pt`: the pipeline run resolves to its distilled model; a copy of it with
+    every alpha shifted by 0.5 is W1 = 0.5 away in every level, the model itself 0; the table, the figure and
+    the metrics land in a new MLflow run; a name that is nothing is refused with exit code 2."""
+    from mlflow.tracking import MlflowClient
+
+    from hkd_core.models import model_from_record, model_record
+
+    first = fs_runs["first"]
+    over = LEAN + [f"storage.root={fs_runs['root']}/store", f"tracking.root={fs_runs['root']}/mlflow"]
+    model_path = fs_runs["root"] / "store" / "runs" / identity.stage_prefix(fs_runs["pc"], "distill") / "model.pt"
+    m = model_from_record(torch.load(model_path, weights_only=False))
+    with torch.no_grad():
+        for k in m.koopman:
+            k.alpha.add_(0.5)
+    torch.save(model_record(m), tmp_path / "shifted.pt")
+    out = tmp_path / "cmp.json"
+    assert main(["compare", *over, first["_parent_run_id"], str(model_path), str(tmp_path / "shifted.pt"),
+                 "--out", str(tmp_path / "cmp"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = res["table"]["rows"]
+    assert len(res["table"]["models"]) == 3 and {r["level"] for r in rows} == {1, 2}
+    same = [r for r in rows if r["model"] == res["table"]["models"][1]]
+    shifted = [r for r in rows if r["model"] == res["table"]["models"][2]]
+    assert all(r["alpha_w1"] < 1e-6 for r in same)
+    assert all(abs(r["alpha_w1"] - 0.5) < 1e-4 for r in shifted)
+    assert (tmp_path / "cmp" / "compare_spectra.png").stat().st_size > 10_000
+    client = MlflowClient(first["_tracking_uri"])
+    run = client.get_run(res["_run_id"])
+    assert run.data.tags["hkd.stage"] == "compare"
+    assert run.data.metrics["compare/model2/l1/alpha_w1_over_std"] > 0
+    arts = {a.path for a in client.list_artifacts(res["_run_id"], "compare")}
+    assert {"compare/compare_spectra.png", "compare/compare.md", "compare/compare.json"} <= arts
+    assert main(["compare", *over, "no-such-sweep"]) == 2

@@ -1,0 +1,146 @@
+"""``hkd compare RUN_OR_SWEEP...``: the Koopman spectra of several runs in one figure, with the distances between
+their decay-rate distributions, logged to MLflow beside the per-run scalars that are already there.
+
+Each argument names one or more models:
+
+* an MLflow run id: a distill run (tag ``hkd.model_uri``), a sweep trial, or a pipeline run (its distill
+  child is used);
+* a sweep id (tag ``hkd.sweep_id``): every finished trial of that sweep;
+* a study id (tag ``hkd.study``): every distilled variant of that study;
+* a model itself: ``s3://bucket/key``, ``models:/name/version`` or a local ``model.pt``.
+
+The first model is the reference row: every other is compared with it per level by the Wasserstein-1
+distance between the alpha (and beta) distributions over all modes and positions, relative to their pooled
+std (``hkd_core.spectra.spectrum_distance``): the measure of whether two seeds give the same spectrum.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class Source:
+    label: str
+    model_uri: str
+    run_id: str | None = None
+
+
+def _search(client, flt: str) -> list:
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exps, flt, max_results=500, order_by=["attributes.start_time ASC"]) if exps else []
+
+
+def resolve(client, token: str) -> list[Source]:
+    """The models ``token`` names (see the module docstring); a ValueError that says what was tried otherwise."""
+    if token.startswith(("s3://", "models:/", "runs:/")) or token.endswith(".pt"):
+        return [Source(token.rsplit("/", 2)[-2] if token.endswith("model.pt") else token, token)]
+    if RUN_ID.match(token):
+        try:
+            run = client.get_run(token)
+        except Exception as e:  # noqa: BLE001 - MLflow raises its own types for a missing run
+            raise ValueError(f"{token}: no MLflow run with this id ({str(e)[:120]})") from None
+        uri = run.data.tags.get("hkd.model_uri")
+        if uri:
+            return [Source(run.info.run_name or token, uri, token)]
+        kids = [r for r in _search(client, f"tags.`mlflow.parentRunId` = '{token}'") if r.data.tags.get("hkd.model_uri")]
+        if kids:
+            return [Source(run.info.run_name or token, kids[-1].data.tags["hkd.model_uri"], kids[-1].info.run_id)]
+        raise ValueError(f"run {token} ({run.info.run_name}) has no model: neither its tag hkd.model_uri nor a child "
+                         f"run's; give a distill run, a sweep trial or a pipeline run")
+    for tag, what in (("hkd.sweep_id", "sweep"), ("hkd.study", "study")):
+        runs = [r for r in _search(client, f"tags.`{tag}` = '{token}'") if r.data.tags.get("hkd.model_uri")]
+        if runs:
+            return [Source(r.info.run_name or r.info.run_id, r.data.tags["hkd.model_uri"], r.info.run_id) for r in runs]
+    raise ValueError(f"{token!r}: not an MLflow run id, nor a sweep (tag hkd.sweep_id) or study (tag hkd.study) with "
+                     f"distilled models, nor a model URI (s3://..., models:/name/version, a local model.pt)")
+
+
+def compare_table(labels: list[str], spectra: list[list]) -> dict:
+    """Per model and level alpha's mean/std/min/max and the share of growing modes; per model after the first
+    and per level its distance to the first (spectrum_distance)."""
+    from hkd_core.spectra import spectrum_distance, summarize
+
+    rows = []
+    for i, (name, spec) in enumerate(zip(labels, spectra)):
+        s = summarize(spec, prefix="")
+        levels = len(spec)
+        dist = spectrum_distance(spectra[0], spec) if i and len(spec) == len(spectra[0]) else None
+        for l in range(levels):
+            row = {"model": name, "level": l + 1,
+                   **{k: s[f"/l{l + 1}/{k}"] for k in ("alpha_mean", "alpha_std", "alpha_min", "alpha_max",
+                                                       "abs_beta_mean", "frac_growing")}}
+            if dist is not None:
+                row.update({k: dist[l][k] for k in ("alpha_w1", "alpha_w1_over_std", "beta_w1_over_std")})
+            rows.append(row)
+    return {"models": labels, "rows": rows}
+
+
+def to_markdown(table: dict) -> str:
+    head = ("| model | level | alpha mean | alpha std | alpha min | alpha max | growing | W1(alpha) vs first "
+            "| W1 / std (alpha) | W1 / std (beta) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    out = []
+    for r in table["rows"]:
+        d = [f"{r[k]:.3f}" if k in r else "-" for k in ("alpha_w1", "alpha_w1_over_std", "beta_w1_over_std")]
+        out.append(f"| {r['model']} | {r['level']} | {r['alpha_mean']:.3f} | {r['alpha_std']:.3f} | "
+                   f"{r['alpha_min']:.3f} | {r['alpha_max']:.3f} | {r['frac_growing']:.3f} | " + " | ".join(d) + " |\n")
+    return head + "".join(out)
+
+
+def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow: bool = True) -> dict:
+    from hkd_core import metric_names as M
+    from hkd_core.figures import plot_spectra_overlay
+
+    from . import tracking as T
+    from .editing import load_model
+
+    if not tokens:
+        raise ValueError("hkd compare needs at least one run, sweep, study or model to show")
+    client = T._client(pc.tracking.resolved_uri())
+    sources = [s for t in tokens for s in resolve(client, t)]
+    labels, spectra = [], []
+    for s in sources:
+        model, _ = load_model(pc, s.model_uri)
+        spec = model.spectrum()
+        if not spec:
+            log.info("compare: %s (%s) has no Koopman operator; left out", s.label, type(model).__name__)
+            continue
+        labels.append(s.label)
+        spectra.append(spec)
+    if not spectra:
+        raise ValueError(f"none of {tokens} is a model with a Koopman spectrum (KD has none)")
+    ident = hashlib.sha256(json.dumps([s.model_uri for s in sources]).encode()).hexdigest()[:10]
+    folder = Path(out or Path("runs") / f"compare-{ident}")
+    folder.mkdir(parents=True, exist_ok=True)
+    table = compare_table(labels, spectra)
+    md = to_markdown(table)
+    (folder / "compare.md").write_text(md)
+    (folder / "compare.json").write_text(json.dumps({**table, "sources": [s.__dict__ for s in sources]}, indent=1))
+    fig = plot_spectra_overlay(dict(zip(labels, spectra)), folder / "compare_spectra.png")
+    result = {"table": table, "markdown": md, "folder": str(folder), "figures": [str(fig)]}
+    if log_mlflow:
+        tracker = T.Tracker(pc.tracking)
+        run_id = tracker.open_run(f"compare-{ident}", f"compare-{ident}", None,
+                                  {"hkd.stage": "compare", "hkd.compare": ",".join(tokens)[:4000]})
+        tracker.log_params(run_id, {"compare": {f"model{i}": f"{s.label} {s.model_uri}"
+                                                for i, s in enumerate(sources)}})
+        metrics = {}
+        for r in table["rows"]:
+            i = labels.index(r["model"])
+            for k in ("alpha_mean", "alpha_std", "alpha_w1_over_std"):
+                if k in r:
+                    metrics[M.compare(i, r["level"], k)] = r[k]
+        tracker.log_metrics(run_id, metrics, 0)
+        for p in (fig, folder / "compare.md", folder / "compare.json"):
+            tracker.log_artifact(run_id, p, "compare")
+        tracker.end(run_id)
+        result.update({"_run_id": run_id, "_experiment_id": tracker.experiment_id, "_tracking_uri": tracker.uri})
+    return result
