@@ -156,8 +156,9 @@ def band_frequency_shares(model: HKD, x_T: torch.Tensor, n_bands: int = 3, contr
                           generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """What each band contributes to the image, in spatial frequencies: for band k the difference between the
     decoded final latent and the same latent with band k zeroed, split into low/mid/high radial frequency
-    shares (``radial_shares``); beside it the same for ``controls`` random mode sets of the band's size (mean),
-    and the samples' own shares. Returns {"band": (n_bands, 3), "random": (n_bands, 3), "image": (3,)}."""
+    shares (``radial_shares``); beside it the same for ``controls`` random mode sets of the band's size (mean and
+    std over the draws), and the samples' own shares. Returns {"band": (n_bands, 3), "random": (n_bands, 3),
+    "random_std": (n_bands, 3), "image": (3,)}."""
     z1 = model.evolve(model.encode(x_T, model.sigma_max), 1.0)
     full = model.decode(z1)
     masks = band_masks(model.spectrum(), n_bands)
@@ -165,13 +166,15 @@ def band_frequency_shares(model: HKD, x_T: torch.Tensor, n_bands: int = 3, contr
     def removed(modes: list[torch.Tensor]) -> torch.Tensor:
         return full - model.decode([z * (1 - _channels(m).to(z)) for z, m in zip(z1, modes)])
 
-    band, rand = [], []
+    band, rand, spread = [], [], []
     for k in range(n_bands):
         modes = [m[k] for m in masks]
         band.append(radial_shares(removed(modes)))
-        rand.append(torch.stack([radial_shares(removed(random_modes(modes, generator)))
-                                 for _ in range(controls)]).mean(0))
-    return {"band": torch.stack(band), "random": torch.stack(rand), "image": radial_shares(full)}
+        draws = torch.stack([radial_shares(removed(random_modes(modes, generator))) for _ in range(controls)])
+        rand.append(draws.mean(0))
+        spread.append(draws.std(0) if controls > 1 else torch.zeros(len(RINGS)))
+    return {"band": torch.stack(band), "random": torch.stack(rand), "random_std": torch.stack(spread),
+            "image": radial_shares(full)}
 
 
 def wasserstein1(a: torch.Tensor, b: torch.Tensor, grid: int = 2048) -> float:

@@ -130,6 +130,7 @@ def test_band_frequency_shares_per_band_and_control(koopman_model):
     x = m.noise(3, torch.Generator().manual_seed(2))
     out = band_frequency_shares(m, x, n_bands=2, controls=2, generator=torch.Generator().manual_seed(0))
     assert out["band"].shape == (2, 3) and out["random"].shape == (2, 3) and out["image"].shape == (3,)
+    assert out["random_std"].shape == (2, 3) and (out["random_std"] >= 0).all()
     for v in (out["band"], out["random"], out["image"][None]):
         torch.testing.assert_close(v.sum(1), torch.ones(v.shape[0]))
     # band k's share is that of the decoded difference made by removing exactly band k
