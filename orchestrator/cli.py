@@ -316,10 +316,15 @@ def edit_main(args) -> int:
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"hkd: edit error: {e}", file=sys.stderr)
         return 2
+    return _print_result(args, res, f"figures: {res['folder']}/edit_grid.png, edit_tradeoff.png")
+
+
+def _print_result(args, res: dict, where: str) -> int:
+    """The tail of `hkd edit` / `hkd compare`: --json, the markdown table, where the figures are, the MLflow run."""
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     print(res["markdown"])
-    print(f"figures: {res['folder']}/edit_grid.png, edit_tradeoff.png")
+    print(where)
     if res.get("_tracking_uri"):
         print_ui(res["_tracking_uri"], res["_experiment_id"], res["_run_id"])
     return 0
@@ -341,13 +346,7 @@ def compare_main(args) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"hkd: compare error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
-    print(res["markdown"])
-    print(f"figure: {res['figures'][0]}")
-    if res.get("_tracking_uri"):
-        print_ui(res["_tracking_uri"], res["_experiment_id"], res["_run_id"])
-    return 0
+    return _print_result(args, res, f"figure: {res['figures'][0]}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ def _search(client, flt: str) -> list:
 def resolve(client, token: str) -> list[Source]:
     """The models ``token`` names (see the module docstring); a ValueError that says what was tried otherwise."""
     if token.startswith(("s3://", "models:/", "runs:/")) or token.endswith(".pt"):
-        return [Source(token.rsplit("/", 2)[-2] if token.endswith("model.pt") else token, token)]
+        parts = token.rstrip("/").split("/")
+        label = parts[-2] if parts[-1] == "model.pt" and len(parts) > 1 else parts[-1].removesuffix(".pt")
+        return [Source(label, token)]
     if RUN_ID.match(token):
         try:
             run = client.get_run(token)
