@@ -181,12 +181,15 @@ class HKDLoss:
             # every state's latent evolved to the tau of its row's latest state (the last column: the smallest
             # sigma of the row when s = 1; any drawn state otherwise), then x_T's against that state's own
             t_last = tau_of_sigma(sig[:, -1:]).expand(b, c).to(states.device)
-            pred, lat = model(x.flatten(0, 1).float(), sig.flatten(), latent_tau=t_last.flatten())
+            # only the first s columns are decoded (the extra state of s = 1 is only encoded)
+            rows = torch.arange(b * c, device=states.device).view(b, c)[:, : self.s].flatten()
+            pred, lat = model(x.flatten(0, 1).float(), sig.flatten(), latent_tau=t_last.flatten(),
+                              decode=rows if self.s < c else None)
             lat = [z.view(b, c, *z.shape[1:]) for z in lat]
             lc = latent_consistency([z[:, 0] for z in lat], [z[:, -1] for z in lat])
         else:
             pred = model(x.flatten(0, 1).float(), sig.flatten())
-        d = self.distance(pred.view(b, c, *pred.shape[1:])[:, : self.s].flatten(0, 1),
+        d = self.distance(pred.view(b, -1, *pred.shape[1:])[:, : self.s].flatten(0, 1),
                           target.repeat_interleave(self.s, 0), kimg).view(b, self.s)
         out = {"loss": (d * self.weights().to(d)).sum(1).mean(), "loss_recon": d[:, 0].mean().detach()}
         out["loss_tcons"] = d[:, 1:].mean().detach() if self.s > 1 else torch.zeros(())

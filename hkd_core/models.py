@@ -228,14 +228,20 @@ class HKD(OneStepModel):
             full[l] = z
         return self.decoder(full)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, latent_tau: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, latent_tau: torch.Tensor | None = None,
+                decode: torch.Tensor | None = None):
         """x_hat = D(evolve(E(x, sigma), tau(sigma) -> 1)). With ``latent_tau`` (B,) also the latents evolved from
         tau(sigma) to latent_tau, (x_hat, latents): what the latent-consistency term compares (losses.py); one
-        call, so that a DDP-wrapped model sees one forward per step."""
+        call, so that a DDP-wrapped model sees one forward per step. ``decode`` (indices into the batch) decodes
+        only those rows (x_hat then has len(decode) rows): a state that only the latent term needs is encoded,
+        never decoded, which saves the decoder's share of its cost."""
         s = as_sigma(sigma, x).flatten()
         tau = tau_of_sigma(s).to(x.device)
         zs = self.encode(x, s)
-        out = self.decode(self.evolve(zs, 1 - tau))
+        if decode is None:
+            out = self.decode(self.evolve(zs, 1 - tau))
+        else:
+            out = self.decode(self.evolve([z[decode] for z in zs], 1 - tau[decode]))
         if latent_tau is None:
             return out
         return out, self.evolve(zs, latent_tau.to(x.device, torch.float32).flatten() - tau)

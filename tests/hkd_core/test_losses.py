@@ -96,9 +96,10 @@ class LinearToy(torch.nn.Module):
             self.op.alpha.copy_(-torch.rand(1, 8, 8, generator=g) * 2)
             self.op.beta.copy_(torch.randn(1, 8, 8, generator=g))
 
-    def forward(self, x, sigma, latent_tau=None):
+    def forward(self, x, sigma, latent_tau=None, decode=None):
         tau = tau_of_sigma(sigma)
         out = self.op(x, 1 - tau)
+        out = out if decode is None else out[decode]
         return out if latent_tau is None else (out, [self.op(x, latent_tau - tau)])
 
 
@@ -146,6 +147,13 @@ def test_latent_term_on_hkd_matches_its_formula_and_trains_encoder_and_spectrum(
     by_hand = latent_consistency(m.evolve(m.encode(x_T, s_T), dtau), m.encode(x_s, s_s)).mean()
     torch.testing.assert_close(out["loss_latent"], by_hand.detach(), rtol=1e-4, atol=1e-7)
     assert out["loss_latent"] > 0
+    # the extra state is encoded, not decoded: the reconstruction term is x_T's alone, as without the latent term
+    with torch.no_grad():
+        torch.testing.assert_close(out["loss_recon"], HKDLoss(1, LambdaSchedule(1.0, 1.0), lambda2=0.0)(
+            m, states[:8], sigmas)["loss_recon"], rtol=1e-5, atol=1e-7)
+        rows = torch.tensor([0, 2, 5])
+        torch.testing.assert_close(m(states[:8, 0], sigmas[0], decode=rows), m(states[:8, 0], sigmas[0])[rows],
+                                   rtol=1e-5, atol=1e-6)
     out["loss"].backward()
     assert m.encoder.conv_in.weight.grad.abs().sum() > 0
     assert all(k.alpha.grad.abs().sum() > 0 for k in m.koopman)
