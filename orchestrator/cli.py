@@ -78,6 +78,21 @@ def compose_for_cli(overrides: list[str]) -> dict:
     return cfg
 
 
+def gate_ok(pc, what: str) -> bool:
+    """Preflight's cheap part (one HEAD of the bucket, one call to the tracking server) before any work; on a
+    failure one sentence on stderr (the caller exits 2) and nothing written anywhere."""
+    from .preflight import gate
+    from .storage import StorageError
+
+    try:
+        for line in gate(pc.storage, pc.tracking.resolved_uri()):
+            logging.getLogger("orchestrator.preflight").info("preflight: %s", line)
+    except (StorageError, ValueError) as e:
+        print(f"hkd: {what} error: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def plan(pc, upto: str) -> dict:
     from .identity import STAGES, stage_prefix
 
@@ -146,6 +161,8 @@ def ship_main(args) -> int:
     try:
         cfg_dict = compose_for_cli(args.overrides)
         pc = from_composed(cfg_dict)
+        if not gate_ok(pc, "ship-teacher"):
+            return 2
         res = ship_teacher(pc, cfg_dict, args.out, command="hkd ship-teacher " + " ".join(args.overrides))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"hkd: ship-teacher error: {e}", file=sys.stderr)
@@ -180,6 +197,8 @@ def stage_main(args) -> int:
             Path(args.json).write_text(json.dumps(results, indent=1))
         return 0 if all(r["ok"] for r in results) else 1
 
+    if not gate_ok(pc, "storage"):
+        return 2
     from hkd_core.checkpoint import CheckpointError
     from hkd_core.shipped import ShippedTeacherError
     from hkd_core.trajectories import ShardError
@@ -245,6 +264,8 @@ def sweep_main(args) -> int:
                           "base_config": pc.to_dict(), "shared_stages": plan(pc, "trajectories"),
                           "asha_rungs_kimg": asha_rungs(spec, pc.run.train.total_kimg)}, indent=1, default=str))
         return 0
+    if not gate_ok(pc, "sweep"):
+        return 2
     from .sweep import run_sweep, to_markdown
 
     try:
@@ -284,6 +305,8 @@ def study_main(args) -> int:
         print(json.dumps({"study": study, "variants": {v: {"config": pc.to_dict(), "plan": plan(pc, "evaluate")}
                                                        for v, (pc, _) in cfgs.items()}}, indent=1, default=str))
         return 0
+    if not gate_ok(next(iter(cfgs.values()))[0], "study"):
+        return 2
     res = run_study(args.overrides, variants, nfe, progress=not args.no_progress, out=args.out)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
@@ -311,6 +334,8 @@ def edit_main(args) -> int:
         print(json.dumps({"edit": ea.__dict__, "model": args.model or plan(pc, "distill")["distill"]["output"] +
                           "model.pt"}, indent=1, default=str))
         return 0
+    if not gate_ok(pc, "edit"):
+        return 2
     try:
         res = run_edit(pc, ea, args.model, args.out)
     except (FileNotFoundError, ValueError, TypeError) as e:
@@ -342,6 +367,8 @@ def compare_main(args) -> int:
         pc = from_composed(compose(overrides))
         if not tokens:
             raise ValueError("name at least one MLflow run id, sweep id, study id or model URI to compare")
+        if not gate_ok(pc, "compare"):
+            return 2
         res = run_compare(pc, tokens, args.out)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"hkd: compare error: {e}", file=sys.stderr)

@@ -26,10 +26,13 @@ def pipeline_hash(pc) -> str:
 
 
 def run_key(pc, stage: str) -> str:
-    """The MLflow run key of a stage (``teacher`` .. ``evaluate``) or of the ``pipeline`` parent run."""
+    """The MLflow run key of a stage (``teacher`` .. ``evaluate``) or of the ``pipeline`` parent run. The storage
+    root is part of it: the same config against another bucket or prefix is another run, never a reopened one
+    whose artifacts would then sit in two places."""
+    where = pc.storage.root_uri()
     if stage == "pipeline":
-        return f"{pc.name}/pipeline-{pipeline_hash(pc)}"
-    return f"{pc.name}/{stage_prefix(pc, stage)}"
+        return f"{pc.name}/pipeline-{pipeline_hash(pc)}@{where}"
+    return f"{pc.name}/{stage_prefix(pc, stage)}@{where}"
 
 
 def run_name(pc, stage: str) -> str:

@@ -1,12 +1,19 @@
 """``hkd preflight``: write, read and list a probe through each client (boto3, Ray's filesystem, MLflow's
-artifact store) and say in one sentence what failed and what to do."""
+artifact store) and say in one sentence what failed and what to do.
+
+``gate`` is its cheap part, which every command that touches S3 or MLflow runs first (before Ray starts, in
+about a second): one HEAD of the bucket and one call to the tracking server. A refused key, a bucket that
+does not exist (a typo, unless ``storage.create_bucket=true``) or a server that does not answer then fails
+with one sentence, exit code 2, and nothing written anywhere."""
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from typing import Callable
 
-from .storage import FsStore, S3Store, StorageConfig, StorageError, make_store, ray_storage
+from .storage import FsStore, S3Store, StorageConfig, StorageError, credentials_source, make_client, make_store, \
+    ray_storage
 
 
 class MissingBucket(StorageError):
@@ -26,7 +33,7 @@ def bucket_exists(client, bucket: str) -> None:
 
 
 def classify(err: BaseException, cfg: StorageConfig) -> str:
-    """One sentence naming the failure and what to do."""
+    """One sentence naming the failure and what to do (the endpoint, the bucket and where the keys came from)."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     endpoint = cfg.resolved_endpoint() or "the AWS default endpoint"
@@ -42,12 +49,13 @@ def classify(err: BaseException, cfg: StorageConfig) -> str:
         code = str(err.response.get("Error", {}).get("Code", ""))
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken") or \
             "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "403" in text:
-        return (f"bad credentials: {endpoint} refused the access key ({code or 'access denied'}); check "
-                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentials_file")
+        return (f"bad credentials: {endpoint} refused the access key for s3://{cfg.bucket} "
+                f"({code or 'access denied'}); the keys came from {credentials_source(cfg)}: fix them there, or "
+                f"point storage.credentials_file (AWS_SHARED_CREDENTIALS_FILE) at the right file")
     if isinstance(err, MissingBucket) or code in ("NoSuchBucket",) or "NoSuchBucket" in text \
             or "bucket does not exist" in text.lower():
-        return (f"missing bucket: s3://{cfg.bucket} does not exist at {endpoint} (storage.bucket); create it or "
-                f"choose another")
+        return (f"missing bucket: s3://{cfg.bucket} does not exist at {endpoint} (storage.bucket); check the "
+                f"name, or create it with storage.create_bucket=true")
     return f"{type(err).__name__}: {text[:300]}"
 
 
@@ -100,6 +108,40 @@ def preflight(cfg: StorageConfig, tracking_uri: str | None = None) -> list[dict]
         if server["ok"]:
             check("mlflow artifacts", lambda: artifact_probe(tracking_uri, body))
     return results
+
+
+def gate(cfg: StorageConfig, tracking_uri: str | None = None, timeout_s: float = 3.0) -> list[str]:
+    """The cheap part of preflight, before any work: the bucket answers to these keys (one HEAD; a missing
+    bucket is created only with ``storage.create_bucket=true``) and the tracking server answers (one GET).
+    Returns what it did (for the log); raises StorageError with one sentence on the first failure."""
+    done = []
+    if cfg.kind == "s3":
+        t0 = time.monotonic()
+        client = make_client(dataclasses.replace(cfg, connect_timeout_s=min(cfg.connect_timeout_s, timeout_s),
+                                                 read_timeout_s=min(cfg.read_timeout_s, 2 * timeout_s)),
+                             max_attempts=1)
+        try:
+            bucket_exists(client, cfg.bucket)
+            done.append(f"s3://{cfg.bucket} at {cfg.resolved_endpoint() or 'AWS'} answers "
+                        f"({time.monotonic() - t0:.2f} s)")
+        except MissingBucket as e:
+            if not cfg.create_bucket:
+                raise StorageError(classify(e, cfg)) from None
+            try:
+                client.create_bucket(Bucket=cfg.bucket)
+            except Exception as err:  # noqa: BLE001 - one sentence for the user
+                raise StorageError(classify(err, cfg)) from None
+            done.append(f"s3://{cfg.bucket} created at {cfg.resolved_endpoint() or 'AWS'} (storage.create_bucket)")
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one sentence for the user
+            raise StorageError(classify(e, cfg)) from None
+    if tracking_uri:
+        r = tracking_server_check(tracking_uri, timeout_s)
+        if not r["ok"]:
+            raise StorageError(r["detail"])
+        done.append(r["detail"])
+    return done
 
 
 def tracking_server_check(uri: str, timeout_s: float = 5.0) -> dict:

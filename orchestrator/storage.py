@@ -37,6 +37,7 @@ class StorageConfig:
     endpoint_url: str | None = None        # e.g. http://127.0.0.1:8333; None: $AWS_ENDPOINT_URL, else AWS itself
     bucket: str = "hkd"
     prefix: str = "runs"                   # every object of this project lives under s3://bucket/prefix/
+    create_bucket: bool = False            # a bucket that does not exist is refused (a typo), unless this is true
     region: str = "us-east-1"
     credentials_file: str | None = None    # an AWS-style INI file; None: $AWS_SHARED_CREDENTIALS_FILE or env keys
     profile: str = "default"
@@ -56,6 +57,21 @@ class StorageConfig:
         if self.root:
             return Path(self.root).expanduser().resolve()
         return Path(os.environ.get("HKD_CACHE", Path.home() / ".cache" / "hkd")).expanduser().resolve() / "store"
+
+
+def credentials_source(cfg: StorageConfig) -> str:
+    """Where the S3 keys come from, in words (never the keys): for messages about refused credentials."""
+    if cfg.credentials_file:
+        env = os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
+        via = ", set from AWS_SHARED_CREDENTIALS_FILE" if env and Path(env).expanduser() == \
+            Path(cfg.credentials_file).expanduser() else ""
+        return f"the file {Path(cfg.credentials_file).expanduser()} [{cfg.profile}] (storage.credentials_file{via})"
+    if os.environ.get("AWS_SHARED_CREDENTIALS_FILE"):
+        return (f"the file {os.environ['AWS_SHARED_CREDENTIALS_FILE']} "
+                f"[{os.environ.get('AWS_PROFILE', cfg.profile)}] (AWS_SHARED_CREDENTIALS_FILE)")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        return "the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    return "the AWS SDK's default chain (~/.aws, an instance or pod role)"
 
 
 def read_credentials(cfg: StorageConfig) -> tuple[str | None, str | None]:

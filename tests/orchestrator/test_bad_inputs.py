@@ -157,15 +157,27 @@ def markdown() -> str:
     lines += ["", "## Sweep YAMLs (`hkd sweep <file>`)", "", "`<sweep>` stands for the file's path.", "",
               "| what is wrong | YAML | message |", "|---|---|---|"]
     lines += [f"| {w} | `{cell(t.strip())}` | {cell(m)} |" for w, t, m in SWEEPS]
-    lines += ["", "## Unreachable or misconfigured services (`hkd preflight`)", "",
-              "Checked against the real servers by `tests/integration/test_storage_and_preflight.py`; each line",
-              "starts with the words below and names the endpoint, bucket or URL.", "",
-              "| what is wrong | message starts with |", "|---|---|",
-              "| nothing listens at the S3 endpoint | `endpoint unreachable: nothing answers at <endpoint> (storage.endpoint_url)` |",
-              "| wrong access key or secret | `bad credentials: <endpoint> refused the access key` |",
-              "| the bucket does not exist | `missing bucket: s3://<bucket> does not exist at <endpoint> (storage.bucket)` |",
-              "| nothing listens at the MLflow URL | `tracking server unreachable: nothing answers at <uri> (tracking.uri / MLFLOW_TRACKING_URI` |",
-              ""]
+    lines += ["", "## Unreachable or misconfigured services (every command, before its work)", "",
+              "Every command that touches S3 or MLflow (`pipeline`, the stage commands, `sweep`, `study`, `edit`,",
+              "`compare`, `ship-teacher`) first runs preflight's cheap part: one HEAD of the bucket and one call to",
+              "the tracking server, in about a second. A failure prints `hkd: storage error: <message>` (or",
+              "`hkd: sweep error:` etc.), exits with 2, and nothing is written to S3 or MLflow; Ray is not started.",
+              "`hkd preflight` prints the same messages for its full write/read/list probes. Checked against the",
+              "real servers by `tests/integration/test_gate.py` and `test_storage_and_preflight.py`.", "",
+              "| what is wrong | message |", "|---|---|",
+              "| nothing listens at the S3 endpoint | `endpoint unreachable: nothing answers at <endpoint> "
+              "(storage.endpoint_url); start the S3 server (python infra/local/stack.py start) or fix the URL` |",
+              "| wrong access key or secret | `bad credentials: <endpoint> refused the access key for s3://<bucket> "
+              "(<code>); the keys came from <the file and profile, or the environment>: fix them there, or point "
+              "storage.credentials_file (AWS_SHARED_CREDENTIALS_FILE) at the right file` |",
+              "| the bucket does not exist (a typo) | `missing bucket: s3://<bucket> does not exist at <endpoint> "
+              "(storage.bucket); check the name, or create it with storage.create_bucket=true` |",
+              "| nothing listens at the MLflow URL | `tracking server unreachable: nothing answers at <uri> "
+              "(tracking.uri / MLFLOW_TRACKING_URI: <reason>); start it (python infra/local/stack.py start) or fix "
+              "the URL` |",
+              "",
+              "The storage root (`s3://<bucket>/<prefix>`) is part of every run's key (`hkd.run_key`): the same",
+              "config against another bucket is another MLflow run, never a reopened one.", ""]
     return "\n".join(lines)
 
 

@@ -55,3 +55,18 @@ def test_unknown_top_level_key():
     d["clusterr"] = {}
     with pytest.raises(ConfigError, match="unknown key clusterr"):
         from_composed(d)
+
+
+def test_storage_root_is_part_of_a_runs_key():
+    """The same config against another bucket or prefix is another MLflow run (never one reopened run whose
+    artifacts would sit in two buckets); the stages' content hashes do not change."""
+    from orchestrator import identity
+
+    a = from_composed(compose(["storage.bucket=hkd"]))
+    b = from_composed(compose(["storage.bucket=hkdd"]))
+    c = from_composed(compose(["storage.prefix=other"]))
+    assert identity.pipeline_hash(a) == identity.pipeline_hash(b) == identity.pipeline_hash(c)
+    for stage in ("pipeline", "distill"):
+        keys = {identity.run_key(x, stage) for x in (a, b, c)}
+        assert len(keys) == 3, keys
+    assert identity.run_key(a, "pipeline").endswith("@s3://hkd/runs")

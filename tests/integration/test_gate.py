@@ -1,0 +1,112 @@
+"""Every command that touches S3 or MLflow first runs preflight's cheap part (``orchestrator.preflight.gate``):
+a refused key, a bucket that does not exist and a tracking server that does not answer each fail with one
+sentence and exit code 2, before Ray starts, and nothing is written to S3 or MLflow. Against the real SeaweedFS
+and MLflow servers of the local stack."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from orchestrator.preflight import gate
+from orchestrator.storage import StorageConfig, StorageError
+
+pytestmark = pytest.mark.integration
+
+
+def _hkd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def _experiment_exists(name: str) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_experiment_by_name(name) is not None
+
+
+def _bucket_exists(s3, bucket: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_bucket(Bucket=bucket)
+        return True
+    except ClientError:
+        return False
+
+
+def test_wrong_secret_is_one_sentence_exit_2_and_nothing_written(local_stack, tmp_path):
+    endpoint = local_stack["env"]["AWS_ENDPOINT_URL"]
+    bad = tmp_path / "credentials"
+    bad.write_text("[default]\naws_access_key_id = hkd\naws_secret_access_key = not-the-secret\n")
+    exp = f"gate-{uuid.uuid4().hex[:6]}"
+
+    t0 = time.perf_counter()
+    with pytest.raises(StorageError) as e:
+        gate(StorageConfig(endpoint_url=endpoint, credentials_file=str(bad)))
+    assert time.perf_counter() - t0 < 5
+
+    r = _hkd("pipeline", "experiment=smoke", f"tracking.experiment={exp}",
+             env={"AWS_SHARED_CREDENTIALS_FILE": str(bad)})
+    message = (f"bad credentials: {endpoint} refused the access key for s3://hkd (403); the keys came from the file "
+               f"{bad} [default] (storage.credentials_file, set from AWS_SHARED_CREDENTIALS_FILE): fix them there, or point storage.credentials_file "
+               f"(AWS_SHARED_CREDENTIALS_FILE) at the right file")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == f"hkd: storage error: {message}"
+    assert str(e.value).startswith(f"bad credentials: {endpoint} refused the access key for s3://hkd")
+    assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stderr
+    assert "not-the-secret" not in r.stderr + r.stdout
+    assert not _experiment_exists(exp)           # nothing written to MLflow
+
+
+def test_bucket_typo_is_refused_unless_create_bucket(local_stack, s3):
+    endpoint = local_stack["env"]["AWS_ENDPOINT_URL"]
+    typo = f"hkdd-{uuid.uuid4().hex[:6]}"
+    exp = f"gate-{uuid.uuid4().hex[:6]}"
+
+    t0 = time.perf_counter()
+    with pytest.raises(StorageError):
+        gate(StorageConfig(endpoint_url=endpoint, bucket=typo))
+    assert time.perf_counter() - t0 < 5
+
+    r = _hkd("pipeline", "experiment=smoke", f"storage.bucket={typo}", f"tracking.experiment={exp}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"hkd: storage error: missing bucket: s3://{typo} does not exist at {endpoint} (storage.bucket); check the "
+        f"name, or create it with storage.create_bucket=true")
+    assert "Started a local Ray instance" not in r.stderr
+    assert not _bucket_exists(s3, typo) and not _experiment_exists(exp)    # nothing created, nothing written
+
+    # asked for: created by the gate, and then there
+    done = gate(dataclasses.replace(StorageConfig(endpoint_url=endpoint, bucket=typo), create_bucket=True))
+    assert done == [f"s3://{typo} created at {endpoint} (storage.create_bucket)"]
+    assert _bucket_exists(s3, typo)
+    assert gate(StorageConfig(endpoint_url=endpoint, bucket=typo))[0].startswith(f"s3://{typo} at {endpoint} answers")
+
+
+def test_dead_tracking_server_is_refused_before_anything_is_written(local_stack, free_port):
+    dead = f"http://127.0.0.1:{free_port()}"
+    prefix = f"gate-{uuid.uuid4().hex[:6]}"
+    r = _hkd("pipeline", "experiment=smoke", f"tracking.uri={dead}", f"storage.prefix={prefix}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"hkd: storage error: tracking server unreachable: nothing answers at {dead} (tracking.uri / "
+        f"MLFLOW_TRACKING_URI")
+    from orchestrator.storage import S3Store
+
+    assert S3Store(StorageConfig(endpoint_url=local_stack["env"]["AWS_ENDPOINT_URL"], prefix=prefix)).list() == []
+
+
+def test_every_service_command_runs_the_gate(local_stack):
+    """sweep, study, edit and compare refuse the same typo the same way (the gate runs before their own work)."""
+    typo = f"hkdd-{uuid.uuid4().hex[:6]}"
+    for args in (["study", "experiment=smoke", "--variants", "hkd"], ["edit", "experiment=smoke"],
+                 ["compare", "nosuchrun"], ["sweep", "sweeps/smoke.yaml"]):
+        r = _hkd(*args, f"storage.bucket={typo}")
+        assert r.returncode == 2 and f"missing bucket: s3://{typo} does not exist" in r.stderr.strip().splitlines()[-1], \
+            (args, r.stderr[-1500:])
