@@ -9,7 +9,8 @@ student under ``model.init``), so a row names the keys a user would set.
         [--kimg K] [--n 1000] [--jsonl out.jsonl] [--grids DIR]
 
 ``--kimg`` also caps each row at K thousand images (a row stops at whichever comes first), so that rows can be
-compared at equal images too; ``--n 0`` skips the evaluation and reports the training rate alone (images/s, rows
+compared at equal images too; a row that sets ``train.total_kimg=K`` itself trains to that (equal compute across
+rows of different cost: K in proportion to each row's measured rate); ``--n 0`` skips the evaluation and reports the training rate alone (images/s, rows
 side by side in one process: the ratio is what to read, these machines are noisy).
 
 TRAJ is a trajectory stage's training split: ``s3://<bucket>/<prefix>/trajectories-<hash>/train`` (endpoint and
@@ -104,7 +105,10 @@ def main() -> None:
             copied = init_from_teacher(model, shipped.load(shape[0]), run.model.init, str(shipped.weights_path))
         model = model.to(memory_format=torch.channels_last)
         train = dataclasses.asdict(run.train)
-        train.update(total_kimg=a.kimg, max_train_s=a.seconds, log_every_kimg=1e9, checkpoint_every_kimg=1e9)
+        # a row that names train.total_kimg trains to it (capped by --kimg); the others to --kimg / --seconds
+        own = any(o.startswith("train.total_kimg=") for o in over)
+        train.update(total_kimg=min(a.kimg, run.train.total_kimg) if own else a.kimg, max_train_s=a.seconds,
+                     log_every_kimg=1e9, checkpoint_every_kimg=1e9)
         t0 = time.perf_counter()
         out = train_hkd(model, states.float(), sigmas.float(), progress=False, **train)
         train_s = time.perf_counter() - t0

@@ -11,6 +11,7 @@ import hashlib
 import json
 import types
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from .data import DATASETS
@@ -50,7 +51,8 @@ class TeacherConfig:
     ema_rampup: float = 0.05
     log_every_kimg: float = 2.0
     checkpoint_every_kimg: float = 20.0
-    checkpoint: str | None = None        # edm: start from / use this checkpoint file instead of training
+    checkpoint: str | None = None        # edm: use this checkpoint (a local file or s3://bucket/key) instead of
+                                         # training: its EMA weights become the teacher stage's output
 
 
 @dataclass
@@ -118,7 +120,9 @@ class TrainConfig:
     lambda1_end: float = 0.0
     lambda1_anneal_kimg: float = 4.0
     lambda2: float = 1.0
-    perceptual: str = "pseudo_huber"     # pseudo_huber | mse | lpips
+    perceptual: str = "pseudo_huber"     # pseudo_huber | mse | lpips (lpips needs the two weight files below)
+    lpips_vgg_path: str | None = None    # lpips: torchvision's vgg16 state dict, a local file on every node
+    lpips_lin_path: str | None = None    # lpips: the five LPIPS linear heads (lin{0..4}.model.1.weight)
     log_every_kimg: float = 1.0
     checkpoint_every_kimg: float = 5.0
     seed: int = 0
@@ -229,6 +233,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     for k in ("sigma_data", "total_kimg", "batch_size", "lr", "log_every_kimg", "checkpoint_every_kimg"):
         _positive(f"teacher.{k}", getattr(cfg.teacher, k))
     _positive("teacher.max_train_s", cfg.teacher.max_train_s)
+    if cfg.teacher.checkpoint:
+        if cfg.teacher.kind != "edm":
+            raise ConfigError(f"teacher.checkpoint is set but teacher.kind is {cfg.teacher.kind!r}; a checkpoint "
+                              f"holds a U-Net teacher's weights: use teacher=edm, or unset teacher.checkpoint")
+        if "://" not in cfg.teacher.checkpoint and not Path(cfg.teacher.checkpoint).expanduser().is_file():
+            raise ConfigError(f"teacher.checkpoint={cfg.teacher.checkpoint} is not a file; give a local teacher.pt "
+                              f"(or a training checkpoint) or an s3://bucket/key URI")
     _choice("trajectories.sampler", cfg.trajectories.sampler, SAMPLERS)
     for k in ("num", "steps", "shard_size", "batch_size"):
         _positive(f"trajectories.{k}", getattr(cfg.trajectories, k))
@@ -245,6 +256,17 @@ def validate(cfg: RunConfig) -> RunConfig:
         _positive(f"train.{k}", getattr(cfg.train, k))
     _positive("train.max_train_s", cfg.train.max_train_s)
     _choice("train.perceptual", cfg.train.perceptual, {"pseudo_huber", "mse", "lpips"})
+    if cfg.train.perceptual == "lpips":
+        for key in ("lpips_vgg_path", "lpips_lin_path"):
+            path = getattr(cfg.train, key)
+            if not path:
+                raise ConfigError(f"train.perceptual=lpips needs local weight files (nothing is downloaded): set "
+                                  f"train.lpips_vgg_path (torchvision's vgg16 state dict) and train.lpips_lin_path "
+                                  f"(the LPIPS linear heads); train.{key} is not set. Or use "
+                                  f"train.perceptual=pseudo_huber, which needs none")
+            if not Path(path).expanduser().is_file():
+                raise ConfigError(f"train.{key}={path} is not a file; LPIPS needs its weights on local disk "
+                                  f"(the same path on every node), or use train.perceptual=pseudo_huber")
     if cfg.train.xT_weight is not None and not 0 < cfg.train.xT_weight <= 1:
         raise ConfigError(f"train.xT_weight={cfg.train.xT_weight} must be in (0, 1], or null for the paper's plain "
                           f"sum over the states")
@@ -326,9 +348,24 @@ def config_hash(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def file_digest(path: str) -> str:
+    """sha256 of a local file (its content as an identity); '' if it is not there (validation says so)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return ""
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def stage_hashes(cfg: RunConfig) -> dict[str, str]:
     """Each stage's identity: its own config plus the identity of what it consumes."""
     teacher = config_hash(cfg.data, cfg.teacher)
+    if cfg.teacher.checkpoint and "://" not in cfg.teacher.checkpoint:
+        # a local checkpoint's content is part of the identity: new weights at the same path are a new teacher
+        teacher = config_hash(teacher, file_digest(cfg.teacher.checkpoint))
     traj = config_hash(teacher, cfg.trajectories)
     distill = config_hash(traj, cfg.model, cfg.train)
     evaluate = config_hash(distill, cfg.eval)

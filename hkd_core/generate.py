@@ -7,7 +7,6 @@ training trajectory can have.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import torch

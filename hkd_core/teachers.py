@@ -117,6 +117,36 @@ def teacher_denoiser(t: TeacherConfig, img_channels: int, resolution: int) -> ED
     return EDMPrecond(UNet(teacher_unet_config(t, img_channels, resolution)), sigma_data=t.sigma_data)
 
 
+def teacher_state_from_checkpoint(blob: bytes, t: TeacherConfig, img_channels: int, resolution: int,
+                                  source: str) -> tuple[dict, float | None]:
+    """(EMA state dict, kimg or None) from a teacher checkpoint file's bytes (``teacher.checkpoint``): a state dict
+    of the teacher's network (a stage's teacher.pt, a shipped teacher.pt) or a training checkpoint holding one
+    under ``ema``. Loaded strictly into the network that ``teacher.*`` builds, so a file written for another
+    architecture, or no checkpoint at all, is refused with a message that names ``source``."""
+    import io
+
+    from .checkpoint import CheckpointError, load_model_state
+
+    try:
+        obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a file torch cannot read
+        raise CheckpointError(f"teacher.checkpoint {source} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                              f"point it at a teacher.pt or a training checkpoint") from None
+    kimg = None
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+        kimg = float(obj["nimg"]) / 1000 if "nimg" in obj else None
+        obj = obj["ema"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"teacher.checkpoint {source} holds no state dict (a {type(obj).__name__}); point it "
+                              f"at a teacher.pt or a training checkpoint with an 'ema' entry")
+    try:
+        load_model_state(teacher_denoiser(t, img_channels, resolution), obj, f"teacher.checkpoint {source}")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (teacher.channels, channel_mult, blocks and attn_resolutions must describe the "
+                              f"network in the file)") from None
+    return obj, kimg
+
+
 def build_teacher(data: DataConfig, t: TeacherConfig, images: torch.Tensor | None = None,
                   weights: dict | None = None, source: str = "") -> Teacher:
     """The configured teacher: the empirical denoiser of ``images``, or the EDM U-Net with trained ``weights``

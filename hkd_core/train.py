@@ -241,6 +241,15 @@ def train_teacher(
     return loop.run(step_loss)
 
 
+def _lpips_paths(t) -> dict:
+    """train.lpips_vgg_path / lpips_lin_path for perceptual=lpips (config validation has checked them)."""
+    if t.perceptual != "lpips":
+        return {}
+    if not (t.lpips_vgg_path and t.lpips_lin_path):
+        raise ValueError("train.perceptual=lpips needs train.lpips_vgg_path and train.lpips_lin_path (local files)")
+    return {"vgg_path": t.lpips_vgg_path, "lin_path": t.lpips_lin_path}
+
+
 def train_hkd(
     model: nn.Module,                    # HKD, KD or KDM (see models.build_model), possibly DDP-wrapped
     trajectories,                        # states (N, S+1, C, H, W), or an iterator of this rank's batches
@@ -262,7 +271,7 @@ def train_hkd(
     t = _settings(TrainConfig, train)
     get = _batch_fn(trajectories, _check_batch(t.batch_size, world_size), t.seed, rank, world_size)
     loss_fn = HKDLoss(t.states_per_traj, LambdaSchedule(t.lambda1_start, t.lambda1_end, t.lambda1_anneal_kimg),
-                      t.lambda2, perceptual_distance(t.perceptual, **(perceptual_kwargs or {})), t.xT_weight,
+                      t.lambda2, perceptual_distance(t.perceptual, **(perceptual_kwargs or _lpips_paths(t))), t.xT_weight,
                       t.tcons_sigma_min, t.latent_weight)
     if t.latent_weight > 0 and not hasattr(unwrap(model), "koopman"):
         raise ValueError(f"train.latent_weight={t.latent_weight} needs per-level Koopman latents; "

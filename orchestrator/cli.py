@@ -207,7 +207,8 @@ def stage_main(args) -> int:
 
     try:
         res = run_stages(pc, cfg_dict, upto, progress=not args.no_progress)
-    except (ShardError, CheckpointError, ShippedTeacherError) as e:   # bad input data, found before training
+    except (ShardError, CheckpointError, ShippedTeacherError, FileNotFoundError) as e:   # bad input data, found
+        # before training (a missing teacher.checkpoint object included)
         print(f"hkd: input error: {e}", file=sys.stderr)
         return 3
     if args.json:

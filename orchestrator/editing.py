@@ -22,7 +22,7 @@ from hkd_core import metric_names as M
 
 from . import identity
 from .config import PipelineConfig
-from .storage import S3Store, make_store
+from .storage import make_store, read_uri
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -127,17 +127,7 @@ def load_model(pc: PipelineConfig, uri: str | None):
         import mlflow.pytorch
 
         return mlflow.pytorch.load_model(uri, map_location="cpu"), uri
-    if uri.startswith("s3://"):
-        bucket, _, key = uri[5:].partition("/")
-        store = S3Store(dataclasses.replace(pc.storage, bucket=bucket, prefix=""))
-        if not store.exists(key):
-            raise FileNotFoundError(f"--model {uri}: no such object")
-        data = store.get(key)
-    else:
-        p = Path(uri).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"--model {uri}: no such file (a model.pt record written by the pipeline)")
-        data = p.read_bytes()
+    data = read_uri(pc.storage, uri, "--model")
     return model_from_record(torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)), uri
 
 

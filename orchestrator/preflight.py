@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Callable
 
-from .storage import FsStore, S3Store, StorageConfig, StorageError, credentials_source, make_client, make_store, \
+from .storage import S3Store, StorageConfig, StorageError, credentials_source, make_client, make_store, \
     ray_storage
 
 

@@ -22,7 +22,7 @@ from hkd_core.data import load_images
 from . import evaluation, identity, trainer, workers
 from .config import PipelineConfig
 from .raycluster import init_ray
-from .storage import make_store, ray_storage, store_at
+from .storage import make_store, ray_storage, read_uri, store_at
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,20 @@ def stage_teacher(ctx: StageContext) -> dict:
     pc = ctx.pc
     if pc.run.teacher.kind == "empirical":
         return {"kind": "empirical", "teacher_key": None}
-    shipped = find_shipped(pc.run.data, pc.run.teacher)
-    run_id = ctx.open_run("teacher", {"hkd.teacher_source": "shipped" if shipped else "trained"})
-    if shipped is not None:
+    given = pc.run.teacher.checkpoint
+    shipped = None if given else find_shipped(pc.run.data, pc.run.teacher)
+    run_id = ctx.open_run("teacher", {"hkd.teacher_source": "checkpoint" if given else
+                                      "shipped" if shipped else "trained"})
+    if given:
+        from hkd_core.teachers import teacher_state_from_checkpoint
+
+        t0 = time.perf_counter()
+        blob = read_uri(pc.storage, given, "teacher.checkpoint")
+        ema, kimg = teacher_state_from_checkpoint(blob, pc.run.teacher, DATASETS[pc.run.data.name].channels,
+                                                  pc.run.data.resolution, given)
+        kimg, wall = kimg or 0.0, time.perf_counter() - t0
+        log.info("teacher: using teacher.checkpoint %s (no training)", given)
+    elif shipped is not None:
         t0 = time.perf_counter()
         ema = shipped.load(DATASETS[pc.run.data.name].channels)       # sha256 and architecture checked
         kimg, wall = float(shipped.record.get("kimg", 0.0)), time.perf_counter() - t0
@@ -107,7 +118,7 @@ def stage_teacher(ctx: StageContext) -> dict:
     root = make_store(pc.storage)
     root.put(key, buf.getvalue())
     summary = {"kind": "edm", "teacher_key": key, "kimg": kimg, "wall_s": wall, "checkpoint_uri": root.uri(key),
-               "adopted": str(shipped.folder) if shipped else None}
+               "adopted": str(shipped.folder) if shipped else None, "from_checkpoint": given or None}
     ctx.tracker.set_tags(run_id, {"hkd.teacher_uri": summary["checkpoint_uri"]})
     ctx.tracker.log_metrics(run_id, {M.WALL_S: wall}, step=int(kimg * 1000))
     ctx.tracker.end(run_id)

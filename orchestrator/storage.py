@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -270,6 +269,24 @@ def store_at(cfg: StorageConfig, path: str) -> "S3Store | LocalStore":
         return LocalStore(path)
     bucket, _, key = path.partition("/")
     return S3Store(dataclasses.replace(cfg, bucket=bucket, prefix=key))
+
+
+def read_uri(cfg: StorageConfig, uri: str, what: str = "") -> bytes:
+    """The bytes of ``s3://bucket/key`` (this config's endpoint and credentials) or of a local file; a missing
+    one is a FileNotFoundError that names ``what`` (the key or flag it came from) and the URI."""
+    label = f"{what} {uri}" if what else uri
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[5:].partition("/")
+        store = S3Store(dataclasses.replace(cfg, bucket=bucket, prefix=""))
+        if not key or not store.exists(key):
+            raise FileNotFoundError(f"{label}: no such object")
+        return store.get(key)
+    if "://" in uri:
+        raise FileNotFoundError(f"{label}: only s3:// URIs and local paths can be read")
+    p = Path(uri).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{label}: no such file")
+    return p.read_bytes()
 
 
 def make_client(cfg: StorageConfig, max_attempts: int = 3):

@@ -169,3 +169,15 @@ def test_lpips_needs_local_weights(tmp_path):
     with pytest.raises(ValueError, match="loss.perceptual is 'ssim'"):
         perceptual_distance("ssim")
     assert perceptual_distance("pseudo_huber") is pseudo_huber
+
+
+def test_lpips_weight_paths_reach_the_loss_from_the_train_config(tmp_path, koopman_model, toy_trajectories):
+    """train.lpips_vgg_path / lpips_lin_path are what train_hkd hands to LPIPS (before the first step): the
+    missing file is named, instead of a TypeError from a loss built without paths."""
+    from hkd_core.train import train_hkd
+
+    states, sigmas = toy_trajectories
+    vgg = tmp_path / "vgg16.pth"
+    with pytest.raises(FileNotFoundError, match=f"LPIPS weights {vgg} not found"):
+        train_hkd(koopman_model, states, sigmas, progress=False, total_kimg=0.001, batch_size=4,
+                  perceptual="lpips", lpips_vgg_path=str(vgg), lpips_lin_path=str(tmp_path / "lin.pth"))

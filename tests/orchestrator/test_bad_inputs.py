@@ -60,6 +60,21 @@ CONFIGS = [
     ('consistency states above every sigma', ['train.states_per_traj=4', 'train.tcons_sigma_min=100'],
      'train.states_per_traj=4 needs 3 intermediate states, but trajectories.steps=18 gives 0 with sigma >= '
      'train.tcons_sigma_min=100.0'),
+    ('teacher checkpoint not a file', ['teacher.checkpoint=/nonexistent/teacher.pt'],
+     'teacher.checkpoint=/nonexistent/teacher.pt is not a file; give a local teacher.pt (or a training checkpoint) '
+     'or an s3://bucket/key URI'),
+    ('teacher checkpoint for the empirical teacher', ['teacher=empirical', 'model.init=none',
+                                                      'teacher.checkpoint=/nonexistent/teacher.pt'],
+     "teacher.checkpoint is set but teacher.kind is 'empirical'; a checkpoint holds a U-Net teacher's weights: use "
+     "teacher=edm, or unset teacher.checkpoint"),
+    ('LPIPS without its weights', ['train.perceptual=lpips'],
+     'train.perceptual=lpips needs local weight files (nothing is downloaded): set train.lpips_vgg_path '
+     '(torchvision\'s vgg16 state dict) and train.lpips_lin_path (the LPIPS linear heads); train.lpips_vgg_path is '
+     'not set. Or use train.perceptual=pseudo_huber, which needs none'),
+    ('LPIPS weights missing on disk', ['train.perceptual=lpips', 'train.lpips_vgg_path=/nonexistent/vgg16.pth',
+                                       'train.lpips_lin_path=/nonexistent/lin.pth'],
+     'train.lpips_vgg_path=/nonexistent/vgg16.pth is not a file; LPIPS needs its weights on local disk (the same '
+     'path on every node), or use train.perceptual=pseudo_huber'),
     ('FID with one sample', ['eval.n=1'],
      'eval.n=1: FID needs at least 2 samples (a covariance); use a few hundred or more'),
     ('bad teacher NFE', ['eval.teacher_nfe=[0]'],

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from hkd_core.config import DataConfig, TeacherConfig
 from hkd_core.shipped import write_shipped
 from hkd_core.teachers import teacher_denoiser
 from orchestrator import identity
@@ -75,3 +74,41 @@ def test_recorded_scores_are_reused_only_for_the_same_n_seeds_and_split(fs, tmp_
     assert recorded_teacher_scores(pc, None) == ({}, None)                          # not adopted: nothing
     for other in (["eval.n=65"], ["eval.seed=7"], ["eval.split=train"], ["teacher.lr=0.5"]):
         assert recorded_teacher_scores(load(TINY + fs + ["eval.n=64"] + other), "adopted") == ({}, None), other
+
+
+def test_teacher_checkpoint_is_used_by_the_stage_instead_of_training(fs, tmp_path, capsys):
+    """teacher.checkpoint (a training checkpoint with its EMA under 'ema', or a bare state dict) becomes the teacher
+    stage's output as it is, with no training; its content is part of the stage's identity; a file written for
+    another architecture stops the command (exit 3) naming it and the teacher.* keys; a missing one is a config
+    error (exit 2) before anything runs."""
+    from hkd_core.config import stage_hashes
+
+    pc = load(TINY + fs)
+    torch.manual_seed(5)
+    net = teacher_denoiser(pc.run.teacher, 1, pc.run.data.resolution)
+    ckpt = tmp_path / "teacher-ckpt.pt"
+    torch.save({"ema": net.state_dict(), "nimg": 3000, "step": 47}, ckpt)
+    out = tmp_path / "res.json"
+    over = [*TINY, *fs, f"teacher.checkpoint={ckpt}"]
+    assert main(["teacher", *over, "--no-progress", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["teacher"]
+    assert res["from_checkpoint"] == str(ckpt) and res["kimg"] == 3.0 and res["adopted"] is None
+    stored = torch.load(io.BytesIO((tmp_path / "store" / "runs" / res["teacher_key"]).read_bytes()), weights_only=True)
+    assert stored.keys() == net.state_dict().keys()
+    assert all(torch.equal(stored[k], v) for k, v in net.state_dict().items())
+    assert not (tmp_path / "store" / "runs" / "ray").exists()                      # Ray Train never ran
+
+    h = stage_hashes(load(over).run)["teacher"]
+    torch.save(net.state_dict(), ckpt)                                   # other bytes at the same path
+    assert stage_hashes(load(over).run)["teacher"] != h
+
+    wide = load(TINY + ["teacher.channels=16", "model.init=none"]).run.teacher
+    torch.save(teacher_denoiser(wide, 1, pc.run.data.resolution).state_dict(), ckpt)
+    assert main(["teacher", *over, "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert f"teacher.checkpoint {ckpt} was written for a different architecture" in err
+    assert "teacher.channels, channel_mult, blocks and attn_resolutions must describe the network" in err
+
+    missing = tmp_path / "nope.pt"
+    assert main(["teacher", *TINY, *fs, f"teacher.checkpoint={missing}", "--no-progress"]) == 2
+    assert f"teacher.checkpoint={missing} is not a file" in capsys.readouterr().err
