@@ -26,6 +26,9 @@ CHECKPOINT_KIMG = "checkpoint/kimg"
 CHECKPOINT_UPLOAD_S = "checkpoint/upload_s"
 CHECKPOINT_UPLOAD_RETRIES = "checkpoint/upload_retries"
 SKIPPED_SHARDS = "data/skipped_shards"
+# the sum of the trajectory seeds rank 0 trained on since the previous log point: two runs with the same values
+# saw the same trajectories in the same windows (a resumed run continues the uninterrupted sequence)
+DATA_SEED_SUM = "data/seed_sum"
 
 # evaluation: the model at NFE 1, the teacher at eval.teacher_nfe, all with their N
 EVAL_PREFIX = "eval/"

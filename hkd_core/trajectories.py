@@ -264,11 +264,14 @@ class TrajectoryDataset(IterableDataset):
 
     Yields dicts with ``states`` (S+1, *shape) float16 and ``seed``. ``epochs=None`` repeats forever,
     reshuffling shard and sample order each epoch from (seed, epoch). With ``skip_corrupt`` a bad shard is
-    skipped and counted in ``self.skipped`` instead of raising.
+    skipped and counted in ``self.skipped`` instead of raising. ``start`` skips that many of this rank's items
+    first, without reading the shards they sit in (their sizes are in the manifest): a resumed run continues the
+    sequence where an uninterrupted one would be (``start`` = steps done x batch per rank).
     """
 
     def __init__(self, store: BlobStore, manifest: Manifest | None = None, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, seed: int = 0, epochs: int | None = 1, skip_corrupt: bool = False):
+                 shuffle: bool = True, seed: int = 0, epochs: int | None = 1, skip_corrupt: bool = False,
+                 start: int = 0):
         self.store = store
         self.manifest = manifest or read_manifest(store)
         if not 0 <= rank < world_size:
@@ -278,6 +281,9 @@ class TrajectoryDataset(IterableDataset):
                              f"write smaller shards (shard_size) or use fewer workers")
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.epochs, self.skip_corrupt = shuffle, seed, epochs, skip_corrupt
+        if start < 0:
+            raise ValueError(f"start={start} must be >= 0")
+        self.start = start
         self.skipped: list[str] = []
         self.sigmas = torch.tensor(self.manifest.sigmas, dtype=torch.float64)
 
@@ -292,9 +298,17 @@ class TrajectoryDataset(IterableDataset):
         return mine
 
     def __iter__(self) -> Iterator[dict]:
-        epoch = 0
+        epoch, skip = 0, self.start
+        while skip and (self.epochs is None or epoch < self.epochs):   # whole epochs passed over (arithmetic only:
+            n = sum(info.n for info in self.my_shards(epoch))          # a rank's share differs between epochs)
+            if skip < n or n == 0:
+                break
+            skip, epoch = skip - n, epoch + 1
         while self.epochs is None or epoch < self.epochs:
             for info in self.my_shards(epoch):
+                if skip >= info.n:                                     # passed over unread
+                    skip -= info.n
+                    continue
                 try:
                     shard = read_shard(self.store, info)
                 except ShardError:
@@ -305,6 +319,7 @@ class TrajectoryDataset(IterableDataset):
                 order = list(range(info.n))
                 if self.shuffle:
                     random.Random(hash((self.seed, epoch, info.first_index))).shuffle(order)
-                for i in order:
+                for i in order[skip:]:
                     yield {"states": shard["states"][i], "seed": int(shard["seeds"][i])}
+                skip = 0
             epoch += 1

@@ -54,7 +54,7 @@ def distill_loop(config: dict) -> None:
     tr = pc.run.train
     with LoopReporting(pc, config.get("run_id"), rank, "distill", tr.total_kimg) as rep:   # (4) reports, resume
         train_hkd(model, data.batch, data.sigmas, rank=rank, world_size=world, device=device,
-                  checkpoint_dir=rep.local, resume=rep.resume or False, metrics_cb=rep.metrics_cb,
+                  checkpoint_dir=rep.local, resume=rep.resume or False, metrics_cb=data.with_seed_sum(rep.metrics_cb),
                   checkpoint_cb=rep.checkpoint_cb, eval_cb=eval_cb, progress=False, config=pc.run.to_dict(),
                   **dataclasses.asdict(tr))
         if tr.skip_corrupt_shards:
@@ -67,9 +67,7 @@ class TrajectoryStream:
     """This rank's share of the trajectory shards, streamed from storage as batches (``batch(step)``)."""
 
     def __init__(self, pc, prefix: str, skip: list[str], rank: int, world: int):
-        from torch.utils.data import DataLoader
-
-        from hkd_core.trajectories import TrajectoryDataset, check_shards, read_manifest, without_shards
+        from hkd_core.trajectories import check_shards, read_manifest, without_shards
 
         from .storage import make_store
 
@@ -83,19 +81,52 @@ class TrajectoryStream:
         # while streaming when configured (counted on rank 0), else it stops the run, naming the object.
         if rank == 0 and not tr.skip_corrupt_shards:
             check_shards(store, manifest)
-        self.ds = TrajectoryDataset(store, manifest, rank=rank, world_size=world, seed=tr.seed, epochs=None,
-                                    skip_corrupt=tr.skip_corrupt_shards)
-        loader = DataLoader(self.ds, batch_size=tr.batch_size // world, num_workers=0,
-                            collate_fn=lambda b: torch.stack([x["states"] for x in b]))
-        self._it = iter(loader)
+        self._args = (store, manifest, rank, world, tr)
+        self.per_rank = tr.batch_size // world
+        self.ds, self._it, self._next, self.seed_sum = None, None, None, 0
         self.sigmas = torch.tensor(manifest.sigmas, dtype=torch.float64)
 
+    def _open(self, step: int) -> None:
+        """The stream from batch ``step`` on: a resumed run starts where the uninterrupted one would be."""
+        from torch.utils.data import DataLoader
+
+        from hkd_core.trajectories import TrajectoryDataset
+
+        store, manifest, rank, world, tr = self._args
+        old = self.ds.skipped if self.ds is not None else []
+        self.ds = TrajectoryDataset(store, manifest, rank=rank, world_size=world, seed=tr.seed, epochs=None,
+                                    skip_corrupt=tr.skip_corrupt_shards, start=step * self.per_rank)
+        self.ds.skipped.extend(old)
+        self._it = iter(DataLoader(self.ds, batch_size=self.per_rank, num_workers=0,
+                                   collate_fn=lambda b: (torch.stack([x["states"] for x in b]),
+                                                         sum(x["seed"] for x in b))))
+        self._next = step
+
     def batch(self, step: int) -> torch.Tensor:
-        return next(self._it)
+        """Batch ``step`` of this rank: the same tensor whether the run went straight through or was resumed."""
+        if step != self._next:
+            self._open(step)
+            self.seed_sum = 0
+        self._next = step + 1
+        states, seeds = next(self._it)
+        self.seed_sum += seeds
+        return states
+
+    def with_seed_sum(self, cb):
+        """``cb`` (a metrics callback) that also logs data/seed_sum, the seeds seen since the previous call."""
+        if cb is None:
+            return None
+        from hkd_core import metric_names as M
+
+        def log(metrics: dict, kimg: float) -> None:
+            metrics = {**metrics, M.DATA_SEED_SUM: float(self.seed_sum)}
+            self.seed_sum = 0
+            cb(metrics, kimg)
+        return log
 
     @property
     def skipped(self) -> int:
-        return len(self.skip_given) + len(set(self.ds.skipped))
+        return len(self.skip_given) + len(set(self.ds.skipped if self.ds is not None else []))
 
 
 def teacher_loop(config: dict) -> None:

@@ -50,6 +50,36 @@ def test_ranks_read_disjoint_shards_covering_everything(tmp_path):
     assert sorted(seeds[:12]) == sorted(seeds[12:]) == list(range(12)) and seeds[:12] != seeds[12:]
 
 
+def test_a_stream_started_at_k_continues_the_uninterrupted_sequence_without_reading_passed_shards(tmp_path):
+    """start=k (a resumed run: steps done x batch per rank) yields exactly the uninterrupted stream from item k on,
+    inside a shard, at a shard boundary and epochs later, and never reads a shard it passes over."""
+    store, _, _ = _write(tmp_path, n=10, shard_size=4)
+    for rank, world in ((0, 1), (1, 2)):
+        full = [(it["seed"], it["states"]) for it, _ in zip(TrajectoryDataset(store, rank=rank, world_size=world,
+                                                                               seed=3, epochs=None), range(60))]
+        per_epoch = {(0, 1): 10, (1, 2): None}[(rank, world)]
+        for k in (1, 4, 5, 9, 10, 23, 37):
+            ds = TrajectoryDataset(store, rank=rank, world_size=world, seed=3, epochs=None, start=k)
+            got = [(it["seed"], it["states"]) for it, _ in zip(ds, range(60 - k))]
+            assert [g[0] for g in got] == [f[0] for f in full[k:]], (rank, world, k)
+            assert all(torch.equal(a[1], b[1]) for a, b in zip(got, full[k:]))
+        if per_epoch:
+            reads = []
+
+            class Counting(LocalStore):
+                def get(self, key):
+                    reads.append(key)
+                    return super().get(key)
+
+            counted = Counting(store.root)
+            first = next(iter(TrajectoryDataset(counted, rank=rank, world_size=world, seed=3, epochs=None,
+                                                start=2 * per_epoch + 8)))
+            assert first["seed"] == full[2 * per_epoch + 8][0]
+            assert len([r for r in reads if r.endswith(".pt") or "shard" in r]) == 1, reads   # one shard read
+    with pytest.raises(ValueError, match="start=-1"):
+        TrajectoryDataset(store, start=-1)
+
+
 def test_altered_shard_is_named(tmp_path):
     store, manifest, _ = _write(tmp_path)
     path = store.root / manifest.shards[1].key

@@ -137,6 +137,25 @@ def _assert_complete(res: dict, run, steps_per_log: int = 32) -> None:
     assert steps == set(range(steps_per_log, round(TOTAL * 1000) + 1, steps_per_log))     # each logging point
 
 
+def _assert_same_batches_as_uninterrupted(res: dict, run, seed: int, world: int, batch: int = 32) -> None:
+    """Rank 0's batches, before the kill and after the resume, are those of an uninterrupted run: the logged
+    data/seed_sum at every step (every value, the redone steps' included) equals the seed sum of that step's batch
+    in the trajectory stream read straight through from the start."""
+    from hkd_core.trajectories import TrajectoryDataset, read_manifest
+    from orchestrator.storage import StorageConfig, store_at
+
+    store = store_at(StorageConfig(endpoint_url=os.environ["AWS_ENDPOINT_URL"]),
+                     res["trajectories"]["train"]["uri"][len("s3://"):])
+    steps = round(TOTAL * 1000 / batch)
+    per_rank = batch // world
+    stream = iter(TrajectoryDataset(store, read_manifest(store), rank=0, world_size=world, seed=seed, epochs=None))
+    expected = {(k + 1) * batch: float(sum(next(stream)["seed"] for _ in range(per_rank))) for k in range(steps)}
+    logged = _history(run.info.run_id, "data/seed_sum")
+    assert {m.step for m in logged} == set(expected)
+    wrong = [(m.step, m.value, expected[m.step]) for m in logged if m.value != expected[m.step]]
+    assert not wrong, f"batches differ from the uninterrupted run's at (step, logged, expected): {wrong[:5]}"
+
+
 def test_worker_killed_restarts_from_the_last_checkpoint_in_the_same_run(first_pipeline, s3, smoke, run_tag,
                                                                           tmp_path, fault_report):
     """kill -9 of a Ray Train worker: FailureConfig restarts the worker group, which resumes from the last
@@ -154,6 +173,7 @@ def test_worker_killed_restarts_from_the_last_checkpoint_in_the_same_run(first_p
     assert len(resumed) == 1 and resumed[0].value >= 0.064
     _assert_complete(res, run)
     assert "attempt 2 resumes from" in d.output()
+    _assert_same_batches_as_uninterrupted(res, run, seed=11, world=2)
     back = min(m.timestamp for m in _history(run.info.run_id, "train/attempt") if m.value == 2) / 1000
     fault_report.append({"fault": "kill -9 of a Ray Train worker", "workers back and resumed (s)": back - t_kill,
                          "resumed from kimg": resumed[0].value, "final kimg": res["distill"]["kimg"],
