@@ -163,6 +163,7 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = No
         "teacher_key": shared["teacher"].get("teacher_key")}
     results = _tuner(spec, pc, sweep_id, trial_ctx, resume).fit()
     summary = summarize_sweep(spec, sweep_id, results, pc.run.train.total_kimg, pc)
+    close_trial_runs(tracker, sweep_id, summary)
     publish(tracker, sweep_run, spec, sweep_id, summary, pc, base_cfg)
     tracker.end(sweep_run)
     summary.update({"_sweep_run_id": sweep_run, "_tracking_uri": tracker.uri, "_experiment_id": tracker.experiment_id})
@@ -205,6 +206,40 @@ def _tuner(spec: SweepSpec, pc, sweep_id: str, trial_ctx: dict, resume: str | No
         max_concurrent_trials=conc),
         run_config=tune.RunConfig(name=sweep_id, storage_path=tune_path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=1)))
+
+
+def close_trial_runs(tracker: Tracker, sweep_id: str, summary: dict) -> dict[str, str]:
+    """End every trial's MLflow child run that is still RUNNING once Tune is done: a trial ASHA stopped never
+    reaches its own ``end`` (Tune stops its actor), and one that a resumed sweep does not continue was left
+    open by the driver that died. Stopped early: status KILLED with ``hkd.stopped_early=true`` and the kimg it
+    reached; errored: FAILED; a run Tune no longer knows: KILLED with ``hkd.end_reason``. Returns trial -> status."""
+    rows = {r["trial_id"]: r for r in summary["rows"]}
+    runs = tracker._call(lambda: tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial' and "
+                                 f"attributes.status = 'RUNNING'", max_results=1000), f"search trials of {sweep_id}")
+    closed = {}
+    for run in runs:
+        trial = run.data.tags.get("hkd.trial_id", "?")
+        row = rows.get(trial)
+        if row is not None and row["status"].startswith("stopped"):
+            tracker.set_tags(run.info.run_id, {"hkd.stopped_early": "true", "hkd.end_reason": "stopped by ASHA",
+                                               "hkd.stopped_at_kimg": f"{row['kimg']:g}"})
+            status = "KILLED"
+        elif row is not None and row["status"] == "error":
+            tracker.set_tags(run.info.run_id, {"hkd.end_reason": "error"})
+            status = "FAILED"
+        elif row is not None and row["status"] == "completed":
+            status = "FINISHED"          # finished, but the driver died before the run's own end reached MLflow
+        else:
+            tracker.set_tags(run.info.run_id, {"hkd.stopped_early": "true",
+                                               "hkd.end_reason": "not continued by the sweep (--resume)"})
+            status = "KILLED"
+        tracker.end(run.info.run_id, status)
+        closed[trial] = status
+    if closed:
+        log.info("sweep %s: closed %d trial runs (%s)", sweep_id, len(closed),
+                 ", ".join(f"{t} {s}" for t, s in sorted(closed.items())))
+    return closed
 
 
 def summarize_sweep(spec: SweepSpec, sweep_id: str, results, total_kimg: float, pc) -> dict:
