@@ -8,6 +8,7 @@ the tag ``hkd.run_key``, so a restart reopens the same run. Everything that name
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -52,16 +53,25 @@ def edit_run_key(pc, ident: str) -> str:
 
 
 def git_sha() -> str:
-    """The commit of the code that runs: git where there is a checkout, else $HKD_GIT_SHA (images, jobs)."""
+    """The commit of the code that runs: $HKD_GIT_SHA where it is given (an image's build argument, a job's
+    env_vars: ``ray job submit`` uploads no .git), else git in the checkout, else "unknown"."""
+    given = os.environ.get("HKD_GIT_SHA", "").strip()
+    if given:
+        return given
     try:
         sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         sha = ""
-    return sha or os.environ.get("HKD_GIT_SHA", "unknown")
+    return sha if re.fullmatch(r"[0-9a-f]{40}", sha) else "unknown"
 
 
 def lineage(pc) -> dict[str, str]:
-    """Tags every run of a pipeline carries."""
-    return {"hkd.config_hash": pipeline_hash(pc), "hkd.git_sha": git_sha(), "hkd.data": pc.run.data.name,
+    """Tags every run of a pipeline carries; the commit also as MLflow's own ``mlflow.source.git.commit`` (the
+    UI shows it), when it is known."""
+    sha = git_sha()
+    tags = {"hkd.config_hash": pipeline_hash(pc), "hkd.git_sha": sha, "hkd.data": pc.run.data.name,
             "hkd.variant": pc.run.model.variant, "hkd.storage_root": pc.storage.root_uri()}
+    if sha != "unknown":
+        tags["mlflow.source.git.commit"] = sha
+    return tags

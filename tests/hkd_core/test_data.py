@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hkd_core.data import DataError, find_data_file, load_images, to_uint8, toy_2d
+from hkd_core.data import DATASETS, SHA256, DataError, find_data_file, load_images, to_uint8, toy_2d
 
 
 def _have(name):
@@ -14,7 +14,17 @@ def _have(name):
         return False
 
 
-@pytest.mark.skipif(not _have("fashion_mnist"), reason="shared/data/fashion_mnist.npz not present")
+def _have_fashion():
+    """Fashion-MNIST as the npz (shared/data, $HKD_DATA_DIR) or as Debian's dataset-fashion-mnist package."""
+    import hkd_core.data as data
+
+    return _have("fashion_mnist") or data._DEBIAN_FASHION.is_dir()
+
+
+NO_FASHION = "no Fashion-MNIST: neither fashion_mnist.npz (shared/data, $HKD_DATA_DIR) nor dataset-fashion-mnist"
+
+
+@pytest.mark.skipif(not _have_fashion(), reason=NO_FASHION)
 def test_fashion_mnist_padded_to_32():
     x, y = load_images("fashion_mnist", "test", resolution=32, limit=100)
     assert x.shape == (100, 1, 32, 32) and y.shape == (100,)
@@ -25,17 +35,35 @@ def test_fashion_mnist_padded_to_32():
     assert torch.equal(to_uint8(x28), torch.as_tensor(np.round((x28.numpy() + 1) * 127.5)).to(torch.uint8))
 
 
-def test_corrupt_file_names_path_and_checksum(tmp_path):
-    src = find_data_file("mnist")
-    if src is None:
-        pytest.skip("mnist.npz not present")
-    bad = tmp_path / "mnist.npz"
-    shutil.copy(src, bad)
-    with open(bad, "r+b") as f:
-        f.seek(1000)
-        f.write(b"\x00\x01\x02")
-    with pytest.raises(DataError, match=rf"{bad}: sha256 is [0-9a-f]+, expected 06af5dfe"):
-        load_images("mnist", root=tmp_path)
+def test_corrupt_file_names_path_and_checksum(tmp_path, monkeypatch):
+    """A corrupted copy of whichever data file this machine has (an npz, else Debian's IDX files) is refused,
+    naming the file and both checksums."""
+    import hkd_core.data as data
+
+    name = next((n for n in ("mnist", "fashion_mnist") if _have(n)), None)
+    if name is not None:
+        bad = tmp_path / DATASETS[name].file
+        shutil.copy(find_data_file(name), bad)
+        with open(bad, "r+b") as f:
+            f.seek(1000)
+            f.write(b"\x00\x01\x02")
+        with pytest.raises(DataError, match=rf"{bad}: sha256 is [0-9a-f]+, expected {SHA256[bad.name][:8]}"):
+            load_images(name, root=tmp_path)
+        return
+    if not data._DEBIAN_FASHION.is_dir():
+        pytest.skip(NO_FASHION)
+    copy = tmp_path / "fashion-mnist"
+    shutil.copytree(data._DEBIAN_FASHION, copy)
+    import gzip
+
+    target = copy / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(target.read_bytes()))
+    raw[100] ^= 0xFF
+    target.write_bytes(gzip.compress(bytes(raw)))
+    monkeypatch.setattr(data, "_DEBIAN_FASHION", copy)
+    monkeypatch.setattr(data, "default_search_dirs", lambda root=None: [])
+    with pytest.raises(DataError, match=rf"{target}: md5 of its decompressed content is [0-9a-f]+, expected "):
+        load_images("fashion_mnist", "test", allow_download=False)
 
 
 def test_missing_data_set_says_where_it_looked(tmp_path, monkeypatch):
@@ -49,10 +77,11 @@ def test_missing_data_set_says_where_it_looked(tmp_path, monkeypatch):
 
 
 def test_bad_resolution_is_refused():
-    if not _have("mnist"):
-        pytest.skip("mnist.npz not present")
+    name = "mnist" if _have("mnist") else "fashion_mnist"
+    if name == "fashion_mnist" and not _have_fashion():
+        pytest.skip(NO_FASHION)
     with pytest.raises(DataError, match="resolution=31"):
-        load_images("mnist", limit=4, resolution=31)
+        load_images(name, limit=4, resolution=31)
 
 
 def test_toy_sets():

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -53,8 +54,13 @@ def test_pipeline_end_to_end(first_pipeline, s3, run_tag, smoke):
     assert len(loss) >= 3 and [m.step for m in loss] == sorted(m.step for m in loss)
     assert loss[-1].step == 256                        # step = images seen: 0.256 kimg
     assert distill.data.params["train/total_kimg"] == "0.256" and distill.data.params["model/preset"] == "tiny"
-    for tag in ("hkd.config_hash", "hkd.git_sha", "hkd.trajectories_uri", "hkd.model_uri", "hkd.data"):
+    for tag in ("hkd.config_hash", "hkd.trajectories_uri", "hkd.model_uri", "hkd.data"):
         assert distill.data.tags.get(tag), tag
+    # the commit that ran: this checkout's HEAD (CI runs from a git clone), also as MLflow's own tag
+    head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[2]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    assert len(head) == 40, "the tests run from a git checkout"
+    assert distill.data.tags["hkd.git_sha"] == head == distill.data.tags["mlflow.source.git.commit"]
     versions = c.search_model_versions("name='hkd-it'")
     assert any(v.run_id == distill.info.run_id for v in versions)
 
@@ -98,25 +104,24 @@ def test_pipeline_end_to_end(first_pipeline, s3, run_tag, smoke):
 
 
 def test_second_pipeline_skips_finished_stages(first_pipeline, smoke, run_tag):
-    res1, t_first = first_pipeline
-    t0 = time.perf_counter()
+    res1, _ = first_pipeline
+    before = len(_runs(f"it-{run_tag}"))
     out = os.path.join(os.path.dirname(os.environ["AWS_SHARED_CREDENTIALS_FILE"]), f"second-{run_tag}.json")
     assert main(["pipeline", *smoke, "--no-progress", "--json", out]) == 0
     res2 = json.loads(open(out).read())
     assert res2["_skipped"] == ["trajectories", "distill", "evaluate"]
     assert res2["evaluate"]["metrics"]["eval/fid"] == res1["evaluate"]["metrics"]["eval/fid"]
     assert res2["_parent_run_id"] == res1["_parent_run_id"]                 # the same MLflow run, reopened
-    assert time.perf_counter() - t0 < t_first / 2
+    assert len(_runs(f"it-{run_tag}")) == before                            # no stage run created or redone
 
 
 def test_invalid_config_fails_before_ray_starts(local_stack, smoke, run_tag):
     before = len(_runs(f"it-{run_tag}"))
-    t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "orchestrator", "pipeline", *smoke, "model.subspace_dims=[8,15]"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "model.subspace_dims[1] (level 2) is 15" in r.stderr
     assert "ray" not in r.stderr.lower().replace("array", "")
-    assert len(_runs(f"it-{run_tag}")) == before and time.perf_counter() - t0 < 30
+    assert len(_runs(f"it-{run_tag}")) == before
 
 
 def test_distill_resumes_in_the_same_run_after_the_driver_is_killed(local_stack, s3, smoke, run_tag):

@@ -70,3 +70,22 @@ def test_storage_root_is_part_of_a_runs_key():
         keys = {identity.run_key(x, stage) for x in (a, b, c)}
         assert len(keys) == 3, keys
     assert identity.run_key(a, "pipeline").endswith("@s3://hkd/runs")
+
+
+def test_git_sha_prefers_the_given_commit_and_never_passes_off_garbage(monkeypatch, tmp_path):
+    """HKD_GIT_SHA (an image's build argument, a job's env_vars) wins; else the checkout's HEAD (40 hex); with
+    neither (no .git, no git binary) the tag says "unknown", and no mlflow.source.git.commit is set."""
+    import re
+
+    from orchestrator import identity
+
+    monkeypatch.setenv("HKD_GIT_SHA", "a" * 40)
+    assert identity.git_sha() == "a" * 40
+    monkeypatch.delenv("HKD_GIT_SHA")
+    assert re.fullmatch(r"[0-9a-f]{40}", identity.git_sha())           # the tests run from a git checkout
+    monkeypatch.setattr(identity, "ROOT", tmp_path)                      # not a checkout: git prints nothing
+    assert identity.git_sha() == "unknown"
+    monkeypatch.setenv("PATH", str(tmp_path))                            # no git at all
+    assert identity.git_sha() == "unknown"
+    tags = identity.lineage(from_composed(compose([])))
+    assert tags["hkd.git_sha"] == "unknown" and "mlflow.source.git.commit" not in tags

@@ -21,36 +21,28 @@ def test_ray_storage_filesystem_pickles_without_the_keys(tmp_path, monkeypatch):
 
 
 def test_ray_storage_filesystem_keeps_its_retries_through_pickling(monkeypatch):
-    """Ray ships the filesystem to its controller and workers by pickle; pyarrow's own S3FileSystem drops
-    retry_strategy there (3 quick attempts remain, and a store that blips fails Ray Train's controller).
-    Ours comes back with the same retries: against a closed port a write fails only after 25 ms * 2^k
-    back-offs, i.e. seconds, not milliseconds."""
-    import time
-
+    """Ray ships the filesystem to its controller and workers by pickle. Ours is rebuilt on the other side by
+    ``retrying_s3_filesystem(max_attempts, kw)``, which always passes the retry strategy: the attempts survive
+    any number of round trips. (What this costs or saves in seconds against a closed port, beside pyarrow's own
+    class, is measured by benchmarks/s3_retry_pickling.py, not asserted here.)"""
     import pyarrow.fs
+
+    from orchestrator.storage import RAY_FS_ATTEMPTS, retrying_s3_filesystem
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
     monkeypatch.delenv("AWS_SHARED_CREDENTIALS_FILE", raising=False)
     _, fs = ray_storage(StorageConfig(endpoint_url="http://127.0.0.1:1", bucket="b", prefix="p"))
-    back = pickle.loads(pickle.dumps(fs))
-    assert isinstance(back, pyarrow.fs.S3FileSystem) and back == fs and back._hkd_args == fs._hkd_args
-    plain = pickle.loads(pickle.dumps(pyarrow.fs.S3FileSystem(
-        endpoint_override="127.0.0.1:1", scheme="http", region="us-east-1",
-        retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=8))))
-    quick = pickle.loads(pickle.dumps(type(fs)(max_attempts=8, endpoint_override="127.0.0.1:1", scheme="http",
-                                               region="us-east-1")))
-
-    def fail_time(f) -> float:
-        t0 = time.monotonic()
-        try:
-            with f.open_output_stream("b/p/x.json") as out:
-                out.write(b"x")
-        except OSError:
-            return time.monotonic() - t0
-        raise AssertionError("wrote to a closed port")
-
-    # ours keeps 8 attempts (25 ms * 2^k back-offs: about 6 s); pyarrow's comes back with its 3 default ones
-    # (1.5-2 s, depending on the machine's load)
-    slow, fast = fail_time(quick), fail_time(plain)
-    assert slow - fast > 2.5 and slow > 4.0, (slow, fast)
+    assert fs._hkd_args[0] == RAY_FS_ATTEMPTS
+    back = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(fs))))
+    assert isinstance(back, pyarrow.fs.S3FileSystem) and type(back) is type(fs) and back == fs
+    assert back._hkd_args == fs._hkd_args == (RAY_FS_ATTEMPTS, {"region": "us-east-1",
+                                                                 "endpoint_override": "127.0.0.1:1", "scheme": "http"})
+    fn, args = back.__reduce__()
+    assert fn is retrying_s3_filesystem and args == (RAY_FS_ATTEMPTS, fs._hkd_args[1])
+    seen = []
+    monkeypatch.setattr(pyarrow.fs, "AwsDefaultS3RetryStrategy",
+                        lambda max_attempts: seen.append(max_attempts) or pyarrow.fs.AwsStandardS3RetryStrategy(
+                            max_attempts=max_attempts))
+    pickle.loads(pickle.dumps(fs))                       # the rebuilt object asks for exactly these attempts
+    assert seen == [RAY_FS_ATTEMPTS]
