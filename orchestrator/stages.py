@@ -61,7 +61,35 @@ class StageContext:
         run = self.pc.run.to_dict()
         self.tracker.log_params(run_id, {**{k: run[k] for k in STAGE_PARAMS[stage]},
                                          "cluster": dataclasses.asdict(self.pc.cluster)})
+        inputs = self.inputs(stage)
+        if inputs:
+            self.tracker.log_inputs(run_id, inputs)
         return run_id
+
+    def inputs(self, stage: str) -> list[dict]:
+        """What a stage's run consumed, as MLflow dataset inputs: the image set (teacher: training; evaluate: the
+        FID reference split) and, for distill, the teacher's trajectories."""
+        from hkd_core.config import config_hash
+
+        d, run = self.pc.run.data, self.pc.run
+        def images(split: str, context: str) -> dict:
+            sub = dataclasses.replace(d, split=split)
+            return {"name": f"{d.name}/{split}", "digest": config_hash(sub)[:12], "source": f"hkd-data:{d.name}",
+                    "source_type": "local", "context": context,
+                    "profile": {"split": split, "resolution": d.resolution, "limit": d.limit}}
+        if stage == "teacher" and run.teacher.kind == "edm":
+            return [images(d.split, "training")]
+        if stage == "distill":
+            t = run.trajectories
+            traj = self.store("trajectories").uri("train")
+            return [{"name": self.prefix("trajectories"), "digest": self.pc.stages()["trajectories"],
+                     "source": traj, "source_type": "s3" if traj.startswith("s3://") else "local",
+                     "context": "training", "profile": {"trajectories": t.num, "sampler": t.sampler, "steps": t.steps,
+                                                        "teacher": run.teacher.kind}},
+                    images(d.split, "teacher training")]
+        if stage == "evaluate":
+            return [images(run.eval.split, "evaluation")]
+        return []
 
     def fit(self, stage: str, loop, run_id: str, extra: dict):
         t = trainer.make_trainer(self.pc, loop, {"pipeline": self.cfg_dict, "run_id": run_id, **extra},

@@ -17,6 +17,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 RUN_KEY = "hkd.run_key"
+# MLflow 3's experiment type: its UI opens a model-training experiment on the runs table
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 @dataclass
@@ -134,13 +136,29 @@ class Tracker:
         return _with_retry(fn, what, self.cfg.retry_deadline_s)
 
     def _experiment(self, name: str) -> str:
+        """The experiment's id, created if needed as a model-training experiment (``mlflow.experimentKind``), so
+        that MLflow 3's UI opens it on its runs, not on the GenAI overview; an older one is marked too."""
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND) is None:
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=self.cfg.artifact_location())
+            return self.client.create_experiment(name, artifact_location=self.cfg.artifact_location(),
+                                                 tags={EXPERIMENT_KIND: MODEL_TRAINING})
         except Exception:   # a concurrent creator won the race
             return self.client.get_experiment_by_name(name).experiment_id
+
+    def log_inputs(self, run_id: str, inputs: list[dict]) -> None:
+        """MLflow dataset inputs (the runs table's Dataset column): each dict has name, digest, source (a URI or
+        a description), source_type, context (training, evaluation, ...) and optionally profile (a dict)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = [DatasetInput(Dataset(name=i["name"], digest=i["digest"][:36], source_type=i.get("source_type", "local"),
+                                   source=json.dumps({"uri": i["source"]}),
+                                   profile=json.dumps(i["profile"]) if i.get("profile") else None),
+                           tags=[InputTag("mlflow.data.context", i["context"])]) for i in inputs]
+        self._call(lambda: self.client.log_inputs(run_id, datasets=ds), "log dataset inputs")
 
     def find_run(self, key: str):
         runs = self._call(lambda: self.client.search_runs([self.experiment_id], f"tags.`{RUN_KEY}` = '{key}'",

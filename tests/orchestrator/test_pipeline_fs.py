@@ -70,6 +70,20 @@ def test_runs_and_metrics_land_in_the_local_mlflow_store(fs_runs):
     assert {"spectra/spectrum.png", "spectra/eigenvalues.npz", "figures/samples.png"} <= arts
     # artifacts stay beside the store, never in the working directory
     assert (fs_runs["root"] / "mlflow" / "artifacts").is_dir()
+    # a model-training experiment (MLflow 3's UI opens it on the runs), and what each run consumed as dataset
+    # inputs (the runs table's Dataset column)
+    assert client.get_experiment(first["_experiment_id"]).tags["mlflow.experimentKind"] == "custom_model_development"
+    from hkd_core.config import config_hash
+
+    distill = client.get_run(runs[identity.run_key(pc, "distill")].info.run_id)
+    used = {(i.dataset.name, i.dataset.digest, i.tags[0].value) for i in distill.inputs.dataset_inputs}
+    assert used == {(identity.stage_prefix(pc, "trajectories"), pc.stages()["trajectories"], "training"),
+                    ("fashion_mnist/train", config_hash(pc.run.data), "teacher training")}
+    traj = next(i.dataset for i in distill.inputs.dataset_inputs if i.dataset.name.startswith("trajectories-"))
+    assert json.loads(traj.source)["uri"] == first["trajectories"]["train"]["uri"]
+    assert json.loads(traj.profile)["trajectories"] == 128
+    ev_inputs = client.get_run(ev.info.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.tags[0].value) for i in ev_inputs] == [("fashion_mnist/test", "evaluation")]
 
 
 def test_the_same_command_again_skips_every_finished_stage(fs_runs):
