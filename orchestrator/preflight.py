@@ -75,7 +75,7 @@ def preflight(cfg: StorageConfig, tracking_uri: str | None = None) -> list[dict]
             results.append({"name": name, "ok": False, "detail": classify(e, cfg)})
 
     def via_boto3() -> str:
-        store = S3Store(dataclasses.replace(cfg, retry_deadline_s=0))
+        store = S3Store(dataclasses.replace(cfg, retry_deadline_s=0, max_attempts=1))
         bucket_exists(store.client, cfg.bucket)    # some servers create a bucket on first PUT: ask first
         store.put(probe, body)
         assert store.get(probe) == body, "read back different bytes"

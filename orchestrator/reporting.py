@@ -66,6 +66,7 @@ class CheckpointUploader:
             else:                              # multipart: visible only once complete
                 put = lambda: store.client.upload_file(str(f), store.cfg.bucket, store.key(rel))  # noqa: E731
             retry(put, f"checkpoint upload {store.uri(rel)}", self.cfg.retry_deadline_s, count)
+        self.retries += store.botocore_retries      # botocore's own, inside the calls (RetryAttempts)
         self.last_s, self.last_retries = time.monotonic() - t0, self.retries - before
         if self.last_retries:
             print(f"[checkpoint] s3://{dest} uploaded after {self.last_retries} retries in {self.last_s:.1f} s",

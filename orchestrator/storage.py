@@ -1,10 +1,18 @@
 """S3-compatible object storage: one config for boto3, Ray's ``storage_path`` and MLflow alike.
 
 ``S3Store`` implements hkd_core's ``BlobStore`` (put/get/exists/size/uri) on a bucket and prefix. A PUT
-is atomic in S3 (an object appears whole or not at all; multipart uploads appear only on completion),
-and every call is retried on transient errors (connection refused or reset, throttling, 5xx) with
-exponential back-off for up to ``retry_deadline_s``, so a store that blips for a few seconds costs time,
-not work. ``preflight`` writes, reads and lists a probe through each client and says exactly what failed.
+is atomic in S3 (an object appears whole or not at all; multipart uploads appear only on completion).
+
+Retries, in two layers:
+- **botocore's own** (``retries={"mode": "adaptive", "total_max_attempts": storage.max_attempts}``): throttling,
+  5xx and dropped connections, with its exponential back-off and adaptive mode's client-side rate limiting
+  when the server throttles. Each S3Store counts them from ``ResponseMetadata.RetryAttempts``.
+- **an outer deadline** (``retry``, ``storage.retry_deadline_s``), kept for a reason botocore cannot cover:
+  its budget is a number of attempts with back-off capped at 20 s, while an S3 server that restarts (or a
+  network that drops for a minute) is an outage in seconds. The outer loop retries what botocore gave up on
+  until the deadline, and says so in the log (the checkpoint uploader prints each retry), so a store that is
+  down for a minute costs time, not work.
+``preflight`` writes, reads and lists a probe through each client and says exactly what failed.
 """
 from __future__ import annotations
 
@@ -40,7 +48,8 @@ class StorageConfig:
     region: str = "us-east-1"
     credentials_file: str | None = None    # an AWS-style INI file; None: $AWS_SHARED_CREDENTIALS_FILE or env keys
     profile: str = "default"
-    retry_deadline_s: float = 120.0        # keep retrying transient errors this long
+    retry_deadline_s: float = 120.0        # keep retrying transient errors this long (the outer loop)
+    max_attempts: int = 5                  # botocore's attempts per call (adaptive mode), inside the outer loop
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
 
@@ -134,12 +143,18 @@ class S3Store:
     def __init__(self, cfg: StorageConfig, sub: str = ""):
         self.cfg = cfg
         self.base = "/".join(p.strip("/") for p in (cfg.prefix, sub) if p.strip("/"))
-        self.client = make_client(cfg)
-        self.retries = 0
+        self.client = make_client(cfg, cfg.max_attempts)
+        self.retries = 0               # the outer loop's retries
+        self.counter = count_botocore_retries(self.client)
+
+    @property
+    def botocore_retries(self) -> int:
+        """Retries botocore made inside calls on this client (ResponseMetadata.RetryAttempts, summed)."""
+        return self.counter["retries"]
 
     def child(self, sub: str) -> "S3Store":
         c = S3Store.__new__(S3Store)
-        c.cfg, c.client, c.retries = self.cfg, self.client, 0
+        c.cfg, c.client, c.retries, c.counter = self.cfg, self.client, 0, self.counter
         c.base = "/".join(p for p in (self.base, sub.strip("/")) if p)
         return c
 
@@ -289,6 +304,23 @@ def read_uri(cfg: StorageConfig, uri: str, what: str = "") -> bytes:
     return p.read_bytes()
 
 
+def count_botocore_retries(client) -> dict:
+    """A counter of the retries botocore makes inside this client's calls: every response (a success, or the
+    error it finally gave up with) carries ResponseMetadata.RetryAttempts."""
+    counter = {"retries": 0}
+
+    def after(parsed=None, **_):
+        counter["retries"] += int(((parsed or {}).get("ResponseMetadata") or {}).get("RetryAttempts", 0) or 0)
+
+    def after_error(exception=None, **_):
+        resp = getattr(exception, "response", None) or {}
+        counter["retries"] += int((resp.get("ResponseMetadata") or {}).get("RetryAttempts", 0) or 0)
+
+    client.meta.events.register("after-call.s3", after)
+    client.meta.events.register("after-call-error.s3", after_error)
+    return counter
+
+
 def make_client(cfg: StorageConfig, max_attempts: int = 3):
     import boto3
     from botocore.config import Config
@@ -297,7 +329,7 @@ def make_client(cfg: StorageConfig, max_attempts: int = 3):
     key, secret = read_credentials(cfg)
     return boto3.client(
         "s3", endpoint_url=endpoint, region_name=cfg.region, aws_access_key_id=key, aws_secret_access_key=secret,
-        config=Config(retries={"mode": "standard", "max_attempts": max_attempts},
+        config=Config(retries={"mode": "adaptive", "total_max_attempts": max_attempts},
                       connect_timeout=cfg.connect_timeout_s, read_timeout=cfg.read_timeout_s,
                       s3={"addressing_style": "path"}, signature_version="s3v4"))
 
