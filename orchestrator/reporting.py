@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,15 @@ def resume_file() -> str | None:
     ckpt.to_directory(str(local))
     files = sorted(local.glob("ckpt-*.pt"))
     return str(files[-1]) if files else None
+
+
+def say(line: str) -> None:
+    """One progress line on the process's own stdout, which Ray forwards to the driver once. Not ``print``: in a
+    Ray Train worker ``print`` is patched to go to Train's logger *and*, where anything wrapped sys.stdout, to the
+    stream as well, so every line reached the driver twice."""
+    out = sys.__stdout__ or sys.stdout
+    out.write(line + "\n")
+    out.flush()
 
 
 class CheckpointUploader:
@@ -54,8 +64,8 @@ class CheckpointUploader:
 
         def count(attempt, err):
             self.retries += 1
-            print(f"[checkpoint] upload to s3://{dest} failed ({type(err).__name__}); retry {attempt}, "
-                  f"{time.monotonic() - t0:.0f} s into the upload", flush=True)
+            say(f"[checkpoint] upload to s3://{dest} failed ({type(err).__name__}); retry {attempt}, "
+                  f"{time.monotonic() - t0:.0f} s into the upload")
 
         local = Path(checkpoint.path)
         for f in sorted(p for p in local.rglob("*") if p.is_file()):
@@ -69,8 +79,7 @@ class CheckpointUploader:
         self.retries += store.botocore_retries      # botocore's own, inside the calls (RetryAttempts)
         self.last_s, self.last_retries = time.monotonic() - t0, self.retries - before
         if self.last_retries:
-            print(f"[checkpoint] s3://{dest} uploaded after {self.last_retries} retries in {self.last_s:.1f} s",
-                  flush=True)
+            say(f"[checkpoint] s3://{dest} uploaded after {self.last_retries} retries in {self.last_s:.1f} s")
         _fault_stall("HKD_FAULT_STALL_AFTER_UPLOAD_S", f"s3://{dest} uploaded, not yet recorded by Ray")
         return Checkpoint(path=dest, filesystem=storage.storage_filesystem)
 
@@ -81,7 +90,7 @@ def _fault_stall(var: str, what: str) -> None:
     meets it; after the upload, before Ray Train records it: a kill is most harmful)."""
     stall = float(os.environ.get(var) or 0)
     if stall > 0:
-        print(f"[checkpoint] {what}: stalling {stall:g} s ({var})", flush=True)
+        say(f"[checkpoint] {what}: stalling {stall:g} s ({var})")
         time.sleep(stall)
 
 
@@ -102,8 +111,8 @@ def callbacks(rank: int, tracker, run_id: str | None, total_kimg: float, what: s
         if rank == 0 and M.TRAIN_LOSS in metrics:
             rate = metrics.get(M.SAMPLES_PER_S, 0.0)
             eta = (total_kimg - kimg) * 1000 / rate if rate else float("nan")
-            print(f"[{what}] {kimg:.2f}/{total_kimg:g} kimg  loss {metrics[M.TRAIN_LOSS]:.4f}  {rate:.0f} samples/s  "
-                  f"elapsed {time.monotonic() - t0:.0f} s  ETA {eta:.0f} s", flush=True)
+            say(f"[{what}] {kimg:.2f}/{total_kimg:g} kimg  loss {metrics[M.TRAIN_LOSS]:.4f}  {rate:.0f} samples/s  "
+                f"elapsed {time.monotonic() - t0:.0f} s  ETA {eta:.0f} s")
 
     def checkpoint_cb(path: str | None, metrics: dict, kimg: float) -> None:
         report = checkpoint_report(metrics, kimg, total_kimg)     # what Tune's schedulers read (orchestrator/asha.py)
@@ -147,7 +156,7 @@ def count_attempt(tracker, run_id: str | None, resume: str | None) -> None:
     metrics = {M.TRAIN_ATTEMPT: n, **({M.TRAIN_RESUMED_FROM_KIMG: kimg} if resume else {})}
     tracker.log_metrics(run_id, metrics, step=int(round(kimg * 1000)))
     if resume:
-        print(f"[train] attempt {n} resumes from {kimg:g} kimg", flush=True)
+        say(f"[train] attempt {n} resumes from {kimg:g} kimg")
 
 
 

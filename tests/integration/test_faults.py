@@ -174,6 +174,8 @@ def test_worker_killed_restarts_from_the_last_checkpoint_in_the_same_run(first_p
     _assert_complete(res, run)
     assert "attempt 2 resumes from" in d.output()
     _assert_same_batches_as_uninterrupted(res, run, seed=11, world=2)
+    progress = [ln for ln in d.output().splitlines() if "[distill]" in ln and " kimg  loss " in ln]
+    assert progress and all(a != b for a, b in zip(progress, progress[1:])), "a progress line printed twice"
     back = min(m.timestamp for m in _history(run.info.run_id, "train/attempt") if m.value == 2) / 1000
     fault_report.append({"fault": "kill -9 of a Ray Train worker", "workers back and resumed (s)": back - t_kill,
                          "resumed from kimg": resumed[0].value, "final kimg": res["distill"]["kimg"],
