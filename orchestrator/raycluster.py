@@ -2,10 +2,51 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .config import PipelineConfig
+
+
+# Lines Ray echoes to the driver's terminal that say nothing a user can act on. They stay in Ray's own log
+# files (the session's logs/ folder: worker-*.err, raylet.out); HKD_RAY_VERBOSE=1 shows them here too.
+RAY_NOISE = (
+    re.compile(r"Actor with class name: 'PreemptionWatcher' .*constructor arguments in the object store"),
+    re.compile(r"\d+ PYTHON worker processes have been started on node"),
+    re.compile(r"Failed to query Ray Train Controller actor state"),
+)
+NOISY_ACTORS = ("PlacementGroupCleaner",)      # its every line: placement-group bookkeeping and its tracebacks
+
+
+def keep_line(data: dict, line: str) -> bool:
+    """Does a line Ray forwards from a worker (``data``: its pid, actor_name, ...) reach the user's terminal?"""
+    if data.get("actor_name") in NOISY_ACTORS:
+        return False
+    return not any(p.search(line) for p in RAY_NOISE)
+
+
+def quiet_ray_echo() -> None:
+    """Filter what Ray echoes from workers and the raylet to this driver (``print_to_stdstream``: both the
+    worker-log dispatcher and the raylet's error messages go through it); idempotent; before ``ray.init``, so
+    that the dispatcher binds the filtered function."""
+    if os.environ.get("HKD_RAY_VERBOSE") == "1":
+        return
+    try:
+        import ray._private.worker as rw
+    except ImportError:                      # another Ray layout: show everything rather than fail
+        return
+    original = rw.print_to_stdstream
+    if getattr(original, "_hkd_filtered", False):
+        return
+
+    def filtered(data, ignore_prefix: bool):
+        lines = [ln for ln in data.get("lines", []) if keep_line(data, ln)]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix)
+
+    filtered._hkd_filtered = True
+    rw.print_to_stdstream = filtered
 
 
 def init_ray(pc: PipelineConfig) -> None:
@@ -19,6 +60,7 @@ def init_ray(pc: PipelineConfig) -> None:
 
     if ray.is_initialized():
         return
+    quiet_ray_echo()
     runtime_env = {"env_vars": env_for_workers()}
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
         # inside `ray job submit`: the job already carries its runtime env (working dir, env vars); passing

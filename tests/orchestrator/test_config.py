@@ -89,3 +89,26 @@ def test_git_sha_prefers_the_given_commit_and_never_passes_off_garbage(monkeypat
     assert identity.git_sha() == "unknown"
     tags = identity.lineage(from_composed(compose([])))
     assert tags["hkd.git_sha"] == "unknown" and "mlflow.source.git.commit" not in tags
+
+
+def test_ray_noise_is_kept_off_the_terminal_and_the_rest_passes(monkeypatch):
+    """The driver's echo of worker and raylet lines drops Ray's internal chatter (placement-group cleanup,
+    the PreemptionWatcher warning, worker-count warnings) and passes everything else through unchanged."""
+    import ray._private.worker as rw
+
+    from orchestrator import raycluster
+
+    got = []
+    monkeypatch.setattr(rw, "print_to_stdstream", lambda data, ignore_prefix: got.append((data, ignore_prefix)))
+    monkeypatch.delenv("HKD_RAY_VERBOSE", raising=False)
+    raycluster.quiet_ray_echo()
+    raycluster.quiet_ray_echo()                                  # idempotent: one filter, not two
+    echo = rw.print_to_stdstream
+    echo({"lines": ["Failed to query Ray Train Controller actor state. State API may be ...", "   ^^^^"],
+          "actor_name": "PlacementGroupCleaner", "pid": 7}, False)
+    echo({"lines": ["[distill] 1.02/5 kimg  loss 0.3", "[2026 E 1 2] core_worker.cc:2465: Actor with class name: "
+                    "'PreemptionWatcher' and ID: 'ab' has constructor arguments in the object store and max_restarts"],
+          "actor_name": "RayTrainWorker", "pid": 8}, False)
+    echo({"lines": ["WARNING: 8 PYTHON worker processes have been started on node: x with address: 127.0.0.1."],
+          "pid": "raylet"}, False)
+    assert got == [({"lines": ["[distill] 1.02/5 kimg  loss 0.3"], "actor_name": "RayTrainWorker", "pid": 8}, False)]
