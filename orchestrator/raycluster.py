@@ -52,8 +52,12 @@ def quiet_ray_echo() -> None:
 def init_ray(pc: PipelineConfig) -> None:
     """Join cluster.address, or start a Ray in this process sized for the workers (plus one CPU for the
     driver's tasks)."""
-    # keeps a local Ray on 127.0.0.1; read when ray is imported, so set before that
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not pc.cluster.address or pc.cluster.address.split(":")[0] in ("127.0.0.1", "localhost"):
+        # a one-node Ray on this machine's 127.0.0.1 (in-process, or the local stack's head): Ray would replace
+        # 127.0.0.1 by the machine's network address without this. Never for a cluster: with it set, a worker
+        # node's `ray start --address` aborts (multi-node nodes use other loopback addresses, or real ones).
+        # Read when ray is imported, so set before that.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     from .workers import env_for_workers

@@ -292,6 +292,6 @@ def env_for_workers() -> dict:
     """Variables the workers need that the driver has (endpoints and the credentials file, never the keys)."""
     keys = ("AWS_ENDPOINT_URL", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE", "AWS_DEFAULT_REGION",
             "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "HKD_S3_BUCKET", "HKD_INCEPTION_WEIGHTS", "HKD_CACHE",
-            "HKD_DATA_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+            "HKD_DATA_DIR", "HKD_GIT_SHA", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
             "HKD_FAULT_STALL_BEFORE_UPLOAD_S", "HKD_FAULT_STALL_AFTER_UPLOAD_S")
     return {k: os.environ[k] for k in keys if os.environ.get(k)}

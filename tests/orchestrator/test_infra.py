@@ -55,8 +55,54 @@ def test_rayjob_entrypoint_composes(monkeypatch):
 def test_manifests_use_token_auth_and_secrets_not_literals():
     for path in ("infra/kuberay/raycluster.yaml", "infra/kuberay/rayjob.yaml"):
         text = (ROOT / path).read_text()
-        assert "RAY_AUTH_MODE" in text and "value: token" in text
+        doc = _render(path)
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        assert spec["authOptions"] == {"mode": "token"}     # KubeRay makes the token and hands it to every pod
         assert "secretRef" in text and "AWS_SECRET_ACCESS_KEY" not in text
+
+
+def _pods(spec: dict):
+    yield spec["headGroupSpec"]["template"]["spec"], 1, 1
+    for g in spec["workerGroupSpecs"]:
+        yield g["template"]["spec"], g["replicas"], g["maxReplicas"]
+
+
+def _offered(spec: dict, at_max: bool = False) -> tuple[float, float]:
+    """(CPUs, GPUs) the cluster's Ray nodes offer (a head with num-cpus 0 offers none)."""
+    cpus = gpus = 0.0
+    head = spec["headGroupSpec"]["template"]["spec"]
+    for pod, n, nmax in _pods(spec):
+        lim = pod["containers"][0]["resources"]["limits"]
+        count = nmax if at_max else n
+        if pod is head and spec["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0":
+            continue
+        cpus += count * float(lim["cpu"])
+        gpus += count * float(lim.get("nvidia.com/gpu", 0))
+    return cpus, gpus
+
+
+def test_cluster_resources_cover_what_the_entrypoints_ask_for(monkeypatch):
+    """The RayJob's pods offer what its entrypoint's Train workers ask for (it asked for 32 CPUs where 16 were
+    offered), and so does the RayCluster for the README's cluster=gpu pipeline; every pod has a /dev/shm volume;
+    a worker group that can grow has the autoscaler on."""
+    from orchestrator.config import compose
+
+    monkeypatch.setenv("HKD_S3_BUCKET", "b")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org")
+    job = _render("infra/kuberay/rayjob.yaml")
+    cluster = _render("infra/kuberay/raycluster.yaml")
+    for spec, cmd in ((job["spec"]["rayClusterSpec"], job["spec"]["entrypoint"]),
+                      (cluster["spec"], "hkd pipeline cluster=gpu storage=s3 tracking=remote")):
+        c = compose(cmd.split()[2:])["cluster"]
+        want_cpu, want_gpu = c["num_workers"] * c["cpus_per_worker"], c["num_workers"] * c["gpus_per_worker"]
+        cpus, gpus = _offered(spec, at_max=spec is cluster["spec"])
+        assert cpus >= want_cpu and gpus >= want_gpu, (cmd, (cpus, gpus), (want_cpu, want_gpu))
+        for pod, _, _ in _pods(spec):
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0].get("volumeMounts", [])}
+            vols = {v["name"]: v for v in pod.get("volumes", [])}
+            assert vols[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        grows = any(g["maxReplicas"] > g["replicas"] for g in spec["workerGroupSpecs"])
+        assert spec.get("enableInTreeAutoscaling", False) == grows
 
 
 def test_dockerfile_copies_what_exists_and_bakes_weights():
@@ -64,3 +110,50 @@ def test_dockerfile_copies_what_exists_and_bakes_weights():
     for src in re.findall(r"^COPY\s+(\S+)\s", text, re.M):
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
     assert "python -m hkd_core weights" in text
+
+
+def _render(path: str, image: str = "registry.example.org/hkd:cuda-abc123") -> dict:
+    """A cluster file as a user applies it: ${HKD_IMAGE} substituted (envsubst < FILE in infra/README.md)."""
+    text = (ROOT / path).read_text()
+    assert "${HKD_IMAGE}" in text and "hkd:latest" not in text, f"{path}: the image comes from HKD_IMAGE"
+    return yaml.safe_load(text.replace("${HKD_IMAGE}", image))
+
+
+def test_launcher_yaml_passes_rays_own_schema_and_fails_without_a_required_field():
+    import json
+
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    cfg = _render("infra/launcher/cluster.yaml")
+    jsonschema.validate(cfg, schema)
+    for key in ("provider", "cluster_name"):
+        broken = {k: v for k, v in cfg.items() if k != key}
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, schema)
+    nt = {k: {kk: vv for kk, vv in v.items() if kk != "resources"} for k, v in cfg["available_node_types"].items()}
+    with pytest.raises(jsonschema.ValidationError, match="resources"):
+        jsonschema.validate({**cfg, "available_node_types": nt}, schema)
+
+
+def test_launcher_env_file_is_where_the_launcher_puts_the_mount():
+    from ray.autoscaler.sdk import get_docker_host_mount_location
+
+    cfg = _render("infra/launcher/cluster.yaml")
+    opts = " ".join(cfg["docker"]["run_options"])
+    env_file = re.search(r"--env-file\s+(\S+)", opts).group(1)
+    dst = next(d for d in cfg["file_mounts"] if d.endswith("hkd-env"))
+    assert env_file == get_docker_host_mount_location(cfg["cluster_name"]) + dst
+    assert "--shm-size" in opts                                   # the object store lives in /dev/shm
+
+
+def test_dockerfile_has_no_single_node_setting_a_cuda_variant_and_the_commit():
+    """No node of a cluster built from the image may carry RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (with it, `ray start
+    --address` on a worker aborts); VARIANT=cuda selects PyTorch's CUDA wheels; the commit comes in as HKD_GIT_SHA
+    (what identity.git_sha reports where there is no .git)."""
+    text = (ROOT / "infra/docker/Dockerfile").read_text()
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in text
+    assert re.search(r"^ARG VARIANT=cpu$", text, re.M) and "cu128" in text
+    assert re.search(r"^ARG HKD_GIT_SHA=", text, re.M) and re.search(r"HKD_GIT_SHA=\$\{HKD_GIT_SHA\}", text)
+    assert "hkd:latest" not in text and "$HKD_IMAGE" in text
