@@ -11,11 +11,15 @@ import dataclasses
 import io
 import json
 import logging
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+import hkd_core
 from hkd_core import metric_names as M
 from hkd_core.data import load_images
 
@@ -320,9 +324,14 @@ def log_model(ctx: StageContext, run_id: str, model) -> str | None:
 
     name = ctx.pc.tracking.register_model
     mlflow.set_tracking_uri(ctx.tracker.uri)
-    with mlflow.start_run(run_id=run_id, nested=True):
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id, nested=True):
+        # the model's classes travel with it (code_paths): models:/NAME/N loads where hkd_core is not installed;
+        # the package's sources only, not its shipped teacher weights
+        code = Path(tmp) / "hkd_core"
+        shutil.copytree(Path(hkd_core.__file__).parent, code,
+                        ignore=shutil.ignore_patterns("__pycache__", "shipped", "*.pt", "*.png"))
         info = mlflow.pytorch.log_model(model, name="model", registered_model_name=name, serialization_format="pickle",
-                                        pip_requirements=["torch"], await_registration_for=60)
+                                        pip_requirements=["torch"], code_paths=[str(code)], await_registration_for=60)
     return f"{name}/{info.registered_model_version}" if name else None
 
 

@@ -127,3 +127,36 @@ def test_compare_overlays_the_spectra_of_runs_and_models_and_logs_them(fs_runs, 
     arts = {a.path for a in client.list_artifacts(res["_run_id"], "compare")}
     assert {"compare/compare_spectra.png", "compare/compare.md", "compare/compare.json"} <= arts
     assert main(["compare", *over, "no-such-sweep"]) == 2
+
+
+def test_the_logged_model_loads_where_hkd_core_is_not_installed(fs_runs, tmp_path):
+    """The MLflow model carries hkd_core's sources (code_paths, without the shipped weights): a process that
+    cannot import the installed package (its editable finder removed, run from elsewhere) loads the model and
+    samples with it, importing hkd_core from the model's own code folder."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    pc, first = fs_runs["pc"], fs_runs["first"]
+    client = MlflowClient(first["_tracking_uri"])
+    run = next(r for r in client.search_runs([first["_experiment_id"]])
+               if r.data.tags.get("hkd.run_key") == identity.run_key(pc, "distill"))
+    code = f"""
+import sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+try:
+    import hkd_core
+    raise SystemExit("hkd_core is importable without the model: the test proves nothing")
+except ImportError:
+    pass
+import mlflow.pytorch, torch
+mlflow.set_tracking_uri({first["_tracking_uri"]!r})
+m = mlflow.pytorch.load_model("runs:/{run.info.run_id}/model", map_location="cpu")
+import hkd_core
+assert "/code/hkd_core/" in hkd_core.__file__, hkd_core.__file__
+x = m.sample(x_T=m.noise(2, torch.Generator().manual_seed(0)))
+print("ok", type(m).__name__, tuple(x.shape))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().startswith("ok HKD (2, 1,"), r.stdout + r.stderr[-3000:]
