@@ -11,6 +11,7 @@
     hkd edit --band high --mask lower --ratios 0,0.5,1   # frequency-aware editing of the config's model
     hkd compare RUN_ID SWEEP_ID STUDY_ID ...        # Koopman spectra of several runs in one figure, in MLflow
     hkd ship-teacher teacher=edm eval.n=1000 --out hkd_core/shipped/NAME   # a trained teacher, scored, shipped
+    hkd data push fashion_mnist                     # the verified data file to s3://<bucket>/datasets/ (clusters)
     hkd pipeline experiment=smoke storage=fs tracking=file   # no service at all: a local folder, a local
                                                     # MLflow store (SQLite), Ray in this process
 
@@ -33,7 +34,7 @@ from hkd_core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CMDS = ("teacher", "trajectories", "distill", "evaluate", "pipeline")
-COMMANDS = ("preflight", "sweep", "study", "edit", "compare", "ship-teacher") + STAGE_CMDS
+COMMANDS = ("preflight", "sweep", "study", "edit", "compare", "ship-teacher", "data") + STAGE_CMDS
 
 
 def adopt_local_stack() -> None:
@@ -93,6 +94,46 @@ def gate_ok(pc, what: str) -> bool:
     return True
 
 
+def data_ok(pc, what: str) -> bool:
+    """The config's data set loadable here: the local disk, else fetched from s3://<bucket>/datasets/ (storage.
+    data_source); on a failure one sentence on stderr (the caller exits 2)."""
+    from hkd_core.data import DataError
+
+    from .datasets import ensure_local
+    from .storage import StorageError
+
+    try:
+        ensure_local(pc.storage, pc.run.data.name, pc.storage.data_source, pc.run.data.root)
+    except (DataError, StorageError) as e:
+        print(f"hkd: {what} error: {e}", file=sys.stderr)
+        return False
+    return True
+
+
+def data_main(args) -> int:
+    """``hkd data push DATASET [overrides]``: the verified local data file to s3://<bucket>/datasets/."""
+    from hkd_core.data import DataError
+
+    from .config import from_composed
+    from .datasets import push
+    from .storage import StorageError
+
+    words = [a for a in args.overrides if "=" not in a]
+    if len(words) != 2 or words[0] != "push":
+        print("hkd: data: use `hkd data push DATASET` (mnist, fashion_mnist, cifar10_jpeg)", file=sys.stderr)
+        return 2
+    try:
+        pc = from_composed(compose_for_cli([a for a in args.overrides if "=" in a]))
+        if not gate_ok(pc, "data"):
+            return 2
+        uri, new = push(pc.storage, words[1], pc.run.data.root)
+    except (ConfigError, DataError, StorageError) as e:
+        print(f"hkd: data error: {e}", file=sys.stderr)
+        return 2
+    print(f"{words[1]}: {uri} ({'uploaded' if new else 'already there'}); jobs read it with no HKD_DATA_DIR")
+    return 0
+
+
 def plan(pc, upto: str) -> dict:
     from .identity import STAGES, stage_prefix
 
@@ -148,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return compare_main(args)
     if args.command == "ship-teacher":
         return ship_main(args)
+    if args.command == "data":
+        return data_main(args)
     return stage_main(args)
 
 
@@ -161,7 +204,7 @@ def ship_main(args) -> int:
     try:
         cfg_dict = compose_for_cli(args.overrides)
         pc = from_composed(cfg_dict)
-        if not gate_ok(pc, "ship-teacher"):
+        if not gate_ok(pc, "ship-teacher") or not data_ok(pc, "ship-teacher"):
             return 2
         res = ship_teacher(pc, cfg_dict, args.out, command="hkd ship-teacher " + " ".join(args.overrides))
     except (ConfigError, ValueError, FileNotFoundError) as e:
@@ -197,7 +240,7 @@ def stage_main(args) -> int:
             Path(args.json).write_text(json.dumps(results, indent=1))
         return 0 if all(r["ok"] for r in results) else 1
 
-    if not gate_ok(pc, "storage"):
+    if not gate_ok(pc, "storage") or not data_ok(pc, "data"):
         return 2
     from hkd_core.checkpoint import CheckpointError
     from hkd_core.shipped import ShippedTeacherError
@@ -265,7 +308,7 @@ def sweep_main(args) -> int:
                           "base_config": pc.to_dict(), "shared_stages": plan(pc, "trajectories"),
                           "asha_rungs_kimg": asha_rungs(spec, pc.run.train.total_kimg)}, indent=1, default=str))
         return 0
-    if not gate_ok(pc, "sweep"):
+    if not gate_ok(pc, "sweep") or not data_ok(pc, "sweep"):
         return 2
     from .sweep import run_sweep, to_markdown
 
@@ -306,7 +349,7 @@ def study_main(args) -> int:
         print(json.dumps({"study": study, "variants": {v: {"config": pc.to_dict(), "plan": plan(pc, "evaluate")}
                                                        for v, (pc, _) in cfgs.items()}}, indent=1, default=str))
         return 0
-    if not gate_ok(next(iter(cfgs.values()))[0], "study"):
+    if not gate_ok(next(iter(cfgs.values()))[0], "study") or not data_ok(next(iter(cfgs.values()))[0], "study"):
         return 2
     res = run_study(args.overrides, variants, nfe, progress=not args.no_progress, out=args.out)
     if args.json:
@@ -335,7 +378,7 @@ def edit_main(args) -> int:
         print(json.dumps({"edit": ea.__dict__, "model": args.model or plan(pc, "distill")["distill"]["output"] +
                           "model.pt"}, indent=1, default=str))
         return 0
-    if not gate_ok(pc, "edit"):
+    if not gate_ok(pc, "edit") or not data_ok(pc, "edit"):
         return 2
     try:
         res = run_edit(pc, ea, args.model, args.out)

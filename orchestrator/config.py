@@ -118,6 +118,9 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     if s.kind not in ("s3", "fs"):
         raise ConfigError(f"storage.kind={s.kind!r} is not allowed; choose s3 (storage=local or storage=s3) or fs "
                           f"(storage=fs: a local folder)")
+    if s.data_source not in ("auto", "local", "s3"):
+        raise ConfigError(f"storage.data_source={s.data_source!r} is not allowed; choose auto (the local disk, else "
+                          f"s3://<bucket>/datasets/), local or s3")
     if s.kind == "s3" and not s.bucket:
         raise ConfigError("storage.bucket is empty; name the S3 bucket (or set HKD_S3_BUCKET)")
     if s.endpoint_url and not s.endpoint_url.startswith(("http://", "https://")):

@@ -45,6 +45,7 @@ class StorageConfig:
     bucket: str = "hkd"
     prefix: str = "runs"                   # every object of this project lives under s3://bucket/prefix/
     create_bucket: bool = False            # a bucket that does not exist is refused (a typo), unless this is true
+    data_source: str = "auto"              # data sets: auto (the local disk, else s3://bucket/datasets/) | local | s3
     region: str = "us-east-1"
     credentials_file: str | None = None    # an AWS-style INI file; None: $AWS_SHARED_CREDENTIALS_FILE or env keys
     profile: str = "default"

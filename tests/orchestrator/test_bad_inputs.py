@@ -89,6 +89,9 @@ CONFIGS = [
      'storage.bucket is empty; name the S3 bucket (or set HKD_S3_BUCKET)'),
     ('endpoint not a URL', ['storage.endpoint_url=ftp://x'],
      "storage.endpoint_url='ftp://x' must start with http:// or https://"),
+    ('unknown data source', ['storage.data_source=nfs'],
+     "storage.data_source='nfs' is not allowed; choose auto (the local disk, else s3://<bucket>/datasets/), local "
+     "or s3"),
     ('missing tracking URI', ['tracking.uri='],
      "tracking.uri is empty; set it (or MLFLOW_TRACKING_URI) to the MLflow server's URL"),
     ('tracking URI not MLflow', ['tracking.uri=mysql://db'],

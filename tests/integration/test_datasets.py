@@ -1,0 +1,88 @@
+"""Data sets in S3: `hkd data push` uploads the verified file under its content address; a job whose driver has
+no copy on its disk reads it from there; an altered object is refused, naming it. Against the stack's SeaweedFS
+and its `ray start --head`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hkd_core.data import DATASETS, SHA256, DataError, find_data_file
+from orchestrator.datasets import dataset_key, ensure_local, push
+from orchestrator.storage import StorageConfig
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+EXCLUDES = [".venv", ".stack", "runs", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info"]
+
+
+def _pushable() -> str:
+    name = next((n for n in ("mnist", "fashion_mnist") if find_data_file(n) is not None), None)
+    if name is None:
+        pytest.skip("no mnist.npz or fashion_mnist.npz on this machine to push (shared/data, $HKD_DATA_DIR)")
+    return name
+
+
+def _hkd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_push_uploads_the_verified_file_under_its_content_address_once(local_stack, s3):
+    name = _pushable()
+    key = dataset_key(name)
+    assert key == f"datasets/{name}-{SHA256[DATASETS[name].file]}.npz"
+    r = _hkd("data", "push", name)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1].startswith(f"{name}: s3://hkd/{key} (")
+    head = s3.head_object(Bucket="hkd", Key=key)
+    assert head["ContentLength"] == find_data_file(name).stat().st_size
+    again = _hkd("data", "push", name)
+    assert again.returncode == 0 and "(already there)" in again.stdout
+    bad = _hkd("data", "push", "svhn")
+    assert bad.returncode == 2 and "unknown data set 'svhn'" in bad.stderr
+
+
+def test_a_job_without_the_data_on_its_disk_reads_it_from_s3(local_stack, s3, run_tag):
+    """`ray job submit` of a stage that loads images: the job's driver runs in Ray's copy of the working
+    directory, with HKD_DATA_DIR emptied, so no local copy is found; it fetches the pushed file (and says so)."""
+    name = _pushable()
+    assert _hkd("data", "push", name).returncode == 0
+    dash = f"http://127.0.0.1:{local_stack['ports']['dashboard']}"
+    runtime_env = {"excludes": EXCLUDES, "env_vars": {"HKD_DATA_DIR": "", "HKD_CACHE": f"/tmp/hkd-job-{run_tag}"}}
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(ROOT),
+           "--runtime-env-json", json.dumps(runtime_env), "--",
+           "hkd", "trajectories", "experiment=smoke", f"data={name}", f"storage.prefix=itdata-{run_tag}",
+           f"tracking.experiment=it-{run_tag}", f"name=s3data-{run_tag}", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": dash}, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "succeeded" in out, out[-4000:]
+    assert f"data: {DATASETS[name].file} fetched from s3://hkd/{dataset_key(name)}" in out
+    assert Path(f"/tmp/hkd-job-{run_tag}/datasets/{DATASETS[name].file}").is_file()
+
+
+def test_an_altered_object_is_refused_naming_it(local_stack, s3, tmp_path, monkeypatch):
+    name = _pushable()
+    bucket = f"hkd-data-{uuid.uuid4().hex[:6]}"
+    s3.create_bucket(Bucket=bucket)
+    cfg = StorageConfig(endpoint_url=local_stack["env"]["AWS_ENDPOINT_URL"], bucket=bucket)
+    uri, new = push(cfg, name)
+    assert new and uri == f"s3://{bucket}/{dataset_key(name)}"
+    monkeypatch.setenv("HKD_CACHE", str(tmp_path))
+    monkeypatch.delenv("HKD_DATA_DIR", raising=False)
+    folder = ensure_local(cfg, name, "s3")                     # source=s3: the bucket's copy, even with a local one
+    assert folder == tmp_path / "datasets" and os.environ["HKD_DATA_DIR"] == str(folder)
+    assert find_data_file(name) == folder / DATASETS[name].file
+    body = bytearray(s3.get_object(Bucket=bucket, Key=dataset_key(name))["Body"].read())
+    body[5000] ^= 0xFF
+    s3.put_object(Bucket=bucket, Key=dataset_key(name), Body=bytes(body))
+    (folder / DATASETS[name].file).unlink()
+    with pytest.raises(DataError, match=rf"{uri} does not match its sha256 .*: altered or truncated in the bucket; "
+                                        rf"push it again \(hkd data push {name}\)"):
+        ensure_local(cfg, name, "s3")
+    assert not (folder / DATASETS[name].file).exists() and not list(folder.glob("*.part"))   # nothing half-written
