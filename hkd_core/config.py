@@ -114,8 +114,11 @@ class TrainConfig:
                                          # consistency); the paper's 4 costs 4x the compute per image
     xT_weight: float | None = None       # x_T's share of the loss; None: the paper's plain sum (1/states_per_traj)
     tcons_sigma_min: float = 0.0         # consistency states are drawn among those with sigma >= this (0: all)
-    latent_weight: float = 0.0           # > 0: + this x |evolve(E(x_T), tau_s - tau_T) - E(x_s)|^2 / |E(x_s)|^2 for a
-                                         # later state x_s of each trajectory (issue 13; hkd_core/losses.py)
+    latent_weight: float | None = None   # > 0: + this x |evolve(E(x_T), tau_s - tau_T) - E(x_s)|^2 / |E(x_s)|^2 for a
+                                         # later state x_s of each trajectory (issue 13; hkd_core/losses.py).
+                                         # None: LATENT_WEIGHT for models with Koopman latents (hkd, one_level), 0
+                                         # for the others (docs/results/issue13: identifiable, reproducible spectra
+                                         # at the same FID, 1.25x the step)
     lambda1_start: float = 1.0
     lambda1_end: float = 0.0
     lambda1_anneal_kimg: float = 4.0
@@ -273,6 +276,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("train.tcons_sigma_min", cfg.train.tcons_sigma_min, strict=False)
     from .sampler import karras_sigmas
 
+    if cfg.train.latent_weight is None:
+        cfg.train.latent_weight = default_latent_weight(cfg.model.variant)
     _positive("train.latent_weight", cfg.train.latent_weight, strict=False)
     if cfg.train.latent_weight > 0 and cfg.model.variant in ("kd", "kdm"):
         raise ConfigError(f"train.latent_weight={cfg.train.latent_weight} needs per-level Koopman latents "
@@ -346,6 +351,15 @@ def config_hash(*parts) -> str:
     """A short content hash of dataclasses / dicts / strings, for content-addressed stage outputs."""
     blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+LATENT_WEIGHT = 0.1     # the latent-consistency term's default weight (docs/results/issue13, "Spectra")
+
+
+def default_latent_weight(variant: str) -> float:
+    """train.latent_weight when it is not given: on for models whose Koopman evolution acts on per-level
+    latents (hkd, one_level), off for the others (kd and kdm have none; no_koopman has no evolution to tie)."""
+    return LATENT_WEIGHT if variant in ("hkd", "one_level") else 0.0
 
 
 def file_digest(path: str) -> str:

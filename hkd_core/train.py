@@ -269,6 +269,11 @@ def train_hkd(
     """Distil stored teacher trajectories into a one-step model; returns kimg, steps, train_s, ``ema``, metrics.
     Call as ``train_hkd(model, states, sigmas, **asdict(cfg.train))``."""
     t = _settings(TrainConfig, train)
+    if t.latent_weight is None:      # the config's default: on where the model has Koopman latents
+        from .config import LATENT_WEIGHT
+
+        evolves = any(getattr(k, "mode", "none") != "none" for k in getattr(unwrap(model), "koopman", []))
+        t = dataclasses.replace(t, latent_weight=LATENT_WEIGHT if evolves else 0.0)
     get = _batch_fn(trajectories, _check_batch(t.batch_size, world_size), t.seed, rank, world_size)
     loss_fn = HKDLoss(t.states_per_traj, LambdaSchedule(t.lambda1_start, t.lambda1_end, t.lambda1_anneal_kimg),
                       t.lambda2, perceptual_distance(t.perceptual, **(perceptual_kwargs or _lpips_paths(t))), t.xT_weight,
