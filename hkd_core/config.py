@@ -362,16 +362,12 @@ def default_latent_weight(variant: str) -> float:
     return LATENT_WEIGHT if variant in ("hkd", "one_level") else 0.0
 
 
-def file_digest(path: str) -> str:
-    """sha256 of a local file (its content as an identity); '' if it is not there (validation says so)."""
+def _content(path: str) -> str:
+    """sha256 of a local file (its content as part of an identity); '' if it is not there (validation says so)."""
+    from .data import file_digest
+
     p = Path(path).expanduser()
-    if not p.is_file():
-        return ""
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(p) if p.is_file() else ""
 
 
 def stage_hashes(cfg: RunConfig) -> dict[str, str]:
@@ -379,7 +375,7 @@ def stage_hashes(cfg: RunConfig) -> dict[str, str]:
     teacher = config_hash(cfg.data, cfg.teacher)
     if cfg.teacher.checkpoint and "://" not in cfg.teacher.checkpoint:
         # a local checkpoint's content is part of the identity: new weights at the same path are a new teacher
-        teacher = config_hash(teacher, file_digest(cfg.teacher.checkpoint))
+        teacher = config_hash(teacher, _content(cfg.teacher.checkpoint))
     traj = config_hash(teacher, cfg.trajectories)
     distill = config_hash(traj, cfg.model, cfg.train)
     evaluate = config_hash(distill, cfg.eval)
