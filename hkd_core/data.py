@@ -128,6 +128,14 @@ def find_data_file(name: str, root: str | os.PathLike | None = None) -> Path | N
     return None
 
 
+def has_local_copy(name: str, root: str | os.PathLike | None = None) -> bool:
+    """Is the data set loadable from this machine's disk (a verified file in the search folders, or Debian's
+    Fashion-MNIST package), without any download?"""
+    if find_data_file(name, root) is not None:
+        return True
+    return name == "fashion_mnist" and (_DEBIAN_FASHION / "train-images-idx3-ubyte.gz").is_file()
+
+
 def _info(name: str) -> DatasetInfo:
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {sorted(DATASETS)}")

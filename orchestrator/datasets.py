@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from hkd_core.data import DATASETS, SHA256, DataError, cache_dir, find_data_file, verify_file
+from hkd_core.data import DATASETS, SHA256, DataError, cache_dir, find_data_file, has_local_copy, verify_file
 
 from .storage import StorageConfig, StorageError, make_store
 
@@ -59,14 +59,6 @@ def push(cfg: StorageConfig, name: str, root: str | None = None) -> tuple[str, b
     return store.uri(key), True
 
 
-def _local_copy(name: str, root: str | None) -> bool:
-    from hkd_core import data as D
-
-    if find_data_file(name, root) is not None:
-        return True
-    return name == "fashion_mnist" and (D._DEBIAN_FASHION / "train-images-idx3-ubyte.gz").is_file()
-
-
 def ensure_local(cfg: StorageConfig, name: str, source: str = "auto", root: str | None = None) -> Path | None:
     """Make ``name`` loadable in this process: None if the local disk has it (source auto/local), else the
     folder it was fetched into from the bucket, which HKD_DATA_DIR now names. A missing or altered object is a
@@ -74,7 +66,7 @@ def ensure_local(cfg: StorageConfig, name: str, source: str = "auto", root: str 
     if source not in SOURCES:
         raise DataError(f"storage.data_source={source!r}; choose one of {list(SOURCES)}")
     _known(name)
-    if source == "local" or cfg.kind != "s3" or (source == "auto" and _local_copy(name, root)):
+    if source == "local" or cfg.kind != "s3" or (source == "auto" and has_local_copy(name, root)):
         return None
     info = DATASETS[name]
     folder = cache_dir() / "datasets"

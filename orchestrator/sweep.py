@@ -214,9 +214,8 @@ def close_trial_runs(tracker: Tracker, sweep_id: str, summary: dict) -> dict[str
     open by the driver that died. Stopped early: status KILLED with ``hkd.stopped_early=true`` and the kimg it
     reached; errored: FAILED; a run Tune no longer knows: KILLED with ``hkd.end_reason``. Returns trial -> status."""
     rows = {r["trial_id"]: r for r in summary["rows"]}
-    runs = tracker._call(lambda: tracker.client.search_runs(
-        [tracker.experiment_id], f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial' and "
-                                 f"attributes.status = 'RUNNING'", max_results=1000), f"search trials of {sweep_id}")
+    runs = tracker.search(f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial' and "
+                          f"attributes.status = 'RUNNING'")
     closed = {}
     for run in runs:
         trial = run.data.tags.get("hkd.trial_id", "?")

@@ -160,6 +160,11 @@ class Tracker:
                            tags=[InputTag("mlflow.data.context", i["context"])]) for i in inputs]
         self._call(lambda: self.client.log_inputs(run_id, datasets=ds), "log dataset inputs")
 
+    def search(self, filter_string: str, max_results: int = 1000) -> list:
+        """Runs of this experiment matching an MLflow filter (with the tracker's retries)."""
+        return self._call(lambda: self.client.search_runs([self.experiment_id], filter_string,
+                                                          max_results=max_results), f"search {filter_string}")
+
     def find_run(self, key: str):
         runs = self._call(lambda: self.client.search_runs([self.experiment_id], f"tags.`{RUN_KEY}` = '{key}'",
                                                           max_results=5, order_by=["attributes.start_time ASC"]),
