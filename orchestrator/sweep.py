@@ -95,7 +95,10 @@ def trial_fn(params: dict, ctx: dict) -> None:
     try:
         result, _ = trainer.fit(t)
     except Exception:
-        tracker.end(run_id, "FAILED")
+        # When ASHA stops this trial, Tune tears the actor down and fit() may raise here before the process
+        # goes: the driver's close_trial_runs decides from Tune's own record, so only a still-open run is marked
+        if tracker.run_data(run_id).info.status == "RUNNING":
+            tracker.end(run_id, "FAILED")
         raise
     state = trainer.checkpoint_state(result)
     model = build_model(pc.run.model.variant, pc.run.hkd_config())
@@ -209,18 +212,24 @@ def _tuner(spec: SweepSpec, pc, sweep_id: str, trial_ctx: dict, resume: str | No
 
 
 def close_trial_runs(tracker: Tracker, sweep_id: str, summary: dict) -> dict[str, str]:
-    """End every trial's MLflow child run that is still RUNNING once Tune is done: a trial ASHA stopped never
-    reaches its own ``end`` (Tune stops its actor), and one that a resumed sweep does not continue was left
-    open by the driver that died. Stopped early: status KILLED with ``hkd.stopped_early=true`` and the kimg it
-    reached; errored: FAILED; a run Tune no longer knows: KILLED with ``hkd.end_reason``. Returns trial -> status."""
+    """End every trial's MLflow child run the way Tune's record says it ended, once Tune is done. A trial ASHA
+    stopped never reaches its own ``end`` (Tune stops its actor), or its process saw the stop as an error in
+    ``fit`` and marked the run FAILED; one that a resumed sweep does not continue was left open by the driver
+    that died. Stopped early: status KILLED with ``hkd.stopped_early=true`` and the kimg it reached; errored:
+    FAILED; a run Tune no longer knows: KILLED with ``hkd.end_reason``. Returns trial -> status for the runs
+    it changed."""
     rows = {r["trial_id"]: r for r in summary["rows"]}
-    runs = tracker.search(f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial' and "
-                          f"attributes.status = 'RUNNING'")
+    runs = tracker.search(f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial'")
     closed = {}
     for run in runs:
+        if run.info.status not in ("RUNNING", "FAILED"):
+            continue
         trial = run.data.tags.get("hkd.trial_id", "?")
         row = rows.get(trial)
-        if row is not None and row["status"].startswith("stopped"):
+        stopped = row is not None and row["status"].startswith("stopped")
+        if run.info.status == "FAILED" and not stopped:
+            continue                     # a real failure (or one Tune's record cannot overrule): left as it is
+        if stopped:
             tracker.set_tags(run.info.run_id, {"hkd.stopped_early": "true", "hkd.end_reason": "stopped by ASHA",
                                                "hkd.stopped_at_kimg": f"{row['kimg']:g}"})
             status = "KILLED"
