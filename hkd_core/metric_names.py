@@ -19,6 +19,7 @@ TRAIN_KIMG = "train/kimg"
 TRAIN_S = "train/train_s"
 TRAIN_ATTEMPT = "train/attempt"                      # starts of the worker group, restarts included
 TRAIN_RESUMED_FROM_KIMG = "train/resumed_from_kimg"
+TRAIN_NODES = "train/nodes"                          # Ray nodes the worker group runs on, at each start
 SAMPLES_PER_S = "perf/samples_per_s"
 
 # checkpoints and data (the Ray Train loops)

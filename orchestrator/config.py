@@ -27,6 +27,9 @@ DEFAULTS_NAME = "hkd_defaults"
 CORE = ("data", "teacher", "trajectories", "model", "train", "eval")
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+
+
 @dataclass
 class ClusterConfig:
     address: str | None = None       # None: an in-process Ray; "auto" or "host:port" to join a running one
@@ -36,6 +39,10 @@ class ClusterConfig:
     gpus_per_worker: float = 0.0
     generation_tasks: int = 2        # parallel tasks for trajectories and evaluation
     max_failures: int = 3            # Ray Train FailureConfig
+    # where the Train workers' bundles go (Ray's placement group strategies): PACK fills one node first;
+    # SPREAD puts them on different nodes when it can (and packs them when it must: a restart after a lost
+    # node); STRICT_SPREAD only ever on different nodes
+    placement_strategy: str = "PACK"
 
 
 @dataclass
@@ -136,6 +143,9 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         raise ConfigError("tracking.experiment is empty; name the MLflow experiment the runs go to (default hkd)")
     if c.num_workers < 1:
         raise ConfigError(f"cluster.num_workers={c.num_workers} must be >= 1")
+    if c.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ConfigError(f"cluster.placement_strategy={c.placement_strategy!r}; choose one of "
+                          f"{list(PLACEMENT_STRATEGIES)}")
     if c.generation_tasks < 1:
         raise ConfigError(f"cluster.generation_tasks={c.generation_tasks} must be >= 1")
     if c.use_gpu and c.gpus_per_worker <= 0:

@@ -2,6 +2,7 @@
 through Ray (each file one retried S3 PUT), a progress line, and the count of worker-group starts."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -144,16 +145,47 @@ def tracker_for_rank0(pc, rank: int):
     return Tracker(pc.tracking, background_flush_s=2.0)
 
 
-def count_attempt(tracker, run_id: str | None, resume: str | None) -> None:
+def worker_nodes() -> dict[str, dict]:
+    """Where this worker group runs: Ray node id -> {"ip", "ranks"}, gathered from every rank over the process
+    group (every rank must call it)."""
+    import ray
+    import torch.distributed as dist
+
+    me = (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address())
+    ranks = [me]
+    if dist.is_available() and dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, me)
+    nodes: dict[str, dict] = {}
+    for rank, (node, ip) in enumerate(ranks):
+        nodes.setdefault(node, {"ip": ip, "ranks": []})["ranks"].append(rank)
+    return nodes
+
+
+def placement_line(nodes: dict[str, dict]) -> str:
+    """'2 workers on 2 nodes: 127.0.0.2 (ranks 0), 127.0.0.3 (ranks 1)'"""
+    n = sum(len(v["ranks"]) for v in nodes.values())
+    where = ", ".join(f"{v['ip']} [{k[:8]}] (ranks {','.join(map(str, v['ranks']))})" for k, v in nodes.items())
+    return f"{n} worker{'s' if n != 1 else ''} on {len(nodes)} node{'s' if len(nodes) != 1 else ''}: {where}"
+
+
+def count_attempt(tracker, run_id: str | None, resume: str | None, nodes: dict | None = None) -> None:
     """Each start of the worker group (the first, and every restart by Ray Train's FailureConfig or by a
     rerun of the stage) bumps the run's tag hkd.train_attempts and logs train/attempt (and, when it picked up
-    a checkpoint, train/resumed_from_kimg) at the step it starts from."""
+    a checkpoint, train/resumed_from_kimg) at the step it starts from. Where the group runs goes to the tags
+    hkd.worker_nodes (now) and hkd.worker_nodes.<attempt> (JSON: node id -> ip, ranks) and the metric
+    train/nodes."""
     if tracker is None or not run_id:
         return
     n = int(tracker.run_data(run_id).data.tags.get("hkd.train_attempts", "0")) + 1
+    if nodes:
+        placed = json.dumps(nodes, sort_keys=True, separators=(",", ":"))
+        tracker.set_tags(run_id, {"hkd.worker_nodes": placed, f"hkd.worker_nodes.{n}": placed})
+        say(f"[train] attempt {n}: {placement_line(nodes)}")
     tracker.set_tags(run_id, {"hkd.train_attempts": n})
     kimg = float(Path(resume).stem.split("-", 1)[1]) if resume else 0.0       # ckpt-<kimg>.pt
-    metrics = {M.TRAIN_ATTEMPT: n, **({M.TRAIN_RESUMED_FROM_KIMG: kimg} if resume else {})}
+    metrics = {M.TRAIN_ATTEMPT: n, **({M.TRAIN_RESUMED_FROM_KIMG: kimg} if resume else {}),
+               **({M.TRAIN_NODES: len(nodes)} if nodes else {})}
     tracker.log_metrics(run_id, metrics, step=int(round(kimg * 1000)))
     if resume:
         say(f"[train] attempt {n} resumes from {kimg:g} kimg")
@@ -171,7 +203,7 @@ class LoopReporting:
         self.run_id = run_id
         self.metrics_cb, self.checkpoint_cb = callbacks(rank, self.tracker, run_id, total_kimg, what, pc.storage)
         self.resume = resume_file()
-        count_attempt(self.tracker, run_id, self.resume)
+        count_attempt(self.tracker, run_id, self.resume, worker_nodes())
         self.local = Path(tempfile.mkdtemp(prefix=f"hkd-{what}-"))
 
     def log(self, metrics: dict, kimg: float) -> None:

@@ -50,7 +50,8 @@ def make_trainer(pc, loop, loop_config: dict, name: str, *, workers: Workers | N
                            worker_runtime_env={"env_vars": env_for_workers()})
     return TorchTrainer(loop, train_loop_config={"threads": w.threads, **loop_config},
                         torch_config=TorchConfig(backend="nccl" if w.gpus else "gloo"),
-                        scaling_config=ScalingConfig(num_workers=w.num, use_gpu=bool(w.gpus), resources_per_worker=res),
+                        scaling_config=ScalingConfig(num_workers=w.num, use_gpu=bool(w.gpus), resources_per_worker=res,
+                                                     placement_strategy=pc.cluster.placement_strategy),
                         run_config=run_config)
 
 
