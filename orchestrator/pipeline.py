@@ -56,7 +56,11 @@ def run_stages(pc: PipelineConfig, cfg_dict: dict, upto: str = "evaluate", progr
                 continue
             log.info("%s: running (output %s)", stage, ctx.store(stage).uri(""))
             ts = time.perf_counter()
-            results[stage] = fns[stage]()
+            try:
+                results[stage] = fns[stage]()
+            except Exception as e:
+                ctx.fail(stage, e)
+                raise
             log.info("%s: finished in %.1f s", stage, time.perf_counter() - ts)
         status = "FINISHED"
     finally:

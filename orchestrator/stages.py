@@ -44,6 +44,7 @@ class StageContext:
     parent_run_id: str | None
     lineage: dict                  # tags every run carries (config hash, git sha, data, ...)
     progress: bool = True
+    opened: dict = dataclasses.field(default_factory=dict)     # stage -> its MLflow run id, once opened
 
     def prefix(self, stage: str) -> str:
         return identity.stage_prefix(self.pc, stage)
@@ -68,7 +69,16 @@ class StageContext:
         inputs = self.inputs(stage)
         if inputs:
             self.tracker.log_inputs(run_id, inputs)
+        self.opened[stage] = run_id
         return run_id
+
+    def fail(self, stage: str, err: BaseException) -> None:
+        """A stage that raised: its run (if it got one and it is still open) ends FAILED, saying why."""
+        run_id = self.opened.get(stage)
+        if run_id is None or self.tracker.run_data(run_id).info.status != "RUNNING":
+            return
+        self.tracker.set_tags(run_id, {"hkd.end_reason": f"{type(err).__name__}: {err}"[:4000]})
+        self.tracker.end(run_id, "FAILED")
 
     def inputs(self, stage: str) -> list[dict]:
         """What a stage's run consumed, as MLflow dataset inputs: the image set (teacher: training; evaluate: the

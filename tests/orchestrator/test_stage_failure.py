@@ -1,0 +1,28 @@
+"""A stage that raises ends its own MLflow run FAILED with the reason (not left RUNNING beside a FAILED
+pipeline run); on a real local MLflow store, no Ray (the stage is replaced by one that opens its run and fails)."""
+import pytest
+
+from orchestrator import pipeline
+from orchestrator.config import load
+
+
+def test_a_failing_stage_ends_its_run_failed_with_the_reason(tmp_path, monkeypatch):
+    for var in ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    pc = load(["experiment=smoke", "storage=fs", "tracking=file", f"storage.root={tmp_path}/store",
+               f"tracking.root={tmp_path}/mlflow"])
+    opened = {}
+
+    def teacher_that_fails(ctx):
+        opened["id"] = ctx.open_run("teacher")
+        raise RuntimeError("out of disk on the node")
+
+    monkeypatch.setattr(pipeline, "stage_teacher", teacher_that_fails)
+    ctx = pipeline.context(pc, pc.to_dict(), progress=False)
+    with pytest.raises(RuntimeError, match="out of disk"):
+        pipeline.run_stages(pc, pc.to_dict(), "evaluate", progress=False, ctx=ctx)
+    run = ctx.tracker.run_data(opened["id"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["hkd.end_reason"] == "RuntimeError: out of disk on the node"
+    ctx.fail("teacher", RuntimeError("again"))                  # an ended run is not touched twice
+    assert ctx.tracker.run_data(opened["id"]).data.tags["hkd.end_reason"].endswith("out of disk on the node")
