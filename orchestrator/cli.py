@@ -94,17 +94,21 @@ def gate_ok(pc, what: str) -> bool:
     return True
 
 
-def data_ok(pc, what: str) -> bool:
+def data_ok(pc, what: str, fid: bool = False) -> bool:
     """The config's data set loadable here: the local disk, else fetched from s3://<bucket>/datasets/ (storage.
-    data_source); on a failure one sentence on stderr (the caller exits 2)."""
+    data_source); with ``fid``, the Inception weights too (here, or in s3://<bucket>/weights/ for every node).
+    On a failure one sentence on stderr (the caller exits 2), before any stage runs."""
     from hkd_core.data import DataError
+    from hkd_core.inception import WeightsError
 
-    from .datasets import ensure_local
+    from .datasets import ensure_local, ensure_weights
     from .storage import StorageError
 
     try:
         ensure_local(pc.storage, pc.run.data.name, pc.storage.data_source, pc.run.data.root)
-    except (DataError, StorageError) as e:
+        if fid:
+            ensure_weights(pc.storage, pc.run.eval.inception_weights)
+    except (DataError, StorageError, WeightsError) as e:
         print(f"hkd: {what} error: {e}", file=sys.stderr)
         return False
     return True
@@ -115,22 +119,27 @@ def data_main(args) -> int:
     from hkd_core.data import DataError
 
     from .config import from_composed
-    from .datasets import push
+    from .datasets import push, push_weights
     from .storage import StorageError
 
     words = [a for a in args.overrides if "=" not in a]
     if len(words) != 2 or words[0] != "push":
-        print("hkd: data: use `hkd data push DATASET` (mnist, fashion_mnist, cifar10_jpeg)", file=sys.stderr)
+        print("hkd: data: use `hkd data push DATASET` (mnist, fashion_mnist, cifar10_jpeg) or "
+              "`hkd data push inception` (the FID weights)", file=sys.stderr)
         return 2
     try:
         pc = from_composed(compose_for_cli([a for a in args.overrides if "=" in a]))
         if not gate_ok(pc, "data"):
             return 2
-        uri, new = push(pc.storage, words[1], pc.run.data.root)
+        if words[1] == "inception":
+            uri, new = push_weights(pc.storage, pc.run.eval.inception_weights)
+        else:
+            uri, new = push(pc.storage, words[1], pc.run.data.root)
     except (ConfigError, DataError, StorageError) as e:
         print(f"hkd: data error: {e}", file=sys.stderr)
         return 2
-    print(f"{words[1]}: {uri} ({'uploaded' if new else 'already there'}); jobs read it with no HKD_DATA_DIR")
+    who = "every node reads them" if words[1] == "inception" else "jobs read it with no HKD_DATA_DIR"
+    print(f"{words[1]}: {uri} ({'uploaded' if new else 'already there'}); {who}")
     return 0
 
 
@@ -240,7 +249,8 @@ def stage_main(args) -> int:
             Path(args.json).write_text(json.dumps(results, indent=1))
         return 0 if all(r["ok"] for r in results) else 1
 
-    if not gate_ok(pc, "storage") or not data_ok(pc, "data"):
+    fid = upto == "evaluate" or pc.run.eval.curve_n > 0            # the Inception network runs somewhere
+    if not gate_ok(pc, "storage") or not data_ok(pc, "data", fid):
         return 2
     from hkd_core.checkpoint import CheckpointError
     from hkd_core.shipped import ShippedTeacherError
@@ -308,7 +318,7 @@ def sweep_main(args) -> int:
                           "base_config": pc.to_dict(), "shared_stages": plan(pc, "trajectories"),
                           "asha_rungs_kimg": asha_rungs(spec, pc.run.train.total_kimg)}, indent=1, default=str))
         return 0
-    if not gate_ok(pc, "sweep") or not data_ok(pc, "sweep"):
+    if not gate_ok(pc, "sweep") or not data_ok(pc, "sweep", fid=True):
         return 2
     from .sweep import run_sweep, to_markdown
 
@@ -349,7 +359,7 @@ def study_main(args) -> int:
         print(json.dumps({"study": study, "variants": {v: {"config": pc.to_dict(), "plan": plan(pc, "evaluate")}
                                                        for v, (pc, _) in cfgs.items()}}, indent=1, default=str))
         return 0
-    if not gate_ok(next(iter(cfgs.values()))[0], "study") or not data_ok(next(iter(cfgs.values()))[0], "study"):
+    if not gate_ok(next(iter(cfgs.values()))[0], "study") or not data_ok(next(iter(cfgs.values()))[0], "study", fid=True):
         return 2
     res = run_study(args.overrides, variants, nfe, progress=not args.no_progress, out=args.out)
     if args.json:

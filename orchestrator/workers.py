@@ -192,7 +192,7 @@ def make_eval_cb(pc, spec: dict, device):
         return lambda ema, kimg: {metric: E.holdout_error(ema, states)}
 
     e = pc.run.eval
-    feats = InceptionFeatures(e.inception_weights, device=device, batch_size=e.batch_size)
+    feats = InceptionFeatures(inception_weights(pc), device=device, batch_size=e.batch_size)
     ref = decode_reference(make_store(pc.storage, "fid-refs").get(spec["reference_key"]))
     seeds = E.eval_seeds(e, int(spec["fid_n"]))
 
@@ -268,7 +268,7 @@ def features_task(cfg: dict, what: dict, seeds: list[int], images=None, teacher_
     torch.set_num_threads(threads)
     pc = parse(cfg)
     dev = _device()
-    feats = InceptionFeatures(pc.run.eval.inception_weights, device=dev, batch_size=pc.run.eval.batch_size)
+    feats = InceptionFeatures(inception_weights(pc), device=dev, batch_size=pc.run.eval.batch_size)
     if what["kind"] == "model":
         generate = E.model_generator(load_model(pc, model_key).to(dev))
     else:
@@ -284,8 +284,16 @@ def image_features_task(cfg: dict, images: torch.Tensor, threads: int = 1) -> di
 
     torch.set_num_threads(threads)
     pc = parse(cfg)
-    feats = InceptionFeatures(pc.run.eval.inception_weights, device=_device(), batch_size=pc.run.eval.batch_size)
+    feats = InceptionFeatures(inception_weights(pc), device=_device(), batch_size=pc.run.eval.batch_size)
     return E.chunk_result(feats(images))
+
+
+def inception_weights(pc):
+    """The FID Inception weights on this node: its own file, else the bucket's copy fetched into its cache
+    (orchestrator.datasets.ensure_weights), so that a task on any node of a cluster finds them."""
+    from .datasets import ensure_weights
+
+    return ensure_weights(pc.storage, pc.run.eval.inception_weights)
 
 
 def env_for_workers() -> dict:

@@ -86,3 +86,46 @@ def test_an_altered_object_is_refused_naming_it(local_stack, s3, tmp_path, monke
                                         rf"push it again \(hkd data push {name}\)"):
         ensure_local(cfg, name, "s3")
     assert not (folder / DATASETS[name].file).exists() and not list(folder.glob("*.part"))   # nothing half-written
+
+
+def test_inception_weights_from_the_bucket_on_a_node_without_them(local_stack, s3, tmp_path, monkeypatch):
+    """`hkd data push inception` puts this machine's converted weights under their sha256; a process whose node
+    has none (empty cache, no HKD_INCEPTION_WEIGHTS, empty torch hub) fetches and checks them; an altered copy is
+    refused naming it; a bucket without them says where it looked and what to do."""
+    import torch
+
+    from hkd_core.inception import FILE_NAME, WeightsError, weights_digest, weights_path
+    from orchestrator.datasets import ensure_weights, push_weights, weights_key
+
+    here = weights_path()                                         # this machine's (the test process's) copy
+    bucket = f"hkd-w-{uuid.uuid4().hex[:6]}"
+    s3.create_bucket(Bucket=bucket)
+    cfg = StorageConfig(endpoint_url=local_stack["env"]["AWS_ENDPOINT_URL"], bucket=bucket)
+    uri, new = push_weights(cfg)
+    assert new and uri == f"s3://{bucket}/{weights_key(weights_digest(here))}"
+    assert push_weights(cfg) == (uri, False)                      # once
+    monkeypatch.setenv("HKD_CACHE", str(tmp_path / "node"))
+    monkeypatch.delenv("HKD_INCEPTION_WEIGHTS", raising=False)
+    old_hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        with pytest.raises(WeightsError):
+            weights_path()                                        # the node has none of its own
+        assert ensure_weights(cfg, fetch=False) == uri            # the driver's check: there, not fetched
+        got = ensure_weights(cfg)
+        assert got == tmp_path / "node" / "inception" / FILE_NAME and weights_digest(got) == weights_digest(here)
+        assert weights_path() == got                              # found locally from now on
+        got.unlink()
+        key = weights_key(weights_digest(here))
+        body = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        body[1000] ^= 0xFF
+        s3.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+        with pytest.raises(WeightsError, match=rf"{uri} does not match the sha256 in its name: altered or truncated"):
+            ensure_weights(cfg)
+        assert not got.exists() and not list(got.parent.glob("*.part"))
+        s3.delete_object(Bucket=bucket, Key=key)
+        with pytest.raises(WeightsError, match=rf"no FID Inception weights found in .*, nor in s3://{bucket}/weights/\. "
+                                               r"Run `python -m hkd_core weights` once .* then `hkd data push inception`"):
+            ensure_weights(cfg)
+    finally:
+        torch.hub.set_dir(old_hub)

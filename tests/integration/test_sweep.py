@@ -138,17 +138,18 @@ def test_no_trial_run_is_left_running_and_each_says_how_it_ended(smoke_sweep):
             assert float(t.data.tags["hkd.stopped_at_kimg"]) == pytest.approx(row["kimg"])
 
 
-def test_resume_reran_no_finished_trial_and_continued_the_study(smoke_sweep):
+def test_resume_reran_no_finished_trial_and_continued_the_study(smoke_sweep, s3, tmp_path):
+    """No finished trial ran again after the resume, and the Optuna study went on: the copy the sweep keeps in
+    the bucket (sweeps/<id>/optuna.db, what a new head would resume from) holds every trial."""
     before = smoke_sweep["finished_before_kill"]
     trials = _runs(f"tags.`hkd.sweep_id` = 'smoke-{TAG}' and tags.`hkd.stage` = 'trial'")
     after = {t.data.tags["hkd.trial_id"]: t.info.end_time for t in trials}
     assert len(before) >= 1 and all(after[k] == v for k, v in before.items())
     import optuna
 
-    from orchestrator.sweep import study_url
-    from orchestrator.sweep_spec import load
-
-    study = optuna.load_study(study_name=f"smoke-{TAG}", storage=study_url(load(ROOT / "sweeps" / "smoke.yaml")))
+    copy = tmp_path / "optuna.db"
+    s3.download_file("hkd", f"sw-{TAG}/sweeps/smoke-{TAG}/optuna.db", str(copy))
+    study = optuna.load_study(study_name=f"smoke-{TAG}", storage=f"sqlite:///{copy}")
     assert len(study.trials) >= 6
 
 

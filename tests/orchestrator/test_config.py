@@ -111,4 +111,6 @@ def test_ray_noise_is_kept_off_the_terminal_and_the_rest_passes(monkeypatch):
           "actor_name": "RayTrainWorker", "pid": 8}, False)
     echo({"lines": ["WARNING: 8 PYTHON worker processes have been started on node: x with address: 127.0.0.1."],
           "pid": "raylet"}, False)
+    echo({"lines": ["Reporting training result 10: TrainingReport(checkpoint=None, metrics={'train/loss': 2.2})"],
+          "actor_name": "RayTrainWorker", "pid": 8}, False)
     assert got == [({"lines": ["[distill] 1.02/5 kimg  loss 0.3"], "actor_name": "RayTrainWorker", "pid": 8}, False)]
