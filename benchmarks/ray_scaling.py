@@ -53,9 +53,11 @@ def loop_worker(config: dict) -> None:
     rates = []
     res = train_hkd(model, states, sigmas, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                     metrics_cb=lambda m, k: rates.append(m["perf/samples_per_s"]), **config["kw"])
-    if ctx.get_world_rank() == 0:   # rank 0's rate counts the global batch
-        with open(config["out"], "w") as f:
-            json.dump({"samples_per_s": rates[-1], "train_s": res["train_s"]}, f)
+    import ray
+
+    # rank 0's rate counts the global batch; every rank says which node it ran on (benchmarks/multinode.py)
+    with open(f"{config['out']}.{ctx.get_world_rank()}", "w") as f:
+        json.dump({"samples_per_s": rates[-1], "train_s": res["train_s"], "node": ray.util.get_node_ip_address()}, f)
 
 
 def bench_ray_train(args, states, sigmas, workers: int) -> dict:
@@ -71,7 +73,7 @@ def bench_ray_train(args, states, sigmas, workers: int) -> dict:
             scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(name=f"bench-{workers}", storage_path=d))
         trainer.fit()
-        with open(out) as f:
+        with open(f"{out}.0") as f:
             m = json.load(f)
     wall = time.perf_counter() - t0
     return {"workers": workers, "samples_per_s": m["samples_per_s"], "loop_s": m["train_s"], "wall_s": wall}

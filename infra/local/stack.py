@@ -42,6 +42,24 @@ def default_dir() -> Path:
     return Path(os.environ.get("HKD_STACK_DIR", ROOT / ".stack")).expanduser().resolve()
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on this machine now (each leaves room for a server that also opens port + 10000,
+    as weed's gRPC does)."""
+    import socket
+
+    socks, ports = [], []
+    while len(ports) < n:
+        s = socket.socket()
+        s.bind((HOST, 0))
+        p = s.getsockname()[1]
+        if p + 10000 < 65536 and p not in ports:
+            ports.append(p)
+        socks.append(s)
+    for s in socks:
+        s.close()
+    return ports
+
+
 def _bin(name: str) -> str:
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)

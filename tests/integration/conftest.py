@@ -2,9 +2,9 @@
 and free ports, in a temporary folder; started once per session and stopped at the end."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,19 +15,14 @@ ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "infra" / "local" / "stack.py"
 
 
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    while len(ports) < n:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        p = s.getsockname()[1]
-        # weed also listens on port + 10000 (gRPC); keep both inside the valid range
-        if p + 10000 < 65536 and p not in ports:
-            ports.append(p)
-        socks.append(s)
-    for s in socks:
-        s.close()
-    return ports
+def _stack_module():
+    spec = importlib.util.spec_from_file_location("hkd_local_stack", STACK)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+free_ports = _stack_module().free_ports
 
 
 def stack(*args: str, state: Path) -> str:

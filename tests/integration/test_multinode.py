@@ -1,0 +1,168 @@
+"""A real Ray cluster of two nodes on this machine (infra/local/cluster.py): a head on 127.0.0.2 with 3 CPUs and
+a worker node on 127.0.0.3 with 2, separate `ray start` processes with their own temp dirs, HOME and cache, token
+authentication on, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset. Jobs go in with `ray job submit` and no
+HKD_DATA_DIR: the data set and the Inception weights come from the stack's S3 (`hkd data push`), checkpoints and
+trajectories go through S3, metrics to the stack's MLflow. What the nodes still share is this machine's virtual
+environment and its S3 credentials file (as every pod of a KubeRay cluster mounts one secret at one path)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hkd_core.data import DATASETS
+from orchestrator.datasets import dataset_key
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+EXCLUDES = [".venv", ".stack", "runs", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info"]
+HEAD, WORKER = "127.0.0.2", "127.0.0.3"
+TOTAL = 0.768          # kimg: as the single-node fault tests; a checkpoint every 0.064
+
+
+def _cluster_module():
+    spec = importlib.util.spec_from_file_location("hkd_local_cluster", ROOT / "infra" / "local" / "cluster.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def cluster(local_stack, tmp_path_factory):
+    c = _cluster_module().LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        c.start([3, 2], first_ip=HEAD, env=dict(os.environ))
+        yield c
+    finally:
+        c.stop()
+
+
+def _hkd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=300)
+
+
+def _submit(cluster, entrypoint: list[str], log: Path, env_vars: dict | None = None) -> subprocess.Popen:
+    """`ray job submit` (it tails the job's output until the job ends) to the cluster's head, with the token."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HKD_DATA_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env.update(cluster.client_env())
+    runtime_env = {"excludes": EXCLUDES, **({"env_vars": env_vars} if env_vars else {})}
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(ROOT),
+           "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout_s: float = 900) -> str:
+    try:
+        proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return log.read_text(errors="replace")
+
+
+def test_the_cluster_has_two_nodes_on_their_own_addresses(cluster, tmp_path):
+    """ray.nodes(), from a job's driver on the head: two live nodes, on 127.0.0.2 and 127.0.0.3, the worker node
+    with its own resource; nothing bound to 127.0.0.1."""
+    code = ("import json, ray; ray.init(); print('NODES', json.dumps([[n['NodeManagerAddress'], n['Alive'], "
+            "sorted(n['Resources'])] for n in ray.nodes()]))")
+    log = tmp_path / "nodes.log"
+    out = _finish(_submit(cluster, ["python", "-c", code], log), log, 300)
+    assert "succeeded" in out, out[-3000:]
+    nodes = json.loads(out.split("NODES ", 1)[1].splitlines()[0])
+    assert sorted((ip, alive) for ip, alive, _ in nodes) == [(HEAD, True), (WORKER, True)]
+    assert "node1" in dict((ip, res) for ip, _, res in nodes)[WORKER]
+    assert {r["node_ip"] for r in cluster.alive_nodes()} == {HEAD, WORKER}
+
+
+def test_pipeline_on_two_nodes_survives_losing_one(cluster, s3, run_tag, tmp_path, fault_report):
+    """`ray job submit` of the pipeline with its two Train workers on different nodes (SPREAD), the data set
+    (storage.data_source=s3) and the Inception weights (the nodes' caches are empty) from S3 only. Once Ray Train has recorded a checkpoint, the worker node's raylet is killed
+    (kill -9): the worker group restarts on the head from that checkpoint, in the same MLflow run, and the run
+    ends at the full kimg; both placements are in the run's tags."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.config import load
+
+    name = "fashion_mnist"
+    for what in (name, "inception"):
+        r = _hkd("data", "push", what)
+        assert r.returncode == 0, r.stderr
+    args = ["experiment=smoke", "cluster.num_workers=2", "cluster.placement_strategy=SPREAD", "storage.data_source=s3",
+            f"train.total_kimg={TOTAL}", "train.checkpoint_every_kimg=0.064", "train.log_every_kimg=0.032",
+            "train.seed=31", f"storage.prefix=mn-{run_tag}", f"tracking.experiment=it-{run_tag}",
+            f"name=mn-{run_tag}", "eval.teacher_nfe=[]"]
+    h = load(args).stages()["distill"]
+    snap = f"mn-{run_tag}/ray/distill-{h}/checkpoint_manager_snapshot.json"
+    log = tmp_path / "job.log"
+    t0 = time.monotonic()
+    proc = _submit(cluster, ["hkd", "pipeline", *args, "--no-progress"], log)
+
+    def recorded() -> bool:
+        try:
+            state = json.loads(s3.get_object(Bucket="hkd", Key=snap)["Body"].read())
+        except s3.exceptions.NoSuchKey:
+            return False
+        return bool(state.get("checkpoint_results"))
+
+    while not recorded():
+        assert proc.poll() is None, f"the job ended before a checkpoint was recorded:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() - t0 < 600, "no checkpoint recorded within 600 s"
+        time.sleep(0.25)
+    t_kill = cluster.kill_raylet(1)
+    out = _finish(proc, log)
+    assert "succeeded" in out, out[-5000:]
+    assert f"data: {DATASETS[name].file} fetched from s3://hkd/{dataset_key(name)}" in out      # the bucket's copy
+    assert "inception: weights fetched from s3://hkd/weights/" in out
+    assert {r["node_ip"] for r in cluster.alive_nodes()} == {HEAD}
+
+    c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name(f"it-{run_tag}")
+    runs = c.search_runs([exp.experiment_id], f"tags.`hkd.stage_hash` = '{h}' and tags.`hkd.stage` = 'distill'")
+    assert len(runs) == 1, f"{len(runs)} MLflow runs for one distillation"
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["hkd.train_attempts"] == "2"
+    assert run.data.metrics["train/kimg"] == pytest.approx(TOTAL)
+    first = json.loads(run.data.tags["hkd.worker_nodes.1"])
+    second = json.loads(run.data.tags["hkd.worker_nodes.2"])
+    assert sorted(v["ip"] for v in first.values()) == [HEAD, WORKER]          # one worker on each node
+    assert sorted(sum((v["ranks"] for v in first.values()), [])) == [0, 1]
+    assert [(v["ip"], sorted(v["ranks"])) for v in second.values()] == [(HEAD, [0, 1])]    # both on the head
+    hist = {m.value: m for m in c.get_metric_history(run.info.run_id, "train/nodes")}
+    assert sorted(hist) == [1.0, 2.0]
+    resumed = c.get_metric_history(run.info.run_id, "train/resumed_from_kimg")
+    assert len(resumed) == 1 and resumed[0].value >= 0.064
+    back = min(m.timestamp for m in c.get_metric_history(run.info.run_id, "train/attempt") if m.value == 2) / 1000
+    assert "attempt 1: 2 workers on 2 nodes" in out and "attempt 2: 2 workers on 1 node" in out
+    fault_report.append({"fault": "kill -9 of the worker node's raylet (2-node cluster)",
+                         "workers back on the head and resumed (s)": back - t_kill,
+                         "resumed from kimg": resumed[0].value, "final kimg": run.data.metrics["train/kimg"],
+                         "lost": f"the worker node; the steps after {resumed[0].value:g} kimg were redone"})
+
+
+def test_a_data_file_whose_hash_does_not_match_is_refused_by_the_job(cluster, s3, run_tag, tmp_path):
+    """The bucket's copy of the data set altered: the job's driver refuses it, naming the object and what to do,
+    before any stage runs."""
+    name = "fashion_mnist"
+    assert _hkd("data", "push", name).returncode == 0
+    bucket = f"hkd-mn-{uuid.uuid4().hex[:6]}"
+    s3.create_bucket(Bucket=bucket)
+    body = bytearray(s3.get_object(Bucket="hkd", Key=dataset_key(name))["Body"].read())
+    body[4096] ^= 0xFF
+    s3.put_object(Bucket=bucket, Key=dataset_key(name), Body=bytes(body))
+    log = tmp_path / "bad.log"
+    # a cache of its own: the head's has the good file from the test above, checked and used as it is
+    out = _finish(_submit(cluster, ["hkd", "pipeline", "experiment=smoke", f"storage.bucket={bucket}",
+                                    "storage.data_source=s3",
+                                    f"tracking.experiment=it-{run_tag}", f"name=mnbad-{run_tag}", "--no-progress"],
+                          log, env_vars={"HKD_CACHE": str(tmp_path / "cache")}), log, 300)
+    assert "failed" in out and "succeeded" not in out
+    assert (f"hkd: data error: s3://{bucket}/{dataset_key(name)} does not match its sha256" in out
+            and f"push it again (hkd data push {name})" in out), out[-3000:]
+    assert "running (output" not in out                                   # no stage started
