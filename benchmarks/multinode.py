@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -74,8 +75,13 @@ def main() -> None:
             import ray
 
             ray.init(address=c.gcs, _node_ip_address=args.first_ip, log_to_driver=False)
-            rows = [one_row(args, states, sigmas, s, i) for i in range(args.rounds) for s in ("PACK", "SPREAD")]
-            ray.shutdown()
+            try:
+                rows = [one_row(args, states, sigmas, s, i) for i in range(args.rounds) for s in ("PACK", "SPREAD")]
+            except BaseException:
+                traceback.print_exc()       # before the cluster goes: a driver left connected then aborts unprinted
+                raise
+            finally:
+                ray.shutdown()
         finally:
             c.stop()
 

@@ -55,9 +55,10 @@ def loop_worker(config: dict) -> None:
                     metrics_cb=lambda m, k: rates.append(m["perf/samples_per_s"]), **config["kw"])
     import ray
 
-    # rank 0's rate counts the global batch; every rank says which node it ran on (benchmarks/multinode.py)
+    # rank 0's rate counts the global batch (only rank 0 reports it); every rank says which node it ran on
+    # (benchmarks/multinode.py reads both: the nodes come from here, all on this machine's one /tmp)
     with open(f"{config['out']}.{ctx.get_world_rank()}", "w") as f:
-        json.dump({"samples_per_s": rates[-1], "train_s": res["train_s"], "node": ray.util.get_node_ip_address()}, f)
+        json.dump({"samples_per_s": rates[-1] if rates else None, "train_s": res["train_s"], "node": ray.util.get_node_ip_address()}, f)
 
 
 def bench_ray_train(args, states, sigmas, workers: int) -> dict:

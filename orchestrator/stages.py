@@ -81,34 +81,40 @@ class StageContext:
         self.tracker.end(run_id, "FAILED")
 
     def inputs(self, stage: str) -> list[dict]:
-        """What a stage's run consumed, as MLflow dataset inputs: the image set (teacher: training; evaluate: the
-        FID reference split) and, for distill, the teacher's trajectories."""
-        from hkd_core.config import config_hash
-
-        d, run = self.pc.run.data, self.pc.run
-        def images(split: str, context: str) -> dict:
-            sub = dataclasses.replace(d, split=split)
-            return {"name": f"{d.name}/{split}", "digest": config_hash(sub)[:12], "source": f"hkd-data:{d.name}",
-                    "source_type": "local", "context": context,
-                    "profile": {"split": split, "resolution": d.resolution, "limit": d.limit}}
-        if stage == "teacher" and run.teacher.kind == "edm":
-            return [images(d.split, "training")]
-        if stage == "distill":
-            t = run.trajectories
-            traj = self.store("trajectories").uri("train")
-            return [{"name": self.prefix("trajectories"), "digest": self.pc.stages()["trajectories"],
-                     "source": traj, "source_type": "s3" if traj.startswith("s3://") else "local",
-                     "context": "training", "profile": {"trajectories": t.num, "sampler": t.sampler, "steps": t.steps,
-                                                        "teacher": run.teacher.kind}},
-                    images(d.split, "teacher training")]
-        if stage == "evaluate":
-            return [images(run.eval.split, "evaluation")]
-        return []
+        return dataset_inputs(self.pc, stage, self.store("trajectories").uri("train"))
 
     def fit(self, stage: str, loop, run_id: str, extra: dict):
         t = trainer.make_trainer(self.pc, loop, {"pipeline": self.cfg_dict, "run_id": run_id, **extra},
                                  self.prefix(stage))
         return trainer.fit(t)
+
+
+def dataset_inputs(pc: PipelineConfig, stage: str, trajectories_uri: str) -> list[dict]:
+    """What a stage's run (or a sweep trial, stage "distill") consumed, as MLflow dataset inputs: the image set
+    (teacher: training; evaluate: the FID reference split) and, for distill, the teacher's trajectories at
+    ``trajectories_uri`` (named by their stage prefix, digest = their stage hash): the runs table's Dataset
+    column then says what each run trained on."""
+    from hkd_core.config import config_hash
+
+    d, run = pc.run.data, pc.run
+
+    def images(split: str, context: str) -> dict:
+        sub = dataclasses.replace(d, split=split)
+        return {"name": f"{d.name}/{split}", "digest": config_hash(sub)[:12], "source": f"hkd-data:{d.name}",
+                "source_type": "local", "context": context,
+                "profile": {"split": split, "resolution": d.resolution, "limit": d.limit}}
+    if stage == "teacher" and run.teacher.kind == "edm":
+        return [images(d.split, "training")]
+    if stage == "distill":
+        t = run.trajectories
+        return [{"name": identity.stage_prefix(pc, "trajectories"), "digest": pc.stages()["trajectories"],
+                 "source": trajectories_uri, "source_type": "s3" if trajectories_uri.startswith("s3://") else "local",
+                 "context": "training", "profile": {"trajectories": t.num, "sampler": t.sampler, "steps": t.steps,
+                                                    "teacher": run.teacher.kind}},
+                images(d.split, "teacher training")]
+    if stage == "evaluate":
+        return [images(run.eval.split, "evaluation")]
+    return []
 
 
 def images(pc: PipelineConfig) -> torch.Tensor:

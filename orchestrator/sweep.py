@@ -27,6 +27,7 @@ from . import asha, identity, trainer, workers
 from .config import compose, from_composed, user_conf_dir
 from .evaluation import REFERENCES, reference
 from .pipeline import context, init_ray, run_stages
+from .stages import dataset_inputs
 from .storage import make_store, ray_storage, store_at
 from .sweep_spec import SweepError, SweepSpec, check_against_config, define_by_run, overrides_for
 from .tracking import Tracker
@@ -104,6 +105,7 @@ def trial_fn(params: dict, ctx: dict) -> None:
                               {"hkd.sweep_id": ctx["sweep_id"], "hkd.trial_id": trial_id, "hkd.stage": "trial",
                                "hkd.config_hash": pc.stages()["distill"], "hkd.trajectories_uri": ctx["traj_uri"]})
     tracker.log_params(run_id, {**pc.run.to_dict(), "sweep": {"params": json.dumps(params, sort_keys=True)}})
+    tracker.log_inputs(run_id, dataset_inputs(pc, "distill", ctx["traj_uri"]))     # the Dataset column, as a stage's
     t = trainer.make_trainer(pc, workers.distill_loop,
                              {"pipeline": cfg, "run_id": run_id, "trajectories_prefix": ctx["traj_prefix"],
                               "eval": ctx["eval"], "teacher_key": ctx.get("teacher_key")},

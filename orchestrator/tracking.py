@@ -3,6 +3,12 @@
 A run is found by its key (tag ``hkd.run_key``) before one is created, so a restarted stage reopens the
 same MLflow run. Params are flattened with ``/`` and logged once. Metrics go into a buffer that is flushed
 with retries; if the tracking server is down, they wait in memory and arrive when it is back.
+
+Why a buffer of our own when MLflow's client retries already: MLflow retries one HTTP call within its retry
+window (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` = 7 with backoff factor 2, about 4 minutes) and then raises, and
+the values of that batch are gone unless the caller still holds them; its call also blocks the caller for that
+window. Here a chunk leaves the buffer only once the server took it (an outage of any length loses nothing),
+and the training loop never waits: a background thread sends.
 """
 from __future__ import annotations
 

@@ -19,9 +19,20 @@ from orchestrator.storage import StorageConfig, StorageError
 pytestmark = pytest.mark.integration
 
 
+# runs `hkd ARGS` and says on its last stderr line whether the process ever imported ray: "before Ray starts"
+# asserted as "Ray was not even imported", which no log line Ray may or may not print can fake
+_RUN = ("import runpy, sys\nsys.argv = ['hkd'] + sys.argv[1:]\ntry:\n    runpy.run_module('orchestrator', "
+        "run_name='__main__')\nfinally:\n    print('ray imported:', 'ray' in sys.modules, file=sys.stderr)\n")
+
+
 def _hkd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    r = subprocess.run([sys.executable, "-c", _RUN, *args], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **(env or {})})
+    lines = r.stderr.rstrip().splitlines()
+    assert lines and lines[-1].startswith("ray imported: "), r.stderr[-2000:]
+    r.ray_imported = lines[-1] == "ray imported: True"
+    r.stderr = "\n".join(lines[:-1]) + "\n"
+    return r
 
 
 def _experiment_exists(name: str) -> bool:
@@ -59,7 +70,7 @@ def test_wrong_secret_is_one_sentence_exit_2_and_nothing_written(local_stack, tm
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == f"hkd: storage error: {message}"
     assert str(e.value).startswith(f"bad credentials: {endpoint} refused the access key for s3://hkd")
-    assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stderr
+    assert "Traceback" not in r.stderr and not r.ray_imported
     assert "not-the-secret" not in r.stderr + r.stdout
     assert not _experiment_exists(exp)           # nothing written to MLflow
 
@@ -79,7 +90,7 @@ def test_bucket_typo_is_refused_unless_create_bucket(local_stack, s3):
     assert r.stderr.strip().splitlines()[-1] == (
         f"hkd: storage error: missing bucket: s3://{typo} does not exist at {endpoint} (storage.bucket); check the "
         f"name, or create it with storage.create_bucket=true")
-    assert "Started a local Ray instance" not in r.stderr
+    assert "Traceback" not in r.stderr and not r.ray_imported
     assert not _bucket_exists(s3, typo) and not _experiment_exists(exp)    # nothing created, nothing written
 
     # asked for: created by the gate, and then there
@@ -97,16 +108,20 @@ def test_dead_tracking_server_is_refused_before_anything_is_written(local_stack,
     assert r.stderr.strip().splitlines()[-1].startswith(
         f"hkd: storage error: tracking server unreachable: nothing answers at {dead} (tracking.uri / "
         f"MLFLOW_TRACKING_URI")
+    assert "Traceback" not in r.stderr and not r.ray_imported
     from orchestrator.storage import S3Store
 
     assert S3Store(StorageConfig(endpoint_url=local_stack["env"]["AWS_ENDPOINT_URL"], prefix=prefix)).list() == []
 
 
 def test_every_service_command_runs_the_gate(local_stack):
-    """sweep, study, edit and compare refuse the same typo the same way (the gate runs before their own work)."""
+    """sweep, study, edit, compare, data push and ship-teacher refuse the same typo the same way (the gate runs
+    before their own work)."""
     typo = f"hkdd-{uuid.uuid4().hex[:6]}"
     for args in (["study", "experiment=smoke", "--variants", "hkd"], ["edit", "experiment=smoke"],
-                 ["compare", "nosuchrun"], ["sweep", "sweeps/smoke.yaml"]):
+                 ["compare", "nosuchrun"], ["sweep", "sweeps/smoke.yaml"], ["data", "push", "fashion_mnist"],
+                 ["ship-teacher", "experiment=smoke", "--out", "/nonexistent/shipped"]):
         r = _hkd(*args, f"storage.bucket={typo}")
         assert r.returncode == 2 and f"missing bucket: s3://{typo} does not exist" in r.stderr.strip().splitlines()[-1], \
             (args, r.stderr[-1500:])
+        assert not r.ray_imported, args

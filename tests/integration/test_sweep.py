@@ -115,6 +115,11 @@ def test_every_trial_has_its_mlflow_child_run(smoke_sweep):
         dims, levels = json.loads(p["model/subspace_dims"]), int(p["model/levels"])
         assert len(dims) == levels and all(d % 2 == 0 for d in dims)          # every sampled config is valid
         assert len(c.get_metric_history(t.info.run_id, "eval/mse_vs_teacher")) >= 1
+        # the Dataset column: the sweep's shared trajectories (by stage hash) and the teacher's training images
+        inputs = c.get_run(t.info.run_id).inputs.dataset_inputs
+        used = {(i.dataset.name.split("-")[0], i.tags[0].value): i.dataset for i in inputs}
+        assert set(used) == {("trajectories", "training"), ("fashion_mnist/train", "teacher training")}, used
+        assert json.loads(used[("trajectories", "training")].source)["uri"] == t.data.tags["hkd.trajectories_uri"]
     arts = {f.path for f in c.list_artifacts(sweep_run, "summary")}
     assert {"summary/trials.md", "summary/trials.csv"} <= arts
     assert any(a.startswith("summary/experiment_") and a.endswith(".yaml") for a in arts)
