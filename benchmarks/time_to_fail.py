@@ -88,7 +88,9 @@ def main() -> None:
         print(f"| {name} | {rc} | {med:.2f} | {min(ts):.2f}-{max(ts):.2f} | {med - floor:+.2f} | "
               f"{shown[:110]}{'...' if len(shown) > 110 else ''} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "rounds": args.rounds}, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": rows, "rounds": args.rounds,
+                                                "machine": f"{os.cpu_count()} CPU cores, the local stack on 127.0.0.1"},
+                                               indent=1))
 
 
 if __name__ == "__main__":

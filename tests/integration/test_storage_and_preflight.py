@@ -99,14 +99,13 @@ def test_preflight_names_each_failure(local_stack, tmp_path, free_port):
     r = preflight(_cfg(local_stack, bucket="no-such-bucket"))
     assert not r[0]["ok"] and r[0]["detail"].startswith("missing bucket: s3://no-such-bucket does not exist"), r
 
-    import time
-
-    t0 = time.perf_counter()                  # a dead tracking server: said at once, not after MLflow's backoff
+    # a dead tracking server: said by one request of our own, not after MLflow's client's backoff (how long it
+    # takes: benchmarks/time_to_fail.py, 0.48 s above the process's floor)
     r = preflight(_cfg(local_stack), f"http://127.0.0.1:{dead}")
     server = next(x for x in r if x["name"] == "mlflow server")
     assert not server["ok"] and server["detail"].startswith(f"tracking server unreachable: nothing answers at "
                                                             f"http://127.0.0.1:{dead}"), r
-    assert "mlflow artifacts" not in [x["name"] for x in r] and time.perf_counter() - t0 < 30
+    assert "mlflow artifacts" not in [x["name"] for x in r]
 
 
 def test_preflight_command_exit_codes(local_stack):

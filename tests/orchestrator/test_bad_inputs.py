@@ -164,6 +164,41 @@ def test_cli_prints_the_message_and_exits_2_before_ray_starts():
     assert "ray" not in r.stderr.lower().replace("array", "")
 
 
+def services() -> list[tuple[str, str]]:
+    """The gate's messages for each service failure, made by the code that makes them (preflight.classify and
+    tracking_server_check) with placeholders for the endpoint, bucket, file and URL: the doc cannot drift from
+    the code (a changed message makes docs/bad_inputs.md stale), and tests/integration/test_gate.py checks the
+    same messages against the real servers."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from orchestrator.preflight import MissingBucket, classify, tracking_server_check
+    from orchestrator.storage import StorageConfig
+
+    cfg = StorageConfig(endpoint_url="<endpoint>", bucket="<bucket>", credentials_file="<file>")
+    denied = ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadBucket")
+    dead = "http://127.0.0.1:9"                  # the discard port: nothing listens, refused at once
+    tracking = tracking_server_check(dead, 2.0)["detail"].replace(dead, "<uri>")
+    return [("nothing listens at the S3 endpoint", classify(EndpointConnectionError(endpoint_url="x"), cfg)),
+            ("wrong access key or secret", classify(denied, cfg)),
+            ("the bucket does not exist (a typo)", classify(MissingBucket("NoSuchBucket: <bucket>"), cfg)),
+            ("nothing listens at the MLflow URL", tracking)]
+
+
+def timings() -> list[str]:
+    """The whole command's time to fail, from benchmarks/time_to_fail.py's committed measurement."""
+    import json
+
+    f = ROOT / "docs" / "results" / "benchmarks" / "time_to_fail.json"
+    if not f.is_file():
+        return []
+    m = json.loads(f.read_text())
+    out = [f"Time to fail, the whole `hkd pipeline experiment=smoke` process from start to exit "
+           f"(`benchmarks/time_to_fail.py`, {m['rounds']} alternating rounds, median; {m['machine']}):", "",
+           "| case | exit code | seconds | of which the gate and the message (above the floor) |", "|---|---:|---:|---:|"]
+    out += [f"| {r['case']} | {r['exit']} | {r['median_s']:.2f} | {r['over_floor_s']:+.2f} |" for r in m["rows"]]
+    return out
+
+
 def markdown() -> str:
     def cell(s: str) -> str:
         return s.replace("|", "\\|").replace("\n", " ")
@@ -179,24 +214,16 @@ def markdown() -> str:
     lines += [f"| {w} | `{cell(t.strip())}` | {cell(m)} |" for w, t, m in SWEEPS]
     lines += ["", "## Unreachable or misconfigured services (every command, before its work)", "",
               "Every command that touches S3 or MLflow (`pipeline`, the stage commands, `sweep`, `study`, `edit`,",
-              "`compare`, `ship-teacher`) first runs preflight's cheap part: one HEAD of the bucket and one call to",
+              "`compare`, `data push`, `ship-teacher`) first runs preflight's cheap part: one HEAD of the bucket and one call to",
               "the tracking server, in about a second. A failure prints `hkd: storage error: <message>` (or",
               "`hkd: sweep error:` etc.), exits with 2, and nothing is written to S3 or MLflow; Ray is not started.",
               "`hkd preflight` prints the same messages for its full write/read/list probes. Checked against the",
               "real servers by `tests/integration/test_gate.py` and `test_storage_and_preflight.py`.", "",
-              "| what is wrong | message |", "|---|---|",
-              "| nothing listens at the S3 endpoint | `endpoint unreachable: nothing answers at <endpoint> "
-              "(storage.endpoint_url); start the S3 server (python infra/local/stack.py start) or fix the URL` |",
-              "| wrong access key or secret | `bad credentials: <endpoint> refused the access key for s3://<bucket> "
-              "(<code>); the keys came from <the file and profile, or the environment>: fix them there, or point "
-              "storage.credentials_file (AWS_SHARED_CREDENTIALS_FILE) at the right file` |",
-              "| the bucket does not exist (a typo) | `missing bucket: s3://<bucket> does not exist at <endpoint> "
-              "(storage.bucket); check the name, or create it with storage.create_bucket=true` |",
-              "| nothing listens at the MLflow URL | `tracking server unreachable: nothing answers at <uri> "
-              "(tracking.uri / MLFLOW_TRACKING_URI: <reason>); start it (python infra/local/stack.py start) or fix "
-              "the URL` |",
-              "",
-              "The storage root (`s3://<bucket>/<prefix>`) is part of every run's key (`hkd.run_key`): the same",
+              "| what is wrong | message |", "|---|---|"]
+    lines += [f"| {w} | `{cell(m)}` |" for w, m in services()]
+    t = timings()
+    lines += ["", *t, ""] if t else [""]
+    lines += ["The storage root (`s3://<bucket>/<prefix>`) is part of every run's key (`hkd.run_key`): the same",
               "config against another bucket is another MLflow run, never a reopened one.", ""]
     return "\n".join(lines)
 
