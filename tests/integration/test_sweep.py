@@ -12,11 +12,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 TAG = uuid.uuid4().hex[:6]
 COMMON = [f"storage.prefix=sw-{TAG}", f"tracking.experiment=sw-{TAG}"]
+TRIALS = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())["trials"]
 
 
 def _client():
@@ -92,10 +94,10 @@ def test_smoke_sweep_runs_trials_and_asha_stops_only_at_its_rungs(smoke_sweep):
     from orchestrator.sweep_spec import asha_rungs, load
 
     rows = smoke_sweep["rows"]
-    assert len(rows) == 6
+    assert len(rows) == TRIALS
     stopped = [r for r in rows if r["status"].startswith("stopped early")]
     completed = [r for r in rows if r["status"] == "completed"]
-    assert completed and len(stopped) + len(completed) == 6
+    assert completed and len(stopped) + len(completed) == TRIALS
     rungs = asha_rungs(load(str(ROOT / "sweeps" / "smoke.yaml")), 0.256)
     assert rungs and all(g < 0.256 for g in rungs)
     assert all(any(r["kimg"] == pytest.approx(g) for g in rungs) for r in stopped), (rungs, stopped)
@@ -107,7 +109,7 @@ def test_smoke_sweep_runs_trials_and_asha_stops_only_at_its_rungs(smoke_sweep):
 def test_every_trial_has_its_mlflow_child_run(smoke_sweep):
     sweep_run = smoke_sweep["_sweep_run_id"]
     trials = _runs(f"tags.`hkd.sweep_id` = 'smoke-{TAG}' and tags.`hkd.stage` = 'trial'")
-    assert len(trials) == 6 and len({t.data.tags["hkd.trial_id"] for t in trials}) == 6   # none duplicated
+    assert len(trials) == TRIALS and len({t.data.tags["hkd.trial_id"] for t in trials}) == TRIALS   # none twice
     assert all(t.data.tags["mlflow.parentRunId"] == sweep_run for t in trials)
     c = _client()
     for t in trials:
@@ -155,7 +157,7 @@ def test_resume_reran_no_finished_trial_and_continued_the_study(smoke_sweep, s3,
     copy = tmp_path / "optuna.db"
     s3.download_file("hkd", f"sw-{TAG}/sweeps/smoke-{TAG}/optuna.db", str(copy))
     study = optuna.load_study(study_name=f"smoke-{TAG}", storage=f"sqlite:///{copy}")
-    assert len(study.trials) >= 6
+    assert len(study.trials) >= TRIALS
 
 
 def test_best_config_is_a_usable_experiment_preset(smoke_sweep, monkeypatch):
