@@ -131,7 +131,8 @@ def test_every_trial_has_its_mlflow_child_run(smoke_sweep):
 
 def test_no_trial_run_is_left_running_and_each_says_how_it_ended(smoke_sweep):
     """The sweep (killed once and resumed) ends every trial's child run: those ASHA stopped as KILLED with
-    hkd.stopped_early=true and the kimg they reached, those that completed as FINISHED; none stays RUNNING."""
+    hkd.stopped_early=true and the kimg they reached, at the moment Tune stopped them (hkd.closed_at=stopped, not
+    the sweep-end backstop), those that completed as FINISHED; none stays RUNNING."""
     rows = {r["trial_id"]: r for r in smoke_sweep["rows"]}
     trials = _runs(f"tags.`hkd.sweep_id` = 'smoke-{TAG}' and tags.`hkd.stage` = 'trial'")
     assert [t.data.tags["hkd.trial_id"] for t in trials if t.info.status == "RUNNING"] == []
@@ -143,6 +144,7 @@ def test_no_trial_run_is_left_running_and_each_says_how_it_ended(smoke_sweep):
             assert row["status"].startswith("stopped early"), row
             assert t.info.status == "KILLED" and t.data.tags["hkd.stopped_early"] == "true"
             assert float(t.data.tags["hkd.stopped_at_kimg"]) == pytest.approx(row["kimg"])
+            assert t.data.tags["hkd.closed_at"] == "stopped"       # by the driver's Tune callback, when it stopped
 
 
 def test_resume_reran_no_finished_trial_and_continued_the_study(smoke_sweep, s3, tmp_path):

@@ -35,3 +35,47 @@ def test_trial_runs_left_running_are_ended_with_how_they_ended(tmp_path):
     assert "hkd.stopped_early" not in run["t_done"].data.tags
     assert tracker.run_data(other).info.status == "RUNNING"   # another sweep's trial is not touched
     assert close_trial_runs(tracker, "s1", summary) == {}      # nothing left to close
+
+
+def test_a_stopped_trial_run_is_closed_the_moment_tune_stops_it(tmp_path):
+    """The driver's Tune callback: a trial stopped before its final report (ASHA) ends KILLED at once, with the
+    kimg it reached and hkd.closed_at=stopped; a completed trial (final report) is left to its own process; a
+    pickled and restored callback (what a resumed sweep gets back from Tune's state) still works; the sweep-end
+    backstop then has nothing left to close."""
+    import pickle
+
+    from orchestrator.sweep import StoppedTrialCloser
+
+    cfg = TrackingConfig(kind="file", root=str(tmp_path), experiment="sweep-close")
+    tracker = Tracker(cfg)
+    ids = {t: tracker.open_run(f"sweep/s1/{t}", t, None, {"hkd.sweep_id": "s1", "hkd.stage": "trial",
+                                                          "hkd.trial_id": t}) for t in ("t_asha", "t_done", "t_late")}
+    closer = StoppedTrialCloser(cfg, "s1")
+    assert closer.close("t_asha", {"kimg": 0.128, "eval/mse_vs_teacher": 0.3}) == ids["t_asha"]
+    assert closer.close("t_done", {"kimg": 0.256, "final": 1.0}) is None
+    restored = pickle.loads(pickle.dumps(closer))
+    assert restored._tracker is None and restored.sweep_id == "s1"
+    assert restored.close("t_late", {"kimg": 0.192}) == ids["t_late"]
+    run = {t: tracker.run_data(i) for t, i in ids.items()}
+    assert {t: r.info.status for t, r in run.items()} == {"t_asha": "KILLED", "t_done": "RUNNING", "t_late": "KILLED"}
+    assert run["t_asha"].data.tags["hkd.stopped_at_kimg"] == "0.128"
+    assert run["t_asha"].data.tags["hkd.closed_at"] == "stopped"
+    assert run["t_late"].data.tags["hkd.stopped_early"] == "true"
+    assert closer.close("t_asha", {"kimg": 0.128}) is None                   # already closed: nothing to do
+    summary = {"rows": [{"trial_id": "t_asha", "status": "stopped early (ASHA)", "kimg": 0.128},
+                        {"trial_id": "t_late", "status": "stopped early (ASHA)", "kimg": 0.192},
+                        {"trial_id": "t_done", "status": "completed", "kimg": 0.256}]}
+    assert close_trial_runs(tracker, "s1", summary) == {"t_done": "FINISHED"}
+
+
+def test_the_tune_callback_is_a_real_tune_callback_that_pickles():
+    import pickle
+
+    from ray import tune
+
+    from orchestrator.tune_callbacks import StoppedTrialCloserCallback
+
+    cb = StoppedTrialCloserCallback(TrackingConfig(kind="file", root="/nonexistent", experiment="x"), "s1")
+    assert isinstance(cb, tune.Callback)
+    back = pickle.loads(pickle.dumps(cb))
+    assert type(back) is StoppedTrialCloserCallback and back.sweep_id == "s1" and back._tracker is None
