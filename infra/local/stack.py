@@ -254,6 +254,18 @@ def start_mlflow(state: Path, st: dict) -> None:
           90, log, st["services"]["mlflow"]["pid"])
 
 
+def head_data_dir(root: Path, environ) -> Path | None:
+    """The data folder the Ray head hands its jobs as HKD_DATA_DIR: the caller's own $HKD_DATA_DIR, else the
+    shared/data folder beside the checkout (or inside it) where hkd_core looks, else None (then a job finds
+    the data set in the bucket, after `hkd data push`, or says how to put it there)."""
+    if environ.get("HKD_DATA_DIR"):
+        return Path(environ["HKD_DATA_DIR"]).expanduser().resolve()
+    for d in (root.parent / "shared" / "data", root / "shared" / "data"):
+        if d.is_dir():
+            return d.resolve()
+    return None
+
+
 def start_ray(state: Path, st: dict, num_cpus: int | None) -> None:
     p = st["ports"]
     if _alive(st["services"].get("ray", {}).get("pid")) and _ray_up(state, st):
@@ -261,6 +273,11 @@ def start_ray(state: Path, st: dict, num_cpus: int | None) -> None:
         return
     env = {**os.environ, **client_env(state, st), **ray_auth_env(state, st)}
     env.pop("RAY_ADDRESS", None)
+    # One machine, one disk: a job submitted to this head (its driver runs in Ray's copy of the working
+    # directory, where no shared/data sits beside it) reads the data sets from the checkout's shared/data.
+    data = head_data_dir(ROOT, os.environ)
+    if data:
+        env["HKD_DATA_DIR"] = str(data)
     # jobs submitted to this head run `hkd` and `python` from this virtual environment
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     cmd = [_bin("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}", f"--port={p['ray']}",
@@ -276,6 +293,8 @@ def start_ray(state: Path, st: dict, num_cpus: int | None) -> None:
     save_state(state, st)
     _wait(lambda: _ray_up(state, st),
           f"Ray head on {HOST}:{p['ray']} (dashboard :{p['dashboard']})", 120, log, st["services"]["ray"]["pid"])
+    if data:
+        print(f"stack: jobs on this Ray head read data sets from {data} (HKD_DATA_DIR)")
 
 
 def _session_members(sid: int) -> list[int]:

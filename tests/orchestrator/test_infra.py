@@ -229,3 +229,24 @@ def test_kuberay_manifests_pass_the_crd_schema_and_fail_without_a_required_field
         bad = copy.deepcopy(doc)
         brk(bad)
         assert list(v.iter_errors(bad)), f"{path}: the schema accepted the manifest with {what} broken"
+
+
+def test_the_stack_head_hands_its_jobs_the_checkouts_data_folder(tmp_path):
+    """A job submitted to the local stack's head runs in Ray's copy of the working directory, where no
+    shared/data sits beside it: the head gets HKD_DATA_DIR = the checkout's shared/data (or the caller's own)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stack_mod", ROOT / "infra" / "local" / "stack.py")
+    stack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stack)
+    checkout = tmp_path / "work" / "main"
+    checkout.mkdir(parents=True)
+    assert stack.head_data_dir(checkout, {}) is None                       # nothing to hand over
+    inside = checkout / "shared" / "data"
+    inside.mkdir(parents=True)
+    assert stack.head_data_dir(checkout, {}) == inside.resolve()
+    beside = tmp_path / "work" / "shared" / "data"
+    beside.mkdir(parents=True)
+    assert stack.head_data_dir(checkout, {}) == beside.resolve()           # beside the checkout comes first
+    assert stack.head_data_dir(checkout, {"HKD_DATA_DIR": str(tmp_path)}) == tmp_path.resolve()
+    assert stack.head_data_dir(checkout, {"HKD_DATA_DIR": ""}) == beside.resolve()
