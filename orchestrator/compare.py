@@ -1,5 +1,7 @@
 """``hkd compare RUN_OR_SWEEP...``: the Koopman spectra of several runs in one figure, with the distances between
-their decay-rate distributions, logged to MLflow beside the per-run scalars that are already there.
+their decay-rate distributions, logged to MLflow beside the per-run scalars that are already there; and, for the
+runs that scored FID at every checkpoint (``eval.curve_n``), their FID curves against kimg and training seconds
+in one more figure (``compare_curves.png``, the study's plot) with the points in ``compare.json``.
 
 Each argument names one or more models:
 
@@ -54,8 +56,9 @@ def resolve(client, token: str) -> list[Source]:
         if uri:
             return [Source(run.info.run_name or token, uri, token)]
         kids = [r for r in _search(client, f"tags.`mlflow.parentRunId` = '{token}'") if r.data.tags.get("hkd.model_uri")]
-        if kids:
-            return [Source(run.info.run_name or token, kids[-1].data.tags["hkd.model_uri"], kids[-1].info.run_id)]
+        if kids:   # the distill child (its FID curve lives there), else the last child with the model's tag
+            kid = ([k for k in kids if k.data.tags.get("hkd.stage") == "distill"] or kids)[-1]
+            return [Source(run.info.run_name or token, kid.data.tags["hkd.model_uri"], kid.info.run_id)]
         raise ValueError(f"run {token} ({run.info.run_name}) has no model: neither its tag hkd.model_uri nor a child "
                          f"run's; give a distill run, a sweep trial or a pipeline run")
     for tag, what in (("hkd.sweep_id", "sweep"), ("hkd.study", "study")):
@@ -97,6 +100,37 @@ def to_markdown(table: dict) -> str:
     return head + "".join(out)
 
 
+def run_curves(client, sources: list[Source]) -> dict:
+    """label -> {label, curve_n, curve: [{kimg, fid, kid, kid_std, train_s}]} for the sources whose run scored
+    FID at its checkpoints (stages.curve, the distill stage's own reading); runs without a curve are left out."""
+    from functools import partial
+
+    from .stages import curve
+    from .tracking import metric_history
+
+    out = {}
+    for s in sources:
+        if not s.run_id:
+            continue
+        c = curve(partial(metric_history, client), s.run_id)
+        if c:
+            n = client.get_run(s.run_id).data.tags.get("hkd.curve_n", "?")
+            out[s.label] = {"label": s.label, "curve_n": n, "curve": c}
+    return out
+
+
+def curves_markdown(curves: dict) -> str:
+    """One row per run: FID (KID x1e3 +- std) at each scored kimg, and the best point."""
+    lines = ["| run | N | FID (KID x1e3) at kimg | best |", "|---|---:|---|---|"]
+    for label, c in curves.items():
+        pts = ", ".join(f"{p['kimg']:.4g}: {p['fid']:.2f}"
+                        + (f" ({p['kid'] * 1e3:.1f} ± {p['kid_std'] * 1e3:.1f})" if p.get("kid") is not None
+                           and p.get("kid_std") is not None else "") for p in c["curve"])
+        best = min(c["curve"], key=lambda p: p["fid"])
+        lines.append(f"| {label} | {c['curve_n']} | {pts} | {best['fid']:.2f} at {best['kimg']:.4g} kimg |")
+    return "\n".join(lines) + "\n"
+
+
 def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow: bool = True) -> dict:
     from hkd_core import metric_names as M
     from hkd_core.figures import plot_spectra_overlay
@@ -119,15 +153,27 @@ def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow
         spectra.append(spec)
     if not spectra:
         raise ValueError(f"none of {tokens} is a model with a Koopman spectrum (KD has none)")
+    curves = run_curves(client, sources)
     ident = hashlib.sha256(json.dumps([s.model_uri for s in sources]).encode()).hexdigest()[:10]
     folder = Path(out or Path("runs") / f"compare-{ident}")
     folder.mkdir(parents=True, exist_ok=True)
     table = compare_table(labels, spectra)
     md = to_markdown(table)
+    if curves:
+        md += "\n" + curves_markdown(curves)
     (folder / "compare.md").write_text(md)
-    (folder / "compare.json").write_text(json.dumps({**table, "sources": [s.__dict__ for s in sources]}, indent=1))
+    (folder / "compare.json").write_text(json.dumps({**table, "sources": [s.__dict__ for s in sources],
+                                                     "curves": curves}, indent=1))
     fig = plot_spectra_overlay(dict(zip(labels, spectra)), folder / "compare_spectra.png")
-    result = {"table": table, "markdown": md, "folder": str(folder), "figures": [str(fig)]}
+    figs = [fig]
+    if curves:
+        from .study import plot_curves
+
+        n = sorted({c["curve_n"] for c in curves.values()})
+        figs.append(plot_curves({"variants": curves, "teacher": {}, "curve_n": "/".join(n),
+                                 "study": "FID at every checkpoint (NFE 1)"}, folder / "compare_curves.png"))
+    result = {"table": table, "markdown": md, "folder": str(folder), "figures": [str(f) for f in figs],
+              "curves": curves}
     if log_mlflow:
         tracker = T.Tracker(pc.tracking)
         run_id = tracker.open_run(f"compare-{ident}", f"compare-{ident}", None,
@@ -141,7 +187,7 @@ def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow
                 if k in r:
                     metrics[M.compare(i, r["level"], k)] = r[k]
         tracker.log_metrics(run_id, metrics, 0)
-        for p in (fig, folder / "compare.md", folder / "compare.json"):
+        for p in (*figs, folder / "compare.md", folder / "compare.json"):
             tracker.log_artifact(run_id, p, "compare")
         tracker.end(run_id)
         result.update({"_run_id": run_id, "_experiment_id": tracker.experiment_id, "_tracking_uri": tracker.uri})

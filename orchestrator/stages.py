@@ -239,6 +239,7 @@ def stage_distill(ctx: StageContext, trajectories: dict, teacher: dict | None = 
     extra = {"trajectories_prefix": f"{ctx.prefix('trajectories')}/train", "skip_shards": sorted(skip),
              "teacher_key": (teacher or {}).get("teacher_key")}
     if pc.run.eval.curve_n:   # FID/KID against kimg, scored at each checkpoint on rank 0
+        ctx.tracker.set_tags(run_id, {"hkd.curve_n": str(pc.run.eval.curve_n)})     # what `hkd compare` labels it with
         extra["eval"] = {"metric": M.CURVE, "fid_n": pc.run.eval.curve_n,
                          "reference_key": evaluation.reference(pc, pc.run.eval.curve_n)[1]}
     result, wall = ctx.fit("distill", workers.distill_loop, run_id, extra)
@@ -254,7 +255,7 @@ def stage_distill(ctx: StageContext, trajectories: dict, teacher: dict | None = 
                "steps": state["step"], "train_s": state["train_s"], "wall_s": wall, "attempts": attempt,
                "params": count_parameters(model), "ray_path": result.path}
     if pc.run.eval.curve_n:
-        summary["curve"] = curve(ctx.tracker, run_id)
+        summary["curve"] = curve(ctx.tracker.history, run_id)
     ctx.tracker.log_metrics(run_id, {M.WALL_S: wall, M.STAGE_TRAIN_S: state["train_s"]}, int(state["nimg"]))
     summary["registered_model"] = log_model(ctx, run_id, model)
     ctx.tracker.set_tags(run_id, {"hkd.model_uri": summary["model_uri"]})
@@ -351,10 +352,11 @@ def log_model(ctx: StageContext, run_id: str, model) -> str | None:
     return f"{name}/{info.registered_model_version}" if name else None
 
 
-def curve(tracker, run_id: str) -> list[dict]:
-    """The distill run's FID/KID curve (eval.curve_n) with the training seconds at each point, from MLflow."""
-    fid, kid, std = (tracker.history(run_id, k) for k in (M.CURVE_FID, M.CURVE_KID, M.CURVE_KID_STD))
-    train_s = sorted(tracker.history(run_id, M.TRAIN_S).items())
+def curve(history, run_id: str) -> list[dict]:
+    """The distill run's FID/KID curve (eval.curve_n) with the training seconds at each point, from MLflow;
+    ``history(run_id, key)`` reads a metric by step (Tracker.history, or tracking.metric_history over a client)."""
+    fid, kid, std = (history(run_id, k) for k in (M.CURVE_FID, M.CURVE_KID, M.CURVE_KID_STD))
+    train_s = sorted(history(run_id, M.TRAIN_S).items())
     out = []
     for step in sorted(fid):
         before = [v for s, v in train_s if s <= step]

@@ -289,8 +289,13 @@ class Tracker:
     def history(self, run_id: str, key: str) -> dict[int, float]:
         """A metric's values by step (the last one logged at each step)."""
         self.flush()
-        hist = self._call(lambda: self.client.get_metric_history(run_id, key), f"read {key}")
-        return {m.step: m.value for m in sorted(hist, key=lambda m: m.timestamp)}
+        return self._call(lambda: metric_history(self.client, run_id, key), f"read {key}")
+
+
+def metric_history(client, run_id: str, key: str) -> dict[int, float]:
+    """A metric's values by step (the last one logged at each step), read with an MLflow client."""
+    hist = client.get_metric_history(run_id, key)
+    return {m.step: m.value for m in sorted(hist, key=lambda m: m.timestamp)}
 
 
 def artifact_probe(tracking_uri: str, body: bytes) -> str:

@@ -10,7 +10,7 @@ from orchestrator.config import load
 from orchestrator import identity
 
 LEAN = ["experiment=smoke", "storage=fs", "tracking=file", "eval.teacher_nfe=[1]", "cluster.generation_tasks=1",
-        "cluster.address=null"]
+        "cluster.address=null", "eval.curve_n=32"]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,9 @@ def test_the_same_command_again_skips_every_finished_stage(fs_runs):
 def test_compare_overlays_the_spectra_of_runs_and_models_and_logs_them(fs_runs, tmp_path):
     """`hkd compare PIPELINE_RUN MODEL.pt`: the pipeline run resolves to its distilled model; a copy of it with
     every alpha shifted by 0.5 is W1 = 0.5 away in every level, the model itself 0; the table, the figure and
-    the metrics land in a new MLflow run; a name that is nothing is refused with exit code 2."""
+    the metrics land in a new MLflow run; a name that is nothing is refused with exit code 2. The pipeline's
+    distill run scored FID at its checkpoints (eval.curve_n): its curve, read back from MLflow, is in the result,
+    the table and a second figure; the two bare model files have no run and so no curve."""
     from mlflow.tracking import MlflowClient
 
     from hkd_core.models import model_from_record, model_record
@@ -125,7 +127,17 @@ def test_compare_overlays_the_spectra_of_runs_and_models_and_logs_them(fs_runs, 
     assert run.data.tags["hkd.stage"] == "compare"
     assert run.data.metrics["compare/model2/l1/alpha_w1_over_std"] > 0
     arts = {a.path for a in client.list_artifacts(res["_run_id"], "compare")}
-    assert {"compare/compare_spectra.png", "compare/compare.md", "compare/compare.json"} <= arts
+    assert {"compare/compare_spectra.png", "compare/compare_curves.png", "compare/compare.md",
+            "compare/compare.json"} <= arts
+    curves = res["curves"]
+    assert list(curves) == [res["table"]["models"][0]] and curves[res["table"]["models"][0]]["curve_n"] == "32"
+    pts = curves[res["table"]["models"][0]]["curve"]
+    assert pts == first["distill"]["curve"]                   # what the distill stage scored, read back
+    assert [p["kimg"] for p in pts] == pytest.approx([0.128])  # the checkpoint before the end (evaluate scores it)
+    assert all(p["fid"] > 0 and 0 < p["kid_std"] and p["train_s"] > 0 for p in pts)
+    assert (tmp_path / "cmp" / "compare_curves.png").stat().st_size > 10_000
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert f"0.128: {pts[0]['fid']:.2f}" in md
     assert main(["compare", *over, "no-such-sweep"]) == 2
 
 
