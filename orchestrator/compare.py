@@ -1,7 +1,8 @@
 """``hkd compare RUN_OR_SWEEP...``: the Koopman spectra of several runs in one figure, with the distances between
 their decay-rate distributions, logged to MLflow beside the per-run scalars that are already there; and, for the
 runs that scored FID at every checkpoint (``eval.curve_n``), their FID curves against kimg and training seconds
-in one more figure (``compare_curves.png``, the study's plot) with the points in ``compare.json``.
+in one more figure (``compare_curves.png``, the study's plot), every point with its KID in ``compare.md`` and
+``compare.json``.
 
 Each argument names one or more models:
 
