@@ -82,6 +82,7 @@ class ModelConfig:
     alpha_bound: float | None = None     # > 0: Koopman decay rates alpha = B tanh(rho / B), in (-B, B); 0: unbounded
     decoder: str | None = None           # light | unet (the teacher's up path; hkd_core/models.py Decoder)
     sigma_data: float | None = None      # the data's std for the encoder's input scaling; None: teacher.sigma_data
+    grow_blocks: int | None = None       # extra decoder blocks per level, identity at init (models.HKDConfig)
     init: str = "none"                   # none | teacher: start from the teacher's U-Net (hkd_core/teacher_init.py)
 
     def hkd_config(self, img_channels: int, resolution: int, sigma_data: float | None = None) -> HKDConfig:
@@ -107,6 +108,11 @@ class TrainConfig:
     lr: float = 2e-3
     koopman_lr_mult: float = 10.0        # alpha/beta move lr * mult per step: short runs still shape the spectrum
     lr_rampup_kimg: float = 1.0
+    lr_schedule: str = "constant"        # constant | cosine: after the ramp-up, cosine decay to lr * lr_end_frac at
+                                         # the end of the run (total_kimg, or max_train_s when that comes first)
+    lr_end_frac: float = 0.01            # cosine: the last step's lr as a fraction of the peak
+    teacher_lr_mult: float = 1.0         # lr multiplier for the tensors model.init copied from the teacher (a
+                                         # lower peak for what already works); new tensors keep 1, Koopman's its own
     grad_clip: float = 1.0
     ema_halflife_kimg: float = 1.0
     ema_rampup: float = 0.05
@@ -123,10 +129,15 @@ class TrainConfig:
     lambda1_end: float = 0.0
     lambda1_anneal_kimg: float = 4.0
     lambda2: float = 1.0
-    perceptual: str = "pseudo_huber"     # pseudo_huber | mse | lpips (lpips needs the two weight files below)
+    perceptual: str = "pseudo_huber"     # pseudo_huber | mse | teacher | lpips (lpips needs the two weight files
+                                         # below; teacher: the frozen teacher U-Net's down-path features, LPIPS's
+                                         # recipe, needs a U-Net teacher: losses.TeacherFeatureDistance)
+    perceptual_sigma: float = 0.5        # teacher: the noise level the teacher's features are taken at
     lpips_vgg_path: str | None = None    # lpips: torchvision's vgg16 state dict, a local file on every node
     lpips_lin_path: str | None = None    # lpips: the five LPIPS linear heads (lin{0..4}.model.1.weight)
     log_every_kimg: float = 1.0
+    holdout_every_kimg: float = 1.0      # the EMA model's error on the held-out trajectories (train/holdout_mse),
+                                         # a curve beside the training loss; 0: never (also when there are none)
     checkpoint_every_kimg: float = 5.0
     seed: int = 0
     skip_corrupt_shards: bool = False    # leave out trajectory shards that fail the checks (counted in the
@@ -258,7 +269,21 @@ def validate(cfg: RunConfig) -> RunConfig:
     for k in ("total_kimg", "batch_size", "lr", "states_per_traj", "log_every_kimg", "checkpoint_every_kimg"):
         _positive(f"train.{k}", getattr(cfg.train, k))
     _positive("train.max_train_s", cfg.train.max_train_s)
-    _choice("train.perceptual", cfg.train.perceptual, {"pseudo_huber", "mse", "lpips"})
+    _choice("train.perceptual", cfg.train.perceptual, {"pseudo_huber", "mse", "teacher", "lpips"})
+    _positive("train.perceptual_sigma", cfg.train.perceptual_sigma)
+    if cfg.train.perceptual == "teacher" and cfg.teacher.kind != "edm":
+        raise ConfigError(f"train.perceptual=teacher measures images in a U-Net teacher's features; teacher.kind is "
+                          f"{cfg.teacher.kind!r}, which has no network: use teacher=edm (or a shipped one such as "
+                          f"teacher=fmnist_edm), or train.perceptual=pseudo_huber")
+    _choice("train.lr_schedule", cfg.train.lr_schedule, {"constant", "cosine"})
+    if not 0 <= cfg.train.lr_end_frac <= 1:
+        raise ConfigError(f"train.lr_end_frac={cfg.train.lr_end_frac} must be in [0, 1] (the last lr as a fraction "
+                          f"of the peak)")
+    _positive("train.teacher_lr_mult", cfg.train.teacher_lr_mult, strict=False)
+    _positive("train.holdout_every_kimg", cfg.train.holdout_every_kimg, strict=False)
+    if cfg.model.grow_blocks and cfg.model.variant == "kd":
+        raise ConfigError(f"model.grow_blocks={cfg.model.grow_blocks} adds blocks to the HKD/KDM decoder; "
+                          f"model.variant=kd is the teacher's U-Net itself: use model.grow_blocks=0 (or null)")
     if cfg.train.perceptual == "lpips":
         for key in ("lpips_vgg_path", "lpips_lin_path"):
             path = getattr(cfg.train, key)

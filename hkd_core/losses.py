@@ -80,14 +80,61 @@ class LPIPS(nn.Module):
         return total
 
 
+class TeacherFeatureDistance(nn.Module):
+    """A perceptual distance in the frozen teacher's own features (DESIGN 1.2): LPIPS's recipe without its
+    VGG weights, which cannot be had offline. Both images go through the teacher U-Net's down path as if they
+    were states at noise level ``sigma`` (EDM's c_in and c_noise); at each level's output every position's
+    feature vector is scaled to unit length across channels, the squared difference is summed over channels
+    and averaged over positions, and the levels are averaged (equal weights: LPIPS's learned heads need
+    human judgements we do not have). Never the Inception network: that is the metric.
+
+    ``denoiser``: the teacher, an ``EDMPrecond`` around a ``UNet`` (a copy is kept, frozen)."""
+
+    def __init__(self, denoiser: nn.Module, sigma: float = 0.5):
+        super().__init__()
+        import copy
+
+        net = getattr(denoiser, "net", None)
+        if net is None or not hasattr(net, "down"):
+            raise TypeError("train.perceptual=teacher needs the teacher as an EDMPrecond(UNet); got "
+                            f"{type(denoiser).__name__}")
+        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+        self.sigma, self.sigma_data = float(sigma), float(denoiser.sigma_data)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        from .layers import downsample
+
+        s = torch.full((x.shape[0],), self.sigma, device=x.device)
+        emb = self.net.embed(s.log() / 4)
+        h = self.net.conv_in(x / math.sqrt(self.sigma ** 2 + self.sigma_data ** 2))
+        out = []
+        for i, stage in enumerate(self.net.down):
+            h = stage(downsample(h) if i else h, emb)
+            out.append(h / (h.square().sum(1, keepdim=True) + 1e-10).sqrt())
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        fx = self.features(x)
+        with torch.set_grad_enabled(y.requires_grad and torch.is_grad_enabled()):
+            fy = self.features(y)                  # the target needs no graph (it is data)
+        return sum((a - b).square().sum(1).mean((1, 2)) for a, b in zip(fx, fy)) / len(fx)
+
+
+PERCEPTUAL = ("pseudo_huber", "mse", "teacher", "lpips")
+
+
 def perceptual_distance(name: str, **kwargs) -> Distance:
+    """The distance ``train.perceptual`` names; ``teacher`` takes ``denoiser`` (and ``sigma``), ``lpips`` its two
+    weight files."""
     if name == "pseudo_huber":
         return pseudo_huber
     if name == "mse":
         return mse
+    if name == "teacher":
+        return TeacherFeatureDistance(**kwargs)
     if name == "lpips":
         return LPIPS(**kwargs)
-    raise ValueError(f"loss.perceptual is {name!r}; allowed: 'pseudo_huber', 'mse', 'lpips'")
+    raise ValueError(f"loss.perceptual is {name!r}; allowed: {', '.join(repr(p) for p in PERCEPTUAL)}")
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, EDMPrecond, UNet, UNetConfig, as_sigma
 from .koopman import OPERATORS, KoopmanOperator, tau_of_sigma
-from .layers import NoiseEmbedding, ResBlock, SelfAttention, Stage, downsample, group_norm, upsample
+from .layers import GrownBlock, NoiseEmbedding, ResBlock, SelfAttention, Stage, downsample, group_norm, upsample
 
 DECODERS = ("light", "unet")
 
@@ -43,6 +43,9 @@ class HKDConfig:
     decoder: str = "light"                           # 'light': stages fed by the latents, no conditioning;
                                                      # 'unet': the teacher's up path (see Decoder)
     sigma_data: float = SIGMA_DATA                   # the data's std: the encoder's input scaling c_in (EDM)
+    grow_blocks: int = 0                             # extra residual blocks after each decoder stage, each the
+                                                     # identity at initialisation (layers.GrownBlock): capacity
+                                                     # added to a student that still starts as its teacher
 
     def widths(self) -> list[int]:
         m = self.channel_mult
@@ -78,6 +81,8 @@ class HKDConfig:
         bad_ops = [o for o in ops if o not in OPERATORS]
         if bad_ops:
             raise ValueError(f"model.operator is {self.operator!r}; allowed: {list(OPERATORS)} (or one per level)")
+        if self.grow_blocks < 0:
+            raise ValueError(f"model.grow_blocks must be >= 0 (extra decoder blocks per level), got {self.grow_blocks}")
         if self.decoder not in DECODERS:
             raise ValueError(f"model.decoder is {self.decoder!r}; allowed: {list(DECODERS)}")
         for key in ("attn_levels", "latent_levels"):
@@ -161,6 +166,10 @@ class Decoder(nn.Module):
             below = widths[l + 1] if l + 1 < cfg.levels else coarse_channels
             cin = below + (widths[l] if in_dims[l] else 0)
             self.stages.append(Stage(cin, widths[l], cfg.blocks, emb, (l + 1) in cfg.attn_levels, cfg.dropout))
+        # model.grow_blocks: identity-initialised blocks after each stage (none: no 'grown' tensors at all, so
+        # that the records of models without them load as before)
+        self.grown = nn.ModuleList(nn.ModuleList(GrownBlock(w, emb, cfg.dropout) for _ in range(cfg.grow_blocks))
+                                   for w in widths) if cfg.grow_blocks else None
         self.norm_out = group_norm(widths[0])
         self.conv_out = nn.Conv2d(widths[0], cfg.img_channels, 3, padding=1)
 
@@ -175,6 +184,8 @@ class Decoder(nn.Module):
             if self.in_dims[l]:
                 parts.append(self.lift[l](zs[l]))
             h = self.stages[l](torch.cat(parts, 1), emb)
+            for block in self.grown[l] if self.grown is not None else ():
+                h = block(h, emb)
         return self.out_scale * self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -52,13 +52,30 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _param_groups(model: nn.Module, lr_mults: dict[str, float]) -> list[dict]:
-    """One Adam group per learning-rate multiplier; a parameter whose name ends with a key gets its multiplier."""
+def _param_groups(model: nn.Module, lr_mults: dict[str, float], named: dict[str, float] | None = None) -> list[dict]:
+    """One Adam group per learning-rate multiplier: a parameter whose name ends with a key of ``lr_mults`` gets
+    its multiplier, else one named in ``named`` (e.g. the tensors copied from the teacher), else 1."""
     groups: dict[float, list] = {}
+    named = named or {}
     for name, p in model.named_parameters():
-        mult = next((m for suffix, m in lr_mults.items() if name.endswith(suffix)), 1.0)
+        mult = next((m for suffix, m in lr_mults.items() if name.endswith(suffix)), named.get(name, 1.0))
         groups.setdefault(mult, []).append(p)
     return [{"params": ps, "lr_mult": m} for m, ps in groups.items()]
+
+
+def lr_factor(s, kimg: float, train_s: float = 0.0) -> float:
+    """The learning rate as a fraction of ``s.lr`` at this point of a run: the linear ramp-up over
+    lr_rampup_kimg times, with ``lr_schedule=cosine``, a cosine from 1 down to ``lr_end_frac`` over the run.
+    The run's progress is the larger of kimg / total_kimg and train_s / max_train_s, so the decay ends where
+    the run ends, whichever budget ends it (equal images or equal seconds)."""
+    ramp = min(1.0, kimg / s.lr_rampup_kimg) if s.lr_rampup_kimg > 0 else 1.0
+    if getattr(s, "lr_schedule", "constant") != "cosine":
+        return ramp
+    done = [kimg / s.total_kimg] if math.isfinite(s.total_kimg) else []
+    if s.max_train_s:
+        done.append(train_s / s.max_train_s)
+    p = min(1.0, max(0.0, max(done, default=0.0)))
+    return ramp * (s.lr_end_frac + (1 - s.lr_end_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def _update_ema(ema: nn.Module, model: nn.Module, nimg: float, batch: int, halflife_kimg: float, rampup: float):
@@ -89,10 +106,14 @@ class _Loop:
     lr_rampup_kimg, grad_clip, ema_halflife_kimg, ema_rampup, log_every_kimg, checkpoint_every_kimg)."""
 
     def __init__(self, model: nn.Module, s, lr_mults: dict[str, float], *, rank: int, device, config: dict,
-                 checkpoint_dir, metrics_cb, checkpoint_cb, eval_cb, progress: bool, desc: str):
+                 checkpoint_dir, metrics_cb, checkpoint_cb, eval_cb, progress: bool, desc: str,
+                 named_mults: dict[str, float] | None = None, log_cb: EvalCallback | None = None,
+                 log_cb_every_kimg: float = 0.0):
         self.model, self.raw, self.s = model, unwrap(model), s
         self.ema = copy.deepcopy(self.raw).eval().requires_grad_(False)
-        self.opt = torch.optim.Adam(_param_groups(self.raw, lr_mults), lr=s.lr)
+        self.opt = torch.optim.Adam(_param_groups(self.raw, lr_mults, named_mults), lr=s.lr)
+        # log_cb: (EMA model, kimg) -> metrics, on rank 0 at the first log point past every log_cb_every_kimg
+        self.log_cb, self.log_cb_every = log_cb, log_cb_every_kimg
         self.is_main, self.device, self.config, self.desc = rank == 0, device, config, desc
         self.checkpoint_dir, self.metrics_cb, self.checkpoint_cb, self.eval_cb = (checkpoint_dir, metrics_cb,
                                                                                   checkpoint_cb, eval_cb)
@@ -135,7 +156,7 @@ class _Loop:
 
     def optimizer_step(self, step_loss: Callable[[int, float], dict]) -> dict:
         s = self.s
-        ramp = min(1.0, (self.nimg / 1000) / s.lr_rampup_kimg) if s.lr_rampup_kimg > 0 else 1.0
+        ramp = lr_factor(s, self.nimg / 1000, self.train_s)
         for g in self.opt.param_groups:
             g["lr"] = s.lr * g["lr_mult"] * ramp
         losses = step_loss(self.step, self.nimg / 1000)
@@ -157,6 +178,8 @@ class _Loop:
                    bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]")
         next_log = (int(self.nimg / 1000 / s.log_every_kimg) + 1) * s.log_every_kimg
         next_ckpt = (int(self.nimg / 1000 / s.checkpoint_every_kimg) + 1) * s.checkpoint_every_kimg
+        every = self.log_cb_every
+        next_cb = (int(self.nimg / 1000 / every) + 1) * every if self.log_cb is not None and every > 0 else math.inf
         acc: dict[str, float] = {}
         n_acc, t_window, img_window = 0, time.perf_counter(), 0
         self.model.train()
@@ -175,11 +198,14 @@ class _Loop:
                 vals = _mean_over_ranks({M.train(k): v / n_acc for k, v in acc.items()}, self.device)
                 self.metrics = {**vals, M.TRAIN_LR: cur_lr, M.TRAIN_KIMG: kimg, M.TRAIN_S: self.train_s,
                                 M.SAMPLES_PER_S: img_window / max(now - t_window, 1e-9)}
+                if self.is_main and (kimg >= next_cb - 1e-9 or (self.done() and math.isfinite(next_cb))):
+                    self.metrics.update(self.log_cb(self.ema, kimg))     # not counted in train_s
+                    next_cb = (int(kimg / every) + 1) * every
                 if self.is_main:
                     bar.set_postfix(loss=f"{self.metrics[M.TRAIN_LOSS]:.4f}")
                     if self.metrics_cb is not None:
                         self.metrics_cb(self.metrics, kimg)
-                acc, n_acc, t_window, img_window = {}, 0, now, 0
+                acc, n_acc, t_window, img_window = {}, 0, time.perf_counter(), 0
                 next_log = (int(kimg / s.log_every_kimg) + 1) * s.log_every_kimg
             if kimg >= next_ckpt - 1e-9 or self.done():
                 self.checkpoint(kimg)
@@ -263,7 +289,10 @@ def train_hkd(
     eval_cb: EvalCallback | None = None, # (EMA model, kimg) -> metrics at each checkpoint, e.g. a proxy for ASHA
     progress: bool = True,
     config: dict | None = None,          # stored in checkpoints, for lineage
-    perceptual_kwargs: dict | None = None,  # e.g. LPIPS weight paths
+    perceptual_kwargs: dict | None = None,  # e.g. LPIPS weight paths; perceptual=teacher: {"denoiser": teacher}
+    teacher_tensors=(),                  # names of the parameters model.init copied (lr x train.teacher_lr_mult)
+    holdout: dict[str, torch.Tensor] | None = None,  # {"holdout": states, "train": states}: trajectories the EMA
+                                         # model's error is measured on every holdout_every_kimg (rank 0)
     **train,                             # TrainConfig's keys (total_kimg, batch_size, lr, ...): its defaults
 ) -> dict:
     """Distil stored teacher trajectories into a one-step model; returns kimg, steps, train_s, ``ema``, metrics.
@@ -275,9 +304,17 @@ def train_hkd(
         evolves = any(getattr(k, "mode", "none") != "none" for k in getattr(unwrap(model), "koopman", []))
         t = dataclasses.replace(t, latent_weight=LATENT_WEIGHT if evolves else 0.0)
     get = _batch_fn(trajectories, _check_batch(t.batch_size, world_size), t.seed, rank, world_size)
+    if t.perceptual == "teacher" and not (perceptual_kwargs or {}).get("denoiser"):
+        raise ValueError("train.perceptual=teacher needs the teacher network: pass perceptual_kwargs={'denoiser': "
+                         "teacher} (the orchestrator loads it from the teacher stage's weights)")
+    kwargs = dict(perceptual_kwargs or _lpips_paths(t))
+    if t.perceptual == "teacher":
+        kwargs.setdefault("sigma", t.perceptual_sigma)
+    distance = perceptual_distance(t.perceptual, **kwargs)
+    if isinstance(distance, nn.Module):
+        distance = distance.to(device)
     loss_fn = HKDLoss(t.states_per_traj, LambdaSchedule(t.lambda1_start, t.lambda1_end, t.lambda1_anneal_kimg),
-                      t.lambda2, perceptual_distance(t.perceptual, **(perceptual_kwargs or _lpips_paths(t))), t.xT_weight,
-                      t.tcons_sigma_min, t.latent_weight)
+                      t.lambda2, distance, t.xT_weight, t.tcons_sigma_min, t.latent_weight)
     if t.latent_weight > 0 and not hasattr(unwrap(model), "koopman"):
         raise ValueError(f"train.latent_weight={t.latent_weight} needs per-level Koopman latents; "
                          f"{type(unwrap(model)).__name__} has none (use train.latent_weight=0)")
@@ -292,11 +329,26 @@ def train_hkd(
         return out
 
     mult = t.koopman_lr_mult
+    named = {n: t.teacher_lr_mult for n in teacher_tensors}
     loop = _Loop(model, t, {".alpha": mult, ".beta": mult, "generator": mult}, rank=rank, device=device,
                  config=config or {}, checkpoint_dir=checkpoint_dir, metrics_cb=metrics_cb,
-                 checkpoint_cb=checkpoint_cb, eval_cb=eval_cb, progress=progress, desc="distill")
+                 checkpoint_cb=checkpoint_cb, eval_cb=eval_cb, progress=progress, desc="distill", named_mults=named,
+                 log_cb=_holdout_cb(holdout) if holdout else None, log_cb_every_kimg=t.holdout_every_kimg)
     loop.restore(resume)
     return loop.run(step_loss)
+
+
+def _holdout_cb(sets: dict[str, torch.Tensor]) -> EvalCallback:
+    """The EMA model's MSE against the teacher's x_0 on fixed trajectories: the held-out ones (unseen noise) and
+    as many training ones; when the two part, the student is fitting its trajectories rather than the teacher's
+    map (the overfitting check of issue 23)."""
+    from .evaluation import holdout_error
+
+    names = {"holdout": M.TRAIN_HOLDOUT_MSE, "train": M.TRAIN_FIT_MSE}
+    unknown = sorted(set(sets) - set(names))
+    if unknown:
+        raise ValueError(f"holdout sets {unknown} are unknown; give 'holdout' and/or 'train'")
+    return lambda ema, kimg: {names[k]: holdout_error(ema, v) for k, v in sets.items() if len(v)}
 
 
 def _settings(cls, given: dict):

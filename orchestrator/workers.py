@@ -45,18 +45,24 @@ def distill_loop(config: dict) -> None:
     device = ray.train.torch.get_device()                                  # (2) cpu, or this worker's GPU
     torch.manual_seed(pc.run.train.seed)            # identical initial weights on every rank
     model = build_model(pc.run.model.variant, pc.run.hkd_config())
+    tr = pc.run.train
+    copied, extra = [], {}
     if pc.run.model.init != "none":                 # the same teacher tensors on every rank
-        init_from_stored_teacher(pc, model, config.get("teacher_key"))
+        copied = init_from_stored_teacher(pc, model, config.get("teacher_key"))
+    if tr.perceptual == "teacher":                  # the distance lives in the frozen teacher's features
+        extra["perceptual_kwargs"] = {"denoiser": stored_teacher_net(pc, config.get("teacher_key"))}
+    if rank == 0 and tr.holdout_every_kimg > 0:
+        extra["holdout"] = overfitting_sets(pc, config["trajectories_prefix"])
     if device.type == "cpu":                         # ~1.2x the training rate on CPU (docs/results/...)
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)                           # (3) DDP
     eval_cb = make_eval_cb(pc, config["eval"], device) if rank == 0 and config.get("eval") else None
-    tr = pc.run.train
     with LoopReporting(pc, config.get("run_id"), rank, "distill", tr.total_kimg) as rep:   # (4) reports, resume
         train_hkd(model, data.batch, data.sigmas, rank=rank, world_size=world, device=device,
                   checkpoint_dir=rep.local, resume=rep.resume or False, metrics_cb=data.with_seed_sum(rep.metrics_cb),
                   checkpoint_cb=rep.checkpoint_cb, eval_cb=eval_cb, progress=False, config=pc.run.to_dict(),
-                  **dataclasses.asdict(tr))
+                  teacher_tensors=copied,
+                  **extra, **dataclasses.asdict(tr))
         if tr.skip_corrupt_shards:
             from hkd_core import metric_names as M
 
@@ -156,20 +162,59 @@ def teacher_loop(config: dict) -> None:
                       **dataclasses.asdict(t))
 
 
+def _teacher_weights(pc, teacher_key: str | None, why: str) -> tuple[dict, str]:
+    """The teacher's EMA state dict from storage and its URI; ``why`` names the key that needs it."""
+    from .storage import make_store
+
+    if not teacher_key:
+        raise ValueError(f"{why} needs the teacher's weights, but this run was given no teacher checkpoint "
+                         f"(teacher.kind={pc.run.teacher.kind!r})")
+    store = make_store(pc.storage)
+    return torch.load(io.BytesIO(store.get(teacher_key)), map_location="cpu", weights_only=True), store.uri(teacher_key)
+
+
+def stored_teacher_net(pc, teacher_key: str | None):
+    """The teacher's network (EDMPrecond(UNet)) with its EMA weights from storage, loaded strictly."""
+    from hkd_core.checkpoint import load_model_state
+    from hkd_core.data import DATASETS
+    from hkd_core.teachers import teacher_denoiser
+
+    weights, uri = _teacher_weights(pc, teacher_key, "train.perceptual=teacher")
+    net = teacher_denoiser(pc.run.teacher, DATASETS[pc.run.data.name].channels, pc.run.data.resolution)
+    load_model_state(net, weights, uri)
+    return net.eval().requires_grad_(False)
+
+
+def overfitting_sets(pc, train_prefix: str, n: int | None = None) -> dict[str, torch.Tensor]:
+    """The held-out trajectories (beside ``train_prefix``, under .../holdout) and as many training ones (the first
+    shards'), for the EMA model's error on both during training; empty where there are no held-out ones."""
+    from hkd_core.trajectories import read_manifest, read_shard
+
+    from .storage import make_store
+
+    hold_store = make_store(pc.storage, train_prefix.rsplit("/", 1)[0] + "/holdout")
+    if pc.run.trajectories.holdout <= 0 or not hold_store.exists("manifest.json"):
+        return {}
+    hold = torch.cat([read_shard(hold_store, s)["states"] for s in read_manifest(hold_store).shards])
+    n = hold.shape[0] if n is None else n
+    train_store = make_store(pc.storage, train_prefix)
+    train, have = [], 0
+    for s in read_manifest(train_store).shards:
+        if have >= n:
+            break
+        train.append(read_shard(train_store, s)["states"])
+        have += train[-1].shape[0]
+    return {"holdout": hold[:n], "train": torch.cat(train)[:n]}
+
+
 def init_from_stored_teacher(pc, model, teacher_key: str | None) -> list[str]:
     """model.init: copy the teacher's tensors (its EMA weights in storage) into the fresh student."""
     from hkd_core.teacher_init import init_from_teacher
 
-    from .storage import make_store
-
-    if not teacher_key:
-        raise ValueError(f"model.init={pc.run.model.init} needs the teacher's weights, but this run was given no "
-                         f"teacher checkpoint (teacher.kind={pc.run.teacher.kind!r})")
-    store = make_store(pc.storage)
-    weights = torch.load(io.BytesIO(store.get(teacher_key)), map_location="cpu", weights_only=True)
-    names = init_from_teacher(model, weights, pc.run.model.init, store.uri(teacher_key))
+    weights, uri = _teacher_weights(pc, teacher_key, f"model.init={pc.run.model.init}")
+    names = init_from_teacher(model, weights, pc.run.model.init, uri)
     log.info("model.init=%s: %d tensors (%d values) from %s", pc.run.model.init, len(names),
-             sum(model.state_dict()[n].numel() for n in names), store.uri(teacher_key))
+             sum(model.state_dict()[n].numel() for n in names), uri)
     return names
 
 

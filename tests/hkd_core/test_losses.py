@@ -181,3 +181,65 @@ def test_lpips_weight_paths_reach_the_loss_from_the_train_config(tmp_path, koopm
     with pytest.raises(FileNotFoundError, match=f"LPIPS weights {vgg} not found"):
         train_hkd(koopman_model, states, sigmas, progress=False, total_kimg=0.001, batch_size=4,
                   perceptual="lpips", lpips_vgg_path=str(vgg), lpips_lin_path=str(tmp_path / "lin.pth"))
+
+
+def _teacher_net(seed: int = 0):
+    from hkd_core.config import TeacherConfig
+    from hkd_core.teachers import teacher_denoiser
+
+    torch.manual_seed(seed)
+    net = teacher_denoiser(TeacherConfig(kind="edm", channels=8, channel_mult=[1, 2], blocks=1, attn_resolutions=[]),
+                           1, 16)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    return net
+
+
+def test_teacher_feature_distance_is_zero_for_equal_images_and_grows_with_distortion():
+    """train.perceptual=teacher: d(x, x) = 0; under additive noise of growing strength and under growing
+    blur the distance grows monotonically; it is symmetric and per-sample."""
+    from hkd_core.losses import TeacherFeatureDistance, perceptual_distance
+
+    d = perceptual_distance("teacher", denoiser=_teacher_net(), sigma=0.5)
+    assert isinstance(d, TeacherFeatureDistance)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 16, 16, generator=g) * 2 - 1
+    assert d(x, x).shape == (6,) and d(x, x).abs().max() == 0
+    e = torch.randn(x.shape, generator=g)
+    by_noise = [d(x + s * e, x).mean().item() for s in (0.02, 0.1, 0.3, 1.0)]
+    assert all(a < b for a, b in zip(by_noise, by_noise[1:])), by_noise
+    blur = [d(torch.nn.functional.avg_pool2d(x, k, 1, k // 2)[..., :16, :16], x).mean().item() for k in (3, 5, 7)]
+    assert 0 < blur[0] < blur[1] < blur[2], blur
+    torch.testing.assert_close(d(x + 0.1 * e, x), d(x, x + 0.1 * e))
+
+
+def test_teacher_feature_distance_trains_the_student_not_the_teacher():
+    """Gradients reach the image being scored, never the frozen teacher copy (which is also not the
+    teacher object given: changing that one afterwards changes nothing)."""
+    from hkd_core.losses import TeacherFeatureDistance
+
+    net = _teacher_net()
+    d = TeacherFeatureDistance(net, sigma=1.0)
+    x = torch.zeros(2, 1, 16, 16, requires_grad=True)
+    y = torch.rand(2, 1, 16, 16)
+    before = d(x, y).detach()
+    d(x, y).sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in d.parameters())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    torch.testing.assert_close(d(x, y).detach(), before)
+
+
+def test_teacher_perceptual_needs_the_teacher():
+    from hkd_core.losses import perceptual_distance
+    from hkd_core.models import build_model
+    from hkd_core.train import train_hkd
+
+    with pytest.raises(TypeError, match="EDMPrecond"):
+        perceptual_distance("teacher", denoiser=build_model("kd", "tiny"))
+    with pytest.raises(ValueError, match="perceptual=teacher needs the teacher network"):
+        train_hkd(build_model("hkd", "tiny"), torch.zeros(4, 3, 1, 32, 32), torch.tensor([80.0, 1.0, 0.002]),
+                  perceptual="teacher", progress=False)

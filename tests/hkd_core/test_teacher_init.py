@@ -134,3 +134,38 @@ def test_a_unet_decoder_starts_as_the_teachers_denoiser_at_sigma_max():
     init_from_teacher(light, teacher.state_dict(), "teacher")
     with torch.no_grad():                                          # the light decoder is not the teacher
         assert (light(x, SIGMA_MAX) - (teacher(x, SIGMA_MAX) - c_skip * x)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("grow", [1, 2])
+def test_a_grown_student_still_starts_as_the_teachers_denoiser(grow):
+    """model.grow_blocks: the extra decoder blocks are the identity at initialisation, so a grown student
+    grown from the teacher computes the teacher's D(x_T; sigma_max) less c_skip x_T, like the plain one; the
+    blocks' zeroed convolutions still get a gradient at the first step (they are trained, not dead)."""
+    from hkd_core.edm import SIGMA_MAX
+
+    cfg = RunConfig(data=DataConfig(limit=None), teacher=TEACHER,
+                    model=ModelConfig(variant="hkd", subspace_dims=[8, 16], decoder="unet", grow_blocks=grow,
+                                      **STUDENT))
+    torch.manual_seed(0)
+    teacher = teacher_denoiser(TEACHER, 1, 32)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(0, 0.2)
+    student = build_model("hkd", cfg.hkd_config())
+    names = init_from_teacher(student, teacher.state_dict(), "teacher")
+    grown = [k for k in student.state_dict() if k.startswith("decoder.grown.")]
+    assert grown and not set(grown) & set(names)          # the new blocks are new: nothing copied into them
+    assert len(student.decoder.grown) == 2 and all(len(level) == grow for level in student.decoder.grown)
+    x = torch.randn(3, 1, 32, 32) * SIGMA_MAX
+    c_skip = 0.66 ** 2 / (SIGMA_MAX ** 2 + 0.66 ** 2)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, SIGMA_MAX), teacher(x, SIGMA_MAX) - c_skip * x, atol=1e-4, rtol=1e-4)
+    student(x, SIGMA_MAX).square().mean().backward()
+    assert student.decoder.grown[0][0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_grow_blocks_is_refused_for_kd():
+    cfg = RunConfig(data=DataConfig(limit=None), teacher=TEACHER,
+                    model=ModelConfig(variant="kd", grow_blocks=1, **STUDENT))
+    with pytest.raises(ConfigError, match="model.grow_blocks=1"):
+        validate(cfg)

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -111,3 +112,67 @@ def test_eval_callback_runs_at_each_checkpoint_on_the_ema(tiny_cfg, toy_trajecto
               checkpoint_cb=lambda path, m, kimg: reported.append(m), **FAST)
     assert seen == pytest.approx([0.016, 0.032, 0.048])
     assert [m["eval/proxy"] for m in reported] == pytest.approx([0.16, 0.32, 0.48])
+
+
+@pytest.mark.parametrize("budget", ["kimg", "seconds"])
+def test_the_cosine_schedule_ramps_up_then_reaches_its_end_value(budget):
+    """lr_factor: the ramp-up, then a cosine from 1 to lr_end_frac that ends where the run ends, whichever
+    budget ends it; constant stays at 1 after the ramp-up."""
+    import dataclasses
+
+    from hkd_core.config import TrainConfig
+    from hkd_core.train import lr_factor
+
+    s = TrainConfig(total_kimg=40.0, lr_rampup_kimg=2.0, lr_schedule="cosine", lr_end_frac=0.05)
+    if budget == "seconds":
+        s = dataclasses.replace(s, total_kimg=float("inf"), max_train_s=100.0)
+    at = (lambda p: lr_factor(s, 40 * p, 0.0)) if budget == "kimg" else (lambda p: lr_factor(s, 2 + 40 * p, 100 * p))
+    if budget == "kimg":
+        assert lr_factor(s, 1.0) == pytest.approx(0.5 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi / 40))))
+    assert at(1.0) == pytest.approx(0.05) and at(1.5) == pytest.approx(0.05)       # the end value, and it stays
+    assert at(0.5) == pytest.approx(0.05 + 0.95 * 0.5)                            # halfway: the midpoint
+    values = [at(p / 20) for p in range(2, 21)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    const = dataclasses.replace(s, lr_schedule="constant")
+    assert lr_factor(const, 1.0) == 0.5 and lr_factor(const, 30.0, 99.0) == 1.0
+
+
+def test_the_teachers_tensors_learn_at_their_own_rate_and_the_last_lr_is_the_end_value(tiny_cfg, toy_trajectories):
+    """train.teacher_lr_mult scales the lr of the tensors named as copied from the teacher (and only those);
+    the cosine schedule's last step runs at lr * lr_end_frac."""
+    states, sigmas = toy_trajectories
+    model = _fresh(tiny_cfg)
+    copied = [n for n, _ in model.named_parameters() if n.startswith("encoder.conv_in")]
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lrs = []
+    res = train_hkd(model, states, sigmas, total_kimg=0.08, teacher_tensors=copied, teacher_lr_mult=0.01,
+                    lr_schedule="cosine", lr_end_frac=0.1, metrics_cb=lambda m, k: lrs.append(m["train/lr"]),
+                    **FAST)
+    moved = {n: (p.detach() - start[n]).abs().max().item() for n, p in res["model"].named_parameters()}
+    # Adam moves a parameter by at most about lr * mult per step: 5 steps
+    assert max(moved[n] for n in copied) <= 5 * 3e-3 * 0.01 * 1.01
+    assert moved["encoder.stages.0.res.0.conv0.weight"] > 5 * 3e-3 * 0.01 * 2
+    assert lrs[-1] == pytest.approx(3e-3 * lr_factor_at_last_step(0.08, 0.016, 0.1))
+
+
+def lr_factor_at_last_step(total_kimg, kimg_per_step, end):
+    """The factor the last step ran with: its lr is set from the images seen before it."""
+    p = (total_kimg - kimg_per_step) / total_kimg
+    return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def test_the_held_out_and_training_errors_are_logged_as_curves(tiny_cfg, toy_trajectories):
+    """holdout: the EMA model's MSE on the held-out and on as many training trajectories, at every
+    holdout_every_kimg, beside the training loss; equal to holdout_error on the final EMA model."""
+    from hkd_core.evaluation import holdout_error
+
+    states, sigmas = toy_trajectories
+    logged = []
+    res = train_hkd(_fresh(tiny_cfg), states[4:], sigmas, total_kimg=0.064, holdout_every_kimg=0.032,
+                    holdout={"holdout": states[:4], "train": states[4:8]},
+                    metrics_cb=lambda m, k: logged.append((k, m)), **FAST)
+    with_holdout = [(k, m) for k, m in logged if "train/holdout_mse" in m]
+    assert [k for k, _ in with_holdout] == pytest.approx([0.032, 0.064])
+    assert all("train/train_mse" in m and "train/loss" in m for _, m in with_holdout)
+    assert with_holdout[-1][1]["train/holdout_mse"] == pytest.approx(holdout_error(res["ema"], states[:4]))
+    assert with_holdout[-1][1]["train/train_mse"] == pytest.approx(holdout_error(res["ema"], states[4:8]))
