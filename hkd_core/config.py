@@ -151,6 +151,8 @@ class EvalConfig:
     teacher_nfe: list[int] = field(default_factory=lambda: [4, 35])  # also score the teacher at these NFE (a
                                          # shipped teacher's record supplies them when it holds the same N)
     curve_n: int = 0                     # > 0: FID/KID with this N at every distill checkpoint (curve/* in MLflow)
+    floor: bool = True                   # the noise floor at this N (N real training images against the reference),
+                                         # from the teacher's record or measured once and cached in storage
     kid_subset_size: int = 1000
     batch_size: int = 100
     inception_weights: str | None = None

@@ -86,7 +86,37 @@ def model_metrics(s: dict[str, float], n: int) -> dict[str, float]:
 
 
 def teacher_metrics(s: dict[str, float], nfe: int) -> dict[str, float]:
-    return {M.teacher_fid(nfe): s["fid"], M.teacher_kid(nfe): s["kid"]}
+    out = {M.teacher_fid(nfe): s["fid"], M.teacher_kid(nfe): s["kid"]}
+    if s.get("kid_std") is not None:
+        out[M.teacher_kid_std(nfe)] = s["kid_std"]
+    return out
+
+
+def headline(metrics: dict[str, float], teacher_nfe: int) -> dict:
+    """The numbers that say how far the one-step model is from its teacher, led by the one that cannot flatter:
+    KID is unbiased in N, so its ratio (model at NFE 1 over the teacher at ``teacher_nfe``) means the same at
+    every N; FID carries a floor (real images against the reference score it at this N), which squeezes the
+    FID ratio towards 1 at small N, so the floor comes along. Ratios are None where the teacher was not scored."""
+    t_fid, t_kid = metrics.get(M.teacher_fid(teacher_nfe)), metrics.get(M.teacher_kid(teacher_nfe))
+    return {"n": int(metrics[M.EVAL_N]), "fid": metrics[M.FID], "kid": metrics[M.KID],
+            "kid_std": metrics.get(M.KID_STD), "teacher_nfe": teacher_nfe, "teacher_fid": t_fid, "teacher_kid": t_kid,
+            "teacher_kid_std": metrics.get(M.teacher_kid_std(teacher_nfe)),
+            "kid_ratio": metrics[M.KID] / t_kid if t_kid else None,
+            "fid_ratio": metrics[M.FID] / t_fid if t_fid else None,
+            "floor_fid": metrics.get(M.NOISE_FLOOR_FID), "floor_kid": metrics.get(M.NOISE_FLOOR_KID)}
+
+
+def reference_identity(data: DataConfig, split: str, n: int, inception_sha256: str) -> dict:
+    """What a score is measured against: the reference images (data set, split, N, resolution, the subset's seed and
+    the sha256 of the images themselves, so another copy of the data set or another padding is another reference)
+    and the Inception weights' sha256. Scores recorded elsewhere (a shipped teacher's record, the teacher-score
+    cache) are reused only under an equal identity."""
+    import hashlib
+
+    images = reference_images(data, split, n)
+    return {"dataset": data.name, "split": split, "n": n, "resolution": data.resolution, "subset_seed": REFERENCE_SEED,
+            "images_sha256": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest(),
+            "inception_sha256": inception_sha256}
 
 
 def reference_images(data: DataConfig, split: str, n: int) -> torch.Tensor:

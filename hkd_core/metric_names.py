@@ -58,6 +58,15 @@ def teacher_kid(nfe: int) -> str:
     return f"eval/teacher_kid_nfe{nfe}"
 
 
+def teacher_kid_std(nfe: int) -> str:
+    return f"eval/teacher_kid_std_nfe{nfe}"
+
+
+NOISE_FLOOR_KID = "eval/noise_floor_kid"
+KID_RATIO = "eval/kid_ratio"                         # KID(model, NFE 1) / KID(teacher, its full NFE): the headline
+FID_RATIO = "eval/fid_ratio"                         # the same for FID (squeezed towards 1 by the floor at small N)
+
+
 def teacher_nfe_of(name: str) -> int | None:
     """The NFE of a ``teacher_fid`` name, None for any other metric."""
     return int(name.removeprefix(TEACHER_FID_PREFIX)) if name.startswith(TEACHER_FID_PREFIX) else None

@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan; run nothing")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="write the results (or preflight report) to this file")
+    p.add_argument("--headline", metavar="FILE", help="pipeline/evaluate: write the headline (KID ratio, FID ratio, "
+                   "floor, N, run id, config hash, commit) to this JSON file")
+    p.add_argument("--name", help="--headline: the name it carries (default: 'main job' without overrides, else the "
+                   "overrides)")
     g = p.add_argument_group("study")
     g.add_argument("--variants", help="study: comma-separated subset of no_koopman_no_tcons,no_tcons,one_level,hkd "
                    "(the paper's cumulative ablation rows), kd, kdm, hkd_scratch")
@@ -266,6 +270,11 @@ def stage_main(args) -> int:
         return 3
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    if args.headline and "evaluate" in res:
+        head = {**res["evaluate"].get("headline", {}),
+                "name": args.name or (" ".join(args.overrides) if args.overrides else "main job"),
+                "command": " ".join(["hkd", args.command, *args.overrides])}
+        Path(args.headline).write_text(json.dumps(head, indent=1, default=float) + "\n")
     print_results(res)
     return 0
 
@@ -273,18 +282,36 @@ def stage_main(args) -> int:
 def print_results(res: dict) -> None:
     print(f"\nstages skipped (already done): {', '.join(res.get('_skipped', [])) or 'none'}")
     if "evaluate" in res:
-        m = res["evaluate"]["metrics"]
-        print(f"FID@{int(m[M.EVAL_N])} (NFE 1): {m[M.FID]:.2f}   KID: {m[M.KID]:.4f} ± {m[M.KID_STD]:.4f}")
-        for k in sorted(m, key=lambda k: M.teacher_nfe_of(k) or 0):
-            nfe = M.teacher_nfe_of(k)
-            if nfe is not None:
-                print(f"  teacher at NFE {nfe}: FID {m[k]:.2f}   FID ratio HKD / teacher: {m[M.FID] / m[k]:.2f}")
-        if M.NOISE_FLOOR_FID in m:
-            print(f"  noise floor (real training images against the same reference, same N): {m[M.NOISE_FLOOR_FID]:.2f}")
+        for line in headline_lines(res["evaluate"]["metrics"]):
+            print(line)
     print(f"artifacts: {res['_storage_root']}/")
     if "distill" in res and res["distill"].get("model_uri"):
         print(f"  model: {res['distill']['model_uri']}   trajectories: {res['trajectories']['train']['uri']}/")
     print_ui(res["_tracking_uri"], res["_experiment_id"], res["_parent_run_id"])
+
+
+def headline_lines(m: dict) -> list[str]:
+    """The evaluation as a reader should take it: the KID ratio first (KID is unbiased, so the ratio means the
+    same at any N), then the FID ratio with the floor that squeezes it at this N, then the other teacher NFEs."""
+    n = int(m[M.EVAL_N])
+    nfes = sorted(x for x in (M.teacher_nfe_of(k) for k in m) if x is not None)
+    kid = f"{m[M.KID] * 1e3:.1f} ± {m[M.KID_STD] * 1e3:.1f}"
+    floor = (f"floor at N = {n}: {m[M.NOISE_FLOOR_FID]:.2f}, what real images score" if M.NOISE_FLOOR_FID in m
+             else "")
+    if not nfes or M.teacher_kid(nfes[-1]) not in m:
+        return [f"HKD at NFE 1, N = {n}: KID x1e3 {kid}   FID {m[M.FID]:.2f}" + (f"   ({floor})" if floor else "")]
+    full = nfes[-1]
+    t_kid, t_fid = m[M.teacher_kid(full)], m[M.teacher_fid(full)]
+    t_std = m.get(M.teacher_kid_std(full))
+    lines = [f"HKD at NFE 1 against the teacher at NFE {full} (N = {n}, the same noise seeds):",
+             f"  KID ratio {m[M.KID] / t_kid:.2f}   (KID x1e3 {kid} against {t_kid * 1e3:.1f}"
+             + (f" ± {t_std * 1e3:.1f}" if t_std is not None else "") + ")",
+             f"  FID ratio {m[M.FID] / t_fid:.2f}   (FID {m[M.FID]:.2f} against {t_fid:.2f}" + (f"; {floor})" if floor
+                                                                                          else ")")]
+    for nfe in nfes[:-1]:
+        lines.append(f"  teacher at NFE {nfe}: FID {m[M.teacher_fid(nfe)]:.2f}, KID x1e3 "
+                     f"{m.get(M.teacher_kid(nfe), float('nan')) * 1e3:.1f}")
+    return lines
 
 
 def print_ui(uri: str, experiment_id: str, run_id: str, extra: str = "") -> None:

@@ -375,7 +375,7 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     run_id = ctx.open_run("evaluate", {"hkd.model_uri": distill["model_uri"]})
     t0 = time.perf_counter()
     metrics = evaluation.evaluate(pc, ctx.cfg_dict, distill["model_key"], teacher.get("teacher_key"),
-                                  lambda: images(pc), teacher.get("adopted"))
+                                  lambda: images(pc), teacher.get("adopted"), progress=ctx.progress)
     model = workers.load_model(pc, distill["model_key"])
     metrics.update(summarize(model.spectrum()))
     if isinstance(model, HKD):
@@ -384,7 +384,22 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     ctx.tracker.log_metrics(run_id, metrics, int(round(distill["kimg"] * 1000)))
     evaluation.figures(model, lambda path, folder: ctx.tracker.log_artifact(run_id, path, folder))
     ctx.tracker.log_dict(run_id, pc.to_dict(), "config/resolved.json")
-    summary = {"metrics": metrics, "n": pc.run.eval.n}
+    head = headline(ctx, metrics, distill, run_id)
+    ctx.tracker.log_dict(run_id, head, "headline.json")
+    summary = {"metrics": metrics, "n": pc.run.eval.n, "headline": head}
     ctx.tracker.end(run_id)
     ctx.finish("evaluate", summary)
     return summary
+
+
+def headline(ctx: StageContext, metrics: dict, distill: dict, run_id: str) -> dict:
+    """The evaluation's headline (hkd_core.evaluation.headline: the KID ratio first, the FID ratio, the floor at
+    this N) with what makes it traceable: the pipeline and evaluate run ids, the config hash, the commit, and the
+    training budget behind it."""
+    from hkd_core.evaluation import headline as numbers
+
+    e = ctx.pc.run.eval
+    full = max(e.teacher_nfe) if e.teacher_nfe else 2 * ctx.pc.run.trajectories.steps - 1
+    return {"name": ctx.pc.name, **numbers(metrics, full), "run_id": ctx.parent_run_id, "evaluate_run_id": run_id,
+            "config_hash": identity.pipeline_hash(ctx.pc), "commit": identity.git_sha(), "kimg": distill.get("kimg"),
+            "train_s": distill.get("train_s"), "model_uri": distill.get("model_uri")}

@@ -38,7 +38,8 @@ def test_metric_names_of_model_and_teacher():
     s = {"fid": 12.5, "kid": 0.01, "kid_std": 0.002}
     assert E.model_metrics(s, 300) == {M.FID: 12.5, M.KID: 0.01, M.KID_STD: 0.002, M.EVAL_N: 300,
                                        M.FID_NFE1: 12.5}
-    assert E.teacher_metrics(s, 35) == {"eval/teacher_fid_nfe35": 12.5, "eval/teacher_kid_nfe35": 0.01}
+    assert E.teacher_metrics(s, 35) == {"eval/teacher_fid_nfe35": 12.5, "eval/teacher_kid_nfe35": 0.01,
+                                        "eval/teacher_kid_std_nfe35": 0.002}
     assert M.teacher_nfe_of("eval/teacher_fid_nfe35") == 35 and M.teacher_nfe_of(M.FID) is None
 
 
@@ -93,3 +94,28 @@ def test_endpoint_sensitivity_tells_a_lookup_table_from_a_smooth_map(toy_images)
     a = endpoint_sensitivity(smooth.denoise, x_T, toy_images, rel=0.05, nfe=11)["endpoint_rms_change"]
     b = endpoint_sensitivity(smooth.denoise, x_T, toy_images, rel=0.10, nfe=11)["endpoint_rms_change"]
     assert a > 0 and 1.8 * a < b <= 2.001 * a     # (a little less than twice: the endpoints are clamped to [-1, 1])
+
+
+def test_the_headline_leads_with_the_kid_ratio_and_states_the_floor():
+    m = {M.FID: 70.0, M.KID: 0.045, M.KID_STD: 0.002, M.EVAL_N: 1000, M.teacher_fid(35): 35.0,
+         M.teacher_kid(35): 0.015, M.teacher_kid_std(35): 0.001, M.NOISE_FLOOR_FID: 22.6, M.NOISE_FLOOR_KID: 0.0001}
+    h = E.headline(m, 35)
+    assert list(h)[:3] == ["n", "fid", "kid"] and h["n"] == 1000
+    assert h["kid_ratio"] == pytest.approx(3.0) and h["fid_ratio"] == pytest.approx(2.0)
+    assert h["floor_fid"] == 22.6 and h["teacher_kid_std"] == 0.001
+    no_teacher = E.headline({k: v for k, v in m.items() if "teacher" not in k}, 35)
+    assert no_teacher["kid_ratio"] is None and no_teacher["fid_ratio"] is None
+
+
+def test_the_reference_identity_changes_with_the_images_and_the_weights():
+    """reference_identity: the same data, split, N and weights give the same identity; another N, another split,
+    another resolution or other Inception weights give another (the reuse of recorded scores compares these)."""
+    from hkd_core.config import DataConfig
+
+    d = DataConfig()
+    a = E.reference_identity(d, "test", 50, "w1")
+    assert a == E.reference_identity(d, "test", 50, "w1")
+    assert a["images_sha256"] != E.reference_identity(d, "test", 51, "w1")["images_sha256"]
+    assert a["images_sha256"] != E.reference_identity(d, "train", 50, "w1")["images_sha256"]
+    assert a["images_sha256"] != E.reference_identity(DataConfig(resolution=28), "test", 50, "w1")["images_sha256"]
+    assert a != E.reference_identity(d, "test", 50, "w2")

@@ -1,6 +1,7 @@
 """The one driver without any service: `hkd pipeline experiment=smoke storage=fs tracking=file` end to end,
 with Ray started in this process, a local folder for storage and a local MLflow store (SQLite)."""
 import json
+import re
 
 import pytest
 import torch
@@ -172,3 +173,32 @@ print("ok", type(m).__name__, tuple(x.shape))
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().startswith("ok HKD (2, 1,"), r.stdout + r.stderr[-3000:]
+
+
+def test_evaluate_shows_progress_and_writes_its_headline(fs_runs, tmp_path, capsys, monkeypatch):
+    """A new evaluation (another noise seed) counts the images it has scored of N, for the reference, the model
+    and the teacher, and ends with the headline: the KID ratio first, the FID ratio and the floor; --headline
+    writes it as JSON with what makes it traceable (run id, config hash, commit, N)."""
+    import ray
+
+    root = fs_runs["root"]
+    over = LEAN + [f"storage.root={root}/store", f"tracking.root={root}/mlflow", "eval.seed=9"]
+    for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    head = tmp_path / "headline.json"
+    try:
+        assert main(["evaluate", *over, "--headline", str(head)]) == 0
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    bars = re.split(r"[\r\n]", text)
+    for what in ("evaluate: model at NFE 1", "evaluate: teacher at NFE 1", "evaluate: noise floor"):
+        assert any(what in b and "0/32" in b for b in bars) and any(what in b and "32/32" in b for b in bars), what
+    h = json.loads(head.read_text())
+    assert h["name"] == " ".join(over) and h["n"] == 32 and h["teacher_nfe"] == 1
+    assert h["kid_ratio"] == pytest.approx(h["kid"] / h["teacher_kid"]) and h["floor_fid"] > 0
+    assert h["config_hash"] == identity.pipeline_hash(load(over)) and h["commit"] == identity.git_sha()
+    assert h["run_id"] and h["command"].startswith("hkd evaluate experiment=smoke")
+    lines = [x for x in out.out.splitlines() if x.startswith("  KID ratio ")]
+    assert lines and f"{h['kid_ratio']:.2f}" in lines[0]

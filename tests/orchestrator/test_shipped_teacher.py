@@ -59,21 +59,54 @@ def test_a_corrupt_shipped_teacher_stops_the_stage_naming_it(fs, tmp_path, capsy
     assert f"shipped teacher {w} has sha256" in err and "altered or truncated" in err
 
 
-def test_recorded_scores_are_reused_only_for_the_same_n_seeds_and_split(fs, tmp_path):
-    """The evaluate stage takes the shipped teacher's own FID instead of sampling it again, but only where the
-    record measured it exactly as this evaluation would."""
-    from orchestrator.evaluation import recorded_teacher_scores
+def test_recorded_scores_are_reused_only_under_the_same_reference_weights_and_seeds(fs, tmp_path, caplog):
+    """The evaluate stage takes the shipped teacher's own FID/KID instead of sampling it again, but only where
+    the record measured it exactly as this evaluation would: the same N, seeds and split, and the same reference
+    identity (the reference images' sha256 and the Inception weights' sha256). An evaluation recorded without an
+    identity (the old single "eval") is never reused."""
+    from orchestrator.evaluation import identity_of, recorded_teacher_scores
 
     pc = load(TINY + fs + ["eval.n=64"])
+    ident = identity_of(pc)
+    assert ident["n"] == 64 and len(ident["inception_sha256"]) == 64 and ident["seed"] == pc.run.eval.seed
     net = teacher_denoiser(pc.run.teacher, 1, pc.run.data.resolution)
     ev = {"n": 64, "seed": pc.run.eval.seed, "split": "test", "by_nfe": {"35": {"fid": 40.0, "kid": 0.01}},
           "noise_floor_train_vs_test": {"fid": 20.0}}
-    write_shipped(tmp_path / "shipped" / "tiny-edm", pc.run.data, pc.run.teacher, net.state_dict(), eval=ev)
+    folder = tmp_path / "shipped" / "tiny-edm"
+    write_shipped(folder, pc.run.data, pc.run.teacher, net.state_dict(), eval=ev)       # no identity: not reused
+    assert recorded_teacher_scores(pc, "adopted") == ({}, None)
+    write_shipped(folder, pc.run.data, pc.run.teacher, net.state_dict(), evals=[{**ev, "reference": ident}])
     scores, floor = recorded_teacher_scores(pc, "adopted")
     assert scores == {35: {"fid": 40.0, "kid": 0.01}} and floor == {"fid": 20.0}
     assert recorded_teacher_scores(pc, None) == ({}, None)                          # not adopted: nothing
     for other in (["eval.n=65"], ["eval.seed=7"], ["eval.split=train"], ["teacher.lr=0.5"]):
         assert recorded_teacher_scores(load(TINY + fs + ["eval.n=64"] + other), "adopted") == ({}, None), other
+    # measured with other Inception weights, or against other reference images: refused, and the log says why
+    for key, value in (("inception_sha256", "0" * 64), ("images_sha256", "f" * 64)):
+        write_shipped(folder, pc.run.data, pc.run.teacher, net.state_dict(),
+                      evals=[{**ev, "reference": {**ident, key: value}}])
+        caplog.clear()
+        assert recorded_teacher_scores(pc, "adopted") == ({}, None), key
+        assert f"({key} differ)" in caplog.text
+
+
+def test_teacher_scores_are_cached_under_their_identity(fs, tmp_path):
+    """cached_scores: computed once, then read back under the same identity; another identity computes again."""
+    from orchestrator.evaluation import cached_scores
+
+    pc = load(TINY + fs + ["eval.n=64"])
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"fid": 10.0 + len(calls), "kid": 0.1, "kid_std": 0.01}
+
+    ident = {"n": 64, "images_sha256": "a", "inception_sha256": "b", "seed": 1, "teacher_sha256": "c"}
+    assert cached_scores(pc, ident, "nfe35", compute)["fid"] == 11.0
+    assert cached_scores(pc, ident, "nfe35", compute)["fid"] == 11.0 and len(calls) == 1
+    assert cached_scores(pc, {**ident, "teacher_sha256": "d"}, "nfe35", compute)["fid"] == 12.0
+    assert cached_scores(pc, {**ident, "inception_sha256": "e"}, "nfe35", compute)["fid"] == 13.0
+    assert cached_scores(pc, ident, "nfe4", compute)["fid"] == 14.0 and len(calls) == 4
 
 
 def test_teacher_checkpoint_is_used_by_the_stage_instead_of_training(fs, tmp_path, capsys):

@@ -1,0 +1,37 @@
+"""What the main job ends with: the KID ratio first, the FID ratio with the floor at that N, the other teacher
+NFEs; and how a shipped teacher's record keeps evaluations at several N."""
+from hkd_core import metric_names as M
+from orchestrator.cli import headline_lines
+from orchestrator.ship import merged_evals
+
+METRICS = {M.FID: 71.68, M.KID: 0.0451, M.KID_STD: 0.0018, M.EVAL_N: 1000, M.teacher_fid(35): 41.5,
+           M.teacher_kid(35): 0.0129, M.teacher_kid_std(35): 0.0009, M.teacher_fid(4): 91.98,
+           M.teacher_kid(4): 0.0794, M.NOISE_FLOOR_FID: 22.62}
+
+
+def test_the_final_lines_lead_with_the_kid_ratio_and_state_the_floor():
+    lines = headline_lines(METRICS)
+    assert lines[0] == "HKD at NFE 1 against the teacher at NFE 35 (N = 1000, the same noise seeds):"
+    assert lines[1] == "  KID ratio 3.50   (KID x1e3 45.1 ± 1.8 against 12.9 ± 0.9)"
+    assert lines[2] == "  FID ratio 1.73   (FID 71.68 against 41.50; floor at N = 1000: 22.62, what real images score)"
+    assert lines[3] == "  teacher at NFE 4: FID 91.98, KID x1e3 79.4"
+
+
+def test_without_a_teacher_the_line_has_no_ratio():
+    m = {k: v for k, v in METRICS.items() if "teacher" not in k}
+    assert headline_lines(m) == ["HKD at NFE 1, N = 1000: KID x1e3 45.1 ± 1.8   FID 71.68   (floor at N = 1000: "
+                                 "22.62, what real images score)"]
+    assert "ratio" not in headline_lines({k: v for k, v in m.items() if k != M.NOISE_FLOOR_FID})[0]
+
+
+def test_a_record_keeps_its_evaluations_at_other_n_and_replaces_the_same_one():
+    ref = {"images_sha256": "a", "inception_sha256": "b"}
+    e1000 = {"n": 1000, "seed": 123, "split": "test", "reference": ref, "by_nfe": {"35": {"fid": 41.5}}}
+    e10k = {**e1000, "n": 10000, "by_nfe": {"35": {"fid": 30.0}}}
+    assert merged_evals(None, e1000) == [e1000]
+    record = {"evals": [e1000]}
+    assert merged_evals(record, e10k) == [e1000, e10k]
+    again = {**e1000, "by_nfe": {"35": {"fid": 41.4}}}
+    assert merged_evals({"evals": [e1000, e10k]}, again) == [e10k, again]
+    other_weights = {**e1000, "reference": {**ref, "inception_sha256": "c"}}
+    assert merged_evals(record, other_weights) == [e1000, other_weights]
