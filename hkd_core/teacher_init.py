@@ -11,7 +11,12 @@
   Where an HKD level's latent is as wide as its features (``model.subspace_dims`` equal to the trunk's widths),
   ``teacher`` also starts that level's projection and lift (1x1 convolutions) as the identity: with the
   Koopman evolution starting as the identity too, the decoder's first step sees exactly the teacher's skip
-  features. With ``model.decoder=unet`` the decoder is the teacher's whole up path (bottleneck included) and
+  features. A latent wider than its level (the ``one_level`` variant's coarsest latent, which holds every level's
+  modes) starts with its first channels as that identity: the extra channels' projection keeps its random start
+  and their lift starts at zero, so the decoder sees the teacher's features and the new channels still learn.
+  A decoder stage whose level carries no latent (``one_level``'s finer levels) takes the teacher's up stage with
+  the skip's input channels left out (the first convolution, its normalisation and its 1x1 skip sliced to the
+  channels that come from below, which come first in both). With ``model.decoder=unet`` the decoder is the teacher's whole up path (bottleneck included) and
   its embedding is the teacher's at sigma_max: the student then starts as the teacher's one-step denoiser.
 
 ``init_from_teacher`` copies and returns the student's tensor names it set; nothing else is touched.
@@ -83,6 +88,7 @@ def init_from_teacher(model: nn.Module, teacher_state: dict[str, torch.Tensor], 
             copied[n] = src
     if mode == "teacher" and kind == "HKD":
         copied.update(_identity_links(model, own))
+        copied.update(_without_skip(model, own, teacher_state, copied))
         if "decoder.emb" in own:
             copied["decoder.emb"] = _teacher_embedding(model, teacher_state)
     with torch.no_grad():
@@ -109,16 +115,46 @@ def _teacher_embedding(model: nn.Module, teacher_state: dict[str, torch.Tensor])
 
 
 def _identity_links(model: nn.Module, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Identity weights (and zero biases) for each square projection encoder -> latent and lift latent ->
-    decoder, so that a latent as wide as its level passes the encoder's features through unchanged."""
+    """Identity weights (and zero biases) for each projection encoder -> latent and lift latent -> decoder whose
+    latent is at least as wide as its level, so that the latent passes the encoder's features through unchanged;
+    a wider latent's extra channels keep their random projection and get a zero lift (they start silent and
+    learn). A latent narrower than its level is left alone."""
     out = {}
     pairs = [(f"proj.{i}", f"decoder.lift.{l}") for i, l in enumerate(model.levels)]
     for proj, lift in pairs:
-        w = own[f"{proj}.weight"]
-        if w.shape[0] != w.shape[1]:
+        w = own[f"{proj}.weight"]                       # (d, width, 1, 1)
+        d, width = w.shape[:2]
+        if d < width:
             continue
-        eye = torch.eye(w.shape[0]).reshape(w.shape)
-        for name in (proj, lift):
-            out[f"{name}.weight"] = eye
-            out[f"{name}.bias"] = torch.zeros_like(own[f"{name}.bias"])
+        eye = torch.eye(width)
+        p = own[f"{proj}.weight"].clone().reshape(d, width)
+        p[:width] = eye
+        li = torch.zeros(width, d)
+        li[:, :width] = eye
+        out[f"{proj}.weight"] = p.reshape(w.shape)
+        out[f"{lift}.weight"] = li.reshape(own[f"{lift}.weight"].shape)
+        b = own[f"{proj}.bias"].clone()
+        b[:width] = 0
+        out[f"{proj}.bias"] = b
+        out[f"{lift}.bias"] = torch.zeros_like(own[f"{lift}.bias"])
+    return out
+
+
+def _without_skip(model: nn.Module, own: dict[str, torch.Tensor], teacher_state: dict[str, torch.Tensor],
+                  copied: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The first block of each decoder stage whose level has no latent but has a level below it: the teacher's
+    up stage at that resolution with the skip's input channels sliced off (conv0 and the 1x1 skip along their
+    inputs, norm0 along its channels); the block's other tensors have the teacher's shapes and are copied whole."""
+    out = {}
+    levels = model.cfg.levels
+    for l, d in enumerate(model.decoder.in_dims):
+        if d or l == levels - 1:
+            continue
+        pre, src = f"decoder.stages.{l}.res.0.", f"net.up.{levels - 1 - l}.res.0."
+        for name, dim in (("conv0.weight", 1), ("skip.weight", 1), ("norm0.weight", 0), ("norm0.bias", 0)):
+            mine, theirs = own.get(pre + name), teacher_state.get(src + name)
+            if mine is None or theirs is None or pre + name in copied:
+                continue
+            if theirs.shape[dim] > mine.shape[dim] and mine.shape == theirs.narrow(dim, 0, mine.shape[dim]).shape:
+                out[pre + name] = theirs.narrow(dim, 0, mine.shape[dim])
     return out

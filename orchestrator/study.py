@@ -1,5 +1,6 @@
-"""``hkd study``: the quality study on Ray. Full HKD, the paper's cumulative ablation rows (DESIGN 1.4), KD
-and the KDM-style model (both within 15 % of HKD's parameter count), trained and evaluated on the
+"""``hkd study``: the quality study on Ray. Full HKD, the paper's cumulative ablation rows (DESIGN 1.4), KD (from
+the teacher, and from scratch as the paper's KD) and the KDM-style model (HKD's trunk width), trained and
+evaluated on the
 same teacher trajectories with the same budget (images seen), and the teacher at NFE 1, 2, 4 and full; a
 markdown table, a bar chart, with ``eval.curve_n`` FID-against-kimg curves and a table at equal wall-clock,
 and an MLflow study run whose variants' pipeline runs carry the tag ``hkd.study`` (the MLflow UI's compare
@@ -36,7 +37,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "one_level": ("+ consistency, one level (no hierarchy)", ["model.variant=one_level"]),
     "hkd": ("HKD (full): + hierarchy", []),
     "kd": ("KD (U-Net x_T -> x_0, the teacher's size)", ["model.variant=kd", "train.states_per_traj=1"]),
-    "kdm": ("KDM-style (one global operator, HKD's parameter count)", ["model.variant=kdm", "model.kdm_dim=48"]),
+    "kd_scratch": ("KD from scratch (the paper's KD baseline)", ["model.variant=kd", "train.states_per_traj=1",
+                                                                 "model.init=none"]),
+    "kdm": ("KDM-style (one global operator, HKD's trunk width)", ["model.variant=kdm"]),
     "hkd_scratch": ("HKD (full), not initialised from the teacher", ["model.init=none"]),
 }
 # Rows with trajectory consistency score s > 1 states per trajectory: the config's train.states_per_traj when it
@@ -44,7 +47,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 CONSISTENCY_ROWS = ("one_level", "hkd", "kdm", "hkd_scratch")
 PAPER_STATES_PER_TRAJ = 4
 ABLATION_ROWS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd")   # DESIGN 1.4, top to bottom
-DEFAULT_VARIANTS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd", "kd", "kdm")
+DEFAULT_VARIANTS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd", "kd", "kd_scratch", "kdm")
+
+
+def row_label(v: str, pc: PipelineConfig) -> str:
+    """A row's label with what its number depends on: the states per trajectory in its loss (s) and its init."""
+    return f"{VARIANTS[v][0]} [s = {pc.run.train.states_per_traj}, init {pc.run.model.init}]"
 
 
 def with_final(curve: list[dict], res: dict, e) -> list[dict]:
@@ -105,11 +113,12 @@ def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] 
     t0 = time.perf_counter()
     results: dict = {"study": study, "variants": {}, "teacher": {}}
     for v, (pc, d) in cfgs.items():
-        log.info("study %s: variant %s (%s)", study, v, VARIANTS[v][0])
+        log.info("study %s: variant %s (%s)", study, v, row_label(v, pc))
         res = run_stages(pc, d, "evaluate", progress)
         m = res["evaluate"]["metrics"]
         results["variants"][v] = {
-            "label": VARIANTS[v][0], "fid": m[M.FID], "kid": m[M.KID], "n": int(m[M.EVAL_N]),
+            "label": row_label(v, pc), "s": pc.run.train.states_per_traj, "init": pc.run.model.init,
+            "fid": m[M.FID], "kid": m[M.KID], "n": int(m[M.EVAL_N]),
             "kimg": res["distill"]["kimg"], "train_s": res["distill"].get("train_s"),
             "params": res["distill"].get("params"), "pipeline_run_id": res["_parent_run_id"],
             "kid_std": m.get(M.KID_STD), "curve": with_final(res["distill"].get("curve", []), res, pc.run.eval),

@@ -169,3 +169,33 @@ def test_grow_blocks_is_refused_for_kd():
                     model=ModelConfig(variant="kd", grow_blocks=1, **STUDENT))
     with pytest.raises(ConfigError, match="model.grow_blocks=1"):
         validate(cfg)
+
+
+def test_one_level_starts_from_the_teacher_like_the_others():
+    """The one_level row: its coarsest latent holds every level's modes (wider than the level) and its finer
+    decoder stages get no latent. Every tensor but the Koopman generators still starts from the teacher: the
+    wide latent's first channels as the identity (the rest: random projection, zero lift, so they start silent
+    and still learn), the latent-less stages' first block as the teacher's with the skip's input channels
+    sliced off."""
+    cfg = RunConfig(data=DataConfig(limit=None), teacher=TEACHER,
+                    model=ModelConfig(variant="one_level", subspace_dims=[8, 16], decoder="unet", **STUDENT))
+    torch.manual_seed(0)
+    teacher = teacher_denoiser(TEACHER, 1, 32)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(0, 0.2)
+    t = teacher.state_dict()
+    student = build_model("one_level", cfg.hkd_config())
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    names = init_from_teacher(student, t, "teacher")
+    own = student.state_dict()
+    assert sorted(set(own) - set(names)) == ["koopman.0.alpha", "koopman.0.beta"]
+    proj, lift = own["proj.0.weight"][:, :, 0, 0], own["decoder.lift.1.weight"][:, :, 0, 0]    # (24, 16), (16, 24)
+    assert proj.shape == (24, 16) and torch.equal(proj[:16], torch.eye(16)) and torch.equal(proj[16:],
+                                                                                           before["proj.0.weight"][16:, :, 0, 0])
+    assert torch.equal(lift[:, :16], torch.eye(16)) and not lift[:, 16:].any()
+    conv = own["decoder.stages.0.res.0.conv0.weight"]                    # sees the 16 channels from below only
+    assert conv.shape[1] == 16 and torch.equal(conv, t["net.up.1.res.0.conv0.weight"][:, :16])
+    assert torch.equal(own["decoder.stages.0.res.0.norm0.weight"], t["net.up.1.res.0.norm0.weight"][:16])
+    assert torch.equal(own["decoder.stages.0.res.0.skip.weight"], t["net.up.1.res.0.skip.weight"][:, :16])
+    assert torch.equal(own["decoder.stages.0.res.0.conv1.weight"], t["net.up.1.res.0.conv1.weight"])

@@ -12,10 +12,14 @@ def test_variants_share_the_trajectories_and_differ_where_declared():
     assert list(cfgs) == variants and study.startswith("hkd-study-")
     hashes = {v: pc.stages() for v, (pc, _) in cfgs.items()}
     assert len({(h["teacher"], h["trajectories"]) for h in hashes.values()}) == 1     # one shared teacher + data
-    assert len({h["distill"] for h in hashes.values()}) == len(variants)               # all different models
+    # all different models, but for KD from the teacher and from scratch where the base starts from scratch
+    assert run_init(cfgs) == "none" and len({h["distill"] for h in hashes.values()}) == len(variants) - 1
     run = {v: pc.run for v, (pc, _) in cfgs.items()}
-    assert run["kd"].model.variant == "kd"
-    assert run["kdm"].model.kdm_dim == 48
+    assert run["kd"].model.variant == "kd" and run["kd_scratch"].model.variant == "kd"
+    assert run["kd_scratch"].model.init == "none"                                       # the paper's KD: from scratch
+    # the KDM-style row is matched to HKD by trunk width, its latent left at the preset's size
+    assert run["kdm"].hkd_config().widths() == run["hkd"].hkd_config().widths()
+    assert run["kdm"].model.kdm_dim is None
     assert len({r.train.total_kimg for r in run.values()}) == 1                         # the same budget
     # the teacher at NFE 1, 2, 4 and its full NFE (smoke: Heun 6 steps = 11), scored once, by the first variant
     first = variants[0]
@@ -23,6 +27,22 @@ def test_variants_share_the_trajectories_and_differ_where_declared():
     assert all(r.eval.teacher_nfe == [] for v, r in run.items() if v != first)
     assert all(pc.tracking.tags["hkd.study"] == study for pc, _ in cfgs.values())
     assert len({pc.name for pc, _ in cfgs.values()}) == len(variants)                 # distinct MLflow runs
+
+
+def test_every_row_is_labelled_with_its_s_and_its_init():
+    from orchestrator.study import row_label
+
+    _, cfgs = variant_configs([], ["no_tcons", "hkd", "kd", "kd_scratch", "kdm"])     # the main job's base
+    labels = {v: row_label(v, pc) for v, (pc, _) in cfgs.items()}
+    assert labels["no_tcons"].endswith("[s = 1, init teacher]")
+    assert labels["hkd"].endswith("[s = 4, init teacher]") and labels["kdm"].endswith("[s = 4, init teacher]")
+    assert labels["kd_scratch"].endswith("[s = 1, init none]") and labels["kd"].endswith("[s = 1, init teacher]")
+    hashes = {v: pc.stages()["distill"] for v, (pc, _) in cfgs.items()}
+    assert len(set(hashes.values())) == len(hashes)
+
+
+def run_init(cfgs) -> str:
+    return cfgs["hkd"][0].run.model.init
 
 
 def test_the_cumulative_ablation_rows_build_the_model_and_loss_they_declare(toy_trajectories):
