@@ -41,6 +41,18 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8
     return path
 
 
+def save_side_by_side(left: torch.Tensor, right: torch.Tensor, path: str | os.PathLike, titles: tuple[str, str],
+                      nrow: int = 8) -> Path:
+    """Two image grids side by side under their titles: e.g. a one-step student and its teacher on the same noise."""
+    fig, axes = plt.subplots(1, 2, figsize=(2 * 0.42 * nrow + 0.4, 0.42 * -(-len(left) // nrow) + 0.6))
+    for ax, imgs, title in zip(axes, (left, right), titles):
+        g = image_grid(imgs, nrow)
+        ax.imshow(g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=255)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    return _save(fig, path)
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -250,3 +250,26 @@ def figures(model, log_artifact) -> None:
             paths.append(Path(d) / "eigenvalues.npz")
         for p in paths:
             log_artifact(p, M.SPECTRA if p.name in ("spectrum.png", "alpha_maps.png", "eigenvalues.npz") else "figures")
+
+
+BESIDE = 32          # samples in the side-by-side figure
+
+
+def beside_teacher(pc, model, teacher_key: str | None, images) -> Path | None:
+    """samples_vs_teacher.png: the model at NFE 1 and the teacher at its full NFE (the largest eval.teacher_nfe) on
+    the same first BESIDE evaluation seeds, side by side, in a temporary folder; None when no teacher NFE is
+    configured. Drawn in the driver: BESIDE x NFE teacher evaluations, seconds on a CPU."""
+    e = pc.run.eval
+    if not e.teacher_nfe:
+        return None
+    from hkd_core.figures import save_side_by_side
+
+    nfe = max(e.teacher_nfe)
+    x_T = E.noise(E.eval_seeds(e, BESIDE), E.image_shape(pc.run.data))
+    teacher = workers.load_teacher(pc, images() if pc.run.teacher.kind == "empirical" else None, teacher_key)
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        mine = E.model_generator(model)(x_T.to(dev)).clamp(-1, 1).cpu()
+        theirs = E.teacher_generator(teacher, nfe)(x_T.to(workers._device())).cpu()
+    path = Path(tempfile.mkdtemp()) / "samples_vs_teacher.png"
+    return save_side_by_side(mine, theirs, path, ("HKD, NFE 1", f"teacher, NFE {nfe}"))

@@ -383,6 +383,10 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     metrics[M.EVAL_S] = time.perf_counter() - t0
     ctx.tracker.log_metrics(run_id, metrics, int(round(distill["kimg"] * 1000)))
     evaluation.figures(model, lambda path, folder: ctx.tracker.log_artifact(run_id, path, folder))
+    beside = evaluation.beside_teacher(pc, model, teacher.get("teacher_key"), lambda: images(pc))
+    if beside is not None:
+        ctx.tracker.log_artifact(run_id, beside, "figures")
+        shutil.rmtree(beside.parent, ignore_errors=True)
     ctx.tracker.log_dict(run_id, pc.to_dict(), "config/resolved.json")
     head = headline(ctx, metrics, distill, run_id)
     ctx.tracker.log_dict(run_id, head, "headline.json")

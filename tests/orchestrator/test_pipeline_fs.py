@@ -68,7 +68,12 @@ def test_runs_and_metrics_land_in_the_local_mlflow_store(fs_runs):
             "spectra/l1/alpha_mean", "bands/band0/low", "bands/random1/high", "bands/image/mid"} <= set(ev.data.metrics)
     assert ev.data.metrics["eval/n"] == 32 and ev.data.metrics["eval/fid"] > 0
     arts = {a.path for folder in ("spectra", "figures") for a in client.list_artifacts(ev.info.run_id, folder)}
-    assert {"spectra/spectrum.png", "spectra/eigenvalues.npz", "figures/samples.png"} <= arts
+    assert {"spectra/spectrum.png", "spectra/eigenvalues.npz", "figures/samples.png",
+            "figures/samples_vs_teacher.png"} <= arts
+    assert "headline.json" in {a.path for a in client.list_artifacts(ev.info.run_id)}
+    assert ev.data.metrics["eval/kid_ratio"] == pytest.approx(ev.data.metrics["eval/kid"] /
+                                                             ev.data.metrics["eval/teacher_kid_nfe1"])
+    assert ev.data.metrics["eval/noise_floor_fid"] > 0
     # artifacts stay beside the store, never in the working directory
     assert (fs_runs["root"] / "mlflow" / "artifacts").is_dir()
     # a model-training experiment (MLflow 3's UI opens it on the runs), and what each run consumed as dataset
