@@ -74,7 +74,7 @@ def run_row(name: str, label: str, overrides: list[str], budget: str, base: list
     tracker = Tracker(pc.tracking)
     distill_run = tracker.find_run(identity.run_key(pc, "distill"))
     did = distill_run.info.run_id if distill_run else None
-    full = 2 * pc.run.trajectories.steps - 1
+    full = max(pc.run.eval.teacher_nfe)          # the teacher at its best NFE, whatever the trajectories used
     t_fid, t_kid = m.get(M.teacher_fid(full)), m.get(M.teacher_kid(full))
     row = {"name": name, "label": label, "overrides": overrides, "budget": budget,
            "command": "hkd pipeline " + " ".join(over),
