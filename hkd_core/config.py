@@ -276,8 +276,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("train.perceptual_sigma", cfg.train.perceptual_sigma)
     if cfg.train.perceptual == "teacher" and cfg.teacher.kind != "edm":
         raise ConfigError(f"train.perceptual=teacher measures images in a U-Net teacher's features; teacher.kind is "
-                          f"{cfg.teacher.kind!r}, which has no network: use teacher=edm (or a shipped one such as "
-                          f"teacher=fmnist_edm), or train.perceptual=pseudo_huber")
+                          f"{cfg.teacher.kind!r}, which has no network: use teacher=edm (it adopts a shipped teacher "
+                          f"where one matches), or train.perceptual=pseudo_huber")
     _choice("train.lr_schedule", cfg.train.lr_schedule, {"constant", "cosine"})
     if not 0 <= cfg.train.lr_end_frac <= 1:
         raise ConfigError(f"train.lr_end_frac={cfg.train.lr_end_frac} must be in [0, 1] (the last lr as a fraction "

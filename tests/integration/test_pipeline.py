@@ -66,6 +66,8 @@ def test_pipeline_end_to_end(first_pipeline, s3, run_tag, smoke):
 
     ev = runs["evaluate"].data.metrics
     assert ev["eval/n"] == 32 and ev["eval/fid"] > 0 and "eval/kid" in ev and "eval/teacher_fid_nfe11" in ev
+    assert ev["eval/kid_ratio"] == pytest.approx(ev["eval/kid"] / ev["eval/teacher_kid_nfe11"])     # the headline
+    assert ev["eval/noise_floor_fid"] > 0                                  # measured at this N and cached
     from hkd_core.models import build_model
     from orchestrator.config import load
 
@@ -80,7 +82,8 @@ def test_pipeline_end_to_end(first_pipeline, s3, run_tag, smoke):
     arts = {f.path for d in ("figures", "spectra", "config") for f in c.list_artifacts(ev_id, d)}
     assert {"figures/samples.png", "figures/band_masking.png", "figures/band_masking_levels.png",
             "figures/trajectory.png", "figures/band_trajectory.png", "figures/band_energy.png", "spectra/spectrum.png",
-            "spectra/alpha_maps.png", "spectra/eigenvalues.npz", "config/resolved.json"} <= arts
+            "spectra/alpha_maps.png", "spectra/eigenvalues.npz", "config/resolved.json",
+            "figures/samples_vs_teacher.png"} <= arts
     import mlflow
     import numpy as np
 

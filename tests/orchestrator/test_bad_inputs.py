@@ -28,6 +28,15 @@ CONFIGS = [
      'unknown key train.lerning_rate: it is not in the composed config (a typo? `hkd pipeline --dry-run` prints every key)'),
     ('wrong type', ['train.lr=fast'],
      "train.lr='fast' must be of type float"),
+    ('teacher-feature distance without a U-Net teacher', ['teacher=empirical', 'model.init=none',
+                                                          'train.perceptual=teacher'],
+     "train.perceptual=teacher measures images in a U-Net teacher's features; teacher.kind is 'empirical', which has "
+     "no network: use teacher=edm (it adopts a shipped teacher where one matches), or train.perceptual=pseudo_huber"),
+    ('unknown lr schedule', ['train.lr_schedule=linear'],
+     "train.lr_schedule='linear' is not allowed; choose one of ['constant', 'cosine']"),
+    ('grown blocks on KD', ['model.variant=kd', 'model.grow_blocks=1'],
+     'model.grow_blocks=1 adds blocks to the HKD/KDM decoder; model.variant=kd is the teacher\'s U-Net itself: use '
+     'model.grow_blocks=0 (or null)'),
     ('negative budget', ['train.total_kimg=-1'],
      'train.total_kimg=-1.0 must be > 0'),
     ('zero batch', ['train.batch_size=0'],
