@@ -44,7 +44,7 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8
 def save_side_by_side(left: torch.Tensor, right: torch.Tensor, path: str | os.PathLike, titles: tuple[str, str],
                       nrow: int = 8) -> Path:
     """Two image grids side by side under their titles: e.g. a one-step student and its teacher on the same noise."""
-    fig, axes = plt.subplots(1, 2, figsize=(2 * 0.42 * nrow + 0.4, 0.42 * -(-len(left) // nrow) + 0.6))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * 0.8 * nrow + 0.4, 0.8 * -(-len(left) // nrow) + 0.6))
     for ax, imgs, title in zip(axes, (left, right), titles):
         g = image_grid(imgs, nrow)
         ax.imshow(g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=255)
