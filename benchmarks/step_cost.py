@@ -10,7 +10,6 @@ so the machine's drift hits all alike; the ratio to the baseline is the number t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys

@@ -46,6 +46,8 @@ class NoiseEmbedding(nn.Module):
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with an optional adaptive scale/shift from the noise embedding."""
 
+    residual_scale = 1 / math.sqrt(2)
+
     def __init__(self, cin: int, cout: int, emb_dim: int | None = None, dropout: float = 0.0):
         super().__init__()
         self.norm0 = group_norm(cin)
@@ -65,7 +67,7 @@ class ResBlock(nn.Module):
             scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)
             h = h * (1 + scale) + shift
         h = self.conv1(self.dropout(F.silu(h)))
-        return (h + self.skip(x)) / math.sqrt(2)
+        return (h + self.skip(x)) * self.residual_scale
 
 
 class SelfAttention(nn.Module):
@@ -111,26 +113,13 @@ def upsample(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
-class GrownBlock(nn.Module):
-    """A residual block that starts as the identity: x + conv1(...(x)) with conv1 zero-initialised and no
-    1/sqrt(2) on the sum. Added to a student grown from its teacher (``model.grow_blocks``), it leaves the
-    teacher's function untouched at initialisation and still receives a gradient from the first step (the
-    zeroed convolution's input is not zero)."""
+class GrownBlock(ResBlock):
+    """A residual block that starts as the identity: x + conv1(...(x)), the ResBlock without its 1/sqrt(2) on the
+    sum (its conv1 is zero-initialised). Added to a student grown from its teacher (``model.grow_blocks``), it
+    leaves the teacher's function untouched at initialisation and still receives a gradient from the first step
+    (the zeroed convolution's input is not zero)."""
+
+    residual_scale = 1.0
 
     def __init__(self, channels: int, emb_dim: int | None = None, dropout: float = 0.0):
-        super().__init__()
-        self.norm0 = group_norm(channels)
-        self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.affine = nn.Linear(emb_dim, 2 * channels) if emb_dim else None
-        self.norm1 = group_norm(channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        nn.init.zeros_(self.conv1.weight)
-        nn.init.zeros_(self.conv1.bias)
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.norm1(self.conv0(F.silu(self.norm0(x))))
-        if self.affine is not None and emb is not None:
-            scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)
-            h = h * (1 + scale) + shift
-        return x + self.conv1(self.dropout(F.silu(h)))
+        super().__init__(channels, channels, emb_dim, dropout)

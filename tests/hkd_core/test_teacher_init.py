@@ -23,6 +23,16 @@ def _pair(variant: str):
     return cfg, build_model(variant, cfg.hkd_config()), teacher.state_dict()
 
 
+def _random_teacher(std: float = 0.2):
+    """The tiny teacher with random, non-zero values everywhere (seed 0)."""
+    torch.manual_seed(0)
+    teacher = teacher_denoiser(TEACHER, 1, 32)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(0, std)
+    return teacher
+
+
 @pytest.mark.parametrize("mode", ["teacher_encoder", "teacher"])
 def test_hkd_takes_exactly_the_tensors_it_names(mode):
     _, model, tstate = _pair("hkd")
@@ -116,11 +126,7 @@ def test_a_unet_decoder_starts_as_the_teachers_denoiser_at_sigma_max():
 
     cfg = RunConfig(data=DataConfig(limit=None), teacher=TEACHER,
                     model=ModelConfig(variant="hkd", subspace_dims=[8, 16], decoder="unet", **STUDENT))
-    torch.manual_seed(0)
-    teacher = teacher_denoiser(TEACHER, 1, 32)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.normal_(0, 0.2)
+    teacher = _random_teacher()
     student = build_model("hkd", cfg.hkd_config())
     names = init_from_teacher(student, teacher.state_dict(), "teacher")
     assert sorted(set(student.state_dict()) - set(names)) == sorted(
@@ -146,11 +152,7 @@ def test_a_grown_student_still_starts_as_the_teachers_denoiser(grow):
     cfg = RunConfig(data=DataConfig(limit=None), teacher=TEACHER,
                     model=ModelConfig(variant="hkd", subspace_dims=[8, 16], decoder="unet", grow_blocks=grow,
                                       **STUDENT))
-    torch.manual_seed(0)
-    teacher = teacher_denoiser(TEACHER, 1, 32)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.normal_(0, 0.2)
+    teacher = _random_teacher()
     student = build_model("hkd", cfg.hkd_config())
     names = init_from_teacher(student, teacher.state_dict(), "teacher")
     grown = [k for k in student.state_dict() if k.startswith("decoder.grown.")]
@@ -179,11 +181,7 @@ def test_one_level_starts_from_the_teacher_like_the_others():
     sliced off."""
     cfg = RunConfig(data=DataConfig(limit=None), teacher=TEACHER,
                     model=ModelConfig(variant="one_level", subspace_dims=[8, 16], decoder="unet", **STUDENT))
-    torch.manual_seed(0)
-    teacher = teacher_denoiser(TEACHER, 1, 32)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.normal_(0, 0.2)
+    teacher = _random_teacher()
     t = teacher.state_dict()
     student = build_model("one_level", cfg.hkd_config())
     before = {k: v.clone() for k, v in student.state_dict().items()}

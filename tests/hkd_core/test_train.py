@@ -29,12 +29,31 @@ def test_distillation_reduces_the_loss(tiny_cfg, toy_trajectories):
     assert {"train/loss_recon", "train/loss_tcons", "train/lambda1", "perf/samples_per_s"} <= set(logged[-1])
 
 
-def test_resume_continues_exactly_where_it_stopped(tiny_cfg, toy_trajectories, tmp_path):
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(kimg_stop: float):
+    """A checkpoint callback that stops the run right after the checkpoint at ``kimg_stop`` is written."""
+    def cb(path, metrics, kimg):
+        if kimg >= kimg_stop - 1e-9:
+            raise _Crash
+    return cb
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_resume_continues_exactly_where_it_stopped(tiny_cfg, toy_trajectories, tmp_path, schedule):
+    """A run that stops after a checkpoint and is started again with the same config ends with the weights of the
+    run that went straight through, the learning-rate schedule included (the cosine's position is the images
+    seen, not the process's own count)."""
     states, sigmas = toy_trajectories
-    straight = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "a", **FAST)
-    train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.08, checkpoint_dir=tmp_path / "b", **FAST)
+    fast = {**FAST, "lr_schedule": schedule}
+    straight = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "a", **fast)
+    with pytest.raises(_Crash):
+        train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "b",
+                  checkpoint_cb=_crash_at(0.08), **fast)
     assert json.loads((tmp_path / "b" / "latest.json").read_text())["kimg"] == pytest.approx(0.08)
-    resumed = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "b", **FAST)
+    resumed = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "b", **fast)
     assert resumed["steps"] == straight["steps"] == 10
     for a, b in zip(straight["model"].state_dict().values(), resumed["model"].state_dict().values()):
         assert torch.equal(a, b)
