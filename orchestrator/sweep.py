@@ -104,6 +104,9 @@ def trial_fn(params: dict, ctx: dict) -> None:
                               ctx["sweep_run_id"],
                               {"hkd.sweep_id": ctx["sweep_id"], "hkd.trial_id": trial_id, "hkd.stage": "trial",
                                "hkd.config_hash": pc.stages()["distill"], "hkd.trajectories_uri": ctx["traj_uri"]})
+    # a trial that runs (again) is not stopped: a stop recorded before the driver died, which Tune's snapshot did
+    # not know of when the sweep resumed, no longer holds (the close at its end records how it ends this time)
+    tracker.delete_tags(run_id, ("hkd.stopped_early", "hkd.end_reason", "hkd.stopped_at_kimg", "hkd.closed_at"))
     tracker.log_params(run_id, {**pc.run.to_dict(), "sweep": {"params": json.dumps(params, sort_keys=True)}})
     tracker.log_inputs(run_id, dataset_inputs(pc, "distill", ctx["traj_uri"]))     # the Dataset column, as a stage's
     t = trainer.make_trainer(pc, workers.distill_loop,

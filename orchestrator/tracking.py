@@ -210,6 +210,13 @@ class Tracker:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         self._call(lambda: self.client.log_batch(run_id, tags=items), "set tags")
 
+    def delete_tags(self, run_id: str, keys) -> None:
+        """Remove these tags where the run has them (a reopened run that no longer is what they said)."""
+        have = self._call(lambda: self.client.get_run(run_id), "get run").data.tags
+        for k in keys:
+            if k in have:
+                self._call(lambda k=k: self.client.delete_tag(run_id, k), f"delete tag {k}")
+
     def log_metrics(self, run_id: str, metrics: dict, step: int, flush: bool = True) -> None:
         """Buffer, then try to send; a failure keeps the buffer for the next flush (never drops metrics)."""
         from mlflow.entities import Metric

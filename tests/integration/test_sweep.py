@@ -38,7 +38,8 @@ def smoke_sweep(local_stack, tmp_path_factory, fault_report):
     """The smoke sweep, with its driver killed in the middle of a trial's checkpoint write, then resumed to
     the end. The kill lands in the most harmful instant: the checkpoint's file is in S3 but Ray Train's
     snapshot does not list it yet. HKD_FAULT_STALL_AFTER_UPLOAD_S holds every upload in that state for 6 s;
-    once a trial has finished, the driver is killed as soon as another trial reports such a stall."""
+    once a trial has ended (completed, or stopped by ASHA), the driver is killed as soon as another trial reports
+    such a stall."""
     sweep_id = f"smoke-{TAG}"
     tmp = tmp_path_factory.mktemp("sweep")
     out, log = tmp / "summary.json", tmp / "driver.log"
@@ -56,8 +57,11 @@ def smoke_sweep(local_stack, tmp_path_factory, fault_report):
                        rb"-(\w+)/checkpoint_[^/\s]+) uploaded, not yet recorded by Ray(?![^\n]*repeated)")
     try:
         while True:
-            done = _runs(f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial' and "
-                         f"attributes.status = 'FINISHED'")
+            # a trial that has ended: completed (FINISHED) or stopped by ASHA (KILLED, closed when Tune stopped it);
+            # which comes first depends on the metric values, so either will do
+            done = [r for status in ("FINISHED", "KILLED")
+                    for r in _runs(f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial' and "
+                                   f"attributes.status = '{status}'")]
             if len(done) >= 1:
                 break
             assert proc.poll() is None, "the sweep ended before it could be interrupted"
