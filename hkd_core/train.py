@@ -156,9 +156,9 @@ class _Loop:
 
     def optimizer_step(self, step_loss: Callable[[int, float], dict]) -> dict:
         s = self.s
-        ramp = lr_factor(s, self.nimg / 1000, self.train_s)
+        factor = lr_factor(s, self.nimg / 1000, self.train_s)
         for g in self.opt.param_groups:
-            g["lr"] = s.lr * g["lr_mult"] * ramp
+            g["lr"] = s.lr * g["lr_mult"] * factor
         losses = step_loss(self.step, self.nimg / 1000)
         self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -168,7 +168,7 @@ class _Loop:
         self.step += 1
         self.nimg += s.batch_size
         _update_ema(self.ema, self.raw, self.nimg, s.batch_size, s.ema_halflife_kimg, s.ema_rampup)
-        return {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in losses.items()} | {"_lr": s.lr * ramp}
+        return {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in losses.items()} | {"_lr": s.lr * factor}
 
     def run(self, step_loss: Callable[[int, float], dict]) -> dict:
         s = self.s

@@ -29,7 +29,6 @@ import os
 import sys
 from pathlib import Path
 
-from hkd_core import metric_names as M
 from hkd_core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,36 +281,14 @@ def stage_main(args) -> int:
 def print_results(res: dict) -> None:
     print(f"\nstages skipped (already done): {', '.join(res.get('_skipped', [])) or 'none'}")
     if "evaluate" in res:
+        from .headline import headline_lines
+
         for line in headline_lines(res["evaluate"]["metrics"]):
             print(line)
     print(f"artifacts: {res['_storage_root']}/")
     if "distill" in res and res["distill"].get("model_uri"):
         print(f"  model: {res['distill']['model_uri']}   trajectories: {res['trajectories']['train']['uri']}/")
     print_ui(res["_tracking_uri"], res["_experiment_id"], res["_parent_run_id"])
-
-
-def headline_lines(m: dict) -> list[str]:
-    """The evaluation as a reader should take it: the KID ratio first (KID is unbiased, so the ratio means the
-    same at any N), then the FID ratio with the floor that squeezes it at this N, then the other teacher NFEs."""
-    n = int(m[M.EVAL_N])
-    nfes = sorted(x for x in (M.teacher_nfe_of(k) for k in m) if x is not None)
-    kid = f"{m[M.KID] * 1e3:.1f} ± {m[M.KID_STD] * 1e3:.1f}"
-    floor = (f"floor at N = {n}: {m[M.NOISE_FLOOR_FID]:.2f}, what real images score" if M.NOISE_FLOOR_FID in m
-             else "")
-    if not nfes or M.teacher_kid(nfes[-1]) not in m:
-        return [f"HKD at NFE 1, N = {n}: KID x1e3 {kid}   FID {m[M.FID]:.2f}" + (f"   ({floor})" if floor else "")]
-    full = nfes[-1]
-    t_kid, t_fid = m[M.teacher_kid(full)], m[M.teacher_fid(full)]
-    t_std = m.get(M.teacher_kid_std(full))
-    lines = [f"HKD at NFE 1 against the teacher at NFE {full} (N = {n}, the same noise seeds):",
-             f"  KID ratio {m[M.KID] / t_kid:.2f}   (KID x1e3 {kid} against {t_kid * 1e3:.1f}"
-             + (f" ± {t_std * 1e3:.1f}" if t_std is not None else "") + ")",
-             f"  FID ratio {m[M.FID] / t_fid:.2f}   (FID {m[M.FID]:.2f} against {t_fid:.2f}" + (f"; {floor})" if floor
-                                                                                          else ")")]
-    for nfe in nfes[:-1]:
-        lines.append(f"  teacher at NFE {nfe}: FID {m[M.teacher_fid(nfe)]:.2f}, KID x1e3 "
-                     f"{m.get(M.teacher_kid(nfe), float('nan')) * 1e3:.1f}")
-    return lines
 
 
 def print_ui(uri: str, experiment_id: str, run_id: str, extra: str = "") -> None:

@@ -24,6 +24,7 @@ from hkd_core import metric_names as M
 from hkd_core.data import load_images
 
 from . import evaluation, identity, trainer, workers
+from .headline import headline
 from .config import PipelineConfig
 from .raycluster import init_ray
 from .storage import make_store, ray_storage, read_uri, store_at
@@ -388,22 +389,10 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
         ctx.tracker.log_artifact(run_id, beside, "figures")
         shutil.rmtree(beside.parent, ignore_errors=True)
     ctx.tracker.log_dict(run_id, pc.to_dict(), "config/resolved.json")
-    head = headline(ctx, metrics, distill, run_id)
+    head = headline(ctx.pc, metrics, distill, ctx.parent_run_id, run_id)
     ctx.tracker.log_dict(run_id, head, "headline.json")
     summary = {"metrics": metrics, "n": pc.run.eval.n, "headline": head}
     ctx.tracker.end(run_id)
     ctx.finish("evaluate", summary)
     return summary
 
-
-def headline(ctx: StageContext, metrics: dict, distill: dict, run_id: str) -> dict:
-    """The evaluation's headline (hkd_core.evaluation.headline: the KID ratio first, the FID ratio, the floor at
-    this N) with what makes it traceable: the pipeline and evaluate run ids, the config hash, the commit, and the
-    training budget behind it."""
-    from hkd_core.evaluation import headline as numbers
-
-    e = ctx.pc.run.eval
-    full = max(e.teacher_nfe) if e.teacher_nfe else 2 * ctx.pc.run.trajectories.steps - 1
-    return {"name": ctx.pc.name, **numbers(metrics, full), "run_id": ctx.parent_run_id, "evaluate_run_id": run_id,
-            "config_hash": identity.pipeline_hash(ctx.pc), "commit": identity.git_sha(), "kimg": distill.get("kimg"),
-            "train_s": distill.get("train_s"), "model_uri": distill.get("model_uri")}

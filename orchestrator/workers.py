@@ -188,12 +188,12 @@ def stored_teacher_net(pc, teacher_key: str | None):
 def overfitting_sets(pc, train_prefix: str, n: int | None = None) -> dict[str, torch.Tensor]:
     """The held-out trajectories (beside ``train_prefix``, under .../holdout) and as many training ones (the first
     shards'), for the EMA model's error on both during training; empty where there are no held-out ones."""
-    from hkd_core.trajectories import read_manifest, read_shard
+    from hkd_core.trajectories import MANIFEST, read_manifest, read_shard
 
     from .storage import make_store
 
     hold_store = make_store(pc.storage, train_prefix.rsplit("/", 1)[0] + "/holdout")
-    if pc.run.trajectories.holdout <= 0 or not hold_store.exists("manifest.json"):
+    if pc.run.trajectories.holdout <= 0 or not hold_store.exists(MANIFEST):
         return {}
     hold = torch.cat([read_shard(hold_store, s)["states"] for s in read_manifest(hold_store).shards])
     n = hold.shape[0] if n is None else n

@@ -1,7 +1,7 @@
 """What the main job ends with: the KID ratio first, the FID ratio with the floor at that N, the other teacher
 NFEs; and how a shipped teacher's record keeps evaluations at several N."""
 from hkd_core import metric_names as M
-from orchestrator.cli import headline_lines
+from orchestrator.headline import headline_lines
 from orchestrator.ship import merged_evals
 
 METRICS = {M.FID: 71.68, M.KID: 0.0451, M.KID_STD: 0.0018, M.EVAL_N: 1000, M.teacher_fid(35): 41.5,
