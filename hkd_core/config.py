@@ -136,6 +136,11 @@ class TrainConfig:
     perceptual_sigma: float = 0.5        # teacher: the noise level the teacher's features are taken at
     lpips_vgg_path: str | None = None    # lpips: torchvision's vgg16 state dict, a local file on every node
     lpips_lin_path: str | None = None    # lpips: the five LPIPS linear heads (lin{0..4}.model.1.weight)
+    adversarial_weight: float = 0.0      # beyond the paper: + this x the hinge term -D(x_0) of a small
+                                         # discriminator trained on real training images (hkd_core/adversarial.py);
+                                         # 0: off. About 0.01 (issue 23), measured in a long run only
+    adversarial_lr: float = 2e-4         # the discriminator's Adam lr (betas 0, 0.99)
+    adversarial_start_kimg: float = 0.0  # the term (and the discriminator's training) starts here
     log_every_kimg: float = 1.0
     holdout_every_kimg: float = 1.0      # the EMA model's error on the held-out trajectories (train/holdout_mse),
                                          # a curve beside the training loss; 0: never (also when there are none)
@@ -284,6 +289,12 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"of the peak)")
     _positive("train.teacher_lr_mult", cfg.train.teacher_lr_mult, strict=False)
     _positive("train.holdout_every_kimg", cfg.train.holdout_every_kimg, strict=False)
+    _positive("train.adversarial_weight", cfg.train.adversarial_weight, strict=False)
+    _positive("train.adversarial_lr", cfg.train.adversarial_lr)
+    _positive("train.adversarial_start_kimg", cfg.train.adversarial_start_kimg, strict=False)
+    if cfg.train.adversarial_weight and cfg.data.resolution % 8:
+        raise ConfigError(f"train.adversarial_weight={cfg.train.adversarial_weight}: the discriminator halves the "
+                          f"resolution 3 times; data.resolution={cfg.data.resolution} is not divisible by 8")
     if cfg.model.grow_blocks and cfg.model.variant == "kd":
         raise ConfigError(f"model.grow_blocks={cfg.model.grow_blocks} adds blocks to the HKD/KDM decoder; "
                           f"model.variant=kd is the teacher's U-Net itself: use model.grow_blocks=0 (or null)")

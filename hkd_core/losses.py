@@ -161,7 +161,8 @@ class HKDLoss:
     The loss is the paper's plain sum over the s states when ``xT_weight`` is None (x_T then carries 1/s
     of it); a weight w in (0, 1] gives s * (w d(x_T) + (1 - w) mean of the others), the same scale with
     x_T's share set to w. Returns scalars: ``loss`` (to minimise), ``loss_recon``, ``loss_tcons`` (and
-    ``loss_latent`` with ``latent_weight`` > 0).
+    ``loss_latent`` with ``latent_weight`` > 0); with ``keep_x0`` set, also ``x0``: the student's x_0 for each
+    x_T (B, *shape), not detached.
     """
 
     def __init__(self, states_per_traj: int = 4, lambda1: LambdaSchedule | None = None, lambda2: float = 1.0,
@@ -178,6 +179,7 @@ class HKDLoss:
         self.lambda2, self.perceptual = lambda2, perceptual
         self.xT_weight, self.tcons_sigma_min = xT_weight, tcons_sigma_min
         self.latent_weight = latent_weight
+        self.keep_x0 = False
 
     def distance(self, x: torch.Tensor, y: torch.Tensor, kimg: float) -> torch.Tensor:
         l1 = self.lambda1(kimg)
@@ -239,6 +241,8 @@ class HKDLoss:
         d = self.distance(pred.view(b, -1, *pred.shape[1:])[:, : self.s].flatten(0, 1),
                           target.repeat_interleave(self.s, 0), kimg).view(b, self.s)
         out = {"loss": (d * self.weights().to(d)).sum(1).mean(), "loss_recon": d[:, 0].mean().detach()}
+        if self.keep_x0:    # the student's x_0 for x_T, with its graph: what an adversarial term scores
+            out["x0"] = pred.view(b, -1, *pred.shape[1:])[:, 0]
         out["loss_tcons"] = d[:, 1:].mean().detach() if self.s > 1 else torch.zeros(())
         if self.latent_weight > 0:
             out["loss"] = out["loss"] + self.latent_weight * lc.mean()

@@ -108,7 +108,7 @@ class _Loop:
     def __init__(self, model: nn.Module, s, lr_mults: dict[str, float], *, rank: int, device, config: dict,
                  checkpoint_dir, metrics_cb, checkpoint_cb, eval_cb, progress: bool, desc: str,
                  named_mults: dict[str, float] | None = None, log_cb: EvalCallback | None = None,
-                 log_cb_every_kimg: float = 0.0):
+                 log_cb_every_kimg: float = 0.0, extras: dict | None = None):
         self.model, self.raw, self.s = model, unwrap(model), s
         self.ema = copy.deepcopy(self.raw).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(_param_groups(self.raw, lr_mults, named_mults), lr=s.lr)
@@ -118,6 +118,9 @@ class _Loop:
         self.checkpoint_dir, self.metrics_cb, self.checkpoint_cb, self.eval_cb = (checkpoint_dir, metrics_cb,
                                                                                   checkpoint_cb, eval_cb)
         self.progress = progress
+        # extras: {name: object with state_dict/load_state_dict} that train beside the model (a discriminator),
+        # saved in every checkpoint and restored on resume
+        self.extras = extras or {}
         self.step, self.nimg, self.train_s = 0, 0.0, 0.0
         self.metrics: dict[str, float] = {}
 
@@ -132,6 +135,12 @@ class _Loop:
         load_model_state(self.raw, state["model"], str(src))
         load_model_state(self.ema, state["ema"], str(src))
         self.opt.load_state_dict(state["optimizer"])
+        missing = sorted(set(self.extras) - set(state.get("extras", {})))
+        if missing:
+            raise ValueError(f"{self.desc}: the checkpoint {src} holds no state for {missing} (it was written by a "
+                             f"run without them); resume it with the config it was written with, or start afresh")
+        for name, obj in self.extras.items():
+            obj.load_state_dict(state["extras"][name])
         self.step, self.nimg, self.train_s = state["step"], state["nimg"], state["train_s"]
         log.info("%s: resumed from %s at %.3f kimg (step %d)", self.desc, src, self.nimg / 1000, self.step)
 
@@ -150,7 +159,8 @@ class _Loop:
         if self.is_main and self.checkpoint_dir is not None:
             path = str(save_checkpoint(self.checkpoint_dir, {
                 "model": self.raw.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                "step": self.step, "nimg": self.nimg, "train_s": self.train_s, "config": self.config}, kimg))
+                "step": self.step, "nimg": self.nimg, "train_s": self.train_s, "config": self.config,
+                **({"extras": {k: v.state_dict() for k, v in self.extras.items()}} if self.extras else {})}, kimg))
         if self.checkpoint_cb is not None:
             self.checkpoint_cb(path, dict(self.metrics), kimg)
 
@@ -293,6 +303,8 @@ def train_hkd(
     teacher_tensors=(),                  # names of the parameters model.init copied (lr x train.teacher_lr_mult)
     holdout: dict[str, torch.Tensor] | None = None,  # {"holdout": states, "train": states}: trajectories the EMA
                                          # model's error is measured on every holdout_every_kimg (rank 0)
+    real_images=None,                    # train.adversarial_weight > 0: real images (N, C, H, W) in [-1, 1] (or a
+                                         # function step -> this rank's batch) for the discriminator
     **train,                             # TrainConfig's keys (total_kimg, batch_size, lr, ...): its defaults
 ) -> dict:
     """Distil stored teacher trajectories into a one-step model; returns kimg, steps, train_s, ``ema``, metrics.
@@ -319,6 +331,8 @@ def train_hkd(
         raise ValueError(f"train.latent_weight={t.latent_weight} needs per-level Koopman latents; "
                          f"{type(unwrap(model)).__name__} has none (use train.latent_weight=0)")
     loss_fn.candidates(torch.as_tensor(sigmas))   # refuses too few intermediate states before the first step
+    adv = _adversarial(t, real_images, rank, world_size, device)
+    loss_fn.keep_x0 = adv is not None
     base = t.seed * world_size + rank
 
     def step_loss(step: int, kimg: float) -> dict:
@@ -326,6 +340,11 @@ def train_hkd(
         g = torch.Generator().manual_seed(base * 1_000_003 + step + 11)
         out = loss_fn(model, states, sigmas, kimg, g)
         out["lambda1"] = torch.tensor(loss_fn.lambda1(kimg))
+        x0 = out.pop("x0", None)
+        if adv is not None and adv.active(kimg):
+            out.update(adv.discriminator_step(x0, step))
+            out["loss_adv"] = adv.generator_loss(x0)
+            out["loss"] = out["loss"] + adv.weight * out["loss_adv"]
         return out
 
     mult = t.koopman_lr_mult
@@ -333,9 +352,28 @@ def train_hkd(
     loop = _Loop(model, t, {".alpha": mult, ".beta": mult, "generator": mult}, rank=rank, device=device,
                  config=config or {}, checkpoint_dir=checkpoint_dir, metrics_cb=metrics_cb,
                  checkpoint_cb=checkpoint_cb, eval_cb=eval_cb, progress=progress, desc="distill", named_mults=named,
-                 log_cb=_holdout_cb(holdout) if holdout else None, log_cb_every_kimg=t.holdout_every_kimg)
+                 log_cb=_holdout_cb(holdout) if holdout else None, log_cb_every_kimg=t.holdout_every_kimg,
+                 extras={"adversarial": adv} if adv is not None else None)
     loop.restore(resume)
     return loop.run(step_loss)
+
+
+def _adversarial(t: TrainConfig, real_images, rank: int, world_size: int, device):
+    """The adversarial term of train.adversarial_weight > 0 (beyond the paper), else None. Its discriminator
+    starts from the same weights on every rank (seeded by train.seed); each rank draws its own real batches."""
+    if not t.adversarial_weight:
+        return None
+    if real_images is None:
+        raise ValueError(f"train.adversarial_weight={t.adversarial_weight} needs real images for the "
+                         f"discriminator: pass real_images (the orchestrator loads the data set's training split)")
+    from .adversarial import AdversarialTerm, Discriminator
+
+    real = _batch_fn(real_images, t.batch_size // world_size, t.seed + 1, rank, world_size)
+    probe = real(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed + 1)
+        disc = Discriminator(probe.shape[1], probe.shape[-1])
+    return AdversarialTerm(disc, real, t.adversarial_weight, t.adversarial_lr, t.adversarial_start_kimg, device)
 
 
 def _holdout_cb(sets: dict[str, torch.Tensor]) -> EvalCallback:

@@ -239,6 +239,10 @@ def stage_distill(ctx: StageContext, trajectories: dict, teacher: dict | None = 
     attempt = _bump_attempt(ctx, run_id)
     extra = {"trajectories_prefix": f"{ctx.prefix('trajectories')}/train", "skip_shards": sorted(skip),
              "teacher_key": (teacher or {}).get("teacher_key")}
+    if pc.run.train.adversarial_weight > 0:   # the discriminator's real images (the teacher's), once for all workers
+        import ray
+
+        extra["images_ref"] = [ray.put(images(pc))]
     if pc.run.eval.curve_n:   # FID/KID against kimg, scored at each checkpoint on rank 0
         ctx.tracker.set_tags(run_id, {"hkd.curve_n": str(pc.run.eval.curve_n)})     # what `hkd compare` labels it with
         extra["eval"] = {"metric": M.CURVE, "fid_n": pc.run.eval.curve_n,

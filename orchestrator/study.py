@@ -51,8 +51,10 @@ DEFAULT_VARIANTS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd", "kd",
 
 
 def row_label(v: str, pc: PipelineConfig) -> str:
-    """A row's label with what its number depends on: the states per trajectory in its loss (s) and its init."""
-    return f"{VARIANTS[v][0]} [s = {pc.run.train.states_per_traj}, init {pc.run.model.init}]"
+    """A row's label with what its number depends on: the states per trajectory in its loss (s) and its init;
+    a row with the adversarial term says it is beyond the paper."""
+    beyond = ", adversarial: beyond the paper" if pc.run.train.adversarial_weight else ""
+    return f"{VARIANTS[v][0]} [s = {pc.run.train.states_per_traj}, init {pc.run.model.init}{beyond}]"
 
 
 def with_final(curve: list[dict], res: dict, e) -> list[dict]:

@@ -53,6 +53,8 @@ def distill_loop(config: dict) -> None:
         extra["perceptual_kwargs"] = {"denoiser": stored_teacher_net(pc, config.get("teacher_key"))}
     if rank == 0 and tr.holdout_every_kimg > 0:
         extra["holdout"] = overfitting_sets(pc, config["trajectories_prefix"])
+    if tr.adversarial_weight > 0:                   # the discriminator's real images (beyond the paper)
+        extra["real_images"] = real_images(config)
     if device.type == "cpu":                         # ~1.2x the training rate on CPU (docs/results/...)
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)                           # (3) DDP
@@ -133,6 +135,20 @@ class TrajectoryStream:
     @property
     def skipped(self) -> int:
         return len(self.skip_given) + len(set(self.ds.skipped if self.ds is not None else []))
+
+
+def real_images(config: dict) -> torch.Tensor:
+    """The images the teacher learns from (data.split, data.limit), for the discriminator: from the object store
+    when the driver put them there (hkd distill), else loaded on this node (a sweep trial; ``data.root`` or the
+    search folders of hkd_core.data)."""
+    import ray
+
+    if config.get("images_ref"):
+        return ray.get(config["images_ref"][0])
+    from hkd_core.data import load_images
+
+    d = parse(config["pipeline"]).run.data
+    return load_images(d.name, d.split, resolution=d.resolution, limit=d.limit, root=d.root)[0]
 
 
 def teacher_loop(config: dict) -> None:

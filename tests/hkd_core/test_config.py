@@ -24,6 +24,9 @@ def _cfg(d):
     ({"train": {"total_kimg": 0}}, "train.total_kimg=0.0 must be > 0"),
     ({"eval": {"teacher_nfe": [35, 0]}}, r"eval.teacher_nfe\[1\]=0"),
     ({"model": {"subspace_dims": "8,16,16"}}, "model.subspace_dims='8,16,16' has the wrong type"),
+    ({"train": {"adversarial_weight": -0.01}}, "train.adversarial_weight=-0.01 must be >= 0"),
+    ({"train": {"adversarial_weight": 0.01}, "data": {"resolution": 28}, "model": {"levels": 2, "subspace_dims": [8, 16]}},
+     "halves the resolution 3 times; data.resolution=28"),
 ])
 def test_bad_configs_name_the_key(d, msg):
     with pytest.raises(ConfigError, match=msg):

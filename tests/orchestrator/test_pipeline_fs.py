@@ -11,7 +11,7 @@ from orchestrator.config import load
 from orchestrator import identity
 
 LEAN = ["experiment=smoke", "storage=fs", "tracking=file", "eval.teacher_nfe=[1]", "cluster.generation_tasks=1",
-        "cluster.address=null", "eval.curve_n=32"]
+        "cluster.address=null", "eval.curve_n=32", "train.adversarial_weight=0.01"]   # the discriminator's path too
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,8 @@ def test_runs_and_metrics_land_in_the_local_mlflow_store(fs_runs):
     from hkd_core.config import config_hash
 
     distill = client.get_run(runs[identity.run_key(pc, "distill")].info.run_id)
+    # the adversarial term ran on every worker with the data set's images (beyond the paper)
+    assert {"train/loss_adv", "train/adv_d_loss", "train/adv_d_real"} <= set(distill.data.metrics)
     used = {(i.dataset.name, i.dataset.digest, i.tags[0].value) for i in distill.inputs.dataset_inputs}
     assert used == {(identity.stage_prefix(pc, "trajectories"), pc.stages()["trajectories"], "training"),
                     ("fashion_mnist/train", config_hash(pc.run.data), "teacher training")}

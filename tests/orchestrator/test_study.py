@@ -39,6 +39,8 @@ def test_every_row_is_labelled_with_its_s_and_its_init():
     assert labels["kd_scratch"].endswith("[s = 1, init none]") and labels["kd"].endswith("[s = 1, init teacher]")
     hashes = {v: pc.stages()["distill"] for v, (pc, _) in cfgs.items()}
     assert len(set(hashes.values())) == len(hashes)
+    _, adv = variant_configs(["train.adversarial_weight=0.01"], ["hkd"])
+    assert row_label("hkd", adv["hkd"][0]).endswith("[s = 4, init teacher, adversarial: beyond the paper]")
 
 
 def run_init(cfgs) -> str:
