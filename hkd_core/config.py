@@ -83,11 +83,15 @@ class ModelConfig:
     decoder: str | None = None           # light | unet (the teacher's up path; hkd_core/models.py Decoder)
     sigma_data: float | None = None      # the data's std for the encoder's input scaling; None: teacher.sigma_data
     grow_blocks: int | None = None       # extra decoder blocks per level, identity at init (models.HKDConfig)
+    observables: str | None = None       # sigma | state: what the Koopman latents see (models.HKDConfig; issue 24)
     init: str = "none"                   # none | teacher: start from the teacher's U-Net (hkd_core/teacher_init.py)
+    alpha_offset: float = 0.0            # the gauge experiment (issue 24): alpha starts at this per-mode offset
+    alpha_offset_spread: float = 0.0     # plus a uniform draw in +-this per mode (seeded by train.seed), the decoder's
+                                         # lift scaled to keep the map at sigma_max (hkd_core/gauge.offset_alpha)
 
     def hkd_config(self, img_channels: int, resolution: int, sigma_data: float | None = None) -> HKDConfig:
         over = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("variant", "preset", "init") and v is not None}
+                if k not in ("variant", "preset", "init", "alpha_offset", "alpha_offset_spread") and v is not None}
         base = dataclasses.replace(PRESETS[self.preset], img_channels=img_channels, resolution=resolution)
         if sigma_data is not None and self.sigma_data is None:
             base = dataclasses.replace(base, sigma_data=sigma_data)
@@ -126,6 +130,9 @@ class TrainConfig:
                                          # None: LATENT_WEIGHT for models with Koopman latents (hkd, one_level), 0
                                          # for the others (docs/results/issue13: identifiable, reproducible spectra
                                          # at the same FID, 1.25x the step)
+    gauge_weight: float = 0.0            # > 0: + this x the gauge condition (hkd_core/gauge.py): at a fixed state, each
+                                         # mode's mean log-energy and phase slopes against the encoder's noise level
+                                         # driven to 0, which fixes the spectrum's per-mode offset (issue 24)
     lambda1_start: float = 1.0
     lambda1_end: float = 0.0
     lambda1_anneal_kimg: float = 4.0
@@ -289,6 +296,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"of the peak)")
     _positive("train.teacher_lr_mult", cfg.train.teacher_lr_mult, strict=False)
     _positive("train.holdout_every_kimg", cfg.train.holdout_every_kimg, strict=False)
+    _check_gauge(cfg)
     _positive("train.adversarial_weight", cfg.train.adversarial_weight, strict=False)
     _positive("train.adversarial_lr", cfg.train.adversarial_lr)
     _positive("train.adversarial_start_kimg", cfg.train.adversarial_start_kimg, strict=False)
@@ -343,6 +351,22 @@ def validate(cfg: RunConfig) -> RunConfig:
     for i, n in enumerate(cfg.eval.teacher_nfe):
         _positive(f"eval.teacher_nfe[{i}]", n)
     return cfg
+
+
+def _check_gauge(cfg: RunConfig) -> None:
+    """The gauge keys (issue 24): offsets and the condition need Koopman latents that evolve."""
+    m, t = cfg.model, cfg.train
+    _positive("train.gauge_weight", t.gauge_weight, strict=False)
+    _positive("model.alpha_offset_spread", m.alpha_offset_spread, strict=False)
+    evolves = m.variant in ("hkd", "one_level") and "none" not in cfg.hkd_config().operators()
+    for key, value in (("train.gauge_weight", t.gauge_weight), ("model.alpha_offset", m.alpha_offset),
+                       ("model.alpha_offset_spread", m.alpha_offset_spread)):
+        if value and not evolves:
+            raise ConfigError(f"{key}={value} acts on Koopman latents that evolve; model.variant={m.variant} "
+                              f"(operator {cfg.hkd_config().operator}) has none: use model.variant=hkd or one_level")
+    if t.gauge_weight and cfg.hkd_config().observables == "state":
+        raise ConfigError(f"train.gauge_weight={t.gauge_weight} with model.observables=state: observables of the state "
+                          f"alone meet the gauge condition by construction (the condition is then 0); use one of them")
 
 
 def _check_init(cfg: RunConfig) -> None:

@@ -116,6 +116,41 @@ def plot_spectra_overlay(spectra: dict[str, list[torch.Tensor]], path: str | os.
     return _save(fig, path)
 
 
+def plot_alpha_agreement(spectra: dict[str, list[torch.Tensor]], path: str | os.PathLike, method: str = "hungarian",
+                         max_points: int = 4000) -> Path:
+    """Per level (a column) each model's alpha against the first model's, mode for mode after matching the modes
+    within each position (hkd_core.gauge.match_modes), with the diagonal: a reproducible spectrum lies on it; an
+    offset that survived training lies beside it; a scatter means the modes hold other rates."""
+    from .gauge import match_modes, spectrum_agreement
+
+    names = list(spectra)
+    first = spectra[names[0]]
+    n = len(first)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.2), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    rng = np.random.default_rng(0)
+    for l in range(n):
+        ax = axes[0, l]
+        for i, name in enumerate(names[1:], 1):
+            other = spectra[name]
+            if l >= len(other) or other[l].shape != first[l].shape:
+                continue
+            mb = torch.gather(other[l], 0, match_modes(first[l], other[l], method))
+            a, b = first[l].real.flatten().numpy(), mb.real.flatten().numpy()
+            pick = rng.permutation(a.size)[:max_points]
+            agree = spectrum_agreement([first[l]], [other[l]], method)[0]
+            ax.scatter(a[pick], b[pick], s=3, alpha=0.4, color=colors[(i - 1) % len(colors)],
+                       label=f"{name}: r = {agree['alpha_corr']:.2f}, mean diff {agree['alpha_mean_diff']:+.2f}")
+        lo_, hi_ = ax.get_xlim()
+        ax.plot([lo_, hi_], [lo_, hi_], color="k", lw=0.7)
+        ax.set_xlabel(f"alpha, {names[0]}")
+        ax.set_ylabel("alpha, matched mode")
+        ax.set_title(f"level {l + 1}")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"alpha per (mode, position) against the first model, modes matched per position ({method})")
+    return _save(fig, path)
+
+
 def plot_alpha_maps(spectrum: list[torch.Tensor], path: str | os.PathLike) -> Path:
     """Per level: the mean decay rate alpha over modes at each position (a map for per-position operators)."""
     n = len(spectrum)
@@ -237,8 +272,10 @@ def plot_edit_grid(sweep, path: str | os.PathLike, max_samples: int = 3) -> Path
                                    sweep.ref_state[i:i + 1].clamp(-1, 1), imgs[:, i]]))
             labels.append(f"#{i} {what}")
     cols = ["original", "reference", "its state"] + [f"r={r:g}" for r in sweep.ratios]
+    shown = f"{b} of {sweep.original.shape[0]} samples shown" if b < sweep.original.shape[0] else f"{b} samples"
     return plot_rows(torch.stack(rows), path, labels, cols,
-                     title=f"frequency-aware editing at tau_mid={sweep.tau_mid} (mask: {int(sweep.mask.sum())} px)")
+                     title=f"frequency-aware editing at tau_mid={sweep.tau_mid} (mask: {int(sweep.mask.sum())} px; "
+                           f"{shown}, the scores are over all)")
 
 
 def plot_edit_tradeoff(sweep, path: str | os.PathLike) -> Path:

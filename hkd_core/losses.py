@@ -167,7 +167,7 @@ class HKDLoss:
 
     def __init__(self, states_per_traj: int = 4, lambda1: LambdaSchedule | None = None, lambda2: float = 1.0,
                  perceptual: Distance = pseudo_huber, xT_weight: float | None = None, tcons_sigma_min: float = 0.0,
-                 latent_weight: float = 0.0):
+                 latent_weight: float = 0.0, gauge_weight: float = 0.0):
         if states_per_traj < 1:
             raise ValueError(f"loss.states_per_traj must be >= 1, got {states_per_traj}")
         if xT_weight is not None and not 0 < xT_weight <= 1:
@@ -178,7 +178,9 @@ class HKDLoss:
         self.lambda1 = lambda1 or LambdaSchedule()
         self.lambda2, self.perceptual = lambda2, perceptual
         self.xT_weight, self.tcons_sigma_min = xT_weight, tcons_sigma_min
-        self.latent_weight = latent_weight
+        if not gauge_weight >= 0:
+            raise ValueError(f"train.gauge_weight must be >= 0 (0: no gauge condition), got {gauge_weight}")
+        self.latent_weight, self.gauge_weight = latent_weight, gauge_weight
         self.keep_x0 = False
 
     def distance(self, x: torch.Tensor, y: torch.Tensor, kimg: float) -> torch.Tensor:
@@ -221,21 +223,38 @@ class HKDLoss:
         b, n = states.shape[:2]
         if n != len(sigmas):
             raise ValueError(f"the trajectories hold {n} states but their sigma grid has {len(sigmas)}")
-        idx = self.pick(b, sigmas, generator).to(states.device)              # (B, c), c = columns()
+        idx = self.pick(b, sigmas, generator).to(states.device)              # (B, columns())
+        gauge = self.gauge_weight > 0
+        if gauge:   # the gauge condition's column: the last state again, at a shifted noise level
+            idx = torch.cat([idx, idx[:, -1:]], 1)
         c = idx.shape[1]
+        last = c - 1 - gauge                                                 # the latest state of each row
         x = states[torch.arange(b, device=states.device)[:, None], idx]      # (B, c, *shape)
         sig = sigmas.to(states.device, torch.float32)[idx]                   # (B, c)
+        if gauge:
+            from .gauge import shifted_sigma
+
+            shifted, dtau = shifted_sigma(sig[:, -1], generator)
+            sig = torch.cat([sig[:, :-1], shifted[:, None]], 1)
         target = states[:, -1].float()
-        if self.latent_weight > 0:
-            # every state's latent evolved to the tau of its row's latest state (the last column: the smallest
-            # sigma of the row when s = 1; any drawn state otherwise), then x_T's against that state's own
-            t_last = tau_of_sigma(sig[:, -1:]).expand(b, c).to(states.device)
-            # only the first s columns are decoded (the extra state of s = 1 is only encoded)
+        if self.latent_weight > 0 or gauge:
+            # every state's latent evolved to the tau of its row's latest state (column `last`: the smallest
+            # sigma of the row when s = 1; any drawn state otherwise), then x_T's against that state's own; the
+            # gauge column stays at its own tau (its raw encoding, beside the latest state's raw encoding)
+            t_last = tau_of_sigma(sig[:, last:last + 1]).expand(b, c).to(states.device)
+            if gauge:
+                t_last = torch.cat([t_last[:, :-1], tau_of_sigma(sig[:, -1:]).to(states.device)], 1)
+            # only the first s columns are decoded (the extra states are only encoded)
             rows = torch.arange(b * c, device=states.device).view(b, c)[:, : self.s].flatten()
             pred, lat = model(x.flatten(0, 1).float(), sig.flatten(), latent_tau=t_last.flatten(),
                               decode=rows if self.s < c else None)
             lat = [z.view(b, c, *z.shape[1:]) for z in lat]
-            lc = latent_consistency([z[:, 0] for z in lat], [z[:, -1] for z in lat])
+            if self.latent_weight > 0:
+                lc = latent_consistency([z[:, 0] for z in lat], [z[:, last] for z in lat])
+            if gauge:
+                from .gauge import gauge_penalty
+
+                gp = gauge_penalty([z[:, last] for z in lat], [z[:, -1] for z in lat], dtau.to(states.device))
         else:
             pred = model(x.flatten(0, 1).float(), sig.flatten())
         d = self.distance(pred.view(b, -1, *pred.shape[1:])[:, : self.s].flatten(0, 1),
@@ -247,6 +266,9 @@ class HKDLoss:
         if self.latent_weight > 0:
             out["loss"] = out["loss"] + self.latent_weight * lc.mean()
             out["loss_latent"] = lc.mean().detach()
+        if gauge:
+            out["loss"] = out["loss"] + self.gauge_weight * gp
+            out["loss_gauge"] = gp.detach()
         return out
 
 

@@ -23,6 +23,7 @@ from .koopman import OPERATORS, KoopmanOperator, tau_of_sigma
 from .layers import GrownBlock, NoiseEmbedding, ResBlock, SelfAttention, Stage, downsample, group_norm, upsample
 
 DECODERS = ("light", "unet")
+OBSERVABLES = ("sigma", "state")
 
 
 @dataclass
@@ -46,6 +47,10 @@ class HKDConfig:
     grow_blocks: int = 0                             # extra residual blocks after each decoder stage, each the
                                                      # identity at initialisation (layers.GrownBlock): capacity
                                                      # added to a student that still starts as its teacher
+    observables: str = "sigma"                       # 'sigma': the Koopman latents E(x, sigma) see the noise level;
+                                                     # 'state': E(x) sees the state alone (scaled by its own RMS,
+                                                     # a fixed noise embedding), which fixes the spectrum's gauge
+                                                     # (hkd_core/gauge.py, issue 24)
 
     def widths(self) -> list[int]:
         m = self.channel_mult
@@ -83,6 +88,8 @@ class HKDConfig:
             raise ValueError(f"model.operator is {self.operator!r}; allowed: {list(OPERATORS)} (or one per level)")
         if self.grow_blocks < 0:
             raise ValueError(f"model.grow_blocks must be >= 0 (extra decoder blocks per level), got {self.grow_blocks}")
+        if self.observables not in OBSERVABLES:
+            raise ValueError(f"model.observables is {self.observables!r}; allowed: {list(OBSERVABLES)}")
         if self.decoder not in DECODERS:
             raise ValueError(f"model.decoder is {self.decoder!r}; allowed: {list(DECODERS)}")
         for key in ("attn_levels", "latent_levels"):
@@ -118,10 +125,17 @@ class Encoder(nn.Module):
             self.stages.append(Stage(cin, w, cfg.blocks, emb, l in cfg.attn_levels, cfg.dropout))
             cin = w
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
-        s = as_sigma(sigma, x)
-        emb = self.embed(s.flatten().log() / 4)
-        h = self.conv_in(x / (s ** 2 + self.sigma_data ** 2).sqrt())   # EDM's c_in: unit-variance input
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | None) -> list[torch.Tensor]:
+        """Features of x at noise level sigma; sigma None: of the state alone, which the encoder then scales by
+        its own RMS (EDM's c_in with the state's energy for sigma^2 + sigma_data^2) under the noise embedding of
+        sigma_max (where the two agree for x_T: a teacher-initialised student still starts as its teacher)."""
+        if sigma is None:
+            emb = self.embed(torch.full((x.shape[0],), math.log(SIGMA_MAX) / 4, device=x.device))
+            h = self.conv_in(x * x.square().flatten(1).mean(1).clamp_min(1e-8).rsqrt().view(-1, 1, 1, 1))
+        else:
+            s = as_sigma(sigma, x)
+            emb = self.embed(s.flatten().log() / 4)
+            h = self.conv_in(x / (s ** 2 + self.sigma_data ** 2).sqrt())   # EDM's c_in: unit-variance input
         feats = []
         for i, stage in enumerate(self.stages):
             h = stage(downsample(h) if i else h, emb)
@@ -226,8 +240,8 @@ class HKD(OneStepModel):
         self.decoder = Decoder(cfg, dims)
 
     def encode(self, x: torch.Tensor, sigma: torch.Tensor | float) -> list[torch.Tensor]:
-        """One latent per latent-carrying level, finest first."""
-        feats = self.encoder(x, sigma)
+        """One latent per latent-carrying level, finest first (with ``observables='state'`` sigma is not used)."""
+        feats = self.encoder(x, None if self.cfg.observables == "state" else sigma)
         return [p(feats[l]) for p, l in zip(self.proj, self.levels)]
 
     def evolve(self, zs: list[torch.Tensor], dtau: torch.Tensor | float) -> list[torch.Tensor]:

@@ -326,10 +326,11 @@ def train_hkd(
     if isinstance(distance, nn.Module):
         distance = distance.to(device)
     loss_fn = HKDLoss(t.states_per_traj, LambdaSchedule(t.lambda1_start, t.lambda1_end, t.lambda1_anneal_kimg),
-                      t.lambda2, distance, t.xT_weight, t.tcons_sigma_min, t.latent_weight)
-    if t.latent_weight > 0 and not hasattr(unwrap(model), "koopman"):
-        raise ValueError(f"train.latent_weight={t.latent_weight} needs per-level Koopman latents; "
-                         f"{type(unwrap(model)).__name__} has none (use train.latent_weight=0)")
+                      t.lambda2, distance, t.xT_weight, t.tcons_sigma_min, t.latent_weight, t.gauge_weight)
+    for key in ("latent_weight", "gauge_weight"):
+        if getattr(t, key) > 0 and not hasattr(unwrap(model), "koopman"):
+            raise ValueError(f"train.{key}={getattr(t, key)} needs per-level Koopman latents; "
+                             f"{type(unwrap(model)).__name__} has none (use train.{key}=0)")
     loss_fn.candidates(torch.as_tensor(sigmas))   # refuses too few intermediate states before the first step
     adv = _adversarial(t, real_images, rank, world_size, device)
     loss_fn.keep_x0 = adv is not None

@@ -12,9 +12,12 @@ Each argument names one or more models:
 * a study id (tag ``hkd.study``): every distilled variant of that study;
 * a model itself: ``s3://bucket/key``, ``models:/name/version`` or a local ``model.pt``.
 
-The first model is the reference row: every other is compared with it per level by the Wasserstein-1
-distance between the alpha (and beta) distributions over all modes and positions, relative to their pooled
-std (``hkd_core.spectra.spectrum_distance``): the measure of whether two seeds give the same spectrum.
+The first model is the reference row: every other is compared with it per level, mode for mode, after the
+modes within each position are matched (a Hungarian match on (centred alpha, |beta|): ``hkd_core.gauge``): the
+correlation of alpha over every (mode, position) and the mean difference, which an offset that survived
+training shows (``compare_alpha.png`` plots one against the other). The Wasserstein-1 distance between the
+alpha (and beta) distributions, relative to their pooled std (``hkd_core.spectra.spectrum_distance``), is the
+second number: it compares marginals only, so it cannot tell which mode at which position holds which rate.
 """
 from __future__ import annotations
 
@@ -73,17 +76,22 @@ def resolve(client, token: str) -> list[Source]:
 def compare_table(labels: list[str], spectra: list[list]) -> dict:
     """Per model and level alpha's mean/std/min/max and the share of growing modes; per model after the first
     and per level its distance to the first (spectrum_distance)."""
+    from hkd_core.gauge import spectrum_agreement
     from hkd_core.spectra import spectrum_distance, summarize
 
     rows = []
     for i, (name, spec) in enumerate(zip(labels, spectra)):
         s = summarize(spec, prefix="")
         levels = len(spec)
+        same = i and len(spec) == len(spectra[0]) and all(a.shape == b.shape for a, b in zip(spectra[0], spec))
         dist = spectrum_distance(spectra[0], spec) if i and len(spec) == len(spectra[0]) else None
+        agree = spectrum_agreement(spectra[0], spec) if same else None
         for l in range(levels):
             row = {"model": name, "level": l + 1,
                    **{k: s[f"/l{l + 1}/{k}"] for k in ("alpha_mean", "alpha_std", "alpha_min", "alpha_max",
                                                        "abs_beta_mean", "frac_growing")}}
+            if agree is not None:
+                row.update({k: agree[l][k] for k in ("alpha_corr", "alpha_mean_diff", "abs_beta_corr")})
             if dist is not None:
                 row.update({k: dist[l][k] for k in ("alpha_w1", "alpha_w1_over_std", "beta_w1_over_std")})
             rows.append(row)
@@ -91,11 +99,13 @@ def compare_table(labels: list[str], spectra: list[list]) -> dict:
 
 
 def to_markdown(table: dict) -> str:
-    head = ("| model | level | alpha mean | alpha std | alpha min | alpha max | growing | W1(alpha) vs first "
-            "| W1 / std (alpha) | W1 / std (beta) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| model | level | alpha mean | alpha std | alpha min | alpha max | growing | alpha corr vs first "
+            "(matched) | alpha mean diff | abs(beta) corr | W1(alpha) vs first | W1 / std (alpha) | W1 / std (beta) |"
+            "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     out = []
     for r in table["rows"]:
-        d = [f"{r[k]:.3f}" if k in r else "-" for k in ("alpha_w1", "alpha_w1_over_std", "beta_w1_over_std")]
+        d = [f"{r[k]:.3f}" if k in r else "-" for k in ("alpha_corr", "alpha_mean_diff", "abs_beta_corr", "alpha_w1",
+                                                       "alpha_w1_over_std", "beta_w1_over_std")]
         out.append(f"| {r['model']} | {r['level']} | {r['alpha_mean']:.3f} | {r['alpha_std']:.3f} | "
                    f"{r['alpha_min']:.3f} | {r['alpha_max']:.3f} | {r['frac_growing']:.3f} | " + " | ".join(d) + " |\n")
     return head + "".join(out)
@@ -167,6 +177,10 @@ def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow
                                                      "curves": curves}, indent=1))
     fig = plot_spectra_overlay(dict(zip(labels, spectra)), folder / "compare_spectra.png")
     figs = [fig]
+    if len(spectra) > 1:
+        from hkd_core.figures import plot_alpha_agreement
+
+        figs.append(plot_alpha_agreement(dict(zip(labels, spectra)), folder / "compare_alpha.png"))
     if curves:
         from .study import plot_curves
 
@@ -184,7 +198,7 @@ def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow
         metrics = {}
         for r in table["rows"]:
             i = labels.index(r["model"])
-            for k in ("alpha_mean", "alpha_std", "alpha_w1_over_std"):
+            for k in ("alpha_mean", "alpha_std", "alpha_corr", "alpha_mean_diff", "alpha_w1_over_std"):
                 if k in r:
                     metrics[M.compare(i, r["level"], k)] = r[k]
         tracker.log_metrics(run_id, metrics, 0)

@@ -27,6 +27,8 @@ from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 
+EDIT_GRID_SAMPLES = 3   # samples drawn in edit_grid.png, whatever --samples is
+
 
 @dataclasses.dataclass
 class EditArgs:
@@ -156,7 +158,8 @@ def run_edit(pc: PipelineConfig, args: EditArgs, model_uri: str | None = None, o
     ident = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(out or Path("runs") / f"edit-{ident}")
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [plot_edit_grid(sweep, folder / "edit_grid.png", max_samples=args.samples),
+    # a few samples in the grid (every sample in the scores): 16 rows of three made an unreadable 5,563 px column
+    paths = [plot_edit_grid(sweep, folder / "edit_grid.png", max_samples=EDIT_GRID_SAMPLES),
              plot_edit_tradeoff(sweep, folder / "edit_tradeoff.png")]
     md = sweep.to_markdown()
     (folder / "edit_scores.md").write_text(md)

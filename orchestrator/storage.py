@@ -344,8 +344,6 @@ def ray_storage(cfg: StorageConfig):
     takes credentials from the AWS SDK's chain in each process: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or
     AWS_SHARED_CREDENTIALS_FILE + AWS_PROFILE, which this sets from storage.credentials_file/profile and
     which ``workers.env_for_workers`` hands to every worker (the file's path, never the keys)."""
-    import pyarrow.fs
-
     if cfg.kind == "fs":          # a local folder: Ray writes there itself
         path = cfg.resolved_root() / cfg.prefix.strip("/") / "ray"
         path.mkdir(parents=True, exist_ok=True)

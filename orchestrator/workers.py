@@ -49,6 +49,11 @@ def distill_loop(config: dict) -> None:
     copied, extra = [], {}
     if pc.run.model.init != "none":                 # the same teacher tensors on every rank
         copied = init_from_stored_teacher(pc, model, config.get("teacher_key"))
+    m = pc.run.model
+    if m.alpha_offset or m.alpha_offset_spread:     # the gauge experiment: alpha starts off zero, same samples
+        from hkd_core.gauge import alpha_offsets, offset_alpha
+
+        offset_alpha(model, alpha_offsets(model, m.alpha_offset, m.alpha_offset_spread, seed=tr.seed))
     if tr.perceptual == "teacher":                  # the distance lives in the frozen teacher's features
         extra["perceptual_kwargs"] = {"denoiser": stored_teacher_net(pc, config.get("teacher_key"))}
     if rank == 0 and tr.holdout_every_kimg > 0:

@@ -25,6 +25,11 @@ def _cfg(d):
     ({"eval": {"teacher_nfe": [35, 0]}}, r"eval.teacher_nfe\[1\]=0"),
     ({"model": {"subspace_dims": "8,16,16"}}, "model.subspace_dims='8,16,16' has the wrong type"),
     ({"train": {"adversarial_weight": -0.01}}, "train.adversarial_weight=-0.01 must be >= 0"),
+    ({"model": {"observables": "noise"}}, "model.observables is 'noise'; allowed"),
+    ({"model": {"observables": "state"}, "train": {"gauge_weight": 0.1}}, "meet the gauge condition by construction"),
+    ({"model": {"variant": "kd", "alpha_offset": 0.5}}, "model.alpha_offset=0.5 acts on Koopman latents"),
+    ({"model": {"variant": "no_koopman"}, "train": {"gauge_weight": 0.1}}, "train.gauge_weight=0.1 acts on Koopman"),
+    ({"model": {"alpha_offset_spread": -1.0}}, "model.alpha_offset_spread=-1.0 must be >= 0"),
     ({"train": {"adversarial_weight": 0.01}, "data": {"resolution": 28}, "model": {"levels": 2, "subspace_dims": [8, 16]}},
      "halves the resolution 3 times; data.resolution=28"),
 ])

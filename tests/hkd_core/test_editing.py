@@ -84,3 +84,19 @@ def test_band_energy_follows_the_decay_rates(koopman_model):
     for l, (zl, mk) in enumerate(zip(z, masks)):
         share = mk.flatten(1).float().mean(1)             # fraction of modes in each band
         torch.testing.assert_close((e[0, l] * share).sum(), zl.pow(2).mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_edit_grid_stays_readable_with_many_samples(koopman_model, tmp_path):
+    """16 samples: the grid draws the first three (nine rows), not 48 rows; its height does not grow with N."""
+    from PIL import Image
+
+    from hkd_core.figures import plot_edit_grid
+
+    m = koopman_model
+    g = torch.Generator().manual_seed(5)
+    heights = {}
+    for n in (3, 16):
+        x_T, refs = m.noise(n, g), torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+        sw = edit_sweep(m, x_T, refs, named_mask("lower", 8), [0.0, 1.0], band=0, tau_mid=0.3, n_bands=2, generator=g)
+        heights[n] = Image.open(plot_edit_grid(sw, tmp_path / f"grid{n}.png")).size[1]
+    assert heights[16] == heights[3]

@@ -129,13 +129,17 @@ def test_compare_overlays_the_spectra_of_runs_and_models_and_logs_them(fs_runs, 
     shifted = [r for r in rows if r["model"] == res["table"]["models"][2]]
     assert all(r["alpha_w1"] < 1e-6 for r in same)
     assert all(abs(r["alpha_w1"] - 0.5) < 1e-4 for r in shifted)
+    # mode for mode after matching: the model itself agrees exactly, the shifted copy by its offset
+    assert all(r["alpha_corr"] > 0.999 and abs(r["alpha_mean_diff"]) < 1e-6 for r in same)
+    assert all(abs(r["alpha_mean_diff"] - 0.5) < 1e-4 for r in shifted)
     assert (tmp_path / "cmp" / "compare_spectra.png").stat().st_size > 10_000
     client = MlflowClient(first["_tracking_uri"])
     run = client.get_run(res["_run_id"])
     assert run.data.tags["hkd.stage"] == "compare"
     assert run.data.metrics["compare/model2/l1/alpha_w1_over_std"] > 0
+    assert run.data.metrics["compare/model2/l1/alpha_mean_diff"] == pytest.approx(0.5, abs=1e-4)
     arts = {a.path for a in client.list_artifacts(res["_run_id"], "compare")}
-    assert {"compare/compare_spectra.png", "compare/compare_curves.png", "compare/compare.md",
+    assert {"compare/compare_spectra.png", "compare/compare_alpha.png", "compare/compare_curves.png", "compare/compare.md",
             "compare/compare.json"} <= arts
     curves = res["curves"]
     assert list(curves) == [res["table"]["models"][0]] and curves[res["table"]["models"][0]]["curve_n"] == "32"
