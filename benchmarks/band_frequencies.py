@@ -47,14 +47,18 @@ def main() -> None:
     g = torch.Generator().manual_seed(a.seed)
     s = band_frequency_shares(model, model.noise(a.n, g), a.bands, a.controls, g)
     names = {3: ["low", "mid", "high"], 2: ["low", "high"]}.get(a.bands, [str(k) for k in range(a.bands)])
-    print(f"{a.n} samples, {a.bands} bands (sorted by alpha: band 0 decays fastest), control: mean of {a.controls} "
-          f"random mode sets of the band's size\n")
+    print(f"{a.n} samples, {a.bands} bands (sorted by alpha: band 0 has the most negative alpha, the fastest decay "
+          f"or slowest growth), control: mean of {a.controls} random mode sets of the band's size; [bootstrap 95 % "
+          f"interval over the samples]\n")
+
+    def cells(v, ci):
+        return " | ".join(f"{x:.3f} [{lo:.3f}, {hi:.3f}]" for x, (lo, hi) in zip(v.tolist(), ci.tolist()))
+
     print("| removed | " + " | ".join(f"{r} freq." for r in RINGS) + " |\n|---|" + "---:|" * len(RINGS))
-    print("| (the samples themselves) | " + " | ".join(f"{v:.3f}" for v in s["image"].tolist()) + " |")
+    print("| (the samples themselves) | " + cells(s["image"], s["image_ci"]) + " |")
     for k in range(a.bands):
-        print(f"| band {k} ({names[k]}) | " + " | ".join(f"{v:.3f}" for v in s["band"][k].tolist()) + " |")
-        print(f"| random set, band {k}'s size (mean ± std over draws) | " + " | ".join(
-            f"{v:.3f} ± {e:.3f}" for v, e in zip(s["random"][k].tolist(), s["random_std"][k].tolist())) + " |")
+        print(f"| band {k} ({names[k]}) | " + cells(s["band"][k], s["band_ci"][k]) + " |")
+        print(f"| random set, band {k}'s size | " + cells(s["random"][k], s["random_ci"][k]) + " |")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"model": a.model, "n": a.n, "bands": a.bands, "controls": a.controls,

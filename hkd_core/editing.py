@@ -73,9 +73,24 @@ def _detail(x: torch.Tensor, factor: int) -> torch.Tensor:
     return x - F.interpolate(_coarse(x, factor), scale_factor=factor, mode="nearest")
 
 
+def bootstrap_interval(values: torch.Tensor, level: float = 0.95, resamples: int = 2000, seed: int = 0
+                       ) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of ``values`` (one per sample): the samples are drawn with
+    replacement ``resamples`` times (a fixed seed, so a table is reproducible)."""
+    v = values.double().flatten()
+    if v.numel() < 2:
+        return float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    means = v[torch.randint(0, v.numel(), (resamples, v.numel()), generator=g)].mean(1)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(means, q).tolist()
+    return lo, hi
+
+
 def edit_scores(edited: torch.Tensor, original: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor,
-                factor: int = 4) -> dict[str, float]:
-    """``structure_kept`` and ``detail_arrived`` (see the module's docstring), averaged over the batch."""
+                factor: int = 4, per_sample: bool = False) -> dict:
+    """``structure_kept`` and ``detail_arrived`` (see the module's docstring), averaged over the batch (floats),
+    or with ``per_sample`` one value per sample ((B,) tensors)."""
     def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
         return num / den.clamp_min(1e-12)
 
@@ -84,10 +99,13 @@ def edit_scores(edited: torch.Tensor, original: torch.Tensor, reference: torch.T
     w = mask.double().to(edited.device)[None, None]
     d_e, d_o, d_r = (_detail(x.double(), factor) for x in (edited, original, reference))
     arrived = 1 - ratio(((d_e - d_r).pow(2) * w).flatten(1).sum(1), ((d_o - d_r).pow(2) * w).flatten(1).sum(1))
+    if per_sample:
+        return {"structure_kept": kept, "detail_arrived": arrived}
     return {"structure_kept": kept.mean().item(), "detail_arrived": arrived.mean().item()}
 
 
 KINDS = ("band", "random", "all")      # the band, random mode sets of its size (the control), every mode
+METRICS = ("structure_kept", "detail_arrived")
 
 
 @dataclass
@@ -105,22 +123,46 @@ class EditSweep:
     all_edits: torch.Tensor           # (R, B, C, H, W): every mode, the baseline
     controls: int = 1                 # random mode sets drawn
     scores: dict = field(default_factory=dict)   # {kind: {"structure_kept": [R], "detail_arrived": [R]}}
+    per_sample: dict = field(default_factory=dict)   # {kind: {metric: (R, B)}}: what the intervals resample
 
     def table(self) -> list[dict]:
-        return [{"r": r, **{f"{k}_{m}": self.scores[k][m][i] for k in KINDS
-                            for m in ("structure_kept", "detail_arrived")}} for i, r in enumerate(self.ratios)]
+        """Per ratio: each kind's mean score with its bootstrap 95 % interval over the samples, and the band's
+        paired difference from its random control (band - random, per sample) with its interval: the band is
+        better than a random set of its size only where that interval excludes 0."""
+        rows = []
+        for i, r in enumerate(self.ratios):
+            row = {"r": r}
+            for m in METRICS:
+                for k in KINDS:
+                    row[f"{k}_{m}"] = self.scores[k][m][i]
+                    if self.per_sample:
+                        row[f"{k}_{m}_ci"] = list(bootstrap_interval(self.per_sample[k][m][i]))
+                if self.per_sample:
+                    diff = self.per_sample["band"][m][i] - self.per_sample["random"][m][i]
+                    row[f"band_minus_random_{m}"] = diff.mean().item()
+                    row[f"band_minus_random_{m}_ci"] = list(bootstrap_interval(diff))
+            rows.append(row)
+        return rows
 
     def to_markdown(self) -> str:
         name = BAND_NAMES.get(self.n_bands, [str(i) for i in range(self.n_bands)])[self.band]
+        ci = " [95 % interval]" if self.per_sample else ""
         head = (f"Frequency-aware editing: band {self.band} ({name}) of {self.n_bands}, tau_mid = {self.tau_mid}, "
                 f"{self.original.shape[0]} samples; the control: random mode sets of the band's size (mean of "
-                f"{self.controls})\n\n"
+                f"{self.controls}); means{ci} over the samples (bootstrap)\n\n"
                 "| r | band: structure kept | band: detail arrived | random: structure kept | random: detail arrived "
-                "| all bands: structure kept | all bands: detail arrived |\n|---|---|---|---|---|---|---|\n")
+                "| all bands: structure kept | all bands: detail arrived |"
+                + (" band - random: structure kept | band - random: detail arrived |" if self.per_sample else "")
+                + "\n|---|---|---|---|---|---|---|" + ("---|---|" if self.per_sample else "") + "\n")
+
+        def cell(t, key):
+            c = t.get(f"{key}_ci")
+            return f"{t[key]:.3f}" + (f" [{c[0]:.3f}, {c[1]:.3f}]" if c else "")
+
         return head + "".join(
-            f"| {t['r']:g} | " + " | ".join(f"{t[f'{k}_{m}']:.3f}" for k in KINDS
-                                            for m in ("structure_kept", "detail_arrived")) + " |\n"
-            for t in self.table())
+            f"| {t['r']:g} | " + " | ".join(cell(t, f"{k}_{m}") for k in KINDS for m in METRICS)
+            + ("".join(f" | {cell(t, f'band_minus_random_{m}')}" for m in METRICS) if self.per_sample else "")
+            + " |\n" for t in self.table())
 
 
 @torch.no_grad()
@@ -150,16 +192,21 @@ def edit_sweep(model: HKD, x_T: torch.Tensor, references: torch.Tensor, mask: to
     chosen = band_modes(model.spectrum(), b, n_bands)
     draws = [random_modes(chosen, generator) for _ in range(controls)]
     out = {k: [] for k in KINDS}
-    scores = {k: {"structure_kept": [], "detail_arrived": []} for k in KINDS}
+    scores = {k: {m: [] for m in METRICS} for k in KINDS}
+    samples = {k: {m: [] for m in METRICS} for k in KINDS}
     for r in ratios:
         for k, sets in (("band", [chosen]), ("random", draws), ("all", [None])):
             imgs = [edit(model, x_T, ref_state, mask, float(r), m, tau_mid) for m in sets]
             out[k].append(imgs[0])
-            per = [edit_scores(img, original, references, mask, factor) for img in imgs]
-            for m in ("structure_kept", "detail_arrived"):
-                scores[k][m].append(sum(p[m] for p in per) / len(per))
+            per = [edit_scores(img, original, references, mask, factor, per_sample=True) for img in imgs]
+            for m in METRICS:
+                v = torch.stack([p[m] for p in per]).mean(0)          # per sample, the draws averaged
+                samples[k][m].append(v)
+                scores[k][m].append(v.mean().item())
+    per_sample = {k: {m: torch.stack(v) for m, v in d.items()} for k, d in samples.items()}
     return EditSweep([float(r) for r in ratios], b, n_bands, tau_mid, original, references, ref_state, mask,
-                     torch.stack(out["band"]), torch.stack(out["random"]), torch.stack(out["all"]), controls, scores)
+                     torch.stack(out["band"]), torch.stack(out["random"]), torch.stack(out["all"]), controls, scores,
+                     per_sample)
 
 
 @torch.no_grad()

@@ -139,16 +139,34 @@ def band_trajectory(model: HKD, x_T: torch.Tensor, taus: list[float], n_bands: i
 RINGS = ("low", "mid", "high")
 
 
-def radial_shares(images: torch.Tensor, n_rings: int = 3) -> torch.Tensor:
-    """(n_rings,) the share of the images' energy (|FFT|^2 summed over batch and channels) in rings of spatial
-    frequency: equal slices of [0, Nyquist] (0.5 cycles/pixel), the corners above Nyquist in the last ring."""
+def radial_energies(images: torch.Tensor, n_rings: int = 3) -> torch.Tensor:
+    """(B, n_rings) each image's energy (|FFT|^2 summed over channels) in rings of spatial frequency: equal
+    slices of [0, Nyquist] (0.5 cycles/pixel), the corners above Nyquist in the last ring."""
     h, w = images.shape[-2:]
-    power = torch.fft.fft2(images.double()).abs().square().sum(dim=tuple(range(images.ndim - 2)))
+    power = torch.fft.fft2(images.double()).abs().square().sum(dim=1)           # (B, H, W)
     fy, fx = torch.fft.fftfreq(h, dtype=torch.float64), torch.fft.fftfreq(w, dtype=torch.float64)
     radius = (fy[:, None].square() + fx[None, :].square()).sqrt()
     ring = (radius / (0.5 / n_rings)).floor().long().clamp(max=n_rings - 1)
-    energy = torch.stack([power[ring == k].sum() for k in range(n_rings)])
+    return torch.stack([power[:, ring == k].sum(1) for k in range(n_rings)], 1)
+
+
+def radial_shares(images: torch.Tensor, n_rings: int = 3) -> torch.Tensor:
+    """(n_rings,) the share of the images' energy (|FFT|^2 summed over batch and channels) in each ring of
+    ``radial_energies``."""
+    energy = radial_energies(images.reshape(-1, *images.shape[-3:]), n_rings).sum(0)
     return (energy / energy.sum().clamp_min(1e-30)).float()
+
+
+def shares_interval(energies: torch.Tensor, level: float = 0.95, resamples: int = 2000, seed: int = 0
+                    ) -> torch.Tensor:
+    """(n_rings, 2) percentile bootstrap intervals of the shares sum(E) / sum(E total) over the samples (rows of
+    ``energies``, (B, n_rings)), the samples drawn with replacement."""
+    g = torch.Generator().manual_seed(seed)
+    e = energies.double()
+    pick = e[torch.randint(0, e.shape[0], (resamples, e.shape[0]), generator=g)].sum(1)     # (resamples, rings)
+    shares = pick / pick.sum(1, keepdim=True).clamp_min(1e-30)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return torch.quantile(shares, q, dim=0).T.float()
 
 
 @torch.no_grad()
@@ -158,7 +176,8 @@ def band_frequency_shares(model: HKD, x_T: torch.Tensor, n_bands: int = 3, contr
     decoded final latent and the same latent with band k zeroed, split into low/mid/high radial frequency
     shares (``radial_shares``); beside it the same for ``controls`` random mode sets of the band's size (mean and
     std over the draws), and the samples' own shares. Returns {"band": (n_bands, 3), "random": (n_bands, 3),
-    "random_std": (n_bands, 3), "image": (3,)}."""
+    "random_std": (n_bands, 3), "image": (3,)}, and bootstrap 95 % intervals over the samples: "band_ci" and
+    "random_ci" (n_bands, 3, 2), "image_ci" (3, 2)."""
     z1 = model.evolve(model.encode(x_T, model.sigma_max), 1.0)
     full = model.decode(z1)
     masks = band_masks(model.spectrum(), n_bands)
@@ -166,15 +185,20 @@ def band_frequency_shares(model: HKD, x_T: torch.Tensor, n_bands: int = 3, contr
     def removed(modes: list[torch.Tensor]) -> torch.Tensor:
         return full - model.decode([z * (1 - _channels(m).to(z)) for z, m in zip(z1, modes)])
 
-    band, rand, spread = [], [], []
+    band, rand, spread, band_ci, rand_ci = [], [], [], [], []
     for k in range(n_bands):
         modes = [m[k] for m in masks]
+        e_band = radial_energies(removed(modes))
         band.append(radial_shares(removed(modes)))
-        draws = torch.stack([radial_shares(removed(random_modes(modes, generator))) for _ in range(controls)])
+        band_ci.append(shares_interval(e_band))
+        e_draws = [radial_energies(removed(random_modes(modes, generator))) for _ in range(controls)]
+        draws = torch.stack([(e.sum(0) / e.sum().clamp_min(1e-30)).float() for e in e_draws])
         rand.append(draws.mean(0))
+        rand_ci.append(shares_interval(torch.stack(e_draws).mean(0)))
         spread.append(draws.std(0) if controls > 1 else torch.zeros(len(RINGS)))
     return {"band": torch.stack(band), "random": torch.stack(rand), "random_std": torch.stack(spread),
-            "image": radial_shares(full)}
+            "image": radial_shares(full), "band_ci": torch.stack(band_ci), "random_ci": torch.stack(rand_ci),
+            "image_ci": shares_interval(radial_energies(full))}
 
 
 def wasserstein1(a: torch.Tensor, b: torch.Tensor, grid: int = 2048) -> float:

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--tau-mid", type=float, default=0.5, help="edit: where on the trajectory to blend (default 0.5)")
     g.add_argument("--mask", default="lower", help="edit: lower|upper|left|right|center|all (default lower)")
     g.add_argument("--ratios", default="0,0.25,0.5,0.75,1", help="edit: blend ratios r (default 0,0.25,0.5,0.75,1)")
-    g.add_argument("--samples", type=int, default=4, help="edit: images to edit (default 4)")
+    g.add_argument("--samples", type=int, default=64, help="edit: images to edit; the scores carry bootstrap 95 %% "
+                   "intervals over them, the grid shows 3 (default 64)")
     g.add_argument("--seed", type=int, default=0, help="edit: noise seed of the images and references")
     g.add_argument("--reference", default="data", help="edit: data (test images drawn with --seed), data:I,J,... "
                    "(those indices), file:PATH[,PATH...] (image files) or sample (the model's own samples); each "

@@ -36,7 +36,7 @@ class EditArgs:
     tau_mid: float = 0.5
     mask: str = "lower"
     ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    samples: int = 4
+    samples: int = 64                 # the scores carry bootstrap 95 % intervals over them
     seed: int = 0
     n_bands: int = 3
     reference: str = "data"          # data | data:I,J,... | file:PATH[,PATH...] | sample  (see load_references)
@@ -175,8 +175,15 @@ def run_edit(pc: PipelineConfig, args: EditArgs, model_uri: str | None = None, o
                                   {"hkd.stage": "edit", "hkd.model_uri": uri})
         tracker.log_params(run_id, {"edit": params})
         for row in sweep.table():
-            tracker.log_metrics(run_id, {M.edit(k): v for k, v in row.items() if k != "r"},
-                                step=int(round(row["r"] * 100)), flush=False)
+            flat = {}
+            for k, v in row.items():
+                if k == "r":
+                    continue
+                if isinstance(v, list):     # an interval: its two ends as two metrics
+                    flat[M.edit(k.removesuffix("_ci") + "_lo")], flat[M.edit(k.removesuffix("_ci") + "_hi")] = v
+                else:
+                    flat[M.edit(k)] = v
+            tracker.log_metrics(run_id, flat, step=int(round(row["r"] * 100)), flush=False)
         for p in paths:
             tracker.log_artifact(run_id, p, "edit")
         tracker.end(run_id)

@@ -100,3 +100,31 @@ def test_the_edit_grid_stays_readable_with_many_samples(koopman_model, tmp_path)
         sw = edit_sweep(m, x_T, refs, named_mask("lower", 8), [0.0, 1.0], band=0, tau_mid=0.3, n_bands=2, generator=g)
         heights[n] = Image.open(plot_edit_grid(sw, tmp_path / f"grid{n}.png")).size[1]
     assert heights[16] == heights[3]
+
+
+def test_bootstrap_intervals_cover_the_mean_and_shrink_with_more_samples():
+    from hkd_core.editing import bootstrap_interval
+
+    g = torch.Generator().manual_seed(0)
+    small, large = torch.randn(16, generator=g) + 2.0, torch.randn(256, generator=g) + 2.0
+    lo_s, hi_s = bootstrap_interval(small)
+    lo_l, hi_l = bootstrap_interval(large)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert (hi_l - lo_l) < 0.5 * (hi_s - lo_s)                 # about 1 / sqrt(16): a quarter
+    assert lo_l < 2.0 < hi_l
+    assert bootstrap_interval(small) == (lo_s, hi_s)          # seeded: the same table twice
+
+
+def test_the_edit_table_gives_intervals_and_the_paired_band_difference(koopman_model):
+    m = koopman_model
+    g = torch.Generator().manual_seed(5)
+    x_T, refs = m.noise(12, g), torch.rand(12, 1, 8, 8, generator=g) * 2 - 1
+    sw = edit_sweep(m, x_T, refs, named_mask("lower", 8), [0.0, 1.0], band=0, tau_mid=0.3, n_bands=2, controls=2,
+                    generator=g)
+    t = sw.table()[1]
+    for k in ("band", "random", "all"):
+        lo, hi = t[f"{k}_detail_arrived_ci"]
+        assert lo <= t[f"{k}_detail_arrived"] <= hi
+    assert t["band_minus_random_detail_arrived"] == pytest.approx(t["band_detail_arrived"] - t["random_detail_arrived"])
+    assert sw.table()[0]["band_minus_random_structure_kept_ci"] == pytest.approx([0.0, 0.0], abs=1e-9)   # r = 0
+    assert "band - random: detail arrived" in sw.to_markdown()

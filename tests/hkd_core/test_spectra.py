@@ -139,6 +139,20 @@ def test_band_frequency_shares_per_band_and_control(koopman_model):
         masks = band_masks(m.spectrum(), 2)
         diff = m.decode(z1) - m.decode([z * (~mk[1]).repeat_interleave(2, 0) for z, mk in zip(z1, masks)])
     torch.testing.assert_close(out["band"][1], radial_shares(diff))
+    # every share with a bootstrap interval over the samples that holds it
+    assert out["band_ci"].shape == (2, 3, 2) and out["random_ci"].shape == (2, 3, 2) and out["image_ci"].shape == (3, 2)
+    for v, ci in ((out["band"], out["band_ci"]), (out["random"], out["random_ci"])):
+        assert (ci[..., 0] <= v + 1e-6).all() and (v <= ci[..., 1] + 1e-6).all()
+
+
+def test_share_intervals_shrink_with_more_samples():
+    from hkd_core.spectra import radial_energies, shares_interval
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(256, 1, 8, 8, generator=g) * torch.rand(256, 1, 1, 1, generator=g)
+    few, many = shares_interval(radial_energies(imgs[:16])), shares_interval(radial_energies(imgs))
+    assert ((many[:, 1] - many[:, 0]) < (few[:, 1] - few[:, 0])).all()
+    assert (many[:, 0] <= radial_shares(imgs)).all() and (radial_shares(imgs) <= many[:, 1]).all()
 
 
 def test_spectrum_distance_is_zero_for_the_same_and_grows_with_a_shift():

@@ -218,5 +218,10 @@ def test_edit_logs_the_grid_and_scores_beside_the_pipeline_run(first_pipeline, s
     assert {"edit/edit_grid.png", "edit/edit_tradeoff.png", "edit/edit_scores.md", "edit/edit_scores.json"} <= arts
     hist = _client().get_metric_history(r["_run_id"], "edit/all_structure_kept")
     assert sorted(m.step for m in hist) == [0, 50, 100]
+    # every mean with its bootstrap interval, and the band's paired difference from its control
+    lo = {m.step: m.value for m in _client().get_metric_history(r["_run_id"], "edit/band_minus_random_detail_arrived_lo")}
+    hi = {m.step: m.value for m in _client().get_metric_history(r["_run_id"], "edit/band_minus_random_detail_arrived_hi")}
+    assert sorted(lo) == [0, 50, 100] and all(lo[k] <= hi[k] for k in lo)
+    assert rows[1.0]["band_detail_arrived_ci"][0] <= rows[1.0]["band_detail_arrived"] <= rows[1.0]["band_detail_arrived_ci"][1]
     # a config whose model was never distilled: a clear error naming where it looked
     assert main(["edit", *smoke, "train.total_kimg=0.5"]) == 2
