@@ -23,8 +23,6 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from ray_scaling import _train_kwargs, loop_worker, toy_data  # noqa: E402  (the one-node benchmark's work)
