@@ -78,10 +78,36 @@ def _http_status(url: str, timeout: float = 2.0, headers: dict | None = None) ->
         return None
 
 
+def _port_taken(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the servers bind: a port in TIME_WAIT after our own stop is free; one that a program listens on is not
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+def require_free(st: dict, names: list[str], grpc: bool = False) -> None:
+    """Refuse to start a service on a port another program holds (else the health check may take that program's
+    answer for ours): one sentence naming the port and the flag that moves it. ``grpc``: SeaweedFS also opens
+    each port + 10000."""
+    for name in names:
+        port = st["ports"][name]
+        for p, what in ((port, ""), (port + 10000, " (its gRPC port, --{0}-port + 10000)".format(name))
+                        )[: 2 if grpc else 1]:
+            if _port_taken(p):
+                raise SystemExit(f"stack: port {p} on {HOST}{what} for {name} is taken by another program; stop that "
+                                 f"program or start the stack with --{name}-port <a free port>")
+
+
 def _wait(check, what: str, timeout_s: float, log: Path, pid: int | None = None) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
-        if check():
+        if check() and (pid is None or _alive(pid)):   # our process answers, not whatever holds the port
             print(f"stack: {what} ready in {time.monotonic() - t0:.1f} s")
             return
         if pid is not None and not _alive(pid):
@@ -182,6 +208,7 @@ def client_env(state: Path, st: dict) -> dict:
     env = {"AWS_ENDPOINT_URL": ep["s3"], "AWS_SHARED_CREDENTIALS_FILE": str(state / "credentials"),
            "AWS_PROFILE": "default", "AWS_DEFAULT_REGION": "us-east-1",
            "MLFLOW_S3_ENDPOINT_URL": ep["s3"], "MLFLOW_TRACKING_URI": ep["mlflow"], "HKD_S3_BUCKET": BUCKET,
+           "MLFLOW_DISABLE_TELEMETRY": "true",     # MLflow >= 3.2 reports usage by default; not from this stack
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HKD_STACK_DIR": str(state)}
     if ep["ray"]:
         env["RAY_ADDRESS"] = ep["ray"]
@@ -194,6 +221,7 @@ def start_s3(state: Path, st: dict) -> None:
     if _alive(st["services"].get("s3", {}).get("pid")) and _http_status(f"http://{HOST}:{p['s3']}/") == 403:
         print("stack: s3 already running")
         return
+    require_free(st, ["s3", "master", "volume", "filer"], grpc=True)
     creds = credentials(state)
     cfg = state / "s3.json"
     fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -208,7 +236,7 @@ def start_s3(state: Path, st: dict) -> None:
     cmd = [_bin("weed"), f"-logdir={state / 'logs' / 'seaweedfs'}", "mini", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.port={p['s3']}",
            f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
            f"-s3.config={cfg}", f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
-           "-s3.port.lance=0"]
+           "-s3.port.lance=0", "-master.telemetry=false"]          # no anonymous statistics sent anywhere
     log = state / "logs" / "s3.log"
     st["services"]["s3"] = {"pid": _spawn(cmd, log, dict(os.environ)), "log": str(log)}
     save_state(state, st)
@@ -241,6 +269,7 @@ def start_mlflow(state: Path, st: dict) -> None:
     if _alive(st["services"].get("mlflow", {}).get("pid")) and _http_status(f"http://{HOST}:{p['mlflow']}/health") == 200:
         print("stack: mlflow already running")
         return
+    require_free(st, ["mlflow"])
     (state / "mlflow").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **client_env(state, st), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -271,6 +300,7 @@ def start_ray(state: Path, st: dict, num_cpus: int | None) -> None:
     if _alive(st["services"].get("ray", {}).get("pid")) and _ray_up(state, st):
         print("stack: ray already running")
         return
+    require_free(st, ["ray", "dashboard", "agent", "client"])
     env = {**os.environ, **client_env(state, st), **ray_auth_env(state, st)}
     env.pop("RAY_ADDRESS", None)
     # One machine, one disk: a job submitted to this head (its driver runs in Ray's copy of the working

@@ -250,3 +250,38 @@ def test_the_stack_head_hands_its_jobs_the_checkouts_data_folder(tmp_path):
     assert stack.head_data_dir(checkout, {}) == beside.resolve()           # beside the checkout comes first
     assert stack.head_data_dir(checkout, {"HKD_DATA_DIR": str(tmp_path)}) == tmp_path.resolve()
     assert stack.head_data_dir(checkout, {"HKD_DATA_DIR": ""}) == beside.resolve()
+
+
+def test_the_stack_refuses_a_port_another_program_holds(tmp_path):
+    """A port already taken is an error that names it (and the flag that moves it) before anything starts, not
+    a 'ready' taken from the other program's answer; SeaweedFS's gRPC ports (+10000) count too. Telemetry off."""
+    import socket
+    import subprocess
+    import sys
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stack_mod2", ROOT / "infra" / "local" / "stack.py")
+    stack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stack)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    try:
+        free = stack.free_ports(1)[0]
+        with pytest.raises(SystemExit, match=f"port {taken} on 127.0.0.1 for mlflow is taken.*--mlflow-port"):
+            stack.require_free({"ports": {"mlflow": taken}}, ["mlflow"])
+        stack.require_free({"ports": {"mlflow": free}}, ["mlflow"])              # a free one passes
+        if taken > 10000:
+            with pytest.raises(SystemExit, match=f"port {taken} .*gRPC port, --s3-port \\+ 10000"):
+                stack.require_free({"ports": {"s3": taken - 10000}}, ["s3"], grpc=True)
+        # the command itself: exit 1 with that sentence, nothing started, no state left running
+        r = subprocess.run([sys.executable, str(ROOT / "infra" / "local" / "stack.py"), "start", "--dir",
+                            str(tmp_path / "st"), "--s3-port", str(taken)], capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and f"port {taken} on 127.0.0.1 for s3 is taken" in r.stderr
+        assert "pid" not in (tmp_path / "st" / "stack.json").read_text()
+    finally:
+        holder.close()
+    text = (ROOT / "infra" / "local" / "stack.py").read_text()
+    assert "-master.telemetry=false" in text and '"MLFLOW_DISABLE_TELEMETRY": "true"' in text
