@@ -40,7 +40,7 @@ def adopt_local_stack() -> None:
     """If no endpoints are set and a local stack is running, use it (without exporting any secret)."""
     state = Path(os.environ.get("HKD_STACK_DIR", ROOT / ".stack"))
     f = state / "stack.json"
-    if os.environ.get("AWS_ENDPOINT_URL") or not f.is_file():
+    if os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or not f.is_file():
         return
     ports = json.loads(f.read_text()).get("ports", {})
     services = json.loads(f.read_text()).get("services", {})
@@ -71,7 +71,7 @@ def compose_for_cli(overrides: list[str]) -> dict:
     from .config import compose
 
     cfg = compose(overrides)
-    if uses_stack(cfg) and not os.environ.get("AWS_ENDPOINT_URL"):
+    if uses_stack(cfg) and not (os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")):
         adopt_local_stack()
         if os.environ.get("AWS_ENDPOINT_URL"):
             cfg = compose(overrides)

@@ -41,7 +41,8 @@ class StorageError(RuntimeError):
 class StorageConfig:
     kind: str = "s3"                       # s3 | fs (a local folder: one machine, no services; see storage/fs.yaml)
     root: str | None = None                # fs: the folder; None: $HKD_CACHE/store (default ~/.cache/hkd/store)
-    endpoint_url: str | None = None        # e.g. http://127.0.0.1:8333; None: $AWS_ENDPOINT_URL, else AWS itself
+    endpoint_url: str | None = None        # e.g. http://127.0.0.1:8333; None: $AWS_ENDPOINT_URL_S3, then
+                                           # $AWS_ENDPOINT_URL, else AWS itself
     bucket: str = "hkd"
     prefix: str = "runs"                   # every object of this project lives under s3://bucket/prefix/
     create_bucket: bool = False            # a bucket that does not exist is refused (a typo), unless this is true
@@ -55,7 +56,8 @@ class StorageConfig:
     read_timeout_s: float = 60.0
 
     def resolved_endpoint(self) -> str | None:
-        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        return (self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                or None)
 
     def root_uri(self) -> str:
         if self.kind == "fs":

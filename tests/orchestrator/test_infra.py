@@ -148,6 +148,36 @@ def test_launcher_env_file_is_where_the_launcher_puts_the_mount():
     assert "--shm-size" in opts                                   # the object store lives in /dev/shm
 
 
+def test_the_launcher_scopes_the_object_store_to_s3_and_starts_gpus_from_zero():
+    """AWS_ENDPOINT_URL would send the autoscaler's EC2 calls to the object store, and AWS_PROFILE would give them
+    the store's keys: the launcher's files use AWS_ENDPOINT_URL_S3 and HKD_S3_PROFILE (a named profile of the
+    mounted credentials file); every worker type scales from 0 and idle nodes go."""
+    cfg = _render("infra/launcher/cluster.yaml")
+    text = (ROOT / "infra/launcher/cluster.yaml").read_text() + (ROOT / "infra/README.md").read_text()
+    assert "AWS_ENDPOINT_URL_S3" in text and "HKD_S3_PROFILE" in text
+    assert not re.search(r"AWS_ENDPOINT_URL=", text) and not re.search(r"\bAWS_PROFILE=", text)
+    assert any(d.endswith("/.hkd/credentials") for d in cfg["file_mounts"])
+    workers = {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+    assert workers and all(v["min_workers"] == 0 for v in workers.values())
+    assert 0 < cfg["idle_timeout_minutes"] <= 30
+
+
+def test_the_s3_endpoint_and_profile_come_from_their_s3_only_variables(monkeypatch):
+    from orchestrator.config import load
+    from orchestrator.storage import StorageConfig
+
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "HKD_S3_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HKD_S3_BUCKET", "b")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://all-services:1")
+    assert StorageConfig().resolved_endpoint() == "http://all-services:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-only:2")
+    assert StorageConfig().resolved_endpoint() == "http://s3-only:2"          # the S3-only variable wins
+    monkeypatch.setenv("HKD_S3_PROFILE", "hkd-store")
+    pc = load(["storage=s3", "tracking=file"])
+    assert pc.storage.endpoint_url == "http://s3-only:2" and pc.storage.profile == "hkd-store"
+
+
 def test_dockerfile_has_no_single_node_setting_a_cuda_variant_and_the_commit():
     """No node of a cluster built from the image may carry RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (with it, `ray start
     --address` on a worker aborts); VARIANT=cuda selects PyTorch's CUDA wheels; the commit comes in as HKD_GIT_SHA
