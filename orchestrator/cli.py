@@ -31,6 +31,8 @@ from pathlib import Path
 
 from hkd_core.config import ConfigError
 
+from .errors import describe
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_CMDS = ("teacher", "trajectories", "distill", "evaluate", "pipeline")
 COMMANDS = ("preflight", "sweep", "study", "edit", "compare", "ship-teacher", "data") + STAGE_CMDS
@@ -221,7 +223,7 @@ def ship_main(args) -> int:
             return 2
         res = ship_teacher(pc, cfg_dict, args.out, command="hkd ship-teacher " + " ".join(args.overrides))
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"hkd: ship-teacher error: {e}", file=sys.stderr)
+        print(f"hkd: ship-teacher error: {describe(e)}", file=sys.stderr)
         return 2
     print(json.dumps(res["record"], indent=1, default=float))
     print(f"shipped teacher written to {res['folder']}/ (teacher.pt, record.json, samples.png)")
@@ -266,7 +268,7 @@ def stage_main(args) -> int:
         res = run_stages(pc, cfg_dict, upto, progress=not args.no_progress)
     except (ShardError, CheckpointError, ShippedTeacherError, FileNotFoundError) as e:   # bad input data, found
         # before training (a missing teacher.checkpoint object included)
-        print(f"hkd: input error: {e}", file=sys.stderr)
+        print(f"hkd: input error: {describe(e)}", file=sys.stderr)
         return 3
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
@@ -387,7 +389,7 @@ def edit_main(args) -> int:
                       ratios=tuple(_floats(args.ratios, "--ratios")), samples=args.samples, seed=args.seed,
                       n_bands=args.bands, reference=args.reference, controls=args.controls).validate()
     except (ConfigError, ValueError) as e:
-        print(f"hkd: edit error: {e}", file=sys.stderr)
+        print(f"hkd: edit error: {describe(e)}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(json.dumps({"edit": ea.__dict__, "model": args.model or plan(pc, "distill")["distill"]["output"] +
@@ -398,7 +400,7 @@ def edit_main(args) -> int:
     try:
         res = run_edit(pc, ea, args.model, args.out)
     except (FileNotFoundError, ValueError, TypeError) as e:
-        print(f"hkd: edit error: {e}", file=sys.stderr)
+        print(f"hkd: edit error: {describe(e)}", file=sys.stderr)
         return 2
     return _print_result(args, res, f"figures: {res['folder']}/edit_grid.png, edit_tradeoff.png")
 
@@ -430,7 +432,7 @@ def compare_main(args) -> int:
             return 2
         res = run_compare(pc, tokens, args.out)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"hkd: compare error: {e}", file=sys.stderr)
+        print(f"hkd: compare error: {describe(e)}", file=sys.stderr)
         return 2
     return _print_result(args, res, f"figure: {res['figures'][0]}")
 

@@ -74,12 +74,18 @@ class StageContext:
         return run_id
 
     def fail(self, stage: str, err: BaseException) -> None:
-        """A stage that raised: its run (if it got one and it is still open) ends FAILED, saying why."""
+        """A stage that raised: its run (if it got one) ends FAILED, saying why, whatever the exception; a run that
+        something else already ended (MLflow's own context manager, say) still gets the reason."""
         run_id = self.opened.get(stage)
-        if run_id is None or self.tracker.run_data(run_id).info.status != "RUNNING":
+        if run_id is None:
             return
-        self.tracker.set_tags(run_id, {"hkd.end_reason": f"{type(err).__name__}: {err}"[:4000]})
-        self.tracker.end(run_id, "FAILED")
+        run = self.tracker.run_data(run_id)
+        if run.info.status == "RUNNING" or "hkd.end_reason" not in run.data.tags:
+            from .errors import describe
+
+            self.tracker.set_tags(run_id, {"hkd.end_reason": f"{type(err).__name__}: {describe(err)}"[:4000]})
+        if run.info.status == "RUNNING":
+            self.tracker.end(run_id, "FAILED")
 
     def inputs(self, stage: str) -> list[dict]:
         return dataset_inputs(self.pc, stage, self.store("trajectories").uri("train"))
