@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .jobdir import settle
+
+    settle()              # a Ray job's driver: out of Ray's unpacked working dir, which Ray may replace mid-run
     if args.command in ("sweep", "study", "edit", "compare"):
         adopt_local_stack()
     if args.command == "sweep":

@@ -25,6 +25,8 @@ def test_ray_job_submit_runs_the_pipeline(local_stack, first_pipeline, smoke, ru
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "succeeded" in out
+    # the driver left Ray's unpacked working dir (Ray replaces it when it sets up a worker there: issue 25)
+    assert "ray job: the driver works in a private copy of its working directory" in out
     assert "stages skipped (already done): trajectories, distill" in out
     fid = first_pipeline[0]["evaluate"]["metrics"]["eval/fid"]
     line = next(x for x in out.splitlines() if x.startswith("HKD at NFE 1, N = 32: KID x1e3 "))

@@ -1,0 +1,40 @@
+"""A Ray job's driver leaves Ray's unpacked working directory for its own copy (issue 25): the folder Ray replaces
+mid-run (WorkingDirPlugin.create unpacks with overwrite=True) can then go without the driver noticing."""
+import importlib
+import os
+import shutil
+import sys
+
+from orchestrator.jobdir import in_ray_working_dir, settle
+
+
+def test_the_driver_moves_to_a_private_copy_and_survives_the_original_going(tmp_path, monkeypatch):
+    pkg_dir = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    (pkg_dir / "jobpkg").mkdir(parents=True)
+    (pkg_dir / "jobpkg" / "__init__.py").write_text("")
+    (pkg_dir / "jobpkg" / "later.py").write_text("VALUE = 42\n")
+    (pkg_dir / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    here = os.getcwd()
+    monkeypatch.setattr(sys, "path", [str(pkg_dir)] + sys.path)
+    monkeypatch.setenv("PYTHONPATH", f"{pkg_dir}{os.pathsep}/elsewhere")
+    os.chdir(pkg_dir)
+    try:
+        import jobpkg                                        # imported from Ray's folder, as a job's modules are
+        copy = settle(tmp_path / "private")
+        assert copy is not None and copy.name == "_ray_pkg_abc" and not in_ray_working_dir(copy)
+        shutil.rmtree(pkg_dir)                               # what Ray's unpacking with overwrite=True does first
+        assert os.getcwd() == str(copy) and (copy / "pyproject.toml").is_file()
+        assert str(copy) in sys.path and str(pkg_dir) not in sys.path
+        assert os.environ["PYTHONPATH"] == f"{copy}{os.pathsep}/elsewhere"
+        assert importlib.import_module("jobpkg.later").VALUE == 42   # a lazy import after the folder went
+        assert jobpkg.__path__[0] == str(copy / "jobpkg")
+    finally:
+        os.chdir(here)
+        sys.modules.pop("jobpkg", None)
+        sys.modules.pop("jobpkg.later", None)
+
+
+def test_outside_a_ray_job_nothing_moves(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert settle(tmp_path / "private") is None and os.getcwd() == str(tmp_path)
+    assert not (tmp_path / "private").exists()
