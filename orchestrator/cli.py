@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     from .jobdir import settle
 
     settle()              # a Ray job's driver: out of Ray's unpacked working dir, which Ray may replace mid-run
+    from .identity import git_sha
+
+    git_sha()             # the commit this process starts with is the one its results record
     if args.command in ("sweep", "study", "edit", "compare"):
         adopt_local_stack()
     if args.command == "sweep":

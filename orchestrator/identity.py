@@ -52,18 +52,26 @@ def edit_run_key(pc, ident: str) -> str:
     return f"{pc.name}/edit-{ident}"
 
 
+_CHECKOUT_SHA: str | None = None
+
+
 def git_sha() -> str:
     """The commit of the code that runs: $HKD_GIT_SHA where it is given (an image's build argument, a job's
-    env_vars: ``ray job submit`` uploads no .git), else git in the checkout, else "unknown"."""
+    env_vars: ``ray job submit`` uploads no .git), else git in the checkout as this process first found it (the
+    CLI asks at its start: a run that lasts hours records the commit it started with, not the one the checkout
+    has moved to since), else "unknown"."""
+    global _CHECKOUT_SHA
     given = os.environ.get("HKD_GIT_SHA", "").strip()
     if given:
         return given
-    try:
-        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        sha = ""
-    return sha if re.fullmatch(r"[0-9a-f]{40}", sha) else "unknown"
+    if _CHECKOUT_SHA is None:
+        try:
+            sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=5).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            sha = ""
+        _CHECKOUT_SHA = sha if re.fullmatch(r"[0-9a-f]{40}", sha) else "unknown"
+    return _CHECKOUT_SHA
 
 
 def lineage(pc) -> dict[str, str]:

@@ -82,9 +82,14 @@ def test_git_sha_prefers_the_given_commit_and_never_passes_off_garbage(monkeypat
     monkeypatch.setenv("HKD_GIT_SHA", "a" * 40)
     assert identity.git_sha() == "a" * 40
     monkeypatch.delenv("HKD_GIT_SHA")
-    assert re.fullmatch(r"[0-9a-f]{40}", identity.git_sha())           # the tests run from a git checkout
-    monkeypatch.setattr(identity, "ROOT", tmp_path)                      # not a checkout: git prints nothing
-    assert identity.git_sha() == "unknown"
+    monkeypatch.setattr(identity, "_CHECKOUT_SHA", None)
+    sha = identity.git_sha()
+    assert re.fullmatch(r"[0-9a-f]{40}", sha)                            # the tests run from a git checkout
+    monkeypatch.setattr(identity, "ROOT", tmp_path)                      # the checkout moved on (or went):
+    assert identity.git_sha() == sha                                     # the commit the process started with
+    monkeypatch.setattr(identity, "_CHECKOUT_SHA", None)                 # a process that starts here now:
+    assert identity.git_sha() == "unknown"                               # not a checkout, git prints nothing
+    monkeypatch.setattr(identity, "_CHECKOUT_SHA", None)
     monkeypatch.setenv("PATH", str(tmp_path))                            # no git at all
     assert identity.git_sha() == "unknown"
     tags = identity.lineage(from_composed(compose([])))
