@@ -6,12 +6,16 @@ from orchestrator import pipeline
 from orchestrator.config import load
 
 
-def test_a_failing_stage_ends_its_run_failed_with_the_reason(tmp_path, monkeypatch):
+def _local(tmp_path, monkeypatch):
+    """The smoke config on a local folder and a local MLflow store, whatever services the environment names."""
     for var in ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
-    pc = load(["experiment=smoke", "storage=fs", "tracking=file", f"storage.root={tmp_path}/store",
-               f"tracking.root={tmp_path}/mlflow"])
-    opened = {}
+    return load(["experiment=smoke", "storage=fs", "tracking=file", f"storage.root={tmp_path}/store",
+                 f"tracking.root={tmp_path}/mlflow"])
+
+
+def test_a_failing_stage_ends_its_run_failed_with_the_reason(tmp_path, monkeypatch):
+    pc, opened = _local(tmp_path, monkeypatch), {}
 
     def teacher_that_fails(ctx):
         opened["id"] = ctx.open_run("teacher")
@@ -32,11 +36,7 @@ def test_a_run_ended_by_something_else_still_gets_the_reason_with_the_path(tmp_p
     """The issue-25 failure: MLflow's log_model raised FileNotFoundError from Path.cwd() (no path in the message)
     and the distill run was left FAILED without hkd.end_reason. Whatever ended the run first, the reason lands,
     and an OSError names its path."""
-    for var in ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
-        monkeypatch.delenv(var, raising=False)
-    pc = load(["experiment=smoke", "storage=fs", "tracking=file", f"storage.root={tmp_path}/store",
-               f"tracking.root={tmp_path}/mlflow"])
-    opened = {}
+    pc, opened = _local(tmp_path, monkeypatch), {}
 
     def teacher_that_fails(ctx):
         opened["id"] = ctx.open_run("teacher")
