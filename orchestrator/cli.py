@@ -80,14 +80,22 @@ def compose_for_cli(overrides: list[str]) -> dict:
     return cfg
 
 
-def gate_ok(pc, what: str) -> bool:
-    """Preflight's cheap part (one HEAD of the bucket, one call to the tracking server) before any work; on a
-    failure one sentence on stderr (the caller exits 2) and nothing written anywhere."""
+def ray_address(pc) -> str | None:
+    """The Ray a driver joins (as raycluster.init_ray): cluster.address, or inside `ray job submit` the job's head."""
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    return pc.cluster.address or (os.environ.get("RAY_ADDRESS") if in_job else None)
+
+
+def gate_ok(pc, what: str, ray: bool = True) -> bool:
+    """Preflight's cheap part (one HEAD of the bucket, one call to the tracking server and, for commands that run
+    Ray work, one to the Ray head with the driver's token) before any work; on a failure one sentence on stderr
+    (the caller exits 2) and nothing written anywhere."""
     from .preflight import gate
     from .storage import StorageError
 
+    address = ray_address(pc) if ray else None
     try:
-        for line in gate(pc.storage, pc.tracking.resolved_uri()):
+        for line in gate(pc.storage, pc.tracking.resolved_uri(), ray_address=address):
             logging.getLogger("orchestrator.preflight").info("preflight: %s", line)
     except (StorageError, ValueError) as e:
         print(f"hkd: {what} error: {e}", file=sys.stderr)
@@ -130,7 +138,7 @@ def data_main(args) -> int:
         return 2
     try:
         pc = from_composed(compose_for_cli([a for a in args.overrides if "=" in a]))
-        if not gate_ok(pc, "data"):
+        if not gate_ok(pc, "data", ray=False):
             return 2
         if words[1] == "inception":
             uri, new = push_weights(pc.storage, pc.run.eval.inception_weights)
@@ -254,7 +262,7 @@ def stage_main(args) -> int:
     if args.command == "preflight":
         from .preflight import preflight
 
-        results = preflight(pc.storage, pc.tracking.resolved_uri())
+        results = preflight(pc.storage, pc.tracking.resolved_uri(), ray_address(pc))
         for r in results:
             print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['name']}: {r['detail']}")
         if args.json:
@@ -401,7 +409,7 @@ def edit_main(args) -> int:
         print(json.dumps({"edit": ea.__dict__, "model": args.model or plan(pc, "distill")["distill"]["output"] +
                           "model.pt"}, indent=1, default=str))
         return 0
-    if not gate_ok(pc, "edit") or not data_ok(pc, "edit"):
+    if not gate_ok(pc, "edit", ray=False) or not data_ok(pc, "edit"):
         return 2
     try:
         res = run_edit(pc, ea, args.model, args.out)
@@ -434,7 +442,7 @@ def compare_main(args) -> int:
         pc = from_composed(compose(overrides))
         if not tokens:
             raise ValueError("name at least one MLflow run id, sweep id, study id or model URI to compare")
-        if not gate_ok(pc, "compare"):
+        if not gate_ok(pc, "compare", ray=False):
             return 2
         res = run_compare(pc, tokens, args.out)
     except (ConfigError, ValueError, FileNotFoundError) as e:

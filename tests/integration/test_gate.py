@@ -125,3 +125,29 @@ def test_every_service_command_runs_the_gate(local_stack):
         assert r.returncode == 2 and f"missing bucket: s3://{typo} does not exist" in r.stderr.strip().splitlines()[-1], \
             (args, r.stderr[-1500:])
         assert not r.ray_imported, args
+
+
+def test_wrong_ray_token_or_address_is_one_sentence_before_any_stage(local_stack, tmp_path, free_port):
+    """The Ray head the driver joins is asked first, with the driver's token (issue 25): a wrong token and an
+    address where nothing answers are each one sentence and exit 2 within seconds (``ray.init`` alone retries
+    for 20 to 40 s and ends in a bare ConnectionError), and no stage runs (no MLflow experiment is created)."""
+    bad = tmp_path / "ray_token"
+    bad.write_text("0" * 32 + "\n")
+    bad.chmod(0o600)
+    head = local_stack["env"]["RAY_ADDRESS"]
+    for env, expect in (({"RAY_AUTH_TOKEN_PATH": str(bad)},
+                         f"hkd: storage error: Ray refused this driver's token: the head at {head} runs with token "
+                         f"authentication and the token from {bad} (RAY_AUTH_MODE=token) is missing or wrong"),
+                        ({"RAY_ADDRESS": f"127.0.0.1:{free_port()}"}, "hkd: storage error: Ray unreachable: nothing "
+                         "answers at 127.0.0.1:")):
+        exp = f"gate-{uuid.uuid4().hex[:6]}"
+        t0 = time.perf_counter()
+        r = _hkd("pipeline", "experiment=smoke", f"tracking.experiment={exp}", env=env)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].startswith(expect), r.stderr[-1500:]
+        assert "Traceback" not in r.stderr and time.perf_counter() - t0 < 20
+        assert not _experiment_exists(exp)
+    # the right token passes, and says what it checked
+    from orchestrator.preflight import ray_check
+
+    assert ray_check(head).startswith(f"Ray at {head} answers (auth token")

@@ -180,7 +180,7 @@ def services() -> list[tuple[str, str]]:
     same messages against the real servers."""
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from orchestrator.preflight import MissingBucket, classify, tracking_server_check
+    from orchestrator.preflight import MissingBucket, classify, ray_check, ray_token_refused, tracking_server_check
     from orchestrator.storage import StorageConfig
 
     cfg = StorageConfig(endpoint_url="<endpoint>", bucket="<bucket>", credentials_file="<file>")
@@ -190,7 +190,19 @@ def services() -> list[tuple[str, str]]:
     return [("nothing listens at the S3 endpoint", classify(EndpointConnectionError(endpoint_url="x"), cfg)),
             ("wrong access key or secret", classify(denied, cfg)),
             ("the bucket does not exist (a typo)", classify(MissingBucket("NoSuchBucket: <bucket>"), cfg)),
-            ("nothing listens at the MLflow URL", tracking)]
+            ("nothing listens at the MLflow URL", tracking),
+            ("nothing listens at the Ray address", _refusal(ray_check, "127.0.0.1:9").replace("127.0.0.1:9", "<address>")),
+            ("a wrong Ray token", ray_token_refused("<address>", "<file>", "token"))]
+
+
+def _refusal(fn, *args) -> str:
+    from orchestrator.storage import StorageError
+
+    try:
+        fn(*args)
+    except StorageError as e:
+        return str(e)
+    raise AssertionError(f"{fn.__name__}{args} did not refuse")
 
 
 def timings() -> list[str]:
@@ -224,8 +236,10 @@ def markdown() -> str:
     lines += ["", "## Unreachable or misconfigured services (every command, before its work)", "",
               "Every command that touches S3 or MLflow (`pipeline`, the stage commands, `sweep`, `study`, `edit`,",
               "`compare`, `data push`, `ship-teacher`) first runs preflight's cheap part: one HEAD of the bucket and one call to",
-              "the tracking server, in about a second. A failure prints `hkd: storage error: <message>` (or",
-              "`hkd: sweep error:` etc.), exits with 2, and nothing is written to S3 or MLflow; Ray is not started.",
+              "the tracking server and, for the commands that run Ray work, one call to the Ray head (cluster.address, or the",
+              "job's head under `ray job submit`) with the driver's token, in about a second. A failure prints",
+              "`hkd: storage error: <message>` (or `hkd: sweep error:` etc.), exits with 2, and nothing is written to S3",
+              "or MLflow; no stage starts (and for S3 and MLflow failures Ray is not even imported).",
               "`hkd preflight` prints the same messages for its full write/read/list probes. Checked against the",
               "real servers by `tests/integration/test_gate.py` and `test_storage_and_preflight.py`.", "",
               "| what is wrong | message |", "|---|---|"]
