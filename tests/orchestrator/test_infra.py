@@ -235,7 +235,10 @@ def test_the_image_installs_a_runtime_lock_has_the_cluster_tools_and_runs_as_a_u
     assert set(test) - set(runtime) == TEST_ONLY
     assert all(runtime[n][0] == test[n][0] for n in runtime), "the runtime lock differs from the tested versions"
     assert all(h for _, h in runtime.values())
+    # the cluster extra: PostgreSQL for MLflow and Optuna, MLflow's basic-auth app, system metrics (CPU and GPU)
+    assert {"psycopg", "psycopg-binary", "flask-wtf", "psutil", "nvidia-ml-py"} <= set(runtime)
     text = (ROOT / "infra/docker/Dockerfile").read_text()
+    assert "$1 !~ /^nvidia-ml-py/" in text, "the CPU variant drops CUDA's nvidia-* wheels but keeps nvidia-ml-py"
     apt = re.search(r"apt-get install[^\n]*(?:\\\n[^\n]*)*", text).group(0)
     for tool in ("wget", "rsync", "openssh-client"):
         assert re.search(rf"\b{tool}\b", apt), f"{tool} is not installed in the image"
