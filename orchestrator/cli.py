@@ -305,6 +305,11 @@ def print_results(res: dict) -> None:
     print(f"artifacts: {res['_storage_root']}/")
     if "distill" in res and res["distill"].get("model_uri"):
         print(f"  model: {res['distill']['model_uri']}   trajectories: {res['trajectories']['train']['uri']}/")
+    champ = res.get("evaluate", {}).get("champion")
+    if champ:
+        print(f"registry: {champ['model']} version {champ['version']} "
+              + (f"is now the {champ['alias']} (models:/{champ['model']}@{champ['alias']})" if champ["moved"]
+                 else f"stays a challenger ({champ['why']})"))
     print_ui(res["_tracking_uri"], res["_experiment_id"], res["_parent_run_id"])
 
 
@@ -335,11 +340,24 @@ def sweep_main(args) -> int:
         print(f"hkd: sweep error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(json.dumps({"sweep": {k: v for k, v in dataclasses.asdict(spec).items()},
+        from .preflight import safe_url
+
+        shown = {**dataclasses.asdict(spec), "study_storage": spec.study_storage and safe_url(spec.study_storage)}
+        print(json.dumps({"sweep": shown,
                           "base_config": pc.to_dict(), "shared_stages": plan(pc, "trajectories"),
                           "asha_rungs_kimg": asha_rungs(spec, pc.run.train.total_kimg)}, indent=1, default=str))
         return 0
     if not gate_ok(pc, "sweep") or not data_ok(pc, "sweep", fid=True):
+        return 2
+    from .preflight import study_storage_check
+    from .storage import StorageError
+
+    try:
+        done = study_storage_check(spec.study_storage, f"study_storage ({path})")
+        if done:
+            logging.getLogger("orchestrator.preflight").info("preflight: %s", done)
+    except StorageError as e:
+        print(f"hkd: sweep error: {e}", file=sys.stderr)
         return 2
     from .sweep import run_sweep, to_markdown
 

@@ -43,6 +43,12 @@ class ClusterConfig:
     # SPREAD puts them on different nodes when it can (and packs them when it must: a restart after a lost
     # node); STRICT_SPREAD only ever on different nodes
     placement_strategy: str = "PACK"
+    # An autoscaling cluster's size at its maximum (KubeRay: maxReplicas x each worker pod's CPUs and GPUs; the
+    # launcher: max_workers x the node type's), which a sweep sizes its concurrency from: trials beyond what is
+    # up now wait as pending demand, which is what makes the autoscaler add nodes. None: the resources present
+    # when the sweep starts (a fixed cluster).
+    max_cpus: float | None = None
+    max_gpus: float | None = None
 
 
 @dataclass

@@ -59,8 +59,10 @@ def run_stages(pc: PipelineConfig, cfg_dict: dict, upto: str = "evaluate", progr
             try:
                 results[stage] = fns[stage]()
             except Exception as e:
+                ctx.close_system_metrics(stage)
                 ctx.fail(stage, e)
                 raise
+            ctx.close_system_metrics(stage)
             log.info("%s: finished in %.1f s", stage, time.perf_counter() - ts)
         status = "FINISHED"
     finally:

@@ -221,14 +221,66 @@ def tracking_server_check(uri: str, timeout_s: float = 5.0) -> dict:
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
             r.read()
-        return {"name": name, "ok": True, "detail": f"{uri} answers"}
+        health = "answers"
     except urllib.error.HTTPError as e:       # it answered: a server that has no /health is still a server
-        return {"name": name, "ok": True, "detail": f"{uri} answers (HTTP {e.code} on /health)"}
+        health = f"answers (HTTP {e.code} on /health)"
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         return {"name": name, "ok": False,
                 "detail": f"tracking server unreachable: nothing answers at {uri} (tracking.uri / MLFLOW_TRACKING_URI: "
                           f"{reason}); start it (python infra/local/stack.py start) or fix the URL"}
+    refused = tracking_auth_check(uri, timeout_s)
+    if refused:
+        return {"name": name, "ok": False, "detail": refused}
+    return {"name": name, "ok": True, "detail": f"{uri} {health}"}
+
+
+def tracking_auth_check(uri: str, timeout_s: float = 5.0) -> str | None:
+    """One read through the REST API with the credentials this process would use (MLFLOW_TRACKING_USERNAME and
+    _PASSWORD, the file $HKD_MLFLOW_CREDENTIALS names, or MLFLOW_TRACKING_TOKEN): a server with basic auth
+    answers 401 to none or wrong ones, and MLflow >= 3.5 answers 403 "Invalid Host header" to a host name that
+    its --allowed-hosts does not list. Returns the one sentence for a refusal, None when the read went through."""
+    import base64
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from .tracking import CREDENTIALS_ENV, use_credentials_file
+
+    try:
+        use_credentials_file()
+    except ValueError as e:
+        return f"tracking credentials: {e}"
+    headers = {}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = "Bearer " + os.environ["MLFLOW_TRACKING_TOKEN"]
+    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as r:
+            r.read()
+        return None
+    except urllib.error.HTTPError as e:
+        body = e.read(2000).decode("utf-8", "replace")
+        host = urllib.parse.urlsplit(uri).netloc
+        if e.code == 403 and "host" in body.lower():
+            return (f"tracking server refused the host name {host}: its --allowed-hosts does not list it (MLflow >= "
+                    f"3.5); add {host} to the server's --allowed-hosts (infra/kuberay/mlflow.yaml) or reach it by a "
+                    f"name it lists")
+        if e.code == 401:
+            given = f"user {user!r}" if user else "no credentials"
+            return (f"tracking server at {uri} refused {given} (HTTP 401: it runs with basic authentication); set "
+                    f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or point {CREDENTIALS_ENV} at a file "
+                    f"with them (what the cluster's nodes use)")
+        if e.code == 403:
+            return (f"tracking server at {uri} refused user {user!r} read access (HTTP 403); grant it READ or "
+                    f"higher on the experiments (MLflow's auth API) or use another user")
+        return None                   # any other answer: a server that is there and let us in (404: no Default)
+    except (urllib.error.URLError, OSError):
+        return None                   # it answered /health a moment ago: the stages' retries handle a blip
 
 
 def _preflight_fs(cfg: StorageConfig, probe: str, body: bytes, tracking_uri: str | None) -> list[dict]:
@@ -246,3 +298,50 @@ def _preflight_fs(cfg: StorageConfig, probe: str, body: bytes, tracking_uri: str
     if tracking_uri:
         results.append(tracking_server_check(tracking_uri))
     return results
+
+
+def safe_url(url: str) -> str:
+    """An SQLAlchemy URL with its password masked (for messages and listings)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: show nothing of it that could be a secret
+        return url.split("@")[-1] if "@" in url else url
+
+
+def study_storage_check(url: str | None, where: str = "study_storage", timeout_s: float = 3.0) -> str | None:
+    """A sweep's Optuna study on a database server (``study_storage: postgresql+psycopg://user@host/db``): one
+    connection and ``SELECT 1``, so that a wrong password or a server that does not answer is one sentence
+    before Ray starts. The password may sit in the URL or, kept out of files and listings, in libpq's password
+    file (PGPASSFILE, default ~/.pgpass). Returns what it checked (None for SQLite or no URL); raises
+    StorageError."""
+    if not url or url.startswith("sqlite"):
+        return None
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    try:
+        u = make_url(url)
+        args = {"connect_timeout": max(1, int(timeout_s))} if u.get_backend_name() == "postgresql" else {}
+        engine = create_engine(u, connect_args=args, poolclass=NullPool)
+    except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as e:
+        raise StorageError(f"{where}: {safe_url(url)} is not a database URL this driver can use ({e}); e.g. "
+                           f"postgresql+psycopg://hkd@db-host:5432/optuna (psycopg comes with the cluster extra)") \
+            from None
+    t0 = time.monotonic()
+    try:
+        with engine.connect() as c:
+            c.execute(text("SELECT 1"))
+    except SQLAlchemyError as e:
+        first = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(getattr(e, "orig", e)).strip() else str(e)
+        if "password authentication failed" in first or "no password supplied" in first:
+            raise StorageError(f"{where}: {safe_url(url)} refused user {u.username!r} ({first}); fix the password "
+                               f"in the URL or in libpq's password file (PGPASSFILE, default ~/.pgpass)") from None
+        raise StorageError(f"{where}: cannot open the Optuna study database {safe_url(url)} ({first}); start the "
+                           f"server or fix the URL") from None
+    finally:
+        engine.dispose()
+    return f"study storage {safe_url(url)} answers ({time.monotonic() - t0:.2f} s)"

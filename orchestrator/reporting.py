@@ -201,6 +201,10 @@ class LoopReporting:
     def __init__(self, pc, run_id: str | None, rank: int, what: str, total_kimg: float):
         self.tracker = tracker_for_rank0(pc, rank)
         self.run_id = run_id
+        from .tracking import SystemMetrics
+
+        # the machine rank 0 trains on, in the run's System Metrics tab (system/train_rank0/...)
+        self.system = SystemMetrics(pc.tracking, run_id if self.tracker is not None else None, node="train_rank0")
         self.metrics_cb, self.checkpoint_cb = callbacks(rank, self.tracker, run_id, total_kimg, what, pc.storage)
         self.resume = resume_file()
         count_attempt(self.tracker, run_id, self.resume, worker_nodes())
@@ -214,6 +218,7 @@ class LoopReporting:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
+        self.system.finish()
         if self.tracker is not None:     # a failing loop sends what it can at once and lets Ray Train restart it
             self.tracker.close(deadline_s=0 if exc_type else None)
         shutil.rmtree(self.local, ignore_errors=True)

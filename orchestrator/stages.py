@@ -28,7 +28,7 @@ from .headline import headline
 from .config import PipelineConfig
 from .raycluster import init_ray
 from .storage import make_store, ray_storage, read_uri, store_at
-from .tracking import Tracker
+from .tracking import SystemMetrics, Tracker
 
 log = logging.getLogger(__name__)
 DONE = "_SUCCESS.json"
@@ -46,6 +46,7 @@ class StageContext:
     lineage: dict                  # tags every run carries (config hash, git sha, data, ...)
     progress: bool = True
     opened: dict = dataclasses.field(default_factory=dict)     # stage -> its MLflow run id, once opened
+    system: dict = dataclasses.field(default_factory=dict)     # stage -> its SystemMetrics sampler, while open
 
     def prefix(self, stage: str) -> str:
         return identity.stage_prefix(self.pc, stage)
@@ -71,7 +72,12 @@ class StageContext:
         if inputs:
             self.tracker.log_inputs(run_id, inputs)
         self.opened[stage] = run_id
+        self.system[stage] = SystemMetrics(self.pc.tracking, run_id)      # the driver's machine while it runs
         return run_id
+
+    def close_system_metrics(self, stage: str) -> None:
+        if stage in self.system:
+            self.system.pop(stage).finish()
 
     def fail(self, stage: str, err: BaseException) -> None:
         """A stage that raised: its run (if it got one) ends FAILED, saying why, whatever the exception; a run that
@@ -268,7 +274,7 @@ def stage_distill(ctx: StageContext, trajectories: dict, teacher: dict | None = 
     if pc.run.eval.curve_n:
         summary["curve"] = curve(ctx.tracker.history, run_id)
     ctx.tracker.log_metrics(run_id, {M.WALL_S: wall, M.STAGE_TRAIN_S: state["train_s"]}, int(state["nimg"]))
-    summary["registered_model"] = log_model(ctx, run_id, model)
+    summary["registered_model"], summary["model_id"] = log_model(ctx, run_id, model)
     ctx.tracker.set_tags(run_id, {"hkd.model_uri": summary["model_uri"]})
     ctx.tracker.end(run_id)
     ctx.finish("distill", summary)
@@ -345,8 +351,10 @@ def _bump_attempt(ctx: StageContext, run_id: str) -> int:
     return attempt
 
 
-def log_model(ctx: StageContext, run_id: str, model) -> str | None:
-    """The EMA model as an MLflow pytorch model, registered in the Model Registry."""
+def log_model(ctx: StageContext, run_id: str, model) -> tuple[str | None, str | None]:
+    """The EMA model as an MLflow pytorch model, registered in the Model Registry. Returns the registered
+    ``name/version`` (None when not registering) and the logged model's id (MLflow 3), which the evaluate stage
+    logs its metrics against so that the model's own page shows them."""
     import mlflow
     import mlflow.pytorch
 
@@ -360,7 +368,7 @@ def log_model(ctx: StageContext, run_id: str, model) -> str | None:
                         ignore=shutil.ignore_patterns("__pycache__", "shipped", "*.pt", "*.png"))
         info = mlflow.pytorch.log_model(model, name="model", registered_model_name=name, serialization_format="pickle",
                                         pip_requirements=["torch"], code_paths=[str(code)], await_registration_for=60)
-    return f"{name}/{info.registered_model_version}" if name else None
+    return (f"{name}/{info.registered_model_version}" if name else None), getattr(info, "model_id", None)
 
 
 def curve(history, run_id: str) -> list[dict]:
@@ -392,7 +400,12 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     if isinstance(model, HKD):
         metrics.update(band_share_metrics(model))        # band masking with a number (issue 13)
     metrics[M.EVAL_S] = time.perf_counter() - t0
-    ctx.tracker.log_metrics(run_id, metrics, int(round(distill["kimg"] * 1000)))
+    step = int(round(distill["kimg"] * 1000))
+    ctx.tracker.log_metrics(run_id, metrics, step)
+    if distill.get("model_id"):          # the headline numbers on the logged model's page too (MLflow 3)
+        ctx.tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k.startswith("eval/")}, step,
+                                model_id=distill["model_id"])
+        ctx.tracker.set_tags(run_id, {"hkd.model_id": distill["model_id"]})
     evaluation.figures(model, lambda path, folder: ctx.tracker.log_artifact(run_id, path, folder))
     beside = evaluation.beside_teacher(pc, model, teacher.get("teacher_key"), lambda: images(pc))
     if beside is not None:
@@ -402,6 +415,8 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     head = headline(ctx.pc, metrics, distill, ctx.parent_run_id, run_id)
     ctx.tracker.log_dict(run_id, head, "headline.json")
     summary = {"metrics": metrics, "n": pc.run.eval.n, "headline": head}
+    if distill.get("registered_model"):
+        summary["champion"] = ctx.tracker.crown(distill["registered_model"], metrics, pc.run.eval.n, run_id)
     ctx.tracker.end(run_id)
     ctx.finish("evaluate", summary)
     return summary

@@ -64,18 +64,29 @@ def study_mirror(spec: SweepSpec, pc, sweep_id: str):
     return StudyMirror(pc.storage, f"sweeps/{sweep_id}/optuna.db", local)
 
 
-def concurrency(spec: SweepSpec) -> int:
-    """Trials at once: what the cluster's CPUs (and GPUs) hold, each trial being its workers plus one CPU
-    for the trial's own process (which drives the trainer and the final evaluation)."""
-    import ray
-
+def concurrency(spec: SweepSpec, cluster=None) -> tuple[int, str]:
+    """Trials at once, and what it was sized from: ``max_concurrency`` if set; else what the cluster holds at its
+    largest (``cluster.max_cpus`` / ``max_gpus``: an autoscaling cluster grows to meet the pending trials) or,
+    without those, what it holds now; each trial being its workers plus one CPU for the trial's own process
+    (which drives the trainer and the final evaluation)."""
     if spec.max_concurrency:
-        return min(spec.max_concurrency, spec.trials)
-    res = ray.cluster_resources()
+        return min(spec.max_concurrency, spec.trials), "max_concurrency"
+    if cluster is not None and (cluster.max_cpus or cluster.max_gpus):
+        import ray
+
+        now = ray.cluster_resources() if ray.is_initialized() else {}
+        res = {"CPU": cluster.max_cpus or now.get("CPU", 1), "GPU": cluster.max_gpus or now.get("GPU", 0)}
+        source = (f"the cluster at its largest (cluster.max_cpus={cluster.max_cpus}, "
+                  f"cluster.max_gpus={cluster.max_gpus})")
+    else:
+        import ray
+
+        res = ray.cluster_resources()
+        source = f"the cluster now ({res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs)"
     r = spec.resources
     by_cpu = int(res.get("CPU", 1) // (r.workers * r.cpus_per_worker + 1))
     by_gpu = int(res.get("GPU", 0) // (r.workers * r.gpus_per_worker)) if r.gpus_per_worker else by_cpu
-    return max(1, min(by_cpu, by_gpu, spec.trials))
+    return max(1, min(by_cpu, by_gpu, spec.trials)), source
 
 
 def trial_fn(params: dict, ctx: dict) -> None:
@@ -231,9 +242,9 @@ def _tuner(spec: SweepSpec, pc, sweep_id: str, trial_ctx: dict, resume: str | No
                                      mode=spec.mode, study_name=sweep_id,
                                      storage=optuna.storages.RDBStorage(study_url(spec, pc, sweep_id)),
                                      sampler=optuna.samplers.TPESampler(seed=spec.seed), mirror=mirror)
-    conc = concurrency(spec)
-    log.info("sweep %s: %d trials, %d at a time, metric %s (%s), study %s", sweep_id, spec.trials, conc, spec.metric,
-             spec.mode, mirror.uri if mirror else study_url(spec, pc, sweep_id).split("://")[0])
+    conc, sized = concurrency(spec, pc.cluster)
+    log.info("sweep %s: %d trials, %d at a time (from %s), metric %s (%s), study %s", sweep_id, spec.trials, conc,
+             sized, spec.metric, spec.mode, mirror.uri if mirror else study_url(spec, pc, sweep_id).split("://")[0])
     return tune.Tuner(trainable, tune_config=tune.TuneConfig(
         search_alg=searcher, scheduler=scheduler, metric=spec.metric, mode=spec.mode, num_samples=spec.trials,
         max_concurrent_trials=conc),

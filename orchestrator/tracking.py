@@ -35,6 +35,8 @@ class TrackingConfig:
     experiment: str = "hkd"
     register_model: str | None = "hkd"  # Model Registry name for distilled models; None: don't register
     retry_deadline_s: float = 300.0     # keep unsent metrics and retry this long before failing the run
+    system_metrics_s: float = 10.0      # CPU, memory, disk, network (and GPU) on each stage's run, every this
+                                        # many seconds (MLflow's System Metrics tab); 0: off
     tags: dict = field(default_factory=dict)
 
     def resolved_root(self) -> Path:
@@ -70,9 +72,86 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+CREDENTIALS_ENV = "HKD_MLFLOW_CREDENTIALS"
+CHAMPION = "champion"            # the registry alias on the best version by FID at the same N
+
+
+def use_credentials_file() -> str | None:
+    """A tracking server with basic authentication: its user name and password from the file that
+    ``$HKD_MLFLOW_CREDENTIALS`` names (MLflow's own format, ``[mlflow]`` with ``mlflow_tracking_username`` and
+    ``mlflow_tracking_password``; on a cluster a Secret mounted at the same path on every node), put into this
+    process's environment where MLflow's client reads them. Only the path travels to Ray workers
+    (workers.env_for_workers), never the password; credentials already in the environment win. Returns the
+    user name, or None when there is no file to read."""
+    path = os.environ.get(CREDENTIALS_ENV)
+    if not path:
+        return None
+    import configparser
+
+    f = Path(path).expanduser()
+    cp = configparser.ConfigParser()
+    if not f.is_file() or not cp.read(f) or "mlflow" not in cp:
+        raise ValueError(f"{CREDENTIALS_ENV}={path}: no such file, or no [mlflow] section in it; write "
+                         f"mlflow_tracking_username and mlflow_tracking_password under [mlflow], or unset it")
+    sec = cp["mlflow"]
+    user, password = sec.get("mlflow_tracking_username"), sec.get("mlflow_tracking_password")
+    if not user or not password:
+        raise ValueError(f"{CREDENTIALS_ENV}={path}: [mlflow] needs both mlflow_tracking_username and "
+                         f"mlflow_tracking_password")
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+    return os.environ["MLFLOW_TRACKING_USERNAME"]
+
+
+class SystemMetrics:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and memory through nvidia-ml-py where a
+    driver is present) sampled every ``cfg.system_metrics_s`` seconds onto a run that this process does the work
+    of: the driver's stage runs (``system/...``) and, in training, rank 0 (``system/<node>/...``). Needs psutil
+    (the cluster extra); without it, or with ``tracking.system_metrics_s=0``, nothing. Never fails the work."""
+
+    _warned = False
+
+    def __init__(self, cfg: TrackingConfig, run_id: str | None, node: str | None = None):
+        self.monitor = None
+        if not run_id or cfg.system_metrics_s <= 0:
+            return
+        try:
+            import psutil  # noqa: F401 - MLflow's CPU monitor needs it
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError:
+            if not SystemMetrics._warned:
+                log.info("system metrics off: psutil is not installed (pip install 'hkd[cluster]')")
+                SystemMetrics._warned = True
+            return
+        try:
+            use_credentials_file()
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.system_metrics_s,
+                                                samples_before_logging=1, resume_logging=True, node_id=node,
+                                                tracking_uri=cfg.resolved_uri())
+            self.monitor.start()
+        except Exception as e:  # noqa: BLE001 - metrics about the machine never stop the work
+            log.warning("system metrics not started on run %s: %s", run_id, str(e)[:200])
+            self.monitor = None
+
+    def finish(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.monitor.finish()
+            except Exception as e:  # noqa: BLE001
+                log.warning("system metrics: %s", str(e)[:200])
+            self.monitor = None
+
+    def __enter__(self) -> "SystemMetrics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    use_credentials_file()
     return MlflowClient(tracking_uri=uri)
 
 
@@ -217,14 +296,51 @@ class Tracker:
             if k in have:
                 self._call(lambda k=k: self.client.delete_tag(run_id, k), f"delete tag {k}")
 
-    def log_metrics(self, run_id: str, metrics: dict, step: int, flush: bool = True) -> None:
-        """Buffer, then try to send; a failure keeps the buffer for the next flush (never drops metrics)."""
+    def crown(self, registered: str, metrics: dict, n: int, run_id: str, alias: str = CHAMPION) -> dict:
+        """The registry alias ``champion`` on the best version of a registered model, by FID at the same N:
+        the newly evaluated version (``registered``: "name/version") records its scores as version tags
+        (eval.fid, eval.kid, eval.n, eval.run_id) and takes the alias when no version holds it, or when the
+        holder was scored at the same N and has a higher FID. A holder scored at another N is not comparable:
+        the alias stays (say so in the result). Returns what happened."""
+        from mlflow.exceptions import MlflowException
+
+        name, version = registered.rsplit("/", 1)
+        fid = metrics.get("eval/fid")
+        out = {"alias": alias, "model": name, "version": version, "fid": fid, "n": n}
+        if fid is None:
+            return {**out, "moved": False, "why": "no FID"}
+        tags = {"eval.fid": f"{fid:.6g}", "eval.n": str(n), "eval.run_id": run_id}
+        if metrics.get("eval/kid") is not None:
+            tags["eval.kid"] = f"{metrics['eval/kid']:.6g}"
+        for k, v in tags.items():
+            self._call(lambda k=k, v=v: self.client.set_model_version_tag(name, version, k, v), "version tag")
+        try:
+            holder = self._call(lambda: self.client.get_model_version_by_alias(name, alias), "alias")
+        except MlflowException:
+            holder = None
+        if holder is not None and holder.version == str(version):
+            return {**out, "moved": False, "why": "already the champion"}
+        if holder is not None:
+            h_fid, h_n = holder.tags.get("eval.fid"), holder.tags.get("eval.n")
+            if h_n != str(n) or h_fid is None:
+                return {**out, "moved": False, "holder": holder.version,
+                        "why": f"version {holder.version} was scored at N = {h_n}, not {n}: not comparable"}
+            if float(h_fid) <= fid:
+                return {**out, "moved": False, "holder": holder.version,
+                        "why": f"version {holder.version} has FID {float(h_fid):.4g} <= {fid:.4g}"}
+        self._call(lambda: self.client.set_registered_model_alias(name, alias, version), "set alias")
+        return {**out, "moved": True, "holder": holder.version if holder is not None else None}
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int, flush: bool = True,
+                    model_id: str | None = None) -> None:
+        """Buffer, then try to send; a failure keeps the buffer for the next flush (never drops metrics). With
+        ``model_id`` (MLflow 3's logged model) the metrics are the model's too: its page lists them."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         with self._lock:
             buf = self._buffer.setdefault(run_id, [])
-            buf += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+            buf += [Metric(k, float(v), now, int(step), model_id=model_id) for k, v in metrics.items()
                     if isinstance(v, (int, float)) and v == v]
         if flush and self._thread is None:
             self.flush(deadline_s=0)

@@ -366,7 +366,7 @@ def env_for_workers() -> dict:
     """Variables the workers need that the driver has (endpoints and the credentials file, never the keys)."""
     keys = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE", "HKD_S3_PROFILE",
             "AWS_DEFAULT_REGION",
-            "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "HKD_S3_BUCKET", "HKD_INCEPTION_WEIGHTS", "HKD_CACHE",
+            "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "HKD_MLFLOW_CREDENTIALS", "PGPASSFILE", "HKD_S3_BUCKET", "HKD_INCEPTION_WEIGHTS", "HKD_CACHE",
             "HKD_DATA_DIR", "HKD_GIT_SHA", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
             "HKD_FAULT_STALL_BEFORE_UPLOAD_S", "HKD_FAULT_STALL_AFTER_UPLOAD_S")
     return {k: os.environ[k] for k in keys if os.environ.get(k)}

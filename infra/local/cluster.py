@@ -4,6 +4,7 @@ process of its own, for the multi-node tests, the two-node benchmark, and trying
 
     python infra/local/cluster.py start --dir D [--nodes 3,2] [--first-ip 127.0.0.2]   # CPUs per node
     python infra/local/cluster.py env --dir D       # exports for submitters: RAY_ADDRESS, the token's path
+    python infra/local/cluster.py add-node --cpus 2 --dir D   # one more worker node (the cluster grows)
     python infra/local/cluster.py kill-node 1 --dir D   # kill -9 of node 1's raylet (a lost node)
     python infra/local/cluster.py stop --dir D
 
@@ -53,6 +54,7 @@ class LocalCluster:
         self.dir = Path(state)
         f = self.dir / "cluster.json"
         self.st = json.loads(f.read_text()) if f.is_file() else {"nodes": []}
+        self.base = dict(os.environ)        # the environment new nodes start from (start() sets it)
 
     # ---- what clients need -------------------------------------------------------------------------------
     @property
@@ -114,33 +116,53 @@ class LocalCluster:
         # Ray's socket paths live under --temp-dir and must stay under 108 bytes: a short folder of its own
         self.st = {"ports": dict(zip(names, stack.free_ports(len(names)))), "nodes": [],
                    "tmp": tempfile.mkdtemp(prefix="hkdc-")}
-        p = self.st["ports"]
+        self.st["first_ip"] = first_ip
+        self.base = base
         for i, n_cpu in enumerate(cpus):
-            ip = node_ip(first_ip, i)
-            home = self.dir / f"node{i}"
-            (home / "cache").mkdir(parents=True, exist_ok=True)
-            cmd = [stack._bin("ray"), "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={n_cpu}",
-                   f"--temp-dir={Path(self.st['tmp']) / f'n{i}'}", "--disable-usage-stats",
-                   f"--node-manager-port={p[f'nm{i}']}", f"--object-manager-port={p[f'om{i}']}",
-                   f"--dashboard-agent-listen-port={p[f'agent{i}']}", f"--dashboard-agent-grpc-port={p[f'agent_grpc{i}']}",
-                   f"--metrics-export-port={p[f'metrics{i}']}", f"--runtime-env-agent-port={p[f'renv{i}']}"]
-            if i == 0:
-                cmd += ["--head", f"--port={p['gcs']}", "--include-dashboard=true", f"--dashboard-host={ip}",
-                        f"--dashboard-port={p['dashboard']}", f"--ray-client-server-port={p['client']}"]
-            else:
-                cmd += [f"--address={self.gcs}", f"--resources={json.dumps({f'node{i}': 1})}"]
-            log = home / "ray.log"
-            self.st["nodes"].append({"ip": ip, "cpus": n_cpu, "pid": stack._spawn(cmd, log, self._node_env(i, base)),
-                                     "log": str(log)})
-            self._save()
+            self._start_node(i, n_cpu)
             if i == 0:
                 stack._wait(lambda: self._head_up(), f"Ray head on {self.gcs} (dashboard {self.dashboard})",
-                            timeout_s, log, self.st["nodes"][0]["pid"])
+                            timeout_s, Path(self.st["nodes"][0]["log"]), self.st["nodes"][0]["pid"])
+        self._wait_nodes(timeout_s)
+        return self
+
+    def _start_node(self, i: int, n_cpu: int) -> None:
+        p = self.st["ports"]
+        if f"nm{i}" not in p:        # a node added later: ports of its own
+            p.update(zip([f"{k}{i}" for k in ("nm", "om", "agent", "agent_grpc", "metrics", "renv")],
+                         stack.free_ports(6)))
+        ip = node_ip(self.st["first_ip"], i)
+        home = self.dir / f"node{i}"
+        (home / "cache").mkdir(parents=True, exist_ok=True)
+        cmd = [stack._bin("ray"), "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={n_cpu}",
+               f"--temp-dir={Path(self.st['tmp']) / f'n{i}'}", "--disable-usage-stats",
+               f"--node-manager-port={p[f'nm{i}']}", f"--object-manager-port={p[f'om{i}']}",
+               f"--dashboard-agent-listen-port={p[f'agent{i}']}", f"--dashboard-agent-grpc-port={p[f'agent_grpc{i}']}",
+               f"--metrics-export-port={p[f'metrics{i}']}", f"--runtime-env-agent-port={p[f'renv{i}']}"]
+        if i == 0:
+            # --num-cpus=0 on the head (as cluster guides advise): it schedules, and every task and Train worker
+            # runs on the other nodes
+            cmd += ["--head", f"--port={p['gcs']}", "--include-dashboard=true", f"--dashboard-host={ip}",
+                    f"--dashboard-port={p['dashboard']}", f"--ray-client-server-port={p['client']}"]
+        else:
+            cmd += [f"--address={self.gcs}", f"--resources={json.dumps({f'node{i}': 1})}"]
+        log = home / "ray.log"
+        self.st["nodes"].append({"ip": ip, "cpus": n_cpu, "pid": stack._spawn(cmd, log, self._node_env(i, self.base)),
+                                 "log": str(log)})
+        self._save()
+
+    def _wait_nodes(self, timeout_s: float) -> None:
         want = {n["ip"] for n in self.st["nodes"]}
-        stack._wait(lambda: {r["node_ip"] for r in self.alive_nodes()} == want,
+        stack._wait(lambda: {r["node_ip"] for r in self.alive_nodes()} >= want,
                     f"{len(want)} Ray nodes ({', '.join(sorted(want))})", timeout_s, Path(self.st["nodes"][-1]["log"]),
                     self.st["nodes"][-1]["pid"])
-        return self
+
+    def add_node(self, n_cpu: int, timeout_s: float = 300) -> str:
+        """One more worker node (the cluster grows, as an autoscaler grows it); returns its address."""
+        i = len(self.st["nodes"])
+        self._start_node(i, n_cpu)
+        self._wait_nodes(timeout_s)
+        return self.st["nodes"][i]["ip"]
 
     def _head_up(self) -> bool:
         try:
@@ -180,10 +202,12 @@ class LocalCluster:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("action", choices=["start", "env", "status", "kill-node", "stop"])
+    ap.add_argument("action", choices=["start", "env", "status", "add-node", "kill-node", "stop"])
     ap.add_argument("node", nargs="?", type=int, help="kill-node: the node's index (1 = the first worker node)")
     ap.add_argument("--dir", type=Path, required=True)
-    ap.add_argument("--nodes", default="2,2", help="CPUs of the head, then of each worker node (default 2,2)")
+    ap.add_argument("--nodes", default="2,2", help="CPUs of the head, then of each worker node (default 2,2; a head "
+                                                   "of 0 CPUs, as on clusters, puts all work on the others)")
+    ap.add_argument("--cpus", type=int, default=2, help="add-node: the new node's CPUs (default 2)")
     ap.add_argument("--first-ip", default="127.0.0.2", help="the head's loopback address; workers take the next")
     a = ap.parse_args(argv)
     c = LocalCluster(a.dir)
@@ -195,6 +219,8 @@ def main(argv=None) -> int:
     elif a.action == "status":
         print(json.dumps([{"ip": r["node_ip"], "node_id": r["node_id"], "head": r.get("is_head_node")}
                           for r in c.alive_nodes()], indent=1))
+    elif a.action == "add-node":
+        print(f"cluster: added a node on {c.add_node(a.cpus)} with {a.cpus} CPUs")
     elif a.action == "kill-node":
         if not a.node:
             ap.error("kill-node needs the index of a worker node (1, 2, ...)")

@@ -78,7 +78,8 @@ def free_port():
 
 RUN_TAG = __import__("uuid").uuid4().hex[:6]
 SMOKE = ["experiment=smoke", "cluster.num_workers=2", f"storage.prefix=it-{RUN_TAG}",
-         f"tracking.experiment=it-{RUN_TAG}", f"name=smoke-{RUN_TAG}", "tracking.register_model=hkd-it"]
+         f"tracking.experiment=it-{RUN_TAG}", f"name=smoke-{RUN_TAG}", "tracking.register_model=hkd-it",
+         "tracking.system_metrics_s=1"]
 
 
 @pytest.fixture(scope="session")

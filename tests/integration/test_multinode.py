@@ -1,9 +1,10 @@
-"""A real Ray cluster of two nodes on this machine (infra/local/cluster.py): a head on 127.0.0.2 with 3 CPUs and
+"""Real Ray clusters on this machine. First, two nodes (infra/local/cluster.py): a head on 127.0.0.2 with 3 CPUs and
 a worker node on 127.0.0.3 with 2, separate `ray start` processes with their own temp dirs, HOME and cache, token
 authentication on, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset. Jobs go in with `ray job submit` and no
 HKD_DATA_DIR: the data set and the Inception weights come from the stack's S3 (`hkd data push`), checkpoints and
 trajectories go through S3, metrics to the stack's MLflow. What the nodes still share is this machine's virtual
-environment and its S3 credentials file (as every pod of a KubeRay cluster mounts one secret at one path)."""
+environment and its S3 credentials file (as every pod of a KubeRay cluster mounts one secret at one path).
+Second (below), a cluster whose head has 0 CPUs, and which grows while a sweep runs."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hkd_core.data import DATASETS
 from orchestrator.datasets import dataset_key
@@ -166,3 +168,94 @@ def test_a_data_file_whose_hash_does_not_match_is_refused_by_the_job(cluster, s3
     assert (f"hkd: data error: s3://{bucket}/{dataset_key(name)} does not match its sha256" in out
             and f"push it again (hkd data push {name})" in out), out[-3000:]
     assert "running (output" not in out                                   # no stage started
+
+
+# A cluster as cluster guides build it (issue 25): the head started with `--num-cpus=0`, so every task, Train
+# worker and trial runs on other nodes and rank 0 is never on the job driver's node; and a cluster that grows
+# while a sweep runs: 127.0.0.4 (head), 127.0.0.5 and, added mid-sweep, 127.0.0.6.
+ZHEAD, NODE1, NODE2 = "127.0.0.4", "127.0.0.5", "127.0.0.6"
+
+
+@pytest.fixture(scope="module")
+def zero_head(local_stack, tmp_path_factory):
+    c = _cluster_module().LocalCluster(tmp_path_factory.mktemp("zero-head"))
+    try:
+        c.start([0, 2], first_ip=ZHEAD, env=dict(os.environ))
+        for what in ("fashion_mnist", "inception"):            # the nodes' caches are empty: S3 only
+            r = _hkd("data", "push", what)
+            assert r.returncode == 0, r.stderr
+        yield c
+    finally:
+        c.stop()
+
+
+def _mlflow():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def test_the_pipeline_runs_end_to_end_with_no_work_on_the_head(zero_head, run_tag, tmp_path):
+    """`ray job submit -- hkd pipeline` through evaluate: the driver sits on the head (0 CPUs), the trajectory
+    tasks, the Train worker (rank 0) and the evaluation on the worker node; the model is logged from the driver
+    after training, with the job's working dir replaced meanwhile (the issue's FileNotFoundError)."""
+    args = ["experiment=smoke", "cluster.num_workers=1", "storage.data_source=s3", f"storage.prefix=zh-{run_tag}",
+            f"tracking.experiment=zh-{run_tag}", f"name=zh-{run_tag}"]
+    log = tmp_path / "job.log"
+    t0 = time.monotonic()
+    out = _finish(_submit(zero_head, ["hkd", "pipeline", *args, "--no-progress"], log), log)
+    took = time.monotonic() - t0
+    assert "succeeded" in out, out[-5000:]
+    assert "KID ratio" in out                                              # the headline, printed by the driver
+    c = _mlflow()
+    exp = c.get_experiment_by_name(f"zh-{run_tag}")
+    runs = {r.data.tags["hkd.stage"]: r for r in c.search_runs([exp.experiment_id], max_results=20)}
+    assert {"pipeline", "trajectories", "distill", "evaluate"} <= set(runs)
+    assert all(r.info.status == "FINISHED" for r in runs.values()), {k: r.info.status for k, r in runs.items()}
+    placed = json.loads(runs["distill"].data.tags["hkd.worker_nodes"])
+    assert [(v["ip"], v["ranks"]) for v in placed.values()] == [(NODE1, [0])]     # rank 0 off the driver's node
+    assert runs["distill"].data.tags.get("hkd.model_uri") and c.search_model_versions(
+        f"run_id = '{runs['distill'].info.run_id}'"), "the model was not logged after training"
+    print(f"\nzero-CPU head: `ray job submit -- hkd pipeline` (smoke) {took:.0f} s")
+
+
+def test_a_sweep_sizes_for_the_cluster_at_its_largest_and_lands_trials_on_a_node_added_mid_sweep(
+        zero_head, run_tag, tmp_path):
+    """Three trials of 2 CPUs each (1 Train worker + the trial), sized from cluster.max_cpus=6 (three such
+    nodes), on a cluster that has one 2-CPU worker node: one runs, two wait. A node added mid-sweep takes a
+    pending trial: its MLflow run's worker placement names the new node."""
+    spec = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    spec.update({"name": "grow", "trials": 3, "max_concurrency": None,
+                 "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}})
+    path = tmp_path / "grow.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep_id = f"grow-{run_tag}"
+    common = [f"storage.prefix=zh-{run_tag}", f"tracking.experiment=zh-{run_tag}", "storage.data_source=s3",
+              "cluster.max_cpus=6"]
+    log = tmp_path / "sweep.log"
+    proc = _submit(zero_head, ["hkd", "sweep", str(path), *common, "--id", sweep_id, "--no-progress"], log)
+    c = _mlflow()
+    t0 = time.monotonic()
+
+    def trials(status: str | None = None):
+        exp = c.get_experiment_by_name(f"zh-{run_tag}")
+        if exp is None:
+            return []
+        filt = f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial'"
+        return c.search_runs([exp.experiment_id], filt + (f" and attributes.status = '{status}'" if status else ""))
+
+    while not any("hkd.worker_nodes" in r.data.tags for r in trials()):      # the first trial is training
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() - t0 < 600, "no trial started training within 600 s"
+        time.sleep(1)
+    started = {r.info.run_id for r in trials()}
+    assert len(started) == 1, "more trials started than one 2-CPU node holds"
+    added = zero_head.add_node(2)
+    assert added == NODE2
+    out = _finish(proc, log, 1200)
+    assert "succeeded" in out, out[-5000:]
+    assert "3 trials, 3 at a time (from the cluster at its largest (cluster.max_cpus=6" in out
+    ips = {r.data.tags["hkd.trial_id"]: [v["ip"] for v in json.loads(r.data.tags["hkd.worker_nodes"]).values()]
+           for r in trials() if "hkd.worker_nodes" in r.data.tags}
+    assert len(ips) == 3 and any(NODE2 in v for v in ips.values()), ips
+    assert not any(ZHEAD in v for v in ips.values())                          # never on the 0-CPU head

@@ -61,8 +61,25 @@ def test_pipeline_end_to_end(first_pipeline, s3, run_tag, smoke):
                           capture_output=True, text=True).stdout.strip()
     assert len(head) == 40, "the tests run from a git checkout"
     assert distill.data.tags["hkd.git_sha"] == head == distill.data.tags["mlflow.source.git.commit"]
+    # what the machines did (MLflow's System Metrics tab): the driver's machine on every stage's run, and the
+    # node that rank 0 trained on, under its own name, on the distill run
+    for stage, run in runs.items():
+        assert "system/cpu_utilization_percentage" in run.data.metrics, (stage, sorted(run.data.metrics)[:20])
+        assert "system/system_memory_usage_megabytes" in run.data.metrics, stage
+    rank0 = c.get_metric_history(distill.info.run_id, "system/train_rank0/cpu_utilization_percentage")
+    assert rank0 and all(0 <= m.value <= 100 for m in rank0)
     versions = c.search_model_versions("name='hkd-it'")
     assert any(v.run_id == distill.info.run_id for v in versions)
+    # the evaluation's numbers on the logged model's page (MLflow 3's model_id), and on its registered version,
+    # and the alias `champion` on the best version by FID at this N
+    mine = next(v for v in versions if v.run_id == distill.info.run_id)
+    model_id = runs["evaluate"].data.tags["hkd.model_id"]
+    on_model = {m.key: m.value for m in c.get_logged_model(model_id).metrics}
+    assert on_model["eval/fid"] == pytest.approx(runs["evaluate"].data.metrics["eval/fid"])
+    assert "eval/kid" in on_model and c.get_logged_model(model_id).source_run_id == distill.info.run_id
+    assert float(c.get_model_version("hkd-it", mine.version).tags["eval.fid"]) == pytest.approx(on_model["eval/fid"])
+    champ = c.get_model_version_by_alias("hkd-it", "champion")
+    assert champ.tags["eval.n"] == "32" and float(champ.tags["eval.fid"]) <= on_model["eval/fid"] * (1 + 1e-6)
 
     ev = runs["evaluate"].data.metrics
     assert ev["eval/n"] == 32 and ev["eval/fid"] > 0 and "eval/kid" in ev and "eval/teacher_fid_nfe11" in ev
