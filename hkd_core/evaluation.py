@@ -101,7 +101,9 @@ def headline(metrics: dict[str, float], teacher_nfe: int) -> dict:
     return {"n": int(metrics[M.EVAL_N]), "fid": metrics[M.FID], "kid": metrics[M.KID],
             "kid_std": metrics.get(M.KID_STD), "teacher_nfe": teacher_nfe, "teacher_fid": t_fid, "teacher_kid": t_kid,
             "teacher_kid_std": metrics.get(M.teacher_kid_std(teacher_nfe)),
-            "kid_ratio": metrics[M.KID] / t_kid if t_kid else None,
+            # a teacher KID within its std of 0 (small N) makes no ratio: None rather than a number with no meaning
+            "kid_ratio": metrics[M.KID] / t_kid if t_kid and t_kid > (metrics.get(M.teacher_kid_std(teacher_nfe)) or 0)
+            else None,
             "fid_ratio": metrics[M.FID] / t_fid if t_fid else None,
             "floor_fid": metrics.get(M.NOISE_FLOOR_FID), "floor_kid": metrics.get(M.NOISE_FLOOR_KID)}
 

@@ -232,7 +232,9 @@ def evaluate(pc, cfg_dict: dict, model_key: str, teacher_key: str | None, images
         metrics.update(E.teacher_metrics(cached_scores(pc, ident, f"nfe{nfe}", measure), nfe))
     full = max(e.teacher_nfe) if e.teacher_nfe else None
     if full is not None and M.teacher_kid(full) in metrics:
-        metrics[M.KID_RATIO] = metrics[M.KID] / metrics[M.teacher_kid(full)]
+        t_kid, t_std = metrics[M.teacher_kid(full)], metrics.get(M.teacher_kid_std(full)) or 0
+        if t_kid > t_std:      # within its std of 0 (small N) the teacher's KID makes no ratio: none is logged
+            metrics[M.KID_RATIO] = metrics[M.KID] / t_kid
         metrics[M.FID_RATIO] = metrics[M.FID] / metrics[M.teacher_fid(full)]
     return metrics
 

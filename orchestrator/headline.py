@@ -34,7 +34,9 @@ def headline_lines(m: dict) -> list[str]:
     t_kid, t_fid = m[M.teacher_kid(full)], m[M.teacher_fid(full)]
     t_std = m.get(M.teacher_kid_std(full))
     lines = [f"HKD at NFE 1 against the teacher at NFE {full} (N = {n}, the same noise seeds):",
-             f"  KID ratio {m[M.KID] / t_kid:.2f}   (KID x1e3 {kid} against {t_kid * 1e3:.1f}"
+             (f"  KID ratio {m[M.KID] / t_kid:.2f}" if t_kid > (t_std or 0) else
+              "  KID ratio n/a (the teacher's KID is within its std of 0 at this N: too few samples for a ratio)")
+             + f"   (KID x1e3 {kid} against {t_kid * 1e3:.1f}"
              + (f" ± {t_std * 1e3:.1f}" if t_std is not None else "") + ")",
              f"  FID ratio {m[M.FID] / t_fid:.2f}   (FID {m[M.FID]:.2f} against {t_fid:.2f}" + (f"; {floor})" if floor
                                                                                           else ")")]

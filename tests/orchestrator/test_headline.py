@@ -35,3 +35,16 @@ def test_a_record_keeps_its_evaluations_at_other_n_and_replaces_the_same_one():
     assert merged_evals({"evals": [e1000, e10k]}, again) == [e10k, again]
     other_weights = {**e1000, "reference": {**ref, "inception_sha256": "c"}}
     assert merged_evals(record, other_weights) == [e1000, other_weights]
+
+
+def test_no_kid_ratio_when_the_teachers_kid_is_within_its_std_of_zero():
+    """At a small N the teacher's (unbiased) KID can be negative or within its std of 0: a ratio of it means
+    nothing (the smoke job printed "KID ratio -148.96"), so the headline says n/a and gives the two KIDs."""
+    from hkd_core import metric_names as M
+    from orchestrator.headline import headline_lines
+
+    m = {M.EVAL_N: 32, M.KID: 0.5957, M.KID_STD: 0.0236, M.FID: 456.87, M.teacher_kid(11): -0.004,
+         M.teacher_kid_std(11): 0.0054, M.teacher_fid(11): 142.02}
+    line = headline_lines(m)[1]
+    assert line.startswith("  KID ratio n/a (the teacher's KID is within its std of 0") and "-148" not in line
+    assert "KID x1e3 595.7 ± 23.6 against -4.0 ± 5.4" in line
