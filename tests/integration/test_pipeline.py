@@ -75,11 +75,17 @@ def test_pipeline_end_to_end(first_pipeline, s3, run_tag, smoke):
     mine = next(v for v in versions if v.run_id == distill.info.run_id)
     model_id = runs["evaluate"].data.tags["hkd.model_id"]
     on_model = {m.key: m.value for m in c.get_logged_model(model_id).metrics}
-    assert on_model["eval/fid"] == pytest.approx(runs["evaluate"].data.metrics["eval/fid"])
+    # the model's page holds every evaluation of that model (other tests evaluate it again, at other N):
+    # its FID is one of the evaluate runs' that name this model
+    evals = c.search_runs([distill.info.experiment_id], f"tags.`hkd.model_id` = '{model_id}'")
+    assert runs["evaluate"].info.run_id in {r.info.run_id for r in evals}
+    assert any(on_model["eval/fid"] == pytest.approx(r.data.metrics["eval/fid"]) for r in evals)
     assert "eval/kid" in on_model and c.get_logged_model(model_id).source_run_id == distill.info.run_id
-    assert float(c.get_model_version("hkd-it", mine.version).tags["eval.fid"]) == pytest.approx(on_model["eval/fid"])
+    tagged = float(c.get_model_version("hkd-it", mine.version).tags["eval.fid"])
+    assert any(tagged == pytest.approx(r.data.metrics["eval/fid"], rel=1e-5) for r in evals)
     champ = c.get_model_version_by_alias("hkd-it", "champion")
-    assert champ.tags["eval.n"] == "32" and float(champ.tags["eval.fid"]) <= on_model["eval/fid"] * (1 + 1e-6)
+    assert champ.tags["eval.n"] == "32"
+    assert float(champ.tags["eval.fid"]) <= runs["evaluate"].data.metrics["eval/fid"] * (1 + 1e-6)
 
     ev = runs["evaluate"].data.metrics
     assert ev["eval/n"] == 32 and ev["eval/fid"] > 0 and "eval/kid" in ev and "eval/teacher_fid_nfe11" in ev

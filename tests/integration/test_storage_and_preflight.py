@@ -113,7 +113,8 @@ def test_preflight_command_exit_codes(local_stack):
 
     ok = subprocess.run([sys.executable, "-m", "orchestrator", "preflight"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert ok.stdout.count("ok  ") == 4
+    assert ok.stdout.count("ok  ") == 5, ok.stdout        # ray (the stack's head, with its token), s3, pyarrow, mlflow x2
+    assert "ok   ray: Ray at 127.0.0.1:" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "orchestrator", "preflight", "storage.bucket=missing-bucket"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "FAIL s3 (boto3): missing bucket: s3://missing-bucket" in bad.stdout

@@ -40,11 +40,9 @@ def test_the_alias_moves_only_to_a_better_fid_at_the_same_n(tracker):
 
 
 def test_metrics_logged_with_a_model_id_appear_on_the_logged_model(tracker):
-    import mlflow
-
     run = tracker.client.create_run(tracker.experiment_id).info.run_id
-    mlflow.set_tracking_uri(tracker.uri)
-    model = mlflow.initialize_logged_model(name="hkd", source_run_id=run, experiment_id=tracker.experiment_id)
+    # through the client: the fluent API's global tracking URI would leak into the tests that run after this one
+    model = tracker.client.create_logged_model(experiment_id=tracker.experiment_id, name="hkd", source_run_id=run)
     tracker.log_metrics(run, {"eval/fid": 66.35, "eval/kid": 0.0375}, 35000, model_id=model.model_id)
     tracker.flush()
     got = {m.key: m.value for m in tracker.client.get_logged_model(model.model_id).metrics}
