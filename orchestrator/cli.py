@@ -80,12 +80,6 @@ def compose_for_cli(overrides: list[str]) -> dict:
     return cfg
 
 
-def ray_address(pc) -> str | None:
-    """The Ray a driver joins (as raycluster.init_ray): cluster.address, or inside `ray job submit` the job's head."""
-    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    return pc.cluster.address or (os.environ.get("RAY_ADDRESS") if in_job else None)
-
-
 def gate_ok(pc, what: str, ray: bool = True) -> bool:
     """Preflight's cheap part (one HEAD of the bucket, one call to the tracking server and, for commands that run
     Ray work, one to the Ray head with the driver's token) before any work; on a failure one sentence on stderr
@@ -93,7 +87,9 @@ def gate_ok(pc, what: str, ray: bool = True) -> bool:
     from .preflight import gate
     from .storage import StorageError
 
-    address = ray_address(pc) if ray else None
+    from .raycluster import driver_address
+
+    address = driver_address(pc) if ray else None
     try:
         for line in gate(pc.storage, pc.tracking.resolved_uri(), ray_address=address):
             logging.getLogger("orchestrator.preflight").info("preflight: %s", line)
@@ -262,7 +258,9 @@ def stage_main(args) -> int:
     if args.command == "preflight":
         from .preflight import preflight
 
-        results = preflight(pc.storage, pc.tracking.resolved_uri(), ray_address(pc))
+        from .raycluster import driver_address
+
+        results = preflight(pc.storage, pc.tracking.resolved_uri(), driver_address(pc))
         for r in results:
             print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['name']}: {r['detail']}")
         if args.json:

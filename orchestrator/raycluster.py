@@ -50,12 +50,18 @@ def quiet_ray_echo() -> None:
     rw.print_to_stdstream = filtered
 
 
+def driver_address(pc: PipelineConfig) -> str | None:
+    """The Ray this driver joins: cluster.address or, inside `ray job submit`, the head the job runs on
+    (RAY_ADDRESS is its GCS); None: a Ray in this process. The preflight asks the same head."""
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    return pc.cluster.address or (os.environ.get("RAY_ADDRESS") if in_job else None)
+
+
 def init_ray(pc: PipelineConfig) -> None:
     """Join cluster.address, or start a Ray in this process sized for the workers (plus one CPU for the
     driver's tasks)."""
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    # the Ray this driver joins: inside `ray job submit`, the head the job runs on (RAY_ADDRESS is its GCS)
-    target = pc.cluster.address or (os.environ.get("RAY_ADDRESS") if in_job else None)
+    target = driver_address(pc)
     if not target or target.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
         # a one-node Ray on this machine's 127.0.0.1 (in-process, or the local stack's head): Ray would replace
         # 127.0.0.1 by the machine's network address without this. Never for a cluster: with it set, a worker
