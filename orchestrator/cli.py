@@ -303,12 +303,16 @@ def print_results(res: dict) -> None:
     print(f"artifacts: {res['_storage_root']}/")
     if "distill" in res and res["distill"].get("model_uri"):
         print(f"  model: {res['distill']['model_uri']}   trajectories: {res['trajectories']['train']['uri']}/")
-    champ = res.get("evaluate", {}).get("champion")
+    print_champion(res.get("evaluate", {}).get("champion"))
+    print_ui(res["_tracking_uri"], res["_experiment_id"], res["_parent_run_id"])
+
+
+def print_champion(champ: dict | None, what: str = "") -> None:
+    """Where the registry's alias went (orchestrator/registry.py)."""
     if champ:
-        print(f"registry: {champ['model']} version {champ['version']} "
+        print(f"registry: {champ['model']} version {champ['version']}{what} "
               + (f"is now the {champ['alias']} (models:/{champ['model']}@{champ['alias']})" if champ["moved"]
                  else f"stays a challenger ({champ['why']})"))
-    print_ui(res["_tracking_uri"], res["_experiment_id"], res["_parent_run_id"])
 
 
 def print_ui(uri: str, experiment_id: str, run_id: str, extra: str = "") -> None:
@@ -370,6 +374,8 @@ def sweep_main(args) -> int:
     if summary.get("preset"):
         print(f"best config written as an experiment preset ({summary['preset_path']}): "
               f"hkd pipeline experiment={summary['preset']}")
+    champ = summary.get("champion")
+    print_champion(champ, f" (trial {champ['trial_id']}, the lowest FID at N = {champ['n']})" if champ else "")
     print(f"sweep id: {summary['sweep_id']} (resume with --resume {summary['sweep_id']})")
     print_ui(summary["_tracking_uri"], summary["_experiment_id"], summary["_sweep_run_id"])
     return 0

@@ -12,18 +12,15 @@ import io
 import json
 import logging
 import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-import hkd_core
 from hkd_core import metric_names as M
 from hkd_core.data import load_images
 
-from . import evaluation, identity, trainer, workers
+from . import evaluation, identity, registry, trainer, workers
 from .headline import headline
 from .config import PipelineConfig
 from .raycluster import init_ray
@@ -274,7 +271,8 @@ def stage_distill(ctx: StageContext, trajectories: dict, teacher: dict | None = 
     if pc.run.eval.curve_n:
         summary["curve"] = curve(ctx.tracker.history, run_id)
     ctx.tracker.log_metrics(run_id, {M.WALL_S: wall, M.STAGE_TRAIN_S: state["train_s"]}, int(state["nimg"]))
-    summary["registered_model"], summary["model_id"] = log_model(ctx, run_id, model)
+    summary["registered_model"], summary["model_id"] = registry.log_model(ctx.tracker, run_id, model,
+                                                                          ctx.pc.tracking.register_model)
     ctx.tracker.set_tags(run_id, {"hkd.model_uri": summary["model_uri"]})
     ctx.tracker.end(run_id)
     ctx.finish("distill", summary)
@@ -351,26 +349,6 @@ def _bump_attempt(ctx: StageContext, run_id: str) -> int:
     return attempt
 
 
-def log_model(ctx: StageContext, run_id: str, model) -> tuple[str | None, str | None]:
-    """The EMA model as an MLflow pytorch model, registered in the Model Registry. Returns the registered
-    ``name/version`` (None when not registering) and the logged model's id (MLflow 3), which the evaluate stage
-    logs its metrics against so that the model's own page shows them."""
-    import mlflow
-    import mlflow.pytorch
-
-    name = ctx.pc.tracking.register_model
-    mlflow.set_tracking_uri(ctx.tracker.uri)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id, nested=True):
-        # the model's classes travel with it (code_paths): models:/NAME/N loads where hkd_core is not installed;
-        # the package's sources only, not its shipped teacher weights
-        code = Path(tmp) / "hkd_core"
-        shutil.copytree(Path(hkd_core.__file__).parent, code,
-                        ignore=shutil.ignore_patterns("__pycache__", "shipped", "*.pt", "*.png"))
-        info = mlflow.pytorch.log_model(model, name="model", registered_model_name=name, serialization_format="pickle",
-                                        pip_requirements=["torch"], code_paths=[str(code)], await_registration_for=60)
-    return (f"{name}/{info.registered_model_version}" if name else None), getattr(info, "model_id", None)
-
-
 def curve(history, run_id: str) -> list[dict]:
     """The distill run's FID/KID curve (eval.curve_n) with the training seconds at each point, from MLflow;
     ``history(run_id, key)`` reads a metric by step (Tracker.history, or tracking.metric_history over a client)."""
@@ -416,7 +394,7 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     ctx.tracker.log_dict(run_id, head, "headline.json")
     summary = {"metrics": metrics, "n": pc.run.eval.n, "headline": head}
     if distill.get("registered_model"):
-        summary["champion"] = ctx.tracker.crown(distill["registered_model"], metrics, pc.run.eval.n, run_id)
+        summary["champion"] = registry.crown(ctx.tracker, distill["registered_model"], metrics, pc.run.eval.n, run_id)
     ctx.tracker.end(run_id)
     ctx.finish("evaluate", summary)
     return summary

@@ -28,7 +28,8 @@ from .config import compose, from_composed, user_conf_dir
 from .evaluation import REFERENCES, reference
 from .pipeline import context, init_ray, run_stages
 from .stages import dataset_inputs
-from .storage import make_store, ray_storage, store_at
+from .registry import register_sweep_best
+from .storage import make_store, ray_storage, read_uri, store_at
 from .sweep_spec import SweepError, SweepSpec, check_against_config, define_by_run, overrides_for
 from .tracking import Tracker
 
@@ -205,6 +206,8 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = No
     summary = summarize_sweep(spec, sweep_id, results, pc.run.train.total_kimg, pc)
     close_trial_runs(tracker, sweep_id, summary)
     publish(tracker, sweep_run, spec, sweep_id, summary, pc, base_cfg)
+    summary["champion"] = register_sweep_best(tracker, summary, pc.tracking.register_model,
+                                              lambda uri: load_trial_model(pc, uri))
     tracker.end(sweep_run)
     summary.update({"_sweep_run_id": sweep_run, "_tracking_uri": tracker.uri, "_experiment_id": tracker.experiment_id})
     return summary
@@ -336,6 +339,14 @@ def close_trial_runs(tracker: Tracker, sweep_id: str, summary: dict) -> dict[str
     return closed
 
 
+def load_trial_model(pc, uri: str):
+    """A trial's model.pt (model_record), from its ``hkd.model_uri``."""
+    from hkd_core.models import model_from_record
+
+    return model_from_record(torch.load(io.BytesIO(read_uri(pc.storage, uri, "hkd.model_uri")), map_location="cpu",
+                                        weights_only=False))
+
+
 def summarize_sweep(spec: SweepSpec, sweep_id: str, results, total_kimg: float, pc) -> dict:
     rows = []
     for r in results:
@@ -345,7 +356,8 @@ def summarize_sweep(spec: SweepSpec, sweep_id: str, results, total_kimg: float, 
         status = "error" if r.error else ("completed" if m.get("final") else "stopped early (ASHA)")
         rows.append({"trial_id": m.get("trial_id", r.path.rsplit("/", 1)[-1] if r.path else "?"), "status": status,
                      "kimg": kimg, "metric": m.get(spec.metric), "params": params,
-                     "fid": m.get(M.FID), "mse_vs_teacher": m.get(M.MSE_VS_TEACHER)})
+                     "fid": m.get(M.FID), "kid": m.get(M.KID), "eval_n": m.get(M.EVAL_N),
+                     "mse_vs_teacher": m.get(M.MSE_VS_TEACHER)})
     sign = 1 if spec.mode == "min" else -1
     done = [r for r in rows if r["status"] == "completed" and r["metric"] is not None]
     done.sort(key=lambda r: sign * r["metric"])

@@ -73,7 +73,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 CREDENTIALS_ENV = "HKD_MLFLOW_CREDENTIALS"
-CHAMPION = "champion"            # the registry alias on the best version by FID at the same N
 
 
 def use_credentials_file() -> str | None:
@@ -295,41 +294,6 @@ class Tracker:
         for k in keys:
             if k in have:
                 self._call(lambda k=k: self.client.delete_tag(run_id, k), f"delete tag {k}")
-
-    def crown(self, registered: str, metrics: dict, n: int, run_id: str, alias: str = CHAMPION) -> dict:
-        """The registry alias ``champion`` on the best version of a registered model, by FID at the same N:
-        the newly evaluated version (``registered``: "name/version") records its scores as version tags
-        (eval.fid, eval.kid, eval.n, eval.run_id) and takes the alias when no version holds it, or when the
-        holder was scored at the same N and has a higher FID. A holder scored at another N is not comparable:
-        the alias stays (say so in the result). Returns what happened."""
-        from mlflow.exceptions import MlflowException
-
-        name, version = registered.rsplit("/", 1)
-        fid = metrics.get("eval/fid")
-        out = {"alias": alias, "model": name, "version": version, "fid": fid, "n": n}
-        if fid is None:
-            return {**out, "moved": False, "why": "no FID"}
-        tags = {"eval.fid": f"{fid:.6g}", "eval.n": str(n), "eval.run_id": run_id}
-        if metrics.get("eval/kid") is not None:
-            tags["eval.kid"] = f"{metrics['eval/kid']:.6g}"
-        for k, v in tags.items():
-            self._call(lambda k=k, v=v: self.client.set_model_version_tag(name, version, k, v), "version tag")
-        try:
-            holder = self._call(lambda: self.client.get_model_version_by_alias(name, alias), "alias")
-        except MlflowException:
-            holder = None
-        if holder is not None and holder.version == str(version):
-            return {**out, "moved": False, "why": "already the champion"}
-        if holder is not None:
-            h_fid, h_n = holder.tags.get("eval.fid"), holder.tags.get("eval.n")
-            if h_n != str(n) or h_fid is None:
-                return {**out, "moved": False, "holder": holder.version,
-                        "why": f"version {holder.version} was scored at N = {h_n}, not {n}: not comparable"}
-            if float(h_fid) <= fid:
-                return {**out, "moved": False, "holder": holder.version,
-                        "why": f"version {holder.version} has FID {float(h_fid):.4g} <= {fid:.4g}"}
-        self._call(lambda: self.client.set_registered_model_alias(name, alias, version), "set alias")
-        return {**out, "moved": True, "holder": holder.version if holder is not None else None}
 
     def log_metrics(self, run_id: str, metrics: dict, step: int, flush: bool = True,
                     model_id: str | None = None) -> None:

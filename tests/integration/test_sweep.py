@@ -17,7 +17,7 @@ import yaml
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 TAG = uuid.uuid4().hex[:6]
-COMMON = [f"storage.prefix=sw-{TAG}", f"tracking.experiment=sw-{TAG}"]
+COMMON = [f"storage.prefix=sw-{TAG}", f"tracking.experiment=sw-{TAG}", f"tracking.register_model=sw-{TAG}"]
 TRIALS = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())["trials"]
 
 
@@ -131,6 +131,21 @@ def test_every_trial_has_its_mlflow_child_run(smoke_sweep):
     assert any(a.startswith("summary/experiment_") and a.endswith(".yaml") for a in arts)
     sweeps = _runs(f"tags.`hkd.sweep_id` = 'smoke-{TAG}' and tags.`hkd.stage` = 'sweep'")
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+
+
+def test_the_sweep_registers_its_best_trial_by_fid_as_the_champion(smoke_sweep):
+    """The sweep's end logs the completed trial with the lowest final FID as an MLflow model in that trial's run,
+    registers it, and (a new registered model: no holder yet) moves the alias `champion` to it."""
+    completed = [r for r in smoke_sweep["rows"] if r["status"] == "completed"]
+    best = min(completed, key=lambda r: r["fid"])
+    champ = smoke_sweep["champion"]
+    assert champ["moved"] and champ["trial_id"] == best["trial_id"] and champ["model"] == f"sw-{TAG}"
+    holder = _client().get_model_version_by_alias(f"sw-{TAG}", "champion")
+    assert holder.run_id == champ["run_id"] and float(holder.tags["eval.fid"]) == pytest.approx(best["fid"], rel=1e-5)
+    assert holder.tags["eval.n"] == str(int(best["eval_n"]))
+    trial = _client().get_run(champ["run_id"])
+    assert trial.data.tags["hkd.trial_id"] == best["trial_id"] and trial.info.status == "FINISHED"
+    assert f"version {champ['version']} (trial {best['trial_id']}" in smoke_sweep["stdout"]
 
 
 def test_no_trial_run_is_left_running_and_each_says_how_it_ended(smoke_sweep):
