@@ -106,8 +106,26 @@ def offset_alpha(model: nn.Module, offsets: list[torch.Tensor]) -> None:
 
 def alpha_offsets(model: nn.Module, offset: float = 0.0, spread: float = 0.0, seed: int = 0) -> list[torch.Tensor]:
     """Per level a (d/2,) offset: ``offset`` for every mode plus a uniform draw in [-spread, spread] per mode."""
+    return offset_draw([k.dim // 2 for k in model.koopman], offset, spread, seed)
+
+
+def offset_draw(modes: list[int], offset: float = 0.0, spread: float = 0.0, seed: int = 0) -> list[torch.Tensor]:
+    """The offsets of ``alpha_offsets`` from the number of modes per level alone (to read a run's start again)."""
     g = torch.Generator().manual_seed(seed)
-    return [offset + spread * (2 * torch.rand(k.dim // 2, generator=g) - 1) for k in model.koopman]
+    return [offset + spread * (2 * torch.rand(n, generator=g) - 1) for n in modes]
+
+
+def offset_survival(alpha0: list[torch.Tensor], alpha: list[torch.Tensor], offsets: list[torch.Tensor]) -> list[float]:
+    """Per level, how much of a start offset of alpha is still there after training: the least-squares slope
+    (through 0) of the learned difference per mode (alpha - alpha0, mode k with mode k, averaged over positions;
+    both runs start from the same tensors but for the offset) on the offset it started with. 1: the offset
+    survived whole, as the gauge says it may under a loss that cannot see it; 0: training removed it."""
+    out = []
+    for a0, a, off in zip(alpha0, alpha, offsets):
+        d = (a.double() - a0.double()).reshape(a.shape[0], -1).mean(1)
+        off = off.double()
+        out.append(float((d * off).sum() / off.square().sum()) if off.abs().sum() > 0 else float("nan"))
+    return out
 
 
 def shifted_sigma(sigma: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

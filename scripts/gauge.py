@@ -44,6 +44,7 @@ OFFSETS: dict[str, list[str]] = {
     # every randomly initialised tensor) and in the data order; compared with "random" at seed 0
     "random_seed1": ["model.alpha_offset_spread=0.5", "train.seed=1"],
 }
+START = {"+0.5": (0.5, 0.0), "-0.5": (-0.5, 0.0), "random": (0.0, 0.5), "random_seed1": (0.0, 0.5)}  # (offset, spread)
 PAIRS = {"random_seed1": "random"}     # offset -> the row it is compared with (default: the zero-offset row)
 
 
@@ -121,7 +122,7 @@ def agreement_rows(rows: list[dict]) -> list[dict]:
     (after matching modes within each position)."""
     import torch
 
-    from hkd_core.gauge import spectrum_agreement
+    from hkd_core.gauge import offset_draw, offset_survival, spectrum_agreement
 
     def spec(r):
         return [torch.complex(torch.tensor(a), torch.tensor(b)) for a, b in r["spectrum"]]
@@ -132,8 +133,15 @@ def agreement_rows(rows: list[dict]) -> list[dict]:
         zero = next((z for z in rows if z["config"] == r["config"] and z["offset"] == against), None)
         if zero is None or r["offset"] == "0":
             continue
+        survival = [float("nan")] * len(r["spectrum"])
+        if against == "0":             # the start offset, drawn again as the run drew it (train.seed)
+            modes = [len(a) for a, _ in r["spectrum"]]
+            seed = next((int(o.split("=")[1]) for o in r["overrides"] if o.startswith("train.seed=")), 0)
+            offsets = offset_draw(modes, *START[r["offset"]], seed=seed)
+            survival = offset_survival([s.real for s in spec(zero)], [s.real for s in spec(r)], offsets)
         for l, a in enumerate(spectrum_agreement(spec(zero), spec(r)), 1):
-            out.append({"config": r["config"], "offset": r["offset"], "against": against, "level": l, **a})
+            out.append({"config": r["config"], "offset": r["offset"], "against": against, "level": l, **a,
+                        "offset_survival": survival[l - 1]})
     return out
 
 
@@ -154,11 +162,16 @@ def table(rows: list[dict]) -> str:
     lines += ["", "Each offset run against its config's zero-offset run, per level, modes matched within each position "
               "(Hungarian on (centred alpha, |beta|)): alpha's correlation and mean difference (run - zero run). A mean "
               "difference near the offset (+0.5, -0.5; 0 on average for the random one, which the correlation shows) "
-              "means the offset survived.", "",
-              "| config | offset | against | level | alpha corr | alpha mean diff | mean abs diff | corr unmatched |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+              "means the offset survived. **Offset kept**: the slope of the learned difference per mode (mode k with mode k, "
+              "averaged over positions) on the offset that mode started with: 1, the start offset survived whole; 0, "
+              "training removed it.", "",
+              "| config | offset | against | level | offset kept | alpha corr | alpha mean diff | mean abs diff | "
+              "corr unmatched |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for a in agreement_rows(rows):
-        lines.append(f"| {a['config']} | {a['offset']} | {a['against']} | {a['level']} | {a['alpha_corr']:.3f} | "
+        kept = a.get("offset_survival", float("nan"))
+        lines.append(f"| {a['config']} | {a['offset']} | {a['against']} | {a['level']} | "
+                     f"{'-' if kept != kept else format(kept, '.2f')} | {a['alpha_corr']:.3f} | "
                      f"{a['alpha_mean_diff']:+.3f} | {a['alpha_mean_abs_diff']:.3f} | {a['alpha_corr_unmatched']:.3f} |")
     return "\n".join(lines) + "\n"
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hkd_core.gauge import (alpha_offsets, gauge_transform, match_modes, offset_alpha, shifted_sigma,
-                            spectrum_agreement)
+from hkd_core.gauge import (alpha_offsets, gauge_transform, match_modes, offset_alpha, offset_draw,
+                            offset_survival, shifted_sigma, spectrum_agreement)
 from hkd_core.losses import HKDLoss
 from hkd_core.models import build_model
 
@@ -111,6 +111,24 @@ def test_an_alpha_offset_keeps_the_samples_and_moves_alpha(tiny_cfg):
     for k0, k1, o in zip(m.koopman, moved.koopman, offs):
         torch.testing.assert_close(k1.alpha - k0.alpha, o.view(-1, 1, 1).expand_as(k0.alpha))
     assert all(((o >= 0) & (o <= 1)).all() for o in offs) and len({round(float(o[0]), 6) for o in offs}) > 1
+
+
+def test_offset_survival_reads_how_much_of_a_start_offset_is_left(tiny_cfg):
+    """The gauge table's 'offset kept': the start offsets drawn again from the mode counts alone (as a run drew
+    them), 1 when a run's alpha differs from the zero run's by exactly its offset, 0 when by nothing, 0.5 for half,
+    and positions averaged (noise that is not the offset does not count as kept)."""
+    m = build_model("hkd", tiny_cfg)
+    offs = alpha_offsets(m, 0.0, 0.5, seed=3)
+    again = offset_draw([k.dim // 2 for k in m.koopman], 0.0, 0.5, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(offs, again))
+    g = torch.Generator().manual_seed(0)
+    a0 = [torch.randn(len(o), 4, 4, generator=g) for o in offs]
+    kept = [a + o.view(-1, 1, 1) for a, o in zip(a0, offs)]
+    half = [a + 0.5 * o.view(-1, 1, 1) for a, o in zip(a0, offs)]
+    noise = [a + 0.1 * torch.randn(a.shape, generator=g) for a in a0]
+    assert offset_survival(a0, kept, offs) == pytest.approx([1.0] * len(offs))
+    assert offset_survival(a0, half, offs) == pytest.approx([0.5] * len(offs))
+    assert all(abs(v) < 0.3 for v in offset_survival(a0, noise, offs))
 
 
 def test_mode_matching_recovers_a_known_permutation():
