@@ -113,6 +113,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 FAULTS: list[dict] = []
+MEASURED: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def measured():
+    """Lines a test wants in the run's summary (what a closing note quotes: where trials ran, how long)."""
+    return MEASURED
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +147,10 @@ def stack_service(local_stack):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if MEASURED:
+        terminalreporter.section("measured by the integration tests")
+        for line in MEASURED:
+            terminalreporter.write_line(line)
     if not FAULTS:
         return
     terminalreporter.section("faults injected and recovery times")

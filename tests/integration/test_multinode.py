@@ -195,7 +195,7 @@ def _mlflow():
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 
 
-def test_the_pipeline_runs_end_to_end_with_no_work_on_the_head(zero_head, run_tag, tmp_path):
+def test_the_pipeline_runs_end_to_end_with_no_work_on_the_head(zero_head, run_tag, tmp_path, measured):
     """`ray job submit -- hkd pipeline` through evaluate: the driver sits on the head (0 CPUs), the trajectory
     tasks, the Train worker (rank 0) and the evaluation on the worker node; the model is logged from the driver
     after training, with the job's working dir replaced meanwhile (the issue's FileNotFoundError)."""
@@ -216,11 +216,12 @@ def test_the_pipeline_runs_end_to_end_with_no_work_on_the_head(zero_head, run_ta
     assert [(v["ip"], v["ranks"]) for v in placed.values()] == [(NODE1, [0])]     # rank 0 off the driver's node
     assert runs["distill"].data.tags.get("hkd.model_uri") and c.search_model_versions(
         f"run_id = '{runs['distill'].info.run_id}'"), "the model was not logged after training"
-    print(f"\nzero-CPU head: `ray job submit -- hkd pipeline` (smoke) {took:.0f} s")
+    measured.append(f"zero-CPU head ({ZHEAD}): `ray job submit -- hkd pipeline` (smoke) through evaluate in {took:.0f} s, "
+                    f"rank 0 on {NODE1}")
 
 
 def test_a_sweep_sizes_for_the_cluster_at_its_largest_and_lands_trials_on_a_node_added_mid_sweep(
-        zero_head, run_tag, tmp_path):
+        zero_head, run_tag, tmp_path, measured):
     """Two trials of 2 CPUs each (the trial's own process + 1 Train worker), sized from cluster.max_cpus=4 (two
     such nodes) on a cluster that has one 2-CPU worker node: both trials start, and their Train workers wait as
     pending demand (the node's CPUs hold the two trials' processes), where a cluster sized from what is up would
@@ -258,3 +259,6 @@ def test_a_sweep_sizes_for_the_cluster_at_its_largest_and_lands_trials_on_a_node
            for r in trials() if "hkd.worker_nodes" in r.data.tags}
     assert len(ips) == 2 and any(NODE2 in v for v in ips.values()), ips
     assert not any(ZHEAD in v for v in ips.values())                          # never on the 0-CPU head
+    measured.append(f"growing cluster: sweep {sweep_id}, {time.monotonic() - t0:.0f} s; the trials' hkd.worker_nodes: "
+                    + "; ".join(f"{t} on {', '.join(v)}" for t, v in sorted(ips.items()))
+                    + f" (head {ZHEAD}, 0 CPUs; {NODE1} from the start; {NODE2} added mid-sweep)")
