@@ -39,17 +39,20 @@ def main() -> None:
     p.add_argument("--bands", type=int, default=3)
     p.add_argument("--controls", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--order", default="alpha", choices=["alpha", "speed"],
+                   help="bands sort modes by alpha (band 0 decays fastest) or by speed |alpha| (band 0 changes most)")
     p.add_argument("--json")
     a = p.parse_args()
     model = load(a.model)
     if not isinstance(model, HKD):
         raise SystemExit(f"{a.model} is a {type(model).__name__}; band masking needs an HKD model")
     g = torch.Generator().manual_seed(a.seed)
-    s = band_frequency_shares(model, model.noise(a.n, g), a.bands, a.controls, g)
+    s = band_frequency_shares(model, model.noise(a.n, g), a.bands, a.controls, g, order=a.order)
     names = {3: ["low", "mid", "high"], 2: ["low", "high"]}.get(a.bands, [str(k) for k in range(a.bands)])
-    print(f"{a.n} samples, {a.bands} bands (sorted by alpha: band 0 has the most negative alpha, the fastest decay "
-          f"or slowest growth), control: mean of {a.controls} random mode sets of the band's size; [bootstrap 95 % "
-          f"interval over the samples]\n")
+    sort = ("sorted by alpha: band 0 has the most negative alpha, the fastest decay or slowest growth" if a.order ==
+            "alpha" else "sorted by speed |alpha|: band 0 changes most, by decay or growth")
+    print(f"{a.n} samples, {a.bands} bands ({sort}), control: mean of {a.controls} random mode sets of the band's "
+          f"size; [bootstrap 95 % interval over the samples]")
 
     def cells(v, ci):
         return " | ".join(f"{x:.3f} [{lo:.3f}, {hi:.3f}]" for x, (lo, hi) in zip(v.tolist(), ci.tolist()))
@@ -61,7 +64,7 @@ def main() -> None:
         print(f"| random set, band {k}'s size | " + cells(s["random"][k], s["random_ci"][k]) + " |")
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"model": a.model, "n": a.n, "bands": a.bands, "controls": a.controls,
+            json.dump({"model": a.model, "n": a.n, "bands": a.bands, "controls": a.controls, "order": a.order,
                        **{k: v.tolist() for k, v in s.items()}}, fh, indent=1)
 
 

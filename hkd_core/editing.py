@@ -168,11 +168,12 @@ class EditSweep:
 @torch.no_grad()
 def edit_sweep(model: HKD, x_T: torch.Tensor, references: torch.Tensor, mask: torch.Tensor, ratios: list[float],
                band: int | str = "high", tau_mid: float = 0.5, n_bands: int = 3, factor: int = 4,
-               controls: int = 4, generator: torch.Generator | None = None) -> EditSweep:
+               controls: int = 4, generator: torch.Generator | None = None, order: str = "alpha") -> EditSweep:
     """Edit every sample of ``x_T`` with the matching reference image of ``references`` (a data set image, a
     file or a generated sample, in [-1, 1]), at each ratio: the band, ``controls`` random mode sets of the same
     size per level and position (scores averaged), and every mode. The reference enters through its own state
-    at sigma(tau_mid) (``spectra.reference_state``, noise from ``generator``)."""
+    at sigma(tau_mid) (``spectra.reference_state``, noise from ``generator``). Bands sort modes by ``order``
+    (``spectra.band_key``: alpha, or speed |alpha|)."""
     if not isinstance(model, HKD):
         raise TypeError(f"editing needs a Koopman model with levels (variant hkd or one_level), got {type(model).__name__}")
     if x_T.shape != references.shape:
@@ -189,7 +190,7 @@ def edit_sweep(model: HKD, x_T: torch.Tensor, references: torch.Tensor, mask: to
     b = resolve_band(band, n_bands)
     original = model.sample(x_T=x_T)
     ref_state = reference_state(references, tau_mid, generator)
-    chosen = band_modes(model.spectrum(), b, n_bands)
+    chosen = band_modes(model.spectrum(), b, n_bands, order)
     draws = [random_modes(chosen, generator) for _ in range(controls)]
     out = {k: [] for k in KINDS}
     scores = {k: {m: [] for m in METRICS} for k in KINDS}

@@ -27,8 +27,25 @@ def summarize(spectrum: list[torch.Tensor], prefix: str = M.SPECTRA) -> dict[str
     return out
 
 
-def band_masks(spectrum: list[torch.Tensor], n_bands: int = 3) -> list[torch.Tensor]:
-    """Per level a bool tensor (n_bands, d/2, h, w): band k holds the k-th slice of modes sorted by alpha.
+BAND_ORDERS = ("alpha", "speed")
+
+
+def band_key(ev: torch.Tensor, order: str = "alpha") -> torch.Tensor:
+    """What bands sort modes by: ``alpha`` (the rate itself: band 0 decays fastest, the last band decays slowest
+    or, where alpha > 0, grows fastest) or ``speed`` (|alpha| descending: band 0 changes most over the trajectory,
+    by decay or by growth, the last band least). The two readings of "fast" and "slow" agree only when every
+    alpha < 0."""
+    if order == "alpha":
+        return ev.real
+    if order == "speed":
+        return -ev.real.abs()
+    raise ValueError(f"band order {order!r}: use one of {', '.join(BAND_ORDERS)}")
+
+
+def band_masks(spectrum: list[torch.Tensor], n_bands: int = 3, order: str = "alpha") -> list[torch.Tensor]:
+    """Per level a bool tensor (n_bands, d/2, h, w): band k holds the k-th slice of modes sorted by ``band_key``
+    (by alpha unless ``order="speed"``, where band 0 holds the fastest modes, |alpha| largest, as with alpha when
+    every mode decays).
 
     Sorting is stable, so ties (e.g. every alpha = 0 at initialisation) still split into a partition.
     """
@@ -37,7 +54,8 @@ def band_masks(spectrum: list[torch.Tensor], n_bands: int = 3) -> list[torch.Ten
         n_modes = ev.shape[0]
         if n_bands > n_modes:
             raise ValueError(f"{n_bands} bands need at least {n_bands} modes per position; a level has {n_modes}")
-        rank = ev.real.argsort(dim=0, stable=True).argsort(dim=0, stable=True)       # rank of each mode by alpha
+        key = band_key(ev, order)
+        rank = key.argsort(dim=0, stable=True).argsort(dim=0, stable=True)           # rank of each mode by its key
         edges = torch.linspace(0, n_modes, n_bands + 1).round().long()
         masks.append(torch.stack([(rank >= edges[k]) & (rank < edges[k + 1]) for k in range(n_bands)]))
     return masks
@@ -68,9 +86,9 @@ def _spatial(mask: torch.Tensor, size: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(m, size)[0, 0]
 
 
-def band_modes(spectrum: list[torch.Tensor], band: int, n_bands: int = 3) -> list[torch.Tensor]:
+def band_modes(spectrum: list[torch.Tensor], band: int, n_bands: int = 3, order: str = "alpha") -> list[torch.Tensor]:
     """Per level the (d/2, h, w) bool modes of band ``band`` (see ``band_masks``)."""
-    return [m[band] for m in band_masks(spectrum, n_bands)]
+    return [m[band] for m in band_masks(spectrum, n_bands, order)]
 
 
 def random_modes(like: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -171,7 +189,7 @@ def shares_interval(energies: torch.Tensor, level: float = 0.95, resamples: int 
 
 @torch.no_grad()
 def band_frequency_shares(model: HKD, x_T: torch.Tensor, n_bands: int = 3, controls: int = 4,
-                          generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                          generator: torch.Generator | None = None, order: str = "alpha") -> dict[str, torch.Tensor]:
     """What each band contributes to the image, in spatial frequencies: for band k the difference between the
     decoded final latent and the same latent with band k zeroed, split into low/mid/high radial frequency
     shares (``radial_shares``); beside it the same for ``controls`` random mode sets of the band's size (mean and
@@ -180,7 +198,7 @@ def band_frequency_shares(model: HKD, x_T: torch.Tensor, n_bands: int = 3, contr
     "random_ci" (n_bands, 3, 2), "image_ci" (3, 2)."""
     z1 = model.evolve(model.encode(x_T, model.sigma_max), 1.0)
     full = model.decode(z1)
-    masks = band_masks(model.spectrum(), n_bands)
+    masks = band_masks(model.spectrum(), n_bands, order)
 
     def removed(modes: list[torch.Tensor]) -> torch.Tensor:
         return full - model.decode([z * (1 - _channels(m).to(z)) for z, m in zip(z1, modes)])

@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--reference", default="data", help="edit: data (test images drawn with --seed), data:I,J,... "
                    "(those indices), file:PATH[,PATH...] (image files) or sample (the model's own samples); each "
                    "enters through its own state at sigma(tau_mid) (default data)")
+    g.add_argument("--band-order", default="alpha", choices=["alpha", "speed"], help="edit: bands sort modes by "
+                   "alpha (band 0 decays fastest; default) or by speed |alpha| (band 0 changes most)")
     g.add_argument("--controls", type=int, default=4, help="edit: random mode sets of the band's size, the "
                    "control beside the band (default 4)")
     g.add_argument("--out", help="study/edit/compare: local folder for the tables and figures (default runs/...); "
@@ -423,7 +425,8 @@ def edit_main(args) -> int:
         pc = from_composed(compose(args.overrides))
         ea = EditArgs(band=args.band, tau_mid=args.tau_mid, mask=args.mask,
                       ratios=tuple(_floats(args.ratios, "--ratios")), samples=args.samples, seed=args.seed,
-                      n_bands=args.bands, reference=args.reference, controls=args.controls).validate()
+                      n_bands=args.bands, reference=args.reference, controls=args.controls,
+                      order=args.band_order).validate()
     except (ConfigError, ValueError) as e:
         print(f"hkd: edit error: {describe(e)}", file=sys.stderr)
         return 2

@@ -41,6 +41,7 @@ class EditArgs:
     n_bands: int = 3
     reference: str = "data"          # data | data:I,J,... | file:PATH[,PATH...] | sample  (see load_references)
     controls: int = 4                 # random mode sets of the band's size, the control
+    order: str = "alpha"              # bands sort modes by alpha, or by speed |alpha| (hkd_core.spectra.band_key)
 
     def validate(self) -> "EditArgs":
         from hkd_core.editing import MASKS
@@ -54,6 +55,11 @@ class EditArgs:
         if self.controls < 1:
             raise ValueError(f"--controls {self.controls} must be >= 1 (random mode sets, the band's control)")
 
+        from hkd_core.spectra import BAND_ORDERS
+
+        if self.order not in BAND_ORDERS:
+            raise ValueError(f"--band-order {self.order!r}: use alpha (band 0 decays fastest) or speed (band 0 "
+                             f"has the largest |alpha|)")
         if self.mask not in MASKS:
             raise ValueError(f"--mask {self.mask!r}: use one of {', '.join(MASKS)}")
         if not 0.0 <= self.tau_mid <= 1.0:
@@ -152,7 +158,7 @@ def run_edit(pc: PipelineConfig, args: EditArgs, model_uri: str | None = None, o
     g = torch.Generator().manual_seed(args.seed)
     x_T = model.noise(args.samples, g)
     sweep = edit_sweep(model, x_T, refs, named_mask(args.mask, model.cfg.resolution), list(args.ratios), band,
-                       args.tau_mid, n_bands, controls=args.controls, generator=g)
+                       args.tau_mid, n_bands, controls=args.controls, generator=g, order=args.order)
     params = {**dataclasses.asdict(args), "ratios": list(args.ratios), "n_bands": n_bands, "band_index": band,
               "model_uri": uri, "references": ref_labels}
     ident = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]

@@ -31,6 +31,21 @@ def test_band_masks_partition_the_modes_in_alpha_order(koopman_model, tiny_cfg):
         band_masks(fresh.spectrum(), 3)
 
 
+def test_the_speed_order_groups_fast_growth_with_fast_decay():
+    """alpha = [-2, -1, -0.1, 0.1, 1, 2] at one position: by alpha, band 0 = {-2, -1} and band 2 = {1, 2} (the
+    fastest growth, not the slowest decay); by speed |alpha|, band 0 = {-2, 2}, band 2 = {-0.1, 0.1}."""
+    alpha = torch.tensor([-2.0, -1.0, -0.1, 0.1, 1.0, 2.0])
+    ev = [torch.complex(alpha, torch.zeros(6)).view(6, 1, 1)]
+
+    def members(order):
+        return [sorted(alpha[m[k].flatten()].tolist()) for m in band_masks(ev, 3, order) for k in range(3)]
+
+    assert members("alpha") == [[-2.0, -1.0], pytest.approx([-0.1, 0.1]), [1.0, 2.0]]
+    assert members("speed") == [[-2.0, 2.0], [-1.0, 1.0], pytest.approx([-0.1, 0.1])]
+    with pytest.raises(ValueError, match="band order 'fast'"):
+        band_masks(ev, 3, "fast")
+
+
 def test_band_masking_decodes_one_band_at_a_time(koopman_model):
     m = koopman_model
     x_T = m.noise(2, torch.Generator().manual_seed(0))
