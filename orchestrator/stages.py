@@ -379,11 +379,14 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
         metrics.update(band_share_metrics(model))        # band masking with a number (issue 13)
     metrics[M.EVAL_S] = time.perf_counter() - t0
     step = int(round(distill["kimg"] * 1000))
-    ctx.tracker.log_metrics(run_id, metrics, step)
-    if distill.get("model_id"):          # the headline numbers on the logged model's page too (MLflow 3)
-        ctx.tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k.startswith("eval/")}, step,
-                                model_id=distill["model_id"])
-        ctx.tracker.set_tags(run_id, {"hkd.model_id": distill["model_id"]})
+    model_id = distill.get("model_id")
+    # the headline numbers go on the logged model's page too (MLflow 3): logged once, with its id, they are the
+    # run's metrics as well (logging them twice made every eval/* history hold each point twice)
+    on_model = {k: v for k, v in metrics.items() if k.startswith("eval/")} if model_id else {}
+    ctx.tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in on_model}, step)
+    if model_id:
+        ctx.tracker.log_metrics(run_id, on_model, step, model_id=model_id)
+        ctx.tracker.set_tags(run_id, {"hkd.model_id": model_id})
     evaluation.figures(model, lambda path, folder: ctx.tracker.log_artifact(run_id, path, folder))
     beside = evaluation.beside_teacher(pc, model, teacher.get("teacher_key"), lambda: images(pc))
     if beside is not None:

@@ -81,6 +81,9 @@ def test_pipeline_end_to_end(first_pipeline, s3, run_tag, smoke):
     assert runs["evaluate"].info.run_id in {r.info.run_id for r in evals}
     assert any(on_model["eval/fid"] == pytest.approx(r.data.metrics["eval/fid"]) for r in evals)
     assert "eval/kid" in on_model and c.get_logged_model(model_id).source_run_id == distill.info.run_id
+    # each evaluation point once in the run's history (it was logged twice: plain, then with the model's id)
+    fid_points = c.get_metric_history(runs["evaluate"].info.run_id, "eval/fid")
+    assert len(fid_points) == len({m.step for m in fid_points}), [(m.step, m.value) for m in fid_points]
     tagged = float(c.get_model_version("hkd-it", mine.version).tags["eval.fid"])
     assert any(tagged == pytest.approx(r.data.metrics["eval/fid"], rel=1e-5) for r in evals)
     champ = c.get_model_version_by_alias("hkd-it", "champion")
