@@ -44,12 +44,15 @@ GAUGE_DTAU = 0.25     # tau' - tau for the gauge condition's second encoding
 
 
 def _pair_gain(z: torch.Tensor, c: torch.Tensor, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """exp(c t) R(theta t) applied to each mode pair of z (B, d, h, w); c, theta (d/2,); t (B,)."""
+    """exp(c t) R(theta t) applied to each mode pair of z (B, d, h, w); c, theta (d/2,) or (d/2, h, w); t (B,)."""
     b, d = z.shape[:2]
     p = z.reshape(b, d // 2, 2, *z.shape[2:])
     t = t.reshape(-1, 1, *([1] * (z.ndim - 2))).to(z)
-    scale, ang = torch.exp(c.to(z).reshape(1, -1, *([1] * (z.ndim - 2))) * t), \
-        theta.to(z).reshape(1, -1, *([1] * (z.ndim - 2))) * t
+
+    def per_mode(v):          # (d/2,): one value per mode; (d/2, h, w): one per mode and position
+        return v.to(z).reshape(1, -1, *([1] * (z.ndim - 2))) if v.ndim == 1 else v.to(z).unsqueeze(0)
+
+    scale, ang = torch.exp(per_mode(c) * t), per_mode(theta) * t
     cos, sin = torch.cos(ang), torch.sin(ang)
     re, im = p[:, :, 0], p[:, :, 1]
     return torch.stack([scale * (cos * re - sin * im), scale * (sin * re + cos * im)], 2).reshape(z.shape)
@@ -71,17 +74,26 @@ class _GaugedEncoder:
 
 
 def gauge_transform(model: nn.Module, cs: list[torch.Tensor], thetas: list[torch.Tensor] | None = None) -> nn.Module:
-    """A copy of an HKD model moved along the gauge orbit: per level l and mode k, alpha + c[l][k], beta +
-    theta[l][k], and the encoder multiplied by exp(c (tau - 1)) R(theta (tau - 1)). Under sigma-conditioned
-    observables it computes the same outputs and latents' residuals as ``model``."""
+    """A copy of an HKD model moved along the gauge orbit: per level l and mode k (c[l] of shape (d/2,)) or mode and
+    position (c[l] of shape (d/2, h, w)), alpha + c, beta + theta, and the encoder multiplied by
+    exp(c (tau - 1)) R(theta (tau - 1)). It computes the same outputs and latents' residuals as ``model`` (for
+    observables of the state alone the encoder it installs then depends on sigma, which such a model could not
+    learn, but it still computes the same)."""
     m = copy.deepcopy(model)
     thetas = thetas or [torch.zeros_like(c) for c in cs]
     with torch.no_grad():
         for k, c, th in zip(m.koopman, cs, thetas):
+            c = (c.view(-1, 1, 1) if c.ndim == 1 else c).to(k.alpha)
+            th = (th.view(-1, 1, 1) if th.ndim == 1 else th).to(k.beta)
+            rate = k.rates() + c
             if k.alpha_bound:
-                raise ValueError("gauge_transform: alpha_bound > 0 bounds alpha; use an unbounded model")
-            k.alpha.add_(c.view(-1, 1, 1).to(k.alpha))
-            k.beta.add_(th.view(-1, 1, 1).to(k.beta))
+                if (rate.abs() >= k.alpha_bound).any():
+                    raise ValueError(f"gauge_transform: alpha + c reaches the bound {k.alpha_bound} "
+                                     f"(max |alpha + c| = {rate.abs().max():.3g}); use an unbounded model")
+                k.alpha.copy_(k.alpha_bound * torch.atanh(rate / k.alpha_bound))
+            else:
+                k.alpha.copy_(rate.expand_as(k.alpha))
+            k.beta.copy_((k.beta + th).expand_as(k.beta))
     m.encode = _GaugedEncoder(m.encode, cs, thetas)
     return m
 
@@ -146,6 +158,25 @@ def gauge_penalty(z: list[torch.Tensor], z_shifted: list[torch.Tensor], dtau: to
     encoded at two noise levels; their squares averaged over modes and positions, summed over levels. Zero
     when the encoder's noise-level input carries no net per-mode gain or rotation."""
     total = torch.zeros((), device=dtau.device)
+    for gain, phase in encoder_slopes(z, z_shifted, dtau, eps):
+        total = total + gain.square().mean() + phase.square().mean()
+    return total
+
+
+def encoder_slopes(z: list[torch.Tensor], z_shifted: list[torch.Tensor], dtau: torch.Tensor,
+                   eps: float = 1e-6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per level (d/2, h, w) the batch means of the log-energy slope and of the phase slope of each mode at a
+    fixed state, encoded at two noise levels dtau apart (what ``gauge_penalty`` drives to zero). Moving a model
+    along the gauge orbit by (c, theta) moves them by exactly 2 c and theta."""
+    out = []
+    for gain, angle, dt in _pair_terms(z, z_shifted, dtau, eps):
+        out.append((gain.mean(0), (angle / dt).mean(0)))
+    return out
+
+
+def _pair_terms(z, z_shifted, dtau, eps):
+    """Per level and state: the log-energy slope of each mode, its rotation angle from z to z_shifted, and dtau
+    shaped to broadcast."""
     for a, b in zip(z, z_shifted):
         n, d = a.shape[:2]
         pa = a.reshape(n, d // 2, 2, *a.shape[2:]).float()
@@ -156,9 +187,43 @@ def gauge_penalty(z: list[torch.Tensor], z_shifted: list[torch.Tensor], dtau: to
         # the rotation from a to b: Im(b conj a) / |a||b| = sin(angle), per state
         cross = (pb[:, :, 1] * pa[:, :, 0] - pb[:, :, 0] * pa[:, :, 1]) / (ea * eb + eps).sqrt()
         dot = (pb[:, :, 0] * pa[:, :, 0] + pb[:, :, 1] * pa[:, :, 1]) / (ea * eb + eps).sqrt()
-        phase = torch.atan2(cross, dot) / dt
-        total = total + gain.mean(0).square().mean() + phase.mean(0).square().mean()
-    return total
+        yield gain, torch.atan2(cross, dot), dt
+
+
+@torch.no_grad()
+def canonical_gauge(model: nn.Module, images: torch.Tensor, generator: torch.Generator | None = None,
+                    batch: int = 64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The gauge that the condition picks, found after training instead of imposed during it: per level the
+    (c, theta) of shape (d/2, h, w) that bring the encoder's mean log-energy and phase slopes at a fixed state to
+    zero, measured on ``images`` (clean, in [-1, 1]) noised to states at tau drawn uniformly in [0, 1 - dtau]
+    and encoded at their own sigma and at tau + ``GAUGE_DTAU``. ``gauge_transform(model, c, theta)`` is then the
+    same model (same outputs) whose alpha and beta mean one thing: every growth or decay of a mode along a
+    trajectory is alpha's, none of it the encoder's clock. Two models that differ only by a gauge have the same
+    canonical spectrum, whatever the states measured on."""
+    g = generator or torch.Generator().manual_seed(0)
+    sums: list[list[torch.Tensor]] | None = None
+    n = 0
+    for i in range(0, len(images), batch):
+        x0 = images[i:i + batch].float()
+        tau = torch.rand(len(x0), generator=g) * (1 - GAUGE_DTAU)
+        sig, sig2 = sigma_of_tau(tau), sigma_of_tau(tau + GAUGE_DTAU)
+        x = x0 + sig.view(-1, *([1] * (x0.ndim - 1))) * torch.randn(x0.shape, generator=g)
+        terms = _pair_terms(model.encode(x, sig), model.encode(x, sig2), torch.full_like(tau, GAUGE_DTAU), 1e-6)
+        # the rotation as a circular mean (the angle of the mean unit phasor): a gauge's theta turns every
+        # state's angle by theta dtau, so it turns this mean by exactly as much, where a few states whose angle
+        # wraps past pi would bend a plain mean
+        parts = [[gain.sum(0), torch.cos(angle).sum(0), torch.sin(angle).sum(0)] for gain, angle, _ in terms]
+        sums = parts if sums is None else [[x + y for x, y in zip(acc, p)] for acc, p in zip(sums, parts)]
+        n += len(x0)
+    return ([-acc[0] / n / 2 for acc in sums],
+            [-torch.atan2(acc[2], acc[1]) / GAUGE_DTAU for acc in sums])
+
+
+def canonical_spectrum(model: nn.Module, images: torch.Tensor, generator: torch.Generator | None = None
+                       ) -> list[torch.Tensor]:
+    """The model's spectrum in the canonical gauge (``canonical_gauge``): per level (d/2, h, w) complex."""
+    cs, thetas = canonical_gauge(model, images, generator)
+    return [ev + torch.complex(c.to(ev.real), th.to(ev.real)) for ev, c, th in zip(model.spectrum(), cs, thetas)]
 
 
 def match_modes(a: torch.Tensor, b: torch.Tensor, method: str = "hungarian") -> torch.Tensor:

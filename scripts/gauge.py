@@ -34,6 +34,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "no_latent": ("no latent term (train.latent_weight=0)", ["train.latent_weight=0"]),
     "state": ("observables of the state alone (model.observables=state)", ["model.observables=state"]),
     "condition": ("gauge condition in the loss (train.gauge_weight=0.1)", ["train.gauge_weight=0.1"]),
+    "condition_0.02": ("gauge condition in the loss, a fifth of the weight (train.gauge_weight=0.02)",
+                       ["train.gauge_weight=0.02"]),
 }
 OFFSETS: dict[str, list[str]] = {
     "0": [],
@@ -117,6 +119,46 @@ def run_one(config: str, offset: str, base: list[str]) -> dict:
     return row
 
 
+CANON_IMAGES = 512     # test images (seeded subset) that the canonical gauge is measured on
+
+
+def canonical_rows(rows: list[dict], path: Path) -> dict[tuple[str, str], list]:
+    """Per measured run, its spectrum in the canonical gauge (hkd_core.gauge.canonical_gauge: the encoder's mean
+    log-energy and phase slopes at a fixed state brought to zero, the model's outputs unchanged), measured on the
+    same CANON_IMAGES test images for every run; cached in ``path`` (canonical.jsonl) by model URI."""
+    import torch
+
+    from hkd_core.data import load_images
+    from hkd_core.gauge import canonical_spectrum
+    from orchestrator.cli import compose_for_cli
+    from orchestrator.config import from_composed
+    from orchestrator.editing import load_model
+
+    have = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                have[r["model_uri"]] = r
+    pc, images = None, None
+    for r in rows:
+        if r["model_uri"] in have:
+            continue
+        if pc is None:
+            pc = from_composed(compose_for_cli([]))
+            d = pc.run.data
+            images = load_images(d.name, "test", resolution=d.resolution, limit=CANON_IMAGES, root=d.root, seed=0)[0]
+        model, _ = load_model(pc, r["model_uri"])
+        spec = canonical_spectrum(model.eval(), images, torch.Generator().manual_seed(0))
+        rec = {"config": r["config"], "offset": r["offset"], "model_uri": r["model_uri"], "images": CANON_IMAGES,
+               "spectrum": [[ev.real.tolist(), ev.imag.tolist()] for ev in spec]}
+        with path.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        have[r["model_uri"]] = rec
+        logging.info("gauge: canonical spectrum of %s %s", r["config"], r["offset"])
+    return {(r["config"], r["offset"]): have[r["model_uri"]]["spectrum"] for r in rows}
+
+
 def agreement_rows(rows: list[dict]) -> list[dict]:
     """Per config and offset, per level: alpha's correlation with the zero-offset run and the mean difference
     (after matching modes within each position)."""
@@ -173,6 +215,21 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {a['config']} | {a['offset']} | {a['against']} | {a['level']} | "
                      f"{'-' if kept != kept else format(kept, '.2f')} | {a['alpha_corr']:.3f} | "
                      f"{a['alpha_mean_diff']:+.3f} | {a['alpha_mean_abs_diff']:.3f} | {a['alpha_corr_unmatched']:.3f} |")
+    canon = [r for r in rows if r.get("canonical_spectrum")]
+    if canon:
+        lines += ["", "The same comparison **in the canonical gauge** (each run's spectrum moved along its gauge orbit to "
+                  "where the encoder's mean log-energy and phase slopes at a fixed state are zero: "
+                  "hkd_core.gauge.canonical_gauge, measured on the same 512 test images; the model's outputs do not "
+                  "change). An offset kept near 0 and a correlation near 1 mean the canonical spectrum is set by the "
+                  "data and the teacher, not by where alpha started.", "",
+                  "| config | offset | against | level | offset kept | alpha corr | alpha mean diff | mean abs diff | "
+                  "corr unmatched |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for a in agreement_rows([{**r, "spectrum": r["canonical_spectrum"]} for r in canon]):
+            kept = a.get("offset_survival", float("nan"))
+            lines.append(f"| {a['config']} | {a['offset']} | {a['against']} | {a['level']} | "
+                         f"{'-' if kept != kept else format(kept, '.2f')} | {a['alpha_corr']:.3f} | "
+                         f"{a['alpha_mean_diff']:+.3f} | {a['alpha_mean_abs_diff']:.3f} | "
+                         f"{a['alpha_corr_unmatched']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--offsets", default=",".join(OFFSETS), help=f"comma-separated, of {', '.join(OFFSETS)}")
     p.add_argument("--base", nargs="*", default=[], help="overrides every run starts from (default: the main job)")
     p.add_argument("--table", action="store_true", help="only write gauge.md from gauge.jsonl")
+    p.add_argument("--canonical", action="store_true", help="also compare the runs' spectra in the canonical gauge "
+                   "(loads each run's model; cached in canonical.jsonl)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configs = [c for c in a.configs.split(",") if c]
@@ -204,8 +263,14 @@ def main(argv=None) -> int:
                 done.append(row)
                 with path.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
+    if a.canonical:
+        canon = canonical_rows(done, out / "canonical.jsonl")
+        done = [{**r, "canonical_spectrum": canon[(r["config"], r["offset"])]} for r in done]
     (out / "gauge.md").write_text(table(done))
-    (out / "agreement.json").write_text(json.dumps(agreement_rows(done), indent=1))
+    agree = {"as_trained": agreement_rows(done)}
+    if a.canonical:
+        agree["canonical"] = agreement_rows([{**r, "spectrum": r["canonical_spectrum"]} for r in done])
+    (out / "agreement.json").write_text(json.dumps(agree, indent=1))
     print(table(done))
     return 0
 

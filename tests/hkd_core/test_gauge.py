@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hkd_core.gauge import (alpha_offsets, gauge_transform, match_modes, offset_alpha, offset_draw,
-                            offset_survival, shifted_sigma, spectrum_agreement)
+from hkd_core.gauge import (alpha_offsets, canonical_gauge, canonical_spectrum, gauge_transform, match_modes,
+                            offset_alpha, offset_draw, offset_survival, shifted_sigma, spectrum_agreement)
 from hkd_core.losses import HKDLoss
 from hkd_core.models import build_model
 
@@ -47,6 +47,34 @@ def test_the_gauge_leaves_outputs_and_the_latent_residual_unchanged(koopman_mode
     assert a["loss_latent"] > 1e-3
     torch.testing.assert_close(b["loss_latent"], a["loss_latent"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(b["loss"], a["loss"], atol=1e-5, rtol=1e-4)
+
+
+def test_the_canonical_gauge_gives_one_spectrum_per_orbit_and_keeps_the_outputs(koopman_model):
+    """Two members of one gauge orbit (here moved by a c and theta per mode *and position*) have different
+    spectra but the same canonical one; moving a model to its canonical gauge keeps its outputs, and there the
+    encoder's mean slopes are zero (measured again, the canonical gauge of the canonical model is no move)."""
+    m = koopman_model.eval()
+    g = torch.Generator().manual_seed(5)
+    cs = [torch.rand(k.alpha.shape, generator=g) * 2 - 1 for k in m.koopman]
+    thetas = [torch.rand(k.beta.shape, generator=g) - 0.5 for k in m.koopman]
+    moved = gauge_transform(m, cs, thetas)
+    images = torch.rand(24, 1, 8, 8, generator=g) * 2 - 1
+    x, sigma = _states()
+    with torch.no_grad():
+        torch.testing.assert_close(moved(x, sigma), m(x, sigma), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(moved.spectrum()[0].real, m.spectrum()[0].real, atol=0.05)
+    a = canonical_spectrum(m, images, torch.Generator().manual_seed(1))
+    b = canonical_spectrum(moved, images, torch.Generator().manual_seed(1))
+    for ea, eb in zip(a, b):
+        torch.testing.assert_close(eb, ea, atol=2e-3, rtol=1e-3)
+    canon = gauge_transform(m, *canonical_gauge(m, images, torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        torch.testing.assert_close(canon(x, sigma), m(x, sigma), atol=1e-4, rtol=1e-4)
+    for c, th in zip(*canonical_gauge(canon, images, torch.Generator().manual_seed(1))):
+        assert c.abs().max() < 1e-2 and th.abs().max() < 1e-2        # against c, theta of order 1 above
+    # measured on other states, the canonical gauge of one model moves by a little, not by the orbit's spread
+    other = canonical_spectrum(m, torch.rand(24, 1, 8, 8, generator=g) * 2 - 1, torch.Generator().manual_seed(2))
+    assert all((o.real - e.real).abs().mean() < (c.abs().mean()) for o, e, c in zip(other, a, cs))
 
 
 def test_state_observables_cannot_represent_the_gauge(koopman_model):
