@@ -7,7 +7,9 @@ the lowest FID among the versions scored at the same N.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +23,28 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"            # the registry alias on the best version by FID at the same N
 
 
+@contextlib.contextmanager
+def tracking_uri(uri: str):
+    """MLflow's fluent API pointed at ``uri`` for the block, then put back as it was. ``mlflow.set_tracking_uri``
+    also writes MLFLOW_TRACKING_URI into the environment (for subprocesses), so a library call that left it set
+    would redirect every later client in the process that reads the environment (a test against another
+    server, a second stack)."""
+    from mlflow.tracking._tracking_service import utils
+
+    import mlflow
+
+    before, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 def log_model(tracker: Tracker, run_id: str, model, name: str | None) -> tuple[str | None, str | None]:
     """The model as an MLflow pytorch model in run ``run_id``, registered as ``name`` (not registered when
     None). Returns the registered ``name/version`` (or None) and the logged model's id (MLflow 3), which metrics
@@ -28,8 +52,8 @@ def log_model(tracker: Tracker, run_id: str, model, name: str | None) -> tuple[s
     import mlflow
     import mlflow.pytorch
 
-    mlflow.set_tracking_uri(tracker.uri)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id, nested=True):
+    with tracking_uri(tracker.uri), tempfile.TemporaryDirectory() as tmp, \
+            mlflow.start_run(run_id=run_id, nested=True):
         # the model's classes travel with it (code_paths): models:/NAME/N loads where hkd_core is not installed;
         # the package's sources only, not its shipped teacher weights
         code = Path(tmp) / "hkd_core"

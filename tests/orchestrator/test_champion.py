@@ -3,6 +3,8 @@ never across different N; and the evaluate stage's metrics on the logged model (
 real MLflow store (SQLite in a temporary folder, no server)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from orchestrator.registry import crown, sweep_candidate
@@ -66,7 +68,7 @@ def test_the_sweep_candidate_is_the_completed_trial_with_the_lowest_fid():
     assert sweep_candidate(_summary("sw", {"b": ("stopped early (ASHA)", 10.0)})) is None
 
 
-def test_a_sweep_registers_its_best_trial_and_moves_the_alias_only_when_better(tracker):
+def test_a_sweep_registers_its_best_trial_and_moves_the_alias_only_when_better(tracker, monkeypatch):
     """Two sweeps end one after another: each registers its best trial by FID as a new version, logged in that
     trial's run with its scores on the logged model; the alias moves to the second only if its FID is lower."""
     import torch
@@ -85,7 +87,13 @@ def test_a_sweep_registers_its_best_trial_and_moves_the_alias_only_when_better(t
         assert loaded == [f"mem://{sweep_id}/{got['trial_id']}/model.pt"]     # only the best trial's model
         return got
 
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")          # what a stack's clients read
+    before = mlflow.get_tracking_uri()
     first = sweep("s1", {"a": ("completed", 80.0), "b": ("completed", 60.0)})
+    # logging the model pointed MLflow's fluent API (and the environment) at this store only for the call
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1" and mlflow.get_tracking_uri() == before
     assert first["moved"] and first["trial_id"] == "b" and first["version"] == "1"
     run = tracker.client.get_run(first["run_id"])
     assert run.data.tags["hkd.trial_id"] == "b" and run.info.status == "FINISHED"
