@@ -28,8 +28,9 @@ from .config import compose, from_composed, user_conf_dir
 from .evaluation import REFERENCES, reference
 from .pipeline import context, init_ray, run_stages
 from .stages import dataset_inputs
+from .editing import load_model
 from .registry import register_sweep_best
-from .storage import make_store, ray_storage, read_uri, store_at
+from .storage import make_store, ray_storage, store_at
 from .sweep_spec import SweepError, SweepSpec, check_against_config, define_by_run, overrides_for
 from .tracking import Tracker
 
@@ -207,7 +208,7 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = No
     close_trial_runs(tracker, sweep_id, summary)
     publish(tracker, sweep_run, spec, sweep_id, summary, pc, base_cfg)
     summary["champion"] = register_sweep_best(tracker, summary, pc.tracking.register_model,
-                                              lambda uri: load_trial_model(pc, uri))
+                                              lambda uri: load_model(pc, uri)[0])
     tracker.end(sweep_run)
     summary.update({"_sweep_run_id": sweep_run, "_tracking_uri": tracker.uri, "_experiment_id": tracker.experiment_id})
     return summary
@@ -337,14 +338,6 @@ def close_trial_runs(tracker: Tracker, sweep_id: str, summary: dict) -> dict[str
         log.info("sweep %s: closed %d trial runs (%s)", sweep_id, len(closed),
                  ", ".join(f"{t} {s}" for t, s in sorted(closed.items())))
     return closed
-
-
-def load_trial_model(pc, uri: str):
-    """A trial's model.pt (model_record), from its ``hkd.model_uri``."""
-    from hkd_core.models import model_from_record
-
-    return model_from_record(torch.load(io.BytesIO(read_uri(pc.storage, uri, "hkd.model_uri")), map_location="cpu",
-                                        weights_only=False))
 
 
 def summarize_sweep(spec: SweepSpec, sweep_id: str, results, total_kimg: float, pc) -> dict:

@@ -52,17 +52,12 @@ def edits(model_uri: str, out: Path, samples: int, taus: list[float], orders: li
 def frequencies(model_uri: str, out: Path, samples: int, orders: list[str], controls: int) -> dict:
     import torch
 
-    from hkd_core.models import model_from_record
     from hkd_core.spectra import band_frequency_shares
     from orchestrator.cli import compose_for_cli
     from orchestrator.config import from_composed
-    from orchestrator.storage import read_uri
+    from orchestrator.editing import load_model
 
-    pc = from_composed(compose_for_cli([]))
-    import io
-
-    model = model_from_record(torch.load(io.BytesIO(read_uri(pc.storage, model_uri, "--model")), map_location="cpu",
-                                         weights_only=False)).eval()
+    model = load_model(from_composed(compose_for_cli([])), model_uri)[0].eval()
     got = {}
     for order in orders:
         path = out / f"band_frequencies_{order}.json"
