@@ -74,6 +74,7 @@ def teacher_nfe_of(name: str) -> int | None:
 
 # spectra (hkd_core.spectra.summarize): spectra/l<level>/<stat>
 SPECTRA = "spectra"
+SPECTRA_CANONICAL = "spectra_canonical"    # the same summaries in the canonical gauge (hkd_core.gauge), to compare runs
 SPECTRUM_STATS = ("alpha_mean", "alpha_min", "alpha_max", "alpha_std", "abs_beta_mean", "frac_growing", "num_modes")
 
 

@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                    "alpha (band 0 decays fastest; default) or by speed |alpha| (band 0 changes most)")
     g.add_argument("--controls", type=int, default=4, help="edit: random mode sets of the band's size, the "
                    "control beside the band (default 4)")
+    g = p.add_argument_group("compare")
+    g.add_argument("--gauge", default="canonical", choices=["canonical", "trained"], help="compare: spectra in the "
+                   "canonical gauge (default; the gauge freedom of alpha fixed, docs/results/issue24) or as trained")
     g.add_argument("--out", help="study/edit/compare: local folder for the tables and figures (default runs/...); "
                                  "ship-teacher: the shipped teacher's folder (e.g. hkd_core/shipped/<name>)")
     args = p.parse_intermixed_args(argv)
@@ -469,7 +472,7 @@ def compare_main(args) -> int:
             raise ValueError("name at least one MLflow run id, sweep id, study id or model URI to compare")
         if not gate_ok(pc, "compare", ray=False):
             return 2
-        res = run_compare(pc, tokens, args.out)
+        res = run_compare(pc, tokens, args.out, gauge=args.gauge)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"hkd: compare error: {describe(e)}", file=sys.stderr)
         return 2

@@ -12,6 +12,11 @@ Each argument names one or more models:
 * a study id (tag ``hkd.study``): every distilled variant of that study;
 * a model itself: ``s3://bucket/key``, ``models:/name/version`` or a local ``model.pt``.
 
+Spectra are compared in the canonical gauge (``--gauge canonical``, the default; ``--gauge trained`` for the
+eigenvalues as the parameters hold them): the latent loss leaves every mode's alpha free up to a shift that the
+encoder absorbs (docs/results/issue24), so two runs' raw spectra can differ for no reason in the data; the
+canonical gauge is the same model with that shift fixed, measured on 512 test images.
+
 The first model is the reference row: every other is compared with it per level, mode for mode, after the
 modes within each position are matched (a Hungarian match on (centred alpha, |beta|): ``hkd_core.gauge``): the
 correlation of alpha over every (mode, position) and the mean difference, which an offset that survived
@@ -142,13 +147,24 @@ def curves_markdown(curves: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow: bool = True) -> dict:
+GAUGES = ("canonical", "trained")
+
+
+def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow: bool = True,
+                gauge: str = "canonical") -> dict:
+    """Compare the spectra of the models that ``tokens`` name. ``gauge``: ``canonical`` (default) compares each
+    model's spectrum in the canonical gauge (``evaluation.canonical_spectrum``: the same model, its eigenvalues
+    moved along the gauge orbit that the latent loss leaves free, so that a difference is one of the data and
+    not of the optimiser's history); ``trained`` compares the eigenvalues as the parameters hold them."""
     from hkd_core import metric_names as M
     from hkd_core.figures import plot_spectra_overlay
 
     from . import tracking as T
     from .editing import load_model
+    from .evaluation import canonical_spectrum
 
+    if gauge not in GAUGES:
+        raise ValueError(f"--gauge {gauge!r}: use one of {', '.join(GAUGES)}")
     if not tokens:
         raise ValueError("hkd compare needs at least one run, sweep, study or model to show")
     client = T._client(pc.tracking.resolved_uri())
@@ -160,6 +176,8 @@ def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow
         if not spec:
             log.info("compare: %s (%s) has no Koopman operator; left out", s.label, type(model).__name__)
             continue
+        if gauge == "canonical":
+            spec = canonical_spectrum(pc, model)
         labels.append(s.label)
         spectra.append(spec)
     if not spectra:
@@ -168,8 +186,9 @@ def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow
     ident = hashlib.sha256(json.dumps([s.model_uri for s in sources]).encode()).hexdigest()[:10]
     folder = Path(out or Path("runs") / f"compare-{ident}")
     folder.mkdir(parents=True, exist_ok=True)
-    table = compare_table(labels, spectra)
-    md = to_markdown(table)
+    table = {**compare_table(labels, spectra), "gauge": gauge}
+    md = (f"Spectra {'in the canonical gauge (hkd_core.gauge.canonical_gauge)' if gauge == 'canonical' else 'as trained'}"
+          ".\n\n" + to_markdown(table))
     if curves:
         md += "\n" + curves_markdown(curves)
     (folder / "compare.md").write_text(md)
@@ -192,7 +211,8 @@ def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow
     if log_mlflow:
         tracker = T.Tracker(pc.tracking)
         run_id = tracker.open_run(f"compare-{ident}", f"compare-{ident}", None,
-                                  {"hkd.stage": "compare", "hkd.compare": ",".join(tokens)[:4000]})
+                                  {"hkd.stage": "compare", "hkd.compare": ",".join(tokens)[:4000],
+                                   "hkd.gauge": gauge})
         tracker.log_params(run_id, {"compare": {f"model{i}": f"{s.label} {s.model_uri}"
                                                 for i, s in enumerate(sources)}})
         metrics = {}

@@ -239,19 +239,62 @@ def evaluate(pc, cfg_dict: dict, model_key: str, teacher_key: str | None, images
     return metrics
 
 
-def figures(model, log_artifact) -> None:
-    """Sample grid, spectrum plots, decay-rate maps, band masking, trajectory strip and the raw eigenvalues,
-    handed to ``log_artifact(path, folder)`` (spectra/ or figures/)."""
-    from hkd_core.figures import write_figures
+CANONICAL_IMAGES = 512     # test images (a seeded subset, the same for every run) the canonical gauge is measured on
+SPECTRUM_FILES = ("spectrum.png", "alpha_maps.png", "eigenvalues.npz", "spectrum_gauges.png")
+
+
+def canonical_images(pc) -> torch.Tensor:
+    """The CANONICAL_IMAGES test images that ``hkd_core.gauge.canonical_gauge`` is measured on, the same subset
+    for every run of a data set (seed 0), fetched from the bucket where ``storage.data_source`` says so."""
+    from hkd_core.data import load_images
+
+    from .datasets import ensure_local
+
+    d = pc.run.data
+    ensure_local(pc.storage, d.name, pc.storage.data_source, d.root)
+    return load_images(d.name, "test", resolution=d.resolution, limit=CANONICAL_IMAGES, root=d.root, seed=0)[0]
+
+
+def canonical_spectrum(pc, model) -> list[torch.Tensor]:
+    """The model's spectrum in the canonical gauge (issue 24): per level (d/2, h, w) complex, the same model's
+    eigenvalues moved along their gauge orbit so that no growth or decay of a mode is the encoder's clock; []
+    for a model without Koopman latents. What the evaluate stage logs as ``spectra_canonical/`` and what
+    ``hkd compare`` compares by default: two models that differ only by a gauge have the same one."""
+    from hkd_core.gauge import canonical_spectrum as canon
+
+    if not model.spectrum():
+        return []
+    return canon(model.eval(), canonical_images(pc), torch.Generator().manual_seed(0))
+
+
+def spectrum_metrics(pc, model, canonical: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """The spectrum's summaries as trained (``spectra/l<level>/...``) and in the canonical gauge
+    (``spectra_canonical/l<level>/...``): the second is the one to compare across runs."""
+    from hkd_core.spectra import summarize
+
+    canonical = canonical_spectrum(pc, model) if canonical is None else canonical
+    return {**summarize(model.spectrum()), **summarize(canonical, M.SPECTRA_CANONICAL)}
+
+
+def figures(model, log_artifact, canonical: list[torch.Tensor] | None = None) -> None:
+    """Sample grid, spectrum plots, decay-rate maps, band masking, trajectory strip and the raw eigenvalues
+    (with ``canonical``, the canonical gauge's too, and both spectra in one plot), handed to
+    ``log_artifact(path, folder)`` (spectra/ or figures/)."""
+    from hkd_core.figures import plot_spectra_overlay, write_figures
 
     with tempfile.TemporaryDirectory() as d:
         paths = write_figures(model, Path(d))
         spec = model.spectrum()
         if spec:
-            np.savez(Path(d) / "eigenvalues.npz", **{f"level{l + 1}": ev.numpy() for l, ev in enumerate(spec)})
+            arrays = {f"level{l + 1}": ev.numpy() for l, ev in enumerate(spec)}
+            arrays.update({f"canonical_level{l + 1}": ev.numpy() for l, ev in enumerate(canonical or [])})
+            np.savez(Path(d) / "eigenvalues.npz", **arrays)
             paths.append(Path(d) / "eigenvalues.npz")
+        if spec and canonical:
+            paths.append(plot_spectra_overlay({"as trained": spec, "canonical gauge": canonical},
+                                              Path(d) / "spectrum_gauges.png"))
         for p in paths:
-            log_artifact(p, M.SPECTRA if p.name in ("spectrum.png", "alpha_maps.png", "eigenvalues.npz") else "figures")
+            log_artifact(p, M.SPECTRA if p.name in SPECTRUM_FILES else "figures")
 
 
 BESIDE = 32          # samples in the side-by-side figure

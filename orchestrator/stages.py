@@ -365,7 +365,7 @@ def curve(history, run_id: str) -> list[dict]:
 def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     """FID/KID of the model (NFE 1) and the teacher (eval.teacher_nfe), spectra and figures, into MLflow."""
     from hkd_core.models import HKD
-    from hkd_core.spectra import band_share_metrics, summarize
+    from hkd_core.spectra import band_share_metrics
 
     pc = ctx.pc
     init_ray(pc)
@@ -374,7 +374,8 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     metrics = evaluation.evaluate(pc, ctx.cfg_dict, distill["model_key"], teacher.get("teacher_key"),
                                   lambda: images(pc), teacher.get("adopted"), progress=ctx.progress)
     model = workers.load_model(pc, distill["model_key"])
-    metrics.update(summarize(model.spectrum()))
+    canonical = evaluation.canonical_spectrum(pc, model)     # what runs compare by (issue 24's gauge)
+    metrics.update(evaluation.spectrum_metrics(pc, model, canonical))
     if isinstance(model, HKD):
         metrics.update(band_share_metrics(model))        # band masking with a number (issue 13)
     metrics[M.EVAL_S] = time.perf_counter() - t0
@@ -387,7 +388,7 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     if model_id:
         ctx.tracker.log_metrics(run_id, on_model, step, model_id=model_id)
         ctx.tracker.set_tags(run_id, {"hkd.model_id": model_id})
-    evaluation.figures(model, lambda path, folder: ctx.tracker.log_artifact(run_id, path, folder))
+    evaluation.figures(model, lambda path, folder: ctx.tracker.log_artifact(run_id, path, folder), canonical)
     beside = evaluation.beside_teacher(pc, model, teacher.get("teacher_key"), lambda: images(pc))
     if beside is not None:
         ctx.tracker.log_artifact(run_id, beside, "figures")

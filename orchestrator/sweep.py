@@ -25,7 +25,7 @@ from hkd_core import metric_names as M
 
 from . import asha, identity, trainer, workers
 from .config import compose, from_composed, user_conf_dir
-from .evaluation import REFERENCES, reference
+from .evaluation import REFERENCES, reference, spectrum_metrics
 from .pipeline import context, init_ray, run_stages
 from .stages import dataset_inputs
 from .editing import load_model
@@ -97,7 +97,6 @@ def trial_fn(params: dict, ctx: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from hkd_core.models import build_model, model_record
-    from hkd_core.spectra import summarize
 
     trial_id = tune.get_context().get_trial_id()
     # Tune hands over Optuna's per-suggestion values too (model.subspace_dims.l1, ...): keep the config keys
@@ -141,7 +140,7 @@ def trial_fn(params: dict, ctx: dict) -> None:
     model.load_state_dict(state["ema"])
     model.eval()
     final = final_metrics(pc, model, ctx)
-    final.update(summarize(model.spectrum()))
+    final.update(spectrum_metrics(pc, model))       # as trained and in the canonical gauge
     tracker.log_metrics(run_id, final, int(state["nimg"]))
     buf = io.BytesIO()
     torch.save(model_record(model), buf)

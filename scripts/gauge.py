@@ -119,20 +119,16 @@ def run_one(config: str, offset: str, base: list[str]) -> dict:
     return row
 
 
-CANON_IMAGES = 512     # test images (seeded subset) that the canonical gauge is measured on
 
 
 def canonical_rows(rows: list[dict], path: Path) -> dict[tuple[str, str], list]:
     """Per measured run, its spectrum in the canonical gauge (hkd_core.gauge.canonical_gauge: the encoder's mean
     log-energy and phase slopes at a fixed state brought to zero, the model's outputs unchanged), measured on the
-    same CANON_IMAGES test images for every run; cached in ``path`` (canonical.jsonl) by model URI."""
-    import torch
-
-    from hkd_core.data import load_images
-    from hkd_core.gauge import canonical_spectrum
+    same CANONICAL_IMAGES test images for every run; cached in ``path`` (canonical.jsonl) by model URI."""
     from orchestrator.cli import compose_for_cli
     from orchestrator.config import from_composed
     from orchestrator.editing import load_model
+    from orchestrator.evaluation import CANONICAL_IMAGES, canonical_spectrum
 
     have = {}
     if path.exists():
@@ -140,17 +136,15 @@ def canonical_rows(rows: list[dict], path: Path) -> dict[tuple[str, str], list]:
             if line.strip():
                 r = json.loads(line)
                 have[r["model_uri"]] = r
-    pc, images = None, None
+    pc = None
     for r in rows:
         if r["model_uri"] in have:
             continue
         if pc is None:
             pc = from_composed(compose_for_cli([]))
-            d = pc.run.data
-            images = load_images(d.name, "test", resolution=d.resolution, limit=CANON_IMAGES, root=d.root, seed=0)[0]
         model, _ = load_model(pc, r["model_uri"])
-        spec = canonical_spectrum(model.eval(), images, torch.Generator().manual_seed(0))
-        rec = {"config": r["config"], "offset": r["offset"], "model_uri": r["model_uri"], "images": CANON_IMAGES,
+        spec = canonical_spectrum(pc, model)     # what the evaluate stage logs: the same images and noise
+        rec = {"config": r["config"], "offset": r["offset"], "model_uri": r["model_uri"], "images": CANONICAL_IMAGES,
                "spectrum": [[ev.real.tolist(), ev.imag.tolist()] for ev in spec]}
         with path.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")

@@ -119,11 +119,16 @@ def test_pipeline_end_to_end(first_pipeline, s3, run_tag, smoke):
     local = mlflow.artifacts.download_artifacts(run_id=ev_id, artifact_path="spectra/eigenvalues.npz",
                                                 tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     with np.load(local) as z:                                              # the raw eigenvalues, per level
-        assert sorted(z.files) == [f"level{l}" for l in range(1, levels + 1)]
+        assert sorted(z.files) == sorted([f"level{l}" for l in range(1, levels + 1)]
+                                         + [f"canonical_level{l}" for l in range(1, levels + 1)])
         for l in range(1, levels + 1):
             e = z[f"level{l}"]
             assert np.iscomplexobj(e) and e.size == ev[f"spectra/l{l}/num_modes"]
             assert float(np.real(e).mean()) == pytest.approx(ev[f"spectra/l{l}/alpha_mean"], rel=1e-5, abs=1e-7)
+            c = z[f"canonical_level{l}"]          # the canonical gauge's eigenvalues: the same modes, other rates
+            assert c.shape == e.shape
+            assert float(np.real(c).mean()) == pytest.approx(ev[f"spectra_canonical/l{l}/alpha_mean"], rel=1e-5,
+                                                             abs=1e-7)
 
     keys = _keys(s3, f"it-{run_tag}/")
     names = [k.split("/", 1)[1] for k in keys]

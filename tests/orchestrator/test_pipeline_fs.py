@@ -65,10 +65,11 @@ def test_runs_and_metrics_land_in_the_local_mlflow_store(fs_runs):
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.info.status == "FINISHED"
     ev = runs[identity.run_key(pc, "evaluate")]
     assert {"eval/fid", "eval/kid", "eval/kid_std", "eval/n", "eval/teacher_fid_nfe1",
-            "spectra/l1/alpha_mean", "bands/band0/low", "bands/random1/high", "bands/image/mid"} <= set(ev.data.metrics)
+            "spectra/l1/alpha_mean", "spectra_canonical/l1/alpha_mean", "spectra_canonical/l2/frac_growing",
+            "bands/band0/low", "bands/random1/high", "bands/image/mid"} <= set(ev.data.metrics)
     assert ev.data.metrics["eval/n"] == 32 and ev.data.metrics["eval/fid"] > 0
     arts = {a.path for folder in ("spectra", "figures") for a in client.list_artifacts(ev.info.run_id, folder)}
-    assert {"spectra/spectrum.png", "spectra/eigenvalues.npz", "figures/samples.png",
+    assert {"spectra/spectrum.png", "spectra/eigenvalues.npz", "spectra/spectrum_gauges.png", "figures/samples.png",
             "figures/samples_vs_teacher.png"} <= arts
     assert "headline.json" in {a.path for a in client.list_artifacts(ev.info.run_id)}
     assert ev.data.metrics["eval/kid_ratio"] == pytest.approx(ev.data.metrics["eval/kid"] /
@@ -148,9 +149,47 @@ def test_compare_overlays_the_spectra_of_runs_and_models_and_logs_them(fs_runs, 
     assert [p["kimg"] for p in pts] == pytest.approx([0.128])  # the checkpoint before the end (evaluate scores it)
     assert all(p["fid"] > 0 and 0 < p["kid_std"] and p["train_s"] > 0 for p in pts)
     assert (tmp_path / "cmp" / "compare_curves.png").stat().st_size > 10_000
+    # the default gauge is the canonical one: the reference row is the spectrum that evaluate logged in that gauge,
+    # which is not the spectrum as trained (`--gauge trained` gives that one)
+    ev = {r.data.tags["hkd.run_key"]: r for r in client.search_runs([first["_experiment_id"]])}[
+        identity.run_key(fs_runs["pc"], "evaluate")].data.metrics
+    ref = [r for r in rows if r["model"] == res["table"]["models"][0]]
+    assert res["table"]["gauge"] == "canonical" and run.data.tags["hkd.gauge"] == "canonical"
+    for r in ref:
+        assert r["alpha_mean"] == pytest.approx(ev[f"spectra_canonical/l{r['level']}/alpha_mean"], abs=1e-5)
+        assert abs(r["alpha_mean"] - ev[f"spectra/l{r['level']}/alpha_mean"]) > 1e-3
+    assert main(["compare", *over, str(model_path), "--gauge", "trained", "--out", str(tmp_path / "raw"),
+                 "--json", str(out)]) == 0
+    raw = json.loads(out.read_text())["table"]
+    assert raw["gauge"] == "trained"
+    assert [r["alpha_mean"] for r in raw["rows"]] == pytest.approx(
+        [ev[f"spectra/l{r['level']}/alpha_mean"] for r in raw["rows"]], abs=1e-6)
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert f"0.128: {pts[0]['fid']:.2f}" in md
     assert main(["compare", *over, "no-such-sweep"]) == 2
+
+
+def test_the_canonical_spectrum_is_one_per_gauge_orbit(fs_runs):
+    """What evaluate logs and `hkd compare` compares: a copy of the pipeline's model moved along its gauge orbit
+    (alpha + c per mode, the encoder rescaled to match: the same outputs) has other raw eigenvalues but the same
+    canonical spectrum, so the comparison table finds them equal mode for mode."""
+    from hkd_core.gauge import gauge_transform
+    from hkd_core.models import model_from_record
+    from orchestrator.compare import compare_table
+    from orchestrator.evaluation import canonical_spectrum
+
+    pc = fs_runs["pc"]
+    path = fs_runs["root"] / "store" / "runs" / identity.stage_prefix(pc, "distill") / "model.pt"
+    m = model_from_record(torch.load(path, weights_only=False)).eval()
+    g = torch.Generator().manual_seed(3)
+    moved = gauge_transform(m, [torch.randn(ev.shape[0], generator=g) * 0.3 for ev in m.spectrum()])
+    raw = compare_table(["model", "moved"], [m.spectrum(), moved.spectrum()])["rows"]
+    assert max(abs(r.get("alpha_mean_diff", 0)) for r in raw) > 0.01 or min(r.get("alpha_corr", 1) for r in raw) < 0.99
+    a, b = canonical_spectrum(pc, m), canonical_spectrum(pc, moved)
+    for ea, eb in zip(a, b):
+        assert torch.allclose(ea, eb, atol=2e-3)
+    canon = [r for r in compare_table(["model", "moved"], [a, b])["rows"] if r["model"] == "moved"]
+    assert all(r["alpha_corr"] > 0.999 and abs(r["alpha_mean_diff"]) < 1e-3 for r in canon)
 
 
 def test_the_logged_model_loads_where_hkd_core_is_not_installed(fs_runs, tmp_path):
