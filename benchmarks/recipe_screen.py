@@ -46,7 +46,7 @@ def load_trajectories(where: str) -> tuple[torch.Tensor, torch.Tensor]:
         d = torch.load(where, weights_only=True)
         return d["states"], d["sigmas"]
     if where.startswith("s3://"):
-        from orchestrator.storage import StorageConfig, store_at
+        from orchestrator.services.storage import StorageConfig, store_at
 
         return load_all(store_at(StorageConfig(), where[len("s3://"):]))
     return load_all(LocalStore(where))

@@ -31,7 +31,7 @@ def main() -> None:
     import pyarrow
     import pyarrow.fs
 
-    from orchestrator.storage import retrying_s3_filesystem
+    from orchestrator.services.rayfs import retrying_s3_filesystem
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attempts", type=int, default=8)

@@ -23,12 +23,12 @@ import json
 from pathlib import Path
 
 import torch
+from recipe_screen import load_trajectories
 
+from hkd_core.koopman import tau_of_sigma
 from hkd_core.losses import latent_consistency
 from hkd_core.models import model_from_record
 from hkd_core.spectra import spectrum_distance
-from hkd_core.koopman import tau_of_sigma
-from recipe_screen import load_trajectories
 
 
 def residuals(model, states: torch.Tensor, sigmas: torch.Tensor, picks: list[int]) -> dict[str, float]:

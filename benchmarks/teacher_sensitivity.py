@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import torch
+from _default_teacher import default_teacher
 
 from hkd_core.config import DataConfig, TeacherConfig
 from hkd_core.data import load_images
 from hkd_core.evaluation import endpoint_sensitivity, noise
-from _default_teacher import default_teacher
 from hkd_core.teachers import build_teacher
 
 

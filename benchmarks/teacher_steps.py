@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+from _default_teacher import default_teacher
 
 from hkd_core import evaluation as E
 from hkd_core.config import EvalConfig
 from hkd_core.fid import FeatureStats, InceptionFeatures, Reference
-from _default_teacher import default_teacher
 from hkd_core.teachers import build_teacher
 
 

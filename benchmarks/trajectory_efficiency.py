@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import torch
+from _default_teacher import default_teacher
 
 from hkd_core.generate import generate_shard, sampler_nfe, sampler_spec
-from _default_teacher import default_teacher
 from hkd_core.teachers import build_teacher, teacher_denoiser
 
 

@@ -16,12 +16,12 @@ tell from real ones, as in adversarial distillation (ADD, DMD2). The term is opt
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from torch import nn
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 

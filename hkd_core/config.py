@@ -11,16 +11,15 @@ import hashlib
 import json
 import types
 import typing
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from .config_checks import ConfigError, check_gauge, check_init
+from .config_checks import choice as _choice
+from .config_checks import positive as _positive
 from .data import DATASETS
 from .models import PRESETS, VARIANTS, HKDConfig
 from .sampler import SAMPLERS
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and what is allowed."""
 
 
 @dataclass
@@ -155,6 +154,8 @@ class TrainConfig:
     seed: int = 0
     skip_corrupt_shards: bool = False    # leave out trajectory shards that fail the checks (counted in the
                                          # metric data/skipped_shards) instead of refusing to train
+    skip_nonfinite: bool = False         # a step whose loss or gradient is NaN/inf: skipped and counted
+                                         # (train/skipped_nonfinite) instead of ending the run with its step named
 
 
 @dataclass
@@ -239,16 +240,6 @@ def from_dict(cls, d: dict | None, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {sorted(allowed)}")
-
-
-def _positive(key: str, value, strict: bool = True) -> None:
-    if value is not None and (value <= 0 if strict else value < 0):
-        raise ConfigError(f"{key}={value} must be {'> 0' if strict else '>= 0'}")
-
-
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every key and every cross-key constraint; raise ConfigError naming the key."""
     _choice("data.name", cfg.data.name, DATASETS)
@@ -280,7 +271,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         cfg.hkd_config().validate()
     except ValueError as e:   # ConfigError included: keep the message, which names the key
         raise ConfigError(str(e)) from None
-    _check_init(cfg)
+    check_init(cfg)
     for k in ("total_kimg", "batch_size", "lr", "states_per_traj", "log_every_kimg", "checkpoint_every_kimg"):
         _positive(f"train.{k}", getattr(cfg.train, k))
     _positive("train.max_train_s", cfg.train.max_train_s)
@@ -296,7 +287,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"of the peak)")
     _positive("train.teacher_lr_mult", cfg.train.teacher_lr_mult, strict=False)
     _positive("train.holdout_every_kimg", cfg.train.holdout_every_kimg, strict=False)
-    _check_gauge(cfg)
+    check_gauge(cfg)
     _positive("train.adversarial_weight", cfg.train.adversarial_weight, strict=False)
     _positive("train.adversarial_lr", cfg.train.adversarial_lr)
     _positive("train.adversarial_start_kimg", cfg.train.adversarial_start_kimg, strict=False)
@@ -351,63 +342,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     for i, n in enumerate(cfg.eval.teacher_nfe):
         _positive(f"eval.teacher_nfe[{i}]", n)
     return cfg
-
-
-def _check_gauge(cfg: RunConfig) -> None:
-    """The gauge keys (issue 24): offsets and the condition need Koopman latents that evolve."""
-    m, t = cfg.model, cfg.train
-    _positive("train.gauge_weight", t.gauge_weight, strict=False)
-    _positive("model.alpha_offset_spread", m.alpha_offset_spread, strict=False)
-    evolves = m.variant in ("hkd", "one_level") and "none" not in cfg.hkd_config().operators()
-    for key, value in (("train.gauge_weight", t.gauge_weight), ("model.alpha_offset", m.alpha_offset),
-                       ("model.alpha_offset_spread", m.alpha_offset_spread)):
-        if value and not evolves:
-            raise ConfigError(f"{key}={value} acts on Koopman latents that evolve; model.variant={m.variant} "
-                              f"(operator {cfg.hkd_config().operator}) has none: use model.variant=hkd or one_level")
-    if t.gauge_weight and cfg.hkd_config().observables == "state":
-        raise ConfigError(f"train.gauge_weight={t.gauge_weight} with model.observables=state: observables of the state "
-                          f"alone meet the gauge condition by construction (the condition is then 0); use one of them")
-
-
-def _check_init(cfg: RunConfig) -> None:
-    """model.init: the teacher must be a U-Net, and the student's trunk must take its tensors (checked on
-    shapes only, with both networks built on the meta device: no memory, no time)."""
-    from .teacher_init import INIT_MODES, TeacherInitError, init_from_teacher
-
-    _choice("model.init", cfg.model.init, INIT_MODES)
-    if cfg.model.init == "none":
-        return
-    if cfg.teacher.kind != "edm":
-        raise ConfigError(f"model.init={cfg.model.init} needs a U-Net teacher (teacher=edm); teacher.kind is "
-                          f"{cfg.teacher.kind!r}, which has no weights to start from; use model.init=none")
-    import torch
-
-    from .models import build_model
-    from .teachers import teacher_denoiser
-
-    with torch.device("meta"):
-        student = build_model(cfg.model.variant, cfg.hkd_config())
-        teacher = teacher_denoiser(cfg.teacher, DATASETS[cfg.data.name].channels, cfg.data.resolution)
-    if cfg.model.variant != "kd" or cfg.model.init == "teacher":
-        shapes = {k: torch.empty(v.shape, device="meta") for k, v in teacher.state_dict().items()}
-        try:
-            _dry_init(student, shapes, cfg.model.init, init_from_teacher)
-        except TeacherInitError as e:
-            raise ConfigError(str(e)) from None
-    else:
-        raise ConfigError("model.init=teacher_encoder does not apply to model.variant=kd (no separate encoder); "
-                          "use model.init=teacher (the whole U-Net) or none")
-    if abs(cfg.hkd_config().sigma_data - cfg.teacher.sigma_data) > 1e-12:
-        raise ConfigError(f"model.init={cfg.model.init} with model.sigma_data={cfg.model.sigma_data} != "
-                          f"teacher.sigma_data={cfg.teacher.sigma_data}: the copied layers expect the teacher's input "
-                          f"scaling; leave model.sigma_data unset (it follows the teacher)")
-
-
-def _dry_init(student, shapes, mode, init) -> None:
-    import torch
-
-    with torch.no_grad():
-        init(student, shapes, mode, "the teacher (teacher.*)")
 
 
 def config_hash(*parts) -> str:

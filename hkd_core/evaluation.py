@@ -9,7 +9,7 @@ scores them (``score``) against reference statistics of a fixed subset of real i
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -64,27 +64,27 @@ class FeatureStats:
     outer: np.ndarray        # (D, D) sum of outer products
 
     @classmethod
-    def empty(cls, dim: int = DIM) -> "FeatureStats":
+    def empty(cls, dim: int = DIM) -> FeatureStats:
         return cls(0, np.zeros(dim), np.zeros((dim, dim)))
 
     @classmethod
-    def of(cls, features: torch.Tensor) -> "FeatureStats":
+    def of(cls, features: torch.Tensor) -> FeatureStats:
         s = cls.empty(features.shape[1])
         s.add(features)
         return s
 
-    def add(self, features: torch.Tensor) -> "FeatureStats":
+    def add(self, features: torch.Tensor) -> FeatureStats:
         f = features.double().numpy()
         self.n += f.shape[0]
         self.total += f.sum(0)
         self.outer += f.T @ f
         return self
 
-    def merge(self, other: "FeatureStats") -> "FeatureStats":
+    def merge(self, other: FeatureStats) -> FeatureStats:
         return FeatureStats(self.n + other.n, self.total + other.total, self.outer + other.outer)
 
     @classmethod
-    def merge_all(cls, parts: list["FeatureStats"]) -> "FeatureStats":
+    def merge_all(cls, parts: list[FeatureStats]) -> FeatureStats:
         out = cls.empty(parts[0].total.shape[0] if parts else DIM)
         for p in parts:
             out = out.merge(p)
@@ -95,7 +95,7 @@ class FeatureStats:
         return {"n": self.n, "total": self.total, "outer": self.outer}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeatureStats":
+    def from_dict(cls, d: dict) -> FeatureStats:
         return cls(int(d["n"]), np.asarray(d["total"], np.float64), np.asarray(d["outer"], np.float64))
 
     def mu_sigma(self) -> dict[str, np.ndarray]:

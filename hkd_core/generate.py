@@ -15,8 +15,17 @@ from tqdm.auto import tqdm
 from .edm import SIGMA_MAX, SIGMA_MIN
 from .sampler import SAMPLERS, karras_sigmas
 from .teachers import Teacher
-from .trajectories import BlobStore, Manifest, ShardError, ShardInfo, read_shard, shard_info, shard_key, write_manifest, \
-    write_shard
+from .trajectories import (
+    BlobStore,
+    Manifest,
+    ShardError,
+    ShardInfo,
+    read_shard,
+    shard_info,
+    shard_key,
+    write_manifest,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 HOLDOUT_SEED_OFFSET = 10 ** 9

@@ -5,20 +5,20 @@ AttributeError instead of an empty chart in the MLflow UI. Steps count images se
 """
 from __future__ import annotations
 
-# training loop (hkd_core.train): train/<loss term> for every term a loss returns, plus these
+
+# training loop (hkd_core.train): train/<loss term> for every term a loss returns (loss, loss_recon, loss_tcons,
+# loss_latent with train.latent_weight > 0, loss_adv, lambda1, grad_norm), plus these
 def train(term: str) -> str:
     return f"train/{term}"
 
 
 TRAIN_LOSS = "train/loss"
-TRAIN_LOSS_RECON = "train/loss_recon"
-TRAIN_LOSS_TCONS = "train/loss_tcons"
-TRAIN_LOSS_LATENT = "train/loss_latent"               # train.latent_weight > 0 (issue 13)
 TRAIN_LR = "train/lr"
 TRAIN_HOLDOUT_MSE = "train/holdout_mse"              # the EMA model vs the teacher on held-out trajectories
 TRAIN_FIT_MSE = "train/train_mse"                    # ... and on as many training trajectories (overfitting check)
 TRAIN_KIMG = "train/kimg"
 TRAIN_S = "train/train_s"
+TRAIN_SKIPPED_NONFINITE = "train/skipped_nonfinite"   # steps skipped for a NaN/inf loss (train.skip_nonfinite)
 TRAIN_ATTEMPT = "train/attempt"                      # starts of the worker group, restarts included
 TRAIN_RESUMED_FROM_KIMG = "train/resumed_from_kimg"
 TRAIN_NODES = "train/nodes"                          # Ray nodes the worker group runs on, at each start

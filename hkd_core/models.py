@@ -11,12 +11,12 @@ switches on the same code:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, EDMPrecond, UNet, UNetConfig, as_sigma
 from .koopman import OPERATORS, KoopmanOperator, tau_of_sigma
@@ -59,7 +59,7 @@ class HKDConfig:
     def sizes(self) -> list[int]:
         return [self.resolution // 2 ** l for l in range(self.levels)]
 
-    def validate(self) -> "HKDConfig":
+    def validate(self) -> HKDConfig:
         """Raise ValueError naming the field at fault."""
         if self.levels < 1:
             raise ValueError(f"model.levels must be >= 1, got {self.levels}")

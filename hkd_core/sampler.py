@@ -6,8 +6,8 @@ and returns a ``Trajectory``: every state (x_T first, x_0 last), its sigma grid 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

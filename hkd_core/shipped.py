@@ -70,7 +70,7 @@ class ShippedTeacher:
         try:
             load_model_state(net, state, str(path))
         except CheckpointError as e:
-            raise ShippedTeacherError(f"{e}; the record {self.folder / RECORD} does not describe these weights")
+            raise ShippedTeacherError(f"{e}; the record {self.folder / RECORD} does not describe these weights") from e
         return state
 
 

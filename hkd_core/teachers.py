@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from .config import DataConfig, TeacherConfig
 from .edm import EDMPrecond, UNet, UNetConfig, as_sigma
+
+if TYPE_CHECKING:      # annotations only: config.py builds teachers on the meta device to check model.init
+    from .config import DataConfig, TeacherConfig
 
 
 @runtime_checkable
@@ -42,7 +44,7 @@ class EDMTeacher:
         if next(self.net.parameters()).device.type == "cpu":
             self.channels_last()
 
-    def channels_last(self) -> "EDMTeacher":
+    def channels_last(self) -> EDMTeacher:
         self.net.to(memory_format=torch.channels_last)
         self._format = torch.channels_last
         return self

@@ -14,9 +14,10 @@ import json
 import os
 import random
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class Manifest:
         return json.dumps(d, indent=1)
 
     @classmethod
-    def from_json(cls, text: str, where: str = MANIFEST) -> "Manifest":
+    def from_json(cls, text: str, where: str = MANIFEST) -> Manifest:
         try:
             d = json.loads(text)
             if d.get("format") != FORMAT or d.get("version") != VERSION:

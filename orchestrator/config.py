@@ -17,10 +17,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hkd_core.config import ConfigError, RunConfig, from_dict, stage_hashes, validate as validate_run
-
-from .storage import StorageConfig
-from .tracking import TrackingConfig
+from hkd_core.config import ConfigError, RunConfig, from_dict, stage_hashes
+from hkd_core.config import validate as validate_run
+from orchestrator.services.storage import StorageConfig
+from orchestrator.services.tracking import TrackingConfig
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 DEFAULTS_NAME = "hkd_defaults"
@@ -80,7 +80,8 @@ def user_conf_dir() -> Path:
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> dict:
     """Hydra composition -> a plain resolved dict. Hydra's own errors are turned into ConfigErrors."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
     from omegaconf import OmegaConf

@@ -25,3 +25,14 @@ def describe(err: BaseException) -> str:
                 f"removed it while this process was in it)")
     frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
     return f"{what} (no path given; raised at {frames[-1].filename}:{frames[-1].lineno})" if frames else what
+
+
+def summary(err: BaseException) -> str:
+    """One line for an exception that ended a command: for an error that wraps others (Ray Train's
+    ``WorkerGroupError`` carries the workers' tracebacks as text), the innermost ``SomeError: message`` line;
+    else ``describe``'s sentence."""
+    import re
+
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    inner = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): \S", ln)]
+    return inner[-1] if inner else f"{type(err).__name__}: {describe(err)}"

@@ -75,15 +75,14 @@ def latent_residuals(model, states, sigmas) -> dict[str, float]:
 def run_one(config: str, offset: str, base: list[str]) -> dict:
     from hkd_core import metric_names as M
     from hkd_core.trajectories import read_manifest
-
     from orchestrator import identity
-    from orchestrator.cli import compose_for_cli
+    from orchestrator.analysis.editing import load_model
+    from orchestrator.api import compose as compose_for_cli
     from orchestrator.config import from_composed
-    from orchestrator.editing import load_model
-    from orchestrator.pipeline import run_stages
-    from orchestrator.storage import make_store
-    from orchestrator.tracking import Tracker
-    from orchestrator.workers import overfitting_sets
+    from orchestrator.services.storage import make_store
+    from orchestrator.services.tracking import Tracker
+    from orchestrator.stages.driver import run_stages
+    from orchestrator.stages.workers import overfitting_sets
 
     over = base + CONFIGS[config][1] + OFFSETS[offset]
     cfg = compose_for_cli(over)
@@ -125,10 +124,10 @@ def canonical_rows(rows: list[dict], path: Path) -> dict[tuple[str, str], list]:
     """Per measured run, its spectrum in the canonical gauge (hkd_core.gauge.canonical_gauge: the encoder's mean
     log-energy and phase slopes at a fixed state brought to zero, the model's outputs unchanged), measured on the
     same CANONICAL_IMAGES test images for every run; cached in ``path`` (canonical.jsonl) by model URI."""
-    from orchestrator.cli import compose_for_cli
+    from orchestrator.analysis.editing import load_model
+    from orchestrator.api import compose as compose_for_cli
     from orchestrator.config import from_composed
-    from orchestrator.editing import load_model
-    from orchestrator.evaluation import CANONICAL_IMAGES, canonical_spectrum
+    from orchestrator.stages.evaluation import CANONICAL_IMAGES, canonical_spectrum
 
     have = {}
     if path.exists():

@@ -24,9 +24,9 @@ BANDS = ("low", "mid", "high")
 
 
 def edits(model_uri: str, out: Path, samples: int, taus: list[float], orders: list[str], controls: int) -> list[dict]:
-    from orchestrator.cli import compose_for_cli
+    from orchestrator.analysis.editing import EditArgs, run_edit
+    from orchestrator.api import compose as compose_for_cli
     from orchestrator.config import from_composed
-    from orchestrator.editing import EditArgs, run_edit
 
     pc = from_composed(compose_for_cli([]))
     rows = []
@@ -53,9 +53,9 @@ def frequencies(model_uri: str, out: Path, samples: int, orders: list[str], cont
     import torch
 
     from hkd_core.spectra import band_frequency_shares
-    from orchestrator.cli import compose_for_cli
+    from orchestrator.analysis.editing import load_model
+    from orchestrator.api import compose as compose_for_cli
     from orchestrator.config import from_composed
-    from orchestrator.editing import load_model
 
     model = load_model(from_composed(compose_for_cli([])), model_uri)[0].eval()
     got = {}

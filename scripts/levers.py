@@ -56,11 +56,10 @@ def history_last(tracker, run_id: str, key: str) -> float | None:
 def run_row(name: str, label: str, overrides: list[str], budget: str, base: list[str], seconds: float | None
             ) -> dict:
     from hkd_core import metric_names as M
-
     from orchestrator import identity
-    from orchestrator.cli import compose_for_cli
+    from orchestrator.api import compose as compose_for_cli
     from orchestrator.config import from_composed
-    from orchestrator.pipeline import run_stages
+    from orchestrator.stages.driver import run_stages
 
     extra = [] if budget == "images" else ["train.total_kimg=100000", f"train.max_train_s={seconds:.1f}"]
     over = base + overrides + extra
@@ -69,7 +68,7 @@ def run_row(name: str, label: str, overrides: list[str], budget: str, base: list
     t0 = time.perf_counter()
     res = run_stages(pc, cfg, "evaluate", progress=False)
     m, d = res["evaluate"]["metrics"], res["distill"]
-    from orchestrator.tracking import Tracker
+    from orchestrator.services.tracking import Tracker
 
     tracker = Tracker(pc.tracking)
     distill_run = tracker.find_run(identity.run_key(pc, "distill"))

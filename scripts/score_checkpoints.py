@@ -3,7 +3,7 @@
 A curve point scored inside training (eval.curve_n) holds both Ray Train workers while rank 0 samples and runs
 Inception; on 2 shared cores one point at N = 1000 cost 6.5 minutes of the long run. This scores checkpoint
 files (hkd_core.checkpoint's ``ckpt-*.pt``: the EMA weights, images seen, training seconds) the same way, on the
-same evaluation seeds and cached reference statistics as the distill stage's curve (orchestrator.workers.
+same evaluation seeds and cached reference statistics as the distill stage's curve (orchestrator.stages.workers.
 make_eval_cb), whenever the cores are free. Give the run's overrides so that the model and data match.
 
     python scripts/score_checkpoints.py --n 1000 --out docs/results/issue23/long_run/checkpoints.json \\
@@ -35,12 +35,11 @@ def main(argv=None) -> int:
 
     from hkd_core import metric_names as M
     from hkd_core.models import build_model
-
-    from orchestrator import evaluation
-    from orchestrator.cli import adopt_local_stack
+    from orchestrator.api import adopt_local_stack
     from orchestrator.config import load
-    from orchestrator.pipeline import init_ray
-    from orchestrator.workers import make_eval_cb
+    from orchestrator.stages import evaluation
+    from orchestrator.stages.driver import init_ray
+    from orchestrator.stages.workers import make_eval_cb
 
     adopt_local_stack()
     pc = load(overrides)

@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import stack  # noqa: E402  (the local stack's process helpers)
+import procs  # noqa: E402  (the local stack's process helpers)
+import stack  # noqa: E402
 
 # what the stack's environment sets for a one-node Ray on 127.0.0.1 and a multi-node one must not inherit
 DROP = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "HKD_DATA_DIR", "RAY_AUTH_TOKEN", "HKD_STACK_DIR")
@@ -104,24 +105,24 @@ class LocalCluster:
         return env
 
     def start(self, cpus: list[int], first_ip: str = "127.0.0.2", env: dict | None = None,
-              timeout_s: float = 300) -> "LocalCluster":
+              timeout_s: float = 300) -> LocalCluster:
         """Start the head with ``cpus[0]`` CPUs and one worker node per further entry; wait until the head sees
         them all alive."""
-        if any(stack._alive(n.get("pid")) for n in self.st["nodes"]):
+        if any(procs.alive(n.get("pid")) for n in self.st["nodes"]):
             raise SystemExit(f"cluster: {self.dir} already runs a cluster; stop it first")
         self.dir.mkdir(parents=True, exist_ok=True)
         base = dict(env if env is not None else os.environ)
         names = ["gcs", "dashboard", "client"] + [f"{k}{i}" for i in range(len(cpus))
                                                   for k in ("nm", "om", "agent", "agent_grpc", "metrics", "renv")]
         # Ray's socket paths live under --temp-dir and must stay under 108 bytes: a short folder of its own
-        self.st = {"ports": dict(zip(names, stack.free_ports(len(names)))), "nodes": [],
+        self.st = {"ports": dict(zip(names, procs.free_ports(len(names)))), "nodes": [],
                    "tmp": tempfile.mkdtemp(prefix="hkdc-")}
         self.st["first_ip"] = first_ip
         self.base = base
         for i, n_cpu in enumerate(cpus):
             self._start_node(i, n_cpu)
             if i == 0:
-                stack._wait(lambda: self._head_up(), f"Ray head on {self.gcs} (dashboard {self.dashboard})",
+                procs.wait(lambda: self._head_up(), f"Ray head on {self.gcs} (dashboard {self.dashboard})",
                             timeout_s, Path(self.st["nodes"][0]["log"]), self.st["nodes"][0]["pid"])
         self._wait_nodes(timeout_s)
         return self
@@ -130,7 +131,7 @@ class LocalCluster:
         p = self.st["ports"]
         if f"nm{i}" not in p:        # a node added later: ports of its own
             p.update(zip([f"{k}{i}" for k in ("nm", "om", "agent", "agent_grpc", "metrics", "renv")],
-                         stack.free_ports(6)))
+                         procs.free_ports(6)))
         ip = node_ip(self.st["first_ip"], i)
         home = self.dir / f"node{i}"
         (home / "cache").mkdir(parents=True, exist_ok=True)
@@ -147,13 +148,13 @@ class LocalCluster:
         else:
             cmd += [f"--address={self.gcs}", f"--resources={json.dumps({f'node{i}': 1})}"]
         log = home / "ray.log"
-        self.st["nodes"].append({"ip": ip, "cpus": n_cpu, "pid": stack._spawn(cmd, log, self._node_env(i, self.base)),
+        self.st["nodes"].append({"ip": ip, "cpus": n_cpu, "pid": procs.spawn(cmd, log, self._node_env(i, self.base)),
                                  "log": str(log)})
         self._save()
 
     def _wait_nodes(self, timeout_s: float) -> None:
         want = {n["ip"] for n in self.st["nodes"]}
-        stack._wait(lambda: {r["node_ip"] for r in self.alive_nodes()} >= want,
+        procs.wait(lambda: {r["node_ip"] for r in self.alive_nodes()} >= want,
                     f"{len(want)} Ray nodes ({', '.join(sorted(want))})", timeout_s, Path(self.st["nodes"][-1]["log"]),
                     self.st["nodes"][-1]["pid"])
 
@@ -173,7 +174,7 @@ class LocalCluster:
 
     def raylet_pid(self, i: int) -> int | None:
         """The pid of node ``i``'s raylet (a member of that node's process group)."""
-        for pid in stack._session_members(self.st["nodes"][i]["pid"]):
+        for pid in procs.session_members(self.st["nodes"][i]["pid"]):
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
@@ -191,7 +192,7 @@ class LocalCluster:
         return time.time()
 
     def stop_node(self, i: int) -> None:
-        stack._stop_pid(f"ray node {i} ({self.st['nodes'][i]['ip']})", self.st["nodes"][i]["pid"], grace_s=10)
+        procs.stop_pid(f"ray node {i} ({self.st['nodes'][i]['ip']})", self.st["nodes"][i]["pid"], grace_s=10)
 
     def stop(self) -> None:
         for i in reversed(range(len(self.st["nodes"]))):

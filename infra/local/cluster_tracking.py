@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import stack  # noqa: E402  (the local stack's helpers: ports, spawning, waiting, stopping)
+import procs  # noqa: E402  (ports, spawning, waiting, stopping)
+import stack  # noqa: E402
 
 HOST = stack.HOST
 DB_USER = "hkd"
@@ -90,7 +91,7 @@ def db_url(st: dict, db: str, password: bool = False, sec: dict | None = None) -
 def start_postgres(state: Path, st: dict) -> None:
     sec = secrets_of(state)
     port = st["ports"]["pg"]
-    if stack._alive(st["services"].get("pg", {}).get("pid")):
+    if procs.alive(st["services"].get("pg", {}).get("pid")):
         print("cluster-tracking: postgresql already running")
         return
     stack.require_free({"ports": {"pg": port}}, ["pg"])
@@ -138,8 +139,8 @@ def start_postgres(state: Path, st: dict) -> None:
 def start_mlflow(state: Path, st: dict, stack_dir: Path) -> None:
     sec = secrets_of(state)
     port = st["ports"]["mlflow"]
-    if stack._alive(st["services"].get("mlflow", {}).get("pid")) and \
-            stack._http_status(f"http://{HOST}:{port}/health") == 200:
+    if procs.alive(st["services"].get("mlflow", {}).get("pid")) and \
+            procs.http_status(f"http://{HOST}:{port}/health") == 200:
         print("cluster-tracking: mlflow already running")
         return
     stack.require_free({"ports": {"mlflow": port}}, ["mlflow"])
@@ -167,9 +168,9 @@ def start_mlflow(state: Path, st: dict, stack_dir: Path) -> None:
            "--artifacts-destination", f"s3://{stack.BUCKET}/mlflow-artifacts-cluster", "--host", HOST,
            "--port", str(port), "--workers", "2", "--allowed-hosts", allowed]
     log = state / "logs" / "mlflow.log"
-    st["services"]["mlflow"] = {"pid": stack._spawn(cmd, log, env), "log": str(log)}
+    st["services"]["mlflow"] = {"pid": procs.spawn(cmd, log, env), "log": str(log)}
     stack.save_state(state, st)
-    stack._wait(lambda: stack._http_status(f"http://{HOST}:{port}/health") == 200,
+    procs.wait(lambda: procs.http_status(f"http://{HOST}:{port}/health") == 200,
                 f"MLflow (PostgreSQL, basic auth) on {HOST}:{port}", 120, log, st["services"]["mlflow"]["pid"])
     add_client_user(st, sec)
 
@@ -209,7 +210,7 @@ def stop(state: Path) -> None:
     st = stack.load_state(state)
     svc = st["services"].get("mlflow")
     if svc and svc.get("pid"):
-        stack._stop_pid("mlflow", svc["pid"])
+        procs.stop_pid("mlflow", svc["pid"])
     if st.get("pg_data") and st["services"].get("pg"):
         subprocess.run(_as_postgres() + [pg_bin("pg_ctl"), "-D", st["pg_data"], "-m", "fast", "-w", "stop"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
     elif a.command == "purge":
         purge(state)
     elif a.command == "status":
-        print(json.dumps({k: {"pid": v["pid"], "alive": stack._alive(v["pid"])} for k, v in
+        print(json.dumps({k: {"pid": v["pid"], "alive": procs.alive(v["pid"])} for k, v in
                           st.get("services", {}).items()}, indent=1))
     elif a.command == "env":
         if "ports" not in st:

@@ -22,13 +22,13 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import alive, free_ports, http_status, port_taken, spawn, stop_pid, wait  # noqa: E402
+
+__all__ = ["free_ports"]     # one of this module's helpers too (the tests and the cluster tools use it)
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -42,24 +42,6 @@ def default_dir() -> Path:
     return Path(os.environ.get("HKD_STACK_DIR", ROOT / ".stack")).expanduser().resolve()
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free on this machine now (each leaves room for a server that also opens port + 10000,
-    as weed's gRPC does)."""
-    import socket
-
-    socks, ports = [], []
-    while len(ports) < n:
-        s = socket.socket()
-        s.bind((HOST, 0))
-        p = s.getsockname()[1]
-        if p + 10000 < 65536 and p not in ports:
-            ports.append(p)
-        socks.append(s)
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _bin(name: str) -> str:
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
@@ -68,54 +50,17 @@ def _bin(name: str) -> str:
     return found
 
 
-def _http_status(url: str, timeout: float = 2.0, headers: dict | None = None) -> int | None:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def _port_taken(port: int) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # as the servers bind: a port in TIME_WAIT after our own stop is free; one that a program listens on is not
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return True
-    return False
-
-
 def require_free(st: dict, names: list[str], grpc: bool = False) -> None:
     """Refuse to start a service on a port another program holds (else the health check may take that program's
     answer for ours): one sentence naming the port and the flag that moves it. ``grpc``: SeaweedFS also opens
     each port + 10000."""
     for name in names:
         port = st["ports"][name]
-        for p, what in ((port, ""), (port + 10000, " (its gRPC port, --{0}-port + 10000)".format(name))
+        for p, what in ((port, ""), (port + 10000, f" (its gRPC port, --{name}-port + 10000)")
                         )[: 2 if grpc else 1]:
-            if _port_taken(p):
+            if port_taken(p):
                 raise SystemExit(f"stack: port {p} on {HOST}{what} for {name} is taken by another program; stop that "
                                  f"program or start the stack with --{name}-port <a free port>")
-
-
-def _wait(check, what: str, timeout_s: float, log: Path, pid: int | None = None) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if check() and (pid is None or _alive(pid)):   # our process answers, not whatever holds the port
-            print(f"stack: {what} ready in {time.monotonic() - t0:.1f} s")
-            return
-        if pid is not None and not _alive(pid):
-            break   # it exited: no point waiting out the timeout
-        time.sleep(0.3)
-    tail = log.read_text(errors="replace")[-2000:] if log.is_file() else "(no log)"
-    state = "exited" if pid is not None and not _alive(pid) else f"did not become healthy within {timeout_s:.0f} s"
-    raise SystemExit(f"stack: {what} {state}; last log lines ({log}):\n{tail}")
 
 
 def credentials(state: Path) -> dict:
@@ -157,7 +102,7 @@ def _ray_up(state: Path, st: dict) -> bool:
     headers = {}
     if st.get("ray_auth", "token") == "token":
         headers["Authorization"] = "Bearer " + ray_token(state).read_text().strip()
-    return _http_status(f"http://{HOST}:{st['ports']['dashboard']}/api/version", headers=headers) == 200
+    return http_status(f"http://{HOST}:{st['ports']['dashboard']}/api/version", headers=headers) == 200
 
 
 def load_state(state: Path) -> dict:
@@ -169,27 +114,6 @@ def save_state(state: Path, d: dict) -> None:
     tmp = state / "stack.json.tmp"
     tmp.write_text(json.dumps(d, indent=1))
     os.replace(tmp, state / "stack.json")
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:   # a zombie counts as dead
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _spawn(cmd: list[str], log: Path, env: dict) -> int:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                             start_new_session=True)   # its own process group, so stop can end all of it
-    return p.pid
 
 
 def endpoints(st: dict) -> dict:
@@ -218,7 +142,7 @@ def client_env(state: Path, st: dict) -> dict:
 
 def start_s3(state: Path, st: dict) -> None:
     p = st["ports"]
-    if _alive(st["services"].get("s3", {}).get("pid")) and _http_status(f"http://{HOST}:{p['s3']}/") == 403:
+    if alive(st["services"].get("s3", {}).get("pid")) and http_status(f"http://{HOST}:{p['s3']}/") == 403:
         print("stack: s3 already running")
         return
     require_free(st, ["s3", "master", "volume", "filer"], grpc=True)
@@ -238,12 +162,12 @@ def start_s3(state: Path, st: dict) -> None:
            f"-s3.config={cfg}", f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
            "-s3.port.lance=0", "-master.telemetry=false"]          # no anonymous statistics sent anywhere
     log = state / "logs" / "s3.log"
-    st["services"]["s3"] = {"pid": _spawn(cmd, log, dict(os.environ)), "log": str(log)}
+    st["services"]["s3"] = {"pid": spawn(cmd, log, dict(os.environ)), "log": str(log)}
     save_state(state, st)
     # 403 to an anonymous request: the server is up and enforcing auth
     pid = st["services"]["s3"]["pid"]
-    _wait(lambda: _http_status(f"http://{HOST}:{p['s3']}/") == 403, f"S3 (SeaweedFS) on {HOST}:{p['s3']}", 60, log, pid)
-    _wait(lambda: _bucket_ready(state, st), f"bucket s3://{BUCKET}", 60, log, pid)
+    wait(lambda: http_status(f"http://{HOST}:{p['s3']}/") == 403, f"S3 (SeaweedFS) on {HOST}:{p['s3']}", 60, log, pid)
+    wait(lambda: _bucket_ready(state, st), f"bucket s3://{BUCKET}", 60, log, pid)
 
 
 def _bucket_ready(state: Path, st: dict) -> bool:
@@ -266,7 +190,7 @@ def _bucket_ready(state: Path, st: dict) -> bool:
 
 def start_mlflow(state: Path, st: dict) -> None:
     p = st["ports"]
-    if _alive(st["services"].get("mlflow", {}).get("pid")) and _http_status(f"http://{HOST}:{p['mlflow']}/health") == 200:
+    if alive(st["services"].get("mlflow", {}).get("pid")) and http_status(f"http://{HOST}:{p['mlflow']}/health") == 200:
         print("stack: mlflow already running")
         return
     require_free(st, ["mlflow"])
@@ -277,9 +201,9 @@ def start_mlflow(state: Path, st: dict) -> None:
            "--artifacts-destination", f"s3://{BUCKET}/mlflow-artifacts", "--host", HOST, "--port", str(p["mlflow"]),
            "--workers", "1"]
     log = state / "logs" / "mlflow.log"
-    st["services"]["mlflow"] = {"pid": _spawn(cmd, log, env), "log": str(log)}
+    st["services"]["mlflow"] = {"pid": spawn(cmd, log, env), "log": str(log)}
     save_state(state, st)
-    _wait(lambda: _http_status(f"http://{HOST}:{p['mlflow']}/health") == 200, f"MLflow on {HOST}:{p['mlflow']}",
+    wait(lambda: http_status(f"http://{HOST}:{p['mlflow']}/health") == 200, f"MLflow on {HOST}:{p['mlflow']}",
           90, log, st["services"]["mlflow"]["pid"])
 
 
@@ -297,7 +221,7 @@ def head_data_dir(root: Path, environ) -> Path | None:
 
 def start_ray(state: Path, st: dict, num_cpus: int | None) -> None:
     p = st["ports"]
-    if _alive(st["services"].get("ray", {}).get("pid")) and _ray_up(state, st):
+    if alive(st["services"].get("ray", {}).get("pid")) and _ray_up(state, st):
         print("stack: ray already running")
         return
     require_free(st, ["ray", "dashboard", "agent", "client"])
@@ -319,44 +243,12 @@ def start_ray(state: Path, st: dict, num_cpus: int | None) -> None:
         cmd.append(f"--num-cpus={num_cpus}")
         st["ray_num_cpus"] = num_cpus
     log = state / "logs" / "ray.log"
-    st["services"]["ray"] = {"pid": _spawn(cmd, log, env), "log": str(log)}
+    st["services"]["ray"] = {"pid": spawn(cmd, log, env), "log": str(log)}
     save_state(state, st)
-    _wait(lambda: _ray_up(state, st),
+    wait(lambda: _ray_up(state, st),
           f"Ray head on {HOST}:{p['ray']} (dashboard :{p['dashboard']})", 120, log, st["services"]["ray"]["pid"])
     if data:
         print(f"stack: jobs on this Ray head read data sets from {data} (HKD_DATA_DIR)")
-
-
-def _session_members(sid: int) -> list[int]:
-    """Processes in session ``sid`` (what a service started with start_new_session spawned)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[3]) == sid and fields[0] != "Z":
-                    out.append(int(d.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def _stop_pid(name: str, pid: int, grace_s: float = 20.0) -> None:
-    """SIGTERM the service's whole session (its children too), then SIGKILL what is left."""
-    if not _alive(pid) and not _session_members(pid):
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for member in _session_members(pid) or [pid]:
-            try:
-                os.kill(member, sig)
-            except OSError:
-                pass
-        t0 = time.monotonic()
-        while _session_members(pid) and time.monotonic() - t0 < grace_s:
-            time.sleep(0.2)
-        if not _session_members(pid):
-            break
-    print(f"stack: stopped {name} (pid {pid})")
 
 
 def stop(state: Path, only: str | None = None) -> None:
@@ -366,7 +258,7 @@ def stop(state: Path, only: str | None = None) -> None:
     for name in ("ray", "mlflow", "s3"):
         svc = st["services"].get(name)
         if svc and svc.get("pid") and only in (None, name):
-            _stop_pid(name, svc["pid"])
+            stop_pid(name, svc["pid"])
             if only:
                 svc["pid"] = None    # kept in the listing so `env` and `start` still know the service
     if only is None:
@@ -378,7 +270,7 @@ def status(state: Path) -> dict:
     st = load_state(state)
     out = {}
     for name, svc in st.get("services", {}).items():
-        out[name] = {"pid": svc["pid"], "alive": _alive(svc["pid"])}
+        out[name] = {"pid": svc["pid"], "alive": alive(svc["pid"])}
     if "ports" in st:
         out["endpoints"] = endpoints(st)
     return out

@@ -28,6 +28,7 @@ def _two_sets():
     return smooth, noisy
 
 
+@pytest.mark.slow
 def test_the_discriminator_learns_to_tell_real_from_fake():
     real, fake = _two_sets()
     term = _term(real)
@@ -71,6 +72,7 @@ def _fresh(tiny_cfg):
     return build_model("hkd", tiny_cfg)
 
 
+@pytest.mark.slow
 def test_distillation_with_the_term_logs_it_and_resumes_with_the_same_discriminator(tiny_cfg, toy_trajectories,
                                                                                    toy_images, tmp_path):
     states, sigmas = toy_trajectories

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from hkd_core.editing import band_energy, edit_scores, edit_sweep, named_mask, resolve_band
-from hkd_core.models import build_model
 from hkd_core.koopman import sigma_of_tau
+from hkd_core.models import build_model
 from hkd_core.spectra import band_masks, reference_state
 
 

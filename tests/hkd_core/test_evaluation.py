@@ -68,6 +68,7 @@ def test_holdout_error_is_zero_for_a_model_that_returns_the_teachers_endpoint(ko
     assert E.holdout_error(koopman_model, states) > 0.1
 
 
+@pytest.mark.slow
 def test_kid_has_a_spread_even_when_the_subset_size_exceeds_n():
     from hkd_core.fid import FeatureStats, Reference
 

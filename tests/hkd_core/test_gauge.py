@@ -6,8 +6,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hkd_core.gauge import (alpha_offsets, canonical_gauge, canonical_spectrum, gauge_transform, match_modes,
-                            offset_alpha, offset_draw, offset_survival, shifted_sigma, spectrum_agreement)
+from hkd_core.gauge import (
+    alpha_offsets,
+    canonical_gauge,
+    canonical_spectrum,
+    gauge_transform,
+    match_modes,
+    offset_alpha,
+    offset_draw,
+    offset_survival,
+    shifted_sigma,
+    spectrum_agreement,
+)
 from hkd_core.losses import HKDLoss
 from hkd_core.models import build_model
 

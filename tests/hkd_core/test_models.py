@@ -3,8 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from hkd_core.models import KD, KDM, PRESETS, build_model, count_parameters, model_from_record, model_record, \
-    preset
+from hkd_core.models import KD, KDM, PRESETS, build_model, count_parameters, model_from_record, model_record, preset
 
 # Parameter counts at the presets' own sizes (32x32); a change here is an architecture change: update the
 # README's table with it.

@@ -1,10 +1,22 @@
 import pytest
 import torch
 
-from hkd_core.models import build_model
 from hkd_core.koopman import sigma_of_tau
-from hkd_core.spectra import band_frequency_shares, band_masking, band_masks, band_modes, band_trajectory, blend, edit, \
-    radial_shares, random_modes, reference_state, spectrum_distance, summarize
+from hkd_core.models import build_model
+from hkd_core.spectra import (
+    band_frequency_shares,
+    band_masking,
+    band_masks,
+    band_modes,
+    band_trajectory,
+    blend,
+    edit,
+    radial_shares,
+    random_modes,
+    reference_state,
+    spectrum_distance,
+    summarize,
+)
 
 
 def test_summary_scalars():

@@ -18,6 +18,7 @@ def _fresh(tiny_cfg, variant="hkd"):
     return build_model(variant, tiny_cfg)
 
 
+@pytest.mark.slow
 def test_distillation_reduces_the_loss(tiny_cfg, toy_trajectories):
     states, sigmas = toy_trajectories
     logged = []
@@ -67,7 +68,7 @@ def test_resume_continues_exactly_where_it_stopped(tiny_cfg, toy_trajectories, t
 def test_wall_clock_budget_stops_training(tiny_cfg, toy_trajectories, monkeypatch):
     """With no kimg limit only the budget can end a run: on a clock where every optimizer step takes 0.15 s it
     stops after exactly the step that crosses 1 s (the 7th), whatever the machine's speed."""
-    import hkd_core.train as T
+    import hkd_core.loop as T
 
     now = [0.0]
 
@@ -97,6 +98,7 @@ def test_batch_must_split_over_workers(tiny_cfg, toy_trajectories):
         train_hkd(_fresh(tiny_cfg), states, sigmas, world_size=3, **FAST)
 
 
+@pytest.mark.slow
 def test_teacher_training_learns_to_denoise(toy_images, tmp_path):
     torch.manual_seed(0)
     net = EDMPrecond(UNet(UNetConfig(resolution=8, channels=8, channel_mult=(1, 2), blocks=1, attn_resolutions=())))
@@ -195,3 +197,44 @@ def test_the_held_out_and_training_errors_are_logged_as_curves(tiny_cfg, toy_tra
     assert all("train/train_mse" in m and "train/loss" in m for _, m in with_holdout)
     assert with_holdout[-1][1]["train/holdout_mse"] == pytest.approx(holdout_error(res["ema"], states[:4]))
     assert with_holdout[-1][1]["train/train_mse"] == pytest.approx(holdout_error(res["ema"], states[4:8]))
+
+
+def _poisoned(states, steps: set[int], batch: int = 16):
+    """The usual random batches, except that at each step in ``steps`` one trajectory is all NaN."""
+    from hkd_core.train import TensorBatches
+
+    get = TensorBatches(states, batch)
+
+    def at(step: int) -> torch.Tensor:
+        b = get(step).clone()
+        if step in steps:
+            b[0].fill_(float("nan"))
+        return b
+    return at
+
+
+def test_a_nonfinite_loss_ends_the_run_naming_its_step_and_leaves_the_checkpoints_finite(tiny_cfg, toy_trajectories,
+                                                                                      tmp_path):
+    from hkd_core.checkpoint import load_checkpoint
+    from hkd_core.train import NonFiniteLossError
+
+    states, sigmas = toy_trajectories
+    with pytest.raises(NonFiniteLossError, match=r"the loss is nan \(gradient norm nan\) at step 3 \(0.048 kimg\).*"
+                                                 r"train.skip_nonfinite=true"):
+        train_hkd(_fresh(tiny_cfg), _poisoned(states, {3}), sigmas, total_kimg=0.32, states_per_traj=3,
+                  checkpoint_dir=tmp_path, **FAST)
+    state = load_checkpoint(tmp_path)                  # the checkpoint at 0.048 kimg, written before step 3
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if torch.is_floating_point(v))
+
+
+def test_skip_nonfinite_skips_the_steps_counts_them_and_keeps_the_weights_finite(tiny_cfg, toy_trajectories):
+    states, sigmas = toy_trajectories
+    logged = []
+    res = train_hkd(_fresh(tiny_cfg), _poisoned(states, {2, 5}), sigmas, total_kimg=0.16, states_per_traj=3,
+                    skip_nonfinite=True, metrics_cb=lambda m, k: logged.append(m), **FAST)
+    assert res["skipped_nonfinite"] == 2 and res["steps"] == 10 and res["kimg"] == pytest.approx(0.16)
+    assert all(torch.isfinite(p).all() for p in res["model"].parameters())
+    assert all(torch.isfinite(p).all() for p in res["ema"].parameters())
+    assert logged[-1]["train/skipped_nonfinite"] == 2 and math.isfinite(logged[-1]["train/loss"])
+    assert "train/skipped_nonfinite" not in logged[0]                     # step 0: nothing skipped yet

@@ -6,8 +6,16 @@ import torch
 from hkd_core.generate import generate_trajectories
 from hkd_core.sampler import karras_sigmas, sample_heun
 from hkd_core.teachers import GaussianTeacher
-from hkd_core.trajectories import (LocalStore, ShardError, TrajectoryDataset, TrajectoryWriter, check_shards,
-                                   load_all, read_manifest, without_shards)
+from hkd_core.trajectories import (
+    LocalStore,
+    ShardError,
+    TrajectoryDataset,
+    TrajectoryWriter,
+    check_shards,
+    load_all,
+    read_manifest,
+    without_shards,
+)
 
 
 def _write(tmp_path, n=10, shard_size=4, steps=3):

@@ -66,7 +66,7 @@ def local_stack(tmp_path_factory):
 
 @pytest.fixture
 def s3(local_stack):
-    from orchestrator.storage import StorageConfig, make_client
+    from orchestrator.services.storage import StorageConfig, make_client
 
     return make_client(StorageConfig(endpoint_url=local_stack["env"]["AWS_ENDPOINT_URL"]))
 

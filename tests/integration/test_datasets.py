@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from hkd_core.data import DATASETS, SHA256, DataError, find_data_file
-from orchestrator.datasets import dataset_key, ensure_local, push
-from orchestrator.storage import StorageConfig
+from orchestrator.services.datasets import dataset_key, ensure_local, push
+from orchestrator.services.storage import StorageConfig
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,7 +95,7 @@ def test_inception_weights_from_the_bucket_on_a_node_without_them(local_stack, s
     import torch
 
     from hkd_core.inception import FILE_NAME, WeightsError, weights_digest, weights_path
-    from orchestrator.datasets import ensure_weights, push_weights, weights_key
+    from orchestrator.services.datasets import ensure_weights, push_weights, weights_key
 
     here = weights_path()                                         # this machine's (the test process's) copy
     bucket = f"hkd-w-{uuid.uuid4().hex[:6]}"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def pc(local_stack, smoke, tmp_path_factory):
     from orchestrator.config import load
-    from orchestrator.pipeline import init_ray
+    from orchestrator.stages.driver import init_ray
 
     tag = tmp_path_factory.mktemp("evtag").name[-8:].replace("_", "")
     p = load([*smoke, f"storage.prefix=ev-{tag}", "cluster.generation_tasks=3"])
@@ -24,7 +24,7 @@ def pc(local_stack, smoke, tmp_path_factory):
 def test_distributed_fid_equals_torch_fidelity(pc, fid_images, torch_fidelity_direct):
     """Statistics accumulated per Ray task in float64 and merged on the driver give torch-fidelity's FID."""
     from hkd_core.fid import fid_from_stats, kid_from_features
-    from orchestrator.evaluation import image_features
+    from orchestrator.stages.evaluation import image_features
 
     a, b = fid_images
     sa, fa = image_features(pc, a, tasks=2)             # two chunks, merged
@@ -38,7 +38,7 @@ def test_distributed_fid_equals_torch_fidelity(pc, fid_images, torch_fidelity_di
 def test_reference_statistics_cached_in_s3_reused_and_recomputed(pc, s3, tmp_path):
     from hkd_core.fid import reference_cache_name
     from hkd_core.inception import weights_path
-    from orchestrator.evaluation import reference
+    from orchestrator.stages.evaluation import reference
 
     def with_eval(**kw):
         return dataclasses.replace(pc, run=dataclasses.replace(pc.run, eval=dataclasses.replace(pc.run.eval, **kw)))

@@ -142,7 +142,7 @@ def _assert_same_batches_as_uninterrupted(res: dict, run, seed: int, world: int,
     data/seed_sum at every step (every value, the redone steps' included) equals the seed sum of that step's batch
     in the trajectory stream read straight through from the start."""
     from hkd_core.trajectories import TrajectoryDataset, read_manifest
-    from orchestrator.storage import StorageConfig, store_at
+    from orchestrator.services.storage import StorageConfig, store_at
 
     store = store_at(StorageConfig(endpoint_url=os.environ["AWS_ENDPOINT_URL"]),
                      res["trajectories"]["train"]["uri"][len("s3://"):])

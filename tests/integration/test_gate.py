@@ -1,4 +1,4 @@
-"""Every command that touches S3 or MLflow first runs preflight's cheap part (``orchestrator.preflight.gate``):
+"""Every command that touches S3 or MLflow first runs preflight's cheap part (``orchestrator.services.preflight.gate``):
 a refused key, a bucket that does not exist and a tracking server that does not answer each fail with one
 sentence and exit code 2, before Ray starts, and nothing is written to S3 or MLflow. Against the real SeaweedFS
 and MLflow servers of the local stack."""
@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 
-from orchestrator.preflight import gate
-from orchestrator.storage import StorageConfig, StorageError
+from orchestrator.services.preflight import gate
+from orchestrator.services.storage import StorageConfig, StorageError
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +109,7 @@ def test_dead_tracking_server_is_refused_before_anything_is_written(local_stack,
         f"hkd: storage error: tracking server unreachable: nothing answers at {dead} (tracking.uri / "
         f"MLFLOW_TRACKING_URI")
     assert "Traceback" not in r.stderr and not r.ray_imported
-    from orchestrator.storage import S3Store
+    from orchestrator.services.storage import S3Store
 
     assert S3Store(StorageConfig(endpoint_url=local_stack["env"]["AWS_ENDPOINT_URL"], prefix=prefix)).list() == []
 
@@ -148,6 +148,6 @@ def test_wrong_ray_token_or_address_is_one_sentence_before_any_stage(local_stack
         assert "Traceback" not in r.stderr and time.perf_counter() - t0 < 20
         assert not _experiment_exists(exp)
     # the right token passes, and says what it checked
-    from orchestrator.preflight import ray_check
+    from orchestrator.services.preflight import ray_check
 
     assert ray_check(head).startswith(f"Ray at {head} answers (auth token")

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from hkd_core.data import DATASETS
-from orchestrator.datasets import dataset_key
+from orchestrator.services.datasets import dataset_key
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

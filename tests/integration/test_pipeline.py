@@ -58,7 +58,7 @@ def test_pipeline_end_to_end(first_pipeline, s3, run_tag, smoke):
         assert distill.data.tags.get(tag), tag
     # the commit that ran: this checkout's HEAD (CI runs from a git clone), also as MLflow's own tag
     head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[2]), "rev-parse", "HEAD"],
-                          capture_output=True, text=True).stdout.strip()
+                          capture_output=True, text=True, timeout=300).stdout.strip()
     assert len(head) == 40, "the tests run from a git checkout"
     assert distill.data.tags["hkd.git_sha"] == head == distill.data.tags["mlflow.source.git.commit"]
     # what the machines did (MLflow's System Metrics tab): the driver's machine on every stage's run, and the
@@ -155,7 +155,7 @@ def test_second_pipeline_skips_finished_stages(first_pipeline, smoke, run_tag):
 def test_invalid_config_fails_before_ray_starts(local_stack, smoke, run_tag):
     before = len(_runs(f"it-{run_tag}"))
     r = subprocess.run([sys.executable, "-m", "orchestrator", "pipeline", *smoke, "model.subspace_dims=[8,15]"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "model.subspace_dims[1] (level 2) is 15" in r.stderr
     assert "ray" not in r.stderr.lower().replace("array", "")
     assert len(_runs(f"it-{run_tag}")) == before
@@ -222,8 +222,8 @@ def test_edm_teacher_trains_on_ray_and_feeds_the_trajectory_tasks(local_stack, s
     runs = [x for x in _runs(f"it-{run_tag}") if x.data.tags.get("hkd.run_key", "").startswith(f"edm-{run_tag}/teacher-")]
     assert len(runs) == 1 and len(_client().get_metric_history(runs[0].info.run_id, "train/loss")) >= 2
     # the trajectories came from that U-Net: their manifest names it
-    from orchestrator.storage import S3Store, StorageConfig
     from hkd_core.trajectories import read_manifest
+    from orchestrator.services.storage import S3Store, StorageConfig
 
     prefix = res["trajectories"]["train"]["uri"].split("s3://hkd/", 1)[1]
     m = read_manifest(S3Store(StorageConfig(prefix=""), prefix))

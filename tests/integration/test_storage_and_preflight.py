@@ -4,8 +4,8 @@ import subprocess
 
 import pytest
 
-from orchestrator.preflight import preflight
-from orchestrator.storage import S3Store, StorageConfig
+from orchestrator.services.preflight import preflight
+from orchestrator.services.storage import S3Store, StorageConfig
 
 pytestmark = pytest.mark.integration
 
@@ -111,10 +111,10 @@ def test_preflight_names_each_failure(local_stack, tmp_path, free_port):
 def test_preflight_command_exit_codes(local_stack):
     import sys
 
-    ok = subprocess.run([sys.executable, "-m", "orchestrator", "preflight"], capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-m", "orchestrator", "preflight"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.count("ok  ") == 5, ok.stdout        # ray (the stack's head, with its token), s3, pyarrow, mlflow x2
     assert "ok   ray: Ray at 127.0.0.1:" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "orchestrator", "preflight", "storage.bucket=missing-bucket"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "FAIL s3 (boto3): missing bucket: s3://missing-bucket" in bad.stdout

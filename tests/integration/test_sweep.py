@@ -95,7 +95,7 @@ def smoke_sweep(local_stack, tmp_path_factory, fault_report):
 def test_smoke_sweep_runs_trials_and_asha_stops_only_at_its_rungs(smoke_sweep):
     """Which trials ASHA stops depends on the order trials reach a rung (concurrent trials): assert on the rungs,
     not on a count. Every trial either completed the budget or stopped exactly at a rung."""
-    from orchestrator.sweep_spec import asha_rungs, load
+    from orchestrator.sweep.spec import asha_rungs, load
 
     rows = smoke_sweep["rows"]
     assert len(rows) == TRIALS

@@ -50,6 +50,9 @@ CONFIGS = [
     ('latent term on a model without Koopman latents', ['model.variant=kd', 'train.latent_weight=0.1'],
      'train.latent_weight=0.1 needs per-level Koopman latents (model.variant hkd, no_koopman or one_level); '
      'model.variant=kd has none: use train.latent_weight=0'),
+    ('more levels than the teacher it starts from', ['model.levels=6', 'model.subspace_dims=[8,8,8,8,8,8]'],
+     "model.levels=6 with model.init=teacher: the student starts from the teacher's U-Net, which has only 3 levels "
+     "(teacher.channel_mult=[1, 2, 2]); use model.levels <= 3 or model.init=none (random weights)"),
     ('unknown variant', ['model.variant=gan'],
      "model.variant='gan' is not allowed; choose one of ['hkd', 'kd', 'kdm', 'no_koopman', 'one_level']"),
     ('unknown sampler', ['trajectories.sampler=rk4'],
@@ -156,7 +159,7 @@ def test_bad_config_gives_its_exact_message(what, overrides, message):
 @pytest.mark.parametrize("what, text, message", SWEEPS, ids=[c[0] for c in SWEEPS])
 def test_bad_sweep_gives_its_exact_message(what, text, message):
     from orchestrator.config import compose
-    from orchestrator.sweep_spec import SweepError, check_against_config, parse
+    from orchestrator.sweep.spec import SweepError, check_against_config, parse
 
     with pytest.raises(SweepError) as e:
         check_against_config(parse(text), compose)
@@ -180,8 +183,14 @@ def services() -> list[tuple[str, str]]:
     same messages against the real servers."""
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from orchestrator.preflight import MissingBucket, classify, ray_check, ray_token_refused, tracking_server_check
-    from orchestrator.storage import StorageConfig
+    from orchestrator.services.preflight import (
+        MissingBucket,
+        classify,
+        ray_check,
+        ray_token_refused,
+        tracking_server_check,
+    )
+    from orchestrator.services.storage import StorageConfig
 
     cfg = StorageConfig(endpoint_url="<endpoint>", bucket="<bucket>", credentials_file="<file>")
     denied = ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadBucket")
@@ -196,7 +205,7 @@ def services() -> list[tuple[str, str]]:
 
 
 def _refusal(fn, *args) -> str:
-    from orchestrator.storage import StorageError
+    from orchestrator.services.storage import StorageError
 
     try:
         fn(*args)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from orchestrator.registry import crown, sweep_candidate
-from orchestrator.tracking import Tracker, TrackingConfig
+from orchestrator.services.registry import crown, sweep_candidate
+from orchestrator.services.tracking import Tracker, TrackingConfig
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_a_sweep_registers_its_best_trial_and_moves_the_alias_only_when_better(t
     trial's run with its scores on the logged model; the alias moves to the second only if its FID is lower."""
     import torch
 
-    from orchestrator.registry import register_sweep_best
+    from orchestrator.services.registry import register_sweep_best
 
     def sweep(sweep_id: str, fids: dict) -> dict:
         for t in fids:

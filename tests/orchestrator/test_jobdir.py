@@ -5,7 +5,7 @@ import os
 import shutil
 import sys
 
-from orchestrator.jobdir import in_ray_working_dir, settle
+from orchestrator.services.jobdir import in_ray_working_dir, settle
 
 
 def test_the_driver_moves_to_a_private_copy_and_survives_the_original_going(tmp_path, monkeypatch):
@@ -19,7 +19,7 @@ def test_the_driver_moves_to_a_private_copy_and_survives_the_original_going(tmp_
     monkeypatch.setenv("PYTHONPATH", f"{pkg_dir}{os.pathsep}/elsewhere")
     os.chdir(pkg_dir)
     try:
-        import jobpkg                                        # imported from Ray's folder, as a job's modules are
+        import jobpkg  # imported from Ray's folder, as a job's modules are
         copy = settle(tmp_path / "private")
         assert copy is not None and copy.name == "_ray_pkg_abc" and not in_ray_working_dir(copy)
         shutil.rmtree(pkg_dir)                               # what Ray's unpacking with overwrite=True does first

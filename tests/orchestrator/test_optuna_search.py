@@ -8,7 +8,7 @@ def test_a_report_for_a_trial_optuna_already_closed_is_dropped_not_fatal():
     from optuna.exceptions import UpdateFinishedTrialError
     from ray.tune.search.optuna import OptunaSearch
 
-    from orchestrator.optuna_search import ResumableOptunaSearch
+    from orchestrator.sweep.search import ResumableOptunaSearch
 
     def searcher(cls):
         s = cls(space=lambda t: {"x": t.suggest_float("x", 0.0, 1.0)}, metric="m", mode="min", seed=0)

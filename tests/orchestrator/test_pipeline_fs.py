@@ -6,12 +6,16 @@ import re
 import pytest
 import torch
 
-from orchestrator.cli import main, plan
-from orchestrator.config import load
 from orchestrator import identity
+from orchestrator.api import plan
+from orchestrator.cli import main
+from orchestrator.config import load
 
 LEAN = ["experiment=smoke", "storage=fs", "tracking=file", "eval.teacher_nfe=[1]", "cluster.generation_tasks=1",
         "cluster.address=null", "eval.curve_n=32", "train.adversarial_weight=0.01"]   # the discriminator's path too
+
+
+pytestmark = pytest.mark.slow      # the smoke pipeline twice, in this process: minutes
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +179,8 @@ def test_the_canonical_spectrum_is_one_per_gauge_orbit(fs_runs):
     canonical spectrum, so the comparison table finds them equal mode for mode."""
     from hkd_core.gauge import gauge_transform
     from hkd_core.models import model_from_record
-    from orchestrator.compare import compare_table
-    from orchestrator.evaluation import canonical_spectrum
+    from orchestrator.analysis.compare import compare_table
+    from orchestrator.stages.evaluation import canonical_spectrum
 
     pc = fs_runs["pc"]
     path = fs_runs["root"] / "store" / "runs" / identity.stage_prefix(pc, "distill") / "model.pt"

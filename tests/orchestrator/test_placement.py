@@ -4,11 +4,11 @@ import pytest
 
 from hkd_core.config import ConfigError
 from orchestrator.config import load
-from orchestrator.reporting import placement_line
+from orchestrator.stages.reporting import placement_line
 
 
 def test_placement_strategy_reaches_the_scaling_config():
-    from orchestrator.trainer import make_trainer
+    from orchestrator.stages.trainer import make_trainer
 
     pc = load(["experiment=smoke", "storage=fs", "tracking=file", "cluster.placement_strategy=SPREAD"])
     t = make_trainer(pc, lambda cfg: None, {}, "placement")

@@ -50,6 +50,7 @@ def test_every_preset_composes_and_plans_in_dry_run(name, capsys, monkeypatch, t
         assert list(out["plan"]) == ["teacher", "trajectories", "distill", "evaluate"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_sweep_yaml_composes_and_plans_in_dry_run(name, capsys):
     assert main(["sweep", str(ROOT / "sweeps" / name), "--dry-run"]) == 0
@@ -73,7 +74,7 @@ def test_group_yamls_carry_only_what_differs_from_the_dataclass_defaults(path):
 
 
 def test_a_preset_in_the_user_folder_is_found_by_name(tmp_path, monkeypatch):
-    from orchestrator.sweep import write_preset
+    from orchestrator.sweep.run import write_preset
 
     monkeypatch.setenv("HKD_USER_CONF", str(tmp_path))
     path = write_preset("sweep_mine", "# @package _global_\ntrain:\n  lr: 0.0042\n")

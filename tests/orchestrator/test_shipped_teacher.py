@@ -38,6 +38,7 @@ def _ship(tmp_path, over):
     return pc, net
 
 
+@pytest.mark.slow
 def test_a_matching_shipped_teacher_is_adopted_not_trained(fs, tmp_path, capsys):
     pc, net = _ship(tmp_path, fs)
     out = tmp_path / "res.json"
@@ -50,6 +51,7 @@ def test_a_matching_shipped_teacher_is_adopted_not_trained(fs, tmp_path, capsys)
     assert res["teacher_key"].startswith(identity.stage_prefix(pc, "teacher"))
 
 
+@pytest.mark.slow
 def test_a_corrupt_shipped_teacher_stops_the_stage_naming_it(fs, tmp_path, capsys):
     _ship(tmp_path, fs)
     w = tmp_path / "shipped" / "tiny-edm" / "teacher.pt"
@@ -64,7 +66,7 @@ def test_recorded_scores_are_reused_only_under_the_same_reference_weights_and_se
     the record measured it exactly as this evaluation would: the same N, seeds and split, and the same reference
     identity (the reference images' sha256 and the Inception weights' sha256). An evaluation recorded without an
     identity (the old single "eval") is never reused."""
-    from orchestrator.evaluation import identity_of, recorded_teacher_scores
+    from orchestrator.stages.evaluation import identity_of, recorded_teacher_scores
 
     pc = load(TINY + fs + ["eval.n=64"])
     ident = identity_of(pc)
@@ -92,7 +94,7 @@ def test_recorded_scores_are_reused_only_under_the_same_reference_weights_and_se
 
 def test_teacher_scores_are_cached_under_their_identity(fs, tmp_path):
     """cached_scores: computed once, then read back under the same identity; another identity computes again."""
-    from orchestrator.evaluation import cached_scores
+    from orchestrator.stages.evaluation import cached_scores
 
     pc = load(TINY + fs + ["eval.n=64"])
     calls = []
@@ -109,6 +111,7 @@ def test_teacher_scores_are_cached_under_their_identity(fs, tmp_path):
     assert cached_scores(pc, ident, "nfe4", compute)["fid"] == 14.0 and len(calls) == 4
 
 
+@pytest.mark.slow
 def test_teacher_checkpoint_is_used_by_the_stage_instead_of_training(fs, tmp_path, capsys):
     """teacher.checkpoint (a training checkpoint with its EMA under 'ema', or a bare state dict) becomes the teacher
     stage's output as it is, with no training; its content is part of the stage's identity; a file written for

@@ -5,7 +5,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from orchestrator.storage import S3Store, StorageConfig
+from orchestrator.services.storage import S3Store, StorageConfig
 
 
 class Throttling(BaseHTTPRequestHandler):
@@ -52,6 +52,7 @@ def server(monkeypatch):
     srv.shutdown()
 
 
+@pytest.mark.slow
 def test_botocore_retries_throttling_inside_a_call_and_the_store_counts_them(server):
     Throttling.fails, Throttling.seen = 2, 0
     store = S3Store(StorageConfig(endpoint_url=server, bucket="b", prefix="p", max_attempts=3, retry_deadline_s=0))

@@ -1,7 +1,8 @@
 """Ray pickles its storage filesystem into run and experiment state (on disk and in S3): it must not carry keys."""
 import pickle
 
-from orchestrator.storage import StorageConfig, ray_storage
+from orchestrator.services.rayfs import ray_storage
+from orchestrator.services.storage import StorageConfig
 
 
 def test_ray_storage_filesystem_pickles_without_the_keys(tmp_path, monkeypatch):
@@ -27,7 +28,7 @@ def test_ray_storage_filesystem_keeps_its_retries_through_pickling(monkeypatch):
     class, is measured by benchmarks/s3_retry_pickling.py, not asserted here.)"""
     import pyarrow.fs
 
-    from orchestrator.storage import RAY_FS_ATTEMPTS, retrying_s3_filesystem
+    from orchestrator.services.rayfs import RAY_FS_ATTEMPTS, retrying_s3_filesystem
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")

@@ -3,7 +3,7 @@ teacher is scored once."""
 import pytest
 import torch
 
-from orchestrator.study import DEFAULT_VARIANTS, parse_variants, to_markdown, variant_configs
+from orchestrator.analysis.study import DEFAULT_VARIANTS, parse_variants, to_markdown, variant_configs
 
 
 def test_variants_share_the_trajectories_and_differ_where_declared():
@@ -30,7 +30,7 @@ def test_variants_share_the_trajectories_and_differ_where_declared():
 
 
 def test_every_row_is_labelled_with_its_s_and_its_init():
-    from orchestrator.study import row_label
+    from orchestrator.analysis.study import row_label
 
     _, cfgs = variant_configs([], ["no_tcons", "hkd", "kd", "kd_scratch", "kdm"])     # the main job's base
     labels = {v: row_label(v, pc) for v, (pc, _) in cfgs.items()}
@@ -53,11 +53,11 @@ def test_the_cumulative_ablation_rows_build_the_model_and_loss_they_declare(toy_
     states of each trajectory it scores)."""
     from dataclasses import asdict
 
+    from hkd_core.config import TrainConfig
     from hkd_core.losses import HKDLoss
     from hkd_core.models import HKD, build_model
     from hkd_core.train import _settings
-    from hkd_core.config import TrainConfig
-    from orchestrator.study import ABLATION_ROWS
+    from orchestrator.analysis.study import ABLATION_ROWS
 
     _, cfgs = variant_configs(["experiment=smoke"], list(ABLATION_ROWS))
     declared = {"no_koopman_no_tcons": (False, False, True), "no_tcons": (True, False, True),
@@ -84,7 +84,7 @@ def test_the_cumulative_ablation_rows_build_the_model_and_loss_they_declare(toy_
 def test_consistency_rows_score_more_than_x_T_whatever_the_default():
     """The main job's default is s = 1 (x_T alone); the study's rows with consistency take the paper's s = 4 then,
     and a config's own s > 1 otherwise; the rows without consistency always score x_T alone."""
-    from orchestrator.study import CONSISTENCY_ROWS, PAPER_STATES_PER_TRAJ
+    from orchestrator.analysis.study import CONSISTENCY_ROWS, PAPER_STATES_PER_TRAJ
 
     rows = ["no_koopman_no_tcons", "no_tcons", "one_level", "hkd", "kd", "kdm"]
     for overrides, s in (([], PAPER_STATES_PER_TRAJ), (["experiment=smoke"], 3),
@@ -131,8 +131,8 @@ def test_markdown_table_has_a_row_per_model_and_teacher_nfe():
 
 
 def test_equal_wall_clock_picks_each_curve_at_the_shortest_runs_seconds():
-    from orchestrator.study import equal_wall, with_final
     from hkd_core.config import EvalConfig
+    from orchestrator.analysis.study import equal_wall, with_final
 
     fast = [{"kimg": 4, "train_s": 60, "fid": 200, "kid": 0.2}, {"kimg": 8, "train_s": 120, "fid": 150, "kid": 0.1}]
     slow = [{"kimg": 4, "train_s": 100, "fid": 210, "kid": 0.2}, {"kimg": 8, "train_s": 200, "fid": 140, "kid": 0.1}]

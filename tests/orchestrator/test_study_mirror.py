@@ -6,23 +6,23 @@ import os
 import optuna
 import pytest
 
-from orchestrator.storage import StorageConfig, make_store
+from orchestrator.services.storage import StorageConfig, make_store
 
-# orchestrator.optuna_search imports Ray, which reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when first imported:
+# orchestrator.sweep.search imports Ray, which reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when first imported:
 # imported at collection time it would make every later 127.0.0.1 Ray address the machine's own (the integration
 # tests' stack head then unreachable), so each test imports it itself
 
 
 @pytest.fixture
 def mirror(tmp_path):
-    from orchestrator.optuna_search import StudyMirror
+    from orchestrator.sweep.search import StudyMirror
 
     cfg = StorageConfig(kind="fs", root=str(tmp_path / "bucket"))
     return StudyMirror(cfg, "sweeps/s1/optuna.db", tmp_path / "head" / "s1.db"), make_store(cfg)
 
 
 def test_each_completed_trial_reaches_the_bucket_and_a_new_head_gets_the_study_back(mirror, tmp_path):
-    from orchestrator.optuna_search import ResumableOptunaSearch
+    from orchestrator.sweep.search import ResumableOptunaSearch
 
     m, store = mirror
     (tmp_path / "head").mkdir()
@@ -42,7 +42,7 @@ def test_each_completed_trial_reaches_the_bucket_and_a_new_head_gets_the_study_b
 
 
 def test_a_push_that_fails_does_not_stop_the_sweep(mirror, tmp_path, caplog):
-    from orchestrator.optuna_search import ResumableOptunaSearch, StudyMirror
+    from orchestrator.sweep.search import ResumableOptunaSearch, StudyMirror
 
     m, _ = mirror
     (tmp_path / "head").mkdir()

@@ -1,7 +1,7 @@
 """A sweep ends every trial's MLflow child run that Tune left open (ASHA-stopped, errored, not continued after
 --resume), saying how it ended. Against a real MLflow store (tracking=file: SQLite, no server)."""
-from orchestrator.sweep import close_trial_runs
-from orchestrator.tracking import Tracker, TrackingConfig
+from orchestrator.services.tracking import Tracker, TrackingConfig
+from orchestrator.sweep.run import close_trial_runs
 
 
 def test_trial_runs_left_running_are_ended_with_how_they_ended(tmp_path):
@@ -44,7 +44,7 @@ def test_a_stopped_trial_run_is_closed_the_moment_tune_stops_it(tmp_path):
     backstop then has nothing left to close."""
     import pickle
 
-    from orchestrator.sweep import StoppedTrialCloser
+    from orchestrator.sweep.closing import StoppedTrialCloser
 
     cfg = TrackingConfig(kind="file", root=str(tmp_path), experiment="sweep-close")
     tracker = Tracker(cfg)
@@ -73,7 +73,7 @@ def test_the_tune_callback_is_a_real_tune_callback_that_pickles():
 
     from ray import tune
 
-    from orchestrator.tune_callbacks import StoppedTrialCloserCallback
+    from orchestrator.sweep.callbacks import StoppedTrialCloserCallback
 
     cb = StoppedTrialCloserCallback(TrackingConfig(kind="file", root="/nonexistent", experiment="x"), "s1")
     assert isinstance(cb, tune.Callback)

@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 
 from orchestrator.config import ClusterConfig
-from orchestrator.sweep import concurrency
-from orchestrator.sweep_spec import Resources, SweepSpec
+from orchestrator.sweep.run import concurrency
+from orchestrator.sweep.spec import Resources, SweepSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from orchestrator.config import compose, from_composed
-from orchestrator.sweep_spec import SweepError, check_against_config, define_by_run, load, overrides_for, parse
+from orchestrator.sweep.spec import SweepError, check_against_config, define_by_run, load, overrides_for, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = """
@@ -22,12 +22,14 @@ space:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["smoke", "scale_count", "subspace_dims"])
 def test_shipped_sweeps_are_valid(name):
     spec = load(ROOT / "sweeps" / f"{name}.yaml")
     check_against_config(spec, compose)
 
 
+@pytest.mark.slow
 def test_every_sampled_config_is_valid_and_dims_follow_levels():
     spec = parse(GOOD)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
@@ -79,12 +81,35 @@ def test_space_keys_must_exist_in_the_config():
         check_against_config(spec, compose)
 
 
+@pytest.mark.slow
 def test_hkd_sweep_refuses_a_malformed_file_before_anything_runs(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nbase: [experiment=smoke]\nspace: {train.lr: {uniform: [0.3, 0.1]}}\n")
     r = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(bad)], capture_output=True, text=True,
-                       env={**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+                       env={**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
         f"hkd: sweep error: {bad}: space.train.lr: uniform range [0.3, 0.1] is empty: lo must be < hi"
     # refused before anything runs: no Ray, and no MLflow call (the tracking URI above answers nothing)
     assert "Ray" not in r.stderr and "tracking server unreachable" not in r.stderr
+
+
+def test_every_mistake_of_a_file_is_reported_at_once(tmp_path):
+    """Four mistakes in the file and a space key the config lacks: one error lists all five, so a user fixes
+    them in one go instead of one run per mistake; a file with one mistake keeps the one-line form."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbase: [experiment=smoke]\nmode: maxx\ntrials: 0\nspace:\n"
+                   "  train.lr: {uniform: [0.3, 0.1]}\n  model.nope: {values: [1, 2]}\n  train.batch_size: {int: [1, 2.5]}\n")
+    with pytest.raises(SweepError) as e:
+        load(bad, compose)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{bad}: 5 mistakes:"
+    assert sorted(lines[1:]) == sorted([
+        "  space.train.lr: uniform range [0.3, 0.1] is empty: lo must be < hi",
+        "  space.train.batch_size: int needs integer bounds, got [1, 2.5]",
+        "  mode: must be min or max, got 'maxx'",
+        "  trials: must be an integer >= 1, got 0",
+        "  space.model.nope: is not a key of the composed base config"])
+    one = tmp_path / "one.yaml"
+    one.write_text("name: x\nbase: [experiment=smoke]\nspace: {train.lr: {uniform: [0.3, 0.1]}}\n")
+    with pytest.raises(SweepError, match=r"^.*one.yaml: space.train.lr: uniform range \[0.3, 0.1\] is empty"):
+        load(one, compose)

@@ -1,4 +1,4 @@
-from orchestrator.tracking import flatten
+from orchestrator.services.tracking import flatten
 
 
 def test_flatten_params_with_slashes():

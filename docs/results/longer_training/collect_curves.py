@@ -9,10 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator import tracking as T
-from orchestrator.compare import Source, curves_markdown, run_curves
+from orchestrator.analysis.compare import Source, curves_markdown, run_curves
+from orchestrator.analysis.study import plot_curves
 from orchestrator.config import load
-from orchestrator.study import plot_curves
+from orchestrator.services import tracking as T
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,268 @@
+"""``hkd study``: the quality study on Ray. Full HKD, the paper's cumulative ablation rows (DESIGN 1.4), KD (from
+the teacher, and from scratch as the paper's KD) and the KDM-style model (HKD's trunk width), trained and
+evaluated on the
+same teacher trajectories with the same budget (images seen), and the teacher at NFE 1, 2, 4 and full; a
+markdown table, a bar chart, with ``eval.curve_n`` FID-against-kimg curves and a table at equal wall-clock,
+and an MLflow study run whose variants' pipeline runs carry the tag ``hkd.study`` (the MLflow UI's compare
+view then shows them side by side).
+
+Each variant is a pipeline with the base config plus its overrides. The teacher and trajectory stages do
+not depend on the model or the training, so their content hashes are equal: they run once and every later
+variant skips them. A rerun of the study skips every finished stage, so a stopped study resumes.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+from hkd_core import metric_names as M
+from orchestrator import identity
+from orchestrator.config import PipelineConfig, compose, from_composed
+
+log = logging.getLogger(__name__)
+
+# name -> (label, extra overrides). The first four are the paper's cumulative ablation table, in its order:
+# (no Koopman, no consistency, hierarchical), (+ Koopman), (+ consistency, one level), (+ hierarchy = full).
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "no_koopman_no_tcons": ("no Koopman, no consistency, hierarchical",
+                            ["model.variant=no_koopman", "train.states_per_traj=1"]),
+    "no_tcons": ("+ Koopman (no consistency, hierarchical)", ["train.states_per_traj=1"]),
+    "one_level": ("+ consistency, one level (no hierarchy)", ["model.variant=one_level"]),
+    "hkd": ("HKD (full): + hierarchy", []),
+    "kd": ("KD (U-Net x_T -> x_0, the teacher's size)", ["model.variant=kd", "train.states_per_traj=1"]),
+    "kd_scratch": ("KD from scratch (the paper's KD baseline)", ["model.variant=kd", "train.states_per_traj=1",
+                                                                 "model.init=none"]),
+    "kdm": ("KDM-style (one global operator, HKD's trunk width)", ["model.variant=kdm"]),
+    "hkd_scratch": ("HKD (full), not initialised from the teacher", ["model.init=none"]),
+}
+# Rows with trajectory consistency score s > 1 states per trajectory: the config's train.states_per_traj when it
+# is > 1, else the paper's 4 (the default of 1 is the main job's choice at 2 CPU cores, not the paper's).
+CONSISTENCY_ROWS = ("one_level", "hkd", "kdm", "hkd_scratch")
+PAPER_STATES_PER_TRAJ = 4
+ABLATION_ROWS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd")   # DESIGN 1.4, top to bottom
+DEFAULT_VARIANTS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd", "kd", "kd_scratch", "kdm")
+
+
+def row_label(v: str, pc: PipelineConfig) -> str:
+    """A row's label with what its number depends on: the states per trajectory in its loss (s) and its init;
+    a row with the adversarial term says it is beyond the paper."""
+    beyond = ", adversarial: beyond the paper" if pc.run.train.adversarial_weight else ""
+    return f"{VARIANTS[v][0]} [s = {pc.run.train.states_per_traj}, init {pc.run.model.init}{beyond}]"
+
+
+def with_final(curve: list[dict], res: dict, e) -> list[dict]:
+    """The distill stage's curve plus its last point, the evaluate stage's score (eval.curve_n = eval.n: the
+    same seeds and reference, so the checkpoint evaluation leaves the final one to it)."""
+    if not curve or e.curve_n != e.n:
+        return curve
+    m, d = res["evaluate"]["metrics"], res["distill"]
+    if curve[-1]["kimg"] >= d["kimg"] - 1e-9:
+        return curve
+    return curve + [{"kimg": d["kimg"], "fid": m[M.FID], "kid": m[M.KID], "kid_std": m.get(M.KID_STD),
+                     "train_s": d.get("train_s")}]
+
+
+def parse_variants(text: str | None) -> list[str]:
+    names = [v.strip() for v in (text or ",".join(DEFAULT_VARIANTS)).split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or not names:
+        raise ValueError(f"--variants {text!r}: unknown {bad or 'empty list'}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def variant_configs(overrides: list[str], variants: list[str], teacher_nfe: list[int] | None = None
+                    ) -> tuple[str, dict[str, tuple[PipelineConfig, dict]]]:
+    """Every variant's composed and validated config (before anything runs), and the study's id."""
+    base = from_composed(compose(overrides))
+    consistency = ([] if base.run.train.states_per_traj > 1
+                   else [f"train.states_per_traj={PAPER_STATES_PER_TRAJ}"])
+    t = base.run.trajectories
+    full = 2 * t.steps - 1 if t.sampler == "heun" else t.steps         # the NFE the trajectories were made with
+    nfe = sorted(set(teacher_nfe if teacher_nfe is not None else [1, 2, 4, full]))
+    ident = hashlib.sha256(json.dumps({"o": overrides, "v": variants, "t": nfe}).encode()).hexdigest()[:8]
+    study = f"{base.name}-study-{ident}"
+    out = {}
+    for i, v in enumerate(variants):
+        # the first variant also scores the teacher; the others need not repeat it
+        extra = (consistency if v in CONSISTENCY_ROWS else []) + VARIANTS[v][1] + [f"name={base.name}-{v}",
+                                  "eval.teacher_nfe=[" + (",".join(map(str, nfe)) if i == 0 else "") + "]"]
+        d = compose(overrides + extra)
+        pc = from_composed(d)
+        pc = dataclasses.replace(pc, tracking=dataclasses.replace(pc.tracking, tags={**pc.tracking.tags,
+                                                                                     "hkd.study": study}))
+        out[v] = (pc, d)
+    hashes = {v: pc.stages() for v, (pc, _) in out.items()}
+    first = next(iter(hashes.values()))
+    for v, h in hashes.items():
+        if (h["teacher"], h["trajectories"]) != (first["teacher"], first["trajectories"]):
+            raise ValueError(f"variant {v} would not share the teacher trajectories; its overrides change them")
+    return study, out
+
+
+def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] | None = None,
+              progress: bool = True, out: str | Path | None = None) -> dict:
+    from orchestrator.services.tracking import Tracker
+    from orchestrator.stages.driver import run_stages
+
+    study, cfgs = variant_configs(overrides, variants, teacher_nfe)
+    t0 = time.perf_counter()
+    results: dict = {"study": study, "variants": {}, "teacher": {}}
+    for v, (pc, d) in cfgs.items():
+        log.info("study %s: variant %s (%s)", study, v, row_label(v, pc))
+        res = run_stages(pc, d, "evaluate", progress)
+        m = res["evaluate"]["metrics"]
+        results["variants"][v] = {
+            "label": row_label(v, pc), "s": pc.run.train.states_per_traj, "init": pc.run.model.init,
+            "fid": m[M.FID], "kid": m[M.KID], "n": int(m[M.EVAL_N]),
+            "kimg": res["distill"]["kimg"], "train_s": res["distill"].get("train_s"),
+            "params": res["distill"].get("params"), "pipeline_run_id": res["_parent_run_id"],
+            "kid_std": m.get(M.KID_STD), "curve": with_final(res["distill"].get("curve", []), res, pc.run.eval),
+            "skipped": res.get("_skipped", [])}
+        for k, val in m.items():
+            nfe = M.teacher_nfe_of(k)
+            if nfe is not None:
+                results["teacher"][nfe] = {"fid": val, "kid": m.get(M.teacher_kid(nfe)), "n": int(m[M.EVAL_N])}
+        results["_tracking_uri"], results["_experiment_id"] = res["_tracking_uri"], res["_experiment_id"]
+    results["wall_s"] = time.perf_counter() - t0
+    first = next(iter(cfgs.values()))[0]
+    results["curve_n"] = first.run.eval.curve_n
+    md = to_markdown(results, first)
+    results["markdown"] = md
+    folder = Path(out or Path("runs") / study)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = write_outputs(results, folder)
+    tracker = Tracker(first.tracking)
+    run_id = tracker.open_run(identity.study_run_key(study), study, None, {"hkd.stage": "study", "hkd.study": study})
+    tracker.log_params(run_id, {"study": {"variants": variants, "overrides": overrides,
+                                          "teacher_nfe": sorted(results["teacher"])}})
+    metrics = {M.study(v, "fid"): r["fid"] for v, r in results["variants"].items()}
+    metrics.update({M.study(v, "kid"): r["kid"] for v, r in results["variants"].items()})
+    metrics.update({M.study(f"teacher_nfe{k}", "fid"): r["fid"] for k, r in results["teacher"].items()})
+    metrics[M.STUDY_WALL_S] = results["wall_s"]
+    tracker.log_metrics(run_id, metrics, 0)
+    for p in paths:
+        tracker.log_artifact(run_id, p, "study")
+    tracker.end(run_id)
+    results.update({"_study_run_id": run_id, "folder": str(folder)})
+    return results
+
+
+def to_markdown(r: dict, pc: PipelineConfig) -> str:
+    t = pc.run.train
+    n = next(iter(r["variants"].values()))["n"] if r["variants"] else 0
+    lines = [f"Quality study `{r['study']}`: {pc.run.data.name} {pc.run.data.resolution}x{pc.run.data.resolution}, "
+             f"{pc.run.teacher.kind} teacher, {pc.run.trajectories.num} trajectories, every model trained for "
+             f"{t.total_kimg:g} kimg (batch {t.batch_size}); FID/KID with N = {n} (standard Inception).", "",
+             "**At equal images seen**", "",
+             "| model | NFE | FID | KID x1e3 (± std) | kimg | train s | params |", "|---|---|---|---|---|---|---|"]
+    for v in r["variants"].values():
+        lines.append(f"| {v['label']} | 1 | {v['fid']:.2f} | {_kid(v)} | {v['kimg']:.2f} | "
+                     f"{(v['train_s'] or 0):.0f} | {v['params'] or 0:,} |")
+    for nfe, tr in sorted(r["teacher"].items()):
+        kid = f"{tr['kid'] * 1e3:.1f}" if tr.get("kid") is not None else "-"
+        lines.append(f"| teacher ({pc.run.teacher.kind}, Heun) | {nfe} | {tr['fid']:.2f} | {kid} | - | - | - |")
+    wall = equal_wall(r)
+    if wall:
+        lines += ["", f"**At equal wall-clock**: each model's curve point (eval.curve_n = {wall['n']}) with the most "
+                      f"training seconds up to {wall['seconds']:.0f} s, the shortest run's total.", "",
+                  "| model | kimg | train s | FID | KID x1e3 (± std) |", "|---|---|---|---|---|"]
+        for v, p in wall["rows"].items():
+            lines.append(f"| {r['variants'][v]['label']} | {p['kimg']:.2f} | {p['train_s']:.0f} | {p['fid']:.2f} | "
+                         f"{_kid(p)} |")
+    lines += ["", f"Wall-clock {r['wall_s'] / 60:.1f} min. Each model row is a pipeline run tagged "
+                  f"`hkd.study = {r['study']}` in MLflow."]
+    return "\n".join(lines) + "\n"
+
+
+def _kid(row: dict) -> str:
+    if row.get("kid") is None:
+        return "-"
+    std = f" ± {row['kid_std'] * 1e3:.1f}" if row.get("kid_std") is not None else ""
+    return f"{row['kid'] * 1e3:.1f}{std}"
+
+
+def equal_wall(r: dict) -> dict | None:
+    """Every variant at the same training seconds: its last curve point at or before the shortest run's total."""
+    curves = {v: [p for p in row.get("curve") or [] if p.get("train_s") is not None] for v, row in r["variants"].items()}
+    if not curves or not all(curves.values()):
+        return None
+    budget = min(c[-1]["train_s"] for c in curves.values())
+    rows = {}
+    for v, c in curves.items():
+        within = [p for p in c if p["train_s"] <= budget * 1.0001]
+        rows[v] = within[-1] if within else c[0]
+    n = r.get("curve_n", 0)
+    return {"seconds": budget, "rows": rows, "n": n}
+
+
+def write_outputs(r: dict, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    md = folder / "study.md"
+    md.write_text(r["markdown"])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "nfe", "fid", "kid", "kid_std", "n", "kimg", "train_s", "params"])
+    for v, row in r["variants"].items():
+        w.writerow([v, 1, row["fid"], row["kid"], row.get("kid_std"), row["n"], row["kimg"], row["train_s"],
+                    row["params"]])
+    for nfe, tr in sorted(r["teacher"].items()):
+        w.writerow([f"teacher_nfe{nfe}", nfe, tr["fid"], tr.get("kid"), "", tr["n"], "", "", ""])
+    table = folder / "study.csv"
+    table.write_text(buf.getvalue())
+    (folder / "study.json").write_text(json.dumps({k: v for k, v in r.items() if not k.startswith("_")},
+                                                  indent=1, default=str))
+    names = [row["label"] for row in r["variants"].values()] + [f"teacher NFE {k}" for k in sorted(r["teacher"])]
+    fids = [row["fid"] for row in r["variants"].values()] + [r["teacher"][k]["fid"] for k in sorted(r["teacher"])]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1))
+    colors = ["tab:blue"] * len(r["variants"]) + ["tab:gray"] * len(r["teacher"])
+    ax.barh(range(len(names)), fids, color=colors)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    for i, f in enumerate(fids):
+        ax.text(f, i, f" {f:.1f}", va="center", fontsize=7)
+    ax.set_xlabel("FID (lower is better)")
+    ax.set_title(f"{r['study']}", fontsize=9)
+    fig.savefig(folder / "study_fid.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    out = [md, table, folder / "study.json", folder / "study_fid.png"]
+    if any(row.get("curve") for row in r["variants"].values()):
+        out.append(plot_curves(r, folder / "study_curves.png"))
+    return out
+
+
+def plot_curves(r: dict, path: Path) -> Path:
+    """FID against kimg (left) and against training seconds (right), one line per variant, the teacher's
+    full-NFE FID as a dashed line."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for v, row in r["variants"].items():
+        c = row.get("curve") or []
+        if not c:
+            continue
+        style = "-o" if v in ABLATION_ROWS else "--s"
+        for ax, x in zip(axes, ("kimg", "train_s")):
+            pts = [(p[x], p["fid"]) for p in c if p.get(x) is not None]
+            ax.plot(*zip(*pts), style, ms=3, label=row["label"])
+    if r["teacher"]:
+        full = max(r["teacher"])
+        for ax in axes:
+            ax.axhline(r["teacher"][full]["fid"], color="gray", ls=":", label=f"teacher, {full} NFE")
+    axes[0].set_xlabel("kimg (trajectories seen)")
+    axes[1].set_xlabel("training seconds")
+    axes[0].set_ylabel(f"FID@{r.get('curve_n', '?')} (NFE 1)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(r["study"], fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,109 @@
+"""``hkd ship-teacher``: turn a trained teacher stage into a shipped teacher (hkd_core/shipped.py).
+
+It takes the teacher stage's output for the given config (run ``hkd teacher`` with the same overrides
+first), scores it through the evaluation path (Ray tasks) at every ``eval.teacher_nfe`` with N = eval.n,
+measures the noise floor at the same N (N training images against the N reference test images), draws a
+sample grid, and writes ``teacher.pt``, ``record.json`` and ``samples.png`` into ``--out``. Commit that
+folder under ``hkd_core/shipped/`` and every pipeline with the same data and teacher config adopts it.
+
+Each evaluation goes into the record's ``evals`` with its reference identity (the reference images' sha256,
+the Inception weights' sha256, N, split, seeds): the evaluate stage reuses a score only under an equal
+identity. Shipping into a folder that already holds the same weights adds (or replaces) the evaluation at
+this N and keeps the others and the training facts, so a teacher can be scored at N = 10,000 later:
+
+    hkd teacher teacher=edm ... && hkd ship-teacher teacher=edm ... eval.n=1000 eval.teacher_nfe=[1,2,4,35] \\
+        --out hkd_core/shipped/fmnist-edm
+    hkd ship-teacher teacher=fmnist_edm eval.n=10000 eval.teacher_nfe=[35] --out hkd_core/shipped/fmnist-edm
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from hkd_core import evaluation as E
+from hkd_core import metric_names as M
+from orchestrator import identity
+from orchestrator.services.storage import make_store
+from orchestrator.stages import evaluation
+
+log = logging.getLogger(__name__)
+
+
+def merged_evals(record: dict | None, new: dict) -> list[dict]:
+    """The record's evaluations with ``new`` added: one that has the same N, seed, split and reference identity
+    is replaced, the others are kept (``record`` None: a new teacher, ``new`` alone)."""
+    if not record:
+        return [new]
+    same = ("n", "seed", "split", "reference")
+    return [ev for ev in record.get("evals") or [] if any(ev.get(k) != new.get(k) for k in same)] + [new]
+
+
+def ship_teacher(pc, cfg_dict: dict, out: str | Path, command: str = "") -> dict:
+    from hkd_core.data import DATASETS
+    from hkd_core.figures import save_image_grid
+    from hkd_core.shipped import write_shipped
+    from hkd_core.teachers import build_teacher
+    from orchestrator.stages.driver import init_ray
+
+    prefix = identity.stage_prefix(pc, "teacher")
+    store = make_store(pc.storage, prefix)
+    if pc.run.teacher.kind != "edm" or not store.exists("_SUCCESS.json"):
+        raise FileNotFoundError(f"no trained EDM teacher for this config at {store.uri('')}: run `hkd teacher` "
+                                f"with the same overrides first (teacher=edm)")
+    import json
+
+    summary = json.loads(store.get("_SUCCESS.json"))
+    ema = torch.load(io.BytesIO(store.get("teacher.pt")), map_location="cpu", weights_only=True)
+    init_ray(pc)
+    t0 = time.perf_counter()
+    ref = evaluation.reference(pc, progress=True)[0]
+    scores = {}
+    for nfe in pc.run.eval.teacher_nfe:
+        s = evaluation.sample_scores(pc, cfg_dict, ref, {"kind": "teacher", "nfe": nfe},
+                                     teacher_key=f"{prefix}/teacher.pt", progress=True)
+        scores[str(nfe)] = s
+        log.info("teacher at NFE %d: FID@%d %.2f, KID %.4f ± %.4f", nfe, pc.run.eval.n, s["fid"], s["kid"],
+                 s["kid_std"])
+    floor = evaluation.noise_floor(pc, ref, progress=True)
+    channels = DATASETS[pc.run.data.name].channels
+    teacher = build_teacher(pc.run.data, pc.run.teacher, None, ema, "shipping")
+    out = Path(out)
+    nfe_full = max(pc.run.eval.teacher_nfe) if pc.run.eval.teacher_nfe else 35
+    grid = E.teacher_generator(teacher, nfe_full)(E.noise(E.eval_seeds(pc.run.eval, 64), (channels, pc.run.data.resolution,
+                                                                                          pc.run.data.resolution)))
+    save_image_grid(grid, out / "samples.png")
+    new = {"n": pc.run.eval.n, "split": pc.run.eval.split, "seed": pc.run.eval.seed,
+           "reference": evaluation.identity_of(pc), "by_nfe": scores, "noise_floor_train_vs_test": floor,
+           "samples": f"samples.png: {len(grid)} samples at NFE {nfe_full}", "command": command,
+           "eval_wall_s": time.perf_counter() - t0, "git_sha": identity.git_sha()}
+    old = _existing_record(out) if _same_weights(out, ema) else None
+    facts = ({k: v for k, v in old.items() if k not in ("config", "teacher_hash", "weights_sha256", "evals")}
+             if old else
+             {"kimg": summary.get("kimg"), "train_wall_s": summary.get("wall_s"), "source": summary.get("checkpoint_uri"),
+              "params": sum(v.numel() for v in ema.values() if v.is_floating_point()), "command": command,
+              "git_sha": identity.git_sha()})
+    shipped = write_shipped(out, pc.run.data, pc.run.teacher, ema, **facts, evals=merged_evals(old, new))
+    return {"folder": str(out), "record": shipped.record, "metrics": {
+        **{M.teacher_fid(int(k)): v["fid"] for k, v in scores.items()}, "floor/fid": floor["fid"]}}
+
+
+def _existing_record(folder: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads((folder / "record.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _same_weights(folder: Path, ema: dict) -> bool:
+    """Does ``folder`` already ship exactly these tensors (then its record's facts and evaluations still hold)?"""
+    try:
+        old = torch.load(folder / "teacher.pt", map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - no file, or not a state dict: a new teacher
+        return False
+    return old.keys() == ema.keys() and all(torch.equal(old[k], ema[k].cpu()) for k in old)
