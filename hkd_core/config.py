@@ -21,6 +21,9 @@ from .data import DATASETS
 from .models import PRESETS, VARIANTS, HKDConfig
 from .sampler import SAMPLERS
 
+# field metadata: the key enters a stage's identity (its hash) only when it differs from its default
+IDENTITY_WHEN_SET = {"identity": "when_set"}
+
 
 @dataclass
 class DataConfig:
@@ -154,8 +157,10 @@ class TrainConfig:
     seed: int = 0
     skip_corrupt_shards: bool = False    # leave out trajectory shards that fail the checks (counted in the
                                          # metric data/skipped_shards) instead of refusing to train
-    skip_nonfinite: bool = False         # a step whose loss or gradient is NaN/inf: skipped and counted
-                                         # (train/skipped_nonfinite) instead of ending the run with its step named
+    # a step whose loss or gradient is NaN/inf: skipped and counted (train/skipped_nonfinite) instead of ending the
+    # run with its step named. Part of a stage's identity only when set (IDENTITY_WHEN_SET: a key added later
+    # leaves every existing stage's hash, and so its cached output, as it was)
+    skip_nonfinite: bool = field(default=False, metadata=IDENTITY_WHEN_SET)
 
 
 @dataclass
@@ -344,9 +349,21 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _identity(obj):
+    """A dataclass as the dict its hash is taken of: every field, except those marked IDENTITY_WHEN_SET while they
+    hold their default."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if f.metadata.get("identity") == "when_set" and v == f.default:
+            continue
+        out[f.name] = _identity(v) if dataclasses.is_dataclass(v) else v
+    return json.loads(json.dumps(out, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o))
+
+
 def config_hash(*parts) -> str:
     """A short content hash of dataclasses / dicts / strings, for content-addressed stage outputs."""
-    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
+    blob = json.dumps([_identity(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -48,3 +48,19 @@ def test_good_config_and_stage_hashes():
     assert ha["distill"] != hb["distill"] and ha["evaluate"] != hb["evaluate"]
     c = _cfg({"model": {"levels": 2, "subspace_dims": [8, 16]}, "trajectories": {"num": 100}})
     assert stage_hashes(c)["trajectories"] != ha["trajectories"] and stage_hashes(c)["teacher"] == ha["teacher"]
+
+
+def test_a_key_marked_identity_when_set_changes_the_hash_only_when_set():
+    """train.skip_nonfinite came after many stages were cached: at its default it leaves every stage's hash as it
+    was (the cache still hits); set, it is part of the distill stage's identity."""
+    import dataclasses
+
+    from hkd_core.config import RunConfig, stage_hashes
+
+    base = RunConfig()
+    same = stage_hashes(dataclasses.replace(base, train=dataclasses.replace(base.train, skip_nonfinite=False)))
+    other = stage_hashes(dataclasses.replace(base, train=dataclasses.replace(base.train, skip_nonfinite=True)))
+    assert same == stage_hashes(base)
+    assert other["distill"] != same["distill"] and other["trajectories"] == same["trajectories"]
+    lr = stage_hashes(dataclasses.replace(base, train=dataclasses.replace(base.train, lr=1e-3)))
+    assert lr["distill"] != same["distill"]                  # an ordinary key still counts at any value
