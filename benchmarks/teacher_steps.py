@@ -51,8 +51,8 @@ def main() -> None:
     for nfe, seeds, key in [(k, E.eval_seeds(e), str(k)) for k in a.nfe] + \
                            [(k, E.eval_seeds(other), f"{k}_redraw") for k in a.redraw]:
         t0 = time.perf_counter()
-        f = E.chunk_features(E.teacher_generator(teacher, nfe), seeds, E.image_shape(data), feats, e.batch_size)
-        s = E.score(*E.merge_chunks([E.chunk_result(f)]), ref, e.kid_subset_size)
+        s = E.score_in_process(E.teacher_generator(teacher, nfe), seeds, E.image_shape(data), feats, ref,
+                               e.kid_subset_size, e.batch_size)
         rows[key] = {**s, "nfe": nfe, "seeds_from": seeds[0], "seconds": time.perf_counter() - t0}
         print(f"NFE {key}: FID {s['fid']:.2f}  KID x1e3 {s['kid'] * 1e3:.1f} ± {s['kid_std'] * 1e3:.1f}  "
               f"({rows[key]['seconds']:.0f} s)", flush=True)

@@ -80,6 +80,16 @@ def score(stats: FeatureStats, feats: torch.Tensor, ref: Reference, kid_subset_s
     return {"fid": fid_from_stats(stats, ref.stats), "kid": kid, "kid_std": kid_std}
 
 
+def score_in_process(generate: Generate, seeds: list[int], shape: tuple[int, ...], features: InceptionFeatures,
+                     ref: Reference, kid_subset_size: int, batch_size: int = 100,
+                     device: str | torch.device = "cpu") -> dict[str, float]:
+    """FID and KID of the samples drawn from ``seeds``, in this process: the chain that Ray tasks split into chunks
+    (chunk_features -> chunk_result -> merge_chunks -> score) as one chunk, so that a number scored here equals
+    the evaluate stage's on the same seeds. For the in-loop proxy, a sweep trial's final score and benchmarks."""
+    f = chunk_features(generate, seeds, shape, features, batch_size, device)
+    return score(*merge_chunks([chunk_result(f)]), ref, kid_subset_size)
+
+
 def model_metrics(s: dict[str, float], n: int) -> dict[str, float]:
     """The model's scores under their metric names (NFE 1)."""
     return {M.FID: s["fid"], M.KID: s["kid"], M.KID_STD: s["kid_std"], M.EVAL_N: n, M.FID_NFE1: s["fid"]}

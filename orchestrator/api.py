@@ -179,7 +179,7 @@ def pipeline(overrides: Sequence[str] = (), upto: str = "evaluate", progress: bo
     check_services(pc, "storage")
     check_data(pc, "data", fid=upto == "evaluate" or pc.run.eval.curve_n > 0)     # the Inception network runs
     try:
-        return run_stages(pc, cfg, upto, progress=progress)
+        return run_stages(pc, upto, progress=progress)
     except (ShardError, CheckpointError, ShippedTeacherError, FileNotFoundError) as e:   # bad input data, found
         raise InputError(describe(e)) from None                                      # before training
 
@@ -336,7 +336,7 @@ def ship_teacher(overrides: Sequence[str], out: str) -> dict:
     check_services(pc, "ship-teacher")
     check_data(pc, "ship-teacher")
     try:
-        return ship(pc, cfg, out, command="hkd ship-teacher " + " ".join(overrides))
+        return ship(pc, out, command="hkd ship-teacher " + " ".join(overrides))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise UsageError(describe(e), "ship-teacher") from None
 

@@ -89,7 +89,7 @@ def run_one(config: str, offset: str, base: list[str]) -> dict:
     pc = from_composed(cfg)
     t0 = time.perf_counter()
     last = "evaluate" if offset == "0" else "distill"
-    res = run_stages(pc, cfg, last, progress=False)
+    res = run_stages(pc, last, progress=False)
     model, _ = load_model(pc, res["distill"]["model_uri"])
     prefix = f"{identity.stage_prefix(pc, 'trajectories')}/train"
     sets = overfitting_sets(pc, prefix)

@@ -66,7 +66,7 @@ def run_row(name: str, label: str, overrides: list[str], budget: str, base: list
     cfg = compose_for_cli(over)
     pc = from_composed(cfg)
     t0 = time.perf_counter()
-    res = run_stages(pc, cfg, "evaluate", progress=False)
+    res = run_stages(pc, "evaluate", progress=False)
     m, d = res["evaluate"]["metrics"], res["distill"]
     from orchestrator.services.tracking import Tracker
 

@@ -113,9 +113,9 @@ def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] 
     study, cfgs = variant_configs(overrides, variants, teacher_nfe)
     t0 = time.perf_counter()
     results: dict = {"study": study, "variants": {}, "teacher": {}}
-    for v, (pc, d) in cfgs.items():
+    for v, (pc, _) in cfgs.items():
         log.info("study %s: variant %s (%s)", study, v, row_label(v, pc))
-        res = run_stages(pc, d, "evaluate", progress)
+        res = run_stages(pc, "evaluate", progress)
         m = res["evaluate"]["metrics"]
         results["variants"][v] = {
             "label": row_label(v, pc), "s": pc.run.train.states_per_traj, "init": pc.run.model.init,

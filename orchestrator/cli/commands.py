@@ -201,7 +201,7 @@ def stage_main(args) -> int:
         return 0
     res = api.pipeline(args.overrides, upto, progress=not args.no_progress)
     out.write_json(args.json, res)
-    if args.headline:
+    if getattr(args, "headline", None):           # pipeline and evaluate have it; the other stages do not
         out.write_headline(args.headline, res, args.command, args.overrides, args.name)
     out.print_results(res)
     return 0

@@ -21,8 +21,10 @@ STAGE_PARAMS = {"teacher": ("data", "teacher"), "trajectories": ("data", "teache
 
 @dataclasses.dataclass
 class StageContext:
+    """The validated config (``pc``, the one object every Ray worker receives as it is: no worker parses or
+    validates it again), the tracker, the pipeline's run and the lineage tags."""
+
     pc: PipelineConfig
-    cfg_dict: dict                 # the resolved config, shipped to workers
     tracker: Tracker
     parent_run_id: str | None
     lineage: dict                  # tags every run carries (config hash, git sha, data, ...)
@@ -79,7 +81,7 @@ class StageContext:
         return dataset_inputs(self.pc, stage, self.store("trajectories").uri("train"))
 
     def fit(self, stage: str, loop, run_id: str, extra: dict):
-        t = trainer.make_trainer(self.pc, loop, {"pipeline": self.cfg_dict, "run_id": run_id, **extra},
+        t = trainer.make_trainer(self.pc, loop, {"pipeline": self.pc, "run_id": run_id, **extra},
                                  self.prefix(stage))
         return trainer.fit(t)
 

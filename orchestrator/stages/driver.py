@@ -21,7 +21,7 @@ from orchestrator.stages.steps import stage_distill, stage_evaluate, stage_teach
 log = logging.getLogger(__name__)
 
 
-def context(pc: PipelineConfig, cfg_dict: dict, progress: bool = True, parent: str | None = None,
+def context(pc: PipelineConfig, progress: bool = True, parent: str | None = None,
             tracker: Tracker | None = None) -> StageContext:
     """The stages' shared state. Without ``parent`` the pipeline's own parent run is opened (or reopened)."""
     tracker = tracker or Tracker(pc.tracking)
@@ -31,16 +31,16 @@ def context(pc: PipelineConfig, cfg_dict: dict, progress: bool = True, parent: s
                                   {**lineage, "hkd.stage": "pipeline"})
         tracker.log_params(parent, pc.run.to_dict())
         tracker.log_dict(parent, pc.to_dict(), "config/resolved.json")
-    return StageContext(pc, cfg_dict, tracker, parent, lineage, progress)
+    return StageContext(pc, tracker, parent, lineage, progress)
 
 
-def run_stages(pc: PipelineConfig, cfg_dict: dict, upto: str = "evaluate", progress: bool = True,
+def run_stages(pc: PipelineConfig, upto: str = "evaluate", progress: bool = True,
                ctx: StageContext | None = None) -> dict:
     """Every stage up to ``upto`` (inclusive), each skipped if its output exists for this config.
     With ``ctx`` (a sweep's), the stages nest under its parent run, which is left open. Ray is started (or
     joined) by the first stage that needs it: a rerun whose stages are all done starts none."""
     own = ctx is None
-    ctx = ctx or context(pc, cfg_dict, progress)
+    ctx = ctx or context(pc, progress)
     results: dict = {}
     fns = {"teacher": lambda: stage_teacher(ctx), "trajectories": lambda: stage_trajectories(ctx, results["teacher"]),
            "distill": lambda: stage_distill(ctx, results["trajectories"], results["teacher"]),

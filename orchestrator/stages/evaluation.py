@@ -74,9 +74,8 @@ def image_features(pc, images: torch.Tensor, tasks: int | None = None, desc: str
     k = _chunks(pc, images.shape[0], tasks)
     bounds = np.linspace(0, images.shape[0], k + 1).round().astype(int)
     fn = _tasks(pc)(workers.image_features_task)
-    cfg = pc.to_dict()
     spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    refs = [fn.remote(cfg, images[a:b].clone(), _threads(pc)) for a, b in spans]
+    refs = [fn.remote(pc, images[a:b].clone(), _threads(pc)) for a, b in spans]
     return E.merge_chunks(gather(refs, [b - a for a, b in spans], desc, progress))
 
 
@@ -105,7 +104,7 @@ def reference(pc, n: int | None = None, progress: bool = False) -> tuple:
     return ref, name, True
 
 
-def sample_scores(pc, cfg_dict: dict, ref, what: dict, model_key=None, teacher_key=None, images_ref=None,
+def sample_scores(pc, ref, what: dict, model_key=None, teacher_key=None, images_ref=None,
                   progress: bool = False) -> dict:
     """Samples from the evaluation seeds and their scores, computed across Ray tasks, one chunk of seeds each
     (chunk i takes seeds i, i + k, ...; merged in chunk order)."""
@@ -113,7 +112,7 @@ def sample_scores(pc, cfg_dict: dict, ref, what: dict, model_key=None, teacher_k
     k = _chunks(pc, len(seeds))
     chunks = [seeds[i::k] for i in range(k) if seeds[i::k]]
     fn = _tasks(pc)(workers.features_task)
-    refs = [fn.remote(cfg_dict, what, c, images_ref, teacher_key, model_key, _threads(pc)) for c in chunks]
+    refs = [fn.remote(pc, what, c, images_ref, teacher_key, model_key, _threads(pc)) for c in chunks]
     name = "model at NFE 1" if what["kind"] == "model" else f"teacher at NFE {what['nfe']}"
     results = gather(refs, [len(c) for c in chunks], f"evaluate: {name}", progress)
     return E.score(*E.merge_chunks(results), ref, pc.run.eval.kid_subset_size)
@@ -190,7 +189,7 @@ def noise_floor(pc, ref, progress: bool = False) -> dict:
     return E.score(stats, feats, ref, e.kid_subset_size)
 
 
-def evaluate(pc, cfg_dict: dict, model_key: str, teacher_key: str | None, images, adopted: str | None = None,
+def evaluate(pc, model_key: str, teacher_key: str | None, images, adopted: str | None = None,
              progress: bool = False) -> dict:
     """FID/KID of the model (NFE 1) and of the teacher at each eval.teacher_nfe, and the noise floor (real
     training images, same N), under their metric names. ``images()`` gives the teacher's data set (loaded only
@@ -201,7 +200,7 @@ def evaluate(pc, cfg_dict: dict, model_key: str, teacher_key: str | None, images
 
     ref = reference(pc, progress=progress)[0]
     e = pc.run.eval
-    metrics = E.model_metrics(sample_scores(pc, cfg_dict, ref, {"kind": "model"}, model_key=model_key,
+    metrics = E.model_metrics(sample_scores(pc, ref, {"kind": "model"}, model_key=model_key,
                                             progress=progress), e.n)
     ident = identity_of(pc)
     recorded, floor = recorded_teacher_scores(pc, adopted, ident)
@@ -225,7 +224,7 @@ def evaluate(pc, cfg_dict: dict, model_key: str, teacher_key: str | None, images
             ident = {**ident, "teacher_sha256": hashlib.sha256(make_store(pc.storage).get(teacher_key)).hexdigest()}
 
         def measure(nfe=nfe):
-            return sample_scores(pc, cfg_dict, ref, {"kind": "teacher", "nfe": nfe}, teacher_key=teacher_key,
+            return sample_scores(pc, ref, {"kind": "teacher", "nfe": nfe}, teacher_key=teacher_key,
                                  images_ref=img_ref, progress=progress)
         metrics.update(E.teacher_metrics(cached_scores(pc, ident, f"nfe{nfe}", measure), nfe))
     full = max(e.teacher_nfe) if e.teacher_nfe else None

@@ -42,7 +42,7 @@ def merged_evals(record: dict | None, new: dict) -> list[dict]:
     return [ev for ev in record.get("evals") or [] if any(ev.get(k) != new.get(k) for k in same)] + [new]
 
 
-def ship_teacher(pc, cfg_dict: dict, out: str | Path, command: str = "") -> dict:
+def ship_teacher(pc, out: str | Path, command: str = "") -> dict:
     from hkd_core.data import DATASETS
     from hkd_core.figures import save_image_grid
     from hkd_core.shipped import write_shipped
@@ -63,7 +63,7 @@ def ship_teacher(pc, cfg_dict: dict, out: str | Path, command: str = "") -> dict
     ref = evaluation.reference(pc, progress=True)[0]
     scores = {}
     for nfe in pc.run.eval.teacher_nfe:
-        s = evaluation.sample_scores(pc, cfg_dict, ref, {"kind": "teacher", "nfe": nfe},
+        s = evaluation.sample_scores(pc, ref, {"kind": "teacher", "nfe": nfe},
                                      teacher_key=f"{prefix}/teacher.pt", progress=True)
         scores[str(nfe)] = s
         log.info("teacher at NFE %d: FID@%d %.2f, KID %.4f ± %.4f", nfe, pc.run.eval.n, s["fid"], s["kid"],

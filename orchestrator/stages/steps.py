@@ -114,7 +114,7 @@ def stage_trajectories(ctx: StageContext, teacher: dict) -> dict:
                 done, pending = ray.wait(pending, num_returns=1)
                 infos += ray.get(done)
                 bar.update(len(done))
-            pending.append(remote.options(**opts).remote(ctx.cfg_dict, img_ref, teacher.get("teacher_key"), prefix,
+            pending.append(remote.options(**opts).remote(ctx.pc, img_ref, teacher.get("teacher_key"), prefix,
                                                           index, first, count, seed, threads))
         infos += ray.get(pending)
         bar.update(len(pending))
@@ -271,7 +271,7 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     init_ray(pc)
     run_id = ctx.open_run("evaluate", {"hkd.model_uri": distill["model_uri"]})
     t0 = time.perf_counter()
-    metrics = evaluation.evaluate(pc, ctx.cfg_dict, distill["model_key"], teacher.get("teacher_key"),
+    metrics = evaluation.evaluate(pc, distill["model_key"], teacher.get("teacher_key"),
                                   lambda: images(pc), teacher.get("adopted"), progress=ctx.progress)
     model = workers.load_model(pc, distill["model_key"])
     canonical = evaluation.canonical_spectrum(pc, model)     # what runs compare by (issue 24's gauge)

@@ -1,7 +1,8 @@
 """What runs on Ray workers: the Ray Train loops (teacher, distillation) and the sampling and scoring tasks.
 
-Each function takes plain dicts (the resolved config) so that it can be shipped to any node, parses them,
-and calls into hkd_core. In the two training loops the numbered comments mark the Ray-specific lines, as in
+Each function takes the driver's validated ``PipelineConfig`` as it is (a dataclass, pickled to any node; no
+worker composes, parses or validates it again, so a check of a driver-local file never runs on a node without
+it) and calls into hkd_core. In the two training loops the numbered comments mark the Ray-specific lines, as in
 Ray's own examples; reporting (MLflow, checkpoints, attempts) is ``reporting.LoopReporting``.
 """
 from __future__ import annotations
@@ -15,11 +16,6 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def parse(cfg: dict):
-    """The resolved config a driver shipped, as a validated PipelineConfig."""
-    from orchestrator.config import from_composed
-
-    return from_composed(cfg)
 
 
 def _device() -> str:
@@ -35,7 +31,7 @@ def distill_loop(config: dict) -> None:
     from hkd_core.train import train_hkd
     from orchestrator.stages.reporting import LoopReporting
 
-    pc = parse(config["pipeline"])
+    pc = config["pipeline"]            # the driver's validated PipelineConfig, as it is
     ctx = ray.train.get_context()                                          # (1) rank and world size from Ray
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
@@ -149,7 +145,7 @@ def real_images(config: dict) -> torch.Tensor:
         return ray.get(config["images_ref"][0])
     from hkd_core.data import load_images
 
-    d = parse(config["pipeline"]).run.data
+    d = config["pipeline"].run.data
     return load_images(d.name, d.split, resolution=d.resolution, limit=d.limit, root=d.root)[0]
 
 
@@ -163,7 +159,7 @@ def teacher_loop(config: dict) -> None:
     from hkd_core.train import train_teacher
     from orchestrator.stages.reporting import LoopReporting
 
-    pc = parse(config["pipeline"])
+    pc = config["pipeline"]            # the driver's validated PipelineConfig, as it is
     ctx = ray.train.get_context()                                          # (1) rank and world size from Ray
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
@@ -262,8 +258,8 @@ def make_eval_cb(pc, spec: dict, device):
     def proxy(ema, kimg: float) -> dict:
         if final_is_evaluated and kimg >= total - 1e-9:
             return {}    # the evaluate stage scores the final model on the same seeds and reference: not twice
-        f = E.chunk_features(E.model_generator(ema), seeds, E.image_shape(pc.run.data), feats, e.batch_size, device)
-        s = E.score(*E.merge_chunks([E.chunk_result(f)]), ref, e.kid_subset_size)
+        s = E.score_in_process(E.model_generator(ema), seeds, E.image_shape(pc.run.data), feats, ref,
+                               e.kid_subset_size, e.batch_size, device)
         if metric == M.CURVE:     # eval.curve_n: FID/KID against images seen, as curves in MLflow
             return {M.CURVE_FID: s["fid"], M.CURVE_KID: s["kid"], M.CURVE_KID_STD: s["kid_std"]}
         return {metric: s["kid"] if metric == M.KID else s["fid"]}
@@ -295,7 +291,7 @@ def load_model(pc, model_key: str):
     return model_from_record(torch.load(io.BytesIO(data), map_location="cpu", weights_only=False))
 
 
-def generate_shard_task(cfg: dict, images: torch.Tensor | None, teacher_key: str | None, prefix: str, index: int, first: int, count: int,
+def generate_shard_task(pc, images: torch.Tensor | None, teacher_key: str | None, prefix: str, index: int, first: int, count: int,
                         seed: int, threads: int = 1) -> dict:
     """One shard of teacher trajectories, written to storage (reused if a whole one is already there); ``images``
     only for the empirical teacher (an EDM teacher's weights come from storage)."""
@@ -303,7 +299,6 @@ def generate_shard_task(cfg: dict, images: torch.Tensor | None, teacher_key: str
     from orchestrator.services.storage import make_store
 
     torch.set_num_threads(threads)
-    pc = parse(cfg)
     store = make_store(pc.storage, prefix)
     info = existing_shard(store, index, first, count, seed)
     if info is None:
@@ -315,7 +310,7 @@ def generate_shard_task(cfg: dict, images: torch.Tensor | None, teacher_key: str
     return dataclasses.asdict(info)
 
 
-def features_task(cfg: dict, what: dict, seeds: list[int], images=None, teacher_key: str | None = None,
+def features_task(pc, what: dict, seeds: list[int], images=None, teacher_key: str | None = None,
                   model_key: str | None = None, threads: int = 1) -> dict:
     """Inception statistics of the samples drawn from these noise seeds: the model at NFE 1, or the teacher at
     ``what['nfe']`` (hkd_core.evaluation.chunk_result)."""
@@ -323,7 +318,6 @@ def features_task(cfg: dict, what: dict, seeds: list[int], images=None, teacher_
     from hkd_core.fid import InceptionFeatures
 
     torch.set_num_threads(threads)
-    pc = parse(cfg)
     dev = _device()
     feats = InceptionFeatures(inception_weights(pc), device=dev, batch_size=pc.run.eval.batch_size)
     if what["kind"] == "model":
@@ -334,13 +328,12 @@ def features_task(cfg: dict, what: dict, seeds: list[int], images=None, teacher_
     return E.chunk_result(f)
 
 
-def image_features_task(cfg: dict, images: torch.Tensor, threads: int = 1) -> dict:
+def image_features_task(pc, images: torch.Tensor, threads: int = 1) -> dict:
     """Inception statistics and features of given images (a chunk of the reference set, or any images)."""
     from hkd_core import evaluation as E
     from hkd_core.fid import InceptionFeatures
 
     torch.set_num_threads(threads)
-    pc = parse(cfg)
     feats = InceptionFeatures(inception_weights(pc), device=_device(), batch_size=pc.run.eval.batch_size)
     return E.chunk_result(feats(images))
 

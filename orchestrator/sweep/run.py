@@ -109,8 +109,7 @@ def trial_fn(params: dict, ctx: dict) -> None:
     r = ctx["resources"]
     over = ctx["base"] + overrides_for(params) + [f"train.checkpoint_every_kimg={ctx['report']['every_kimg']}",
                                                   f"cluster.num_workers={r['workers']}"]
-    cfg = compose(over)
-    pc = from_composed(cfg)
+    pc = from_composed(compose(over))      # composed once, here on the trial's driver; its workers get pc itself
     results = make_store(pc.storage, f"sweeps/{ctx['sweep_id']}/{trial_id}")
     if results.exists("final.json"):
         # finished before the driver went down, but Tune's snapshot did not know yet: report, don't redo
@@ -127,7 +126,7 @@ def trial_fn(params: dict, ctx: dict) -> None:
     tracker.log_params(run_id, {**pc.run.to_dict(), "sweep": {"params": json.dumps(params, sort_keys=True)}})
     tracker.log_inputs(run_id, dataset_inputs(pc, "distill", ctx["traj_uri"]))     # the Dataset column, as a stage's
     t = trainer.make_trainer(pc, workers.distill_loop,
-                             {"pipeline": cfg, "run_id": run_id, "trajectories_prefix": ctx["traj_prefix"],
+                             {"pipeline": pc, "run_id": run_id, "trajectories_prefix": ctx["traj_prefix"],
                               "eval": ctx["eval"], "teacher_key": ctx.get("teacher_key")},
                              f"{ctx['sweep_id']}-{trial_id}", subdir="sweeps-train",
                              workers=trainer.Workers(r["workers"], r["cpus_per_worker"], r["gpus_per_worker"]),
@@ -172,9 +171,8 @@ def final_metrics(pc, model, ctx: dict) -> dict:
         e = pc.run.eval
         feats = InceptionFeatures(workers.inception_weights(pc), batch_size=e.batch_size)
         ref = decode_reference(make_store(pc.storage, REFERENCES).get(ctx["final_reference_key"]))
-        f = E.chunk_features(E.model_generator(model), E.eval_seeds(e), E.image_shape(pc.run.data), feats,
-                             e.batch_size)
-        s = E.score(*E.merge_chunks([E.chunk_result(f)]), ref, e.kid_subset_size)
+        s = E.score_in_process(E.model_generator(model), E.eval_seeds(e), E.image_shape(pc.run.data), feats, ref,
+                               e.kid_subset_size, e.batch_size)
         out.update({M.FID: s["fid"], M.KID: s["kid"], M.EVAL_N: float(e.n)})
     return out
 
@@ -191,10 +189,10 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = No
                                  {"hkd.sweep_id": sweep_id, "hkd.stage": "sweep", "hkd.sweep_spec": spec.source})
     tracker.log_params(sweep_run, {"sweep": {"base": json.dumps(spec.base), "metric": spec.metric, "mode": spec.mode,
                                              "trials": spec.trials, "space": json.dumps(spec.space)}})
-    base = context(pc, base_cfg, progress, tracker=tracker)
+    base = context(pc, progress, tracker=tracker)
     tracker.end(base.parent_run_id)       # the base pipeline run only records lineage; stages nest under the sweep
-    ctx = context(pc, base_cfg, progress, parent=sweep_run, tracker=tracker)
-    shared = run_stages(pc, base_cfg, "trajectories", progress, ctx=ctx)
+    ctx = context(pc, progress, parent=sweep_run, tracker=tracker)
+    shared = run_stages(pc, "trajectories", progress, ctx=ctx)
     traj_prefix = ctx.prefix("trajectories")
     trial_eval = {"metric": spec.metric, "fid_n": spec.report.fid_n, "holdout_prefix": f"{traj_prefix}/holdout"}
     if spec.metric in (M.FID, M.KID):

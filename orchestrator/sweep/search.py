@@ -83,6 +83,25 @@ class ResumableOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.mirror = mirror
 
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.fail_orphans()
+
+    def fail_orphans(self) -> list[int]:
+        """After a restore: the study's RUNNING trials that Tune's restored state does not know (Optuna handed them
+        to a driver that died before Tune's next snapshot) will never get a report; Tune asks anew for the trials it
+        re-runs. They are marked FAIL, so the study holds no trial running for ever. Returns their numbers."""
+        import optuna
+
+        known = {getattr(t, "_trial_id", None) for t in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        orphans = [t.number for t in running if t._trial_id not in known]
+        for number in orphans:
+            self._ot_study.tell(number, state=optuna.trial.TrialState.FAIL)
+            log.warning("optuna trial %d was running when the sweep's driver stopped and Tune never recorded it: "
+                        "marked FAIL (Tune runs the trials it knew again)", number)
+        return orphans
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         super().on_trial_complete(trial_id, result, error)
         self.push_study()

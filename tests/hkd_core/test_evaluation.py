@@ -34,6 +34,24 @@ def test_chunks_of_seeds_give_the_samples_of_the_whole(koopman_model):
     assert stats.n == 10 and feats.shape == whole.shape
 
 
+def test_scoring_in_process_equals_the_chunked_path(koopman_model):
+    """score_in_process (the proxy's, a sweep trial's and the benchmarks' chain) gives the numbers of the Ray path:
+    chunks of seeds scored apart, merged, scored: the same FID and KID to float precision."""
+    from hkd_core.fid import FeatureStats, Reference
+
+    feat = lambda imgs: imgs.flatten(1)[:, :16].double().float()   # noqa: E731 - a small stand-in extractor
+    shape = (koopman_model.cfg.img_channels, koopman_model.cfg.resolution, koopman_model.cfg.resolution)
+    gen = E.model_generator(koopman_model)
+    ref_feats = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+    ref = Reference({}, FeatureStats.of(ref_feats), ref_feats)
+    seeds = list(range(24))
+    one = E.score_in_process(gen, seeds, shape, feat, ref, kid_subset_size=8, batch_size=5)
+    parts = [E.chunk_result(E.chunk_features(gen, seeds[i:i + 8], shape, feat, batch_size=3)) for i in (0, 8, 16)]
+    chunked = E.score(*E.merge_chunks(parts), ref, 8)
+    assert one["fid"] == pytest.approx(chunked["fid"], rel=1e-6) and one["kid"] == pytest.approx(chunked["kid"])
+    assert one["fid"] > 0
+
+
 def test_metric_names_of_model_and_teacher():
     s = {"fid": 12.5, "kid": 0.01, "kid_std": 0.002}
     assert E.model_metrics(s, 300) == {M.FID: 12.5, M.KID: 0.01, M.KID_STD: 0.002, M.EVAL_N: 300,

@@ -203,7 +203,10 @@ def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
     monkeypatch.setenv("PGPASSFILE", tracking["env"]["PGPASSFILE"])
     study = optuna.load_study(study_name=sweep_id, storage=url)     # the study, read from PostgreSQL
     states = [t.state.name for t in study.trials]
-    assert len(states) == spec["trials"] and set(states) <= {"COMPLETE", "PRUNED"}, states
+    # a trial Optuna handed out after Tune's last snapshot before the kill is marked FAIL on resume (Tune asks anew
+    # for what it re-runs): never left RUNNING; the others are the spec's trials, each completed or pruned
+    done = [s for s in states if s != "FAIL"]
+    assert len(done) == spec["trials"] and set(done) <= {"COMPLETE", "PRUNED"}, states
     # two trials ran at once: their MLflow runs overlap in time
     trials = sorted(c.search_runs([exp.experiment_id], f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` "
                                   f"= 'trial'"), key=lambda x: x.info.start_time)

@@ -23,9 +23,9 @@ def test_a_failing_stage_ends_its_run_failed_with_the_reason(tmp_path, monkeypat
         raise RuntimeError("out of disk on the node")
 
     monkeypatch.setattr(pipeline, "stage_teacher", teacher_that_fails)
-    ctx = pipeline.context(pc, pc.to_dict(), progress=False)
+    ctx = pipeline.context(pc, progress=False)
     with pytest.raises(RuntimeError, match="out of disk"):
-        pipeline.run_stages(pc, pc.to_dict(), "evaluate", progress=False, ctx=ctx)
+        pipeline.run_stages(pc, "evaluate", progress=False, ctx=ctx)
     run = ctx.tracker.run_data(opened["id"])
     assert run.info.status == "FAILED"
     assert run.data.tags["hkd.end_reason"] == "RuntimeError: out of disk on the node"
@@ -45,9 +45,9 @@ def test_a_run_ended_by_something_else_still_gets_the_reason_with_the_path(tmp_p
         raise FileNotFoundError(2, "No such file or directory", "/tmp/ray/_ray_pkg_x/pyproject.toml")
 
     monkeypatch.setattr(pipeline, "stage_teacher", teacher_that_fails)
-    ctx = pipeline.context(pc, pc.to_dict(), progress=False)
+    ctx = pipeline.context(pc, progress=False)
     with pytest.raises(FileNotFoundError):
-        pipeline.run_stages(pc, pc.to_dict(), "evaluate", progress=False, ctx=ctx)
+        pipeline.run_stages(pc, "evaluate", progress=False, ctx=ctx)
     run = ctx.tracker.run_data(opened["id"])
     assert run.info.status == "FAILED"
     assert run.data.tags["hkd.end_reason"] == ("FileNotFoundError: No such file or directory: "
