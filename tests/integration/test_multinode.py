@@ -36,11 +36,31 @@ def _cluster_module():
     return mod
 
 
+RUNNING: list = []      # the clusters this module started; the next one stops them first (two cores hold one)
+
+
+def _start(tmp_path_factory, name: str, cpus: list[int], first_ip: str):
+    """A LocalCluster of its own, after the ones before it stopped; started again once (fresh ports and folder)
+    when its nodes do not come up, as a Ray GCS on a loaded two-core machine once did not within 300 s."""
+    while RUNNING:
+        RUNNING.pop().stop()
+    for attempt in (1, 2):
+        c = _cluster_module().LocalCluster(tmp_path_factory.mktemp(name))
+        try:
+            c.start(cpus, first_ip=first_ip, env=dict(os.environ))
+            RUNNING.append(c)
+            return c
+        except SystemExit as e:
+            c.stop()
+            if attempt == 2:
+                raise
+            print(f"cluster {name} did not start ({str(e).splitlines()[0]}); starting it again")
+
+
 @pytest.fixture(scope="module")
 def cluster(local_stack, tmp_path_factory):
-    c = _cluster_module().LocalCluster(tmp_path_factory.mktemp("cluster"))
+    c = _start(tmp_path_factory, "cluster", [3, 2], HEAD)
     try:
-        c.start([3, 2], first_ip=HEAD, env=dict(os.environ))
         yield c
     finally:
         c.stop()
@@ -178,9 +198,8 @@ ZHEAD, NODE1, NODE2 = "127.0.0.4", "127.0.0.5", "127.0.0.6"
 
 @pytest.fixture(scope="module")
 def zero_head(local_stack, tmp_path_factory):
-    c = _cluster_module().LocalCluster(tmp_path_factory.mktemp("zero-head"))
+    c = _start(tmp_path_factory, "zero-head", [0, 2], ZHEAD)
     try:
-        c.start([0, 2], first_ip=ZHEAD, env=dict(os.environ))
         for what in ("fashion_mnist", "inception"):            # the nodes' caches are empty: S3 only
             r = _hkd("data", "push", what)
             assert r.returncode == 0, r.stderr
