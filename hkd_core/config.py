@@ -358,12 +358,13 @@ def _identity(obj):
         if f.metadata.get("identity") == "when_set" and v == f.default:
             continue
         out[f.name] = _identity(v) if dataclasses.is_dataclass(v) else v
-    return json.loads(json.dumps(out, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o))
+    return out
 
 
 def config_hash(*parts) -> str:
     """A short content hash of dataclasses / dicts / strings, for content-addressed stage outputs."""
-    blob = json.dumps([_identity(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
+    blob = json.dumps([_identity(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True,
+                      default=dataclasses.asdict)     # a dataclass inside a list: as asdict writes it
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
