@@ -92,6 +92,14 @@ def _fault_stall(var: str, what: str) -> None:
     stall = float(os.environ.get(var) or 0)
     if stall > 0:
         say(f"[checkpoint] {what}: stalling {stall:g} s ({var})")
+        if mark := os.environ.get("HKD_FAULT_STALL_MARK"):
+            # a file per stall, written as it begins: the test learns of it at once (a log line reaches the
+            # driver's output through Ray's log forwarding and the driver's buffer, seconds late or at its exit)
+            d = Path(mark)
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / f".{os.getpid()}-{time.time_ns()}"
+            tmp.write_text(json.dumps({"what": what, "var": var, "t": time.time(), "stall_s": stall}))
+            tmp.rename(d / tmp.name[1:])
         time.sleep(stall)
 
 

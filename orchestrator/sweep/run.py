@@ -259,13 +259,6 @@ def _tuner(spec: SweepSpec, pc, sweep_id: str, trial_ctx: dict, resume: str | No
                                   callbacks=[StoppedTrialCloserCallback(pc.tracking, sweep_id)]))
 
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        try:
-            self.close(trial.trial_id, trial.last_result or {})
-        except Exception as e:  # noqa: BLE001 - the sweep goes on; close_trial_runs is the backstop
-            log.warning("sweep %s: could not close stopped trial %s's run now (%s); the sweep's end will",
-                        self.sweep_id, trial.trial_id, str(e)[:200])
-
 
 def close_trial_runs(tracker: Tracker, sweep_id: str, summary: dict) -> dict[str, str]:
     """End every trial's MLflow child run the way Tune's record says it ended, once Tune is done. A trial ASHA

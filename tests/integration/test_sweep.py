@@ -37,7 +37,7 @@ def _runs(filt: str):
 def smoke_sweep(local_stack, tmp_path_factory, fault_report):
     """The smoke sweep, with its driver killed in the middle of a trial's checkpoint write, then resumed to
     the end. The kill lands in the most harmful instant: the checkpoint's file is in S3 but Ray Train's
-    snapshot does not list it yet. HKD_FAULT_STALL_AFTER_UPLOAD_S holds every upload in that state for 6 s;
+    snapshot does not list it yet. HKD_FAULT_STALL_AFTER_UPLOAD_S holds every upload in that state for 8 s;
     once a trial has ended (completed, or stopped by ASHA), the driver is killed as soon as another trial reports
     such a stall."""
     sweep_id = f"smoke-{TAG}"
@@ -47,37 +47,49 @@ def smoke_sweep(local_stack, tmp_path_factory, fault_report):
             "--no-progress"]
     user_conf = tmp / "conf"          # the user's config folder, where the best trial's preset is written
     preset = user_conf / "experiment" / f"sweep_{sweep_id.replace('-', '_')}.yaml"
-    # RAY_DEDUP_LOGS=0: Ray would otherwise print a worker's repeated lines again later ("[repeated 3x across
-    # cluster]"), and a line that old must not pass for a stall happening now
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "HKD_FAULT_STALL_AFTER_UPLOAD_S": "6", "HKD_USER_CONF": str(user_conf)}
+    # every stall leaves a file in `marks` as it begins (HKD_FAULT_STALL_MARK): the driver's log reaches its file
+    # through Ray's log forwarding and the driver's buffer, possibly after the stall is over, or only at its exit
+    marks, stall_s = tmp / "stalls", 8.0
+    env = {**os.environ, "HKD_FAULT_STALL_AFTER_UPLOAD_S": f"{stall_s:g}", "HKD_FAULT_STALL_MARK": str(marks),
+           "HKD_USER_CONF": str(user_conf), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(args + ["--id", sweep_id], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True, env=env)
     t0 = time.monotonic()
-    stall = re.compile(rb"\[checkpoint\] s3://hkd/(\S+/sweeps-train/" + re.escape(sweep_id).encode() +
-                       rb"-(\w+)/checkpoint_[^/\s]+) uploaded, not yet recorded by Ray(?![^\n]*repeated)")
+    where = re.compile(r"s3://hkd/(\S+/sweeps-train/" + re.escape(sweep_id) + r"-(\w+)/checkpoint_[^/\s]+) uploaded")
+
+    def open_stalls() -> list[dict]:
+        """The stalls under way now, with more than 3 s of their hold left (time enough to kill the driver)."""
+        found = [json.loads(f.read_text()) for f in sorted(marks.glob("*"))] if marks.exists() else []
+        return [s for s in found if s["t"] + s["stall_s"] - 3 > time.time() and where.search(s["what"])]
+
+    def ended(why: str) -> str:
+        return f"{why}; the driver's log ends:\n" + log.read_text(errors="replace")[-3000:]
+
     try:
-        while True:
+        done = []
+        while not done:
             # a trial that has ended: completed (FINISHED) or stopped by ASHA (KILLED, closed when Tune stopped it);
             # which comes first depends on the metric values, so either will do
             done = [r for status in ("FINISHED", "KILLED")
                     for r in _runs(f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial' and "
                                    f"attributes.status = '{status}'")]
-            if len(done) >= 1:
-                break
-            assert proc.poll() is None, "the sweep ended before it could be interrupted"
-            assert time.monotonic() - t0 < 600, "no trial finished within 600 s"
-            time.sleep(1)
+            assert done or proc.poll() is None, ended("the sweep ended before it could be interrupted")
+            assert time.monotonic() - t0 < 600, ended("no trial finished within 600 s")
+            time.sleep(0 if done else 1)
         before = {r.data.tags["hkd.trial_id"]: r.info.end_time for r in done}
-        seen = log.stat().st_size
-        while not (m := stall.search(log.read_bytes()[seen:])):
-            assert proc.poll() is None, "the sweep ended before a trial wrote another checkpoint"
-            assert time.monotonic() - t0 < 700, "no checkpoint write after the first trial finished"
+        # another trial's checkpoint in the instant between its upload and Ray's record of it (one that began
+        # before the first trial's end was seen counts too, while it has time left)
+        while not (stalls := open_stalls()):
+            assert proc.poll() is None, ended("the sweep ended before a trial wrote another checkpoint")
+            assert time.monotonic() - t0 < 700, ended("no checkpoint write after the first trial finished")
             time.sleep(0.1)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)       # the driver dies mid-write, its trials with it
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)       # the driver dies mid-write, its trials with it
         proc.wait()
+    m = where.search(stalls[0]["what"])
     t_kill = time.monotonic()
-    hit = {"trial_id": m.group(2).decode(), "checkpoint": m.group(1).decode()}
+    hit = {"trial_id": m.group(2), "checkpoint": m.group(1)}
     try:
         r = subprocess.run(args + ["--resume", sweep_id, "--json", str(out)], capture_output=True, text=True,
                            timeout=1200, env={**os.environ, "HKD_USER_CONF": str(user_conf)})

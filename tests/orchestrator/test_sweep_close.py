@@ -68,12 +68,33 @@ def test_a_stopped_trial_run_is_closed_the_moment_tune_stops_it(tmp_path):
     assert close_trial_runs(tracker, "s1", summary) == {"t_done": "FINISHED"}
 
 
-def test_the_tune_callback_is_a_real_tune_callback_that_pickles():
+def test_the_tune_callback_closes_a_stopped_trial_through_tunes_hook_and_pickles(tmp_path):
+    """Tune calls ``on_trial_complete(iteration, trials, trial)`` on its callbacks as a trial ends: the callback's
+    own hook (not tune.Callback's no-op) ends a stopped trial's run KILLED there and then, leaves a completed one,
+    and a failure to reach MLflow is a warning, not the sweep's end."""
     import pickle
+    from types import SimpleNamespace
 
     from ray import tune
 
     from orchestrator.sweep.callbacks import StoppedTrialCloserCallback
+
+    assert StoppedTrialCloserCallback.on_trial_complete is not tune.Callback.on_trial_complete
+    cfg = TrackingConfig(kind="file", root=str(tmp_path), experiment="sweep-close")
+    tracker = Tracker(cfg)
+    ids = {t: tracker.open_run(f"sweep/s1/{t}", t, None, {"hkd.sweep_id": "s1", "hkd.stage": "trial",
+                                                          "hkd.trial_id": t}) for t in ("t_asha", "t_done")}
+    cb = StoppedTrialCloserCallback(cfg, "s1")
+    trials = [SimpleNamespace(trial_id="t_asha", last_result={"kimg": 0.128, "eval/mse_vs_teacher": 0.3}),
+              SimpleNamespace(trial_id="t_done", last_result={"kimg": 0.256, "final": 1.0})]
+    for t in trials:
+        cb.on_trial_complete(3, trials, t)
+    assert tracker.run_data(ids["t_asha"]).info.status == "KILLED"
+    assert tracker.run_data(ids["t_asha"]).data.tags["hkd.closed_at"] == "stopped"
+    assert tracker.run_data(ids["t_done"]).info.status == "RUNNING"
+    unreachable = StoppedTrialCloserCallback(TrackingConfig(kind="file", root="/proc/nonexistent", experiment="x"),
+                                             "s1")
+    unreachable.on_trial_complete(3, trials, trials[0])                  # logged, not raised
 
     cb = StoppedTrialCloserCallback(TrackingConfig(kind="file", root="/nonexistent", experiment="x"), "s1")
     assert isinstance(cb, tune.Callback)
