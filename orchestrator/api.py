@@ -171,6 +171,7 @@ def pipeline(overrides: Sequence[str] = (), upto: str = "evaluate", progress: bo
     from hkd_core.shipped import ShippedTeacherError
     from hkd_core.trajectories import ShardError
     from orchestrator.stages.driver import run_stages
+    from orchestrator.stages.lease import StageBusyError
 
     if upto not in STAGES:
         raise UsageError(f"upto={upto!r}: use one of {', '.join(STAGES)}")
@@ -180,6 +181,8 @@ def pipeline(overrides: Sequence[str] = (), upto: str = "evaluate", progress: bo
     check_data(pc, "data", fid=upto == "evaluate" or pc.run.eval.curve_n > 0)     # the Inception network runs
     try:
         return run_stages(pc, upto, progress=progress)
+    except StageBusyError as e:                   # another driver runs a stage of this config: nothing touched
+        raise UsageError(str(e), "stage") from None
     except (ShardError, CheckpointError, ShippedTeacherError, FileNotFoundError) as e:   # bad input data, found
         raise InputError(describe(e)) from None                                      # before training
 
@@ -231,8 +234,10 @@ def sweep(path: str, overrides: Sequence[str] = (), resume: str | None = None, s
           progress: bool = True) -> dict:
     """Ray Tune + Optuna + ASHA over the YAML's space, one MLflow child run per trial; ``resume`` continues a
     sweep whose driver stopped. The summary holds the trials, the best config (and its preset) and the champion."""
+    from hkd_core.trajectories import ShardError
     from orchestrator.services.preflight import study_storage_check
     from orchestrator.services.storage import StorageError
+    from orchestrator.stages.lease import StageBusyError
     from orchestrator.sweep.run import run_sweep
     from orchestrator.sweep.spec import SweepError
 
@@ -245,8 +250,10 @@ def sweep(path: str, overrides: Sequence[str] = (), resume: str | None = None, s
         if done:
             logging.getLogger("orchestrator.services.preflight").info("preflight: %s", done)
         return run_sweep(spec, [], resume, progress=progress, sweep_id=sweep_id)
-    except (SweepError, StorageError) as e:
+    except (SweepError, StorageError, StageBusyError) as e:
         raise UsageError(str(e), "sweep") from None
+    except ShardError as e:                      # a bad trajectory shard, found before any trial started
+        raise InputError(describe(e)) from None
 
 
 def study_plan(overrides: Sequence[str] = (), variants: Sequence[str] | str | None = None,
@@ -266,13 +273,18 @@ def study(overrides: Sequence[str] = (), variants: Sequence[str] | str | None = 
           teacher_nfe: Sequence[int] | None = None, out: str | None = None, progress: bool = True) -> dict:
     """The quality study: HKD, its ablations, KD and KDM, and the teacher at several NFE, in one table."""
     from orchestrator.analysis.study import parse_variants, run_study
+    from orchestrator.stages.lease import StageBusyError
 
     _, cfgs = study_plan(overrides, variants, teacher_nfe)
     first = next(iter(cfgs.values()))[0]
     check_services(first, "study")
     check_data(first, "study", fid=True)
     names = parse_variants(variants if isinstance(variants, str) or variants is None else ",".join(variants))
-    return run_study(list(overrides), names, list(teacher_nfe) if teacher_nfe else None, progress=progress, out=out)
+    try:
+        return run_study(list(overrides), names, list(teacher_nfe) if teacher_nfe else None, progress=progress,
+                         out=out)
+    except StageBusyError as e:                  # another driver runs one of the study's stages
+        raise UsageError(str(e), "study") from None
 
 
 def edit_args(**given):
@@ -361,35 +373,6 @@ def push_data(name: str, overrides: Sequence[str] = ()) -> tuple[str, bool]:
 def config_options() -> dict:
     """The config groups (``group=option``), each with its options and the first comment line of each option's
     YAML, the default option, and the experiment presets (packaged and the user's, ``$HKD_USER_CONF``)."""
-    from orchestrator.config import CONF_DIR, user_conf_dir
+    from orchestrator.config import options
 
-    defaults = _default_options(CONF_DIR / "config.yaml")
-    groups = {}
-    for folder in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")):
-        opts = {y.stem: _first_comment(y) for y in sorted(folder.glob("*.yaml"))}
-        user = user_conf_dir() / folder.name
-        if user.is_dir():
-            opts.update({y.stem: _first_comment(y) + " (yours: " + str(y) + ")" for y in sorted(user.glob("*.yaml"))})
-        groups[folder.name] = {"default": defaults.get(folder.name), "options": opts}
-    return {"groups": groups, "presets": groups.get("experiment", {}).get("options", {})}
-
-
-def _default_options(path: Path) -> dict[str, str]:
-    import yaml
-
-    out = {}
-    for item in (yaml.safe_load(path.read_text()) or {}).get("defaults", []):
-        if isinstance(item, dict):
-            out.update({str(k).split("@")[0].lstrip("/"): str(v) for k, v in item.items()})
-    return out
-
-
-def _first_comment(path: Path) -> str:
-    for line in path.read_text().splitlines():
-        if line.startswith("# @"):          # a Hydra directive (# @package _global_), not a description
-            continue
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-        if line.strip():
-            break
-    return ""
+    return options()

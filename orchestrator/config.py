@@ -170,3 +170,38 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
 
 def load(overrides: list[str] | None = None) -> PipelineConfig:
     return from_composed(compose(overrides))
+
+
+def options() -> dict:
+    """The config groups (``group=option``), each with its options and the first comment line of each option's
+    YAML, the default option, and the experiment presets (packaged and the user's, ``$HKD_USER_CONF``)."""
+    defaults = _default_options(CONF_DIR / "config.yaml")
+    groups = {}
+    for folder in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        opts = {y.stem: _first_comment(y) for y in sorted(folder.glob("*.yaml"))}
+        user = user_conf_dir() / folder.name
+        if user.is_dir():
+            opts.update({y.stem: _first_comment(y) + " (yours: " + str(y) + ")" for y in sorted(user.glob("*.yaml"))})
+        groups[folder.name] = {"default": defaults.get(folder.name), "options": opts}
+    return {"groups": groups, "presets": groups.get("experiment", {}).get("options", {})}
+
+
+def _default_options(path: Path) -> dict[str, str]:
+    import yaml
+
+    out = {}
+    for item in (yaml.safe_load(path.read_text()) or {}).get("defaults", []):
+        if isinstance(item, dict):
+            out.update({str(k).split("@")[0].lstrip("/"): str(v) for k, v in item.items()})
+    return out
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("# @"):          # a Hydra directive (# @package _global_), not a description
+            continue
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""

@@ -51,7 +51,7 @@ def print_ui(uri: str, experiment_id: str, run_id: str, extra: str = "") -> None
 
 
 def print_sweep(summary: dict) -> None:
-    from orchestrator.sweep.run import to_markdown
+    from orchestrator.sweep.results import to_markdown
 
     print(to_markdown(summary))
     if summary.get("preset"):

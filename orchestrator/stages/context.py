@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 from orchestrator import identity
 from orchestrator.config import PipelineConfig
@@ -12,11 +13,33 @@ from orchestrator.services.storage import make_store
 from orchestrator.services.system_metrics import SystemMetrics
 from orchestrator.services.tracking import Tracker
 from orchestrator.stages import trainer
+from orchestrator.stages.lease import LEASE
 
+log = logging.getLogger(__name__)
 DONE = "_SUCCESS.json"
+OUTPUTS = "_outputs"          # the marker's list of the files it vouches for
 # the config sections each stage's MLflow run records as params
 STAGE_PARAMS = {"teacher": ("data", "teacher"), "trajectories": ("data", "teacher", "trajectories"),
                 "distill": ("data", "teacher", "trajectories", "model", "train"), "evaluate": ("data", "model", "eval")}
+
+
+def stage_done(store, stage: str) -> dict | None:
+    """The stage's summary if it finished for this config (``store``: its folder) and every file its marker
+    vouches for is still there; None when it did not, or when one of them is gone (the marker is then removed,
+    and the stage runs again)."""
+    if not store.exists(DONE):
+        return None
+    summary = json.loads(store.get(DONE))
+    vouched = summary.pop(OUTPUTS, None)
+    if vouched:
+        gone = sorted(set(vouched) - set(store.list()))
+        if gone:
+            log.warning("%s: %s says the stage finished, but %d of the %d files it vouches for are gone "
+                        "(%s%s): running the stage again", stage, store.uri(DONE), len(gone), len(vouched),
+                        ", ".join(gone[:3]), ", ..." if len(gone) > 3 else "")
+            store.delete(DONE)
+            return None
+    return summary
 
 
 @dataclasses.dataclass
@@ -39,11 +62,13 @@ class StageContext:
         return make_store(self.pc.storage, self.prefix(stage))
 
     def done(self, stage: str) -> dict | None:
-        s = self.store(stage)
-        return json.loads(s.get(DONE)) if s.exists(DONE) else None
+        return stage_done(self.store(stage), stage)
 
     def finish(self, stage: str, summary: dict) -> None:
-        self.store(stage).put(DONE, json.dumps(summary, indent=1, default=float).encode())
+        """Mark the stage done for this config: its summary and the files it wrote (the marker vouches for them)."""
+        s = self.store(stage)
+        outputs = sorted(k for k in s.list() if k not in (DONE, LEASE))
+        s.put(DONE, json.dumps({**summary, OUTPUTS: outputs}, indent=1, default=float).encode())
 
     def open_run(self, stage: str, tags: dict | None = None) -> str:
         run_id = self.tracker.open_run(identity.run_key(self.pc, stage), identity.run_name(self.pc, stage),

@@ -15,7 +15,8 @@ from orchestrator.config import PipelineConfig
 from orchestrator.identity import STAGES
 from orchestrator.services.raycluster import init_ray  # noqa: F401 - the driver's entry points import it from here
 from orchestrator.services.tracking import Tracker
-from orchestrator.stages.context import StageContext
+from orchestrator.stages.context import StageContext, stage_done
+from orchestrator.stages.lease import Leases
 from orchestrator.stages.steps import stage_distill, stage_evaluate, stage_teacher, stage_trajectories
 
 log = logging.getLogger(__name__)
@@ -39,36 +40,46 @@ def run_stages(pc: PipelineConfig, upto: str = "evaluate", progress: bool = True
     """Every stage up to ``upto`` (inclusive), each skipped if its output exists for this config.
     With ``ctx`` (a sweep's), the stages nest under its parent run, which is left open. Ray is started (or
     joined) by the first stage that needs it: a rerun whose stages are all done starts none."""
+    from orchestrator.services.storage import make_store
+
+    stages = STAGES[: STAGES.index(upto) + 1]
+    stores = {s: make_store(pc.storage, identity.stage_prefix(pc, s)) for s in stages}
+    # the stages this driver will run, leased before any MLflow run is opened: a second driver for the same
+    # config stops here (StageBusyError) and touches nothing of the first's
+    todo = {s: stores[s] for s in stages if stage_done(stores[s], s) is None}
     own = ctx is None
-    ctx = ctx or context(pc, progress)
     results: dict = {}
-    fns = {"teacher": lambda: stage_teacher(ctx), "trajectories": lambda: stage_trajectories(ctx, results["teacher"]),
-           "distill": lambda: stage_distill(ctx, results["trajectories"], results["teacher"]),
-           "evaluate": lambda: stage_evaluate(ctx, results["teacher"], results["distill"])}
-    t0 = time.perf_counter()
-    status = "FAILED"
-    try:
-        for stage in STAGES[: STAGES.index(upto) + 1]:
-            done = ctx.done(stage)
-            if done is not None:
-                log.info("%s: done for this config (%s), skipped", stage, ctx.store(stage).uri(""))
-                results[stage] = done
-                results.setdefault("_skipped", []).append(stage)
-                continue
-            log.info("%s: running (output %s)", stage, ctx.store(stage).uri(""))
-            ts = time.perf_counter()
-            try:
-                results[stage] = fns[stage]()
-            except Exception as e:
+    with Leases(todo) as leases:
+        ctx = ctx or context(pc, progress)
+        fns = {"teacher": lambda: stage_teacher(ctx),
+               "trajectories": lambda: stage_trajectories(ctx, results["teacher"]),
+               "distill": lambda: stage_distill(ctx, results["trajectories"], results["teacher"]),
+               "evaluate": lambda: stage_evaluate(ctx, results["teacher"], results["distill"])}
+        t0 = time.perf_counter()
+        status = "FAILED"
+        try:
+            for stage in stages:
+                done = ctx.done(stage)
+                if done is not None:
+                    log.info("%s: done for this config (%s), skipped", stage, ctx.store(stage).uri(""))
+                    results[stage] = done
+                    results.setdefault("_skipped", []).append(stage)
+                    continue
+                log.info("%s: running (output %s)", stage, ctx.store(stage).uri(""))
+                ts = time.perf_counter()
+                try:
+                    results[stage] = fns[stage]()
+                except Exception as e:
+                    ctx.close_system_metrics(stage)
+                    ctx.fail(stage, e)
+                    raise
                 ctx.close_system_metrics(stage)
-                ctx.fail(stage, e)
-                raise
-            ctx.close_system_metrics(stage)
-            log.info("%s: finished in %.1f s", stage, time.perf_counter() - ts)
-        status = "FINISHED"
-    finally:
-        if own:
-            _close_pipeline_run(ctx, results, time.perf_counter() - t0, status)
+                leases.release(stage)
+                log.info("%s: finished in %.1f s", stage, time.perf_counter() - ts)
+            status = "FINISHED"
+        finally:
+            if own:
+                _close_pipeline_run(ctx, results, time.perf_counter() - t0, status)
     results.update({"_parent_run_id": ctx.parent_run_id, "_experiment_id": ctx.tracker.experiment_id,
                     "_tracking_uri": ctx.tracker.uri, "_storage_root": pc.storage.root_uri()})
     return results

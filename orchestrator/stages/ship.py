@@ -29,6 +29,7 @@ from hkd_core import metric_names as M
 from orchestrator import identity
 from orchestrator.services.storage import make_store
 from orchestrator.stages import evaluation
+from orchestrator.stages.context import DONE, OUTPUTS
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,13 @@ def ship_teacher(pc, out: str | Path, command: str = "") -> dict:
 
     prefix = identity.stage_prefix(pc, "teacher")
     store = make_store(pc.storage, prefix)
-    if pc.run.teacher.kind != "edm" or not store.exists("_SUCCESS.json"):
+    if pc.run.teacher.kind != "edm" or not store.exists(DONE):
         raise FileNotFoundError(f"no trained EDM teacher for this config at {store.uri('')}: run `hkd teacher` "
                                 f"with the same overrides first (teacher=edm)")
     import json
 
-    summary = json.loads(store.get("_SUCCESS.json"))
+    summary = json.loads(store.get(DONE))
+    summary.pop(OUTPUTS, None)
     ema = torch.load(io.BytesIO(store.get("teacher.pt")), map_location="cpu", weights_only=True)
     init_ray(pc)
     t0 = time.perf_counter()

@@ -136,7 +136,7 @@ def stage_trajectories(ctx: StageContext, teacher: dict) -> dict:
 
 def stage_distill(ctx: StageContext, trajectories: dict, teacher: dict | None = None) -> dict:
     """HKD (or a baseline) on Ray Train; each worker streams its shards; the EMA model goes to storage and MLflow."""
-    from hkd_core.models import build_model, count_parameters, model_record
+    from hkd_core.models import count_parameters, model_record
 
     pc = ctx.pc
     init_ray(pc)
@@ -147,21 +147,15 @@ def stage_distill(ctx: StageContext, trajectories: dict, teacher: dict | None = 
         ctx.tracker.set_tags(run_id, {"hkd.skipped_shards": ",".join(sorted(skip))[:4000]})
     attempt = _bump_attempt(ctx, run_id)
     extra = {"trajectories_prefix": f"{ctx.prefix('trajectories')}/train", "skip_shards": sorted(skip),
+             "shards_checked": True,
              "teacher_key": (teacher or {}).get("teacher_key")}
-    if pc.run.train.adversarial_weight > 0:   # the discriminator's real images (the teacher's), once for all workers
-        import ray
-
-        extra["images_ref"] = [ray.put(images(pc))]
     if pc.run.eval.curve_n:   # FID/KID against kimg, scored at each checkpoint on rank 0
         ctx.tracker.set_tags(run_id, {"hkd.curve_n": str(pc.run.eval.curve_n)})     # what `hkd compare` labels it with
         extra["eval"] = {"metric": M.CURVE, "fid_n": pc.run.eval.curve_n,
                          "reference_key": evaluation.reference(pc, pc.run.eval.curve_n)[1]}
-    result, wall = ctx.fit("distill", workers.distill_loop, run_id, extra)
-    state = trainer.checkpoint_state(result)
-    model = build_model(pc.run.model.variant, pc.run.hkd_config())
-    model.load_state_dict(state["ema"])
+    model, state, result, wall = fit_distill(pc, run_id, extra, ctx.prefix("distill"))
     buf = io.BytesIO()
-    torch.save(model_record(model.eval()), buf)
+    torch.save(model_record(model), buf)
     key = f"{ctx.prefix('distill')}/model.pt"
     root = make_store(pc.storage)
     root.put(key, buf.getvalue())
@@ -177,6 +171,26 @@ def stage_distill(ctx: StageContext, trajectories: dict, teacher: dict | None = 
     ctx.tracker.end(run_id)
     ctx.finish("distill", summary)
     return summary
+
+
+def fit_distill(pc: PipelineConfig, run_id: str, extra: dict, name: str, **trainer_kw):
+    """Distillation on Ray Train, and the EMA model it ends with: the one fit of the distill stage and of every
+    sweep trial (``trainer_kw``: a trial's own workers, storage subfolder, Tune callback, checkpoints kept).
+    ``extra`` is what the workers' loop needs beyond the config (trajectories prefix, shards to skip, the
+    teacher's key, the in-loop evaluation). Returns (model in eval mode, training state, Ray result, wall s)."""
+    from hkd_core.models import build_model
+
+    if pc.run.train.adversarial_weight > 0 and "images_ref" not in extra:
+        import ray  # the discriminator's real images (the teacher's), put in Ray's object store once
+
+        extra = {**extra, "images_ref": [ray.put(images(pc))]}
+    t = trainer.make_trainer(pc, workers.distill_loop, {"pipeline": pc, "run_id": run_id, **extra}, name,
+                             **trainer_kw)
+    result, wall = trainer.fit(t)
+    state = trainer.checkpoint_state(result)
+    model = build_model(pc.run.model.variant, pc.run.hkd_config())
+    model.load_state_dict(state["ema"])
+    return model.eval(), state, result, wall
 
 
 def check_distill_inputs(ctx: StageContext) -> dict[str, str]:

@@ -35,7 +35,8 @@ def distill_loop(config: dict) -> None:
     ctx = ray.train.get_context()                                          # (1) rank and world size from Ray
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
-    data = TrajectoryStream(pc, config["trajectories_prefix"], config.get("skip_shards", []), rank, world)
+    data = TrajectoryStream(pc, config["trajectories_prefix"], config.get("skip_shards", []), rank, world,
+                            checked=config.get("shards_checked", False))
     device = ray.train.torch.get_device()                                  # (2) cpu, or this worker's GPU
     torch.manual_seed(pc.run.train.seed)            # identical initial weights on every rank
     model = build_model(pc.run.model.variant, pc.run.hkd_config())
@@ -73,7 +74,7 @@ def distill_loop(config: dict) -> None:
 class TrajectoryStream:
     """This rank's share of the trajectory shards, streamed from storage as batches (``batch(step)``)."""
 
-    def __init__(self, pc, prefix: str, skip: list[str], rank: int, world: int):
+    def __init__(self, pc, prefix: str, skip: list[str], rank: int, world: int, checked: bool = False):
         from hkd_core.trajectories import check_shards, read_manifest, without_shards
         from orchestrator.services.storage import make_store
 
@@ -81,11 +82,12 @@ class TrajectoryStream:
         store = make_store(pc.storage, prefix)
         self.skip_given = set(skip)
         manifest = without_shards(read_manifest(store), self.skip_given)
-        # `hkd distill` checked every shard in the driver before starting Ray Train (stages.check_distill_inputs)
-        # and, with train.skip_corrupt_shards, hands over the ones to leave out. Sweep trials come here without
-        # that driver check, so rank 0 checks again (HEAD requests only); a shard that goes bad later is skipped
-        # while streaming when configured (counted on rank 0), else it stops the run, naming the object.
-        if rank == 0 and not tr.skip_corrupt_shards:
+        # The driver checked every shard before starting Ray Train (``checked``: the distill stage's
+        # check_distill_inputs, once per sweep for its trials) and, with train.skip_corrupt_shards, hands over the
+        # ones to leave out; a loop started without that check has rank 0 check (HEAD requests only). A shard that
+        # goes bad later is skipped while streaming when configured (counted on rank 0), else it stops the run,
+        # naming the object.
+        if rank == 0 and not checked and not tr.skip_corrupt_shards:
             check_shards(store, manifest)
         self._args = (store, manifest, rank, world, tr)
         self.per_rank = tr.batch_size // world

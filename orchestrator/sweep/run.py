@@ -9,12 +9,10 @@ the Tune experiment in S3; ``hkd sweep X.yaml --resume SWEEP_ID`` continues both
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 from hkd_core import metric_names as M
 from orchestrator import identity
 from orchestrator.analysis.editing import load_model
-from orchestrator.config import compose, from_composed, user_conf_dir
+from orchestrator.config import compose, from_composed
 from orchestrator.services.rayfs import ray_storage
 from orchestrator.services.registry import register_sweep_best
 from orchestrator.services.storage import make_store, store_at
@@ -33,8 +31,10 @@ from orchestrator.stages import trainer, workers
 from orchestrator.stages.context import dataset_inputs
 from orchestrator.stages.driver import context, init_ray, run_stages
 from orchestrator.stages.evaluation import REFERENCES, reference, spectrum_metrics
+from orchestrator.stages.steps import fit_distill
 from orchestrator.sweep import asha
-from orchestrator.sweep.closing import end_stopped_run
+from orchestrator.sweep.closing import close_trial_runs
+from orchestrator.sweep.results import publish, summarize_sweep
 from orchestrator.sweep.spec import SweepError, SweepSpec, check_against_config, define_by_run, overrides_for
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def trial_fn(params: dict, ctx: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from hkd_core.models import build_model, model_record
+    from hkd_core.models import model_record
 
     trial_id = tune.get_context().get_trial_id()
     # Tune hands over Optuna's per-suggestion values too (model.subspace_dims.l1, ...): keep the config keys
@@ -125,24 +125,20 @@ def trial_fn(params: dict, ctx: dict) -> None:
     tracker.delete_tags(run_id, ("hkd.stopped_early", "hkd.end_reason", "hkd.stopped_at_kimg", "hkd.closed_at"))
     tracker.log_params(run_id, {**pc.run.to_dict(), "sweep": {"params": json.dumps(params, sort_keys=True)}})
     tracker.log_inputs(run_id, dataset_inputs(pc, "distill", ctx["traj_uri"]))     # the Dataset column, as a stage's
-    t = trainer.make_trainer(pc, workers.distill_loop,
-                             {"pipeline": pc, "run_id": run_id, "trajectories_prefix": ctx["traj_prefix"],
-                              "eval": ctx["eval"], "teacher_key": ctx.get("teacher_key")},
-                             f"{ctx['sweep_id']}-{trial_id}", subdir="sweeps-train",
-                             workers=trainer.Workers(r["workers"], r["cpus_per_worker"], r["gpus_per_worker"]),
-                             callbacks=[TuneReportCallback()], num_to_keep=1)                      # (1) to Tune
     try:
-        result, _ = trainer.fit(t)
+        model, state, _, _ = fit_distill(      # the distill stage's own fit, with the trial's workers; (1) to Tune
+            pc, run_id, {"trajectories_prefix": ctx["traj_prefix"], "eval": ctx["eval"],
+                         "teacher_key": ctx.get("teacher_key"), "skip_shards": ctx.get("skip_shards", []),
+                         "shards_checked": "skip_shards" in ctx},
+            f"{ctx['sweep_id']}-{trial_id}", subdir="sweeps-train",
+            workers=trainer.Workers(r["workers"], r["cpus_per_worker"], r["gpus_per_worker"]),
+            callbacks=[TuneReportCallback()], num_to_keep=1)
     except Exception:
         # When ASHA stops this trial, Tune tears the actor down and fit() may raise here before the process
         # goes: the driver's close_trial_runs decides from Tune's own record, so only a still-open run is marked
         if tracker.run_data(run_id).info.status == "RUNNING":
             tracker.end(run_id, "FAILED")
         raise
-    state = trainer.checkpoint_state(result)
-    model = build_model(pc.run.model.variant, pc.run.hkd_config())
-    model.load_state_dict(state["ema"])
-    model.eval()
     final = final_metrics(pc, model, ctx)
     final.update(spectrum_metrics(pc, model))       # as trained and in the canonical gauge
     tracker.log_metrics(run_id, final, int(state["nimg"]))
@@ -156,6 +152,19 @@ def trial_fn(params: dict, ctx: dict) -> None:
     tracker.end(run_id)
     results.put("final.json", json.dumps(report).encode())     # from here on the trial counts as done
     tune.report(report)                                                                        # (2) final value
+
+
+def check_trial_shards(pc, prefix: str) -> dict[str, str]:
+    """Every trajectory shard the trials will read, checked once by the sweep's driver before any trial starts
+    (HEAD requests): a bad shard is one error naming it (ShardError), or with train.skip_corrupt_shards a
+    shard every trial leaves out ({key: problem})."""
+    from hkd_core.trajectories import check_shards, read_manifest
+
+    store = make_store(pc.storage, prefix)
+    skip = check_shards(store, read_manifest(store), skip_corrupt=pc.run.train.skip_corrupt_shards)
+    for why in skip.values():
+        log.warning("sweep: every trial skips a shard (train.skip_corrupt_shards=true): %s", why)
+    return skip
 
 
 def final_metrics(pc, model, ctx: dict) -> dict:
@@ -194,6 +203,7 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = No
     ctx = context(pc, progress, parent=sweep_run, tracker=tracker)
     shared = run_stages(pc, "trajectories", progress, ctx=ctx)
     traj_prefix = ctx.prefix("trajectories")
+    skip = check_trial_shards(pc, f"{traj_prefix}/train")
     trial_eval = {"metric": spec.metric, "fid_n": spec.report.fid_n, "holdout_prefix": f"{traj_prefix}/holdout"}
     if spec.metric in (M.FID, M.KID):
         trial_eval["reference_key"] = reference(pc, spec.report.fid_n)[1]
@@ -201,8 +211,10 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = No
         spec.report), "metric": spec.metric, "resources": dataclasses.asdict(spec.resources),
         "traj_prefix": f"{traj_prefix}/train", "traj_uri": shared["trajectories"]["train"]["uri"],
         "eval": trial_eval, "final_reference_key": reference(pc)[1], "space_keys": sorted(spec.space),
-        "teacher_key": shared["teacher"].get("teacher_key")}
-    results = _tuner(spec, pc, sweep_id, trial_ctx, resume).fit()
+        "teacher_key": shared["teacher"].get("teacher_key"), "skip_shards": sorted(skip)}
+    from ray import tune
+
+    results = tuner(spec, pc, sweep_id, tune.with_parameters(trial_fn, ctx=trial_ctx), resume).fit()
     mirror = study_mirror(spec, pc, sweep_id)
     if mirror is not None:
         mirror.push()                  # the study as the sweep left it
@@ -216,16 +228,30 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = No
     return summary
 
 
-def _tuner(spec: SweepSpec, pc, sweep_id: str, trial_ctx: dict, resume: str | None):
-    """A new Tuner (Optuna's TPE, ASHA over kimg), or the stopped sweep's, restored from storage."""
+def search_alg(spec: SweepSpec, pc, sweep_id: str, mirror=None):
+    """Optuna's TPE behind Tune, seeded by ``spec.seed``, over the spec's define-by-run space, its study in
+    ``study_url``: the same seed and the same results give the same trials."""
     import optuna
+
+    from orchestrator.sweep.search import ResumableOptunaSearch
+
+    return ResumableOptunaSearch(space=define_by_run(spec, pc.run.hkd_config().levels), metric=spec.metric,
+                                 mode=spec.mode, study_name=sweep_id,
+                                 storage=optuna.storages.RDBStorage(study_url(spec, pc, sweep_id)),
+                                 sampler=optuna.samplers.TPESampler(seed=spec.seed), mirror=mirror)
+
+
+def tuner(spec: SweepSpec, pc, sweep_id: str, trainable, resume: str | None = None):
+    """A new Tuner (Optuna's TPE seeded by ``spec.seed``, ASHA over kimg or FIFO, ``spec.mode``, the
+    concurrency from ``concurrency``), or the stopped sweep's, restored from storage. ``trainable`` is the
+    sweep's trial function (``trial_fn`` bound to its context) or, in the tests, a toy objective that
+    reports ``{spec.metric: ..., "kimg": ...}`` as a trial does."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
     from orchestrator.sweep.callbacks import StoppedTrialCloserCallback
-    from orchestrator.sweep.search import ResumableOptunaSearch
 
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=trial_ctx), {"cpu": 1})
+    trainable = tune.with_resources(trainable, {"cpu": 1})
     # snapshot the experiment state often, so that a killed driver loses at most a second of bookkeeping
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     path, fs = ray_storage(pc.storage)
@@ -244,10 +270,7 @@ def _tuner(spec: SweepSpec, pc, sweep_id: str, trial_ctx: dict, resume: str | No
     sched = spec.scheduler
     scheduler = (asha.scheduler(total, sched.grace_period_kimg, sched.reduction_factor) if sched.type == "asha"
                  else FIFOScheduler())
-    searcher = ResumableOptunaSearch(space=define_by_run(spec, pc.run.hkd_config().levels), metric=spec.metric,
-                                     mode=spec.mode, study_name=sweep_id,
-                                     storage=optuna.storages.RDBStorage(study_url(spec, pc, sweep_id)),
-                                     sampler=optuna.samplers.TPESampler(seed=spec.seed), mirror=mirror)
+    searcher = search_alg(spec, pc, sweep_id, mirror)
     conc, sized = concurrency(spec, pc.cluster)
     log.info("sweep %s: %d trials, %d at a time (from %s), metric %s (%s), study %s", sweep_id, spec.trials, conc,
              sized, spec.metric, spec.mode, mirror.uri if mirror else study_url(spec, pc, sweep_id).split("://")[0])
@@ -257,135 +280,3 @@ def _tuner(spec: SweepSpec, pc, sweep_id: str, trial_ctx: dict, resume: str | No
         run_config=tune.RunConfig(name=sweep_id, storage_path=tune_path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=1),
                                   callbacks=[StoppedTrialCloserCallback(pc.tracking, sweep_id)]))
-
-
-
-def close_trial_runs(tracker: Tracker, sweep_id: str, summary: dict) -> dict[str, str]:
-    """End every trial's MLflow child run the way Tune's record says it ended, once Tune is done. A trial ASHA
-    stopped never reaches its own ``end`` (Tune stops its actor), or its process saw the stop as an error in
-    ``fit`` and marked the run FAILED; one that a resumed sweep does not continue was left open by the driver
-    that died. Stopped early: status KILLED with ``hkd.stopped_early=true`` and the kimg it reached; errored:
-    FAILED; a run Tune no longer knows: KILLED with ``hkd.end_reason``. Returns trial -> status for the runs
-    it changed."""
-    rows = {r["trial_id"]: r for r in summary["rows"]}
-    runs = tracker.search(f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial'")
-    closed = {}
-    for run in runs:
-        if run.info.status not in ("RUNNING", "FAILED"):
-            continue
-        trial = run.data.tags.get("hkd.trial_id", "?")
-        row = rows.get(trial)
-        stopped = row is not None and row["status"].startswith("stopped")
-        if run.info.status == "FAILED" and not stopped:
-            continue                     # a real failure (or one Tune's record cannot overrule): left as it is
-        if stopped:
-            end_stopped_run(tracker, run.info.run_id, row["kimg"], "sweep end")
-            closed[trial] = "KILLED"
-            continue
-        elif row is not None and row["status"] == "error":
-            tracker.set_tags(run.info.run_id, {"hkd.end_reason": "error"})
-            status = "FAILED"
-        elif row is not None and row["status"] == "completed":
-            status = "FINISHED"          # finished, but the driver died before the run's own end reached MLflow
-        else:
-            tracker.set_tags(run.info.run_id, {"hkd.stopped_early": "true",
-                                               "hkd.end_reason": "not continued by the sweep (--resume)"})
-            status = "KILLED"
-        tracker.end(run.info.run_id, status)
-        closed[trial] = status
-    if closed:
-        log.info("sweep %s: closed %d trial runs (%s)", sweep_id, len(closed),
-                 ", ".join(f"{t} {s}" for t, s in sorted(closed.items())))
-    return closed
-
-
-def summarize_sweep(spec: SweepSpec, sweep_id: str, results, total_kimg: float, pc) -> dict:
-    rows = []
-    for r in results:
-        m = r.metrics or {}
-        params = {k: v for k, v in (r.config or {}).items() if k in spec.space}
-        kimg = float(m.get("kimg", 0.0))
-        status = "error" if r.error else ("completed" if m.get("final") else "stopped early (ASHA)")
-        rows.append({"trial_id": m.get("trial_id", r.path.rsplit("/", 1)[-1] if r.path else "?"), "status": status,
-                     "kimg": kimg, "metric": m.get(spec.metric), "params": params,
-                     "fid": m.get(M.FID), "kid": m.get(M.KID), "eval_n": m.get(M.EVAL_N),
-                     "mse_vs_teacher": m.get(M.MSE_VS_TEACHER)})
-    sign = 1 if spec.mode == "min" else -1
-    for r in rows:      # a completed trial whose metric is NaN or inf is no candidate: it would sort anywhere
-        if r["status"] == "completed" and not _finite(r["metric"]):
-            r["status"] = f"completed, {spec.metric} not finite"
-    done = [r for r in rows if r["status"] == "completed"]
-    done.sort(key=lambda r: (sign * r["metric"], str(r["trial_id"])))     # ties: by trial id, not by input order
-    return {"sweep_id": sweep_id, "metric": spec.metric, "mode": spec.mode, "rows": rows, "ranked": done,
-            "best": done[0] if done else None, "total_kimg": total_kimg}
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def to_markdown(summary: dict) -> str:
-    m = summary["metric"]
-    lines = [f"# Sweep {summary['sweep_id']}: {m} ({summary['mode']})", "",
-             f"| rank | trial | status | kimg | {m} | FID | MSE vs teacher | params |", "|---:|---|---|---:|---:|---:|---:|---|"]
-    ranked = summary["ranked"] + [r for r in summary["rows"] if r not in summary["ranked"]]
-    for i, r in enumerate(ranked, 1):
-        f = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"  # noqa: E731
-        lines.append(f"| {i if r in summary['ranked'] else '-'} | {r['trial_id']} | {r['status']} | {r['kimg']:.3g} | "
-                     f"{f(r['metric'])} | {f(r['fid'])} | {f(r['mse_vs_teacher'])} | "
-                     f"{json.dumps(r['params'], sort_keys=True)} |")
-    return "\n".join(lines) + "\n"
-
-
-def best_preset(summary: dict, base_cfg: dict) -> str | None:
-    """The best trial's full method config as a Hydra experiment preset (`hkd pipeline experiment=<name>`)."""
-    import yaml
-
-    best = summary["best"]
-    if best is None:
-        return None
-    params = best["params"]
-    cfg = json.loads(json.dumps(base_cfg))
-    for k, v in params.items():
-        node = cfg
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node[p]
-        node[parts[-1]] = v
-    core = {k: cfg[k] for k in ("data", "teacher", "trajectories", "model", "train", "eval")}
-    header = (f"# @package _global_\n# Best trial of sweep {summary['sweep_id']} ({summary['metric']} = "
-              f"{best['metric']:.4g}, {summary['mode']}), written by `hkd sweep`.\n")
-    return header + yaml.safe_dump(core, sort_keys=False)
-
-
-def publish(tracker: Tracker, run_id: str, spec: SweepSpec, sweep_id: str, summary: dict, pc, base_cfg: dict) -> None:
-    """Summary table (markdown + CSV), the best config as an experiment preset, metrics on the sweep run."""
-    tracker.log_text(run_id, to_markdown(summary), "summary/trials.md")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["trial_id", "status", "kimg", spec.metric, "fid", "mse_vs_teacher", "params"])
-    for r in summary["rows"]:
-        w.writerow([r["trial_id"], r["status"], r["kimg"], r["metric"], r["fid"], r["mse_vs_teacher"],
-                    json.dumps(r["params"], sort_keys=True)])
-    tracker.log_text(run_id, buf.getvalue(), "summary/trials.csv")
-    stopped = sum(r["status"].startswith("stopped") for r in summary["rows"])
-    tracker.log_metrics(run_id, {M.SWEEP_TRIALS: len(summary["rows"]), M.SWEEP_STOPPED_EARLY: stopped,
-                                 M.SWEEP_COMPLETED: len(summary["ranked"])}, 0)
-    preset = best_preset(summary, base_cfg)
-    if preset:
-        name = f"sweep_{sweep_id.replace('-', '_')}"
-        tracker.log_metrics(run_id, {M.sweep_best(spec.metric): summary["best"]["metric"]}, 0)
-        tracker.log_text(run_id, preset, f"summary/experiment_{name.removeprefix('sweep_')}.yaml")
-        tracker.set_tags(run_id, {"hkd.best_params": json.dumps(summary["best"]["params"], sort_keys=True)})
-        make_store(pc.storage, f"sweeps/{sweep_id}").put("best_experiment.yaml", preset.encode())
-        summary["preset"], summary["preset_path"] = name, str(write_preset(name, preset))
-
-
-def write_preset(name: str, text: str) -> Path:
-    """An experiment preset in the user's config folder ($HKD_USER_CONF, default ./conf; on Hydra's search path),
-    never inside the installed package: ``hkd pipeline experiment=<name>`` then finds it."""
-    from hkd_core.checkpoint import atomic_write_bytes
-
-    path = user_conf_dir() / "experiment" / f"{name}.yaml"
-    atomic_write_bytes(path, text.encode())
-    return path

@@ -157,7 +157,7 @@ def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
 
     spec = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
     url = tracking["env"]["HKD_OPTUNA_STORAGE"]
-    spec.update({"name": "smoke-pg", "trials": 3, "max_concurrency": 2, "study_storage": url})
+    spec.update({"name": "smoke-pg", "trials": 2, "max_concurrency": 2, "study_storage": url})
     path = tmp_path / "smoke-pg.yaml"
     path.write_text(yaml.safe_dump(spec))
     bad = tmp_path / "bad.yaml"

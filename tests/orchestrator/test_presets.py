@@ -74,7 +74,7 @@ def test_group_yamls_carry_only_what_differs_from_the_dataclass_defaults(path):
 
 
 def test_a_preset_in_the_user_folder_is_found_by_name(tmp_path, monkeypatch):
-    from orchestrator.sweep.run import write_preset
+    from orchestrator.sweep.results import write_preset
 
     monkeypatch.setenv("HKD_USER_CONF", str(tmp_path))
     path = write_preset("sweep_mine", "# @package _global_\ntrain:\n  lr: 0.0042\n")

@@ -1,7 +1,7 @@
 """A sweep ends every trial's MLflow child run that Tune left open (ASHA-stopped, errored, not continued after
 --resume), saying how it ended. Against a real MLflow store (tracking=file: SQLite, no server)."""
 from orchestrator.services.tracking import Tracker, TrackingConfig
-from orchestrator.sweep.run import close_trial_runs
+from orchestrator.sweep.closing import close_trial_runs
 
 
 def test_trial_runs_left_running_are_ended_with_how_they_ended(tmp_path):

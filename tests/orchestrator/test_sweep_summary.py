@@ -5,7 +5,7 @@ import itertools
 import math
 from types import SimpleNamespace
 
-from orchestrator.sweep.run import summarize_sweep, to_markdown
+from orchestrator.sweep.results import summarize_sweep, to_markdown
 from orchestrator.sweep.spec import parse
 
 SPACE = "space: {train.lr: {uniform: [0.001, 0.01]}}\n"
