@@ -4,7 +4,8 @@ Two drivers that start the same stage for the same config (two terminals, a job 
 pipeline sharing a teacher) would write the same folder, reopen the same MLflow run and resume each other's Ray
 Train checkpoints. The first to take the lease runs the stage; the second stops at once with one sentence that
 names the holder and says what to do (its result is reused once it is done). The holder renews the lease every
-``HEARTBEAT_S``; a lease not renewed for ``STALE_S`` (its driver was killed) is taken over, with a warning.
+``HEARTBEAT_S``; a lease whose driver ran on this machine and has exited is taken over at once, and one not
+renewed for ``STALE_S`` (its driver's machine is gone) after that; each with a warning.
 
 Object stores have no create-if-absent here, so taking the lease is write, wait, read back: of two drivers that
 write within the same instant, only the one whose write landed last reads its own token back; the other stops.
@@ -24,6 +25,17 @@ LEASE = "_RUNNING.json"
 HEARTBEAT_S = 20.0
 STALE_S = 120.0
 SETTLE_S = 0.25          # between writing the lease and reading it back
+
+
+def _alive(pid) -> bool:
+    """Is process ``pid`` running on this machine? (True when it cannot be told: another user's process.)"""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
 
 
 class StageBusyError(RuntimeError):
@@ -56,14 +68,21 @@ class StageLease:
             f"{max(0.0, stale_s - age):.0f} s from now, or delete the lease file.")
 
     def check(self, stale_s: float) -> None:
-        """Refuse if another driver holds the lease and was heard from within ``stale_s``."""
+        """Refuse if another driver holds the lease, is alive as far as this machine can tell, and was heard
+        from within ``stale_s``."""
         held = self.read()
-        if held and held.get("token") != self.token:
-            age = time.time() - float(held.get("heartbeat", 0))
-            if age < stale_s:
-                raise self.busy(held, age, stale_s)
-            log.warning("%s: taking the stage over from a driver not heard from for %.0f s (host %s, pid %s)",
-                        self.stage, age, held.get("host"), held.get("pid"))
+        if not held or held.get("token") == self.token:
+            return
+        age = time.time() - float(held.get("heartbeat", 0))
+        if held.get("host") == socket.gethostname() and not _alive(held.get("pid")):
+            # the holder ran on this machine and its process is gone (kill -9, a lost terminal): no need to wait
+            log.warning("%s: taking the stage over from driver pid %s on this machine, which has exited",
+                        self.stage, held.get("pid"))
+            return
+        if age < stale_s:
+            raise self.busy(held, age, stale_s)
+        log.warning("%s: taking the stage over from a driver not heard from for %.0f s (host %s, pid %s)",
+                    self.stage, age, held.get("host"), held.get("pid"))
 
     def mine(self) -> bool:
         held = self.read()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 
@@ -104,6 +105,28 @@ def test_the_holder_renews_its_lease_and_a_lease_not_renewed_is_taken_over(tmp_p
     with caplog.at_level(logging.WARNING), Leases({"trajectories": store}, stale_s=10, settle_s=0.05):
         assert json.loads(store.get(LEASE))["token"] != "dead"
     assert "taking the stage over from a driver not heard from for 30 s (host h, pid 1)" in caplog.text
+
+
+def test_a_lease_whose_driver_on_this_machine_has_exited_is_taken_over_at_once(tmp_path, caplog):
+    """kill -9 of a driver: a restart on the same machine need not wait for the lease to lapse."""
+    import socket
+    import subprocess
+    import sys
+
+    store = make_store(_pc(tmp_path).storage, "distill-abc")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(gone.stdout)
+    fresh = {"token": "killed", "host": socket.gethostname(), "pid": dead_pid, "since": time.time(),
+             "heartbeat": time.time()}
+    store.put(LEASE, json.dumps(fresh).encode())
+    with caplog.at_level(logging.WARNING), Leases({"distill": store}, settle_s=0.05):
+        assert json.loads(store.get(LEASE))["token"] != "killed"
+    assert f"taking the stage over from driver pid {dead_pid} on this machine, which has exited" in caplog.text
+    # the same lease, held by a live process of this machine (this one), is refused
+    store.put(LEASE, json.dumps({**fresh, "pid": os.getpid()}).encode())
+    with pytest.raises(StageBusyError):
+        Leases({"distill": store}, settle_s=0.05).acquire()
 
 
 def test_of_two_drivers_taking_a_lease_at_the_same_instant_exactly_one_gets_it(tmp_path):
