@@ -192,7 +192,7 @@ class LocalCluster:
         return time.time()
 
     def stop_node(self, i: int) -> None:
-        procs.stop_pid(f"ray node {i} ({self.st['nodes'][i]['ip']})", self.st["nodes"][i]["pid"], grace_s=10)
+        procs.stop_pid(f"ray node {i} ({self.st['nodes'][i]['ip']})", self.st["nodes"][i]["pid"], grace_s=5)
 
     def stop(self) -> None:
         for i in reversed(range(len(self.st["nodes"]))):

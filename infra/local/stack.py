@@ -258,7 +258,8 @@ def stop(state: Path, only: str | None = None) -> None:
     for name in ("ray", "mlflow", "s3"):
         svc = st["services"].get(name)
         if svc and svc.get("pid") and only in (None, name):
-            stop_pid(name, svc["pid"])
+            # Ray keeps nothing on disk that a stop could spoil, and some of its processes sit out SIGTERM: 5 s
+            stop_pid(name, svc["pid"], grace_s=5.0 if name == "ray" else 20.0)
             if only:
                 svc["pid"] = None    # kept in the listing so `env` and `start` still know the service
     if only is None:

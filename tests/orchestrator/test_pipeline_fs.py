@@ -20,11 +20,16 @@ pytestmark = pytest.mark.slow      # the smoke pipeline twice, in this process: 
 
 @pytest.fixture(scope="module")
 def fs_runs(tmp_path_factory):
-    """The smoke pipeline in fs mode, then the same command again (which must skip every finished stage)."""
+    """The smoke pipeline in fs mode, with its progress bars and --headline (what it prints is kept), then the
+    same command again without them (which must skip every finished stage)."""
+    import contextlib
+    import io
+
     import ray
 
     root = tmp_path_factory.mktemp("fs")
     over = LEAN + [f"storage.root={root}/store", f"tracking.root={root}/mlflow"]
+    printed = {"out": io.StringIO(), "err": io.StringIO()}
     with pytest.MonkeyPatch.context() as mp:
         for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):   # no service, even if one runs
             mp.delenv(var, raising=False)
@@ -33,11 +38,17 @@ def fs_runs(tmp_path_factory):
         runs = []
         for i in range(2):
             out = root / f"res{i}.json"
-            assert main(["pipeline", *over, "--no-progress", "--json", str(out)]) == 0
+            if i == 0:
+                with contextlib.redirect_stdout(printed["out"]), contextlib.redirect_stderr(printed["err"]):
+                    rc = main(["pipeline", *over, "--json", str(out), "--headline", str(root / "headline.json")])
+            else:
+                rc = main(["pipeline", *over, "--no-progress", "--json", str(out)])
+            assert rc == 0, printed["err"].getvalue()[-3000:]
             runs.append(json.loads(out.read_text()))
         pc = load(over)
         ray.shutdown()
-    yield {"root": root, "pc": pc, "first": runs[0], "again": runs[1]}
+    yield {"root": root, "pc": pc, "first": runs[0], "again": runs[1], "over": over,
+           "stdout": printed["out"].getvalue(), "stderr": printed["err"].getvalue()}
 
 
 def test_every_stage_writes_where_the_plan_says(fs_runs):
@@ -229,30 +240,18 @@ print("ok", type(m).__name__, tuple(x.shape))
     assert r.returncode == 0 and r.stdout.strip().startswith("ok HKD (2, 1,"), r.stdout + r.stderr[-3000:]
 
 
-def test_evaluate_shows_progress_and_writes_its_headline(fs_runs, tmp_path, capsys, monkeypatch):
-    """A new evaluation (another noise seed) counts the images it has scored of N, for the reference, the model
-    and the teacher, and ends with the headline: the KID ratio first, the FID ratio and the floor; --headline
-    writes it as JSON with what makes it traceable (run id, config hash, commit, N)."""
-    import ray
-
-    root = fs_runs["root"]
-    over = LEAN + [f"storage.root={root}/store", f"tracking.root={root}/mlflow", "eval.seed=9"]
-    for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
-        monkeypatch.delenv(var, raising=False)
-    head = tmp_path / "headline.json"
-    try:
-        assert main(["evaluate", *over, "--headline", str(head)]) == 0
-    finally:
-        ray.shutdown()
-    out = capsys.readouterr()
-    text = out.out + out.err
-    bars = re.split(r"[\r\n]", text)
+def test_evaluate_shows_progress_and_writes_its_headline(fs_runs):
+    """The evaluation counts the images it has scored of N, for the model, the teacher and the floor, and the
+    pipeline ends with the headline: the KID ratio first, the FID ratio and the floor; --headline writes it as
+    JSON with what makes it traceable (run id, config hash, commit, N)."""
+    over = fs_runs["over"]
+    bars = re.split(r"[\r\n]", fs_runs["stdout"] + fs_runs["stderr"])
     for what in ("evaluate: model at NFE 1", "evaluate: teacher at NFE 1", "evaluate: noise floor"):
         assert any(what in b and "0/32" in b for b in bars) and any(what in b and "32/32" in b for b in bars), what
-    h = json.loads(head.read_text())
+    h = json.loads((fs_runs["root"] / "headline.json").read_text())
     assert h["name"] == " ".join(over) and h["n"] == 32 and h["teacher_nfe"] == 1
     assert h["kid_ratio"] == pytest.approx(h["kid"] / h["teacher_kid"]) and h["floor_fid"] > 0
     assert h["config_hash"] == identity.pipeline_hash(load(over)) and h["commit"] == identity.git_sha()
-    assert h["run_id"] and h["command"].startswith("hkd evaluate experiment=smoke")
-    lines = [x for x in out.out.splitlines() if x.startswith("  KID ratio ")]
+    assert h["run_id"] and h["command"].startswith("hkd pipeline experiment=smoke")
+    lines = [x for x in fs_runs["stdout"].splitlines() if x.startswith("  KID ratio ")]
     assert lines and f"{h['kid_ratio']:.2f}" in lines[0]
