@@ -51,11 +51,14 @@ def pc(tmp_path_factory):
     pc = _pc(tmp_path_factory.mktemp("tune"), "cluster.num_workers=1", "cluster.cpus_per_worker=5")
     # Ray's workers cannot import a test module: the toy trainable travels by value
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    if ray.is_initialized():
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):   # no service, even if one runs
+            mp.delenv(var, raising=False)
+        if ray.is_initialized():
+            ray.shutdown()
+        init_ray(pc)
+        yield pc
         ray.shutdown()
-    init_ray(pc)
-    yield pc
-    ray.shutdown()
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
