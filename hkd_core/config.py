@@ -68,32 +68,52 @@ class TrajectoryConfig:
     seed: int = 0
 
 
-@dataclass
+# The model's architecture keys are HKDConfig's own fields (hkd_core/models.py, where each is documented), added
+# to ModelConfig below, each None here: "the preset's value" (PRESETS holds the named architectures). The data set
+# gives img_channels and resolution. A key in IDENTITY_WHEN_NONE is part of a stage's identity even while None (as
+# it has been since the model config was first hashed); any other architecture key joins the identity only once
+# it is set, so a field added to HKDConfig changes no existing config's hash.
+FROM_DATA = ("img_channels", "resolution")
+IDENTITY_WHEN_NONE = ("levels", "subspace_dims", "channels", "channel_mult", "blocks", "attn_levels", "operator",
+                      "dropout", "kdm_dim", "alpha_bound", "decoder", "sigma_data", "grow_blocks", "observables")
+_AFTER_ARCH = ("init", "alpha_offset", "alpha_offset_spread")
+
+
+def _with_architecture_keys(cls):
+    """``cls`` as a dataclass whose fields are its own plus every HKDConfig field (but FROM_DATA), typed
+    ``<HKDConfig's type> | None`` with default None, placed between ``preset`` and ``init``."""
+    hints = typing.get_type_hints(HKDConfig)
+    own = dict(cls.__annotations__)
+    arch = {}
+    for f in dataclasses.fields(HKDConfig):
+        if f.name in FROM_DATA:
+            continue
+        arch[f.name] = hints[f.name] | None
+        setattr(cls, f.name, field(default=None,
+                                   metadata={} if f.name in IDENTITY_WHEN_NONE else {"identity": "when_set"}))
+    before = {k: v for k, v in own.items() if k not in _AFTER_ARCH}
+    cls.__annotations__ = {**before, **arch, **{k: own[k] for k in _AFTER_ARCH}}
+    return dataclass(cls)
+
+
+@_with_architecture_keys
 class ModelConfig:
+    """The student: its variant, a named architecture (``preset``, models.PRESETS) with any of HKDConfig's fields
+    overridden (``model.channels=48``; None keeps the preset's), and how it starts."""
     variant: str = "hkd"                 # hkd | no_koopman | one_level | kd | kdm
-    preset: str = "small"                # tiny | small | cifar; the fields below override it when set
-    levels: int | None = None
-    subspace_dims: list[int] | None = None
-    channels: int | None = None
-    channel_mult: list[int] | None = None
-    blocks: int | None = None
-    attn_levels: list[int] | None = None
-    operator: str | list[str] | None = None   # position | shared | none, or one per level
-    dropout: float | None = None
-    kdm_dim: int | None = None
-    alpha_bound: float | None = None     # > 0: Koopman decay rates alpha = B tanh(rho / B), in (-B, B); 0: unbounded
-    decoder: str | None = None           # light | unet (the teacher's up path; hkd_core/models.py Decoder)
-    sigma_data: float | None = None      # the data's std for the encoder's input scaling; None: teacher.sigma_data
-    grow_blocks: int | None = None       # extra decoder blocks per level, identity at init (models.HKDConfig)
-    observables: str | None = None       # sigma | state: what the Koopman latents see (models.HKDConfig; issue 24)
+    preset: str = "small"                # tiny | small | cifar (models.PRESETS)
     init: str = "none"                   # none | teacher: start from the teacher's U-Net (hkd_core/teacher_init.py)
     alpha_offset: float = 0.0            # the gauge experiment (issue 24): alpha starts at this per-mode offset
     alpha_offset_spread: float = 0.0     # plus a uniform draw in +-this per mode (seeded by train.seed), the decoder's
                                          # lift scaled to keep the map at sigma_max (hkd_core/gauge.offset_alpha)
 
+    def architecture(self) -> dict:
+        """The architecture keys that are set (the overrides of the preset)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("variant", "preset", *_AFTER_ARCH) and getattr(self, f.name) is not None}
+
     def hkd_config(self, img_channels: int, resolution: int, sigma_data: float | None = None) -> HKDConfig:
-        over = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("variant", "preset", "init", "alpha_offset", "alpha_offset_spread") and v is not None}
+        over = self.architecture()
         base = dataclasses.replace(PRESETS[self.preset], img_channels=img_channels, resolution=resolution)
         if sigma_data is not None and self.sigma_data is None:
             base = dataclasses.replace(base, sigma_data=sigma_data)

@@ -64,3 +64,40 @@ def test_a_key_marked_identity_when_set_changes_the_hash_only_when_set():
     assert other["distill"] != same["distill"] and other["trajectories"] == same["trajectories"]
     lr = stage_hashes(dataclasses.replace(base, train=dataclasses.replace(base.train, lr=1e-3)))
     assert lr["distill"] != same["distill"]                  # an ordinary key still counts at any value
+
+
+def test_the_model_config_is_the_architectures_fields_plus_the_pipelines_keys():
+    """One list of architecture keys: every HKDConfig field (but what the data set gives) is a model.* key of
+    the same type, None meaning the preset's value; a set key reaches the built architecture."""
+    import dataclasses
+    import typing
+
+    from hkd_core.config import FROM_DATA, ModelConfig
+    from hkd_core.models import HKDConfig
+
+    arch = {f.name for f in dataclasses.fields(HKDConfig)} - set(FROM_DATA)
+    model = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert arch <= model and model - arch == {"variant", "preset", "init", "alpha_offset", "alpha_offset_spread"}
+    hints, mhints = typing.get_type_hints(HKDConfig), typing.get_type_hints(ModelConfig)
+    for name in arch:
+        assert mhints[name] == (hints[name] | None), name
+        assert getattr(ModelConfig(), name) is None
+    cfg = _cfg({"model": {"latent_levels": [2], "channels": 16}})
+    built = cfg.hkd_config()
+    assert built.latent_levels == [2] and built.channels == 16 and cfg.model.architecture() == {
+        "latent_levels": [2], "channels": 16}
+
+
+def test_an_architecture_key_new_to_the_model_config_joins_the_identity_only_when_set():
+    """latent_levels became a model.* key after stages had been cached: unset, every hash is as before; set, the
+    distill stage is another. A key hashed since the start (channels) counts even at None."""
+    import dataclasses
+
+    from hkd_core.config import IDENTITY_WHEN_NONE, _identity
+
+    base = RunConfig()
+    assert "latent_levels" not in _identity(base.model) and "channels" in _identity(base.model)
+    assert "latent_levels" not in IDENTITY_WHEN_NONE
+    over = stage_hashes(dataclasses.replace(base, model=dataclasses.replace(base.model, latent_levels=[3])))
+    assert over["distill"] != stage_hashes(base)["distill"]
+    assert over["trajectories"] == stage_hashes(base)["trajectories"]
