@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,9 @@ class DataConfig:
     name: str = "fashion_mnist"          # mnist | fashion_mnist | cifar10_jpeg
     split: str = "train"
     resolution: int = 32                 # 28 -> 32 by zero-padding for the gray sets
-    limit: int | None = 5000             # images the teacher sees (a seeded subset); None: all
+    limit: int | str | None = "auto"     # images the teacher sees (a seeded subset); None: all; auto: all for a
+                                         # trained teacher (edm), EMPIRICAL_LIMIT for the empirical one (its
+                                         # closed form runs over the whole subset at every denoiser call)
     root: str | None = None              # a folder holding the data files (searched first)
 
 
@@ -102,7 +103,8 @@ class ModelConfig:
     overridden (``model.channels=48``; None keeps the preset's), and how it starts."""
     variant: str = "hkd"                 # hkd | no_koopman | one_level | kd | kdm
     preset: str = "small"                # tiny | small | cifar (models.PRESETS)
-    init: str = "none"                   # none | teacher: start from the teacher's U-Net (hkd_core/teacher_init.py)
+    init: str = "auto"                   # none | teacher: start from the teacher's U-Net (hkd_core/teacher_init.py);
+                                         # auto: teacher where the teacher is a U-Net (edm), else none
     alpha_offset: float = 0.0            # the gauge experiment (issue 24): alpha starts at this per-mode offset
     alpha_offset_spread: float = 0.0     # plus a uniform draw in +-this per mode (seeded by train.seed), the decoder's
                                          # lift scaled to keep the map at sigma_max (hkd_core/gauge.offset_alpha)
@@ -207,6 +209,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self):
+        resolve_auto(self)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -214,55 +219,19 @@ class RunConfig:
         return self.model.hkd_config(DATASETS[self.data.name].channels, self.data.resolution, self.teacher.sigma_data)
 
 
-def _check_type(value, tp, key: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _check_type(value, a, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}={value!r} has the wrong type; expected {tp}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list")
-        (inner,) = typing.get_args(tp)
-        return [_check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if (tp is dict or origin is dict) and isinstance(value, dict):
-        return dict(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp in (str, bool) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"{key}={value!r} must be of type {getattr(tp, '__name__', tp)}")
+AUTO = "auto"
+EMPIRICAL_LIMIT = 5000   # data.limit=auto with the empirical teacher: a seeded subset of this many images
 
 
-def from_dict(cls, d: dict | None, prefix: str = ""):
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
-    d = dict(d or {})
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed under {prefix.rstrip('.') or 'the top level'}: "
-                          f"{names}")
-    kwargs = {}
-    for name, value in d.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
-            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_type(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
+def resolve_auto(cfg: RunConfig) -> None:
+    """The two keys whose natural value is the teacher's, not their own section's: ``data.limit`` and
+    ``model.init`` at ``auto`` take the value that suits ``teacher.kind``. Resolved where a RunConfig is made,
+    before anything hashes, logs or runs it, so a stage's identity holds the value, never "auto"."""
+    edm = cfg.teacher.kind == "edm"
+    if cfg.data.limit == AUTO:
+        cfg.data = dataclasses.replace(cfg.data, limit=None if edm else EMPIRICAL_LIMIT)
+    if cfg.model.init == AUTO:
+        cfg.model = dataclasses.replace(cfg.model, init="teacher" if edm else "none")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -273,6 +242,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.data.resolution < native or (cfg.data.resolution - native) % 2:
         raise ConfigError(f"data.resolution={cfg.data.resolution} is not reachable from {cfg.data.name}'s {native}px "
                           f"by symmetric zero-padding; use {native} or {native} + an even number (e.g. 32)")
+    if isinstance(cfg.data.limit, str):
+        raise ConfigError(f"data.limit={cfg.data.limit!r}: give a number of images, null (all of them) or auto "
+                          f"(all for teacher=edm, {EMPIRICAL_LIMIT} for teacher=empirical)")
     _positive("data.limit", cfg.data.limit)
     _choice("teacher.kind", cfg.teacher.kind, {"empirical", "edm"})
     for k in ("sigma_data", "total_kimg", "batch_size", "lr", "log_every_kimg", "checkpoint_every_kimg"):

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, atomic_write, atomic_write_bytes, load_model_state
-from .config import ConfigError, DataConfig, TeacherConfig, config_hash, from_dict
+from .config import ConfigError, DataConfig, TeacherConfig, config_hash
+from .config_checks import from_dict
 from .data import file_digest as file_sha256
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"

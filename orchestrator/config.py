@@ -17,8 +17,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hkd_core.config import ConfigError, RunConfig, from_dict, stage_hashes
+from hkd_core.config import ConfigError, RunConfig, stage_hashes
 from hkd_core.config import validate as validate_run
+from hkd_core.config_checks import from_dict
 from orchestrator.services.storage import StorageConfig
 from orchestrator.services.tracking import TrackingConfig
 
@@ -69,7 +70,9 @@ class PipelineConfig:
 
 def defaults() -> dict:
     """Every key with its default, from the dataclasses: the base of every composition."""
-    return {"name": "hkd", **RunConfig().to_dict(), "storage": dataclasses.asdict(StorageConfig()),
+    # each section's own defaults, "auto" kept: a RunConfig would resolve it for its default teacher already
+    run = {f.name: dataclasses.asdict(f.default_factory()) for f in dataclasses.fields(RunConfig)}
+    return {"name": "hkd", **run, "storage": dataclasses.asdict(StorageConfig()),
             "tracking": dataclasses.asdict(TrackingConfig()), "cluster": dataclasses.asdict(ClusterConfig())}
 
 

@@ -1,6 +1,7 @@
 import pytest
 
-from hkd_core.config import ConfigError, RunConfig, from_dict, stage_hashes, validate
+from hkd_core.config import ConfigError, RunConfig, stage_hashes, validate
+from hkd_core.config_checks import from_dict
 
 
 def _cfg(d):

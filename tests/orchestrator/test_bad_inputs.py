@@ -28,6 +28,9 @@ CONFIGS = [
      'unknown key train.lerning_rate: it is not in the composed config (a typo? `hkd pipeline --dry-run` prints every key)'),
     ('wrong type', ['train.lr=fast'],
      "train.lr='fast' must be of type float"),
+    ('a word for data.limit other than auto', ['data.limit=all'],
+     "data.limit='all': give a number of images, null (all of them) or auto (all for teacher=edm, 5000 for "
+     "teacher=empirical)"),
     ('teacher-feature distance without a U-Net teacher', ['teacher=empirical', 'model.init=none',
                                                           'train.perceptual=teacher'],
      "train.perceptual=teacher measures images in a U-Net teacher's features; teacher.kind is 'empirical', which has "

@@ -73,6 +73,35 @@ def test_group_yamls_carry_only_what_differs_from_the_dataclass_defaults(path):
             assert value != base[key], f"{path}: {section}.{key}={value!r} repeats the dataclass default"
 
 
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_a_group_option_sets_only_its_own_section(path):
+    """Only an experiment preset may span sections: a group option that set another group's keys would make
+    that group's defaults depend on which option of this one was picked (teacher=edm once set data.limit)."""
+    assert "@package" not in path.read_text(), f"{path}: a group option sets only {path.parent.name}.*"
+
+
+@pytest.mark.parametrize("teacher, limit, init", [("edm", None, "teacher"), ("empirical", 5000, "none")])
+def test_the_teachers_auto_keys_resolve_by_the_teacher_and_yield_to_a_value_given(teacher, limit, init):
+    """data.limit and model.init default to auto, which each teacher resolves before anything hashes the config;
+    a value given on the command line is kept."""
+    from orchestrator.config import load
+
+    pc = load([f"teacher={teacher}"])
+    assert (pc.run.data.limit, pc.run.model.init) == (limit, init)
+    given = load([f"teacher={teacher}", "data.limit=700", "model.init=none"])
+    assert (given.run.data.limit, given.run.model.init) == (700, "none")
+    assert given.stages()["teacher"] != pc.stages()["teacher"]
+    assert defaults()["data"]["limit"] == defaults()["model"]["init"] == "auto"
+
+
+def test_a_wrong_data_limit_word_names_the_key_and_the_choices():
+    from hkd_core.config import ConfigError
+    from orchestrator.config import load
+
+    with pytest.raises(ConfigError, match=r"data\.limit='all'.*null.*auto"):
+        load(["data.limit=all"])
+
+
 def test_a_preset_in_the_user_folder_is_found_by_name(tmp_path, monkeypatch):
     from orchestrator.sweep.results import write_preset
 
