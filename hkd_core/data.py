@@ -277,23 +277,3 @@ def load_images(name: str, split: str = "train", *, resolution: int | None = Non
         p = (resolution - native) // 2
         t = F.pad(t, (p, p, p, p), value=-1.0)
     return t, torch.as_tensor(np.asarray(y)).long()
-
-
-def toy_2d(name: str = "checkerboard", n: int = 1024, seed: int = 0) -> torch.Tensor:
-    """A 2-D toy distribution as (n, 2) float32, scaled to roughly [-1, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    if name == "checkerboard":
-        # 4x4 board on [-1, 1]^2, only the 'black' squares populated.
-        pts = []
-        while sum(len(p) for p in pts) < n:
-            c = torch.rand(2 * n, 2, generator=g) * 2 - 1
-            ij = ((c + 1) * 2).floor().long()
-            pts.append(c[(ij[:, 0] + ij[:, 1]) % 2 == 0])
-        return torch.cat(pts)[:n]
-    if name == "gmm":
-        # 8 Gaussians on a circle of radius 0.8, std 0.05.
-        k = torch.randint(0, 8, (n,), generator=g)
-        ang = k.float() * (2 * torch.pi / 8)
-        centers = 0.8 * torch.stack([ang.cos(), ang.sin()], 1)
-        return centers + 0.05 * torch.randn(n, 2, generator=g)
-    raise DataError(f"unknown toy set {name!r}; choose 'checkerboard' or 'gmm'")

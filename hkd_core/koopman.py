@@ -44,18 +44,6 @@ def evolve(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, dtau: torch
     return out.reshape(z.shape)
 
 
-def block_generator(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """The dense (d, d) block-diagonal generator for one position, from alpha, beta of shape (d/2,)."""
-    d = 2 * alpha.shape[0]
-    a = torch.zeros(d, d, dtype=alpha.dtype)
-    idx = torch.arange(0, d, 2)
-    a[idx, idx] = alpha
-    a[idx + 1, idx + 1] = alpha
-    a[idx, idx + 1] = -beta
-    a[idx + 1, idx] = beta
-    return a
-
-
 class KoopmanOperator(nn.Module):
     """One level's generator: per position ('position'), shared across positions ('shared'), or absent ('none').
 

@@ -220,46 +220,6 @@ def load_all(store: BlobStore, manifest: Manifest | None = None) -> tuple[torch.
     return torch.cat(states), torch.tensor(manifest.sigmas, dtype=torch.float64)
 
 
-class TrajectoryWriter:
-    """Buffers trajectories and writes fixed-size shards, then the manifest on ``close``."""
-
-    def __init__(self, store: BlobStore, sigmas: torch.Tensor, nfe: int, teacher: dict, sampler: dict,
-                 shard_size: int = 256):
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        self.store = store
-        self.manifest = Manifest(shape=[], sigmas=[float(s) for s in sigmas], nfe=nfe, teacher=teacher,
-                                 sampler=sampler, shard_size=shard_size)
-        self.meta = {"teacher": teacher, "sampler": sampler}
-        self._states: list[torch.Tensor] = []
-        self._seeds: list[torch.Tensor] = []
-        self._count = 0
-
-    def add(self, states: torch.Tensor, seeds: torch.Tensor) -> None:
-        """states: (S+1, B, *shape) as a sampler returns them; seeds: (B,)."""
-        if not self.manifest.shape:
-            self.manifest.shape = list(states.shape[2:])
-        self._states.append(states.transpose(0, 1).to(torch.float16))
-        self._seeds.append(seeds)
-        self._count += states.shape[1]
-        while self._count >= self.manifest.shard_size:
-            self._flush(self.manifest.shard_size)
-
-    def _flush(self, n: int) -> None:
-        states, seeds = torch.cat(self._states), torch.cat(self._seeds)
-        first = sum(s.n for s in self.manifest.shards)
-        info = write_shard(self.store, len(self.manifest.shards), first, states[:n],
-                           torch.tensor(self.manifest.sigmas), seeds[:n], self.meta)
-        self.manifest.shards.append(info)
-        self._states, self._seeds, self._count = [states[n:]], [seeds[n:]], states.shape[0] - n
-
-    def close(self) -> Manifest:
-        if self._count:
-            self._flush(self._count)
-        write_manifest(self.store, self.manifest)
-        return self.manifest
-
-
 class TrajectoryDataset(IterableDataset):
     """Streams trajectories shard by shard; each rank (and each DataLoader worker) reads its own shards.
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hkd_core.data import DATASETS, SHA256, DataError, find_data_file, load_images, to_uint8, toy_2d
+from hkd_core.data import DATASETS, SHA256, DataError, find_data_file, load_images, to_uint8
 
 
 def _have(name):
@@ -82,16 +82,6 @@ def test_bad_resolution_is_refused():
         pytest.skip(NO_FASHION)
     with pytest.raises(DataError, match="resolution=31"):
         load_images(name, limit=4, resolution=31)
-
-
-def test_toy_sets():
-    c = toy_2d("checkerboard", 2000, seed=1)
-    ij = ((c + 1) * 2).floor().long()
-    assert c.shape == (2000, 2) and torch.all((ij[:, 0] + ij[:, 1]) % 2 == 0)
-    g = toy_2d("gmm", 2000)
-    r = g.norm(dim=1)
-    assert abs(r.mean().item() - 0.8) < 0.02
-    assert torch.equal(toy_2d("gmm", 10, seed=4), toy_2d("gmm", 10, seed=4))
 
 
 @pytest.mark.slow

@@ -3,13 +3,26 @@ import math
 import pytest
 import torch
 
-from hkd_core.koopman import KoopmanOperator, block_generator, evolve, sigma_of_tau, tau_of_sigma
+from hkd_core.koopman import KoopmanOperator, evolve, sigma_of_tau, tau_of_sigma
 
 
 def _random_op(d=6, h=3, w=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(d // 2, h, w, generator=g, dtype=torch.float64), \
         torch.randn(d // 2, h, w, generator=g, dtype=torch.float64) * 3
+
+
+def block_generator(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The reference form: the dense (d, d) block-diagonal generator at one position, from alpha and beta of
+    shape (d/2,); the closed-form evolution must equal its matrix exponential."""
+    d = 2 * alpha.shape[0]
+    a = torch.zeros(d, d, dtype=alpha.dtype)
+    idx = torch.arange(0, d, 2)
+    a[idx, idx] = alpha
+    a[idx + 1, idx + 1] = alpha
+    a[idx, idx + 1] = -beta
+    a[idx + 1, idx] = beta
+    return a
 
 
 def test_closed_form_equals_matrix_exponential_of_the_block_generator():

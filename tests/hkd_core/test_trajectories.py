@@ -3,14 +3,13 @@ import json
 import pytest
 import torch
 
-from hkd_core.generate import generate_trajectories
+from hkd_core.generate import generate_trajectories, noise_for_seeds
 from hkd_core.sampler import karras_sigmas, sample_heun
 from hkd_core.teachers import GaussianTeacher
 from hkd_core.trajectories import (
     LocalStore,
     ShardError,
     TrajectoryDataset,
-    TrajectoryWriter,
     check_shards,
     load_all,
     read_manifest,
@@ -19,15 +18,15 @@ from hkd_core.trajectories import (
 
 
 def _write(tmp_path, n=10, shard_size=4, steps=3):
+    """n trajectories of the Gaussian teacher through the library's own writer (hkd_core.generate), and the same
+    trajectories sampled here from the same seeds' noise, to compare against."""
     teacher = GaussianTeacher()
-    sig = karras_sigmas(steps)
     store = LocalStore(tmp_path / "traj")
-    w = TrajectoryWriter(store, sig, 2 * steps - 1, teacher.identity, {"name": "heun", "steps": steps}, shard_size)
-    x_T = torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 80
-    tr = sample_heun(teacher.denoise, x_T, sig)
-    w.add(tr.states[:, :6], torch.arange(6))
-    w.add(tr.states[:, 6:], torch.arange(6, n))
-    return store, w.close(), tr
+    manifest = generate_trajectories(store, teacher, n, (1, 4, 4), steps=steps, shard_size=shard_size,
+                                     batch_size=3, progress=False)
+    sig = karras_sigmas(steps)
+    tr = sample_heun(teacher.denoise, noise_for_seeds(torch.arange(n), (1, 4, 4)) * sig[0], sig)
+    return store, manifest, tr
 
 
 def test_round_trip(tmp_path):
