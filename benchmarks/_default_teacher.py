@@ -1,5 +1,6 @@
 """The benchmarks' teacher: the default config's (``teacher=edm``, composed by Hydra exactly as ``hkd pipeline``
 does), and the shipped weights it adopts."""
+
 from __future__ import annotations
 
 from hkd_core.config import DataConfig, TeacherConfig

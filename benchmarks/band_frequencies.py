@@ -9,6 +9,7 @@ predicts the bands' low-frequency shares to differ from the control's in opposit
 
 MODEL: s3://bucket/key (endpoint and credentials from the environment), or a local model.pt record.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,12 @@ def main() -> None:
     p.add_argument("--bands", type=int, default=3)
     p.add_argument("--controls", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--order", default="alpha", choices=["alpha", "speed"],
-                   help="bands sort modes by alpha (band 0 decays fastest) or by speed |alpha| (band 0 changes most)")
+    p.add_argument(
+        "--order",
+        default="alpha",
+        choices=["alpha", "speed"],
+        help="bands sort modes by alpha (band 0 decays fastest) or by speed |alpha| (band 0 changes most)",
+    )
     p.add_argument("--json")
     a = p.parse_args()
     model = load(a.model)
@@ -49,10 +54,15 @@ def main() -> None:
     g = torch.Generator().manual_seed(a.seed)
     s = band_frequency_shares(model, model.noise(a.n, g), a.bands, a.controls, g, order=a.order)
     names = {3: ["low", "mid", "high"], 2: ["low", "high"]}.get(a.bands, [str(k) for k in range(a.bands)])
-    sort = ("sorted by alpha: band 0 has the most negative alpha, the fastest decay or slowest growth" if a.order ==
-            "alpha" else "sorted by speed |alpha|: band 0 changes most, by decay or growth")
-    print(f"{a.n} samples, {a.bands} bands ({sort}), control: mean of {a.controls} random mode sets of the band's "
-          f"size; [bootstrap 95 % interval over the samples]")
+    sort = (
+        "sorted by alpha: band 0 has the most negative alpha, the fastest decay or slowest growth"
+        if a.order == "alpha"
+        else "sorted by speed |alpha|: band 0 changes most, by decay or growth"
+    )
+    print(
+        f"{a.n} samples, {a.bands} bands ({sort}), control: mean of {a.controls} random mode sets of the band's "
+        f"size; [bootstrap 95 % interval over the samples]"
+    )
 
     def cells(v, ci):
         return " | ".join(f"{x:.3f} [{lo:.3f}, {hi:.3f}]" for x, (lo, hi) in zip(v.tolist(), ci.tolist()))
@@ -64,8 +74,18 @@ def main() -> None:
         print(f"| random set, band {k}'s size | " + cells(s["random"][k], s["random_ci"][k]) + " |")
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"model": a.model, "n": a.n, "bands": a.bands, "controls": a.controls, "order": a.order,
-                       **{k: v.tolist() for k, v in s.items()}}, fh, indent=1)
+            json.dump(
+                {
+                    "model": a.model,
+                    "n": a.n,
+                    "bands": a.bands,
+                    "controls": a.controls,
+                    "order": a.order,
+                    **{k: v.tolist() for k, v in s.items()},
+                },
+                fh,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

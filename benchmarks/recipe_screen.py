@@ -20,6 +20,7 @@ with all the threads (``--threads``); the training seconds are the budget, the n
 row could afford in them. Noise: the KID std (100 subsets) is printed with every row; the train-vs-test floor at
 N = 1000 is in the shipped teacher's record.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ def load_trajectories(where: str) -> tuple[torch.Tensor, torch.Tensor]:
     if where.startswith("s3://"):
         from orchestrator.services.storage import StorageConfig, store_at
 
-        return load_all(store_at(StorageConfig(), where[len("s3://"):]))
+        return load_all(store_at(StorageConfig(), where[len("s3://") :]))
     return load_all(LocalStore(where))
 
 
@@ -69,10 +70,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jsonl", help="append one JSON line per row")
     p.add_argument("--grids", help="folder for each row's 8x8 sample grid (PNG)")
-    p.add_argument("--save", help="folder for each row's EMA model record (NAME.pt, hkd_core.models.model_record): "
-                                  "for hkd compare and the spectra")
-    p.add_argument("--figure", help="one PNG: each row's first 10 samples (the same noise in each column), "
-                                    "labelled with its FID")
+    p.add_argument(
+        "--save",
+        help="folder for each row's EMA model record (NAME.pt, hkd_core.models.model_record): "
+        "for hkd compare and the spectra",
+    )
+    p.add_argument(
+        "--figure",
+        help="one PNG: each row's first 10 samples (the same noise in each column), labelled with its FID",
+    )
     a = p.parse_args()
     from orchestrator.config import load
 
@@ -80,7 +86,7 @@ def main() -> None:
     names = [name for name, _ in rows]
     if len(set(names)) != len(names):
         raise SystemExit(f"--row names must differ: {names}")
-    configs = {name: load(over).run for name, over in rows}   # every row validated before any work
+    configs = {name: load(over).run for name, over in rows}  # every row validated before any work
     torch.set_num_threads(a.threads)
     states, sigmas = load_trajectories(a.trajectories)
     print(f"{states.shape[0]} trajectories of {states.shape[1]} states from {a.trajectories}", flush=True)
@@ -101,14 +107,22 @@ def main() -> None:
         if run.model.init != "none":
             shipped = find_shipped(run.data, run.teacher)
             if shipped is None:
-                raise SystemExit(f"row {name}: model.init={run.model.init} needs the shipped teacher of this config")
-            copied = init_from_teacher(model, shipped.load(shape[0]), run.model.init, str(shipped.weights_path))
+                raise SystemExit(
+                    f"row {name}: model.init={run.model.init} needs the shipped teacher of this config"
+                )
+            copied = init_from_teacher(
+                model, shipped.load(shape[0]), run.model.init, str(shipped.weights_path)
+            )
         model = model.to(memory_format=torch.channels_last)
         train = dataclasses.asdict(run.train)
         # a row that names train.total_kimg trains to it (capped by --kimg); the others to --kimg / --seconds
         own = any(o.startswith("train.total_kimg=") for o in over)
-        train.update(total_kimg=min(a.kimg, run.train.total_kimg) if own else a.kimg, max_train_s=a.seconds,
-                     log_every_kimg=1e9, checkpoint_every_kimg=1e9)
+        train.update(
+            total_kimg=min(a.kimg, run.train.total_kimg) if own else a.kimg,
+            max_train_s=a.seconds,
+            log_every_kimg=1e9,
+            checkpoint_every_kimg=1e9,
+        )
         t0 = time.perf_counter()
         out = train_hkd(model, states.float(), sigmas.float(), progress=False, **train)
         train_s = time.perf_counter() - t0
@@ -119,26 +133,53 @@ def main() -> None:
             Path(a.save).mkdir(parents=True, exist_ok=True)
             torch.save(model_record(ema), Path(a.save) / f"{name}.pt")
         if not a.n:
-            res = {"row": name, "overrides": over, "params": count_parameters(model), "kimg": out["kimg"],
-                   "train_s": round(train_s, 1), "img_per_s": round(out["kimg"] * 1000 / train_s, 1)}
-            print(f"{name:>24}: {res['img_per_s']:6.1f} images/s ({out['kimg']:.1f} kimg in {train_s:.0f} s, "
-                  f"{res['params']:,} params)", flush=True)
+            res = {
+                "row": name,
+                "overrides": over,
+                "params": count_parameters(model),
+                "kimg": out["kimg"],
+                "train_s": round(train_s, 1),
+                "img_per_s": round(out["kimg"] * 1000 / train_s, 1),
+            }
+            print(
+                f"{name:>24}: {res['img_per_s']:6.1f} images/s ({out['kimg']:.1f} kimg in {train_s:.0f} s, "
+                f"{res['params']:,} params)",
+                flush=True,
+            )
             if a.jsonl:
                 with open(a.jsonl, "a") as fh:
                     fh.write(json.dumps(res) + "\n")
             continue
         t1 = time.perf_counter()
         with torch.no_grad():
-            imgs = torch.cat([ema.sample(x_T=E.noise(seeds[i:i + e.batch_size], shape)).clamp(-1, 1)
-                              for i in range(0, len(seeds), e.batch_size)])
+            imgs = torch.cat(
+                [
+                    ema.sample(x_T=E.noise(seeds[i : i + e.batch_size], shape)).clamp(-1, 1)
+                    for i in range(0, len(seeds), e.batch_size)
+                ]
+            )
         f = feats(imgs)
         s = E.score(FeatureStats.of(f), f, ref, e.kid_subset_size)
-        res = {"row": name, "overrides": over, "variant": run.model.variant, "init": run.model.init,
-               "init_tensors": len(copied), "params": count_parameters(model), "kimg": out["kimg"],
-               "steps": out["steps"], "train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - t1, 1),
-               "n": a.n, "trajectories": int(states.shape[0]), **s}
-        print(f"{name:>24}: FID {s['fid']:7.2f}  KID x1e3 {s['kid'] * 1e3:6.1f} +- {s['kid_std'] * 1e3:.1f}  "
-              f"{out['kimg']:.1f} kimg in {train_s:.0f} s  ({res['params']:,} params)", flush=True)
+        res = {
+            "row": name,
+            "overrides": over,
+            "variant": run.model.variant,
+            "init": run.model.init,
+            "init_tensors": len(copied),
+            "params": count_parameters(model),
+            "kimg": out["kimg"],
+            "steps": out["steps"],
+            "train_s": round(train_s, 1),
+            "eval_s": round(time.perf_counter() - t1, 1),
+            "n": a.n,
+            "trajectories": int(states.shape[0]),
+            **s,
+        }
+        print(
+            f"{name:>24}: FID {s['fid']:7.2f}  KID x1e3 {s['kid'] * 1e3:6.1f} +- {s['kid_std'] * 1e3:.1f}  "
+            f"{out['kimg']:.1f} kimg in {train_s:.0f} s  ({res['params']:,} params)",
+            flush=True,
+        )
         if a.jsonl:
             with open(a.jsonl, "a") as fh:
                 fh.write(json.dumps(res) + "\n")
@@ -148,8 +189,12 @@ def main() -> None:
         shown.append(imgs[:10])
         labels.append(f"{name}\nFID {s['fid']:.1f}")
     if a.figure and shown:
-        plot_rows(torch.stack(shown), a.figure, labels,
-                  title=f"one step (NFE 1), {a.seconds:.0f} s of training each; FID@{a.n}")
+        plot_rows(
+            torch.stack(shown),
+            a.figure,
+            labels,
+            title=f"one step (NFE 1), {a.seconds:.0f} s of training each; FID@{a.n}",
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Rows side by side in one run: the project's RetryingS3FileSystem and pyarrow's o
 with the same retry strategy and then pickled and unpickled (pyarrow's __reduce__ leaves the strategy out:
 seen with pyarrow 2x; if a later pyarrow keeps it, the two rows agree and this benchmark says so).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,20 @@ def main() -> None:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "b")
     kw = {"endpoint_override": "127.0.0.1:1", "scheme": "http", "region": "us-east-1"}
     ours = pickle.loads(pickle.dumps(retrying_s3_filesystem(a.attempts, kw)))
-    plain = pickle.loads(pickle.dumps(pyarrow.fs.S3FileSystem(
-        retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=a.attempts), **kw)))
+    plain = pickle.loads(
+        pickle.dumps(
+            pyarrow.fs.S3FileSystem(
+                retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=a.attempts), **kw
+            )
+        )
+    )
     rows = {"RetryingS3FileSystem, pickled": [], "pyarrow S3FileSystem, pickled": []}
-    for _ in range(a.repeat):                     # interleaved, so that load changes hit both rows alike
+    for _ in range(a.repeat):  # interleaved, so that load changes hit both rows alike
         rows["RetryingS3FileSystem, pickled"].append(fail_time(ours))
         rows["pyarrow S3FileSystem, pickled"].append(fail_time(plain))
-    print(f"pyarrow {pyarrow.__version__}, {a.attempts} attempts configured; seconds to fail a write to a closed port")
+    print(
+        f"pyarrow {pyarrow.__version__}, {a.attempts} attempts configured; seconds to fail a write to a closed port"
+    )
     for name, ts in rows.items():
         print(f"  {name:32s} median {statistics.median(ts):5.2f} s  ({', '.join(f'{t:.2f}' for t in ts)})")
     o, q = (statistics.median(v) for v in rows.values())

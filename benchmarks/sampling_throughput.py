@@ -7,6 +7,7 @@ on CPU, ``torch.cuda.max_memory_allocated`` on GPU.
     python benchmarks/sampling_throughput.py                       # CPU, presets 'small' vs the default U-Net
     python benchmarks/sampling_throughput.py --device cuda --preset cifar --batch 256
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ import time
 
 import torch
 
+from hkd_core.architecture import preset
 from hkd_core.edm import EDMPrecond, UNet, UNetConfig
-from hkd_core.models import build_model, count_parameters, preset
+from hkd_core.models import build_model, count_parameters
 from hkd_core.sampler import karras_sigmas, sample_heun
 from hkd_core.teachers import EDMTeacher
 
@@ -39,23 +41,31 @@ def child(args) -> dict:
     x_T = torch.randn(args.batch, cfg.img_channels, cfg.resolution, cfg.resolution, device=dev) * 80
     if args.which == "hkd":
         model = build_model("hkd", cfg).to(dev).eval()
-        run = lambda: model.sample(x_T=x_T)           # noqa: E731
+        run = lambda: model.sample(x_T=x_T)  # noqa: E731
         nfe, params = 1, count_parameters(model)
     else:
-        unet = UNetConfig(img_channels=cfg.img_channels, resolution=cfg.resolution, channels=args.teacher_channels,
-                          channel_mult=tuple(args.teacher_mult), blocks=args.teacher_blocks,
-                          attn_resolutions=(cfg.resolution // 4,))
+        unet = UNetConfig(
+            img_channels=cfg.img_channels,
+            resolution=cfg.resolution,
+            channels=args.teacher_channels,
+            channel_mult=tuple(args.teacher_mult),
+            blocks=args.teacher_blocks,
+            attn_resolutions=(cfg.resolution // 4,),
+        )
         teacher = EDMTeacher(EDMPrecond(UNet(unet)).to(dev), batch_size=args.batch)
         sig = karras_sigmas(args.steps).to(dev)
-        run = lambda: sample_heun(teacher.denoise, x_T, sig, keep_states=False).x0   # noqa: E731
+        run = lambda: sample_heun(teacher.denoise, x_T, sig, keep_states=False).x0  # noqa: E731
         nfe, params = 2 * args.steps - 1, count_parameters(teacher.net)
     with torch.no_grad():
         base = _rss_mb()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        run()                                            # warm-up (and the memory peak)
-        peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+        run()  # warm-up (and the memory peak)
+        peak = (
+            torch.cuda.max_memory_allocated() / 2**20
+            if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        )
         times = []
         for _ in range(args.repeats):
             if dev.type == "cuda":
@@ -66,8 +76,15 @@ def child(args) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     best = min(times)
-    return {"which": args.which, "nfe": nfe, "params": params, "batch": args.batch, "best_s": best,
-            "images_per_s": args.batch / best, "peak_mb": peak}
+    return {
+        "which": args.which,
+        "nfe": nfe,
+        "params": params,
+        "batch": args.batch,
+        "best_s": best,
+        "images_per_s": args.batch / best,
+        "peak_mb": peak,
+    }
 
 
 def main() -> None:

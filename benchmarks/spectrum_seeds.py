@@ -15,6 +15,7 @@
 
 TRAJ: as in recipe_screen.py (a ``.pt`` file with ``states`` and ``sigmas``, a local store, or an s3:// path).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     states, sigmas = load_trajectories(a.trajectories)
-    states = states[-a.count:]
+    states = states[-a.count :]
     inner = [j for j in range(1, len(sigmas) - 1) if sigmas[j] >= 0.05]
     picks = sorted({inner[0], inner[len(inner) // 3], inner[2 * len(inner) // 3], inner[-1]})
     models, spectra, report = {}, {}, {"models": {}, "pairs": {}}
@@ -67,16 +68,27 @@ def main() -> None:
         spectra[name] = [e.detach() for e in m.spectrum()]
         with torch.no_grad():
             res = residuals(m, states, sigmas, picks) if hasattr(m, "spectrum") else {}
-        alpha = [(e.real.mean().item(), e.real.std().item(), e.real.abs().max().item()) for e in spectra[name]]
+        alpha = [
+            (e.real.mean().item(), e.real.std().item(), e.real.abs().max().item()) for e in spectra[name]
+        ]
         report["models"][name] = {"alpha_mean_std_absmax": alpha, "latent_residual": res}
-        print(f"{name:>22}: alpha per level (mean, std, max |.|) "
-              + "  ".join(f"({m_:+.3f}, {s:.3f}, {x:.2f})" for m_, s, x in alpha)
-              + "  | latent residual at sigma " + "  ".join(f"{k}: {v:.3f}" for k, v in res.items()), flush=True)
+        print(
+            f"{name:>22}: alpha per level (mean, std, max |.|) "
+            + "  ".join(f"({m_:+.3f}, {s:.3f}, {x:.2f})" for m_, s, x in alpha)
+            + "  | latent residual at sigma "
+            + "  ".join(f"{k}: {v:.3f}" for k, v in res.items()),
+            flush=True,
+        )
     for x, y in itertools.combinations(spectra, 2):
         d = spectrum_distance(spectra[x], spectra[y])
         report["pairs"][f"{x}|{y}"] = d
-        print(f"{x:>22} vs {y:<22} alpha W1/std per level " + " ".join(f"{r['alpha_w1_over_std']:.3f}" for r in d)
-              + "   beta " + " ".join(f"{r['beta_w1_over_std']:.3f}" for r in d), flush=True)
+        print(
+            f"{x:>22} vs {y:<22} alpha W1/std per level "
+            + " ".join(f"{r['alpha_w1_over_std']:.3f}" for r in d)
+            + "   beta "
+            + " ".join(f"{r['beta_w1_over_std']:.3f}" for r in d),
+            flush=True,
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
 

@@ -5,6 +5,7 @@ noise moves the image a little and does not swap it for another training image.
 
     python benchmarks/teacher_sensitivity.py [--n 256] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,24 +30,32 @@ def main() -> None:
     p.add_argument("--json")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    full, edm, shipped = default_teacher()          # teacher=edm, as `hkd pipeline` composes it
+    full, edm, shipped = default_teacher()  # teacher=edm, as `hkd pipeline` composes it
     train = load_images(full.name, "train", resolution=full.resolution)[0]
-    sub = DataConfig()                                    # the empirical teacher's default: 5,000 images
+    sub = DataConfig()  # the empirical teacher's default: 5,000 images
     subset = load_images(sub.name, "train", resolution=sub.resolution, limit=sub.limit)[0]
     if shipped is None:
         raise SystemExit("no shipped teacher matches the default teacher=edm config")
-    teachers = {"empirical (5,000 images)": build_teacher(sub, TeacherConfig(), subset),
-                "EDM U-Net (shipped)": build_teacher(full, edm, None, shipped.load(1), str(shipped.weights_path))}
+    teachers = {
+        "empirical (5,000 images)": build_teacher(sub, TeacherConfig(), subset),
+        "EDM U-Net (shipped)": build_teacher(full, edm, None, shipped.load(1), str(shipped.weights_path)),
+    }
     x_T = noise(range(a.n), (1, 32, 32))
     rows = {}
     for name, t in teachers.items():
         t0 = time.perf_counter()
-        rows[name] = {**endpoint_sensitivity(t.denoise, x_T, train, a.rel), "seconds": time.perf_counter() - t0}
+        rows[name] = {
+            **endpoint_sensitivity(t.denoise, x_T, train, a.rel),
+            "seconds": time.perf_counter() - t0,
+        }
         r = rows[name]
-        print(f"{name}: endpoint RMS change mean {r['endpoint_rms_change']:.3f} / median {r['median_change']:.3f} / "
-              f"p90 {r['p90_change']:.3f}; jump rate (> {r['jump_rms']}) {r['jump_rate']:.1%}; nearest training "
-              f"image changes for {r['nn_change_rate']:.1%}; endpoints at RMS {r['nn_rms']:.3f} from the nearest "
-              f"training image (N = {r['n']}, {r['seconds']:.0f} s)", flush=True)
+        print(
+            f"{name}: endpoint RMS change mean {r['endpoint_rms_change']:.3f} / median {r['median_change']:.3f} / "
+            f"p90 {r['p90_change']:.3f}; jump rate (> {r['jump_rms']}) {r['jump_rate']:.1%}; nearest training "
+            f"image changes for {r['nn_change_rate']:.1%}; endpoints at RMS {r['nn_rms']:.3f} from the nearest "
+            f"training image (N = {r['n']}, {r['seconds']:.0f} s)",
+            flush=True,
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

@@ -9,6 +9,7 @@ difference between the two draws is the FID's own sampling noise at this N, the 
 Read a row as "within the noise" when its FID is within the spread that resampling gives at this N: the KID
 std (100 subsets) is printed with every row, and the record's train-vs-test floor says what N allows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ def main() -> None:
     p.add_argument("--json")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    data, cfg, shipped = default_teacher()          # teacher=edm, as `hkd pipeline` composes it
+    data, cfg, shipped = default_teacher()  # teacher=edm, as `hkd pipeline` composes it
     e = EvalConfig(n=a.n)
     if shipped is None:
         raise SystemExit("no shipped teacher matches the default teacher=edm config")
@@ -48,17 +49,30 @@ def main() -> None:
     rows = {}
     recorded = (shipped.record.get("eval") or {}).get("by_nfe", {})
     other = dataclasses.replace(e, seed=e.seed + 1)
-    for nfe, seeds, key in [(k, E.eval_seeds(e), str(k)) for k in a.nfe] + \
-                           [(k, E.eval_seeds(other), f"{k}_redraw") for k in a.redraw]:
+    for nfe, seeds, key in [(k, E.eval_seeds(e), str(k)) for k in a.nfe] + [
+        (k, E.eval_seeds(other), f"{k}_redraw") for k in a.redraw
+    ]:
         t0 = time.perf_counter()
-        s = E.score_in_process(E.teacher_generator(teacher, nfe), seeds, E.image_shape(data), feats, ref,
-                               e.kid_subset_size, e.batch_size)
+        s = E.score_in_process(
+            E.teacher_generator(teacher, nfe),
+            seeds,
+            E.image_shape(data),
+            feats,
+            ref,
+            e.kid_subset_size,
+            e.batch_size,
+        )
         rows[key] = {**s, "nfe": nfe, "seeds_from": seeds[0], "seconds": time.perf_counter() - t0}
-        print(f"NFE {key}: FID {s['fid']:.2f}  KID x1e3 {s['kid'] * 1e3:.1f} ± {s['kid_std'] * 1e3:.1f}  "
-              f"({rows[key]['seconds']:.0f} s)", flush=True)
+        print(
+            f"NFE {key}: FID {s['fid']:.2f}  KID x1e3 {s['kid'] * 1e3:.1f} ± {s['kid_std'] * 1e3:.1f}  "
+            f"({rows[key]['seconds']:.0f} s)",
+            flush=True,
+        )
     for nfe, r in sorted(recorded.items(), key=lambda kv: int(kv[0])):
-        print(f"NFE {nfe} (the shipped record): FID {r['fid']:.2f}  KID x1e3 {r['kid'] * 1e3:.1f} ± "
-              f"{r['kid_std'] * 1e3:.1f}")
+        print(
+            f"NFE {nfe} (the shipped record): FID {r['fid']:.2f}  KID x1e3 {r['kid'] * 1e3:.1f} ± "
+            f"{r['kid_std'] * 1e3:.1f}"
+        )
     if a.json:
         Path(a.json).write_text(json.dumps({"n": a.n, "measured": rows, "recorded": recorded}, indent=1))
 

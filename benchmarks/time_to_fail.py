@@ -9,6 +9,7 @@ Needs the default local stack (python infra/local/stack.py start); every case le
 
     python benchmarks/time_to_fail.py --rounds 3 --json out.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,14 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], dict]]:
 
 def run(args: list[str], env: dict) -> tuple[float, int, str]:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "orchestrator", "pipeline", "experiment=smoke", *args],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, **env}, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "pipeline", "experiment=smoke", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env},
+        cwd=ROOT,
+    )
     last = (r.stderr.strip().splitlines() or [""])[-1]
     return time.perf_counter() - t0, r.returncode, last
 
@@ -62,7 +69,7 @@ def main() -> None:
         sys.exit(f"no local stack at {state}: start it first (python infra/local/stack.py start)")
     env_base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
     os.environ.clear()
-    os.environ.update(env_base)              # the CLI adopts the local stack itself, as a user's shell would
+    os.environ.update(env_base)  # the CLI adopts the local stack itself, as a user's shell would
     with tempfile.TemporaryDirectory() as d:
         table = cases(Path(d))
         times: dict[str, list[float]] = {k: [] for k in table}
@@ -74,23 +81,43 @@ def main() -> None:
                 last[name] = (rc, line)
                 print(f"round {i} {name}: {s:.2f} s, exit {rc}", flush=True)
     floor = statistics.median(next(iter(times.values())))
-    print(f"\n`hkd pipeline experiment=smoke` with one thing wrong, {args.rounds} rounds alternating; median seconds "
-          f"from process start to exit\n")
+    print(
+        f"\n`hkd pipeline experiment=smoke` with one thing wrong, {args.rounds} rounds alternating; median seconds "
+        f"from process start to exit\n"
+    )
     print("| case | exit code | median s | min-max s | minus the floor s | last line |")
     print("|---|---:|---:|---:|---:|---|")
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
         rc, line = last[name]
-        rows.append({"case": name, "exit": rc, "median_s": med, "min_s": min(ts), "max_s": max(ts),
-                     "over_floor_s": med - floor, "last_line": line})
+        rows.append(
+            {
+                "case": name,
+                "exit": rc,
+                "median_s": med,
+                "min_s": min(ts),
+                "max_s": max(ts),
+                "over_floor_s": med - floor,
+                "last_line": line,
+            }
+        )
         shown = line if rc else "(dry run: the plan)"
-        print(f"| {name} | {rc} | {med:.2f} | {min(ts):.2f}-{max(ts):.2f} | {med - floor:+.2f} | "
-              f"{shown[:110]}{'...' if len(shown) > 110 else ''} |")
+        print(
+            f"| {name} | {rc} | {med:.2f} | {min(ts):.2f}-{max(ts):.2f} | {med - floor:+.2f} | "
+            f"{shown[:110]}{'...' if len(shown) > 110 else ''} |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "rounds": args.rounds,
-                                                "machine": f"{os.cpu_count()} CPU cores, the local stack on 127.0.0.1"},
-                                               indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "rounds": args.rounds,
+                    "machine": f"{os.cpu_count()} CPU cores, the local stack on 127.0.0.1",
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ and the default layout's forward rate beside it.
 
     python benchmarks/trajectory_efficiency.py [--threads 1 2] [--count 128] [--steps 18] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,14 +62,14 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="per forward-rate measurement")
     p.add_argument("--json")
     a = p.parse_args()
-    data, cfg, shipped = default_teacher()          # teacher=edm, as `hkd pipeline` composes it
+    data, cfg, shipped = default_teacher()  # teacher=edm, as `hkd pipeline` composes it
     weights = shipped.load(1) if shipped else teacher_denoiser(cfg, 1, 32).state_dict()
     spec = sampler_spec("heun", a.steps)
     nfe = sampler_nfe(spec)
     rows = []
     for threads in a.threads:
         torch.set_num_threads(threads)
-        teacher = build_teacher(data, cfg, None, weights, "benchmark")          # channels_last, chunks of 64
+        teacher = build_teacher(data, cfg, None, weights, "benchmark")  # channels_last, chunks of 64
         plain = teacher_denoiser(cfg, 1, 32)
         plain.load_state_dict(weights)
         plain.eval()
@@ -77,11 +78,20 @@ def main() -> None:
         t0 = time.perf_counter()
         generate_shard(_Memory(), teacher, 0, 0, a.count, (1, 32, 32), spec, 0, 250)
         traj_s = a.count / (time.perf_counter() - t0)
-        row = {"threads": threads, "nfe": nfe, "forward_per_s": raw, "forward_per_s_default_layout_b250": default,
-               "trajectories_per_s": traj_s, "efficiency": traj_s / (raw / nfe)}
+        row = {
+            "threads": threads,
+            "nfe": nfe,
+            "forward_per_s": raw,
+            "forward_per_s_default_layout_b250": default,
+            "trajectories_per_s": traj_s,
+            "efficiency": traj_s / (raw / nfe),
+        }
         rows.append(row)
-        print(f"threads {threads}: forwards/s {raw:.1f} (default layout, batch 250: {default:.1f}); "
-              f"trajectories/s {traj_s:.2f} at {nfe} NFE; efficiency {row['efficiency']:.3f}", flush=True)
+        print(
+            f"threads {threads}: forwards/s {raw:.1f} (default layout, batch 250: {default:.1f}); "
+            f"trajectories/s {traj_s:.2f} at {nfe} NFE; efficiency {row['efficiency']:.3f}",
+            flush=True,
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

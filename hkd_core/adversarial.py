@@ -14,6 +14,7 @@ tell from real ones, as in adversarial distillation (ADD, DMD2). The term is opt
   discriminator), then returns the generator's hinge term -D(x) for the student's loss. Its state goes into
   the training checkpoint, so a resumed run continues with the same discriminator.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -31,18 +32,24 @@ class Discriminator(nn.Module):
 
     def __init__(self, channels: int, resolution: int, width: int = 32, stages: int = 3):
         super().__init__()
-        if resolution % 2 ** stages:
-            raise ValueError(f"the discriminator halves the resolution {stages} times; {resolution} is not "
-                             f"divisible by {2 ** stages}")
+        if resolution % 2**stages:
+            raise ValueError(
+                f"the discriminator halves the resolution {stages} times; {resolution} is not "
+                f"divisible by {2**stages}"
+            )
         layers: list[nn.Module] = []
         c = channels
         for i in range(stages):
-            w = width * 2 ** i
-            layers += [spectral_norm(nn.Conv2d(c, w, 3, 1, 1)), nn.LeakyReLU(0.2),
-                       spectral_norm(nn.Conv2d(w, w, 4, 2, 1)), nn.LeakyReLU(0.2)]
+            w = width * 2**i
+            layers += [
+                spectral_norm(nn.Conv2d(c, w, 3, 1, 1)),
+                nn.LeakyReLU(0.2),
+                spectral_norm(nn.Conv2d(w, w, 4, 2, 1)),
+                nn.LeakyReLU(0.2),
+            ]
             c = w
         self.body = nn.Sequential(*layers)
-        self.head = spectral_norm(nn.Linear(c * (resolution // 2 ** stages) ** 2, 1))
+        self.head = spectral_norm(nn.Linear(c * (resolution // 2**stages) ** 2, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x).flatten(1)).squeeze(1)
@@ -60,13 +67,26 @@ def _average_over_ranks(tensors) -> None:
 class AdversarialTerm:
     """The discriminator, its optimiser and the hinge losses; ``real(step)`` gives this rank's real batch."""
 
-    def __init__(self, disc: nn.Module, real: Callable[[int], torch.Tensor], weight: float, lr: float = 2e-4,
-                 start_kimg: float = 0.0, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        disc: nn.Module,
+        real: Callable[[int], torch.Tensor],
+        weight: float,
+        lr: float = 2e-4,
+        start_kimg: float = 0.0,
+        device: str | torch.device = "cpu",
+    ):
         if not weight > 0:
             raise ValueError(f"train.adversarial_weight must be > 0 to build the term, got {weight}")
         if not lr > 0:
             raise ValueError(f"train.adversarial_lr must be > 0, got {lr}")
-        self.disc, self.real, self.weight, self.start_kimg, self.device = disc.to(device), real, weight, start_kimg, device
+        self.disc, self.real, self.weight, self.start_kimg, self.device = (
+            disc.to(device),
+            real,
+            weight,
+            start_kimg,
+            device,
+        )
         self.opt = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=(0.0, 0.99))
 
     def active(self, kimg: float) -> bool:
@@ -84,8 +104,11 @@ class AdversarialTerm:
         _average_over_ranks([p.grad for p in self.disc.parameters() if p.grad is not None])
         self.opt.step()
         _average_over_ranks([b for b in self.disc.buffers() if b.is_floating_point()])
-        return {"adv_d_loss": loss.detach(), "adv_d_real": d_real.mean().detach(),
-                "adv_d_fake": d_fake.mean().detach()}
+        return {
+            "adv_d_loss": loss.detach(),
+            "adv_d_real": d_real.mean().detach(),
+            "adv_d_fake": d_fake.mean().detach(),
+        }
 
     def generator_loss(self, fake: torch.Tensor) -> torch.Tensor:
         """The hinge generator term -D(fake), gradients to the student only (the discriminator frozen and in

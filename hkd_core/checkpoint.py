@@ -4,6 +4,7 @@ A checkpoint is one ``torch.save`` file written to a temporary name and renamed 
 ``latest.json`` (itself written atomically) moved to point at it. A crash at any moment leaves the previous
 checkpoint and pointer intact.
 """
+
 from __future__ import annotations
 
 import json
@@ -94,13 +95,26 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, where: str) -> No
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own.keys() & state_dict.keys()
+        if own[k].shape != state_dict[k].shape
+    ]
     if missing or unexpected or shapes:
-        detail = "; ".join(filter(None, [
-            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}" if missing else "",
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}" if unexpected else "",
-            f"shape {shapes[:3]}" if shapes else ""]))
-        raise CheckpointError(f"checkpoint {where} was written for a different architecture ({detail}); "
-                              f"use the model config it was trained with, or a fresh checkpoint folder")
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}" if missing else "",
+                    f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+                    if unexpected
+                    else "",
+                    f"shape {shapes[:3]}" if shapes else "",
+                ],
+            )
+        )
+        raise CheckpointError(
+            f"checkpoint {where} was written for a different architecture ({detail}); "
+            f"use the model config it was trained with, or a fresh checkpoint folder"
+        )
     model.load_state_dict(state_dict)

@@ -4,6 +4,7 @@ This is the single schema: the local command fills it from flags, the orchestrat
 from a dict rejects unknown keys and wrong types with the dotted key at fault; ``validate`` checks what
 depends on several keys (levels vs subspace dims vs resolution, and so on) before any work starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,12 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config_checks import ConfigError, check_gauge, check_init
-from .config_checks import choice as _choice
-from .config_checks import positive as _positive
+from .architecture import PRESETS, HKDConfig
+from .config_checks import ConfigError
 from .data import DATASETS
-from .models import PRESETS, VARIANTS, HKDConfig
-from .sampler import SAMPLERS
 
 # field metadata: the key enters a stage's identity (its hash) only when it differs from its default
 IDENTITY_WHEN_SET = {"identity": "when_set"}
@@ -26,26 +24,26 @@ IDENTITY_WHEN_SET = {"identity": "when_set"}
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"          # mnist | fashion_mnist | cifar10_jpeg
+    name: str = "fashion_mnist"  # mnist | fashion_mnist | cifar10_jpeg
     split: str = "train"
-    resolution: int = 32                 # 28 -> 32 by zero-padding for the gray sets
-    limit: int | str | None = "auto"     # images the teacher sees (a seeded subset); None: all; auto: all for a
-                                         # trained teacher (edm), EMPIRICAL_LIMIT for the empirical one (its
-                                         # closed form runs over the whole subset at every denoiser call)
-    root: str | None = None              # a folder holding the data files (searched first)
+    resolution: int = 32  # 28 -> 32 by zero-padding for the gray sets
+    limit: int | str | None = "auto"  # images the teacher sees (a seeded subset); None: all; auto: all for a
+    # trained teacher (edm), EMPIRICAL_LIMIT for the empirical one (its
+    # closed form runs over the whole subset at every denoiser call)
+    root: str | None = None  # a folder holding the data files (searched first)
 
 
 @dataclass
 class TeacherConfig:
-    kind: str = "empirical"              # empirical (closed form, no training) | edm (trained here)
-    channels: int = 32                   # edm: U-Net width ...
+    kind: str = "empirical"  # empirical (closed form, no training) | edm (trained here)
+    channels: int = 32  # edm: U-Net width ...
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
     blocks: int = 2
     attn_resolutions: list[int] = field(default_factory=lambda: [8])
     dropout: float = 0.0
-    sigma_data: float = 0.5              # edm: EDM's sigma_data, the data's std (Fashion-MNIST padded to 32: 0.66)
-    total_kimg: float = 200.0            # edm: training length
-    max_train_s: float | None = None     # edm: optional wall-clock budget, seconds of training
+    sigma_data: float = 0.5  # edm: EDM's sigma_data, the data's std (Fashion-MNIST padded to 32: 0.66)
+    total_kimg: float = 200.0  # edm: training length
+    max_train_s: float | None = None  # edm: optional wall-clock budget, seconds of training
     batch_size: int = 128
     lr: float = 1e-3
     lr_rampup_kimg: float = 10.0
@@ -54,29 +52,43 @@ class TeacherConfig:
     ema_rampup: float = 0.05
     log_every_kimg: float = 2.0
     checkpoint_every_kimg: float = 20.0
-    checkpoint: str | None = None        # edm: use this checkpoint (a local file or s3://bucket/key) instead of
-                                         # training: its EMA weights become the teacher stage's output
+    checkpoint: str | None = None  # edm: use this checkpoint (a local file or s3://bucket/key) instead of
+    # training: its EMA weights become the teacher stage's output
 
 
 @dataclass
 class TrajectoryConfig:
-    num: int = 1000                      # trajectories for training
-    holdout: int = 100                   # extra trajectories (unseen seeds) to measure error vs the teacher
+    num: int = 1000  # trajectories for training
+    holdout: int = 100  # extra trajectories (unseen seeds) to measure error vs the teacher
     sampler: str = "heun"
-    steps: int = 18                      # Heun: 2 * steps - 1 NFE (35 at 18)
+    steps: int = 18  # Heun: 2 * steps - 1 NFE (35 at 18)
     shard_size: int = 250
     batch_size: int = 250
     seed: int = 0
 
 
-# The model's architecture keys are HKDConfig's own fields (hkd_core/models.py, where each is documented), added
+# The model's architecture keys are HKDConfig's own fields (hkd_core/architecture.py, where each is documented), added
 # to ModelConfig below, each None here: "the preset's value" (PRESETS holds the named architectures). The data set
 # gives img_channels and resolution. A key in IDENTITY_WHEN_NONE is part of a stage's identity even while None (as
 # it has been since the model config was first hashed); any other architecture key joins the identity only once
 # it is set, so a field added to HKDConfig changes no existing config's hash.
 FROM_DATA = ("img_channels", "resolution")
-IDENTITY_WHEN_NONE = ("levels", "subspace_dims", "channels", "channel_mult", "blocks", "attn_levels", "operator",
-                      "dropout", "kdm_dim", "alpha_bound", "decoder", "sigma_data", "grow_blocks", "observables")
+IDENTITY_WHEN_NONE = (
+    "levels",
+    "subspace_dims",
+    "channels",
+    "channel_mult",
+    "blocks",
+    "attn_levels",
+    "operator",
+    "dropout",
+    "kdm_dim",
+    "alpha_bound",
+    "decoder",
+    "sigma_data",
+    "grow_blocks",
+    "observables",
+)
 _AFTER_ARCH = ("init", "alpha_offset", "alpha_offset_spread")
 
 
@@ -90,8 +102,11 @@ def _with_architecture_keys(cls):
         if f.name in FROM_DATA:
             continue
         arch[f.name] = hints[f.name] | None
-        setattr(cls, f.name, field(default=None,
-                                   metadata={} if f.name in IDENTITY_WHEN_NONE else {"identity": "when_set"}))
+        setattr(
+            cls,
+            f.name,
+            field(default=None, metadata={} if f.name in IDENTITY_WHEN_NONE else {"identity": "when_set"}),
+        )
     before = {k: v for k, v in own.items() if k not in _AFTER_ARCH}
     cls.__annotations__ = {**before, **arch, **{k: own[k] for k in _AFTER_ARCH}}
     return dataclass(cls)
@@ -99,20 +114,26 @@ def _with_architecture_keys(cls):
 
 @_with_architecture_keys
 class ModelConfig:
-    """The student: its variant, a named architecture (``preset``, models.PRESETS) with any of HKDConfig's fields
+    """The student: its variant, a named architecture (``preset``, architecture.PRESETS) with any of HKDConfig's fields
     overridden (``model.channels=48``; None keeps the preset's), and how it starts."""
-    variant: str = "hkd"                 # hkd | no_koopman | one_level | kd | kdm
-    preset: str = "small"                # tiny | small | cifar (models.PRESETS)
-    init: str = "auto"                   # none | teacher: start from the teacher's U-Net (hkd_core/teacher_init.py);
-                                         # auto: teacher where the teacher is a U-Net (edm), else none
-    alpha_offset: float = 0.0            # the gauge experiment (issue 24): alpha starts at this per-mode offset
-    alpha_offset_spread: float = 0.0     # plus a uniform draw in +-this per mode (seeded by train.seed), the decoder's
-                                         # lift scaled to keep the map at sigma_max (hkd_core/gauge.offset_alpha)
+
+    variant: str = "hkd"  # hkd | no_koopman | one_level | kd | kdm
+    preset: str = "small"  # tiny | small | cifar (architecture.PRESETS)
+    init: str = "auto"  # none | teacher: start from the teacher's U-Net (hkd_core/teacher_init.py);
+    # auto: teacher where the teacher is a U-Net (edm), else none
+    alpha_offset: float = 0.0  # the gauge experiment (issue 24): alpha starts at this per-mode offset
+    alpha_offset_spread: float = (
+        0.0  # plus a uniform draw in +-this per mode (seeded by train.seed), the decoder's
+    )
+    # lift scaled to keep the map at sigma_max (hkd_core/gauge.offset_alpha)
 
     def architecture(self) -> dict:
         """The architecture keys that are set (the overrides of the preset)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("variant", "preset", *_AFTER_ARCH) and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("variant", "preset", *_AFTER_ARCH) and getattr(self, f.name) is not None
+        }
 
     def hkd_config(self, img_channels: int, resolution: int, sigma_data: float | None = None) -> HKDConfig:
         over = self.architecture()
@@ -120,8 +141,10 @@ class ModelConfig:
         if sigma_data is not None and self.sigma_data is None:
             base = dataclasses.replace(base, sigma_data=sigma_data)
         if "levels" in over and "subspace_dims" not in over and over["levels"] != base.levels:
-            raise ConfigError(f"model.levels={over['levels']} differs from preset {self.preset!r} "
-                              f"({base.levels} levels); give model.subspace_dims too (one even d_l per level)")
+            raise ConfigError(
+                f"model.levels={over['levels']} differs from preset {self.preset!r} "
+                f"({base.levels} levels); give model.subspace_dims too (one even d_l per level)"
+            )
         return dataclasses.replace(base, **over)
 
 
@@ -134,51 +157,53 @@ class TrainConfig:
     max_train_s: float | None = None
     batch_size: int = 64
     lr: float = 2e-3
-    koopman_lr_mult: float = 10.0        # alpha/beta move lr * mult per step: short runs still shape the spectrum
+    koopman_lr_mult: float = 10.0  # alpha/beta move lr * mult per step: short runs still shape the spectrum
     lr_rampup_kimg: float = 1.0
-    lr_schedule: str = "cosine"          # constant | cosine: after the ramp-up, cosine decay to lr * lr_end_frac at
-                                         # the end of the run (total_kimg, or max_train_s when that comes first);
-                                         # cosine: KID x1e3 42.8 against 45.1 at 35 kimg (docs/results/issue23)
-    lr_end_frac: float = 0.01            # cosine: the last step's lr as a fraction of the peak
-    teacher_lr_mult: float = 1.0         # lr multiplier for the tensors model.init copied from the teacher (a
-                                         # lower peak for what already works); new tensors keep 1, Koopman's its own
+    lr_schedule: str = "cosine"  # constant | cosine: after the ramp-up, cosine decay to lr * lr_end_frac at
+    # the end of the run (total_kimg, or max_train_s when that comes first);
+    # cosine: KID x1e3 42.8 against 45.1 at 35 kimg (docs/results/issue23)
+    lr_end_frac: float = 0.01  # cosine: the last step's lr as a fraction of the peak
+    teacher_lr_mult: float = 1.0  # lr multiplier for the tensors model.init copied from the teacher (a
+    # lower peak for what already works); new tensors keep 1, Koopman's its own
     grad_clip: float = 1.0
     ema_halflife_kimg: float = 1.0
     ema_rampup: float = 0.05
-    states_per_traj: int = 1             # states of each trajectory in the loss: 1 = x_T alone (no trajectory
-                                         # consistency); the paper's 4 costs 4x the compute per image
-    xT_weight: float | None = None       # x_T's share of the loss; None: the paper's plain sum (1/states_per_traj)
-    tcons_sigma_min: float = 0.0         # consistency states are drawn among those with sigma >= this (0: all)
-    latent_weight: float | None = None   # > 0: + this x |evolve(E(x_T), tau_s - tau_T) - E(x_s)|^2 / |E(x_s)|^2 for a
-                                         # later state x_s of each trajectory (issue 13; hkd_core/losses.py).
-                                         # None: LATENT_WEIGHT for models with Koopman latents (hkd, one_level), 0
-                                         # for the others (docs/results/issue13: identifiable, reproducible spectra
-                                         # at the same FID, 1.25x the step)
-    gauge_weight: float = 0.0            # > 0: + this x the gauge condition (hkd_core/gauge.py): at a fixed state, each
-                                         # mode's mean log-energy and phase slopes against the encoder's noise level
-                                         # driven to 0, which fixes the spectrum's per-mode offset (issue 24)
+    states_per_traj: int = 1  # states of each trajectory in the loss: 1 = x_T alone (no trajectory
+    # consistency); the paper's 4 costs 4x the compute per image
+    xT_weight: float | None = None  # x_T's share of the loss; None: the paper's plain sum (1/states_per_traj)
+    tcons_sigma_min: float = 0.0  # consistency states are drawn among those with sigma >= this (0: all)
+    latent_weight: float | None = (
+        None  # > 0: + this x |evolve(E(x_T), tau_s - tau_T) - E(x_s)|^2 / |E(x_s)|^2 for a
+    )
+    # later state x_s of each trajectory (issue 13; hkd_core/losses.py).
+    # None: LATENT_WEIGHT for models with Koopman latents (hkd, one_level), 0
+    # for the others (docs/results/issue13: identifiable, reproducible spectra
+    # at the same FID, 1.25x the step)
+    gauge_weight: float = 0.0  # > 0: + this x the gauge condition (hkd_core/gauge.py): at a fixed state, each
+    # mode's mean log-energy and phase slopes against the encoder's noise level
+    # driven to 0, which fixes the spectrum's per-mode offset (issue 24)
     lambda1_start: float = 1.0
     lambda1_end: float = 0.0
     lambda1_anneal_kimg: float = 4.0
     lambda2: float = 1.0
-    perceptual: str = "pseudo_huber"     # pseudo_huber | mse | teacher | lpips (lpips needs the two weight files
-                                         # below; teacher: the frozen teacher U-Net's down-path features, LPIPS's
-                                         # recipe, needs a U-Net teacher: losses.TeacherFeatureDistance)
-    perceptual_sigma: float = 0.5        # teacher: the noise level the teacher's features are taken at
-    lpips_vgg_path: str | None = None    # lpips: torchvision's vgg16 state dict, a local file on every node
-    lpips_lin_path: str | None = None    # lpips: the five LPIPS linear heads (lin{0..4}.model.1.weight)
-    adversarial_weight: float = 0.0      # beyond the paper: + this x the hinge term -D(x_0) of a small
-                                         # discriminator trained on real training images (hkd_core/adversarial.py);
-                                         # 0: off. About 0.01 (issue 23), measured in a long run only
-    adversarial_lr: float = 2e-4         # the discriminator's Adam lr (betas 0, 0.99)
+    perceptual: str = "pseudo_huber"  # pseudo_huber | mse | teacher | lpips (lpips needs the two weight files
+    # below; teacher: the frozen teacher U-Net's down-path features, LPIPS's
+    # recipe, needs a U-Net teacher: losses.TeacherFeatureDistance)
+    perceptual_sigma: float = 0.5  # teacher: the noise level the teacher's features are taken at
+    lpips_vgg_path: str | None = None  # lpips: torchvision's vgg16 state dict, a local file on every node
+    lpips_lin_path: str | None = None  # lpips: the five LPIPS linear heads (lin{0..4}.model.1.weight)
+    adversarial_weight: float = 0.0  # beyond the paper: + this x the hinge term -D(x_0) of a small
+    # discriminator trained on real training images (hkd_core/adversarial.py);
+    # 0: off. About 0.01 (issue 23), measured in a long run only
+    adversarial_lr: float = 2e-4  # the discriminator's Adam lr (betas 0, 0.99)
     adversarial_start_kimg: float = 0.0  # the term (and the discriminator's training) starts here
     log_every_kimg: float = 1.0
-    holdout_every_kimg: float = 1.0      # the EMA model's error on the held-out trajectories (train/holdout_mse),
-                                         # a curve beside the training loss; 0: never (also when there are none)
+    holdout_every_kimg: float = 1.0  # the EMA model's error on the held-out trajectories (train/holdout_mse),
+    # a curve beside the training loss; 0: never (also when there are none)
     checkpoint_every_kimg: float = 5.0
     seed: int = 0
-    skip_corrupt_shards: bool = False    # leave out trajectory shards that fail the checks (counted in the
-                                         # metric data/skipped_shards) instead of refusing to train
+    skip_corrupt_shards: bool = False  # leave out trajectory shards that fail the checks (counted in the
+    # metric data/skipped_shards) instead of refusing to train
     # a step whose loss or gradient is NaN/inf: skipped and counted (train/skipped_nonfinite) instead of ending the
     # run with its step named. Part of a stage's identity only when set (IDENTITY_WHEN_SET: a key added later
     # leaves every existing stage's hash, and so its cached output, as it was)
@@ -187,13 +212,13 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    n: int = 1000                        # samples for FID/KID (state it with every number; >= 1000 to compare)
-    split: str = "test"                  # reference split
+    n: int = 1000  # samples for FID/KID (state it with every number; >= 1000 to compare)
+    split: str = "test"  # reference split
     teacher_nfe: list[int] = field(default_factory=lambda: [4, 35])  # also score the teacher at these NFE (a
-                                         # shipped teacher's record supplies them when it holds the same N)
-    curve_n: int = 0                     # > 0: FID/KID with this N at every distill checkpoint (curve/* in MLflow)
-    floor: bool = True                   # the noise floor at this N (N real training images against the reference),
-                                         # from the teacher's record or measured once and cached in storage
+    # shipped teacher's record supplies them when it holds the same N)
+    curve_n: int = 0  # > 0: FID/KID with this N at every distill checkpoint (curve/* in MLflow)
+    floor: bool = True  # the noise floor at this N (N real training images against the reference),
+    # from the teacher's record or measured once and cached in storage
     kid_subset_size: int = 1000
     batch_size: int = 100
     inception_weights: str | None = None
@@ -216,11 +241,13 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def hkd_config(self) -> HKDConfig:
-        return self.model.hkd_config(DATASETS[self.data.name].channels, self.data.resolution, self.teacher.sigma_data)
+        return self.model.hkd_config(
+            DATASETS[self.data.name].channels, self.data.resolution, self.teacher.sigma_data
+        )
 
 
 AUTO = "auto"
-EMPIRICAL_LIMIT = 5000   # data.limit=auto with the empirical teacher: a seeded subset of this many images
+EMPIRICAL_LIMIT = 5000  # data.limit=auto with the empirical teacher: a seeded subset of this many images
 
 
 def resolve_auto(cfg: RunConfig) -> None:
@@ -232,113 +259,6 @@ def resolve_auto(cfg: RunConfig) -> None:
         cfg.data = dataclasses.replace(cfg.data, limit=None if edm else EMPIRICAL_LIMIT)
     if cfg.model.init == AUTO:
         cfg.model = dataclasses.replace(cfg.model, init="teacher" if edm else "none")
-
-
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check every key and every cross-key constraint; raise ConfigError naming the key."""
-    _choice("data.name", cfg.data.name, DATASETS)
-    _choice("data.split", cfg.data.split, {"train", "test"})
-    native = DATASETS[cfg.data.name].resolution
-    if cfg.data.resolution < native or (cfg.data.resolution - native) % 2:
-        raise ConfigError(f"data.resolution={cfg.data.resolution} is not reachable from {cfg.data.name}'s {native}px "
-                          f"by symmetric zero-padding; use {native} or {native} + an even number (e.g. 32)")
-    if isinstance(cfg.data.limit, str):
-        raise ConfigError(f"data.limit={cfg.data.limit!r}: give a number of images, null (all of them) or auto "
-                          f"(all for teacher=edm, {EMPIRICAL_LIMIT} for teacher=empirical)")
-    _positive("data.limit", cfg.data.limit)
-    _choice("teacher.kind", cfg.teacher.kind, {"empirical", "edm"})
-    for k in ("sigma_data", "total_kimg", "batch_size", "lr", "log_every_kimg", "checkpoint_every_kimg"):
-        _positive(f"teacher.{k}", getattr(cfg.teacher, k))
-    _positive("teacher.max_train_s", cfg.teacher.max_train_s)
-    if cfg.teacher.checkpoint:
-        if cfg.teacher.kind != "edm":
-            raise ConfigError(f"teacher.checkpoint is set but teacher.kind is {cfg.teacher.kind!r}; a checkpoint "
-                              f"holds a U-Net teacher's weights: use teacher=edm, or unset teacher.checkpoint")
-        if "://" not in cfg.teacher.checkpoint and not Path(cfg.teacher.checkpoint).expanduser().is_file():
-            raise ConfigError(f"teacher.checkpoint={cfg.teacher.checkpoint} is not a file; give a local teacher.pt "
-                              f"(or a training checkpoint) or an s3://bucket/key URI")
-    _choice("trajectories.sampler", cfg.trajectories.sampler, SAMPLERS)
-    for k in ("num", "steps", "shard_size", "batch_size"):
-        _positive(f"trajectories.{k}", getattr(cfg.trajectories, k))
-    _positive("trajectories.holdout", cfg.trajectories.holdout, strict=False)
-    _choice("model.variant", cfg.model.variant, VARIANTS)
-    _choice("model.preset", cfg.model.preset, PRESETS)
-    _positive("model.sigma_data", cfg.model.sigma_data)
-    try:
-        cfg.hkd_config().validate()
-    except ValueError as e:   # ConfigError included: keep the message, which names the key
-        raise ConfigError(str(e)) from None
-    check_init(cfg)
-    for k in ("total_kimg", "batch_size", "lr", "states_per_traj", "log_every_kimg", "checkpoint_every_kimg"):
-        _positive(f"train.{k}", getattr(cfg.train, k))
-    _positive("train.max_train_s", cfg.train.max_train_s)
-    _choice("train.perceptual", cfg.train.perceptual, {"pseudo_huber", "mse", "teacher", "lpips"})
-    _positive("train.perceptual_sigma", cfg.train.perceptual_sigma)
-    if cfg.train.perceptual == "teacher" and cfg.teacher.kind != "edm":
-        raise ConfigError(f"train.perceptual=teacher measures images in a U-Net teacher's features; teacher.kind is "
-                          f"{cfg.teacher.kind!r}, which has no network: use teacher=edm (it adopts a shipped teacher "
-                          f"where one matches), or train.perceptual=pseudo_huber")
-    _choice("train.lr_schedule", cfg.train.lr_schedule, {"constant", "cosine"})
-    if not 0 <= cfg.train.lr_end_frac <= 1:
-        raise ConfigError(f"train.lr_end_frac={cfg.train.lr_end_frac} must be in [0, 1] (the last lr as a fraction "
-                          f"of the peak)")
-    _positive("train.teacher_lr_mult", cfg.train.teacher_lr_mult, strict=False)
-    _positive("train.holdout_every_kimg", cfg.train.holdout_every_kimg, strict=False)
-    check_gauge(cfg)
-    _positive("train.adversarial_weight", cfg.train.adversarial_weight, strict=False)
-    _positive("train.adversarial_lr", cfg.train.adversarial_lr)
-    _positive("train.adversarial_start_kimg", cfg.train.adversarial_start_kimg, strict=False)
-    if cfg.train.adversarial_weight and cfg.data.resolution % 8:
-        raise ConfigError(f"train.adversarial_weight={cfg.train.adversarial_weight}: the discriminator halves the "
-                          f"resolution 3 times; data.resolution={cfg.data.resolution} is not divisible by 8")
-    if cfg.model.grow_blocks and cfg.model.variant == "kd":
-        raise ConfigError(f"model.grow_blocks={cfg.model.grow_blocks} adds blocks to the HKD/KDM decoder; "
-                          f"model.variant=kd is the teacher's U-Net itself: use model.grow_blocks=0 (or null)")
-    if cfg.train.perceptual == "lpips":
-        for key in ("lpips_vgg_path", "lpips_lin_path"):
-            path = getattr(cfg.train, key)
-            if not path:
-                raise ConfigError(f"train.perceptual=lpips needs local weight files (nothing is downloaded): set "
-                                  f"train.lpips_vgg_path (torchvision's vgg16 state dict) and train.lpips_lin_path "
-                                  f"(the LPIPS linear heads); train.{key} is not set. Or use "
-                                  f"train.perceptual=pseudo_huber, which needs none")
-            if not Path(path).expanduser().is_file():
-                raise ConfigError(f"train.{key}={path} is not a file; LPIPS needs its weights on local disk "
-                                  f"(the same path on every node), or use train.perceptual=pseudo_huber")
-    if cfg.train.xT_weight is not None and not 0 < cfg.train.xT_weight <= 1:
-        raise ConfigError(f"train.xT_weight={cfg.train.xT_weight} must be in (0, 1], or null for the paper's plain "
-                          f"sum over the states")
-    _positive("train.tcons_sigma_min", cfg.train.tcons_sigma_min, strict=False)
-    from .sampler import karras_sigmas
-
-    if cfg.train.latent_weight is None:
-        cfg.train.latent_weight = default_latent_weight(cfg.model.variant)
-    _positive("train.latent_weight", cfg.train.latent_weight, strict=False)
-    if cfg.train.latent_weight > 0 and cfg.model.variant in ("kd", "kdm"):
-        raise ConfigError(f"train.latent_weight={cfg.train.latent_weight} needs per-level Koopman latents "
-                          f"(model.variant hkd, no_koopman or one_level); model.variant={cfg.model.variant} has none: "
-                          f"use train.latent_weight=0")
-    inner = karras_sigmas(cfg.trajectories.steps)[1:-1]   # the states strictly between x_T and x_0
-    allowed = int((inner >= cfg.train.tcons_sigma_min).sum())
-    s = cfg.train.states_per_traj
-    needed = s - 1 + (1 if cfg.train.latent_weight > 0 and s == 1 else 0)
-    if needed > allowed:
-        why = f"train.states_per_traj={s}" + (f" with train.latent_weight={cfg.train.latent_weight}"
-                                             if needed > s - 1 else "")
-        raise ConfigError(f"{why} needs {needed} intermediate states, but trajectories.steps="
-                          f"{cfg.trajectories.steps} gives {allowed}"
-                          + (f" with sigma >= train.tcons_sigma_min={cfg.train.tcons_sigma_min}"
-                             if cfg.train.tcons_sigma_min else ""))
-    _positive("eval.n", cfg.eval.n)
-    if cfg.eval.n < 2:
-        raise ConfigError(f"eval.n={cfg.eval.n}: FID needs at least 2 samples (a covariance); use a few hundred or more")
-    _choice("eval.split", cfg.eval.split, {"train", "test"})
-    _positive("eval.curve_n", cfg.eval.curve_n, strict=False)
-    if cfg.eval.curve_n == 1:
-        raise ConfigError("eval.curve_n=1: FID needs at least 2 samples; use 0 (no curve) or a few hundred or more")
-    for i, n in enumerate(cfg.eval.teacher_nfe):
-        _positive(f"eval.teacher_nfe[{i}]", n)
-    return cfg
 
 
 def _identity(obj):
@@ -355,12 +275,15 @@ def _identity(obj):
 
 def config_hash(*parts) -> str:
     """A short content hash of dataclasses / dicts / strings, for content-addressed stage outputs."""
-    blob = json.dumps([_identity(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True,
-                      default=dataclasses.asdict)     # a dataclass inside a list: as asdict writes it
+    blob = json.dumps(
+        [_identity(p) if dataclasses.is_dataclass(p) else p for p in parts],
+        sort_keys=True,
+        default=dataclasses.asdict,
+    )  # a dataclass inside a list: as asdict writes it
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-LATENT_WEIGHT = 0.1     # the latent-consistency term's default weight (docs/results/issue13, "Spectra")
+LATENT_WEIGHT = 0.1  # the latent-consistency term's default weight (docs/results/issue13, "Spectra")
 
 
 def default_latent_weight(variant: str) -> float:

@@ -5,6 +5,7 @@ folder beside the project checkout, the Debian package path (Fashion-MNIST only)
 ``allow_download=True`` (or ``$HKD_ALLOW_DOWNLOAD=1``), the official online mirrors. Every local file is
 verified against its published checksum before use.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -52,7 +53,7 @@ _IDX_RAW_MD5 = {
         "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
         "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
         "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-    },
+    }
 }
 _MIRRORS = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -65,9 +66,9 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
-    file: str            # file name in a data folder
+    file: str  # file name in a data folder
     channels: int
-    resolution: int      # native side length in pixels
+    resolution: int  # native side length in pixels
 
 
 DATASETS = {
@@ -145,12 +146,13 @@ def _info(name: str) -> DatasetInfo:
 def _read_idx(raw: bytes) -> np.ndarray:
     magic = int.from_bytes(raw[0:4], "big")
     ndim = magic & 0xFF
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _load_idx_dir(folder: Path, md5: dict[str, str], split: str, raw: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _load_idx_dir(
+    folder: Path, md5: dict[str, str], split: str, raw: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """IDX .gz files from a folder; ``raw`` checks the decompressed bytes' md5 (Debian recompresses them)."""
     prefix = "train" if split == "train" else "t10k"
     arrays = []
@@ -162,8 +164,10 @@ def _load_idx_dir(folder: Path, md5: dict[str, str], split: str, raw: bool = Fal
         if raw:
             got = hashlib.md5(content).hexdigest()
             if got != md5[p.name[:-3]]:
-                raise DataError(f"{p}: md5 of its decompressed content is {got}, expected {md5[p.name[:-3]]}; "
-                                f"reinstall the package (apt-get install --reinstall dataset-fashion-mnist)")
+                raise DataError(
+                    f"{p}: md5 of its decompressed content is {got}, expected {md5[p.name[:-3]]}; "
+                    f"reinstall the package (apt-get install --reinstall dataset-fashion-mnist)"
+                )
         arrays.append(_read_idx(content))
     return arrays[0], arrays[1]
 
@@ -194,8 +198,9 @@ def _load_cifar_jpeg(tar_path: Path, split: str) -> tuple[np.ndarray, np.ndarray
         log.info("decoding %s (once; cached at %s)", tar_path, cache)
         out = {s: ([], []) for s in ("train", "test")}
         with tarfile.open(tar_path, "r:gz") as tf:
-            members = sorted((m for m in tf.getmembers() if m.isfile() and m.name.endswith(".jpg")),
-                             key=lambda m: m.name)
+            members = sorted(
+                (m for m in tf.getmembers() if m.isfile() and m.name.endswith(".jpg")), key=lambda m: m.name
+            )
             for m in members:
                 parts = Path(m.name).parts
                 s, cls = parts[-3], parts[-2]
@@ -213,8 +218,9 @@ def _load_cifar_jpeg(tar_path: Path, split: str) -> tuple[np.ndarray, np.ndarray
         return z[f"x_{split}"], z[f"y_{split}"]
 
 
-def load_uint8(name: str, split: str = "train", root: str | os.PathLike | None = None,
-               allow_download: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_uint8(
+    name: str, split: str = "train", root: str | os.PathLike | None = None, allow_download: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Raw images (N, H, W) or (N, H, W, 3) as uint8 and labels (N,), from the first source found."""
     info = _info(name)
     if split not in ("train", "test"):
@@ -256,9 +262,16 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def load_images(name: str, split: str = "train", *, resolution: int | None = None, limit: int | None = None,
-                root: str | os.PathLike | None = None, allow_download: bool | None = None,
-                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def load_images(
+    name: str,
+    split: str = "train",
+    *,
+    resolution: int | None = None,
+    limit: int | None = None,
+    root: str | os.PathLike | None = None,
+    allow_download: bool | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as float32 (N, C, H, W) in [-1, 1] with labels.
 
     ``resolution``: zero-pad (in pixel space, i.e. with -1 = black) 28 -> 32, or leave as is with None.
@@ -272,8 +285,10 @@ def load_images(name: str, split: str = "train", *, resolution: int | None = Non
     native = t.shape[-1]
     if resolution is not None and resolution != native:
         if resolution < native or (resolution - native) % 2:
-            raise DataError(f"resolution={resolution} cannot be reached from {name}'s {native}px by symmetric "
-                            f"zero-padding; use {native} or {native} + an even number")
+            raise DataError(
+                f"resolution={resolution} cannot be reached from {name}'s {native}px by symmetric "
+                f"zero-padding; use {native} or {native} + an even number"
+            )
         p = (resolution - native) // 2
         t = F.pad(t, (p, p, p, p), value=-1.0)
     return t, torch.as_tensor(np.asarray(y)).long()

@@ -4,6 +4,7 @@ The network knows nothing of noise parameterisation; ``EDMPrecond`` owns c_skip/
 (EDM Table 1), and ``EDMLoss`` samples ln(sigma) ~ N(P_mean, P_std^2) with weight
 (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -20,10 +21,10 @@ SIGMA_MIN, SIGMA_MAX, SIGMA_DATA = 0.002, 80.0, 0.5
 class UNetConfig:
     img_channels: int = 1
     resolution: int = 32
-    channels: int = 32                         # width at full resolution
+    channels: int = 32  # width at full resolution
     channel_mult: tuple[int, ...] = (1, 2, 2)  # one entry per resolution (32, 16, 8)
-    blocks: int = 2                            # residual blocks per resolution
-    attn_resolutions: tuple[int, ...] = (8,)   # resolutions with self-attention
+    blocks: int = 2  # residual blocks per resolution
+    attn_resolutions: tuple[int, ...] = (8,)  # resolutions with self-attention
     dropout: float = 0.0
 
     def to_dict(self) -> dict:
@@ -38,12 +39,14 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.resolution % 2 ** (len(cfg.channel_mult) - 1):
-            raise ValueError(f"resolution {cfg.resolution} is not divisible by 2^{len(cfg.channel_mult) - 1} "
-                             f"(channel_mult has {len(cfg.channel_mult)} entries)")
+            raise ValueError(
+                f"resolution {cfg.resolution} is not divisible by 2^{len(cfg.channel_mult) - 1} "
+                f"(channel_mult has {len(cfg.channel_mult)} entries)"
+            )
         emb = cfg.channels * 4
         self.embed = NoiseEmbedding(cfg.channels, emb)
         widths = [cfg.channels * m for m in cfg.channel_mult]
-        res = [cfg.resolution // 2 ** i for i in range(len(widths))]
+        res = [cfg.resolution // 2**i for i in range(len(widths))]
         self.conv_in = nn.Conv2d(cfg.img_channels, cfg.channels, 3, padding=1)
         self.down = nn.ModuleList()
         cin = cfg.channels
@@ -94,10 +97,10 @@ class EDMPrecond(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         s = as_sigma(sigma, x)
-        sd2 = self.sigma_data ** 2
-        c_skip = sd2 / (s ** 2 + sd2)
-        c_out = s * self.sigma_data / (s ** 2 + sd2).sqrt()
-        c_in = 1 / (s ** 2 + sd2).sqrt()
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (s**2 + sd2)
+        c_out = s * self.sigma_data / (s**2 + sd2).sqrt()
+        c_in = 1 / (s**2 + sd2).sqrt()
         c_noise = s.flatten().log() / 4
         return c_skip * x + c_out * self.net(c_in * x, c_noise)
 
@@ -111,12 +114,13 @@ class EDMLoss:
     sigma_data: float = SIGMA_DATA
     extra: dict = field(default_factory=dict)
 
-    def __call__(self, denoiser: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
+    def __call__(
+        self, denoiser: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         b = x0.shape[0]
         rnd = torch.randn(b, generator=generator, device=x0.device)
         sigma = (rnd * self.p_std + self.p_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
         d = denoiser(x0 + s * noise, sigma)

@@ -7,6 +7,7 @@ in-loop proxy a scheduler decides on all use ``eval_seeds``. A chunk of seeds be
 scores them (``score``) against reference statistics of a fixed subset of real images
 (``reference_images``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,10 +23,10 @@ from .fid import FeatureStats, InceptionFeatures, Reference, fid_from_stats, kid
 from .generate import noise_for_seeds
 from .sampler import sample_nfe
 
-SEED_STRIDE = 1_000_000      # eval.seed k owns seeds [k * 1e6, (k + 1) * 1e6)
-REFERENCE_SEED = 12345       # the seeded subset of real images behind the reference statistics
+SEED_STRIDE = 1_000_000  # eval.seed k owns seeds [k * 1e6, (k + 1) * 1e6)
+REFERENCE_SEED = 12345  # the seeded subset of real images behind the reference statistics
 
-Generate = Callable[[torch.Tensor], torch.Tensor]      # x_T (scaled to sigma_max) -> images in [-1, 1]
+Generate = Callable[[torch.Tensor], torch.Tensor]  # x_T (scaled to sigma_max) -> images in [-1, 1]
 
 
 def image_shape(data: DataConfig) -> tuple[int, int, int]:
@@ -54,11 +55,19 @@ def teacher_generator(teacher, nfe: int) -> Generate:
 
 
 @torch.no_grad()
-def chunk_features(generate: Generate, seeds: list[int], shape: tuple[int, ...], features: InceptionFeatures,
-                   batch_size: int = 100, device: str | torch.device = "cpu") -> torch.Tensor:
+def chunk_features(
+    generate: Generate,
+    seeds: list[int],
+    shape: tuple[int, ...],
+    features: InceptionFeatures,
+    batch_size: int = 100,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
     """Inception features of the samples drawn from ``seeds``, batch by batch."""
-    out = [features(generate(noise(seeds[i:i + batch_size], shape).to(device)))
-           for i in range(0, len(seeds), batch_size)]
+    out = [
+        features(generate(noise(seeds[i : i + batch_size], shape).to(device)))
+        for i in range(0, len(seeds), batch_size)
+    ]
     return torch.cat(out) if out else torch.zeros(0, 2048)
 
 
@@ -80,9 +89,16 @@ def score(stats: FeatureStats, feats: torch.Tensor, ref: Reference, kid_subset_s
     return {"fid": fid_from_stats(stats, ref.stats), "kid": kid, "kid_std": kid_std}
 
 
-def score_in_process(generate: Generate, seeds: list[int], shape: tuple[int, ...], features: InceptionFeatures,
-                     ref: Reference, kid_subset_size: int, batch_size: int = 100,
-                     device: str | torch.device = "cpu") -> dict[str, float]:
+def score_in_process(
+    generate: Generate,
+    seeds: list[int],
+    shape: tuple[int, ...],
+    features: InceptionFeatures,
+    ref: Reference,
+    kid_subset_size: int,
+    batch_size: int = 100,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
     """FID and KID of the samples drawn from ``seeds``, in this process: the chain that Ray tasks split into chunks
     (chunk_features -> chunk_result -> merge_chunks -> score) as one chunk, so that a number scored here equals
     the evaluate stage's on the same seeds. For the in-loop proxy, a sweep trial's final score and benchmarks."""
@@ -108,14 +124,23 @@ def headline(metrics: dict[str, float], teacher_nfe: int) -> dict:
     every N; FID carries a floor (real images against the reference score it at this N), which squeezes the
     FID ratio towards 1 at small N, so the floor comes along. Ratios are None where the teacher was not scored."""
     t_fid, t_kid = metrics.get(M.teacher_fid(teacher_nfe)), metrics.get(M.teacher_kid(teacher_nfe))
-    return {"n": int(metrics[M.EVAL_N]), "fid": metrics[M.FID], "kid": metrics[M.KID],
-            "kid_std": metrics.get(M.KID_STD), "teacher_nfe": teacher_nfe, "teacher_fid": t_fid, "teacher_kid": t_kid,
-            "teacher_kid_std": metrics.get(M.teacher_kid_std(teacher_nfe)),
-            # a teacher KID within its std of 0 (small N) makes no ratio: None rather than a number with no meaning
-            "kid_ratio": metrics[M.KID] / t_kid if t_kid and t_kid > (metrics.get(M.teacher_kid_std(teacher_nfe)) or 0)
-            else None,
-            "fid_ratio": metrics[M.FID] / t_fid if t_fid else None,
-            "floor_fid": metrics.get(M.NOISE_FLOOR_FID), "floor_kid": metrics.get(M.NOISE_FLOOR_KID)}
+    return {
+        "n": int(metrics[M.EVAL_N]),
+        "fid": metrics[M.FID],
+        "kid": metrics[M.KID],
+        "kid_std": metrics.get(M.KID_STD),
+        "teacher_nfe": teacher_nfe,
+        "teacher_fid": t_fid,
+        "teacher_kid": t_kid,
+        "teacher_kid_std": metrics.get(M.teacher_kid_std(teacher_nfe)),
+        # a teacher KID within its std of 0 (small N) makes no ratio: None rather than a number with no meaning
+        "kid_ratio": metrics[M.KID] / t_kid
+        if t_kid and t_kid > (metrics.get(M.teacher_kid_std(teacher_nfe)) or 0)
+        else None,
+        "fid_ratio": metrics[M.FID] / t_fid if t_fid else None,
+        "floor_fid": metrics.get(M.NOISE_FLOOR_FID),
+        "floor_kid": metrics.get(M.NOISE_FLOOR_KID),
+    }
 
 
 def reference_identity(data: DataConfig, split: str, n: int, inception_sha256: str) -> dict:
@@ -126,15 +151,22 @@ def reference_identity(data: DataConfig, split: str, n: int, inception_sha256: s
     import hashlib
 
     images = reference_images(data, split, n)
-    return {"dataset": data.name, "split": split, "n": n, "resolution": data.resolution, "subset_seed": REFERENCE_SEED,
-            "images_sha256": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest(),
-            "inception_sha256": inception_sha256}
+    return {
+        "dataset": data.name,
+        "split": split,
+        "n": n,
+        "resolution": data.resolution,
+        "subset_seed": REFERENCE_SEED,
+        "images_sha256": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest(),
+        "inception_sha256": inception_sha256,
+    }
 
 
 def reference_images(data: DataConfig, split: str, n: int) -> torch.Tensor:
     """The fixed, seeded subset of N real images that reference statistics are computed from."""
-    images, _ = load_images(data.name, split, resolution=data.resolution, limit=n, root=data.root,
-                            seed=REFERENCE_SEED)
+    images, _ = load_images(
+        data.name, split, resolution=data.resolution, limit=n, root=data.root, seed=REFERENCE_SEED
+    )
     if images.shape[0] < n:
         raise ValueError(f"eval.n={n}: {data.name}/{split} has only {images.shape[0]} images; lower eval.n")
     return images
@@ -146,7 +178,7 @@ def holdout_error(model, states: torch.Tensor, batch_size: int = 100) -> float:
     errs = []
     dev = next(model.parameters()).device
     for i in range(0, states.shape[0], batch_size):
-        s = states[i:i + batch_size].float().to(dev)
+        s = states[i : i + batch_size].float().to(dev)
         errs.append((model.sample(x_T=s[:, 0]) - s[:, -1]).square().flatten(1).mean(1))
     return torch.cat(errs).mean().item()
 
@@ -158,7 +190,7 @@ def nearest(x: torch.Tensor, images: torch.Tensor, chunk: int = 8192) -> tuple[t
     best_d = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
     best_i = torch.zeros(x.shape[0], dtype=torch.long)
     for i in range(0, images.shape[0], chunk):
-        y = images[i:i + chunk].flatten(1).double()
+        y = images[i : i + chunk].flatten(1).double()
         d = (xf.square().sum(1, keepdim=True) - 2 * xf @ y.T + y.square().sum(1)[None]).clamp(min=0)
         m, j = d.min(1)
         better = m < best_d
@@ -167,8 +199,15 @@ def nearest(x: torch.Tensor, images: torch.Tensor, chunk: int = 8192) -> tuple[t
 
 
 @torch.no_grad()
-def endpoint_sensitivity(denoise, x_T: torch.Tensor, images: torch.Tensor, rel: float = 0.05, nfe: int = 35,
-                         seed: int = 0, jump_rms: float = 0.2) -> dict[str, float]:
+def endpoint_sensitivity(
+    denoise,
+    x_T: torch.Tensor,
+    images: torch.Tensor,
+    rel: float = 0.05,
+    nfe: int = 35,
+    seed: int = 0,
+    jump_rms: float = 0.2,
+) -> dict[str, float]:
     """How the teacher's noise-to-image map reacts to a small nudge of x_T: x_T' = x_T + rel * sigma_max * e
     (a change of ``rel`` of x_T's norm), both sampled with ``nfe`` Heun evaluations.
 
@@ -183,7 +222,15 @@ def endpoint_sensitivity(denoise, x_T: torch.Tensor, images: torch.Tensor, rel: 
     ia, da = nearest(a, images)
     ib, _ = nearest(b, images)
     change = (a - b).square().flatten(1).mean(1).sqrt()
-    return {"endpoint_rms_change": change.mean().item(), "median_change": change.median().item(),
-            "p90_change": change.quantile(0.9).item(), "jump_rate": (change > jump_rms).float().mean().item(),
-            "jump_rms": jump_rms, "nn_change_rate": (ia != ib).float().mean().item(), "nn_rms": da.mean().item(),
-            "n": x_T.shape[0], "rel": rel, "nfe": nfe}
+    return {
+        "endpoint_rms_change": change.mean().item(),
+        "median_change": change.median().item(),
+        "p90_change": change.quantile(0.9).item(),
+        "jump_rate": (change > jump_rms).float().mean().item(),
+        "jump_rms": jump_rms,
+        "nn_change_rate": (ia != ib).float().mean().item(),
+        "nn_rms": da.mean().item(),
+        "n": x_T.shape[0],
+        "rel": rel,
+        "nfe": nfe,
+    }

@@ -6,6 +6,7 @@ torch-fidelity's. Statistics are accumulated in float64 as (n, sum, sum of outer
 exactly across workers (see ``FeatureStats.merge``). Reference statistics are keyed by (data set, split, N,
 resolution, weights sha256) so that a driver can cache them (``evaluation.py`` draws the samples).
 """
+
 from __future__ import annotations
 
 import io
@@ -29,17 +30,22 @@ class InceptionFeatures:
     """Images -> (N, 2048) float32 pool3 features. Accepts uint8 in [0, 255] or float in [-1, 1]; gray is
     repeated to 3 channels. Inputs are resized to 299 inside torch-fidelity, as in TF's FID code."""
 
-    def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 64):
+    def __init__(
+        self,
+        weights: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+    ):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.path = weights_path(weights)
         self.sha256 = weights_digest(self.path)
         self.device, self.batch_size = torch.device(device), batch_size
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                               feature_extractor_weights_path=str(self.path)).to(self.device)
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(self.path)
+        ).to(self.device)
         if self.device.type == "cpu":
-            self.net = self.net.to(memory_format=torch.channels_last)   # about 1.3x faster on CPU
+            self.net = self.net.to(memory_format=torch.channels_last)  # about 1.3x faster on CPU
 
     @staticmethod
     def as_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -50,8 +56,10 @@ class InceptionFeatures:
     def __call__(self, images: torch.Tensor, progress: bool = False) -> torch.Tensor:
         x = self.as_uint8_rgb(images)
         out = []
-        for i in tqdm(range(0, x.shape[0], self.batch_size), desc="inception", unit="batch", disable=not progress):
-            out.append(self.net(x[i:i + self.batch_size].to(self.device))[0].float().cpu())
+        for i in tqdm(
+            range(0, x.shape[0], self.batch_size), desc="inception", unit="batch", disable=not progress
+        ):
+            out.append(self.net(x[i : i + self.batch_size].to(self.device))[0].float().cpu())
         return torch.cat(out) if out else torch.zeros(0, DIM)
 
 
@@ -60,8 +68,8 @@ class FeatureStats:
     """Running first and second moments of features in float64; ``merge`` combines workers exactly."""
 
     n: int
-    total: np.ndarray        # (D,) sum of features
-    outer: np.ndarray        # (D, D) sum of outer products
+    total: np.ndarray  # (D,) sum of features
+    outer: np.ndarray  # (D, D) sum of outer products
 
     @classmethod
     def empty(cls, dim: int = DIM) -> FeatureStats:
@@ -113,15 +121,25 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     return fid_statistics_to_metric(a.mu_sigma(), b.mu_sigma(), verbose=False)[KEY_METRIC_FID]
 
 
-def kid_from_features(a: torch.Tensor, b: torch.Tensor, subset_size: int = 1000, subsets: int = 100,
-                      seed: int = 2020) -> tuple[float, float]:
+def kid_from_features(
+    a: torch.Tensor, b: torch.Tensor, subset_size: int = 1000, subsets: int = 100, seed: int = 2020
+) -> tuple[float, float]:
     """KID mean and std over subsets (torch-fidelity's polynomial-kernel MMD); subset size capped at N."""
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
     size = min(subset_size, a.shape[0], b.shape[0])
-    out = kid_features_to_metric(a, b, kid_subsets=subsets, kid_subset_size=size, verbose=False, rng_seed=seed,
-                                 kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
-                                 kid_kernel_poly_coef0=1)
+    out = kid_features_to_metric(
+        a,
+        b,
+        kid_subsets=subsets,
+        kid_subset_size=size,
+        verbose=False,
+        rng_seed=seed,
+        kid_kernel="poly",
+        kid_kernel_poly_degree=3,
+        kid_kernel_poly_gamma=None,
+        kid_kernel_poly_coef0=1,
+    )
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
 
 
@@ -129,11 +147,17 @@ def kid_from_features(a: torch.Tensor, b: torch.Tensor, subset_size: int = 1000,
 class Reference:
     key: dict
     stats: FeatureStats
-    features: torch.Tensor   # kept for KID
+    features: torch.Tensor  # kept for KID
 
 
 def reference_key(dataset: str, split: str, n: int, resolution: int | None, weights_sha256: str) -> dict:
-    return {"dataset": dataset, "split": split, "n": n, "resolution": resolution, "weights": weights_sha256[:16]}
+    return {
+        "dataset": dataset,
+        "split": split,
+        "n": n,
+        "resolution": resolution,
+        "weights": weights_sha256[:16],
+    }
 
 
 def reference_cache_name(key: dict) -> str:
@@ -142,12 +166,21 @@ def reference_cache_name(key: dict) -> str:
 
 def encode_reference(ref: Reference) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, n=ref.stats.n, total=ref.stats.total, outer=ref.stats.outer, features=ref.features.numpy(),
-             key=np.frombuffer(json.dumps(ref.key).encode(), np.uint8))
+    np.savez(
+        buf,
+        n=ref.stats.n,
+        total=ref.stats.total,
+        outer=ref.stats.outer,
+        features=ref.features.numpy(),
+        key=np.frombuffer(json.dumps(ref.key).encode(), np.uint8),
+    )
     return buf.getvalue()
 
 
 def decode_reference(data: bytes) -> Reference:
     with np.load(io.BytesIO(data)) as z:
-        return Reference(json.loads(z["key"].tobytes()), FeatureStats(int(z["n"]), z["total"], z["outer"]),
-                         torch.from_numpy(z["features"].copy()))
+        return Reference(
+            json.loads(z["key"].tobytes()),
+            FeatureStats(int(z["n"]), z["total"], z["outer"]),
+            torch.from_numpy(z["features"].copy()),
+        )

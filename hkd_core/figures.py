@@ -1,4 +1,5 @@
 """PNG figures: sample grids, Koopman spectra, band masking, trajectory strips (matplotlib, no display)."""
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,9 @@ def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad) + ((3,) if c == 3 else ()), 255, np.uint8)
     for i in range(n):
         r, k = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = _hwc(images[i])
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = (
+            _hwc(images[i])
+        )
     return grid
 
 
@@ -41,8 +44,9 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8
     return path
 
 
-def save_side_by_side(left: torch.Tensor, right: torch.Tensor, path: str | os.PathLike, titles: tuple[str, str],
-                      nrow: int = 8) -> Path:
+def save_side_by_side(
+    left: torch.Tensor, right: torch.Tensor, path: str | os.PathLike, titles: tuple[str, str], nrow: int = 8
+) -> Path:
     """Two image grids side by side under their titles: e.g. a one-step student and its teacher on the same noise."""
     fig, axes = plt.subplots(1, 2, figsize=(2 * 0.8 * nrow + 0.4, 0.8 * -(-len(left) // nrow) + 0.6))
     for ax, imgs, title in zip(axes, (left, right), titles):
@@ -50,10 +54,11 @@ def save_side_by_side(left: torch.Tensor, right: torch.Tensor, path: str | os.Pa
         ax.imshow(g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=255)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
+    """Write a matplotlib figure as a PNG (its folder made) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -80,11 +85,12 @@ def plot_spectrum(spectrum: list[torch.Tensor], path: str | os.PathLike, title: 
         axes[l, 2].set_xlabel("beta")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_spectra_overlay(spectra: dict[str, list[torch.Tensor]], path: str | os.PathLike, max_points: int = 3000
-                         ) -> Path:
+def plot_spectra_overlay(
+    spectra: dict[str, list[torch.Tensor]], path: str | os.PathLike, max_points: int = 3000
+) -> Path:
     """Several models' spectra over each other: per level (a column) the alpha histogram (density, one step line
     per model, the same bins), the beta histogram, and the eigenvalues in the complex plane (a subsample)."""
     n = max(len(s) for s in spectra.values())
@@ -97,8 +103,15 @@ def plot_spectra_overlay(spectra: dict[str, list[torch.Tensor]], path: str | os.
             lo_, hi_ = min(v.min() for v in vals.values()), max(v.max() for v in vals.values())
             bins = np.linspace(lo_, hi_ + 1e-9, 60)
             for i, (k, v) in enumerate(vals.items()):
-                axes[row, l].hist(v, bins=bins, density=True, histtype="step", lw=1.4, color=colors[i % len(colors)],
-                                  label=k)
+                axes[row, l].hist(
+                    v,
+                    bins=bins,
+                    density=True,
+                    histtype="step",
+                    lw=1.4,
+                    color=colors[i % len(colors)],
+                    label=k,
+                )
             axes[row, l].set_xlabel("alpha (decay rate)" if part == "real" else "beta (frequency)")
             axes[row, l].set_title(f"level {l + 1}")
         ax = axes[2, l]
@@ -113,11 +126,15 @@ def plot_spectra_overlay(spectra: dict[str, list[torch.Tensor]], path: str | os.
         ax.set_ylabel("beta")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("Koopman spectra compared: alpha and beta densities per level, eigenvalues (a subsample)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_alpha_agreement(spectra: dict[str, list[torch.Tensor]], path: str | os.PathLike, method: str = "hungarian",
-                         max_points: int = 4000) -> Path:
+def plot_alpha_agreement(
+    spectra: dict[str, list[torch.Tensor]],
+    path: str | os.PathLike,
+    method: str = "hungarian",
+    max_points: int = 4000,
+) -> Path:
     """Per level (a column) each model's alpha against the first model's, mode for mode after matching the modes
     within each position (hkd_core.gauge.match_modes), with the diagonal: a reproducible spectrum lies on it; an
     offset that survived training lies beside it; a scatter means the modes hold other rates."""
@@ -139,8 +156,14 @@ def plot_alpha_agreement(spectra: dict[str, list[torch.Tensor]], path: str | os.
             a, b = first[l].real.flatten().numpy(), mb.real.flatten().numpy()
             pick = rng.permutation(a.size)[:max_points]
             agree = spectrum_agreement([first[l]], [other[l]], method)[0]
-            ax.scatter(a[pick], b[pick], s=3, alpha=0.4, color=colors[(i - 1) % len(colors)],
-                       label=f"{name}: r = {agree['alpha_corr']:.2f}, mean diff {agree['alpha_mean_diff']:+.2f}")
+            ax.scatter(
+                a[pick],
+                b[pick],
+                s=3,
+                alpha=0.4,
+                color=colors[(i - 1) % len(colors)],
+                label=f"{name}: r = {agree['alpha_corr']:.2f}, mean diff {agree['alpha_mean_diff']:+.2f}",
+            )
         lo_, hi_ = ax.get_xlim()
         ax.plot([lo_, hi_], [lo_, hi_], color="k", lw=0.7)
         ax.set_xlabel(f"alpha, {names[0]}")
@@ -148,7 +171,7 @@ def plot_alpha_agreement(spectra: dict[str, list[torch.Tensor]], path: str | os.
         ax.set_title(f"level {l + 1}")
         ax.legend(fontsize=6)
     fig.suptitle(f"alpha per (mode, position) against the first model, modes matched per position ({method})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_alpha_maps(spectrum: list[torch.Tensor], path: str | os.PathLike) -> Path:
@@ -162,11 +185,16 @@ def plot_alpha_maps(spectrum: list[torch.Tensor], path: str | os.PathLike) -> Pa
             fig.colorbar(im, ax=ax, fraction=0.046)
         ax.set_title(f"level {l + 1}: mean alpha")
         ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_rows(rows: torch.Tensor, path: str | os.PathLike, row_labels: list[str], col_labels: list[str] | None = None,
-              title: str = "") -> Path:
+def plot_rows(
+    rows: torch.Tensor,
+    path: str | os.PathLike,
+    row_labels: list[str],
+    col_labels: list[str] | None = None,
+    title: str = "",
+) -> Path:
     """rows: (R, K, C, H, W); one image per cell, labelled rows (and columns)."""
     r, k = rows.shape[:2]
     fig, axes = plt.subplots(r, k, figsize=(1.2 * k + 0.8, 1.2 * r + 0.3), squeeze=False)
@@ -183,10 +211,12 @@ def plot_rows(rows: torch.Tensor, path: str | os.PathLike, row_labels: list[str]
                 ax.set_title(col_labels[j], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_band_masking(images: torch.Tensor, path: str | os.PathLike, full: torch.Tensor | None = None) -> Path:
+def plot_band_masking(
+    images: torch.Tensor, path: str | os.PathLike, full: torch.Tensor | None = None
+) -> Path:
     """images: (n_bands, B, C, H, W) from ``spectra.band_masking``; the full sample as the last row if given."""
     n = images.shape[0]
     labels = [f"band {b}" for b in BAND_NAMES.get(n, [str(i) for i in range(n)])]
@@ -199,12 +229,22 @@ def plot_band_masking(images: torch.Tensor, path: str | os.PathLike, full: torch
 def plot_trajectory_strip(previews: torch.Tensor, taus, path: str | os.PathLike) -> Path:
     """previews: (T, B, C, H, W) from ``HKD.trajectory``; one row per sample, one column per tau."""
     cols = [f"tau={float(t):.2f}" for t in taus]
-    return plot_rows(previews.transpose(0, 1), path, [f"sample {i}" for i in range(previews.shape[1])], cols,
-                     title="decoded latents z_tau along the Koopman trajectory")
+    return plot_rows(
+        previews.transpose(0, 1),
+        path,
+        [f"sample {i}" for i in range(previews.shape[1])],
+        cols,
+        title="decoded latents z_tau along the Koopman trajectory",
+    )
 
 
-def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | os.PathLike, xlabel: str,
-                ylabel: str, logy: bool = False) -> Path:
+def plot_curves(
+    curves: dict[str, tuple[list[float], list[float]]],
+    path: str | os.PathLike,
+    xlabel: str,
+    ylabel: str,
+    logy: bool = False,
+) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (x, y) in curves.items():
         ax.plot(x, y, label=name)
@@ -214,10 +254,12 @@ def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | 
         ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_band_masking_levels(per_level: list[torch.Tensor], path: str | os.PathLike, full: torch.Tensor) -> Path:
+def plot_band_masking_levels(
+    per_level: list[torch.Tensor], path: str | os.PathLike, full: torch.Tensor
+) -> Path:
     """per_level[l]: (n_bands, B, C, H, W) from ``spectra.band_masking(level=l + 1)``: one row per (level, band)
     with the other levels left whole, for the first sample of each batch, and the full sample last."""
     rows, labels = [], []
@@ -228,8 +270,12 @@ def plot_band_masking_levels(per_level: list[torch.Tensor], path: str | os.PathL
             labels.append(f"L{l + 1} {names[k]}")
     rows.append(full)
     labels.append("all bands")
-    return plot_rows(torch.stack(rows), path, labels,
-                     title="band masking per level: keep one band at one level, the other levels whole")
+    return plot_rows(
+        torch.stack(rows),
+        path,
+        labels,
+        title="band masking per level: keep one band at one level, the other levels whole",
+    )
 
 
 def plot_band_trajectory(images: torch.Tensor, taus, path: str | os.PathLike) -> Path:
@@ -237,8 +283,13 @@ def plot_band_trajectory(images: torch.Tensor, taus, path: str | os.PathLike) ->
     all bands), a column per tau: how each band's contribution builds up along the trajectory."""
     n = images.shape[1] - 1
     labels = [f"band {b}" for b in BAND_NAMES.get(n, [str(i) for i in range(n)])] + ["all bands"]
-    return plot_rows(images.transpose(0, 1), path, labels, [f"tau={float(t):.2f}" for t in taus],
-                     title="each band alone along tau (decoded z_tau keeping one band)")
+    return plot_rows(
+        images.transpose(0, 1),
+        path,
+        labels,
+        [f"tau={float(t):.2f}" for t in taus],
+        title="each band alone along tau (decoded z_tau keeping one band)",
+    )
 
 
 def plot_band_energy(energy: torch.Tensor, taus, path: str | os.PathLike) -> Path:
@@ -249,49 +300,15 @@ def plot_band_energy(energy: torch.Tensor, taus, path: str | os.PathLike) -> Pat
     for l in range(levels):
         ax = axes[0, l]
         for k in range(n):
-            ax.plot(list(map(float, taus)), energy[:, l, k].numpy(), marker="o", ms=3, label=f"band {names[k]}")
+            ax.plot(
+                list(map(float, taus)), energy[:, l, k].numpy(), marker="o", ms=3, label=f"band {names[k]}"
+            )
         ax.set_yscale("log")
         ax.set_xlabel("tau")
         ax.set_title(f"level {l + 1}: mean |z|^2 per band", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_edit_grid(sweep, path: str | os.PathLike, max_samples: int = 3) -> Path:
-    """``editing.EditSweep``: per sample a row for the band edit, one for its control (a random mode set of the
-    band's size) and one for the all-bands baseline; columns original, reference, the reference's state at
-    sigma(tau_mid) that the edit encodes, then one per ratio r."""
-    b = min(max_samples, sweep.original.shape[0])
-    name = BAND_NAMES.get(sweep.n_bands, [str(i) for i in range(sweep.n_bands)])[sweep.band]
-    rows, labels = [], []
-    for i in range(b):
-        for what, imgs in ((f"band {name}", sweep.band_edits), ("random set", sweep.random_edits),
-                           ("all bands", sweep.all_edits)):
-            rows.append(torch.cat([sweep.original[i:i + 1], sweep.reference[i:i + 1],
-                                   sweep.ref_state[i:i + 1].clamp(-1, 1), imgs[:, i]]))
-            labels.append(f"#{i} {what}")
-    cols = ["original", "reference", "its state"] + [f"r={r:g}" for r in sweep.ratios]
-    shown = f"{b} of {sweep.original.shape[0]} samples shown" if b < sweep.original.shape[0] else f"{b} samples"
-    return plot_rows(torch.stack(rows), path, labels, cols,
-                     title=f"frequency-aware editing at tau_mid={sweep.tau_mid} (mask: {int(sweep.mask.sum())} px; "
-                           f"{shown}, the scores are over all)")
-
-
-def plot_edit_tradeoff(sweep, path: str | os.PathLike) -> Path:
-    """Structure kept against detail arrived, one line per method, a point per ratio r."""
-    fig, ax = plt.subplots(figsize=(4.8, 4))
-    for k, label in (("band", f"band {sweep.band}"), ("random", f"random set (mean of {sweep.controls})"),
-                     ("all", "all bands")):
-        x, y = sweep.scores[k]["detail_arrived"], sweep.scores[k]["structure_kept"]
-        ax.plot(x, y, marker="o", label=label)
-        for r, xi, yi in zip(sweep.ratios, x, y):
-            ax.annotate(f"{r:g}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("reference detail arrived (in the mask)")
-    ax.set_ylabel("original structure kept (coarse)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -305,21 +322,28 @@ def write_figures(model, folder: str | os.PathLike, n: int = 8, seed: int = 7) -
 
     folder = Path(folder)
     noise = model.noise(max(n, 64), torch.Generator().manual_seed(seed))
-    paths = [save_image_grid(model.sample(x_T=noise), folder / "samples.png")]   # 8x8: enough to judge by eye
+    paths = [save_image_grid(model.sample(x_T=noise), folder / "samples.png")]  # 8x8: enough to judge by eye
     x_T = noise[:n]
     spec = model.spectrum()
     if spec:
-        paths.append(plot_spectrum(spec, folder / "spectrum.png", f"{getattr(model, 'variant', '')} eigenvalues"))
+        paths.append(
+            plot_spectrum(spec, folder / "spectrum.png", f"{getattr(model, 'variant', '')} eigenvalues")
+        )
     if isinstance(model, HKD):
         paths.append(plot_alpha_maps(spec, folder / "alpha_maps.png"))
         k = min(3, min(ev.shape[0] for ev in spec))
         full = model.sample(x_T=x_T[:6])
-        paths.append(plot_band_masking(band_masking(model, x_T[:6], k), folder / "band_masking.png", full=full))
+        paths.append(
+            plot_band_masking(band_masking(model, x_T[:6], k), folder / "band_masking.png", full=full)
+        )
         per_level = [band_masking(model, x_T[:6], k, level=l + 1) for l in range(len(spec))]
         paths.append(plot_band_masking_levels(per_level, folder / "band_masking_levels.png", full))
         taus = torch.linspace(0, 1, 6)
-        paths.append(plot_trajectory_strip(model.trajectory(x_T[:4], taus)["previews"], taus.tolist(),
-                                           folder / "trajectory.png"))
+        paths.append(
+            plot_trajectory_strip(
+                model.trajectory(x_T[:4], taus)["previews"], taus.tolist(), folder / "trajectory.png"
+            )
+        )
         bt = band_trajectory(model, x_T[:1], taus.tolist(), k)[:, :, 0]
         paths.append(plot_band_trajectory(bt, taus.tolist(), folder / "band_trajectory.png"))
         fine = torch.linspace(0, 1, 11).tolist()

@@ -31,6 +31,7 @@ lift permuted alike, is the same model), and a pair read in the other order has 
 by sorting on alpha) before ``spectrum_agreement`` compares them per (level, mode, position): correlation and
 mean difference of alpha, with the W1 distance of the marginals kept as a second number.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,7 +41,7 @@ from torch import nn
 
 from .koopman import sigma_of_tau, tau_of_sigma
 
-GAUGE_DTAU = 0.25     # tau' - tau for the gauge condition's second encoding
+GAUGE_DTAU = 0.25  # tau' - tau for the gauge condition's second encoding
 
 
 def _pair_gain(z: torch.Tensor, c: torch.Tensor, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def _pair_gain(z: torch.Tensor, c: torch.Tensor, theta: torch.Tensor, t: torch.T
     p = z.reshape(b, d // 2, 2, *z.shape[2:])
     t = t.reshape(-1, 1, *([1] * (z.ndim - 2))).to(z)
 
-    def per_mode(v):          # (d/2,): one value per mode; (d/2, h, w): one per mode and position
+    def per_mode(v):  # (d/2,): one value per mode; (d/2, h, w): one per mode and position
         return v.to(z).reshape(1, -1, *([1] * (z.ndim - 2))) if v.ndim == 1 else v.to(z).unsqueeze(0)
 
     scale, ang = torch.exp(per_mode(c) * t), per_mode(theta) * t
@@ -73,7 +74,9 @@ class _GaugedEncoder:
         return [_pair_gain(z, c, th, t) for z, c, th in zip(self._encode(x, s), self.cs, self.thetas)]
 
 
-def gauge_transform(model: nn.Module, cs: list[torch.Tensor], thetas: list[torch.Tensor] | None = None) -> nn.Module:
+def gauge_transform(
+    model: nn.Module, cs: list[torch.Tensor], thetas: list[torch.Tensor] | None = None
+) -> nn.Module:
     """A copy of an HKD model moved along the gauge orbit: per level l and mode k (c[l] of shape (d/2,)) or mode and
     position (c[l] of shape (d/2, h, w)), alpha + c, beta + theta, and the encoder multiplied by
     exp(c (tau - 1)) R(theta (tau - 1)). It computes the same outputs and latents' residuals as ``model`` (for
@@ -88,8 +91,10 @@ def gauge_transform(model: nn.Module, cs: list[torch.Tensor], thetas: list[torch
             rate = k.rates() + c
             if k.alpha_bound:
                 if (rate.abs() >= k.alpha_bound).any():
-                    raise ValueError(f"gauge_transform: alpha + c reaches the bound {k.alpha_bound} "
-                                     f"(max |alpha + c| = {rate.abs().max():.3g}); use an unbounded model")
+                    raise ValueError(
+                        f"gauge_transform: alpha + c reaches the bound {k.alpha_bound} "
+                        f"(max |alpha + c| = {rate.abs().max():.3g}); use an unbounded model"
+                    )
                 k.alpha.copy_(k.alpha_bound * torch.atanh(rate / k.alpha_bound))
             else:
                 k.alpha.copy_(rate.expand_as(k.alpha))
@@ -116,18 +121,24 @@ def offset_alpha(model: nn.Module, offsets: list[torch.Tensor]) -> None:
             lift.weight.mul_(torch.exp(-off).repeat_interleave(2).view(1, -1, 1, 1).to(lift.weight))
 
 
-def alpha_offsets(model: nn.Module, offset: float = 0.0, spread: float = 0.0, seed: int = 0) -> list[torch.Tensor]:
+def alpha_offsets(
+    model: nn.Module, offset: float = 0.0, spread: float = 0.0, seed: int = 0
+) -> list[torch.Tensor]:
     """Per level a (d/2,) offset: ``offset`` for every mode plus a uniform draw in [-spread, spread] per mode."""
     return offset_draw([k.dim // 2 for k in model.koopman], offset, spread, seed)
 
 
-def offset_draw(modes: list[int], offset: float = 0.0, spread: float = 0.0, seed: int = 0) -> list[torch.Tensor]:
+def offset_draw(
+    modes: list[int], offset: float = 0.0, spread: float = 0.0, seed: int = 0
+) -> list[torch.Tensor]:
     """The offsets of ``alpha_offsets`` from the number of modes per level alone (to read a run's start again)."""
     g = torch.Generator().manual_seed(seed)
     return [offset + spread * (2 * torch.rand(n, generator=g) - 1) for n in modes]
 
 
-def offset_survival(alpha0: list[torch.Tensor], alpha: list[torch.Tensor], offsets: list[torch.Tensor]) -> list[float]:
+def offset_survival(
+    alpha0: list[torch.Tensor], alpha: list[torch.Tensor], offsets: list[torch.Tensor]
+) -> list[float]:
     """Per level, how much of a start offset of alpha is still there after training: the least-squares slope
     (through 0) of the learned difference per mode (alpha - alpha0, mode k with mode k, averaged over positions;
     both runs start from the same tensors but for the offset) on the offset it started with. 1: the offset
@@ -140,7 +151,9 @@ def offset_survival(alpha0: list[torch.Tensor], alpha: list[torch.Tensor], offse
     return out
 
 
-def shifted_sigma(sigma: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def shifted_sigma(
+    sigma: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma', tau' - tau): tau' = tau +- GAUGE_DTAU, the sign drawn per row and turned round where it would
     leave [0, 1]."""
     tau = tau_of_sigma(sigma).to(sigma.device)
@@ -151,8 +164,9 @@ def shifted_sigma(sigma: torch.Tensor, generator: torch.Generator | None = None)
     return sigma_of_tau(t2).to(sigma), t2 - tau
 
 
-def gauge_penalty(z: list[torch.Tensor], z_shifted: list[torch.Tensor], dtau: torch.Tensor,
-                  eps: float = 1e-6) -> torch.Tensor:
+def gauge_penalty(
+    z: list[torch.Tensor], z_shifted: list[torch.Tensor], dtau: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
     """The gauge condition's residual: per level, mode and position, the batch mean of the log-energy slope
     (log|z'_k|^2 - log|z_k|^2) / dtau and of the phase slope angle(z'_k conj z_k) / dtau of the same states
     encoded at two noise levels; their squares averaged over modes and positions, summed over levels. Zero
@@ -163,8 +177,9 @@ def gauge_penalty(z: list[torch.Tensor], z_shifted: list[torch.Tensor], dtau: to
     return total
 
 
-def encoder_slopes(z: list[torch.Tensor], z_shifted: list[torch.Tensor], dtau: torch.Tensor,
-                   eps: float = 1e-6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def encoder_slopes(
+    z: list[torch.Tensor], z_shifted: list[torch.Tensor], dtau: torch.Tensor, eps: float = 1e-6
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per level (d/2, h, w) the batch means of the log-energy slope and of the phase slope of each mode at a
     fixed state, encoded at two noise levels dtau apart (what ``gauge_penalty`` drives to zero). Moving a model
     along the gauge orbit by (c, theta) moves them by exactly 2 c and theta."""
@@ -191,8 +206,9 @@ def _pair_terms(z, z_shifted, dtau, eps):
 
 
 @torch.no_grad()
-def canonical_gauge(model: nn.Module, images: torch.Tensor, generator: torch.Generator | None = None,
-                    batch: int = 64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def canonical_gauge(
+    model: nn.Module, images: torch.Tensor, generator: torch.Generator | None = None, batch: int = 64
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The gauge that the condition picks, found after training instead of imposed during it: per level the
     (c, theta) of shape (d/2, h, w) that bring the encoder's mean log-energy and phase slopes at a fixed state to
     zero, measured on ``images`` (clean, in [-1, 1]) noised to states at tau drawn uniformly in [0, 1 - dtau]
@@ -204,26 +220,30 @@ def canonical_gauge(model: nn.Module, images: torch.Tensor, generator: torch.Gen
     sums: list[list[torch.Tensor]] | None = None
     n = 0
     for i in range(0, len(images), batch):
-        x0 = images[i:i + batch].float()
+        x0 = images[i : i + batch].float()
         tau = torch.rand(len(x0), generator=g) * (1 - GAUGE_DTAU)
         sig, sig2 = sigma_of_tau(tau), sigma_of_tau(tau + GAUGE_DTAU)
         x = x0 + sig.view(-1, *([1] * (x0.ndim - 1))) * torch.randn(x0.shape, generator=g)
-        terms = _pair_terms(model.encode(x, sig), model.encode(x, sig2), torch.full_like(tau, GAUGE_DTAU), 1e-6)
+        terms = _pair_terms(
+            model.encode(x, sig), model.encode(x, sig2), torch.full_like(tau, GAUGE_DTAU), 1e-6
+        )
         # the rotation as a circular mean (the angle of the mean unit phasor): a gauge's theta turns every
         # state's angle by theta dtau, so it turns this mean by exactly as much, where a few states whose angle
         # wraps past pi would bend a plain mean
         parts = [[gain.sum(0), torch.cos(angle).sum(0), torch.sin(angle).sum(0)] for gain, angle, _ in terms]
         sums = parts if sums is None else [[x + y for x, y in zip(acc, p)] for acc, p in zip(sums, parts)]
         n += len(x0)
-    return ([-acc[0] / n / 2 for acc in sums],
-            [-torch.atan2(acc[2], acc[1]) / GAUGE_DTAU for acc in sums])
+    return ([-acc[0] / n / 2 for acc in sums], [-torch.atan2(acc[2], acc[1]) / GAUGE_DTAU for acc in sums])
 
 
-def canonical_spectrum(model: nn.Module, images: torch.Tensor, generator: torch.Generator | None = None
-                       ) -> list[torch.Tensor]:
+def canonical_spectrum(
+    model: nn.Module, images: torch.Tensor, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
     """The model's spectrum in the canonical gauge (``canonical_gauge``): per level (d/2, h, w) complex."""
     cs, thetas = canonical_gauge(model, images, generator)
-    return [ev + torch.complex(c.to(ev.real), th.to(ev.real)) for ev, c, th in zip(model.spectrum(), cs, thetas)]
+    return [
+        ev + torch.complex(c.to(ev.real), th.to(ev.real)) for ev, c, th in zip(model.spectrum(), cs, thetas)
+    ]
 
 
 def match_modes(a: torch.Tensor, b: torch.Tensor, method: str = "hungarian") -> torch.Tensor:
@@ -261,11 +281,16 @@ def spectrum_agreement(a: list[torch.Tensor], b: list[torch.Tensor], method: str
         perm = match_modes(ea, eb, method)
         mb = torch.gather(eb, 0, perm)
         xa, xb = ea.real.flatten().double(), mb.real.flatten().double()
-        out.append({"alpha_corr": _corr(xa, xb), "alpha_mean_diff": (xb - xa).mean().item(),
-                    "alpha_mean_abs_diff": (xb - xa).abs().mean().item(),
-                    "abs_beta_corr": _corr(ea.imag.abs().flatten().double(), mb.imag.abs().flatten().double()),
-                    "alpha_corr_unmatched": _corr(xa, eb.real.flatten().double()),
-                    "modes": int(xa.numel())})
+        out.append(
+            {
+                "alpha_corr": _corr(xa, xb),
+                "alpha_mean_diff": (xb - xa).mean().item(),
+                "alpha_mean_abs_diff": (xb - xa).abs().mean().item(),
+                "abs_beta_corr": _corr(ea.imag.abs().flatten().double(), mb.imag.abs().flatten().double()),
+                "alpha_corr_unmatched": _corr(xa, eb.real.flatten().double()),
+                "modes": int(xa.numel()),
+            }
+        )
     return out
 
 

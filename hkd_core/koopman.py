@@ -5,6 +5,7 @@ the block [[alpha, -beta], [beta, alpha]], i.e. the eigenvalue pair alpha +- i b
 exponential is exp(alpha dtau) times a rotation by beta dtau, so evolution is elementwise: no matrix
 exponential routine, no iteration.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,20 +18,24 @@ from .edm import SIGMA_MAX, SIGMA_MIN
 OPERATORS = ("position", "shared", "none")
 
 
-def tau_of_sigma(sigma: torch.Tensor | float, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX
-                 ) -> torch.Tensor:
+def tau_of_sigma(
+    sigma: torch.Tensor | float, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX
+) -> torch.Tensor:
     """Normalised time: 0 at sigma_max (noise end), 1 at sigma_min (data end); sigma = 0 counts as sigma_min."""
     s = torch.as_tensor(sigma, dtype=torch.float64).clamp(min=sigma_min, max=sigma_max)
     return ((math.log(sigma_max) - s.log()) / (math.log(sigma_max) - math.log(sigma_min))).float()
 
 
-def sigma_of_tau(tau: torch.Tensor | float, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX
-                 ) -> torch.Tensor:
+def sigma_of_tau(
+    tau: torch.Tensor | float, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX
+) -> torch.Tensor:
     t = torch.as_tensor(tau, dtype=torch.float64)
     return (math.log(sigma_max) - t * (math.log(sigma_max) - math.log(sigma_min))).exp().float()
 
 
-def evolve(z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, dtau: torch.Tensor | float) -> torch.Tensor:
+def evolve(
+    z: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, dtau: torch.Tensor | float
+) -> torch.Tensor:
     """exp(A dtau) z for z (B, d, h, w), alpha/beta broadcastable to (d/2, h, w), dtau scalar or (B,)."""
     b, d = z.shape[:2]
     pairs = z.reshape(b, d // 2, 2, *z.shape[2:])
@@ -88,7 +93,9 @@ class KoopmanOperator(nn.Module):
     def eigenvalues(self) -> torch.Tensor:
         """alpha + i beta, one per mode pair, expanded to (d/2, h, w) (the conjugate is implied)."""
         shape = (self.dim // 2, self.height, self.width)
-        return torch.complex(self.rates().detach().expand(shape).float(), self.beta.detach().expand(shape).float())
+        return torch.complex(
+            self.rates().detach().expand(shape).float(), self.beta.detach().expand(shape).float()
+        )
 
     def extra_repr(self) -> str:
         bound = f", alpha_bound={self.alpha_bound:g}" if self.alpha_bound else ""

@@ -1,4 +1,5 @@
 """Building blocks shared by the teacher U-Net and the HKD encoder/decoder (DDPM++ style, Song et al. 2021)."""
+
 from __future__ import annotations
 
 import math
@@ -93,10 +94,13 @@ class SelfAttention(nn.Module):
 class Stage(nn.Module):
     """``blocks`` residual blocks (each followed by attention if asked) at one resolution."""
 
-    def __init__(self, cin: int, cout: int, blocks: int, emb_dim: int | None, attention: bool,
-                 dropout: float = 0.0):
+    def __init__(
+        self, cin: int, cout: int, blocks: int, emb_dim: int | None, attention: bool, dropout: float = 0.0
+    ):
         super().__init__()
-        self.res = nn.ModuleList(ResBlock(cin if i == 0 else cout, cout, emb_dim, dropout) for i in range(blocks))
+        self.res = nn.ModuleList(
+            ResBlock(cin if i == 0 else cout, cout, emb_dim, dropout) for i in range(blocks)
+        )
         self.attn = nn.ModuleList(SelfAttention(cout) if attention else nn.Identity() for _ in range(blocks))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:

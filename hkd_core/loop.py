@@ -1,5 +1,6 @@
 """The engine behind both training loops (hkd_core/train.py): the optimiser and its learning-rate schedule, the EMA,
 logging, checkpoints and resume, and the guard against a NaN or inf step; plus the deterministic batches."""
+
 from __future__ import annotations
 
 import copy
@@ -24,15 +25,18 @@ class NonFiniteLossError(FloatingPointError):
     """A training step whose loss or gradient is NaN or inf: the run ends here, naming the step, instead of
     writing NaN weights into its checkpoints (``train.skip_nonfinite=true`` skips such steps instead)."""
 
-MetricsCallback = Callable[[dict, float], None]                    # (metrics, kimg), rank 0 only
-EvalCallback = Callable[[nn.Module, float], dict]                   # (EMA model, kimg) -> metrics, rank 0 only
-CheckpointCallback = Callable[["str | None", dict, float], None]   # (path on rank 0 else None, metrics, kimg)
+
+MetricsCallback = Callable[[dict, float], None]  # (metrics, kimg), rank 0 only
+EvalCallback = Callable[[nn.Module, float], dict]  # (EMA model, kimg) -> metrics, rank 0 only
+CheckpointCallback = Callable[["str | None", dict, float], None]  # (path on rank 0 else None, metrics, kimg)
 
 
 class TensorBatches:
     """Deterministic random batches from an in-memory tensor: batch k of rank r is a function of (seed, r, k)."""
 
-    def __init__(self, data: torch.Tensor, batch_per_rank: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, data: torch.Tensor, batch_per_rank: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
         self.data, self.batch = data, batch_per_rank
         self.seed = seed * world_size + rank
 
@@ -45,7 +49,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _param_groups(model: nn.Module, lr_mults: dict[str, float], named: dict[str, float] | None = None) -> list[dict]:
+def _param_groups(
+    model: nn.Module, lr_mults: dict[str, float], named: dict[str, float] | None = None
+) -> list[dict]:
     """One Adam group per learning-rate multiplier: a parameter whose name ends with a key of ``lr_mults`` gets
     its multiplier, else one named in ``named`` (e.g. the tensors copied from the teacher), else 1."""
     groups: dict[float, list] = {}
@@ -71,7 +77,9 @@ def lr_factor(s, kimg: float, train_s: float = 0.0) -> float:
     return ramp * (s.lr_end_frac + (1 - s.lr_end_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def _update_ema(ema: nn.Module, model: nn.Module, nimg: float, batch: int, halflife_kimg: float, rampup: float):
+def _update_ema(
+    ema: nn.Module, model: nn.Module, nimg: float, batch: int, halflife_kimg: float, rampup: float
+):
     halflife = halflife_kimg * 1000
     if rampup:
         halflife = min(halflife, nimg * rampup)
@@ -98,18 +106,38 @@ class _Loop:
     ``s`` holds the schedule (a TrainConfig or a TeacherConfig: total_kimg, max_train_s, batch_size, lr,
     lr_rampup_kimg, grad_clip, ema_halflife_kimg, ema_rampup, log_every_kimg, checkpoint_every_kimg)."""
 
-    def __init__(self, model: nn.Module, s, lr_mults: dict[str, float], *, rank: int, device, config: dict,
-                 checkpoint_dir, metrics_cb, checkpoint_cb, eval_cb, progress: bool, desc: str,
-                 named_mults: dict[str, float] | None = None, log_cb: EvalCallback | None = None,
-                 log_cb_every_kimg: float = 0.0, extras: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        s,
+        lr_mults: dict[str, float],
+        *,
+        rank: int,
+        device,
+        config: dict,
+        checkpoint_dir,
+        metrics_cb,
+        checkpoint_cb,
+        eval_cb,
+        progress: bool,
+        desc: str,
+        named_mults: dict[str, float] | None = None,
+        log_cb: EvalCallback | None = None,
+        log_cb_every_kimg: float = 0.0,
+        extras: dict | None = None,
+    ):
         self.model, self.raw, self.s = model, unwrap(model), s
         self.ema = copy.deepcopy(self.raw).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(_param_groups(self.raw, lr_mults, named_mults), lr=s.lr)
         # log_cb: (EMA model, kimg) -> metrics, on rank 0 at the first log point past every log_cb_every_kimg
         self.log_cb, self.log_cb_every = log_cb, log_cb_every_kimg
         self.is_main, self.device, self.config, self.desc = rank == 0, device, config, desc
-        self.checkpoint_dir, self.metrics_cb, self.checkpoint_cb, self.eval_cb = (checkpoint_dir, metrics_cb,
-                                                                                  checkpoint_cb, eval_cb)
+        self.checkpoint_dir, self.metrics_cb, self.checkpoint_cb, self.eval_cb = (
+            checkpoint_dir,
+            metrics_cb,
+            checkpoint_cb,
+            eval_cb,
+        )
         self.progress = progress
         # extras: {name: object with state_dict/load_state_dict} that train beside the model (a discriminator),
         # saved in every checkpoint and restored on resume
@@ -122,7 +150,7 @@ class _Loop:
         """resume: True (the newest checkpoint in checkpoint_dir, if any), a path, or False."""
         src = self.checkpoint_dir if resume is True else (resume or None)
         if resume is True and (self.checkpoint_dir is None or not Path(self.checkpoint_dir).is_dir()):
-            src = None   # nothing written yet: a fresh start
+            src = None  # nothing written yet: a fresh start
         state = load_checkpoint(src, map_location=self.device) if src is not None else None
         if state is None:
             return
@@ -131,8 +159,10 @@ class _Loop:
         self.opt.load_state_dict(state["optimizer"])
         missing = sorted(set(self.extras) - set(state.get("extras", {})))
         if missing:
-            raise ValueError(f"{self.desc}: the checkpoint {src} holds no state for {missing} (it was written by a "
-                             f"run without them); resume it with the config it was written with, or start afresh")
+            raise ValueError(
+                f"{self.desc}: the checkpoint {src} holds no state for {missing} (it was written by a "
+                f"run without them); resume it with the config it was written with, or start afresh"
+            )
         for name, obj in self.extras.items():
             obj.load_state_dict(state["extras"][name])
         self.step, self.nimg, self.train_s = state["step"], state["nimg"], state["train_s"]
@@ -140,7 +170,9 @@ class _Loop:
 
     def done(self) -> bool:
         s = self.s
-        return self.nimg / 1000 >= s.total_kimg - 1e-9 or (s.max_train_s is not None and self.train_s >= s.max_train_s)
+        return self.nimg / 1000 >= s.total_kimg - 1e-9 or (
+            s.max_train_s is not None and self.train_s >= s.max_train_s
+        )
 
     def checkpoint(self, kimg: float) -> None:
         if self.is_main and self.eval_cb is not None:
@@ -151,10 +183,26 @@ class _Loop:
                 self.metrics_cb(evals, kimg)
         path = None
         if self.is_main and self.checkpoint_dir is not None:
-            path = str(save_checkpoint(self.checkpoint_dir, {
-                "model": self.raw.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                "step": self.step, "nimg": self.nimg, "train_s": self.train_s, "config": self.config,
-                **({"extras": {k: v.state_dict() for k, v in self.extras.items()}} if self.extras else {})}, kimg))
+            path = str(
+                save_checkpoint(
+                    self.checkpoint_dir,
+                    {
+                        "model": self.raw.state_dict(),
+                        "ema": self.ema.state_dict(),
+                        "optimizer": self.opt.state_dict(),
+                        "step": self.step,
+                        "nimg": self.nimg,
+                        "train_s": self.train_s,
+                        "config": self.config,
+                        **(
+                            {"extras": {k: v.state_dict() for k, v in self.extras.items()}}
+                            if self.extras
+                            else {}
+                        ),
+                    },
+                    kimg,
+                )
+            )
         if self.checkpoint_cb is not None:
             self.checkpoint_cb(path, dict(self.metrics), kimg)
 
@@ -174,7 +222,9 @@ class _Loop:
         self.step += 1
         self.nimg += s.batch_size
         _update_ema(self.ema, self.raw, self.nimg, s.batch_size, s.ema_halflife_kimg, s.ema_rampup)
-        return {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in losses.items()} | {"_lr": s.lr * factor}
+        return {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in losses.items()} | {
+            "_lr": s.lr * factor
+        }
 
     def _finite(self, losses: dict) -> bool:
         """The step's verdict, the same on every rank: the gradient norm (all-reduced by DDP before this, so equal
@@ -191,25 +241,40 @@ class _Loop:
             raise NonFiniteLossError(
                 f"{self.desc}: the loss is {loss} (gradient norm {norm}) at step {self.step} ({kimg:.3f} kimg); the "
                 f"run stops before that step reaches the weights (the last checkpoint is intact). Lower train.lr or "
-                f"train.grad_clip, check the trajectories, or set train.skip_nonfinite=true to skip such steps")
-        self.opt.zero_grad(set_to_none=True)        # nothing of this step reaches the weights or the EMA
+                f"train.grad_clip, check the trajectories, or set train.skip_nonfinite=true to skip such steps"
+            )
+        self.opt.zero_grad(set_to_none=True)  # nothing of this step reaches the weights or the EMA
         self.skipped_nonfinite += 1
-        log.warning("%s: step %d (%.3f kimg) skipped: loss %s, gradient norm %s (%d skipped so far)", self.desc,
-                    self.step, kimg, loss, norm, self.skipped_nonfinite)
-        self.step += 1                              # the batch stream moves on past the batch that did it
+        log.warning(
+            "%s: step %d (%.3f kimg) skipped: loss %s, gradient norm %s (%d skipped so far)",
+            self.desc,
+            self.step,
+            kimg,
+            loss,
+            norm,
+            self.skipped_nonfinite,
+        )
+        self.step += 1  # the batch stream moves on past the batch that did it
         self.nimg += self.s.batch_size
         return {"_lr": self.s.lr * factor, "_skipped": 1.0}
 
     def run(self, step_loss: Callable[[int, float], dict]) -> dict:
         s = self.s
         finite = math.isfinite(s.total_kimg)
-        bar = tqdm(total=s.total_kimg if finite else None, initial=min(self.nimg / 1000, s.total_kimg), unit="kimg",
-                   desc=self.desc, disable=not (self.progress and self.is_main),
-                   bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]")
+        bar = tqdm(
+            total=s.total_kimg if finite else None,
+            initial=min(self.nimg / 1000, s.total_kimg),
+            unit="kimg",
+            desc=self.desc,
+            disable=not (self.progress and self.is_main),
+            bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]",
+        )
         next_log = (int(self.nimg / 1000 / s.log_every_kimg) + 1) * s.log_every_kimg
         next_ckpt = (int(self.nimg / 1000 / s.checkpoint_every_kimg) + 1) * s.checkpoint_every_kimg
         every = self.log_cb_every
-        next_cb = (int(self.nimg / 1000 / every) + 1) * every if self.log_cb is not None and every > 0 else math.inf
+        next_cb = (
+            (int(self.nimg / 1000 / every) + 1) * every if self.log_cb is not None and every > 0 else math.inf
+        )
         acc: dict[str, float] = {}
         n_acc, t_window, img_window = 0, time.perf_counter(), 0
         self.model.train()
@@ -227,13 +292,22 @@ class _Loop:
             bar.update(min(kimg, s.total_kimg) - bar.n)
             if kimg >= next_log - 1e-9 or self.done():
                 now = time.perf_counter()
-                vals = _mean_over_ranks({M.train(k): v / n_acc for k, v in acc.items()}, self.device) if n_acc else {}
-                self.metrics = {**vals, M.TRAIN_LR: cur_lr, M.TRAIN_KIMG: kimg, M.TRAIN_S: self.train_s,
-                                M.SAMPLES_PER_S: img_window / max(now - t_window, 1e-9)}
+                vals = (
+                    _mean_over_ranks({M.train(k): v / n_acc for k, v in acc.items()}, self.device)
+                    if n_acc
+                    else {}
+                )
+                self.metrics = {
+                    **vals,
+                    M.TRAIN_LR: cur_lr,
+                    M.TRAIN_KIMG: kimg,
+                    M.TRAIN_S: self.train_s,
+                    M.SAMPLES_PER_S: img_window / max(now - t_window, 1e-9),
+                }
                 if self.skipped_nonfinite:
                     self.metrics[M.TRAIN_SKIPPED_NONFINITE] = float(self.skipped_nonfinite)
                 if self.is_main and (kimg >= next_cb - 1e-9 or (self.done() and math.isfinite(next_cb))):
-                    self.metrics.update(self.log_cb(self.ema, kimg))     # not counted in train_s
+                    self.metrics.update(self.log_cb(self.ema, kimg))  # not counted in train_s
                     next_cb = (int(kimg / every) + 1) * every
                 if self.is_main:
                     bar.set_postfix(loss=f"{self.metrics.get(M.TRAIN_LOSS, float('nan')):.4f}")
@@ -246,6 +320,13 @@ class _Loop:
                 next_ckpt = (int(kimg / s.checkpoint_every_kimg) + 1) * s.checkpoint_every_kimg
         bar.close()
         self.model.eval()
-        return {"kimg": self.nimg / 1000, "steps": self.step, "train_s": self.train_s, "ema": self.ema,
-                "model": self.raw, "metrics": self.metrics, "kimg_per_step": s.batch_size / 1000,
-                "skipped_nonfinite": self.skipped_nonfinite}
+        return {
+            "kimg": self.nimg / 1000,
+            "steps": self.step,
+            "train_s": self.train_s,
+            "ema": self.ema,
+            "model": self.raw,
+            "metrics": self.metrics,
+            "kimg_per_step": s.batch_size / 1000,
+            "skipped_nonfinite": self.skipped_nonfinite,
+        }

@@ -7,6 +7,7 @@ evolved to a later state's tau against that state's own encoding (``latent_consi
 d = lambda1 * MSE + lambda2 * perceptual, with lambda1 annealed by kimg. The perceptual term defaults to a
 pseudo-Huber distance (iCT, Song & Dhariwal 2023); LPIPS plugs in where its weights exist locally.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ from torch import nn
 
 from .koopman import tau_of_sigma
 
-Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (x, y) -> per-sample distance (B,)
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, y) -> per-sample distance (B,)
 
 
 def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,7 @@ class LPIPS(nn.Module):
     (``lin{0..4}.model.1.weight`` as in the reference release). Images in [-1, 1], 1 or 3 channels.
     """
 
-    _taps = (3, 8, 15, 22, 29)                                 # relu1_2 .. relu5_3 in vgg16.features
+    _taps = (3, 8, 15, 22, 29)  # relu1_2 .. relu5_3 in vgg16.features
     _shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
     _scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
 
@@ -54,8 +55,10 @@ class LPIPS(nn.Module):
 
         for p in (vgg_path, lin_path):
             if not Path(p).is_file():
-                raise FileNotFoundError(f"LPIPS weights {p} not found; LPIPS needs local weight files "
-                                        f"(loss.perceptual=pseudo_huber works without any)")
+                raise FileNotFoundError(
+                    f"LPIPS weights {p} not found; LPIPS needs local weight files "
+                    f"(loss.perceptual=pseudo_huber works without any)"
+                )
         vgg = torchvision.models.vgg16()
         vgg.load_state_dict(torch.load(vgg_path, map_location="cpu", weights_only=True))
         self.features = vgg.features[: self._taps[-1] + 1].eval().requires_grad_(False)
@@ -96,8 +99,10 @@ class TeacherFeatureDistance(nn.Module):
 
         net = getattr(denoiser, "net", None)
         if net is None or not hasattr(net, "down"):
-            raise TypeError("train.perceptual=teacher needs the teacher as an EDMPrecond(UNet); got "
-                            f"{type(denoiser).__name__}")
+            raise TypeError(
+                "train.perceptual=teacher needs the teacher as an EDMPrecond(UNet); got "
+                f"{type(denoiser).__name__}"
+            )
         self.net = copy.deepcopy(net).eval().requires_grad_(False)
         self.sigma, self.sigma_data = float(sigma), float(denoiser.sigma_data)
 
@@ -106,7 +111,7 @@ class TeacherFeatureDistance(nn.Module):
 
         s = torch.full((x.shape[0],), self.sigma, device=x.device)
         emb = self.net.embed(s.log() / 4)
-        h = self.net.conv_in(x / math.sqrt(self.sigma ** 2 + self.sigma_data ** 2))
+        h = self.net.conv_in(x / math.sqrt(self.sigma**2 + self.sigma_data**2))
         out = []
         for i, stage in enumerate(self.net.down):
             h = stage(downsample(h) if i else h, emb)
@@ -116,7 +121,7 @@ class TeacherFeatureDistance(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fx = self.features(x)
         with torch.set_grad_enabled(y.requires_grad and torch.is_grad_enabled()):
-            fy = self.features(y)                  # the target needs no graph (it is data)
+            fy = self.features(y)  # the target needs no graph (it is data)
         return sum((a - b).square().sum(1).mean((1, 2)) for a, b in zip(fx, fy)) / len(fx)
 
 
@@ -165,15 +170,27 @@ class HKDLoss:
     x_T (B, *shape), not detached.
     """
 
-    def __init__(self, states_per_traj: int = 4, lambda1: LambdaSchedule | None = None, lambda2: float = 1.0,
-                 perceptual: Distance = pseudo_huber, xT_weight: float | None = None, tcons_sigma_min: float = 0.0,
-                 latent_weight: float = 0.0, gauge_weight: float = 0.0):
+    def __init__(
+        self,
+        states_per_traj: int = 4,
+        lambda1: LambdaSchedule | None = None,
+        lambda2: float = 1.0,
+        perceptual: Distance = pseudo_huber,
+        xT_weight: float | None = None,
+        tcons_sigma_min: float = 0.0,
+        latent_weight: float = 0.0,
+        gauge_weight: float = 0.0,
+    ):
         if states_per_traj < 1:
             raise ValueError(f"loss.states_per_traj must be >= 1, got {states_per_traj}")
         if xT_weight is not None and not 0 < xT_weight <= 1:
-            raise ValueError(f"train.xT_weight must be in (0, 1] (or null: the paper's plain sum), got {xT_weight}")
+            raise ValueError(
+                f"train.xT_weight must be in (0, 1] (or null: the paper's plain sum), got {xT_weight}"
+            )
         if not latent_weight >= 0:
-            raise ValueError(f"train.latent_weight must be >= 0 (0: no latent-consistency term), got {latent_weight}")
+            raise ValueError(
+                f"train.latent_weight must be >= 0 (0: no latent-consistency term), got {latent_weight}"
+            )
         self.s = states_per_traj
         self.lambda1 = lambda1 or LambdaSchedule()
         self.lambda2, self.perceptual = lambda2, perceptual
@@ -197,9 +214,11 @@ class HKDLoss:
         inner = torch.arange(1, len(sigmas) - 1)
         keep = inner[sigmas[1:-1].cpu() >= self.tcons_sigma_min]
         if self.columns() - 1 > len(keep):
-            raise ValueError(f"train.states_per_traj={self.s} needs {self.columns() - 1} intermediate states; the "
-                             f"trajectories have {len(keep)} with sigma >= train.tcons_sigma_min="
-                             f"{self.tcons_sigma_min} (of {len(inner)})")
+            raise ValueError(
+                f"train.states_per_traj={self.s} needs {self.columns() - 1} intermediate states; the "
+                f"trajectories have {len(keep)} with sigma >= train.tcons_sigma_min="
+                f"{self.tcons_sigma_min} (of {len(inner)})"
+            )
         return keep
 
     def pick(self, b: int, sigmas: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -208,7 +227,9 @@ class HKDLoss:
         keep = self.candidates(sigmas)
         cols = [torch.zeros(b, 1, dtype=torch.long)]
         if self.columns() > 1:
-            cols.append(keep[torch.rand(b, len(keep), generator=generator).argsort(1)[:, : self.columns() - 1]])
+            cols.append(
+                keep[torch.rand(b, len(keep), generator=generator).argsort(1)[:, : self.columns() - 1]]
+            )
         return torch.cat(cols, 1)
 
     def weights(self) -> torch.Tensor:
@@ -218,19 +239,25 @@ class HKDLoss:
         rest = (1 - self.xT_weight) / (self.s - 1)
         return self.s * torch.tensor([self.xT_weight] + [rest] * (self.s - 1))
 
-    def __call__(self, model: nn.Module, states: torch.Tensor, sigmas: torch.Tensor, kimg: float = 0.0,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        model: nn.Module,
+        states: torch.Tensor,
+        sigmas: torch.Tensor,
+        kimg: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         b, n = states.shape[:2]
         if n != len(sigmas):
             raise ValueError(f"the trajectories hold {n} states but their sigma grid has {len(sigmas)}")
-        idx = self.pick(b, sigmas, generator).to(states.device)              # (B, columns())
+        idx = self.pick(b, sigmas, generator).to(states.device)  # (B, columns())
         gauge = self.gauge_weight > 0
-        if gauge:   # the gauge condition's column: the last state again, at a shifted noise level
+        if gauge:  # the gauge condition's column: the last state again, at a shifted noise level
             idx = torch.cat([idx, idx[:, -1:]], 1)
         c = idx.shape[1]
-        last = c - 1 - gauge                                                 # the latest state of each row
-        x = states[torch.arange(b, device=states.device)[:, None], idx]      # (B, c, *shape)
-        sig = sigmas.to(states.device, torch.float32)[idx]                   # (B, c)
+        last = c - 1 - gauge  # the latest state of each row
+        x = states[torch.arange(b, device=states.device)[:, None], idx]  # (B, c, *shape)
+        sig = sigmas.to(states.device, torch.float32)[idx]  # (B, c)
         if gauge:
             from .gauge import shifted_sigma
 
@@ -241,13 +268,17 @@ class HKDLoss:
             # every state's latent evolved to the tau of its row's latest state (column `last`: the smallest
             # sigma of the row when s = 1; any drawn state otherwise), then x_T's against that state's own; the
             # gauge column stays at its own tau (its raw encoding, beside the latest state's raw encoding)
-            t_last = tau_of_sigma(sig[:, last:last + 1]).expand(b, c).to(states.device)
+            t_last = tau_of_sigma(sig[:, last : last + 1]).expand(b, c).to(states.device)
             if gauge:
                 t_last = torch.cat([t_last[:, :-1], tau_of_sigma(sig[:, -1:]).to(states.device)], 1)
             # only the first s columns are decoded (the extra states are only encoded)
             rows = torch.arange(b * c, device=states.device).view(b, c)[:, : self.s].flatten()
-            pred, lat = model(x.flatten(0, 1).float(), sig.flatten(), latent_tau=t_last.flatten(),
-                              decode=rows if self.s < c else None)
+            pred, lat = model(
+                x.flatten(0, 1).float(),
+                sig.flatten(),
+                latent_tau=t_last.flatten(),
+                decode=rows if self.s < c else None,
+            )
             lat = [z.view(b, c, *z.shape[1:]) for z in lat]
             if self.latent_weight > 0:
                 lc = latent_consistency([z[:, 0] for z in lat], [z[:, last] for z in lat])
@@ -257,10 +288,13 @@ class HKDLoss:
                 gp = gauge_penalty([z[:, last] for z in lat], [z[:, -1] for z in lat], dtau.to(states.device))
         else:
             pred = model(x.flatten(0, 1).float(), sig.flatten())
-        d = self.distance(pred.view(b, -1, *pred.shape[1:])[:, : self.s].flatten(0, 1),
-                          target.repeat_interleave(self.s, 0), kimg).view(b, self.s)
+        d = self.distance(
+            pred.view(b, -1, *pred.shape[1:])[:, : self.s].flatten(0, 1),
+            target.repeat_interleave(self.s, 0),
+            kimg,
+        ).view(b, self.s)
         out = {"loss": (d * self.weights().to(d)).sum(1).mean(), "loss_recon": d[:, 0].mean().detach()}
-        if self.keep_x0:    # the student's x_0 for x_T, with its graph: what an adversarial term scores
+        if self.keep_x0:  # the student's x_0 for x_T, with its graph: what an adversarial term scores
             out["x0"] = pred.view(b, -1, *pred.shape[1:])[:, 0]
         out["loss_tcons"] = d[:, 1:].mean().detach() if self.s > 1 else torch.zeros(())
         if self.latent_weight > 0:

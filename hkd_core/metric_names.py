@@ -3,6 +3,7 @@
 Code that logs or reads a metric takes its name from here, so a rename is one edit and a typo is an
 AttributeError instead of an empty chart in the MLflow UI. Steps count images seen (1 kimg = 1000 steps).
 """
+
 from __future__ import annotations
 
 
@@ -14,14 +15,14 @@ def train(term: str) -> str:
 
 TRAIN_LOSS = "train/loss"
 TRAIN_LR = "train/lr"
-TRAIN_HOLDOUT_MSE = "train/holdout_mse"              # the EMA model vs the teacher on held-out trajectories
-TRAIN_FIT_MSE = "train/train_mse"                    # ... and on as many training trajectories (overfitting check)
+TRAIN_HOLDOUT_MSE = "train/holdout_mse"  # the EMA model vs the teacher on held-out trajectories
+TRAIN_FIT_MSE = "train/train_mse"  # ... and on as many training trajectories (overfitting check)
 TRAIN_KIMG = "train/kimg"
 TRAIN_S = "train/train_s"
-TRAIN_SKIPPED_NONFINITE = "train/skipped_nonfinite"   # steps skipped for a NaN/inf loss (train.skip_nonfinite)
-TRAIN_ATTEMPT = "train/attempt"                      # starts of the worker group, restarts included
+TRAIN_SKIPPED_NONFINITE = "train/skipped_nonfinite"  # steps skipped for a NaN/inf loss (train.skip_nonfinite)
+TRAIN_ATTEMPT = "train/attempt"  # starts of the worker group, restarts included
 TRAIN_RESUMED_FROM_KIMG = "train/resumed_from_kimg"
-TRAIN_NODES = "train/nodes"                          # Ray nodes the worker group runs on, at each start
+TRAIN_NODES = "train/nodes"  # Ray nodes the worker group runs on, at each start
 SAMPLES_PER_S = "perf/samples_per_s"
 
 # checkpoints and data (the Ray Train loops)
@@ -42,8 +43,8 @@ EVAL_N = "eval/n"
 FID_NFE1 = "eval/fid_nfe1"
 MSE_VS_TEACHER = "eval/mse_vs_teacher"
 EVAL_S = "perf/eval_s"
-NOISE_FLOOR_FID = "eval/noise_floor_fid"            # real training images against the reference, same N
-CURVE = "curve"                                      # eval.curve_n: scored at every distill checkpoint
+NOISE_FLOOR_FID = "eval/noise_floor_fid"  # real training images against the reference, same N
+CURVE = "curve"  # eval.curve_n: scored at every distill checkpoint
 CURVE_FID = "curve/fid"
 CURVE_KID = "curve/kid"
 CURVE_KID_STD = "curve/kid_std"
@@ -63,8 +64,8 @@ def teacher_kid_std(nfe: int) -> str:
 
 
 NOISE_FLOOR_KID = "eval/noise_floor_kid"
-KID_RATIO = "eval/kid_ratio"                         # KID(model, NFE 1) / KID(teacher, its full NFE): the headline
-FID_RATIO = "eval/fid_ratio"                         # the same for FID (squeezed towards 1 by the floor at small N)
+KID_RATIO = "eval/kid_ratio"  # KID(model, NFE 1) / KID(teacher, its full NFE): the headline
+FID_RATIO = "eval/fid_ratio"  # the same for FID (squeezed towards 1 by the floor at small N)
 
 
 def teacher_nfe_of(name: str) -> int | None:
@@ -74,8 +75,18 @@ def teacher_nfe_of(name: str) -> int | None:
 
 # spectra (hkd_core.spectra.summarize): spectra/l<level>/<stat>
 SPECTRA = "spectra"
-SPECTRA_CANONICAL = "spectra_canonical"    # the same summaries in the canonical gauge (hkd_core.gauge), to compare runs
-SPECTRUM_STATS = ("alpha_mean", "alpha_min", "alpha_max", "alpha_std", "abs_beta_mean", "frac_growing", "num_modes")
+SPECTRA_CANONICAL = (
+    "spectra_canonical"  # the same summaries in the canonical gauge (hkd_core.gauge), to compare runs
+)
+SPECTRUM_STATS = (
+    "alpha_mean",
+    "alpha_min",
+    "alpha_max",
+    "alpha_std",
+    "abs_beta_mean",
+    "frac_growing",
+    "num_modes",
+)
 
 
 def spectrum(level: int, stat: str, prefix: str = SPECTRA) -> str:

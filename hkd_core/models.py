@@ -8,107 +8,30 @@ switches on the same code:
 - ``kd``: a U-Net regressing x_0 from x_T directly; ``kdm``: one global linear operator on a flat latent.
 (No trajectory consistency, s = 1, is a loss switch: see ``losses.HKDLoss``.)
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, EDMPrecond, UNet, UNetConfig, as_sigma
-from .koopman import OPERATORS, KoopmanOperator, tau_of_sigma
-from .layers import GrownBlock, NoiseEmbedding, ResBlock, SelfAttention, Stage, downsample, group_norm, upsample
-
-DECODERS = ("light", "unet")
-OBSERVABLES = ("sigma", "state")
-
-
-@dataclass
-class HKDConfig:
-    img_channels: int = 1
-    resolution: int = 32
-    levels: int = 3                                  # L: number of spatial scales (resolution / 2^(l-1))
-    subspace_dims: list[int] = field(default_factory=lambda: [16, 16, 16])  # d_l per level, each even
-    channels: int = 32                               # trunk width at full resolution
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # width per level; last repeats if L > len
-    blocks: int = 1                                  # residual blocks per level, encoder and decoder
-    attn_levels: list[int] = field(default_factory=list)  # 1-based levels with self-attention
-    operator: str | list[str] = "position"           # 'position' | 'shared' | 'none' (A = 0), or one per level
-    latent_levels: list[int] = field(default_factory=list)  # 1-based levels carrying a latent; [] = all
-    dropout: float = 0.0
-    kdm_dim: int = 64                                # KDM only: size of the flat global latent
-    alpha_bound: float = 0.0                         # > 0: decay rates alpha = B tanh(rho / B); 0: unbounded
-    decoder: str = "light"                           # 'light': stages fed by the latents, no conditioning;
-                                                     # 'unet': the teacher's up path (see Decoder)
-    sigma_data: float = SIGMA_DATA                   # the data's std: the encoder's input scaling c_in (EDM)
-    grow_blocks: int = 0                             # extra residual blocks after each decoder stage, each the
-                                                     # identity at initialisation (layers.GrownBlock): capacity
-                                                     # added to a student that still starts as its teacher
-    observables: str = "sigma"                       # 'sigma': the Koopman latents E(x, sigma) see the noise level;
-                                                     # 'state': E(x) sees the state alone (scaled by its own RMS,
-                                                     # a fixed noise embedding), which fixes the spectrum's gauge
-                                                     # (hkd_core/gauge.py, issue 24)
-
-    def widths(self) -> list[int]:
-        m = self.channel_mult
-        return [self.channels * m[min(l, len(m) - 1)] for l in range(self.levels)]
-
-    def sizes(self) -> list[int]:
-        return [self.resolution // 2 ** l for l in range(self.levels)]
-
-    def validate(self) -> HKDConfig:
-        """Raise ValueError naming the field at fault."""
-        if self.levels < 1:
-            raise ValueError(f"model.levels must be >= 1, got {self.levels}")
-        if not self.sigma_data > 0:
-            raise ValueError(f"model.sigma_data must be > 0 (the data's std), got {self.sigma_data}")
-        if not self.alpha_bound >= 0:
-            raise ValueError(f"model.alpha_bound is {self.alpha_bound}; it must be > 0 (the largest |alpha|) or 0 "
-                             f"(unbounded)")
-        if len(self.subspace_dims) != self.levels:
-            raise ValueError(f"model.subspace_dims has {len(self.subspace_dims)} entries {list(self.subspace_dims)}"
-                             f" but model.levels is {self.levels}; give one d_l per level")
-        for l, d in enumerate(self.subspace_dims, 1):
-            if d < 2 or d % 2:
-                raise ValueError(f"model.subspace_dims[{l - 1}] (level {l}) is {d}; each d_l must be even "
-                                 f"and >= 2 (it holds d_l/2 complex-conjugate eigenvalue pairs)")
-        if self.resolution % 2 ** (self.levels - 1):
-            max_l = next(l for l in range(self.levels, 0, -1) if self.resolution % 2 ** (l - 1) == 0)
-            raise ValueError(f"model.levels={self.levels} needs resolution divisible by 2^{self.levels - 1}; "
-                             f"resolution {self.resolution} allows at most {max_l} levels")
-        ops = self.operator if isinstance(self.operator, list) else [self.operator]
-        if isinstance(self.operator, list) and len(self.operator) != self.levels:
-            raise ValueError(f"model.operator has {len(self.operator)} entries {self.operator} but model.levels is "
-                             f"{self.levels}; give one operator per level, or a single one for all")
-        bad_ops = [o for o in ops if o not in OPERATORS]
-        if bad_ops:
-            raise ValueError(f"model.operator is {self.operator!r}; allowed: {list(OPERATORS)} (or one per level)")
-        if self.grow_blocks < 0:
-            raise ValueError(f"model.grow_blocks must be >= 0 (extra decoder blocks per level), got {self.grow_blocks}")
-        if self.observables not in OBSERVABLES:
-            raise ValueError(f"model.observables is {self.observables!r}; allowed: {list(OBSERVABLES)}")
-        if self.decoder not in DECODERS:
-            raise ValueError(f"model.decoder is {self.decoder!r}; allowed: {list(DECODERS)}")
-        for key in ("attn_levels", "latent_levels"):
-            bad = [a for a in getattr(self, key) if not 1 <= a <= self.levels]
-            if bad:
-                raise ValueError(f"model.{key} {bad} are outside 1..{self.levels}")
-        return self
-
-    def operators(self) -> list[str]:
-        """The operator mode of each level."""
-        return list(self.operator) if isinstance(self.operator, list) else [self.operator] * self.levels
-
-    def latent_dims(self) -> list[int]:
-        """d_l per level, 0 where the level carries no latent."""
-        keep = set(self.latent_levels or range(1, self.levels + 1))
-        return [d if l in keep else 0 for l, d in enumerate(self.subspace_dims, 1)]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .architecture import HKDConfig, preset
+from .edm import SIGMA_MAX, SIGMA_MIN, EDMPrecond, UNet, UNetConfig, as_sigma
+from .koopman import KoopmanOperator, tau_of_sigma
+from .layers import (
+    GrownBlock,
+    NoiseEmbedding,
+    ResBlock,
+    SelfAttention,
+    Stage,
+    downsample,
+    group_norm,
+    upsample,
+)
 
 
 class Encoder(nn.Module):
@@ -135,7 +58,7 @@ class Encoder(nn.Module):
         else:
             s = as_sigma(sigma, x)
             emb = self.embed(s.flatten().log() / 4)
-            h = self.conv_in(x / (s ** 2 + self.sigma_data ** 2).sqrt())   # EDM's c_in: unit-variance input
+            h = self.conv_in(x / (s**2 + self.sigma_data**2).sqrt())  # EDM's c_in: unit-variance input
         feats = []
         for i, stage in enumerate(self.stages):
             h = stage(downsample(h) if i else h, emb)
@@ -172,18 +95,25 @@ class Decoder(nn.Module):
             self.mid1 = ResBlock(w, w, emb, cfg.dropout)
             coarse_channels = w
             sd = cfg.sigma_data
-            self.out_scale = SIGMA_MAX * sd / math.sqrt(SIGMA_MAX ** 2 + sd ** 2)   # EDM's c_out(sigma_max)
+            self.out_scale = SIGMA_MAX * sd / math.sqrt(SIGMA_MAX**2 + sd**2)  # EDM's c_out(sigma_max)
         else:
             self.out_scale = 1.0
         self.stages = nn.ModuleList()
         for l in range(cfg.levels):
             below = widths[l + 1] if l + 1 < cfg.levels else coarse_channels
             cin = below + (widths[l] if in_dims[l] else 0)
-            self.stages.append(Stage(cin, widths[l], cfg.blocks, emb, (l + 1) in cfg.attn_levels, cfg.dropout))
+            self.stages.append(
+                Stage(cin, widths[l], cfg.blocks, emb, (l + 1) in cfg.attn_levels, cfg.dropout)
+            )
         # model.grow_blocks: identity-initialised blocks after each stage (none: no 'grown' tensors at all, so
         # that the records of models without them load as before)
-        self.grown = nn.ModuleList(nn.ModuleList(GrownBlock(w, emb, cfg.dropout) for _ in range(cfg.grow_blocks))
-                                   for w in widths) if cfg.grow_blocks else None
+        self.grown = (
+            nn.ModuleList(
+                nn.ModuleList(GrownBlock(w, emb, cfg.dropout) for _ in range(cfg.grow_blocks)) for w in widths
+            )
+            if cfg.grow_blocks
+            else None
+        )
         self.norm_out = group_norm(widths[0])
         self.conv_out = nn.Conv2d(widths[0], cfg.img_channels, 3, padding=1)
 
@@ -212,8 +142,9 @@ class OneStepModel(nn.Module):
         c, r = self.cfg.img_channels, self.cfg.resolution
         return torch.randn(n, c, r, r, generator=generator, device=device) * self.sigma_max
 
-    def sample(self, n: int | None = None, generator: torch.Generator | None = None,
-               x_T: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int | None = None, generator: torch.Generator | None = None, x_T: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x_hat = model(x_T, sigma_max): NFE = 1. Pass x_T (already scaled by sigma_max) or n."""
         if x_T is None:
             x_T = self.noise(n, generator, next(self.parameters()).device)
@@ -231,12 +162,13 @@ class HKD(OneStepModel):
         super().__init__()
         self.cfg = cfg.validate()
         self.encoder = Encoder(cfg)
-        self.levels = [l for l, d in enumerate(cfg.latent_dims()) if d]   # 0-based levels with a latent
+        self.levels = [l for l, d in enumerate(cfg.latent_dims()) if d]  # 0-based levels with a latent
         dims, widths, sizes = cfg.latent_dims(), cfg.widths(), cfg.sizes()
         self.proj = nn.ModuleList(nn.Conv2d(widths[l], dims[l], 1) for l in self.levels)
         ops = cfg.operators()
-        self.koopman = nn.ModuleList(KoopmanOperator(dims[l], sizes[l], sizes[l], ops[l], cfg.alpha_bound)
-                                     for l in self.levels)
+        self.koopman = nn.ModuleList(
+            KoopmanOperator(dims[l], sizes[l], sizes[l], ops[l], cfg.alpha_bound) for l in self.levels
+        )
         self.decoder = Decoder(cfg, dims)
 
     def encode(self, x: torch.Tensor, sigma: torch.Tensor | float) -> list[torch.Tensor]:
@@ -253,8 +185,13 @@ class HKD(OneStepModel):
             full[l] = z
         return self.decoder(full)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, latent_tau: torch.Tensor | None = None,
-                decode: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        latent_tau: torch.Tensor | None = None,
+        decode: torch.Tensor | None = None,
+    ):
         """x_hat = D(evolve(E(x, sigma), tau(sigma) -> 1)). With ``latent_tau`` (B,) also the latents evolved from
         tau(sigma) to latent_tau, (x_hat, latents): what the latent-consistency term compares (losses.py); one
         call, so that a DDP-wrapped model sees one forward per step. ``decode`` (indices into the batch) decodes
@@ -283,8 +220,11 @@ class HKD(OneStepModel):
             zt = self.evolve(z0, t)
             latents.append(zt)
             previews.append(self.decode(zt))
-        return {"taus": torch.as_tensor(taus, dtype=torch.float32), "latents": latents,
-                "previews": torch.stack(previews)}
+        return {
+            "taus": torch.as_tensor(taus, dtype=torch.float32),
+            "latents": latents,
+            "previews": torch.stack(previews),
+        }
 
     def spectrum(self) -> list[torch.Tensor]:
         return [k.eigenvalues() for k in self.koopman]
@@ -296,11 +236,20 @@ class KD(OneStepModel):
     def __init__(self, cfg: HKDConfig):
         super().__init__()
         self.cfg = cfg.validate()
-        self.net = EDMPrecond(UNet(UNetConfig(
-            img_channels=cfg.img_channels, resolution=cfg.resolution, channels=cfg.channels,
-            channel_mult=tuple(cfg.widths()[l] // cfg.channels for l in range(cfg.levels)), blocks=cfg.blocks,
-            attn_resolutions=tuple(cfg.sizes()[l - 1] for l in cfg.attn_levels), dropout=cfg.dropout)),
-            sigma_data=cfg.sigma_data)
+        self.net = EDMPrecond(
+            UNet(
+                UNetConfig(
+                    img_channels=cfg.img_channels,
+                    resolution=cfg.resolution,
+                    channels=cfg.channels,
+                    channel_mult=tuple(cfg.widths()[l] // cfg.channels for l in range(cfg.levels)),
+                    blocks=cfg.blocks,
+                    attn_resolutions=tuple(cfg.sizes()[l - 1] for l in cfg.attn_levels),
+                    dropout=cfg.dropout,
+                )
+            ),
+            sigma_data=cfg.sigma_data,
+        )
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         return self.net(x, sigma)
@@ -331,25 +280,6 @@ class KDM(OneStepModel):
         return [torch.linalg.eigvals(self.generator.detach().double()).to(torch.complex64)]
 
 
-PRESETS: dict[str, HKDConfig] = {
-    # Unit tests: a few thousand parameters per level, 32x32 gray.
-    "tiny": HKDConfig(levels=2, subspace_dims=[4, 4], channels=8, channel_mult=[1, 2], blocks=1, kdm_dim=16),
-    # CPU experiments on (Fashion-)MNIST padded to 32x32; one grown decoder block per level (the teacher's function
-    # at init, 1.23x the step; KID x1e3 39.8 against 45.1 at 35 kimg: docs/results/issue23).
-    "small": HKDConfig(levels=3, subspace_dims=[32, 64, 64], channels=32, channel_mult=[1, 2, 2], blocks=1,
-                       kdm_dim=64, decoder="unet", grow_blocks=1),
-    # CIFAR-10 scale (GPU): three levels 32/16/8, attention at 8x8.
-    "cifar": HKDConfig(img_channels=3, levels=3, subspace_dims=[16, 32, 64], channels=128, channel_mult=[1, 2, 2],
-                       blocks=2, attn_levels=[3], kdm_dim=256, decoder="unet"),
-}
-
-
-def preset(name: str, **overrides) -> HKDConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides).validate()
-
-
 def _one_level(cfg: HKDConfig) -> HKD:
     """Non-hierarchical: the same trunk, but a single latent at the coarsest level, holding as many modes per
     position as all levels together had; the decoder gets no finer latents."""
@@ -360,7 +290,7 @@ def _one_level(cfg: HKDConfig) -> HKD:
 # model.variant -> how its model is built from the preset's HKDConfig
 VARIANTS: dict[str, Callable[[HKDConfig], OneStepModel]] = {
     "hkd": HKD,
-    "no_koopman": lambda cfg: HKD(replace(cfg, operator="none")),    # A = 0: no Koopman evolution
+    "no_koopman": lambda cfg: HKD(replace(cfg, operator="none")),  # A = 0: no Koopman evolution
     "one_level": _one_level,
     "kd": KD,
     "kdm": KDM,
@@ -382,8 +312,12 @@ def build_model(variant: str = "hkd", cfg: HKDConfig | str = "small", **override
 
 def model_record(model: OneStepModel, state_dict: dict | None = None) -> dict:
     """Everything needed to rebuild a trained model: class, final config, variant, weights."""
-    return {"class": type(model).__name__, "variant": getattr(model, "variant", None), "config": model.cfg.to_dict(),
-            "state_dict": state_dict if state_dict is not None else model.state_dict()}
+    return {
+        "class": type(model).__name__,
+        "variant": getattr(model, "variant", None),
+        "config": model.cfg.to_dict(),
+        "state_dict": state_dict if state_dict is not None else model.state_dict(),
+    }
 
 
 def model_from_record(record: dict) -> OneStepModel:

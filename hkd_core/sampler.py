@@ -4,6 +4,7 @@ Every sampler has the same signature, ``sample_x(denoise, x, sigmas, callback=No
 and returns a ``Trajectory``: every state (x_T first, x_0 last), its sigma grid and the NFE spent.
 ``denoise`` is any ``(x, sigma) -> x0_hat`` callable, e.g. ``teacher.denoise``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -18,8 +19,8 @@ Denoise = Callable[[torch.Tensor, float], torch.Tensor]
 
 @dataclass
 class Trajectory:
-    states: torch.Tensor   # (S + 1, B, *shape), or (1, B, *shape) holding only x_0 when keep_states=False
-    sigmas: torch.Tensor   # (S + 1,), decreasing, last entry 0
+    states: torch.Tensor  # (S + 1, B, *shape), or (1, B, *shape) holding only x_0 when keep_states=False
+    sigmas: torch.Tensor  # (S + 1,), decreasing, last entry 0
     nfe: int
 
     @property
@@ -27,8 +28,9 @@ class Trajectory:
         return self.states[-1]
 
 
-def karras_sigmas(n_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 7.0
-                  ) -> torch.Tensor:
+def karras_sigmas(
+    n_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 7.0
+) -> torch.Tensor:
     """n_steps noise levels from sigma_max down to sigma_min (EDM eq. 5), then a final 0; float64."""
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
@@ -41,8 +43,9 @@ def karras_sigmas(n_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float =
     return torch.cat([s, s.new_zeros(1)])
 
 
-def _run(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, heun: bool, callback, keep_states: bool
-         ) -> Trajectory:
+def _run(
+    denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, heun: bool, callback, keep_states: bool
+) -> Trajectory:
     sig = [float(s) for s in sigmas]
     states = [x] if keep_states else []
     nfe = 0
@@ -65,15 +68,17 @@ def _run(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, heun: bool, ca
 
 
 @torch.no_grad()
-def sample_heun(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback=None, keep_states: bool = True
-                ) -> Trajectory:
+def sample_heun(
+    denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback=None, keep_states: bool = True
+) -> Trajectory:
     """Heun's 2nd-order method (2N - 1 NFE for N steps: the last step is Euler to sigma = 0)."""
     return _run(denoise, x, sigmas, True, callback, keep_states)
 
 
 @torch.no_grad()
-def sample_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback=None, keep_states: bool = True
-                 ) -> Trajectory:
+def sample_euler(
+    denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback=None, keep_states: bool = True
+) -> Trajectory:
     """Euler's method (N NFE for N steps)."""
     return _run(denoise, x, sigmas, False, callback, keep_states)
 

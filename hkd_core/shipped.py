@@ -7,6 +7,7 @@ is a record's adopts those weights instead of training (``find_shipped``); the w
 the record's sha256 and loaded strictly into the configured network first, so a wrong or corrupt file is
 refused with its path, never used.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,21 +58,29 @@ class ShippedTeacher:
 
         path = self.weights_path
         if not path.is_file():
-            raise ShippedTeacherError(f"shipped teacher {path} is missing; restore it from git "
-                                      f"(git checkout -- {path.name}) or delete {self.folder}")
+            raise ShippedTeacherError(
+                f"shipped teacher {path} is missing; restore it from git "
+                f"(git checkout -- {path.name}) or delete {self.folder}"
+            )
         got, want = file_sha256(path), self.record.get("weights_sha256")
         if got != want:
-            raise ShippedTeacherError(f"shipped teacher {path} has sha256 {got[:16]}..., its record says "
-                                      f"{str(want)[:16]}...: altered or truncated; restore it from git")
+            raise ShippedTeacherError(
+                f"shipped teacher {path} has sha256 {got[:16]}..., its record says "
+                f"{str(want)[:16]}...: altered or truncated; restore it from git"
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a file torch cannot read
-            raise ShippedTeacherError(f"shipped teacher {path} is unreadable ({type(e).__name__}: {e})") from None
+            raise ShippedTeacherError(
+                f"shipped teacher {path} is unreadable ({type(e).__name__}: {e})"
+            ) from None
         net = teacher_denoiser(self.teacher, img_channels, self.data.resolution)
         try:
             load_model_state(net, state, str(path))
         except CheckpointError as e:
-            raise ShippedTeacherError(f"{e}; the record {self.folder / RECORD} does not describe these weights") from e
+            raise ShippedTeacherError(
+                f"{e}; the record {self.folder / RECORD} does not describe these weights"
+            ) from e
         return state
 
 
@@ -82,11 +91,17 @@ def read_shipped(folder: Path) -> ShippedTeacher:
     try:
         rec = json.loads(path.read_text())
         cfg = rec["config"]
-        return ShippedTeacher(folder, rec, from_dict(DataConfig, cfg["data"], "data."),
-                              from_dict(TeacherConfig, cfg["teacher"], "teacher."))
+        return ShippedTeacher(
+            folder,
+            rec,
+            from_dict(DataConfig, cfg["data"], "data."),
+            from_dict(TeacherConfig, cfg["teacher"], "teacher."),
+        )
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
-        raise ShippedTeacherError(f"shipped teacher record {path} is unreadable ({type(e).__name__}: {e}); "
-                                  f"restore it from git or delete {folder}") from None
+        raise ShippedTeacherError(
+            f"shipped teacher record {path} is unreadable ({type(e).__name__}: {e}); "
+            f"restore it from git or delete {folder}"
+        ) from None
 
 
 def shipped_dirs() -> list[Path]:
@@ -96,7 +111,9 @@ def shipped_dirs() -> list[Path]:
     return extra + [SHIPPED_DIR]
 
 
-def find_shipped(data: DataConfig, teacher: TeacherConfig, dirs: list[Path] | None = None) -> ShippedTeacher | None:
+def find_shipped(
+    data: DataConfig, teacher: TeacherConfig, dirs: list[Path] | None = None
+) -> ShippedTeacher | None:
     """The shipped teacher trained with exactly this data and teacher config, if there is one."""
     want = teacher_hash(data, teacher)
     for root in dirs if dirs is not None else shipped_dirs():
@@ -107,13 +124,21 @@ def find_shipped(data: DataConfig, teacher: TeacherConfig, dirs: list[Path] | No
     return None
 
 
-def write_shipped(folder: Path, data: DataConfig, teacher: TeacherConfig, ema_state: dict, **facts) -> ShippedTeacher:
+def write_shipped(
+    folder: Path, data: DataConfig, teacher: TeacherConfig, ema_state: dict, **facts
+) -> ShippedTeacher:
     """Ship a trained teacher: its weights and a record (config, content hash, sha256, and ``facts``: kimg,
     train_s, FID/KID with N, the command that made it, ...). Each file is written whole or not at all."""
     folder = Path(folder)
-    atomic_write(folder / WEIGHTS, lambda f: torch.save({k: v.detach().cpu().contiguous() for k, v in
-                                                         ema_state.items()}, f))
-    record = {"config": {"data": dataclasses.asdict(data), "teacher": dataclasses.asdict(teacher)},
-              "teacher_hash": teacher_hash(data, teacher), "weights_sha256": file_sha256(folder / WEIGHTS), **facts}
+    atomic_write(
+        folder / WEIGHTS,
+        lambda f: torch.save({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, f),
+    )
+    record = {
+        "config": {"data": dataclasses.asdict(data), "teacher": dataclasses.asdict(teacher)},
+        "teacher_hash": teacher_hash(data, teacher),
+        "weights_sha256": file_sha256(folder / WEIGHTS),
+        **facts,
+    }
     atomic_write_bytes(folder / RECORD, json.dumps(record, indent=1, sort_keys=True, default=float).encode())
     return read_shipped(folder)

@@ -5,6 +5,7 @@ the modes by their decay rate alpha (band 0 = most negative alpha, the fastest-d
 of a level partition its modes. A random set of modes of a band's size is the control for every band
 intervention. All results are tensors; ``figures.py`` draws them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,9 +21,15 @@ def summarize(spectrum: list[torch.Tensor], prefix: str = M.SPECTRA) -> dict[str
     out = {}
     for l, ev in enumerate(spectrum, 1):
         a, b = ev.real.flatten().double(), ev.imag.flatten().double()
-        values = {"alpha_mean": a.mean(), "alpha_min": a.min(), "alpha_max": a.max(),
-                  "alpha_std": a.std(unbiased=False), "abs_beta_mean": b.abs().mean(),
-                  "frac_growing": (a > 0).double().mean(), "num_modes": torch.tensor(float(a.numel()))}
+        values = {
+            "alpha_mean": a.mean(),
+            "alpha_min": a.min(),
+            "alpha_max": a.max(),
+            "alpha_std": a.std(unbiased=False),
+            "abs_beta_mean": b.abs().mean(),
+            "frac_growing": (a > 0).double().mean(),
+            "num_modes": torch.tensor(float(a.numel())),
+        }
         out.update({M.spectrum(l, k, prefix): values[k].item() for k in M.SPECTRUM_STATS})
     return out
 
@@ -53,9 +60,11 @@ def band_masks(spectrum: list[torch.Tensor], n_bands: int = 3, order: str = "alp
     for ev in spectrum:
         n_modes = ev.shape[0]
         if n_bands > n_modes:
-            raise ValueError(f"{n_bands} bands need at least {n_bands} modes per position; a level has {n_modes}")
+            raise ValueError(
+                f"{n_bands} bands need at least {n_bands} modes per position; a level has {n_modes}"
+            )
         key = band_key(ev, order)
-        rank = key.argsort(dim=0, stable=True).argsort(dim=0, stable=True)           # rank of each mode by its key
+        rank = key.argsort(dim=0, stable=True).argsort(dim=0, stable=True)  # rank of each mode by its key
         edges = torch.linspace(0, n_modes, n_bands + 1).round().long()
         masks.append(torch.stack([(rank >= edges[k]) & (rank < edges[k + 1]) for k in range(n_bands)]))
     return masks
@@ -74,8 +83,10 @@ def band_masking(model: HKD, x_T: torch.Tensor, n_bands: int = 3, level: int | N
     masks = band_masks(model.spectrum(), n_bands)
     out = []
     for k in range(n_bands):
-        zs = [z * _channels(m[k]).to(z) if level is None or level == l + 1 else z
-              for l, (z, m) in enumerate(zip(z1, masks))]
+        zs = [
+            z * _channels(m[k]).to(z) if level is None or level == l + 1 else z
+            for l, (z, m) in enumerate(zip(z1, masks))
+        ]
         out.append(model.decode(zs))
     return torch.stack(out)
 
@@ -86,7 +97,9 @@ def _spatial(mask: torch.Tensor, size: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(m, size)[0, 0]
 
 
-def band_modes(spectrum: list[torch.Tensor], band: int, n_bands: int = 3, order: str = "alpha") -> list[torch.Tensor]:
+def band_modes(
+    spectrum: list[torch.Tensor], band: int, n_bands: int = 3, order: str = "alpha"
+) -> list[torch.Tensor]:
     """Per level the (d/2, h, w) bool modes of band ``band`` (see ``band_masks``)."""
     return [m[band] for m in band_masks(spectrum, n_bands, order)]
 
@@ -96,21 +109,28 @@ def random_modes(like: list[torch.Tensor], generator: torch.Generator | None = N
     that tells a band's effect from the effect of blending fewer channels (issue 13)."""
     out = []
     for m in like:
-        count = m.sum(0, keepdim=True)                                       # (1, h, w) modes per position
+        count = m.sum(0, keepdim=True)  # (1, h, w) modes per position
         rank = torch.rand(m.shape, generator=generator).argsort(0).argsort(0)
         out.append(rank < count)
     return out
 
 
-def reference_state(images: torch.Tensor, tau_mid: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def reference_state(
+    images: torch.Tensor, tau_mid: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """A reference's own state at sigma(tau_mid): the image plus Gaussian noise of that sigma (how the forward
     process reaches it; the teacher's trajectory through a generated image is the other way to get one)."""
     sigma = float(sigma_of_tau(tau_mid))
     return images + sigma * torch.randn(images.shape, generator=generator).to(images)
 
 
-def blend(z: list[torch.Tensor], z_ref: list[torch.Tensor], mask: torch.Tensor, ratio: float,
-          modes: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+def blend(
+    z: list[torch.Tensor],
+    z_ref: list[torch.Tensor],
+    mask: torch.Tensor,
+    ratio: float,
+    modes: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
     """z + r w (z_ref - z) per level, with w the spatial ``mask`` (H, W) averaged to the level's size, times the
     chosen ``modes`` (per level (d/2, h, w) bools; None: every mode)."""
     out = []
@@ -123,8 +143,15 @@ def blend(z: list[torch.Tensor], z_ref: list[torch.Tensor], mask: torch.Tensor, 
 
 
 @torch.no_grad()
-def edit(model: HKD, x_T: torch.Tensor, ref_state: torch.Tensor, mask: torch.Tensor, ratio: float,
-         modes: list[torch.Tensor] | None = None, tau_mid: float = 0.5) -> torch.Tensor:
+def edit(
+    model: HKD,
+    x_T: torch.Tensor,
+    ref_state: torch.Tensor,
+    mask: torch.Tensor,
+    ratio: float,
+    modes: list[torch.Tensor] | None = None,
+    tau_mid: float = 0.5,
+) -> torch.Tensor:
     """Frequency-aware editing (DESIGN 1.3): the sample's latent at tau_mid, evolve(E(x_T, sigma_max), tau_mid),
     takes ``modes`` of the reference's latent E(ref_state, sigma(tau_mid)) inside the spatial ``mask`` with ratio
     r; the blend evolves to tau = 1 and is decoded.
@@ -161,7 +188,7 @@ def radial_energies(images: torch.Tensor, n_rings: int = 3) -> torch.Tensor:
     """(B, n_rings) each image's energy (|FFT|^2 summed over channels) in rings of spatial frequency: equal
     slices of [0, Nyquist] (0.5 cycles/pixel), the corners above Nyquist in the last ring."""
     h, w = images.shape[-2:]
-    power = torch.fft.fft2(images.double()).abs().square().sum(dim=1)           # (B, H, W)
+    power = torch.fft.fft2(images.double()).abs().square().sum(dim=1)  # (B, H, W)
     fy, fx = torch.fft.fftfreq(h, dtype=torch.float64), torch.fft.fftfreq(w, dtype=torch.float64)
     radius = (fy[:, None].square() + fx[None, :].square()).sqrt()
     ring = (radius / (0.5 / n_rings)).floor().long().clamp(max=n_rings - 1)
@@ -175,21 +202,28 @@ def radial_shares(images: torch.Tensor, n_rings: int = 3) -> torch.Tensor:
     return (energy / energy.sum().clamp_min(1e-30)).float()
 
 
-def shares_interval(energies: torch.Tensor, level: float = 0.95, resamples: int = 2000, seed: int = 0
-                    ) -> torch.Tensor:
+def shares_interval(
+    energies: torch.Tensor, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> torch.Tensor:
     """(n_rings, 2) percentile bootstrap intervals of the shares sum(E) / sum(E total) over the samples (rows of
     ``energies``, (B, n_rings)), the samples drawn with replacement."""
     g = torch.Generator().manual_seed(seed)
     e = energies.double()
-    pick = e[torch.randint(0, e.shape[0], (resamples, e.shape[0]), generator=g)].sum(1)     # (resamples, rings)
+    pick = e[torch.randint(0, e.shape[0], (resamples, e.shape[0]), generator=g)].sum(1)  # (resamples, rings)
     shares = pick / pick.sum(1, keepdim=True).clamp_min(1e-30)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     return torch.quantile(shares, q, dim=0).T.float()
 
 
 @torch.no_grad()
-def band_frequency_shares(model: HKD, x_T: torch.Tensor, n_bands: int = 3, controls: int = 4,
-                          generator: torch.Generator | None = None, order: str = "alpha") -> dict[str, torch.Tensor]:
+def band_frequency_shares(
+    model: HKD,
+    x_T: torch.Tensor,
+    n_bands: int = 3,
+    controls: int = 4,
+    generator: torch.Generator | None = None,
+    order: str = "alpha",
+) -> dict[str, torch.Tensor]:
     """What each band contributes to the image, in spatial frequencies: for band k the difference between the
     decoded final latent and the same latent with band k zeroed, split into low/mid/high radial frequency
     shares (``radial_shares``); beside it the same for ``controls`` random mode sets of the band's size (mean and
@@ -214,16 +248,27 @@ def band_frequency_shares(model: HKD, x_T: torch.Tensor, n_bands: int = 3, contr
         rand.append(draws.mean(0))
         rand_ci.append(shares_interval(torch.stack(e_draws).mean(0)))
         spread.append(draws.std(0) if controls > 1 else torch.zeros(len(RINGS)))
-    return {"band": torch.stack(band), "random": torch.stack(rand), "random_std": torch.stack(spread),
-            "image": radial_shares(full), "band_ci": torch.stack(band_ci), "random_ci": torch.stack(rand_ci),
-            "image_ci": shares_interval(radial_energies(full))}
+    return {
+        "band": torch.stack(band),
+        "random": torch.stack(rand),
+        "random_std": torch.stack(spread),
+        "image": radial_shares(full),
+        "band_ci": torch.stack(band_ci),
+        "random_ci": torch.stack(rand_ci),
+        "image_ci": shares_interval(radial_energies(full)),
+    }
 
 
 def wasserstein1(a: torch.Tensor, b: torch.Tensor, grid: int = 2048) -> float:
     """W1 between two empirical distributions of real numbers: the mean |quantile difference| over ``grid``
     evenly spaced levels (exact for equal sizes when grid is their size)."""
     q = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
-    return (torch.quantile(a.flatten().double(), q) - torch.quantile(b.flatten().double(), q)).abs().mean().item()
+    return (
+        (torch.quantile(a.flatten().double(), q) - torch.quantile(b.flatten().double(), q))
+        .abs()
+        .mean()
+        .item()
+    )
 
 
 def spectrum_distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[dict[str, float]]:
@@ -239,13 +284,16 @@ def spectrum_distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[dict
             x, y = f(ea).flatten().double(), f(eb).flatten().double()
             w1 = wasserstein1(x, y, min(4096, max(x.numel(), y.numel())))
             spread = torch.cat([x - x.mean(), y - y.mean()]).square().mean().sqrt().item()
-            row.update({f"{part}_w1": w1, f"{part}_spread": spread, f"{part}_w1_over_std": w1 / max(spread, 1e-12)})
+            row.update(
+                {f"{part}_w1": w1, f"{part}_spread": spread, f"{part}_w1_over_std": w1 / max(spread, 1e-12)}
+            )
         out.append(row)
     return out
 
 
-def band_share_metrics(model: HKD, n: int = 16, n_bands: int = 3, controls: int = 4, seed: int = 0
-                       ) -> dict[str, float]:
+def band_share_metrics(
+    model: HKD, n: int = 16, n_bands: int = 3, controls: int = 4, seed: int = 0
+) -> dict[str, float]:
     """``band_frequency_shares`` on ``n`` seeded samples as flat metrics (metric_names.band_share): for each band
     and its random control the low/mid/high shares of what removing it changes, and the samples' own."""
     n_bands = min(n_bands, min(ev.shape[0] for ev in model.spectrum()))

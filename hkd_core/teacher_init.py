@@ -21,6 +21,7 @@
 
 ``init_from_teacher`` copies and returns the student's tensor names it set; nothing else is touched.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,26 +40,30 @@ def _mapping(model: nn.Module, mode: str) -> tuple[dict[str, str], dict[str, str
     kind = type(model).__name__
     if kind == "KD":
         # KD.net is an EDMPrecond like the teacher: KD's "net.net.X" is the teacher's "net.X"
-        return ({n: n[len("net."):] for n in names}, {}) if mode == "teacher" else ({}, {})
+        return ({n: n[len("net.") :] for n in names}, {}) if mode == "teacher" else ({}, {})
     required, optional = {}, {}
     levels = model.cfg.levels
     for n in names:
         if n.startswith("encoder.embed.") or n.startswith("encoder.conv_in."):
-            required[n] = "net." + n[len("encoder."):]
+            required[n] = "net." + n[len("encoder.") :]
         elif n.startswith("encoder.stages."):
-            required[n] = "net.down." + n[len("encoder.stages."):]
+            required[n] = "net.down." + n[len("encoder.stages.") :]
         elif mode == "teacher" and n.startswith("decoder.stages."):
-            level, rest = n[len("decoder.stages."):].split(".", 1)
+            level, rest = n[len("decoder.stages.") :].split(".", 1)
             optional[n] = f"net.up.{levels - 1 - int(level)}.{rest}"
         elif mode == "teacher" and (n.startswith("decoder.norm_out.") or n.startswith("decoder.conv_out.")):
-            optional[n] = "net." + n[len("decoder."):]
+            optional[n] = "net." + n[len("decoder.") :]
         elif mode == "teacher" and n.startswith(("decoder.mid0.", "decoder.mid_attn.", "decoder.mid1.")):
-            required[n] = "net." + n[len("decoder."):]     # the 'unet' decoder's bottleneck is the teacher's
+            required[n] = "net." + n[len("decoder.") :]  # the 'unet' decoder's bottleneck is the teacher's
     return required, optional
 
 
-def init_from_teacher(model: nn.Module, teacher_state: dict[str, torch.Tensor], mode: str = "teacher",
-                      source: str = "the teacher") -> list[str]:
+def init_from_teacher(
+    model: nn.Module,
+    teacher_state: dict[str, torch.Tensor],
+    mode: str = "teacher",
+    source: str = "the teacher",
+) -> list[str]:
     """Copy the teacher's tensors into ``model`` (HKD, KDM or KD) for ``mode`` (see the module docstring);
     returns the names of the student tensors that were set, in state-dict order."""
     if mode not in INIT_MODES:
@@ -67,8 +72,10 @@ def init_from_teacher(model: nn.Module, teacher_state: dict[str, torch.Tensor], 
         return []
     kind = type(model).__name__
     if kind == "KD" and mode != "teacher":
-        raise TeacherInitError("model.init=teacher_encoder does not apply to KD (it has no separate encoder); "
-                               "use model.init=teacher (the whole U-Net) or none")
+        raise TeacherInitError(
+            "model.init=teacher_encoder does not apply to KD (it has no separate encoder); "
+            "use model.init=teacher (the whole U-Net) or none"
+        )
     required, optional = _mapping(model, mode)
     own = model.state_dict()
     copied: dict[str, torch.Tensor] = {}
@@ -80,7 +87,8 @@ def init_from_teacher(model: nn.Module, teacher_state: dict[str, torch.Tensor], 
                 f"model.init={mode}: student tensor {n} {tuple(own[n].shape)} needs {t} from {source}, which is "
                 f"{got}; the student's trunk must match the teacher's (model.channels, model.channel_mult, "
                 f"model.blocks and attention equal to teacher.channels, channel_mult, blocks, attn_resolutions), "
-                f"or use model.init=none")
+                f"or use model.init=none"
+            )
         copied[n] = src
     for n, t in optional.items():
         src = teacher_state.get(t)
@@ -107,9 +115,11 @@ def _teacher_embedding(model: nn.Module, teacher_state: dict[str, torch.Tensor])
 
     c = model.cfg.channels
     if any(v.is_meta for k, v in teacher_state.items() if k.startswith("net.embed.")):
-        return torch.empty(4 * c, device="meta")          # a shape check (hkd_core/config.py), nothing to compute
+        return torch.empty(4 * c, device="meta")  # a shape check (hkd_core/config.py), nothing to compute
     embed = NoiseEmbedding(c, 4 * c)
-    embed.load_state_dict({k[len("net.embed."):]: v for k, v in teacher_state.items() if k.startswith("net.embed.")})
+    embed.load_state_dict(
+        {k[len("net.embed.") :]: v for k, v in teacher_state.items() if k.startswith("net.embed.")}
+    )
     with torch.no_grad():
         return embed(torch.tensor([math.log(SIGMA_MAX) / 4]))[0]
 
@@ -122,7 +132,7 @@ def _identity_links(model: nn.Module, own: dict[str, torch.Tensor]) -> dict[str,
     out = {}
     pairs = [(f"proj.{i}", f"decoder.lift.{l}") for i, l in enumerate(model.levels)]
     for proj, lift in pairs:
-        w = own[f"{proj}.weight"]                       # (d, width, 1, 1)
+        w = own[f"{proj}.weight"]  # (d, width, 1, 1)
         d, width = w.shape[:2]
         if d < width:
             continue
@@ -140,8 +150,12 @@ def _identity_links(model: nn.Module, own: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def _without_skip(model: nn.Module, own: dict[str, torch.Tensor], teacher_state: dict[str, torch.Tensor],
-                  copied: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _without_skip(
+    model: nn.Module,
+    own: dict[str, torch.Tensor],
+    teacher_state: dict[str, torch.Tensor],
+    copied: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
     """The first block of each decoder stage whose level has no latent but has a level below it: the teacher's
     up stage at that resolution with the skip's input channels sliced off (conv0 and the 1x1 skip along their
     inputs, norm0 along its channels); the block's other tensors have the teacher's shapes and are copied whole."""
@@ -155,6 +169,9 @@ def _without_skip(model: nn.Module, own: dict[str, torch.Tensor], teacher_state:
             mine, theirs = own.get(pre + name), teacher_state.get(src + name)
             if mine is None or theirs is None or pre + name in copied:
                 continue
-            if theirs.shape[dim] > mine.shape[dim] and mine.shape == theirs.narrow(dim, 0, mine.shape[dim]).shape:
+            if (
+                theirs.shape[dim] > mine.shape[dim]
+                and mine.shape == theirs.narrow(dim, 0, mine.shape[dim]).shape
+            ):
                 out[pre + name] = theirs.narrow(dim, 0, mine.shape[dim])
     return out

@@ -4,6 +4,7 @@
 - ``EmpiricalTeacher``: the optimal denoiser of a finite data set, in closed form (no training).
 - ``GaussianTeacher``: the analytic denoiser of N(mean, std^2 I) data, for tests with known answers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +14,7 @@ import torch
 
 from .edm import EDMPrecond, UNet, UNetConfig, as_sigma
 
-if TYPE_CHECKING:      # annotations only: config.py builds teachers on the meta device to check model.init
+if TYPE_CHECKING:  # annotations only: config.py builds teachers on the meta device to check model.init
     from .config import DataConfig, TeacherConfig
 
 
@@ -52,8 +53,12 @@ class EDMTeacher:
     @torch.inference_mode()
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         s = as_sigma(sigma, x).flatten()
-        outs = [self.net(x[i:i + self.batch_size].contiguous(memory_format=self._format), s[i:i + self.batch_size])
-                for i in range(0, x.shape[0], self.batch_size)]
+        outs = [
+            self.net(
+                x[i : i + self.batch_size].contiguous(memory_format=self._format), s[i : i + self.batch_size]
+            )
+            for i in range(0, x.shape[0], self.batch_size)
+        ]
         return torch.cat(outs).contiguous()
 
 
@@ -64,26 +69,35 @@ class EmpiricalTeacher:
     chunks with a running log-sum-exp, so the (batch x N) weight matrix is never held whole.
     """
 
-    def __init__(self, data: torch.Tensor, chunk_size: int = 2048, dtype: torch.dtype = torch.float32,
-                 name: str = "data"):
+    def __init__(
+        self,
+        data: torch.Tensor,
+        chunk_size: int = 2048,
+        dtype: torch.dtype = torch.float32,
+        name: str = "data",
+    ):
         self.shape = tuple(data.shape[1:])
         self.data = data.reshape(data.shape[0], -1).to(dtype)
         self.sq = self.data.square().sum(1)
         self.chunk_size, self.dtype = chunk_size, dtype
-        self.identity = {"kind": "empirical", "data": name, "n": int(data.shape[0]),
-                         "data_sha": tensor_digest(data)}
+        self.identity = {
+            "kind": "empirical",
+            "data": name,
+            "n": int(data.shape[0]),
+            "data_sha": tensor_digest(data),
+        }
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"x has shape {tuple(x.shape[1:])} per sample, the data set has {self.shape}")
         xf = x.reshape(x.shape[0], -1).to(self.dtype)
-        s2 = as_sigma(sigma, xf).to(self.dtype).square()                          # (B, 1)
+        s2 = as_sigma(sigma, xf).to(self.dtype).square()  # (B, 1)
         run_max = torch.full((xf.shape[0], 1), -torch.inf, dtype=self.dtype, device=xf.device)
         run_sum = torch.zeros_like(run_max)
         acc = torch.zeros_like(xf)
         for i in range(0, self.data.shape[0], self.chunk_size):
-            y, ysq = self.data[i:i + self.chunk_size], self.sq[i:i + self.chunk_size]
+            y, ysq = self.data[i : i + self.chunk_size], self.sq[i : i + self.chunk_size]
             # -|x - y|^2 / (2 sigma^2) without the |x|^2 term, which is constant over y.
             logits = (2 * xf @ y.T - ysq[None]) / (2 * s2)
             new_max = torch.maximum(run_max, logits.amax(1, keepdim=True))
@@ -104,14 +118,20 @@ class GaussianTeacher:
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         s2 = as_sigma(sigma, x).square()
-        v = self.std ** 2
+        v = self.std**2
         return self.mean + v / (v + s2) * (x - self.mean)
 
 
 def teacher_unet_config(t: TeacherConfig, img_channels: int, resolution: int) -> UNetConfig:
-    return UNetConfig(img_channels=img_channels, resolution=resolution, channels=t.channels,
-                      channel_mult=tuple(t.channel_mult), blocks=t.blocks, attn_resolutions=tuple(t.attn_resolutions),
-                      dropout=t.dropout)
+    return UNetConfig(
+        img_channels=img_channels,
+        resolution=resolution,
+        channels=t.channels,
+        channel_mult=tuple(t.channel_mult),
+        blocks=t.blocks,
+        attn_resolutions=tuple(t.attn_resolutions),
+        dropout=t.dropout,
+    )
 
 
 def teacher_denoiser(t: TeacherConfig, img_channels: int, resolution: int) -> EDMPrecond:
@@ -119,8 +139,9 @@ def teacher_denoiser(t: TeacherConfig, img_channels: int, resolution: int) -> ED
     return EDMPrecond(UNet(teacher_unet_config(t, img_channels, resolution)), sigma_data=t.sigma_data)
 
 
-def teacher_state_from_checkpoint(blob: bytes, t: TeacherConfig, img_channels: int, resolution: int,
-                                  source: str) -> tuple[dict, float | None]:
+def teacher_state_from_checkpoint(
+    blob: bytes, t: TeacherConfig, img_channels: int, resolution: int, source: str
+) -> tuple[dict, float | None]:
     """(EMA state dict, kimg or None) from a teacher checkpoint file's bytes (``teacher.checkpoint``): a state dict
     of the teacher's network (a stage's teacher.pt, a shipped teacher.pt) or a training checkpoint holding one
     under ``ema``. Loaded strictly into the network that ``teacher.*`` builds, so a file written for another
@@ -132,25 +153,36 @@ def teacher_state_from_checkpoint(blob: bytes, t: TeacherConfig, img_channels: i
     try:
         obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a file torch cannot read
-        raise CheckpointError(f"teacher.checkpoint {source} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
-                              f"point it at a teacher.pt or a training checkpoint") from None
+        raise CheckpointError(
+            f"teacher.checkpoint {source} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
+            f"point it at a teacher.pt or a training checkpoint"
+        ) from None
     kimg = None
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
         kimg = float(obj["nimg"]) / 1000 if "nimg" in obj else None
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"teacher.checkpoint {source} holds no state dict (a {type(obj).__name__}); point it "
-                              f"at a teacher.pt or a training checkpoint with an 'ema' entry")
+        raise CheckpointError(
+            f"teacher.checkpoint {source} holds no state dict (a {type(obj).__name__}); point it "
+            f"at a teacher.pt or a training checkpoint with an 'ema' entry"
+        )
     try:
         load_model_state(teacher_denoiser(t, img_channels, resolution), obj, f"teacher.checkpoint {source}")
     except CheckpointError as e:
-        raise CheckpointError(f"{e} (teacher.channels, channel_mult, blocks and attn_resolutions must describe the "
-                              f"network in the file)") from None
+        raise CheckpointError(
+            f"{e} (teacher.channels, channel_mult, blocks and attn_resolutions must describe the "
+            f"network in the file)"
+        ) from None
     return obj, kimg
 
 
-def build_teacher(data: DataConfig, t: TeacherConfig, images: torch.Tensor | None = None,
-                  weights: dict | None = None, source: str = "") -> Teacher:
+def build_teacher(
+    data: DataConfig,
+    t: TeacherConfig,
+    images: torch.Tensor | None = None,
+    weights: dict | None = None,
+    source: str = "",
+) -> Teacher:
     """The configured teacher: the empirical denoiser of ``images``, or the EDM U-Net with trained ``weights``
     (a state dict, the EMA copy; ``source`` names where they came from, for lineage; no images needed)."""
     from .data import DATASETS
@@ -164,4 +196,6 @@ def build_teacher(data: DataConfig, t: TeacherConfig, images: torch.Tensor | Non
     channels = DATASETS[data.name].channels
     net = teacher_denoiser(t, channels, data.resolution)
     net.load_state_dict(weights)
-    return EDMTeacher(net, {"unet": teacher_unet_config(t, channels, data.resolution).to_dict(), "checkpoint": source})
+    return EDMTeacher(
+        net, {"unet": teacher_unet_config(t, channels, data.resolution).to_dict(), "checkpoint": source}
+    )

@@ -8,6 +8,7 @@ in the names): ``train_hkd(model, states, sigmas, **asdict(cfg.train))``. They r
 Seeds: rank r of world size w draws from ``seed * w + r`` (as in DiT); batch k draws from (that, k), so a
 resumed run sees the same batches as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,9 @@ __all__ = ["NonFiniteLossError", "TensorBatches", "lr_factor", "train_hkd", "tra
 log = logging.getLogger(__name__)
 
 
-def _batch_fn(data, batch_per_rank: int, seed: int, rank: int, world_size: int) -> Callable[[int], torch.Tensor]:
+def _batch_fn(
+    data, batch_per_rank: int, seed: int, rank: int, world_size: int
+) -> Callable[[int], torch.Tensor]:
     """A tensor becomes deterministic random batches; an iterator of batches is consumed as it comes."""
     if isinstance(data, torch.Tensor):
         return TensorBatches(data, batch_per_rank, seed, rank, world_size)
@@ -54,19 +57,22 @@ def _check_batch(batch_size: int, world_size: int) -> int:
 
 
 def train_teacher(
-    denoiser: nn.Module,                 # EDMPrecond(UNet), possibly DDP-wrapped
-    data,                                # images (N, C, H, W) in [-1, 1], or an iterator of this rank's batches
+    denoiser: nn.Module,  # EDMPrecond(UNet), possibly DDP-wrapped
+    data,  # images (N, C, H, W) in [-1, 1], or an iterator of this rank's batches
     *,
     seed: int = 0,
-    rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-    checkpoint_dir=None,                 # folder for checkpoints (rank 0 writes); None: no checkpoints
-    resume=True,                         # True: newest in checkpoint_dir; a path; or False
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    checkpoint_dir=None,  # folder for checkpoints (rank 0 writes); None: no checkpoints
+    resume=True,  # True: newest in checkpoint_dir; a path; or False
     metrics_cb: MetricsCallback | None = None,
     checkpoint_cb: CheckpointCallback | None = None,
     progress: bool = True,
-    config: dict | None = None,          # stored in checkpoints, for lineage
-    p_mean: float = -1.2, p_std: float = 1.2,   # ln(sigma) ~ N(p_mean, p_std^2)
-    **teacher,                           # TeacherConfig's keys (total_kimg, batch_size, lr, ...): its defaults
+    config: dict | None = None,  # stored in checkpoints, for lineage
+    p_mean: float = -1.2,
+    p_std: float = 1.2,  # ln(sigma) ~ N(p_mean, p_std^2)
+    **teacher,  # TeacherConfig's keys (total_kimg, batch_size, lr, ...): its defaults
 ) -> dict:
     """Train an EDM denoiser with EDM's loss; returns kimg, steps, train_s, the ``ema`` copy and metrics.
     Call as ``train_teacher(net, images, seed=..., **asdict(cfg.teacher))``."""
@@ -82,8 +88,20 @@ def train_teacher(
         g = torch.Generator(device="cpu").manual_seed(base * 1_000_003 + step + 7)
         return {"loss": loss_fn(denoiser, x0, generator=g if x0.device.type == "cpu" else None).mean()}
 
-    loop = _Loop(denoiser, t, {}, rank=rank, device=device, config=config or {}, checkpoint_dir=checkpoint_dir,
-                 metrics_cb=metrics_cb, checkpoint_cb=checkpoint_cb, eval_cb=None, progress=progress, desc="teacher")
+    loop = _Loop(
+        denoiser,
+        t,
+        {},
+        rank=rank,
+        device=device,
+        config=config or {},
+        checkpoint_dir=checkpoint_dir,
+        metrics_cb=metrics_cb,
+        checkpoint_cb=checkpoint_cb,
+        eval_cb=None,
+        progress=progress,
+        desc="teacher",
+    )
     loop.restore(resume)
     return loop.run(step_loss)
 
@@ -93,56 +111,75 @@ def _lpips_paths(t) -> dict:
     if t.perceptual != "lpips":
         return {}
     if not (t.lpips_vgg_path and t.lpips_lin_path):
-        raise ValueError("train.perceptual=lpips needs train.lpips_vgg_path and train.lpips_lin_path (local files)")
+        raise ValueError(
+            "train.perceptual=lpips needs train.lpips_vgg_path and train.lpips_lin_path (local files)"
+        )
     return {"vgg_path": t.lpips_vgg_path, "lin_path": t.lpips_lin_path}
 
 
 def train_hkd(
-    model: nn.Module,                    # HKD, KD or KDM (see models.build_model), possibly DDP-wrapped
-    trajectories,                        # states (N, S+1, C, H, W), or an iterator of this rank's batches
-    sigmas: torch.Tensor,                # (S+1,) sigma grid of the stored trajectories
+    model: nn.Module,  # HKD, KD or KDM (see models.build_model), possibly DDP-wrapped
+    trajectories,  # states (N, S+1, C, H, W), or an iterator of this rank's batches
+    sigmas: torch.Tensor,  # (S+1,) sigma grid of the stored trajectories
     *,
-    rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-    checkpoint_dir=None,                 # folder for checkpoints (rank 0 writes); None: no checkpoints
-    resume=True,                         # True: newest in checkpoint_dir; a path; or False
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    checkpoint_dir=None,  # folder for checkpoints (rank 0 writes); None: no checkpoints
+    resume=True,  # True: newest in checkpoint_dir; a path; or False
     metrics_cb: MetricsCallback | None = None,
     checkpoint_cb: CheckpointCallback | None = None,
-    eval_cb: EvalCallback | None = None, # (EMA model, kimg) -> metrics at each checkpoint, e.g. a proxy for ASHA
+    eval_cb: EvalCallback
+    | None = None,  # (EMA model, kimg) -> metrics at each checkpoint, e.g. a proxy for ASHA
     progress: bool = True,
-    config: dict | None = None,          # stored in checkpoints, for lineage
-    perceptual_kwargs: dict | None = None,  # e.g. LPIPS weight paths; perceptual=teacher: {"denoiser": teacher}
-    teacher_tensors=(),                  # names of the parameters model.init copied (lr x train.teacher_lr_mult)
-    holdout: dict[str, torch.Tensor] | None = None,  # {"holdout": states, "train": states}: trajectories the EMA
-                                         # model's error is measured on every holdout_every_kimg (rank 0)
-    real_images=None,                    # train.adversarial_weight > 0: real images (N, C, H, W) in [-1, 1] (or a
-                                         # function step -> this rank's batch) for the discriminator
-    **train,                             # TrainConfig's keys (total_kimg, batch_size, lr, ...): its defaults
+    config: dict | None = None,  # stored in checkpoints, for lineage
+    perceptual_kwargs: dict
+    | None = None,  # e.g. LPIPS weight paths; perceptual=teacher: {"denoiser": teacher}
+    teacher_tensors=(),  # names of the parameters model.init copied (lr x train.teacher_lr_mult)
+    holdout: dict[str, torch.Tensor]
+    | None = None,  # {"holdout": states, "train": states}: trajectories the EMA
+    # model's error is measured on every holdout_every_kimg (rank 0)
+    real_images=None,  # train.adversarial_weight > 0: real images (N, C, H, W) in [-1, 1] (or a
+    # function step -> this rank's batch) for the discriminator
+    **train,  # TrainConfig's keys (total_kimg, batch_size, lr, ...): its defaults
 ) -> dict:
     """Distil stored teacher trajectories into a one-step model; returns kimg, steps, train_s, ``ema``, metrics.
     Call as ``train_hkd(model, states, sigmas, **asdict(cfg.train))``."""
     t = _settings(TrainConfig, train)
-    if t.latent_weight is None:      # the config's default: on where the model has Koopman latents
+    if t.latent_weight is None:  # the config's default: on where the model has Koopman latents
         from .config import LATENT_WEIGHT
 
         evolves = any(getattr(k, "mode", "none") != "none" for k in getattr(unwrap(model), "koopman", []))
         t = dataclasses.replace(t, latent_weight=LATENT_WEIGHT if evolves else 0.0)
     get = _batch_fn(trajectories, _check_batch(t.batch_size, world_size), t.seed, rank, world_size)
     if t.perceptual == "teacher" and not (perceptual_kwargs or {}).get("denoiser"):
-        raise ValueError("train.perceptual=teacher needs the teacher network: pass perceptual_kwargs={'denoiser': "
-                         "teacher} (the orchestrator loads it from the teacher stage's weights)")
+        raise ValueError(
+            "train.perceptual=teacher needs the teacher network: pass perceptual_kwargs={'denoiser': "
+            "teacher} (the orchestrator loads it from the teacher stage's weights)"
+        )
     kwargs = dict(perceptual_kwargs or _lpips_paths(t))
     if t.perceptual == "teacher":
         kwargs.setdefault("sigma", t.perceptual_sigma)
     distance = perceptual_distance(t.perceptual, **kwargs)
     if isinstance(distance, nn.Module):
         distance = distance.to(device)
-    loss_fn = HKDLoss(t.states_per_traj, LambdaSchedule(t.lambda1_start, t.lambda1_end, t.lambda1_anneal_kimg),
-                      t.lambda2, distance, t.xT_weight, t.tcons_sigma_min, t.latent_weight, t.gauge_weight)
+    loss_fn = HKDLoss(
+        t.states_per_traj,
+        LambdaSchedule(t.lambda1_start, t.lambda1_end, t.lambda1_anneal_kimg),
+        t.lambda2,
+        distance,
+        t.xT_weight,
+        t.tcons_sigma_min,
+        t.latent_weight,
+        t.gauge_weight,
+    )
     for key in ("latent_weight", "gauge_weight"):
         if getattr(t, key) > 0 and not hasattr(unwrap(model), "koopman"):
-            raise ValueError(f"train.{key}={getattr(t, key)} needs per-level Koopman latents; "
-                             f"{type(unwrap(model)).__name__} has none (use train.{key}=0)")
-    loss_fn.candidates(torch.as_tensor(sigmas))   # refuses too few intermediate states before the first step
+            raise ValueError(
+                f"train.{key}={getattr(t, key)} needs per-level Koopman latents; "
+                f"{type(unwrap(model)).__name__} has none (use train.{key}=0)"
+            )
+    loss_fn.candidates(torch.as_tensor(sigmas))  # refuses too few intermediate states before the first step
     adv = _adversarial(t, real_images, rank, world_size, device)
     loss_fn.keep_x0 = adv is not None
     base = t.seed * world_size + rank
@@ -161,11 +198,24 @@ def train_hkd(
 
     mult = t.koopman_lr_mult
     named = {n: t.teacher_lr_mult for n in teacher_tensors}
-    loop = _Loop(model, t, {".alpha": mult, ".beta": mult, "generator": mult}, rank=rank, device=device,
-                 config=config or {}, checkpoint_dir=checkpoint_dir, metrics_cb=metrics_cb,
-                 checkpoint_cb=checkpoint_cb, eval_cb=eval_cb, progress=progress, desc="distill", named_mults=named,
-                 log_cb=_holdout_cb(holdout) if holdout else None, log_cb_every_kimg=t.holdout_every_kimg,
-                 extras={"adversarial": adv} if adv is not None else None)
+    loop = _Loop(
+        model,
+        t,
+        {".alpha": mult, ".beta": mult, "generator": mult},
+        rank=rank,
+        device=device,
+        config=config or {},
+        checkpoint_dir=checkpoint_dir,
+        metrics_cb=metrics_cb,
+        checkpoint_cb=checkpoint_cb,
+        eval_cb=eval_cb,
+        progress=progress,
+        desc="distill",
+        named_mults=named,
+        log_cb=_holdout_cb(holdout) if holdout else None,
+        log_cb_every_kimg=t.holdout_every_kimg,
+        extras={"adversarial": adv} if adv is not None else None,
+    )
     loop.restore(resume)
     return loop.run(step_loss)
 
@@ -176,8 +226,10 @@ def _adversarial(t: TrainConfig, real_images, rank: int, world_size: int, device
     if not t.adversarial_weight:
         return None
     if real_images is None:
-        raise ValueError(f"train.adversarial_weight={t.adversarial_weight} needs real images for the "
-                         f"discriminator: pass real_images (the orchestrator loads the data set's training split)")
+        raise ValueError(
+            f"train.adversarial_weight={t.adversarial_weight} needs real images for the "
+            f"discriminator: pass real_images (the orchestrator loads the data set's training split)"
+        )
     from .adversarial import AdversarialTerm, Discriminator
 
     real = _batch_fn(real_images, t.batch_size // world_size, t.seed + 1, rank, world_size)
@@ -185,7 +237,9 @@ def _adversarial(t: TrainConfig, real_images, rank: int, world_size: int, device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed + 1)
         disc = Discriminator(probe.shape[1], probe.shape[-1])
-    return AdversarialTerm(disc, real, t.adversarial_weight, t.adversarial_lr, t.adversarial_start_kimg, device)
+    return AdversarialTerm(
+        disc, real, t.adversarial_weight, t.adversarial_lr, t.adversarial_start_kimg, device
+    )
 
 
 def _holdout_cb(sets: dict[str, torch.Tensor]) -> EvalCallback:

@@ -6,6 +6,7 @@ float64, ``seeds`` (n,) int64 and ``meta`` (UTF-8 JSON: the teacher identity, th
 streams and a trainer can check that all shards exist before spending time. Objects go through a small
 ``BlobStore`` interface (``LocalStore`` here; the orchestrator adds S3) whose ``put`` is atomic.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -81,15 +82,15 @@ class ShardInfo:
     n: int
     sha256: str
     bytes: int
-    first_index: int    # global index of the shard's first trajectory
-    md5: str = ""       # hex MD5 of the bytes: what an S3 store reports as the ETag of a single PUT, so an
-                        # altered shard is found by a HEAD request, without reading it ("" in old manifests)
+    first_index: int  # global index of the shard's first trajectory
+    md5: str = ""  # hex MD5 of the bytes: what an S3 store reports as the ETag of a single PUT, so an
+    # altered shard is found by a HEAD request, without reading it ("" in old manifests)
 
 
 @dataclass
 class Manifest:
-    shape: list[int]                 # per-state shape (C, H, W)
-    sigmas: list[float]              # the shared sigma grid, x_T first, 0 last
+    shape: list[int]  # per-state shape (C, H, W)
+    sigmas: list[float]  # the shared sigma grid, x_T first, 0 last
     nfe: int
     teacher: dict
     sampler: dict
@@ -112,8 +113,10 @@ class Manifest:
         try:
             d = json.loads(text)
             if d.get("format") != FORMAT or d.get("version") != VERSION:
-                raise ShardError(f"{where}: not a {FORMAT} v{VERSION} manifest "
-                                 f"(format={d.get('format')!r}, version={d.get('version')!r})")
+                raise ShardError(
+                    f"{where}: not a {FORMAT} v{VERSION} manifest "
+                    f"(format={d.get('format')!r}, version={d.get('version')!r})"
+                )
             d.pop("num_trajectories", None)
             d["shards"] = [ShardInfo(**s) for s in d["shards"]]
             return cls(**d)
@@ -128,14 +131,25 @@ def shard_key(index: int) -> str:
 def encode_shard(states: torch.Tensor, sigmas: torch.Tensor, seeds: torch.Tensor, meta: dict) -> bytes:
     """states: (n, S+1, *shape); stored as float16."""
     buf = io.BytesIO()
-    np.savez(buf, states=states.detach().cpu().to(torch.float16).numpy(),
-             sigmas=sigmas.detach().cpu().double().numpy(), seeds=seeds.detach().cpu().long().numpy(),
-             meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8))
+    np.savez(
+        buf,
+        states=states.detach().cpu().to(torch.float16).numpy(),
+        sigmas=sigmas.detach().cpu().double().numpy(),
+        seeds=seeds.detach().cpu().long().numpy(),
+        meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8),
+    )
     return buf.getvalue()
 
 
-def write_shard(store: BlobStore, index: int, first_index: int, states: torch.Tensor, sigmas: torch.Tensor,
-                seeds: torch.Tensor, meta: dict) -> ShardInfo:
+def write_shard(
+    store: BlobStore,
+    index: int,
+    first_index: int,
+    states: torch.Tensor,
+    sigmas: torch.Tensor,
+    seeds: torch.Tensor,
+    meta: dict,
+) -> ShardInfo:
     data = encode_shard(states, sigmas, seeds, meta)
     key = shard_key(index)
     store.put(key, data)
@@ -143,7 +157,9 @@ def write_shard(store: BlobStore, index: int, first_index: int, states: torch.Te
 
 
 def shard_info(key: str, n: int, data: bytes, first_index: int) -> ShardInfo:
-    return ShardInfo(key, n, hashlib.sha256(data).hexdigest(), len(data), first_index, hashlib.md5(data).hexdigest())
+    return ShardInfo(
+        key, n, hashlib.sha256(data).hexdigest(), len(data), first_index, hashlib.md5(data).hexdigest()
+    )
 
 
 def write_manifest(store: BlobStore, manifest: Manifest) -> None:
@@ -161,15 +177,19 @@ def shard_problem(store: BlobStore, s: ShardInfo) -> str | None:
     """What is wrong with one listed shard, judged without reading it (existence, size, and the MD5 the
     store knows, where it knows one), or None."""
     if not store.exists(s.key):
-        return f"manifest lists {store.uri(s.key)}, which does not exist; regenerate it or rewrite the manifest"
+        return (
+            f"manifest lists {store.uri(s.key)}, which does not exist; regenerate it or rewrite the manifest"
+        )
     size = store.size(s.key)
     if size != s.bytes:
         return f"{store.uri(s.key)} has {size} bytes, the manifest says {s.bytes}: truncated or altered; regenerate it"
     md5 = getattr(store, "md5", None)
     got = md5(s.key) if (md5 is not None and s.md5) else None
     if got is not None and got != s.md5:
-        return (f"{store.uri(s.key)} has MD5 {got}, the manifest says {s.md5}: altered after it was written; "
-                f"regenerate it")
+        return (
+            f"{store.uri(s.key)} has MD5 {got}, the manifest says {s.md5}: altered after it was written; "
+            f"regenerate it"
+        )
     return None
 
 
@@ -200,12 +220,18 @@ def read_shard(store: BlobStore, info: ShardInfo, verify: bool = True) -> dict:
     if verify:
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != info.bytes or digest != info.sha256:
-            raise ShardError(f"{where} is corrupt: {len(data)} bytes with sha256 {digest[:16]}..., the manifest "
-                             f"expects {info.bytes} bytes with {info.sha256[:16]}...; regenerate this shard")
+            raise ShardError(
+                f"{where} is corrupt: {len(data)} bytes with sha256 {digest[:16]}..., the manifest "
+                f"expects {info.bytes} bytes with {info.sha256[:16]}...; regenerate this shard"
+            )
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            out = {"states": torch.from_numpy(z["states"].copy()), "sigmas": torch.from_numpy(z["sigmas"].copy()),
-                   "seeds": torch.from_numpy(z["seeds"].copy()), "meta": json.loads(z["meta"].tobytes())}
+            out = {
+                "states": torch.from_numpy(z["states"].copy()),
+                "sigmas": torch.from_numpy(z["sigmas"].copy()),
+                "seeds": torch.from_numpy(z["seeds"].copy()),
+                "meta": json.loads(z["meta"].tobytes()),
+            }
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as e:
         raise ShardError(f"{where} is unreadable ({type(e).__name__}: {e}); regenerate this shard") from None
     if out["states"].shape[0] != info.n:
@@ -230,16 +256,27 @@ class TrajectoryDataset(IterableDataset):
     sequence where an uninterrupted one would be (``start`` = steps done x batch per rank).
     """
 
-    def __init__(self, store: BlobStore, manifest: Manifest | None = None, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, seed: int = 0, epochs: int | None = 1, skip_corrupt: bool = False,
-                 start: int = 0):
+    def __init__(
+        self,
+        store: BlobStore,
+        manifest: Manifest | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        epochs: int | None = 1,
+        skip_corrupt: bool = False,
+        start: int = 0,
+    ):
         self.store = store
         self.manifest = manifest or read_manifest(store)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if len(self.manifest.shards) < world_size:
-            raise ShardError(f"{len(self.manifest.shards)} shards cannot be shared by {world_size} ranks; "
-                             f"write smaller shards (shard_size) or use fewer workers")
+            raise ShardError(
+                f"{len(self.manifest.shards)} shards cannot be shared by {world_size} ranks; "
+                f"write smaller shards (shard_size) or use fewer workers"
+            )
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.epochs, self.skip_corrupt = shuffle, seed, epochs, skip_corrupt
         if start < 0:
@@ -252,22 +289,24 @@ class TrajectoryDataset(IterableDataset):
         shards = list(self.manifest.shards)
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(shards)
-        mine = shards[self.rank::self.world_size]
+        mine = shards[self.rank :: self.world_size]
         w = get_worker_info()
         if w is not None:
-            mine = mine[w.id::w.num_workers]
+            mine = mine[w.id :: w.num_workers]
         return mine
 
     def __iter__(self) -> Iterator[dict]:
         epoch, skip = 0, self.start
-        while skip and (self.epochs is None or epoch < self.epochs):   # whole epochs passed over (arithmetic only:
-            n = sum(info.n for info in self.my_shards(epoch))          # a rank's share differs between epochs)
+        while skip and (
+            self.epochs is None or epoch < self.epochs
+        ):  # whole epochs passed over (arithmetic only:
+            n = sum(info.n for info in self.my_shards(epoch))  # a rank's share differs between epochs)
             if skip < n or n == 0:
                 break
             skip, epoch = skip - n, epoch + 1
         while self.epochs is None or epoch < self.epochs:
             for info in self.my_shards(epoch):
-                if skip >= info.n:                                     # passed over unread
+                if skip >= info.n:  # passed over unread
                     skip -= info.n
                     continue
                 try:

@@ -17,20 +17,19 @@ raises ``UsageError`` (a config, an argument or a service that is not right: the
 in the environment, a local stack started by ``infra/local/stack.py start`` (``.stack/``) is used when the
 config reaches for services; ``storage=fs tracking=file`` needs none.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from hkd_core.config import ConfigError
 from orchestrator.errors import describe
+from orchestrator.services.localstack import adopt_local_stack, uses_stack
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("teacher", "trajectories", "distill", "evaluate")
 
 
@@ -54,35 +53,7 @@ class InputError(UsageError):
         super().__init__(message, "input")
 
 
-# --- the environment: the local stack, the config ------------------------------------------------------------
-
-def adopt_local_stack() -> None:
-    """If no endpoints are set and a local stack is running, use it (without exporting any secret)."""
-    state = Path(os.environ.get("HKD_STACK_DIR", ROOT / ".stack"))
-    f = state / "stack.json"
-    if os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or not f.is_file():
-        return
-    info = json.loads(f.read_text())
-    ports, services = info.get("ports", {}), info.get("services", {})
-    if "s3" not in services:
-        return
-    os.environ.setdefault("AWS_ENDPOINT_URL", f"http://127.0.0.1:{ports['s3']}")
-    os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", str(state / "credentials"))
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{ports['mlflow']}")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if "ray" in services:
-        os.environ.setdefault("RAY_ADDRESS", f"127.0.0.1:{ports['ray']}")
-        token = state / "ray_token"
-        if info.get("ray_auth", "token") == "token" and token.is_file():
-            os.environ.setdefault("RAY_AUTH_MODE", "token")          # the path to the token, never the token
-            os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token))
-        else:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-def uses_stack(cfg: dict) -> bool:
-    """Does this composed config reach for the local stack's services (S3 or an MLflow server)?"""
-    return cfg.get("storage", {}).get("kind") == "s3" or cfg.get("tracking", {}).get("kind") == "server"
+# --- the config ------------------------------------------------------------
 
 
 def compose(overrides: Sequence[str] = ()) -> dict:
@@ -115,8 +86,10 @@ def plan(pc, upto: str = "evaluate") -> dict:
     from orchestrator.identity import stage_prefix
 
     root = pc.storage.root_uri()
-    return {s: {"hash": pc.stages()[s], "output": f"{root}/{stage_prefix(pc, s)}/"}
-            for s in ORDER[: ORDER.index(upto) + 1]}
+    return {
+        s: {"hash": pc.stages()[s], "output": f"{root}/{stage_prefix(pc, s)}/"}
+        for s in ORDER[: ORDER.index(upto) + 1]
+    }
 
 
 def check_services(pc, what: str = "storage", ray: bool = True) -> list[str]:
@@ -154,6 +127,7 @@ def check_data(pc, what: str = "data", fid: bool = False) -> None:
 
 # --- the commands -----------------------------------------------------------------------------------------------
 
+
 def preflight(overrides: Sequence[str] = ()) -> list[dict]:
     """Probe S3 (boto3 and Ray's filesystem), MLflow and Ray: one dict per check (name, ok, detail)."""
     from orchestrator.services.preflight import preflight as probe
@@ -178,13 +152,18 @@ def pipeline(overrides: Sequence[str] = (), upto: str = "evaluate", progress: bo
     cfg = compose_checked(overrides)
     pc = load_composed(cfg)
     check_services(pc, "storage")
-    check_data(pc, "data", fid=upto == "evaluate" or pc.run.eval.curve_n > 0)     # the Inception network runs
+    check_data(pc, "data", fid=upto == "evaluate" or pc.run.eval.curve_n > 0)  # the Inception network runs
     try:
         return run_stages(pc, upto, progress=progress)
-    except StageBusyError as e:                   # another driver runs a stage of this config: nothing touched
+    except StageBusyError as e:  # another driver runs a stage of this config: nothing touched
         raise UsageError(str(e), "stage") from None
-    except (ShardError, CheckpointError, ShippedTeacherError, FileNotFoundError) as e:   # bad input data, found
-        raise InputError(describe(e)) from None                                      # before training
+    except (
+        ShardError,
+        CheckpointError,
+        ShippedTeacherError,
+        FileNotFoundError,
+    ) as e:  # bad input data, found
+        raise InputError(describe(e)) from None  # before training
 
 
 def compose_checked(overrides: Sequence[str], what: str = "config") -> dict:
@@ -211,7 +190,7 @@ def sweep_spec(path: str, overrides: Sequence[str] = ()):
     from orchestrator.sweep.spec import load as load_spec
 
     try:
-        spec = load_spec(path, hydra_compose)                 # every mistake in the file at once
+        spec = load_spec(path, hydra_compose)  # every mistake in the file at once
         spec = dataclasses.replace(spec, base=spec.base + list(overrides))
         return spec, load_composed(check_against_config(spec, hydra_compose), "sweep")
     except (SweepError, ConfigError) as e:
@@ -226,12 +205,21 @@ def sweep_plan(path: str, overrides: Sequence[str] = ()) -> dict:
 
     spec, pc = sweep_spec(path, overrides)
     shown = {**dataclasses.asdict(spec), "study_storage": spec.study_storage and safe_url(spec.study_storage)}
-    return {"sweep": shown, "base_config": pc.to_dict(), "shared_stages": plan(pc, "trajectories"),
-            "asha_rungs_kimg": asha_rungs(spec, pc.run.train.total_kimg)}
+    return {
+        "sweep": shown,
+        "base_config": pc.to_dict(),
+        "shared_stages": plan(pc, "trajectories"),
+        "asha_rungs_kimg": asha_rungs(spec, pc.run.train.total_kimg),
+    }
 
 
-def sweep(path: str, overrides: Sequence[str] = (), resume: str | None = None, sweep_id: str | None = None,
-          progress: bool = True) -> dict:
+def sweep(
+    path: str,
+    overrides: Sequence[str] = (),
+    resume: str | None = None,
+    sweep_id: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Ray Tune + Optuna + ASHA over the YAML's space, one MLflow child run per trial; ``resume`` continues a
     sweep whose driver stopped. The summary holds the trials, the best config (and its preset) and the champion."""
     from hkd_core.trajectories import ShardError
@@ -252,25 +240,35 @@ def sweep(path: str, overrides: Sequence[str] = (), resume: str | None = None, s
         return run_sweep(spec, [], resume, progress=progress, sweep_id=sweep_id)
     except (SweepError, StorageError, StageBusyError) as e:
         raise UsageError(str(e), "sweep") from None
-    except ShardError as e:                      # a bad trajectory shard, found before any trial started
+    except ShardError as e:  # a bad trajectory shard, found before any trial started
         raise InputError(describe(e)) from None
 
 
-def study_plan(overrides: Sequence[str] = (), variants: Sequence[str] | str | None = None,
-               teacher_nfe: Sequence[int] | None = None) -> tuple[str, dict]:
+def study_plan(
+    overrides: Sequence[str] = (),
+    variants: Sequence[str] | str | None = None,
+    teacher_nfe: Sequence[int] | None = None,
+) -> tuple[str, dict]:
     """(the study's id, variant -> (its validated config, composed dict)), before anything runs."""
     from orchestrator.analysis.study import parse_variants, variant_configs
 
     adopt_local_stack()
     try:
-        names = parse_variants(variants if isinstance(variants, str) or variants is None else ",".join(variants))
+        names = parse_variants(
+            variants if isinstance(variants, str) or variants is None else ",".join(variants)
+        )
         return variant_configs(list(overrides), names, list(teacher_nfe) if teacher_nfe else None)
     except (ConfigError, ValueError) as e:
         raise UsageError(str(e), "study") from None
 
 
-def study(overrides: Sequence[str] = (), variants: Sequence[str] | str | None = None,
-          teacher_nfe: Sequence[int] | None = None, out: str | None = None, progress: bool = True) -> dict:
+def study(
+    overrides: Sequence[str] = (),
+    variants: Sequence[str] | str | None = None,
+    teacher_nfe: Sequence[int] | None = None,
+    out: str | None = None,
+    progress: bool = True,
+) -> dict:
     """The quality study: HKD, its ablations, KD and KDM, and the teacher at several NFE, in one table."""
     from orchestrator.analysis.study import parse_variants, run_study
     from orchestrator.stages.lease import StageBusyError
@@ -281,9 +279,10 @@ def study(overrides: Sequence[str] = (), variants: Sequence[str] | str | None = 
     check_data(first, "study", fid=True)
     names = parse_variants(variants if isinstance(variants, str) or variants is None else ",".join(variants))
     try:
-        return run_study(list(overrides), names, list(teacher_nfe) if teacher_nfe else None, progress=progress,
-                         out=out)
-    except StageBusyError as e:                  # another driver runs one of the study's stages
+        return run_study(
+            list(overrides), names, list(teacher_nfe) if teacher_nfe else None, progress=progress, out=out
+        )
+    except StageBusyError as e:  # another driver runs one of the study's stages
         raise UsageError(str(e), "study") from None
 
 
@@ -297,7 +296,9 @@ def edit_args(**given):
     if bad:
         raise UsageError(f"edit: unknown argument(s) {bad}; use {sorted(known)}", "edit")
     try:
-        return EditArgs(**{k: (tuple(v) if k == "ratios" else v) for k, v in given.items() if v is not None}).validate()
+        return EditArgs(
+            **{k: (tuple(v) if k == "ratios" else v) for k, v in given.items() if v is not None}
+        ).validate()
     except (TypeError, ValueError) as e:
         raise UsageError(describe(e), "edit") from None
 
@@ -319,8 +320,9 @@ def edit(overrides: Sequence[str] = (), model: str | None = None, out: str | Non
         raise UsageError(describe(e), "edit") from None
 
 
-def compare(tokens: Sequence[str], overrides: Sequence[str] = (), out: str | None = None,
-            gauge: str = "canonical") -> dict:
+def compare(
+    tokens: Sequence[str], overrides: Sequence[str] = (), out: str | None = None, gauge: str = "canonical"
+) -> dict:
     """The spectra of the runs, sweeps, studies or models that ``tokens`` name (canonical gauge by default), their
     agreement with the first, their FID curves; a table, figures and an MLflow run."""
     from orchestrator.analysis.compare import run_compare
@@ -328,7 +330,9 @@ def compare(tokens: Sequence[str], overrides: Sequence[str] = (), out: str | Non
     adopt_local_stack()
     pc = load(overrides, "compare")
     if not tokens:
-        raise UsageError("name at least one MLflow run id, sweep id, study id or model URI to compare", "compare")
+        raise UsageError(
+            "name at least one MLflow run id, sweep id, study id or model URI to compare", "compare"
+        )
     check_services(pc, "compare", ray=False)
     try:
         return run_compare(pc, list(tokens), out, gauge=gauge)

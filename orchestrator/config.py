@@ -9,6 +9,7 @@ the orchestrator's dataclasses, checked the same way. Presets of your own (``hkd
 trial's there) live in ``$HKD_USER_CONF`` (default ``./conf``): ``conf/experiment/<name>.yaml`` is then
 ``experiment=<name>``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hkd_core.config import ConfigError, RunConfig, stage_hashes
-from hkd_core.config import validate as validate_run
 from hkd_core.config_checks import from_dict
+from hkd_core.validation import validate as validate_run
 from orchestrator.services.storage import StorageConfig
 from orchestrator.services.tracking import TrackingConfig
 
@@ -33,13 +34,13 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 
 @dataclass
 class ClusterConfig:
-    address: str | None = None       # None: an in-process Ray; "auto" or "host:port" to join a running one
-    num_workers: int = 2             # Ray Train workers
+    address: str | None = None  # None: an in-process Ray; "auto" or "host:port" to join a running one
+    num_workers: int = 2  # Ray Train workers
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    generation_tasks: int = 2        # parallel tasks for trajectories and evaluation
-    max_failures: int = 3            # Ray Train FailureConfig
+    generation_tasks: int = 2  # parallel tasks for trajectories and evaluation
+    max_failures: int = 3  # Ray Train FailureConfig
     # where the Train workers' bundles go (Ray's placement group strategies): PACK fills one node first;
     # SPREAD puts them on different nodes when it can (and packs them when it must: a restart after a lost
     # node); STRICT_SPREAD only ever on different nodes
@@ -61,8 +62,13 @@ class PipelineConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **self.run.to_dict(), "storage": dataclasses.asdict(self.storage),
-                "tracking": dataclasses.asdict(self.tracking), "cluster": dataclasses.asdict(self.cluster)}
+        return {
+            "name": self.name,
+            **self.run.to_dict(),
+            "storage": dataclasses.asdict(self.storage),
+            "tracking": dataclasses.asdict(self.tracking),
+            "cluster": dataclasses.asdict(self.cluster),
+        }
 
     def stages(self) -> dict[str, str]:
         return stage_hashes(self.run)
@@ -72,8 +78,13 @@ def defaults() -> dict:
     """Every key with its default, from the dataclasses: the base of every composition."""
     # each section's own defaults, "auto" kept: a RunConfig would resolve it for its default teacher already
     run = {f.name: dataclasses.asdict(f.default_factory()) for f in dataclasses.fields(RunConfig)}
-    return {"name": "hkd", **run, "storage": dataclasses.asdict(StorageConfig()),
-            "tracking": dataclasses.asdict(TrackingConfig()), "cluster": dataclasses.asdict(ClusterConfig())}
+    return {
+        "name": "hkd",
+        **run,
+        "storage": dataclasses.asdict(StorageConfig()),
+        "tracking": dataclasses.asdict(TrackingConfig()),
+        "cluster": dataclasses.asdict(ClusterConfig()),
+    }
 
 
 def user_conf_dir() -> Path:
@@ -106,12 +117,16 @@ def _hydra_message(e: Exception) -> str:
     text = str(e).strip()
     env = re.search(r"Environment variable '([^']+)' not found.*full_key: (\S+)", text, re.S)
     if env:
-        return (f"{env.group(2)} comes from the environment variable {env.group(1)}, which is not set; export it "
-                f"(or override {env.group(2)}=...)")
+        return (
+            f"{env.group(2)} comes from the environment variable {env.group(1)}, which is not set; export it "
+            f"(or override {env.group(2)}=...)"
+        )
     m = re.match(r"Could not override '([^']+)'", text)
     if m:
-        return (f"unknown key {m.group(1)}: it is not in the composed config (a typo? `hkd pipeline --dry-run` "
-                f"prints every key)")
+        return (
+            f"unknown key {m.group(1)}: it is not in the composed config (a typo? `hkd pipeline --dry-run` "
+            f"prints every key)"
+        )
     lines = [ln.strip() for ln in text.split("Config search path")[0].splitlines() if ln.strip()]
     return " ".join(lines).replace("Available options in", "; available options in")
 
@@ -123,51 +138,69 @@ def from_composed(d: dict) -> PipelineConfig:
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]}; allowed at the top level: {sorted(known)}")
     run = validate_run(from_dict(RunConfig, {k: d[k] for k in CORE if k in d}))
-    cfg = PipelineConfig(name=str(d.get("name", "hkd")), run=run,
-                         storage=from_dict(StorageConfig, d.get("storage"), "storage."),
-                         tracking=from_dict(TrackingConfig, d.get("tracking"), "tracking."),
-                         cluster=from_dict(ClusterConfig, d.get("cluster"), "cluster."))
+    cfg = PipelineConfig(
+        name=str(d.get("name", "hkd")),
+        run=run,
+        storage=from_dict(StorageConfig, d.get("storage"), "storage."),
+        tracking=from_dict(TrackingConfig, d.get("tracking"), "tracking."),
+        cluster=from_dict(ClusterConfig, d.get("cluster"), "cluster."),
+    )
     return validate(cfg)
 
 
 def validate(cfg: PipelineConfig) -> PipelineConfig:
     s, c, t = cfg.storage, cfg.cluster, cfg.tracking
     if s.kind not in ("s3", "fs"):
-        raise ConfigError(f"storage.kind={s.kind!r} is not allowed; choose s3 (storage=local or storage=s3) or fs "
-                          f"(storage=fs: a local folder)")
+        raise ConfigError(
+            f"storage.kind={s.kind!r} is not allowed; choose s3 (storage=local or storage=s3) or fs "
+            f"(storage=fs: a local folder)"
+        )
     if s.data_source not in ("auto", "local", "s3"):
-        raise ConfigError(f"storage.data_source={s.data_source!r} is not allowed; choose auto (the local disk, else "
-                          f"s3://<bucket>/datasets/), local or s3")
+        raise ConfigError(
+            f"storage.data_source={s.data_source!r} is not allowed; choose auto (the local disk, else "
+            f"s3://<bucket>/datasets/), local or s3"
+        )
     if s.kind == "s3" and not s.bucket:
         raise ConfigError("storage.bucket is empty; name the S3 bucket (or set HKD_S3_BUCKET)")
     if s.endpoint_url and not s.endpoint_url.startswith(("http://", "https://")):
         raise ConfigError(f"storage.endpoint_url={s.endpoint_url!r} must start with http:// or https://")
     if t.kind not in ("server", "file"):
-        raise ConfigError(f"tracking.kind={t.kind!r} is not allowed; choose server (tracking=local or "
-                          f"tracking=remote) or file (tracking=file: a local MLflow store)")
+        raise ConfigError(
+            f"tracking.kind={t.kind!r} is not allowed; choose server (tracking=local or "
+            f"tracking=remote) or file (tracking=file: a local MLflow store)"
+        )
     if t.kind == "server" and not t.uri:
         raise ConfigError("tracking.uri is empty; set it (or MLFLOW_TRACKING_URI) to the MLflow server's URL")
     if t.kind == "server" and not t.uri.startswith(("http://", "https://", "sqlite:", "file:", "databricks")):
-        raise ConfigError(f"tracking.uri={t.uri!r} is not an MLflow tracking URI (http://host:port, sqlite:///...)")
+        raise ConfigError(
+            f"tracking.uri={t.uri!r} is not an MLflow tracking URI (http://host:port, sqlite:///...)"
+        )
     if not t.experiment or not t.experiment.strip():
-        raise ConfigError("tracking.experiment is empty; name the MLflow experiment the runs go to (default hkd)")
+        raise ConfigError(
+            "tracking.experiment is empty; name the MLflow experiment the runs go to (default hkd)"
+        )
     if c.num_workers < 1:
         raise ConfigError(f"cluster.num_workers={c.num_workers} must be >= 1")
     if c.placement_strategy not in PLACEMENT_STRATEGIES:
-        raise ConfigError(f"cluster.placement_strategy={c.placement_strategy!r}; choose one of "
-                          f"{list(PLACEMENT_STRATEGIES)}")
+        raise ConfigError(
+            f"cluster.placement_strategy={c.placement_strategy!r}; choose one of {list(PLACEMENT_STRATEGIES)}"
+        )
     if c.generation_tasks < 1:
         raise ConfigError(f"cluster.generation_tasks={c.generation_tasks} must be >= 1")
     if c.use_gpu and c.gpus_per_worker <= 0:
         raise ConfigError("cluster.use_gpu is true but cluster.gpus_per_worker is 0; give each worker a GPU")
     if cfg.run.train.batch_size % c.num_workers:
-        raise ConfigError(f"train.batch_size={cfg.run.train.batch_size} is not divisible by "
-                          f"cluster.num_workers={c.num_workers}")
+        raise ConfigError(
+            f"train.batch_size={cfg.run.train.batch_size} is not divisible by "
+            f"cluster.num_workers={c.num_workers}"
+        )
     shards = -(-cfg.run.trajectories.num // cfg.run.trajectories.shard_size)
     if shards < c.num_workers:
-        raise ConfigError(f"trajectories.num={cfg.run.trajectories.num} with trajectories.shard_size="
-                          f"{cfg.run.trajectories.shard_size} makes {shards} shards, fewer than cluster.num_workers="
-                          f"{c.num_workers}: every worker streams its own shards; lower shard_size")
+        raise ConfigError(
+            f"trajectories.num={cfg.run.trajectories.num} with trajectories.shard_size="
+            f"{cfg.run.trajectories.shard_size} makes {shards} shards, fewer than cluster.num_workers="
+            f"{c.num_workers}: every worker streams its own shards; lower shard_size"
+        )
     return cfg
 
 
@@ -184,7 +217,9 @@ def options() -> dict:
         opts = {y.stem: _first_comment(y) for y in sorted(folder.glob("*.yaml"))}
         user = user_conf_dir() / folder.name
         if user.is_dir():
-            opts.update({y.stem: _first_comment(y) + " (yours: " + str(y) + ")" for y in sorted(user.glob("*.yaml"))})
+            opts.update(
+                {y.stem: _first_comment(y) + " (yours: " + str(y) + ")" for y in sorted(user.glob("*.yaml"))}
+            )
         groups[folder.name] = {"default": defaults.get(folder.name), "options": opts}
     return {"groups": groups, "presets": groups.get("experiment", {}).get("options", {})}
 
@@ -201,7 +236,7 @@ def _default_options(path: Path) -> dict[str, str]:
 
 def _first_comment(path: Path) -> str:
     for line in path.read_text().splitlines():
-        if line.startswith("# @"):          # a Hydra directive (# @package _global_), not a description
+        if line.startswith("# @"):  # a Hydra directive (# @package _global_), not a description
             continue
         if line.startswith("#"):
             return line.lstrip("# ").strip()

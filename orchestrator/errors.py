@@ -4,6 +4,7 @@
 to act on. ``describe`` adds what is known: the error's own file name(s); else, when the current directory has
 gone (a Ray job's driver sits in Ray's unpacked copy of its working directory), that; else where it was raised.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,10 @@ def describe(err: BaseException) -> str:
     try:
         os.getcwd()
     except FileNotFoundError:
-        return (f"{what}: the current directory {os.environ.get('PWD', '(unknown)')} no longer exists (something "
-                f"removed it while this process was in it)")
+        return (
+            f"{what}: the current directory {os.environ.get('PWD', '(unknown)')} no longer exists (something "
+            f"removed it while this process was in it)"
+        )
     frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
     return f"{what} (no path given; raised at {frames[-1].filename}:{frames[-1].lineno})" if frames else what
 

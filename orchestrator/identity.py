@@ -5,6 +5,7 @@ consumes); its output lives under ``<storage root>/<stage>-<hash>/`` and its MLf
 the tag ``hkd.run_key``, so a restart reopens the same run. Everything that names a stage or finds a run
 (the pipeline, sweeps, the study, ``hkd edit``) calls these.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,8 +67,9 @@ def git_sha() -> str:
         return given
     if _CHECKOUT_SHA is None:
         try:
-            sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                 timeout=5).stdout.strip()
+            sha = subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             sha = ""
         _CHECKOUT_SHA = sha if re.fullmatch(r"[0-9a-f]{40}", sha) else "unknown"
@@ -78,8 +80,13 @@ def lineage(pc) -> dict[str, str]:
     """Tags every run of a pipeline carries; the commit also as MLflow's own ``mlflow.source.git.commit`` (the
     UI shows it), when it is known."""
     sha = git_sha()
-    tags = {"hkd.config_hash": pipeline_hash(pc), "hkd.git_sha": sha, "hkd.data": pc.run.data.name,
-            "hkd.variant": pc.run.model.variant, "hkd.storage_root": pc.storage.root_uri()}
+    tags = {
+        "hkd.config_hash": pipeline_hash(pc),
+        "hkd.git_sha": sha,
+        "hkd.data": pc.run.data.name,
+        "hkd.variant": pc.run.model.variant,
+        "hkd.storage_root": pc.storage.root_uri(),
+    }
     if sha != "unknown":
         tags["mlflow.source.git.commit"] = sha
     return tags

@@ -16,6 +16,7 @@ initialisation differs) against seed 0's random offsets, matched the same way. E
 
 Rows go to gauge.jsonl as each is measured (a stopped experiment resumes; finished stages are skipped by hash).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "no_latent": ("no latent term (train.latent_weight=0)", ["train.latent_weight=0"]),
     "state": ("observables of the state alone (model.observables=state)", ["model.observables=state"]),
     "condition": ("gauge condition in the loss (train.gauge_weight=0.1)", ["train.gauge_weight=0.1"]),
-    "condition_0.02": ("gauge condition in the loss, a fifth of the weight (train.gauge_weight=0.02)",
-                       ["train.gauge_weight=0.02"]),
+    "condition_0.02": (
+        "gauge condition in the loss, a fifth of the weight (train.gauge_weight=0.02)",
+        ["train.gauge_weight=0.02"],
+    ),
 }
 OFFSETS: dict[str, list[str]] = {
     "0": [],
@@ -46,8 +49,13 @@ OFFSETS: dict[str, list[str]] = {
     # every randomly initialised tensor) and in the data order; compared with "random" at seed 0
     "random_seed1": ["model.alpha_offset_spread=0.5", "train.seed=1"],
 }
-START = {"+0.5": (0.5, 0.0), "-0.5": (-0.5, 0.0), "random": (0.0, 0.5), "random_seed1": (0.0, 0.5)}  # (offset, spread)
-PAIRS = {"random_seed1": "random"}     # offset -> the row it is compared with (default: the zero-offset row)
+START = {
+    "+0.5": (0.5, 0.0),
+    "-0.5": (-0.5, 0.0),
+    "random": (0.0, 0.5),
+    "random_seed1": (0.0, 0.5),
+}  # (offset, spread)
+PAIRS = {"random_seed1": "random"}  # offset -> the row it is compared with (default: the zero-offset row)
 
 
 def latent_residuals(model, states, sigmas) -> dict[str, float]:
@@ -96,28 +104,42 @@ def run_one(config: str, offset: str, base: list[str]) -> dict:
     import torch
 
     sigmas = torch.tensor(read_manifest(make_store(pc.storage, prefix)).sigmas, dtype=torch.float64)
-    row = {"config": config, "offset": offset, "overrides": CONFIGS[config][1] + OFFSETS[offset],
-           "command": f"hkd {'pipeline' if last == 'evaluate' else 'distill'} " + " ".join(over),
-           "commit": identity.git_sha(), "config_hash": identity.pipeline_hash(pc),
-           "model_uri": res["distill"]["model_uri"], "kimg": res["distill"]["kimg"],
-           "train_s": res["distill"]["train_s"], "steps": res["distill"]["steps"],
-           "spectrum": [[ev.real.tolist(), ev.imag.tolist()] for ev in model.spectrum()],
-           **latent_residuals(model, sets["holdout"], sigmas), "wall_s": None}
+    row = {
+        "config": config,
+        "offset": offset,
+        "overrides": CONFIGS[config][1] + OFFSETS[offset],
+        "command": f"hkd {'pipeline' if last == 'evaluate' else 'distill'} " + " ".join(over),
+        "commit": identity.git_sha(),
+        "config_hash": identity.pipeline_hash(pc),
+        "model_uri": res["distill"]["model_uri"],
+        "kimg": res["distill"]["kimg"],
+        "train_s": res["distill"]["train_s"],
+        "steps": res["distill"]["steps"],
+        "spectrum": [[ev.real.tolist(), ev.imag.tolist()] for ev in model.spectrum()],
+        **latent_residuals(model, sets["holdout"], sigmas),
+        "wall_s": None,
+    }
     if last == "evaluate":
         m = res["evaluate"]["metrics"]
         full = max(pc.run.eval.teacher_nfe)
         t_kid = m.get(M.teacher_kid(full))
-        row.update({"n": int(m[M.EVAL_N]), "fid": m[M.FID], "kid": m[M.KID], "kid_std": m[M.KID_STD],
-                    "floor_fid": m.get(M.NOISE_FLOOR_FID), "kid_ratio": m[M.KID] / t_kid if t_kid else None,
-                    "run_id": res["_parent_run_id"]})
+        row.update(
+            {
+                "n": int(m[M.EVAL_N]),
+                "fid": m[M.FID],
+                "kid": m[M.KID],
+                "kid_std": m[M.KID_STD],
+                "floor_fid": m.get(M.NOISE_FLOOR_FID),
+                "kid_ratio": m[M.KID] / t_kid if t_kid else None,
+                "run_id": res["_parent_run_id"],
+            }
+        )
     tracker = Tracker(pc.tracking)
     run = tracker.find_run(identity.run_key(pc, "distill"))
     if run is not None:
         row["distill_run_id"] = run.info.run_id
     row["wall_s"] = time.perf_counter() - t0
     return row
-
-
 
 
 def canonical_rows(rows: list[dict], path: Path) -> dict[tuple[str, str], list]:
@@ -142,9 +164,14 @@ def canonical_rows(rows: list[dict], path: Path) -> dict[tuple[str, str], list]:
         if pc is None:
             pc = from_composed(compose_for_cli([]))
         model, _ = load_model(pc, r["model_uri"])
-        spec = canonical_spectrum(pc, model)     # what the evaluate stage logs: the same images and noise
-        rec = {"config": r["config"], "offset": r["offset"], "model_uri": r["model_uri"], "images": CANONICAL_IMAGES,
-               "spectrum": [[ev.real.tolist(), ev.imag.tolist()] for ev in spec]}
+        spec = canonical_spectrum(pc, model)  # what the evaluate stage logs: the same images and noise
+        rec = {
+            "config": r["config"],
+            "offset": r["offset"],
+            "model_uri": r["model_uri"],
+            "images": CANONICAL_IMAGES,
+            "spectrum": [[ev.real.tolist(), ev.imag.tolist()] for ev in spec],
+        }
         with path.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
         have[r["model_uri"]] = rec
@@ -169,14 +196,22 @@ def agreement_rows(rows: list[dict]) -> list[dict]:
         if zero is None or r["offset"] == "0":
             continue
         survival = [float("nan")] * len(r["spectrum"])
-        if against == "0":             # the start offset, drawn again as the run drew it (train.seed)
+        if against == "0":  # the start offset, drawn again as the run drew it (train.seed)
             modes = [len(a) for a, _ in r["spectrum"]]
             seed = next((int(o.split("=")[1]) for o in r["overrides"] if o.startswith("train.seed=")), 0)
             offsets = offset_draw(modes, *START[r["offset"]], seed=seed)
             survival = offset_survival([s.real for s in spec(zero)], [s.real for s in spec(r)], offsets)
         for l, a in enumerate(spectrum_agreement(spec(zero), spec(r)), 1):
-            out.append({"config": r["config"], "offset": r["offset"], "against": against, "level": l, **a,
-                        "offset_survival": survival[l - 1]})
+            out.append(
+                {
+                    "config": r["config"],
+                    "offset": r["offset"],
+                    "against": against,
+                    "level": l,
+                    **a,
+                    "offset_survival": survival[l - 1],
+                }
+            )
     return out
 
 
@@ -184,45 +219,63 @@ def table(rows: list[dict]) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    lines = ["Per config, the zero-offset run: FID/KID, and the latent residual on held-out trajectories.", "",
-             "| config | N | KID x1e3 | KID ratio | FID | latent residual at sigma ~ 1 | at the end | s / step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "Per config, the zero-offset run: FID/KID, and the latent residual on held-out trajectories.",
+        "",
+        "| config | N | KID x1e3 | KID ratio | FID | latent residual at sigma ~ 1 | at the end | s / step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if r["offset"] != "0":
             continue
-        lines.append(f"| {CONFIGS[r['config']][0]} | {r.get('n', '-')} | "
-                     f"{f(r.get('kid') and r['kid'] * 1e3, '.1f')} ± {f(r.get('kid_std') and r['kid_std'] * 1e3, '.1f')} | "
-                     f"{f(r.get('kid_ratio'), '.2f')} | {f(r.get('fid'), '.2f')} | {r['latent_residual_sigma1']:.3f} | "
-                     f"{r['latent_residual_end']:.3f} | {r['train_s'] / max(r['steps'], 1):.3f} |")
-    lines += ["", "Each offset run against its config's zero-offset run, per level, modes matched within each position "
-              "(Hungarian on (centred alpha, |beta|)): alpha's correlation and mean difference (run - zero run). A mean "
-              "difference near the offset (+0.5, -0.5; 0 on average for the random one, which the correlation shows) "
-              "means the offset survived. **Offset kept**: the slope of the learned difference per mode (mode k with mode k, "
-              "averaged over positions) on the offset that mode started with: 1, the start offset survived whole; 0, "
-              "training removed it.", "",
-              "| config | offset | against | level | offset kept | alpha corr | alpha mean diff | mean abs diff | "
-              "corr unmatched |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {CONFIGS[r['config']][0]} | {r.get('n', '-')} | "
+            f"{f(r.get('kid') and r['kid'] * 1e3, '.1f')} ± {f(r.get('kid_std') and r['kid_std'] * 1e3, '.1f')} | "
+            f"{f(r.get('kid_ratio'), '.2f')} | {f(r.get('fid'), '.2f')} | {r['latent_residual_sigma1']:.3f} | "
+            f"{r['latent_residual_end']:.3f} | {r['train_s'] / max(r['steps'], 1):.3f} |"
+        )
+    lines += [
+        "",
+        "Each offset run against its config's zero-offset run, per level, modes matched within each position "
+        "(Hungarian on (centred alpha, |beta|)): alpha's correlation and mean difference (run - zero run). A mean "
+        "difference near the offset (+0.5, -0.5; 0 on average for the random one, which the correlation shows) "
+        "means the offset survived. **Offset kept**: the slope of the learned difference per mode (mode k with mode k, "
+        "averaged over positions) on the offset that mode started with: 1, the start offset survived whole; 0, "
+        "training removed it.",
+        "",
+        "| config | offset | against | level | offset kept | alpha corr | alpha mean diff | mean abs diff | "
+        "corr unmatched |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for a in agreement_rows(rows):
         kept = a.get("offset_survival", float("nan"))
-        lines.append(f"| {a['config']} | {a['offset']} | {a['against']} | {a['level']} | "
-                     f"{'-' if kept != kept else format(kept, '.2f')} | {a['alpha_corr']:.3f} | "
-                     f"{a['alpha_mean_diff']:+.3f} | {a['alpha_mean_abs_diff']:.3f} | {a['alpha_corr_unmatched']:.3f} |")
+        lines.append(
+            f"| {a['config']} | {a['offset']} | {a['against']} | {a['level']} | "
+            f"{'-' if kept != kept else format(kept, '.2f')} | {a['alpha_corr']:.3f} | "
+            f"{a['alpha_mean_diff']:+.3f} | {a['alpha_mean_abs_diff']:.3f} | {a['alpha_corr_unmatched']:.3f} |"
+        )
     canon = [r for r in rows if r.get("canonical_spectrum")]
     if canon:
-        lines += ["", "The same comparison **in the canonical gauge** (each run's spectrum moved along its gauge orbit to "
-                  "where the encoder's mean log-energy and phase slopes at a fixed state are zero: "
-                  "hkd_core.gauge.canonical_gauge, measured on the same 512 test images; the model's outputs do not "
-                  "change). An offset kept near 0 and a correlation near 1 mean the canonical spectrum is set by the "
-                  "data and the teacher, not by where alpha started.", "",
-                  "| config | offset | against | level | offset kept | alpha corr | alpha mean diff | mean abs diff | "
-                  "corr unmatched |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "The same comparison **in the canonical gauge** (each run's spectrum moved along its gauge orbit to "
+            "where the encoder's mean log-energy and phase slopes at a fixed state are zero: "
+            "hkd_core.gauge.canonical_gauge, measured on the same 512 test images; the model's outputs do not "
+            "change). An offset kept near 0 and a correlation near 1 mean the canonical spectrum is set by the "
+            "data and the teacher, not by where alpha started.",
+            "",
+            "| config | offset | against | level | offset kept | alpha corr | alpha mean diff | mean abs diff | "
+            "corr unmatched |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for a in agreement_rows([{**r, "spectrum": r["canonical_spectrum"]} for r in canon]):
             kept = a.get("offset_survival", float("nan"))
-            lines.append(f"| {a['config']} | {a['offset']} | {a['against']} | {a['level']} | "
-                         f"{'-' if kept != kept else format(kept, '.2f')} | {a['alpha_corr']:.3f} | "
-                         f"{a['alpha_mean_diff']:+.3f} | {a['alpha_mean_abs_diff']:.3f} | "
-                         f"{a['alpha_corr_unmatched']:.3f} |")
+            lines.append(
+                f"| {a['config']} | {a['offset']} | {a['against']} | {a['level']} | "
+                f"{'-' if kept != kept else format(kept, '.2f')} | {a['alpha_corr']:.3f} | "
+                f"{a['alpha_mean_diff']:+.3f} | {a['alpha_mean_abs_diff']:.3f} | "
+                f"{a['alpha_corr_unmatched']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -231,24 +284,32 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for gauge.jsonl and gauge.md")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--offsets", default=",".join(OFFSETS), help=f"comma-separated, of {', '.join(OFFSETS)}")
-    p.add_argument("--base", nargs="*", default=[], help="overrides every run starts from (default: the main job)")
+    p.add_argument(
+        "--base", nargs="*", default=[], help="overrides every run starts from (default: the main job)"
+    )
     p.add_argument("--table", action="store_true", help="only write gauge.md from gauge.jsonl")
-    p.add_argument("--canonical", action="store_true", help="also compare the runs' spectra in the canonical gauge "
-                   "(loads each run's model; cached in canonical.jsonl)")
+    p.add_argument(
+        "--canonical",
+        action="store_true",
+        help="also compare the runs' spectra in the canonical gauge "
+        "(loads each run's model; cached in canonical.jsonl)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configs = [c for c in a.configs.split(",") if c]
     offsets = [o for o in a.offsets.split(",") if o]
     bad = [c for c in configs if c not in CONFIGS] + [o for o in offsets if o not in OFFSETS]
     if bad:
-        raise SystemExit(f"gauge: unknown {bad}; configs: {', '.join(CONFIGS)}; offsets: {', '.join(OFFSETS)}")
+        raise SystemExit(
+            f"gauge: unknown {bad}; configs: {', '.join(CONFIGS)}; offsets: {', '.join(OFFSETS)}"
+        )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gauge.jsonl"
     done = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
     if not a.table:
         for c in configs:
-            for o in (["0"] + [o for o in offsets if o != "0"]):      # the zero-offset run first
+            for o in ["0"] + [o for o in offsets if o != "0"]:  # the zero-offset run first
                 if any(r["config"] == c and r["offset"] == o for r in done):
                     continue
                 logging.info("gauge: %s, offset %s", c, o)

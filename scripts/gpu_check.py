@@ -19,6 +19,7 @@ fails is recorded with its error and the next runs. Within the time budget, in o
 
     python scripts/gpu_check.py --out DIR [--budget-s 540]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DEV = "cuda"          # --dry-run-cpu: every check on the CPU (gloo for the process group), to test this script
+DEV = "cuda"  # --dry-run-cpu: every check on the CPU (gloo for the process group), to test this script
 
 
 def _sync() -> None:
@@ -45,12 +46,21 @@ def _sync() -> None:
 def _device_info() -> dict:
     import torch
 
-    out = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-           "cuda_runtime": torch.version.cuda, "chosen": "cuda" if torch.cuda.is_available() else "cpu"}
+    out = {
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_runtime": torch.version.cuda,
+        "chosen": "cuda" if torch.cuda.is_available() else "cpu",
+    }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        out.update(name=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
-                   count=torch.cuda.device_count(), nccl=".".join(map(str, torch.cuda.nccl.version())))
+        out.update(
+            name=p.name,
+            capability=f"{p.major}.{p.minor}",
+            memory_gib=round(p.total_memory / 2**30, 1),
+            count=torch.cuda.device_count(),
+            nccl=".".join(map(str, torch.cuda.nccl.version())),
+        )
     return out
 
 
@@ -68,7 +78,13 @@ def _nccl_rank(rank: int, world: int, port: int, q, dev: str) -> None:
     dist.broadcast(b, 0)
     if dev == "cuda":
         torch.cuda.synchronize()
-    q.put({"rank": rank, "all_reduce": float(t[0]), "broadcast_ok": bool((b == torch.arange(8, device=dev)).all())})
+    q.put(
+        {
+            "rank": rank,
+            "all_reduce": float(t[0]),
+            "broadcast_ok": bool((b == torch.arange(8, device=dev)).all()),
+        }
+    )
     dist.destroy_process_group()
 
 
@@ -97,11 +113,12 @@ def check_nccl() -> dict:
 
 
 def _model(preset_name: str):
-    from hkd_core.models import build_model, preset
+    from hkd_core.architecture import preset
+    from hkd_core.models import build_model
 
-    if DEV == "cpu":                     # the dry run tests this script, not the speed: the smallest model
+    if DEV == "cpu":  # the dry run tests this script, not the speed: the smallest model
         preset_name = "tiny"
-    cfg = preset(preset_name, img_channels=3, resolution=32)        # CIFAR-10's shape
+    cfg = preset(preset_name, img_channels=3, resolution=32)  # CIFAR-10's shape
     return build_model("hkd", cfg), cfg
 
 
@@ -135,8 +152,11 @@ def check_inception() -> dict:
     g = torch.Generator().manual_seed(0)
     imgs = (torch.rand(64, 3, 32, 32, generator=g) * 255).to(torch.uint8)
     if not real:
-        return {"weights": None, "note": "no converted weights on this machine: the network's CUDA path was not run; "
-                                         "carry them (HKD_INCEPTION_WEIGHTS) or run `python -m hkd_core weights`"}
+        return {
+            "weights": None,
+            "note": "no converted weights on this machine: the network's CUDA path was not run; "
+            "carry them (HKD_INCEPTION_WEIGHTS) or run `python -m hkd_core weights`",
+        }
     gpu = InceptionFeatures(w, device=DEV, batch_size=64)
     cpu = InceptionFeatures(w, device="cpu", batch_size=64)
     fg, fc = gpu(imgs), cpu(imgs)
@@ -146,8 +166,12 @@ def check_inception() -> dict:
     for _ in range(5):
         gpu(imgs)
     _sync()
-    return {"weights": w, "max_abs_diff_gpu_vs_cpu": diff, "feature_scale": float(fc.abs().max()),
-            "images_per_s_gpu": 5 * 64 / (time.perf_counter() - t0)}
+    return {
+        "weights": w,
+        "max_abs_diff_gpu_vs_cpu": diff,
+        "feature_scale": float(fc.abs().max()),
+        "images_per_s_gpu": 5 * 64 / (time.perf_counter() - t0),
+    }
 
 
 def check_train(seconds: float) -> dict:
@@ -161,13 +185,25 @@ def check_train(seconds: float) -> dict:
     g = torch.Generator().manual_seed(0)
     n = 512
     sig = karras_sigmas(steps)
-    states = torch.randn(n, steps + 1, 3, cfg.resolution, cfg.resolution, generator=g) * sig.float().view(1, -1, 1, 1, 1)
+    states = torch.randn(n, steps + 1, 3, cfg.resolution, cfg.resolution, generator=g) * sig.float().view(
+        1, -1, 1, 1, 1
+    )
     rates = []
     kimg = 64 * (40 if DEV == "cuda" else 2) / 1000
     t0 = time.perf_counter()
-    res = train_hkd(model, states, sig, device=DEV, total_kimg=kimg, batch_size=batch, lr_rampup_kimg=0,
-                    log_every_kimg=kimg / 4, checkpoint_every_kimg=1e9, progress=False,
-                    metrics_cb=lambda m, k: rates.append(m.get("perf/samples_per_s")))
+    res = train_hkd(
+        model,
+        states,
+        sig,
+        device=DEV,
+        total_kimg=kimg,
+        batch_size=batch,
+        lr_rampup_kimg=0,
+        log_every_kimg=kimg / 4,
+        checkpoint_every_kimg=1e9,
+        progress=False,
+        metrics_cb=lambda m, k: rates.append(m.get("perf/samples_per_s")),
+    )
     wall = time.perf_counter() - t0
     model = model.to(DEV).eval()
     z = torch.randn(256, 3, cfg.resolution, cfg.resolution, device=DEV) * 80
@@ -178,8 +214,14 @@ def check_train(seconds: float) -> dict:
         for _ in range(10 if DEV == "cuda" else 1):
             model(z, 80.0)
         _sync()
-    return {"preset": "cifar" if DEV == "cuda" else "tiny (dry run)", "kimg": round(kimg, 3), "samples_per_s": rates[-1] if rates else None, "wall_s": wall,
-            "train_s": res.get("train_s"), "one_step_images_per_s": (10 if DEV == "cuda" else 1) * 256 / (time.perf_counter() - t1)}
+    return {
+        "preset": "cifar" if DEV == "cuda" else "tiny (dry run)",
+        "kimg": round(kimg, 3),
+        "samples_per_s": rates[-1] if rates else None,
+        "wall_s": wall,
+        "train_s": res.get("train_s"),
+        "one_step_images_per_s": (10 if DEV == "cuda" else 1) * 256 / (time.perf_counter() - t1),
+    }
 
 
 def check_study(seconds: float, out: Path) -> dict:
@@ -189,10 +231,24 @@ def check_study(seconds: float, out: Path) -> dict:
         import mlflow  # noqa: F401
         import ray  # noqa: F401
     except ImportError as e:
-        return {"skipped": f"{e.name} is not installed here (its wheel is larger than what travels to this machine); "
-                           f"the study preset needs Ray and MLflow"}
-    cmd = [sys.executable, "-m", "orchestrator", "study", "experiment=study_cifar_gpu", "storage=fs", "tracking=file",
-           f"storage.root={out}/store", f"tracking.root={out}/mlflow", "--no-progress", "--json", str(out / "study.json")]
+        return {
+            "skipped": f"{e.name} is not installed here (its wheel is larger than what travels to this machine); "
+            f"the study preset needs Ray and MLflow"
+        }
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "study",
+        "experiment=study_cifar_gpu",
+        "storage=fs",
+        "tracking=file",
+        f"storage.root={out}/store",
+        f"tracking.root={out}/mlflow",
+        "--no-progress",
+        "--json",
+        str(out / "study.json"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, seconds), cwd=ROOT)
     return {"returncode": r.returncode, "tail": (r.stdout + r.stderr)[-3000:]}
 
@@ -201,16 +257,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=540)
-    ap.add_argument("--dry-run-cpu", action="store_true", help="run every check on the CPU (tests this script)")
+    ap.add_argument(
+        "--dry-run-cpu", action="store_true", help="run every check on the CPU (tests this script)"
+    )
     a = ap.parse_args()
     global DEV
     DEV = "cpu" if a.dry_run_cpu else "cuda"
     a.out.mkdir(parents=True, exist_ok=True)
     t_end = time.monotonic() + a.budget_s
     results: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    checks = [("device", lambda: _device_info()), ("nccl", check_nccl), ("mixed_precision", check_mixed_precision),
-              ("inception", check_inception), ("train", lambda: check_train(t_end - time.monotonic())),
-              ("study", lambda: check_study(t_end - time.monotonic() - 20, a.out))]
+    checks = [
+        ("device", lambda: _device_info()),
+        ("nccl", check_nccl),
+        ("mixed_precision", check_mixed_precision),
+        ("inception", check_inception),
+        ("train", lambda: check_train(t_end - time.monotonic())),
+        ("study", lambda: check_study(t_end - time.monotonic() - 20, a.out)),
+    ]
     for name, fn in checks:
         if time.monotonic() > t_end - 15:
             results[name] = {"skipped": "out of time"}
@@ -218,17 +281,26 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             results[name] = {"ok": True, **fn()}
-        except Exception as e:              # recorded; the next check runs
-            results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        except Exception as e:  # recorded; the next check runs
+            results[name] = {
+                "ok": False,
+                "error": f"{type(e).__name__}: {e}",
+                "trace": traceback.format_exc()[-2000:],
+            }
         results[name]["seconds"] = round(time.perf_counter() - t0, 2)
-        print(f"[gpu_check] {name}: {'ok' if results[name].get('ok') else 'FAILED'} "
-              f"({results[name]['seconds']} s)", flush=True)
+        print(
+            f"[gpu_check] {name}: {'ok' if results[name].get('ok') else 'FAILED'} "
+            f"({results[name]['seconds']} s)",
+            flush=True,
+        )
         (a.out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
     lines = ["| check | ok | seconds | result |", "|---|---|---:|---|"]
     for name, r in results.items():
         if isinstance(r, dict):
             short = {k: v for k, v in r.items() if k not in ("ok", "seconds", "trace", "tail")}
-            lines.append(f"| {name} | {r.get('ok', '-')} | {r.get('seconds', '-')} | `{json.dumps(short, default=str)[:300]}` |")
+            lines.append(
+                f"| {name} | {r.get('ok', '-')} | {r.get('seconds', '-')} | `{json.dumps(short, default=str)[:300]}` |"
+            )
     (a.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(r.get("ok", True) for r in results.values() if isinstance(r, dict)) else 1

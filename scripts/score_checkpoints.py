@@ -11,6 +11,7 @@ make_eval_cb), whenever the cores are free. Give the run's overrides so that the
 
 Rows are appended as each checkpoint is scored (a stopped scoring resumes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="ckpt-*.pt files of one run")
@@ -35,8 +36,8 @@ def main(argv=None) -> int:
 
     from hkd_core import metric_names as M
     from hkd_core.models import build_model
-    from orchestrator.api import adopt_local_stack
     from orchestrator.config import load
+    from orchestrator.services.localstack import adopt_local_stack
     from orchestrator.stages import evaluation
     from orchestrator.stages.driver import init_ray
     from orchestrator.stages.workers import make_eval_cb
@@ -58,16 +59,28 @@ def main(argv=None) -> int:
             continue
         model = build_model(pc.run.model.variant, pc.run.hkd_config())
         model.load_state_dict(state["ema"])
-        m = score(model.eval(), -1.0)        # kimg -1: never the final point that the evaluate stage scores
-        rows.append({"kimg": kimg, "train_s": state["train_s"], "step": state["step"], "n": a.n,
-                     "fid": m[M.CURVE_FID], "kid": m[M.CURVE_KID], "kid_std": m[M.CURVE_KID_STD],
-                     "checkpoint": Path(path).name})
+        m = score(model.eval(), -1.0)  # kimg -1: never the final point that the evaluate stage scores
+        rows.append(
+            {
+                "kimg": kimg,
+                "train_s": state["train_s"],
+                "step": state["step"],
+                "n": a.n,
+                "fid": m[M.CURVE_FID],
+                "kid": m[M.CURVE_KID],
+                "kid_std": m[M.CURVE_KID_STD],
+                "checkpoint": Path(path).name,
+            }
+        )
         rows.sort(key=lambda r: r["kimg"])
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"overrides": overrides, "n": a.n, "points": rows}, indent=1))
         tmp.replace(out)
-        print(f"{Path(path).name}: {kimg:.1f} kimg, FID@{a.n} {m[M.CURVE_FID]:.2f}, KID x1e3 "
-              f"{m[M.CURVE_KID] * 1e3:.1f} ± {m[M.CURVE_KID_STD] * 1e3:.1f}", flush=True)
+        print(
+            f"{Path(path).name}: {kimg:.1f} kimg, FID@{a.n} {m[M.CURVE_FID]:.2f}, KID x1e3 "
+            f"{m[M.CURVE_KID] * 1e3:.1f} ± {m[M.CURVE_KID_STD] * 1e3:.1f}",
+            flush=True,
+        )
     return 0
 
 

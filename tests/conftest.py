@@ -1,10 +1,11 @@
 """Shared fixtures: tiny models and trajectories small enough for unit tests to run in seconds."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hkd_core.models import preset
+from hkd_core.architecture import preset
 from hkd_core.sampler import karras_sigmas, sample_heun
 from hkd_core.teachers import EmpiricalTeacher
 
@@ -91,7 +92,9 @@ def torch_fidelity_direct(fid_images):
 
     weights = _real_weights()
     if not weights.is_file():
-        pytest.fail(f"FID Inception weights missing at {weights}: run `python -m hkd_core weights` (set-up does)")
+        pytest.fail(
+            f"FID Inception weights missing at {weights}: run `python -m hkd_core weights` (set-up does)"
+        )
 
     class Images(torch.utils.data.Dataset):
         def __init__(self, x):
@@ -104,8 +107,20 @@ def torch_fidelity_direct(fid_images):
             return self.x[i]
 
     a, b = fid_images
-    m = torch_fidelity.calculate_metrics(input1=Images(a), input2=Images(b), fid=True, kid=True, kid_subset_size=16,
-                                         cuda=False, verbose=False, save_cpu_ram=True,
-                                         feature_extractor_weights_path=str(weights))
-    return {"weights": weights, "fid": m["frechet_inception_distance"], "kid": m["kernel_inception_distance_mean"],
-            "kid_std": m["kernel_inception_distance_std"]}
+    m = torch_fidelity.calculate_metrics(
+        input1=Images(a),
+        input2=Images(b),
+        fid=True,
+        kid=True,
+        kid_subset_size=16,
+        cuda=False,
+        verbose=False,
+        save_cpu_ram=True,
+        feature_extractor_weights_path=str(weights),
+    )
+    return {
+        "weights": weights,
+        "fid": m["frechet_inception_distance"],
+        "kid": m["kernel_inception_distance_mean"],
+        "kid_std": m["kernel_inception_distance_std"],
+    }

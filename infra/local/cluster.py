@@ -20,6 +20,7 @@ get ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``. Nodes are stopped by pr
 Storage and tracking come from the environment ``start`` is given (``eval "$(python infra/local/stack.py env)"``
 first): the nodes share no folder for data, checkpoints or trajectories, only S3 and MLflow.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ DROP = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "HKD_DATA_DIR", "RAY
 def node_ip(first_ip: str, i: int) -> str:
     a, b, c, d = (int(x) for x in first_ip.split("."))
     if a != 127 or d + i > 254:
-        raise SystemExit(f"cluster: --first-ip {first_ip} must be a loopback address 127.x.y.z with room for "
-                         f"{i + 1} nodes")
+        raise SystemExit(
+            f"cluster: --first-ip {first_ip} must be a loopback address 127.x.y.z with room for {i + 1} nodes"
+        )
     return f"{a}.{b}.{c}.{d + i}"
 
 
@@ -55,7 +57,7 @@ class LocalCluster:
         self.dir = Path(state)
         f = self.dir / "cluster.json"
         self.st = json.loads(f.read_text()) if f.is_file() else {"nodes": []}
-        self.base = dict(os.environ)        # the environment new nodes start from (start() sets it)
+        self.base = dict(os.environ)  # the environment new nodes start from (start() sets it)
 
     # ---- what clients need -------------------------------------------------------------------------------
     @property
@@ -72,13 +74,18 @@ class LocalCluster:
 
     def client_env(self) -> dict:
         """For ``ray job submit`` and the state API: the head's dashboard and the token's path."""
-        return {"RAY_ADDRESS": self.dashboard, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+        return {
+            "RAY_ADDRESS": self.dashboard,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+        }
 
     def _get(self, path: str):
         import urllib.request
 
-        req = urllib.request.Request(self.dashboard + path, headers={
-            "Authorization": "Bearer " + self.token_path.read_text().strip()})
+        req = urllib.request.Request(
+            self.dashboard + path, headers={"Authorization": "Bearer " + self.token_path.read_text().strip()}
+        )
         with urllib.request.urlopen(req, timeout=5) as r:
             return json.loads(r.read())
 
@@ -99,64 +106,110 @@ class LocalCluster:
     def _node_env(self, i: int, base: dict) -> dict:
         home = self.dir / f"node{i}"
         env = {k: v for k, v in base.items() if k not in DROP}
-        env.update(HOME=str(home), HKD_CACHE=str(home / "cache"), RAY_AUTH_MODE="token",
-                   RAY_AUTH_TOKEN_PATH=str(self.token_path),
-                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}")  # jobs run `hkd`
+        env.update(
+            HOME=str(home),
+            HKD_CACHE=str(home / "cache"),
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(self.token_path),
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}",
+        )  # jobs run `hkd`
         return env
 
-    def start(self, cpus: list[int], first_ip: str = "127.0.0.2", env: dict | None = None,
-              timeout_s: float = 300) -> LocalCluster:
+    def start(
+        self, cpus: list[int], first_ip: str = "127.0.0.2", env: dict | None = None, timeout_s: float = 300
+    ) -> LocalCluster:
         """Start the head with ``cpus[0]`` CPUs and one worker node per further entry; wait until the head sees
         them all alive."""
         if any(procs.alive(n.get("pid")) for n in self.st["nodes"]):
             raise SystemExit(f"cluster: {self.dir} already runs a cluster; stop it first")
         self.dir.mkdir(parents=True, exist_ok=True)
         base = dict(env if env is not None else os.environ)
-        names = ["gcs", "dashboard", "client"] + [f"{k}{i}" for i in range(len(cpus))
-                                                  for k in ("nm", "om", "agent", "agent_grpc", "metrics", "renv")]
+        names = ["gcs", "dashboard", "client"] + [
+            f"{k}{i}"
+            for i in range(len(cpus))
+            for k in ("nm", "om", "agent", "agent_grpc", "metrics", "renv")
+        ]
         # Ray's socket paths live under --temp-dir and must stay under 108 bytes: a short folder of its own
-        self.st = {"ports": dict(zip(names, procs.free_ports(len(names)))), "nodes": [],
-                   "tmp": tempfile.mkdtemp(prefix="hkdc-")}
+        self.st = {
+            "ports": dict(zip(names, procs.free_ports(len(names)))),
+            "nodes": [],
+            "tmp": tempfile.mkdtemp(prefix="hkdc-"),
+        }
         self.st["first_ip"] = first_ip
         self.base = base
         for i, n_cpu in enumerate(cpus):
             self._start_node(i, n_cpu)
             if i == 0:
-                procs.wait(lambda: self._head_up(), f"Ray head on {self.gcs} (dashboard {self.dashboard})",
-                            timeout_s, Path(self.st["nodes"][0]["log"]), self.st["nodes"][0]["pid"])
+                procs.wait(
+                    lambda: self._head_up(),
+                    f"Ray head on {self.gcs} (dashboard {self.dashboard})",
+                    timeout_s,
+                    Path(self.st["nodes"][0]["log"]),
+                    self.st["nodes"][0]["pid"],
+                )
         self._wait_nodes(timeout_s)
         return self
 
     def _start_node(self, i: int, n_cpu: int) -> None:
         p = self.st["ports"]
-        if f"nm{i}" not in p:        # a node added later: ports of its own
-            p.update(zip([f"{k}{i}" for k in ("nm", "om", "agent", "agent_grpc", "metrics", "renv")],
-                         procs.free_ports(6)))
+        if f"nm{i}" not in p:  # a node added later: ports of its own
+            p.update(
+                zip(
+                    [f"{k}{i}" for k in ("nm", "om", "agent", "agent_grpc", "metrics", "renv")],
+                    procs.free_ports(6),
+                )
+            )
         ip = node_ip(self.st["first_ip"], i)
         home = self.dir / f"node{i}"
         (home / "cache").mkdir(parents=True, exist_ok=True)
-        cmd = [stack._bin("ray"), "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={n_cpu}",
-               f"--temp-dir={Path(self.st['tmp']) / f'n{i}'}", "--disable-usage-stats",
-               f"--node-manager-port={p[f'nm{i}']}", f"--object-manager-port={p[f'om{i}']}",
-               f"--dashboard-agent-listen-port={p[f'agent{i}']}", f"--dashboard-agent-grpc-port={p[f'agent_grpc{i}']}",
-               f"--metrics-export-port={p[f'metrics{i}']}", f"--runtime-env-agent-port={p[f'renv{i}']}"]
+        cmd = [
+            stack._bin("ray"),
+            "start",
+            "--block",
+            f"--node-ip-address={ip}",
+            f"--num-cpus={n_cpu}",
+            f"--temp-dir={Path(self.st['tmp']) / f'n{i}'}",
+            "--disable-usage-stats",
+            f"--node-manager-port={p[f'nm{i}']}",
+            f"--object-manager-port={p[f'om{i}']}",
+            f"--dashboard-agent-listen-port={p[f'agent{i}']}",
+            f"--dashboard-agent-grpc-port={p[f'agent_grpc{i}']}",
+            f"--metrics-export-port={p[f'metrics{i}']}",
+            f"--runtime-env-agent-port={p[f'renv{i}']}",
+        ]
         if i == 0:
             # --num-cpus=0 on the head (as cluster guides advise): it schedules, and every task and Train worker
             # runs on the other nodes
-            cmd += ["--head", f"--port={p['gcs']}", "--include-dashboard=true", f"--dashboard-host={ip}",
-                    f"--dashboard-port={p['dashboard']}", f"--ray-client-server-port={p['client']}"]
+            cmd += [
+                "--head",
+                f"--port={p['gcs']}",
+                "--include-dashboard=true",
+                f"--dashboard-host={ip}",
+                f"--dashboard-port={p['dashboard']}",
+                f"--ray-client-server-port={p['client']}",
+            ]
         else:
             cmd += [f"--address={self.gcs}", f"--resources={json.dumps({f'node{i}': 1})}"]
         log = home / "ray.log"
-        self.st["nodes"].append({"ip": ip, "cpus": n_cpu, "pid": procs.spawn(cmd, log, self._node_env(i, self.base)),
-                                 "log": str(log)})
+        self.st["nodes"].append(
+            {
+                "ip": ip,
+                "cpus": n_cpu,
+                "pid": procs.spawn(cmd, log, self._node_env(i, self.base)),
+                "log": str(log),
+            }
+        )
         self._save()
 
     def _wait_nodes(self, timeout_s: float) -> None:
         want = {n["ip"] for n in self.st["nodes"]}
-        procs.wait(lambda: {r["node_ip"] for r in self.alive_nodes()} >= want,
-                    f"{len(want)} Ray nodes ({', '.join(sorted(want))})", timeout_s, Path(self.st["nodes"][-1]["log"]),
-                    self.st["nodes"][-1]["pid"])
+        procs.wait(
+            lambda: {r["node_ip"] for r in self.alive_nodes()} >= want,
+            f"{len(want)} Ray nodes ({', '.join(sorted(want))})",
+            timeout_s,
+            Path(self.st["nodes"][-1]["log"]),
+            self.st["nodes"][-1]["pid"],
+        )
 
     def add_node(self, n_cpu: int, timeout_s: float = 300) -> str:
         """One more worker node (the cluster grows, as an autoscaler grows it); returns its address."""
@@ -204,12 +257,20 @@ class LocalCluster:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=["start", "env", "status", "add-node", "kill-node", "stop"])
-    ap.add_argument("node", nargs="?", type=int, help="kill-node: the node's index (1 = the first worker node)")
+    ap.add_argument(
+        "node", nargs="?", type=int, help="kill-node: the node's index (1 = the first worker node)"
+    )
     ap.add_argument("--dir", type=Path, required=True)
-    ap.add_argument("--nodes", default="2,2", help="CPUs of the head, then of each worker node (default 2,2; a head "
-                                                   "of 0 CPUs, as on clusters, puts all work on the others)")
+    ap.add_argument(
+        "--nodes",
+        default="2,2",
+        help="CPUs of the head, then of each worker node (default 2,2; a head "
+        "of 0 CPUs, as on clusters, puts all work on the others)",
+    )
     ap.add_argument("--cpus", type=int, default=2, help="add-node: the new node's CPUs (default 2)")
-    ap.add_argument("--first-ip", default="127.0.0.2", help="the head's loopback address; workers take the next")
+    ap.add_argument(
+        "--first-ip", default="127.0.0.2", help="the head's loopback address; workers take the next"
+    )
     a = ap.parse_args(argv)
     c = LocalCluster(a.dir)
     if a.action == "start":
@@ -218,8 +279,15 @@ def main(argv=None) -> int:
     elif a.action == "env":
         print("\n".join(f"export {k}={v}" for k, v in c.client_env().items()))
     elif a.action == "status":
-        print(json.dumps([{"ip": r["node_ip"], "node_id": r["node_id"], "head": r.get("is_head_node")}
-                          for r in c.alive_nodes()], indent=1))
+        print(
+            json.dumps(
+                [
+                    {"ip": r["node_ip"], "node_id": r["node_id"], "head": r.get("is_head_node")}
+                    for r in c.alive_nodes()
+                ],
+                indent=1,
+            )
+        )
     elif a.action == "add-node":
         print(f"cluster: added a node on {c.add_node(a.cpus)} with {a.cpus} CPUs")
     elif a.action == "kill-node":

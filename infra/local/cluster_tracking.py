@@ -15,6 +15,7 @@ start into ``DIR`` with mode 0600 and never printed: ``pgpass`` (libpq's passwor
 ``PGPASSFILE``), ``mlflow_credentials`` (an MLflow user for the clients: ``HKD_MLFLOW_CREDENTIALS``) and the
 server's own ``basic_auth.ini`` (the admin). Every server binds 127.0.0.1. Standard library only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def pg_bin(name: str) -> str:
             return str(d / name)
     found = found or shutil.which(name)
     if not found:
-        raise SystemExit(f"cluster-tracking: PostgreSQL's `{name}` not found (PATH, /usr/lib/postgresql/*/bin); "
-                         f"install Debian's postgresql package: apt-get install postgresql")
+        raise SystemExit(
+            f"cluster-tracking: PostgreSQL's `{name}` not found (PATH, /usr/lib/postgresql/*/bin); "
+            f"install Debian's postgresql package: apt-get install postgresql"
+        )
     return found
 
 
@@ -67,8 +70,10 @@ def _as_postgres() -> list[str]:
         return []
     runuser = shutil.which("runuser")
     if not runuser:
-        raise SystemExit("cluster-tracking: running as root needs `runuser` (util-linux) to start PostgreSQL as "
-                         "the postgres user")
+        raise SystemExit(
+            "cluster-tracking: running as root needs `runuser` (util-linux) to start PostgreSQL as "
+            "the postgres user"
+        )
     return [runuser, "-u", "postgres", "--"]
 
 
@@ -76,8 +81,10 @@ def secrets_of(state: Path) -> dict:
     f = state / "secrets.json"
     if not f.is_file():
         state.mkdir(parents=True, exist_ok=True)
+        # fmt: off
         _secret_file(f, json.dumps({"db": secrets.token_hex(16), "admin": secrets.token_hex(16),
                                     "client": secrets.token_hex(16), "flask": secrets.token_hex(24)}))
+        # fmt: on
     return json.loads(f.read_text())
 
 
@@ -103,75 +110,104 @@ def start_postgres(state: Path, st: dict) -> None:
     log = state / "logs" / "postgresql.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     if not (data / "PG_VERSION").exists():
-        fd, pw = tempfile.mkstemp(prefix="hkd-pg-pw-")          # outside the data folder: initdb wants it empty
+        fd, pw = tempfile.mkstemp(prefix="hkd-pg-pw-")  # outside the data folder: initdb wants it empty
         with os.fdopen(fd, "w") as fh:
             fh.write(sec["db"] + "\n")
         try:
             if as_pg:
                 shutil.chown(pw, "postgres", "postgres")
             # the superuser is the project's own user, with a password (scram) over TCP and on the local socket
+            # fmt: off
             r = subprocess.run(as_pg + [pg_bin("initdb"), "-D", str(data), "-U", DB_USER, "--auth-local=scram-sha-256",
                                         "--auth-host=scram-sha-256", f"--pwfile={pw}", "-E", "UTF8"],
                                capture_output=True, text=True, timeout=120)
+            # fmt: on
         finally:
             os.unlink(pw)
         if r.returncode:
             raise SystemExit(f"cluster-tracking: initdb failed in {data}:\n{(r.stdout + r.stderr)[-1500:]}")
     with open(log, "ab") as out:
+        # fmt: off
         subprocess.run(as_pg + [pg_bin("pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l", str(data / "server.log"),
                                 "-o", f"-h {HOST} -p {port} -k {data}", "start"],
                        check=True, stdout=out, stderr=subprocess.STDOUT, timeout=90)
+        # fmt: on
     pid = int((data / "postmaster.pid").read_text().split()[0])
     st["services"]["pg"] = {"pid": pid, "log": str(data / "server.log")}
     stack.save_state(state, st)
     _secret_file(state / "pgpass", f"{HOST}:{port}:*:{DB_USER}:{sec['db']}\n")
     env = {**os.environ, "PGPASSFILE": str(state / "pgpass")}
     for db in DATABASES:
+        # fmt: off
         r = subprocess.run([pg_bin("psql"), "-h", HOST, "-p", str(port), "-U", DB_USER, "-d", "postgres", "-tAc",
                             f"SELECT 1 FROM pg_database WHERE datname = '{db}'"], env=env, capture_output=True,
                            text=True, timeout=30, check=True)
+        # fmt: on
         if r.stdout.strip() != "1":
+            # fmt: off
             subprocess.run([pg_bin("psql"), "-h", HOST, "-p", str(port), "-U", DB_USER, "-d", "postgres", "-qc",
                             f'CREATE DATABASE "{db}"'], env=env, check=True, timeout=30, capture_output=True)
+            # fmt: on
     print(f"cluster-tracking: PostgreSQL on {HOST}:{port} ready (databases {', '.join(DATABASES)})")
 
 
 def start_mlflow(state: Path, st: dict, stack_dir: Path) -> None:
     sec = secrets_of(state)
     port = st["ports"]["mlflow"]
-    if procs.alive(st["services"].get("mlflow", {}).get("pid")) and \
-            procs.http_status(f"http://{HOST}:{port}/health") == 200:
+    if (
+        procs.alive(st["services"].get("mlflow", {}).get("pid"))
+        and procs.http_status(f"http://{HOST}:{port}/health") == 200
+    ):
         print("cluster-tracking: mlflow already running")
         return
     stack.require_free({"ports": {"mlflow": port}}, ["mlflow"])
     sst = stack.load_state(stack_dir)
     if "s3" not in sst.get("services", {}):
-        raise SystemExit(f"cluster-tracking: the local stack's S3 is not running ({stack_dir}); start it first: "
-                         f"python infra/local/stack.py start")
+        raise SystemExit(
+            f"cluster-tracking: the local stack's S3 is not running ({stack_dir}); start it first: "
+            f"python infra/local/stack.py start"
+        )
     ini = state / "basic_auth.ini"
-    _secret_file(ini, "[mlflow]\ndefault_permission = READ\n"
-                      f"database_uri = {db_url(st, 'mlflow_auth')}\n"
-                      "admin_username = admin\n"
-                      f"admin_password = {sec['admin']}\n"
-                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    _secret_file(state / "mlflow_credentials", f"[mlflow]\nmlflow_tracking_username = {CLIENT_USER}\n"
-                                               f"mlflow_tracking_password = {sec['client']}\n")
-    env = {**os.environ, **stack.client_env(stack_dir, sst), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": sec["flask"],
-           "PGPASSFILE": str(state / "pgpass"),
-           # the backend store's URL carries no password (libpq reads PGPASSFILE): nothing secret on a command line
-           "MLFLOW_BACKEND_STORE_URI": db_url(st, "mlflow")}
+    _secret_file(
+        ini,
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = {db_url(st, 'mlflow_auth')}\n"
+        "admin_username = admin\n"
+        f"admin_password = {sec['admin']}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+    )
+    _secret_file(
+        state / "mlflow_credentials",
+        f"[mlflow]\nmlflow_tracking_username = {CLIENT_USER}\nmlflow_tracking_password = {sec['client']}\n",
+    )
+    env = {
+        **os.environ,
+        **stack.client_env(stack_dir, sst),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": sec["flask"],
+        "PGPASSFILE": str(state / "pgpass"),
+        # the backend store's URL carries no password (libpq reads PGPASSFILE): nothing secret on a command line
+        "MLFLOW_BACKEND_STORE_URI": db_url(st, "mlflow"),
+    }
     for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(k, None)
     allowed = ",".join(dict.fromkeys([f"{HOST}:{port}", f"{HOST}", *st.get("allowed_hosts", [])]))
+    # fmt: off
     cmd = [stack._bin("mlflow"), "server", "--app-name", "basic-auth",
            "--artifacts-destination", f"s3://{stack.BUCKET}/mlflow-artifacts-cluster", "--host", HOST,
            "--port", str(port), "--workers", "2", "--allowed-hosts", allowed]
+    # fmt: on
     log = state / "logs" / "mlflow.log"
     st["services"]["mlflow"] = {"pid": procs.spawn(cmd, log, env), "log": str(log)}
     stack.save_state(state, st)
-    procs.wait(lambda: procs.http_status(f"http://{HOST}:{port}/health") == 200,
-                f"MLflow (PostgreSQL, basic auth) on {HOST}:{port}", 120, log, st["services"]["mlflow"]["pid"])
+    procs.wait(
+        lambda: procs.http_status(f"http://{HOST}:{port}/health") == 200,
+        f"MLflow (PostgreSQL, basic auth) on {HOST}:{port}",
+        120,
+        log,
+        st["services"]["mlflow"]["pid"],
+    )
     add_client_user(st, sec)
 
 
@@ -184,11 +220,15 @@ def add_client_user(st: dict, sec: dict) -> None:
     import urllib.request
 
     base = f"http://{HOST}:{st['ports']['mlflow']}"
-    admin = {"Authorization": "Basic " + base64.b64encode(f"admin:{sec['admin']}".encode()).decode(),
-             "Content-Type": "application/json"}
+    admin = {
+        "Authorization": "Basic " + base64.b64encode(f"admin:{sec['admin']}".encode()).decode(),
+        "Content-Type": "application/json",
+    }
 
     def post(path: str, body: dict) -> int:
-        req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers=admin, method="POST")
+        req = urllib.request.Request(
+            base + path, data=json.dumps(body).encode(), headers=admin, method="POST"
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
                 return r.status
@@ -196,14 +236,17 @@ def add_client_user(st: dict, sec: dict) -> None:
             return e.code
 
     code = post("/api/2.0/mlflow/users/create", {"username": CLIENT_USER, "password": sec["client"]})
-    if code not in (200, 400):          # 400: RESOURCE_ALREADY_EXISTS on a restart
+    if code not in (200, 400):  # 400: RESOURCE_ALREADY_EXISTS on a restart
         raise SystemExit(f"cluster-tracking: creating the client user failed (HTTP {code})")
 
 
 def client_env(state: Path, st: dict) -> dict:
-    return {"MLFLOW_TRACKING_URI": f"http://{HOST}:{st['ports']['mlflow']}",
-            "HKD_MLFLOW_CREDENTIALS": str(state / "mlflow_credentials"), "PGPASSFILE": str(state / "pgpass"),
-            "HKD_OPTUNA_STORAGE": db_url(st, "optuna")}
+    return {
+        "MLFLOW_TRACKING_URI": f"http://{HOST}:{st['ports']['mlflow']}",
+        "HKD_MLFLOW_CREDENTIALS": str(state / "mlflow_credentials"),
+        "PGPASSFILE": str(state / "pgpass"),
+        "HKD_OPTUNA_STORAGE": db_url(st, "optuna"),
+    }
 
 
 def stop(state: Path) -> None:
@@ -212,8 +255,12 @@ def stop(state: Path) -> None:
     if svc and svc.get("pid"):
         procs.stop_pid("mlflow", svc["pid"])
     if st.get("pg_data") and st["services"].get("pg"):
-        subprocess.run(_as_postgres() + [pg_bin("pg_ctl"), "-D", st["pg_data"], "-m", "fast", "-w", "stop"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
+        subprocess.run(
+            _as_postgres() + [pg_bin("pg_ctl"), "-D", st["pg_data"], "-m", "fast", "-w", "stop"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            timeout=60,
+        )
         print("cluster-tracking: stopped postgresql")
     st["services"] = {}
     stack.save_state(state, st)
@@ -231,20 +278,29 @@ def purge(state: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["start", "stop", "purge", "env", "status"])
-    ap.add_argument("--dir", type=Path, default=None, help="state folder (default <stack dir>/cluster-tracking)")
-    ap.add_argument("--stack-dir", type=Path, default=None, help="the local stack's folder (its S3 holds artifacts)")
+    ap.add_argument(
+        "--dir", type=Path, default=None, help="state folder (default <stack dir>/cluster-tracking)"
+    )
+    ap.add_argument(
+        "--stack-dir", type=Path, default=None, help="the local stack's folder (its S3 holds artifacts)"
+    )
     ap.add_argument("--pg-port", type=int, default=None, help="default 5432")
     ap.add_argument("--mlflow-port", type=int, default=None, help="default 5001")
-    ap.add_argument("--allowed-hosts", default="", help="more host names the server answers to (comma-separated; "
-                                                        "127.0.0.1:<port> always)")
+    ap.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="more host names the server answers to (comma-separated; 127.0.0.1:<port> always)",
+    )
     a = ap.parse_args(argv)
     stack_dir = (a.stack_dir or stack.default_dir()).resolve()
     state = (a.dir or stack_dir / "cluster-tracking").resolve()
     state.mkdir(parents=True, exist_ok=True)
     st = stack.load_state(state)
     if a.command == "start":
-        st["ports"] = {"pg": a.pg_port or st.get("ports", {}).get("pg", 5432),
-                       "mlflow": a.mlflow_port or st.get("ports", {}).get("mlflow", 5001)}
+        st["ports"] = {
+            "pg": a.pg_port or st.get("ports", {}).get("pg", 5432),
+            "mlflow": a.mlflow_port or st.get("ports", {}).get("mlflow", 5001),
+        }
         if a.allowed_hosts:
             st["allowed_hosts"] = [h for h in a.allowed_hosts.split(",") if h]
         st.setdefault("services", {})
@@ -252,16 +308,20 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         start_postgres(state, st)
         start_mlflow(state, st, stack_dir)
-        print(f"cluster-tracking: MLflow http://{HOST}:{st['ports']['mlflow']} (basic auth) on PostgreSQL "
-              f"{HOST}:{st['ports']['pg']}, up in {time.monotonic() - t0:.1f} s")
+        print(
+            f"cluster-tracking: MLflow http://{HOST}:{st['ports']['mlflow']} (basic auth) on PostgreSQL "
+            f"{HOST}:{st['ports']['pg']}, up in {time.monotonic() - t0:.1f} s"
+        )
         print(f'cluster-tracking: for clients: eval "$({sys.executable} {Path(__file__)} env --dir {state})"')
     elif a.command == "stop":
         stop(state)
     elif a.command == "purge":
         purge(state)
     elif a.command == "status":
+        # fmt: off
         print(json.dumps({k: {"pid": v["pid"], "alive": procs.alive(v["pid"])} for k, v in
                           st.get("services", {}).items()}, indent=1))
+        # fmt: on
     elif a.command == "env":
         if "ports" not in st:
             raise SystemExit(f"cluster-tracking: not started yet (no stack.json in {state})")

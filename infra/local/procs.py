@@ -1,5 +1,6 @@
 """Process helpers of the local stack and the clusters built beside it (infra/local/): free ports, health checks,
 spawning a service in its own session, stopping all of it. Standard library only."""
+
 from __future__ import annotations
 
 import os
@@ -57,14 +58,16 @@ def port_taken(port: int) -> bool:
 def wait(check, what: str, timeout_s: float, log: Path, pid: int | None = None) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
-        if check() and (pid is None or alive(pid)):   # our process answers, not whatever holds the port
+        if check() and (pid is None or alive(pid)):  # our process answers, not whatever holds the port
             print(f"stack: {what} ready in {time.monotonic() - t0:.1f} s")
             return
         if pid is not None and not alive(pid):
-            break   # it exited: no point waiting out the timeout
+            break  # it exited: no point waiting out the timeout
         time.sleep(0.3)
     tail = log.read_text(errors="replace")[-2000:] if log.is_file() else "(no log)"
-    state = "exited" if pid is not None and not alive(pid) else f"did not become healthy within {timeout_s:.0f} s"
+    state = (
+        "exited" if pid is not None and not alive(pid) else f"did not become healthy within {timeout_s:.0f} s"
+    )
     raise SystemExit(f"stack: {what} {state}; last log lines ({log}):\n{tail}")
 
 
@@ -75,7 +78,7 @@ def alive(pid: int | None) -> bool:
         os.kill(pid, 0)
     except OSError:
         return False
-    try:   # a zombie counts as dead
+    try:  # a zombie counts as dead
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
@@ -84,8 +87,14 @@ def alive(pid: int | None) -> bool:
 def spawn(cmd: list[str], log: Path, env: dict) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                             start_new_session=True)   # its own process group, so stop can end all of it
+        p = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )  # its own process group, so stop can end all of it
     return p.pid
 
 

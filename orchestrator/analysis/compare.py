@@ -24,6 +24,7 @@ training shows (``compare_alpha.png`` plots one against the other). The Wasserst
 alpha (and beta) distributions, relative to their pooled std (``hkd_core.spectra.spectrum_distance``), is the
 second number: it compares marginals only, so it cannot tell which mode at which position holds which rate.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,7 +48,9 @@ class Source:
 
 def _search(client, flt: str) -> list:
     exps = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(exps, flt, max_results=500, order_by=["attributes.start_time ASC"]) if exps else []
+    return (
+        client.search_runs(exps, flt, max_results=500, order_by=["attributes.start_time ASC"]) if exps else []
+    )
 
 
 def resolve(client, token: str) -> list[Source]:
@@ -64,18 +67,29 @@ def resolve(client, token: str) -> list[Source]:
         uri = run.data.tags.get("hkd.model_uri")
         if uri:
             return [Source(run.info.run_name or token, uri, token)]
-        kids = [r for r in _search(client, f"tags.`mlflow.parentRunId` = '{token}'") if r.data.tags.get("hkd.model_uri")]
-        if kids:   # the distill child (its FID curve lives there), else the last child with the model's tag
+        kids = [
+            r
+            for r in _search(client, f"tags.`mlflow.parentRunId` = '{token}'")
+            if r.data.tags.get("hkd.model_uri")
+        ]
+        if kids:  # the distill child (its FID curve lives there), else the last child with the model's tag
             kid = ([k for k in kids if k.data.tags.get("hkd.stage") == "distill"] or kids)[-1]
             return [Source(run.info.run_name or token, kid.data.tags["hkd.model_uri"], kid.info.run_id)]
-        raise ValueError(f"run {token} ({run.info.run_name}) has no model: neither its tag hkd.model_uri nor a child "
-                         f"run's; give a distill run, a sweep trial or a pipeline run")
+        raise ValueError(
+            f"run {token} ({run.info.run_name}) has no model: neither its tag hkd.model_uri nor a child "
+            f"run's; give a distill run, a sweep trial or a pipeline run"
+        )
     for tag, what in (("hkd.sweep_id", "sweep"), ("hkd.study", "study")):
         runs = [r for r in _search(client, f"tags.`{tag}` = '{token}'") if r.data.tags.get("hkd.model_uri")]
         if runs:
-            return [Source(r.info.run_name or r.info.run_id, r.data.tags["hkd.model_uri"], r.info.run_id) for r in runs]
-    raise ValueError(f"{token!r}: not an MLflow run id, nor a sweep (tag hkd.sweep_id) or study (tag hkd.study) with "
-                     f"distilled models, nor a model URI (s3://..., models:/name/version, a local model.pt)")
+            return [
+                Source(r.info.run_name or r.info.run_id, r.data.tags["hkd.model_uri"], r.info.run_id)
+                for r in runs
+            ]
+    raise ValueError(
+        f"{token!r}: not an MLflow run id, nor a sweep (tag hkd.sweep_id) or study (tag hkd.study) with "
+        f"distilled models, nor a model URI (s3://..., models:/name/version, a local model.pt)"
+    )
 
 
 def compare_table(labels: list[str], spectra: list[list]) -> dict:
@@ -88,13 +102,27 @@ def compare_table(labels: list[str], spectra: list[list]) -> dict:
     for i, (name, spec) in enumerate(zip(labels, spectra)):
         s = summarize(spec, prefix="")
         levels = len(spec)
-        same = i and len(spec) == len(spectra[0]) and all(a.shape == b.shape for a, b in zip(spectra[0], spec))
+        same = (
+            i and len(spec) == len(spectra[0]) and all(a.shape == b.shape for a, b in zip(spectra[0], spec))
+        )
         dist = spectrum_distance(spectra[0], spec) if i and len(spec) == len(spectra[0]) else None
         agree = spectrum_agreement(spectra[0], spec) if same else None
         for l in range(levels):
-            row = {"model": name, "level": l + 1,
-                   **{k: s[f"/l{l + 1}/{k}"] for k in ("alpha_mean", "alpha_std", "alpha_min", "alpha_max",
-                                                       "abs_beta_mean", "frac_growing")}}
+            row = {
+                "model": name,
+                "level": l + 1,
+                **{
+                    k: s[f"/l{l + 1}/{k}"]
+                    for k in (
+                        "alpha_mean",
+                        "alpha_std",
+                        "alpha_min",
+                        "alpha_max",
+                        "abs_beta_mean",
+                        "frac_growing",
+                    )
+                },
+            }
             if agree is not None:
                 row.update({k: agree[l][k] for k in ("alpha_corr", "alpha_mean_diff", "abs_beta_corr")})
             if dist is not None:
@@ -104,15 +132,30 @@ def compare_table(labels: list[str], spectra: list[list]) -> dict:
 
 
 def to_markdown(table: dict) -> str:
-    head = ("| model | level | alpha mean | alpha std | alpha min | alpha max | growing | alpha corr vs first "
-            "(matched) | alpha mean diff | abs(beta) corr | W1(alpha) vs first | W1 / std (alpha) | W1 / std (beta) |"
-            "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| model | level | alpha mean | alpha std | alpha min | alpha max | growing | alpha corr vs first "
+        "(matched) | alpha mean diff | abs(beta) corr | W1(alpha) vs first | W1 / std (alpha) | W1 / std (beta) |"
+        "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     out = []
     for r in table["rows"]:
-        d = [f"{r[k]:.3f}" if k in r else "-" for k in ("alpha_corr", "alpha_mean_diff", "abs_beta_corr", "alpha_w1",
-                                                       "alpha_w1_over_std", "beta_w1_over_std")]
-        out.append(f"| {r['model']} | {r['level']} | {r['alpha_mean']:.3f} | {r['alpha_std']:.3f} | "
-                   f"{r['alpha_min']:.3f} | {r['alpha_max']:.3f} | {r['frac_growing']:.3f} | " + " | ".join(d) + " |\n")
+        d = [
+            f"{r[k]:.3f}" if k in r else "-"
+            for k in (
+                "alpha_corr",
+                "alpha_mean_diff",
+                "abs_beta_corr",
+                "alpha_w1",
+                "alpha_w1_over_std",
+                "beta_w1_over_std",
+            )
+        ]
+        out.append(
+            f"| {r['model']} | {r['level']} | {r['alpha_mean']:.3f} | {r['alpha_std']:.3f} | "
+            f"{r['alpha_min']:.3f} | {r['alpha_max']:.3f} | {r['frac_growing']:.3f} | "
+            + " | ".join(d)
+            + " |\n"
+        )
     return head + "".join(out)
 
 
@@ -139,9 +182,15 @@ def curves_markdown(curves: dict) -> str:
     """One row per run: FID (KID x1e3 +- std) at each scored kimg, and the best point."""
     lines = ["| run | N | FID (KID x1e3) at kimg | best |", "|---|---:|---|---|"]
     for label, c in curves.items():
-        pts = ", ".join(f"{p['kimg']:.4g}: {p['fid']:.2f}"
-                        + (f" ({p['kid'] * 1e3:.1f} ± {p['kid_std'] * 1e3:.1f})" if p.get("kid") is not None
-                           and p.get("kid_std") is not None else "") for p in c["curve"])
+        pts = ", ".join(
+            f"{p['kimg']:.4g}: {p['fid']:.2f}"
+            + (
+                f" ({p['kid'] * 1e3:.1f} ± {p['kid_std'] * 1e3:.1f})"
+                if p.get("kid") is not None and p.get("kid_std") is not None
+                else ""
+            )
+            for p in c["curve"]
+        )
         best = min(c["curve"], key=lambda p: p["fid"])
         lines.append(f"| {label} | {c['curve_n']} | {pts} | {best['fid']:.2f} at {best['kimg']:.4g} kimg |")
     return "\n".join(lines) + "\n"
@@ -150,8 +199,9 @@ def curves_markdown(curves: dict) -> str:
 GAUGES = ("canonical", "trained")
 
 
-def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow: bool = True,
-                gauge: str = "canonical") -> dict:
+def run_compare(
+    pc, tokens: list[str], out: str | Path | None = None, log_mlflow: bool = True, gauge: str = "canonical"
+) -> dict:
     """Compare the spectra of the models that ``tokens`` name. ``gauge``: ``canonical`` (default) compares each
     model's spectrum in the canonical gauge (``evaluation.canonical_spectrum``: the same model, its eigenvalues
     moved along the gauge orbit that the latent loss leaves free, so that a difference is one of the data and
@@ -186,13 +236,16 @@ def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow
     folder = Path(out or Path("runs") / f"compare-{ident}")
     folder.mkdir(parents=True, exist_ok=True)
     table = {**compare_table(labels, spectra), "gauge": gauge}
-    md = (f"Spectra {'in the canonical gauge (hkd_core.gauge.canonical_gauge)' if gauge == 'canonical' else 'as trained'}"
-          ".\n\n" + to_markdown(table))
+    md = (
+        f"Spectra {'in the canonical gauge (hkd_core.gauge.canonical_gauge)' if gauge == 'canonical' else 'as trained'}"
+        ".\n\n" + to_markdown(table)
+    )
     if curves:
         md += "\n" + curves_markdown(curves)
     (folder / "compare.md").write_text(md)
-    (folder / "compare.json").write_text(json.dumps({**table, "sources": [s.__dict__ for s in sources],
-                                                     "curves": curves}, indent=1))
+    (folder / "compare.json").write_text(
+        json.dumps({**table, "sources": [s.__dict__ for s in sources], "curves": curves}, indent=1)
+    )
     fig = plot_spectra_overlay(dict(zip(labels, spectra)), folder / "compare_spectra.png")
     figs = [fig]
     if len(spectra) > 1:
@@ -203,17 +256,35 @@ def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow
         from orchestrator.analysis.study import plot_curves
 
         n = sorted({c["curve_n"] for c in curves.values()})
-        figs.append(plot_curves({"variants": curves, "teacher": {}, "curve_n": "/".join(n),
-                                 "study": "FID at every checkpoint (NFE 1)"}, folder / "compare_curves.png"))
-    result = {"table": table, "markdown": md, "folder": str(folder), "figures": [str(f) for f in figs],
-              "curves": curves}
+        figs.append(
+            plot_curves(
+                {
+                    "variants": curves,
+                    "teacher": {},
+                    "curve_n": "/".join(n),
+                    "study": "FID at every checkpoint (NFE 1)",
+                },
+                folder / "compare_curves.png",
+            )
+        )
+    result = {
+        "table": table,
+        "markdown": md,
+        "folder": str(folder),
+        "figures": [str(f) for f in figs],
+        "curves": curves,
+    }
     if log_mlflow:
         tracker = T.Tracker(pc.tracking)
-        run_id = tracker.open_run(f"compare-{ident}", f"compare-{ident}", None,
-                                  {"hkd.stage": "compare", "hkd.compare": ",".join(tokens)[:4000],
-                                   "hkd.gauge": gauge})
-        tracker.log_params(run_id, {"compare": {f"model{i}": f"{s.label} {s.model_uri}"
-                                                for i, s in enumerate(sources)}})
+        run_id = tracker.open_run(
+            f"compare-{ident}",
+            f"compare-{ident}",
+            None,
+            {"hkd.stage": "compare", "hkd.compare": ",".join(tokens)[:4000], "hkd.gauge": gauge},
+        )
+        tracker.log_params(
+            run_id, {"compare": {f"model{i}": f"{s.label} {s.model_uri}" for i, s in enumerate(sources)}}
+        )
         metrics = {}
         for r in table["rows"]:
             i = labels.index(r["model"])
@@ -224,5 +295,7 @@ def run_compare(pc, tokens: list[str], out: str | Path | None = None, log_mlflow
         for p in (*figs, folder / "compare.md", folder / "compare.json"):
             tracker.log_artifact(run_id, p, "compare")
         tracker.end(run_id)
-        result.update({"_run_id": run_id, "_experiment_id": tracker.experiment_id, "_tracking_uri": tracker.uri})
+        result.update(
+            {"_run_id": run_id, "_experiment_id": tracker.experiment_id, "_tracking_uri": tracker.uri}
+        )
     return result

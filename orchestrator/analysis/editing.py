@@ -7,6 +7,7 @@ The model is the distilled one of the given config (``s3://.../distill-<hash>/mo
 names another: an ``s3://bucket/key``, a local ``model.pt`` record, or a registered ``models:/name/version``.
 Editing runs in the driver process: a few dozen decoder passes, seconds on a CPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,7 @@ from orchestrator.services.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-EDIT_GRID_SAMPLES = 3   # samples drawn in edit_grid.png, whatever --samples is
+EDIT_GRID_SAMPLES = 3  # samples drawn in edit_grid.png, whatever --samples is
 
 
 @dataclasses.dataclass
@@ -35,30 +36,36 @@ class EditArgs:
     tau_mid: float = 0.5
     mask: str = "lower"
     ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    samples: int = 64                 # the scores carry bootstrap 95 % intervals over them
+    samples: int = 64  # the scores carry bootstrap 95 % intervals over them
     seed: int = 0
     n_bands: int = 3
-    reference: str = "data"          # data | data:I,J,... | file:PATH[,PATH...] | sample  (see load_references)
-    controls: int = 4                 # random mode sets of the band's size, the control
-    order: str = "alpha"              # bands sort modes by alpha, or by speed |alpha| (hkd_core.spectra.band_key)
+    reference: str = "data"  # data | data:I,J,... | file:PATH[,PATH...] | sample  (see load_references)
+    controls: int = 4  # random mode sets of the band's size, the control
+    order: str = "alpha"  # bands sort modes by alpha, or by speed |alpha| (hkd_core.spectra.band_key)
 
     def validate(self) -> EditArgs:
         from hkd_core.editing import MASKS
 
         kind = self.reference.partition(":")[0]
         if kind not in REFERENCE_KINDS:
-            raise ValueError(f"--reference {self.reference!r}: use data, data:I,J,... (indices of the test split), "
-                             f"file:PATH[,PATH...] (image files) or sample (the model's own samples)")
+            raise ValueError(
+                f"--reference {self.reference!r}: use data, data:I,J,... (indices of the test split), "
+                f"file:PATH[,PATH...] (image files) or sample (the model's own samples)"
+            )
         if kind == "file" and not self.reference.partition(":")[2]:
             raise ValueError("--reference file: give the image path(s), e.g. file:shirt.png")
         if self.controls < 1:
-            raise ValueError(f"--controls {self.controls} must be >= 1 (random mode sets, the band's control)")
+            raise ValueError(
+                f"--controls {self.controls} must be >= 1 (random mode sets, the band's control)"
+            )
 
         from hkd_core.spectra import BAND_ORDERS
 
         if self.order not in BAND_ORDERS:
-            raise ValueError(f"--band-order {self.order!r}: use alpha (band 0 decays fastest) or speed (band 0 "
-                             f"has the largest |alpha|)")
+            raise ValueError(
+                f"--band-order {self.order!r}: use alpha (band 0 decays fastest) or speed (band 0 "
+                f"has the largest |alpha|)"
+            )
         if self.mask not in MASKS:
             raise ValueError(f"--mask {self.mask!r}: use one of {', '.join(MASKS)}")
         if not 0.0 <= self.tau_mid <= 1.0:
@@ -101,17 +108,25 @@ def load_references(pc: PipelineConfig, args: EditArgs, model, n: int) -> tuple[
                 raise ValueError(f"--reference file:{p}: not an image PIL can read ({e})") from None
             t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(r, r, c).permute(2, 0, 1)
             imgs.append(t.float() / 127.5 - 1)
-        return torch.stack([imgs[i % len(imgs)] for i in range(n)]), [paths[i % len(paths)].name for i in range(n)]
-    images, _ = load_images(pc.run.data.name, "test", resolution=pc.run.data.resolution, root=pc.run.data.root)
+        return torch.stack([imgs[i % len(imgs)] for i in range(n)]), [
+            paths[i % len(paths)].name for i in range(n)
+        ]
+    images, _ = load_images(
+        pc.run.data.name, "test", resolution=pc.run.data.resolution, root=pc.run.data.root
+    )
     if rest:
         try:
             idx = [int(i) for i in rest.split(",") if i.strip()]
         except ValueError:
-            raise ValueError(f"--reference {args.reference!r}: indices must be integers, e.g. data:3,17") from None
+            raise ValueError(
+                f"--reference {args.reference!r}: indices must be integers, e.g. data:3,17"
+            ) from None
         bad = [i for i in idx if not 0 <= i < len(images)]
         if bad or not idx:
-            raise ValueError(f"--reference {args.reference!r}: indices {bad or idx} outside the test split's "
-                             f"0..{len(images) - 1}")
+            raise ValueError(
+                f"--reference {args.reference!r}: indices {bad or idx} outside the test split's "
+                f"0..{len(images) - 1}"
+            )
         idx = [idx[i % len(idx)] for i in range(n)]
     else:
         idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
@@ -126,10 +141,13 @@ def load_model(pc: PipelineConfig, uri: str | None):
         key = f"{identity.stage_prefix(pc, 'distill')}/model.pt"
         store = make_store(pc.storage)
         if not store.exists(key):
-            raise FileNotFoundError(f"no distilled model for this config at {store.uri(key)}; run `hkd pipeline` "
-                                    f"with the same overrides first, or pass --model s3://... | models:/name/version")
-        return model_from_record(torch.load(io.BytesIO(store.get(key)), map_location="cpu", weights_only=False)), \
-            store.uri(key)
+            raise FileNotFoundError(
+                f"no distilled model for this config at {store.uri(key)}; run `hkd pipeline` "
+                f"with the same overrides first, or pass --model s3://... | models:/name/version"
+            )
+        return model_from_record(
+            torch.load(io.BytesIO(store.get(key)), map_location="cpu", weights_only=False)
+        ), store.uri(key)
     if uri.startswith("models:/") or uri.startswith("runs:/"):
         import mlflow.pytorch
 
@@ -138,59 +156,98 @@ def load_model(pc: PipelineConfig, uri: str | None):
     return model_from_record(torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)), uri
 
 
-def run_edit(pc: PipelineConfig, args: EditArgs, model_uri: str | None = None, out: str | Path | None = None,
-             log_mlflow: bool = True) -> dict:
+def run_edit(
+    pc: PipelineConfig,
+    args: EditArgs,
+    model_uri: str | None = None,
+    out: str | Path | None = None,
+    log_mlflow: bool = True,
+) -> dict:
+    from hkd_core.edit_figures import plot_edit_grid, plot_edit_tradeoff
     from hkd_core.editing import edit_sweep, named_mask, resolve_band
-    from hkd_core.figures import plot_edit_grid, plot_edit_tradeoff
     from hkd_core.models import HKD
 
     args.validate()
     model, uri = load_model(pc, model_uri)
     model = model.eval()
     if not isinstance(model, HKD):
-        raise ValueError(f"{uri} is a {type(model).__name__} model; editing needs a Koopman model with levels "
-                         f"(model.variant hkd, no_koopman or one_level)")
+        raise ValueError(
+            f"{uri} is a {type(model).__name__} model; editing needs a Koopman model with levels "
+            f"(model.variant hkd, no_koopman or one_level)"
+        )
     modes = min(ev.shape[0] for ev in model.spectrum())
     n_bands = min(args.n_bands, modes)
     band = resolve_band(args.band, n_bands)
     refs, ref_labels = load_references(pc, args, model, args.samples)
     g = torch.Generator().manual_seed(args.seed)
     x_T = model.noise(args.samples, g)
-    sweep = edit_sweep(model, x_T, refs, named_mask(args.mask, model.cfg.resolution), list(args.ratios), band,
-                       args.tau_mid, n_bands, controls=args.controls, generator=g, order=args.order)
-    params = {**dataclasses.asdict(args), "ratios": list(args.ratios), "n_bands": n_bands, "band_index": band,
-              "model_uri": uri, "references": ref_labels}
+    sweep = edit_sweep(
+        model,
+        x_T,
+        refs,
+        named_mask(args.mask, model.cfg.resolution),
+        list(args.ratios),
+        band,
+        args.tau_mid,
+        n_bands,
+        controls=args.controls,
+        generator=g,
+        order=args.order,
+    )
+    params = {
+        **dataclasses.asdict(args),
+        "ratios": list(args.ratios),
+        "n_bands": n_bands,
+        "band_index": band,
+        "model_uri": uri,
+        "references": ref_labels,
+    }
     ident = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(out or Path("runs") / f"edit-{ident}")
     folder.mkdir(parents=True, exist_ok=True)
     # a few samples in the grid (every sample in the scores): 16 rows of three made an unreadable 5,563 px column
-    paths = [plot_edit_grid(sweep, folder / "edit_grid.png", max_samples=EDIT_GRID_SAMPLES),
-             plot_edit_tradeoff(sweep, folder / "edit_tradeoff.png")]
+    paths = [
+        plot_edit_grid(sweep, folder / "edit_grid.png", max_samples=EDIT_GRID_SAMPLES),
+        plot_edit_tradeoff(sweep, folder / "edit_tradeoff.png"),
+    ]
     md = sweep.to_markdown()
     (folder / "edit_scores.md").write_text(md)
     (folder / "edit_scores.json").write_text(json.dumps({"params": params, "rows": sweep.table()}, indent=1))
     paths += [folder / "edit_scores.md", folder / "edit_scores.json"]
-    result = {"params": params, "rows": sweep.table(), "markdown": md, "folder": str(folder),
-              "figures": [str(p) for p in paths]}
+    result = {
+        "params": params,
+        "rows": sweep.table(),
+        "markdown": md,
+        "folder": str(folder),
+        "figures": [str(p) for p in paths],
+    }
     if log_mlflow:
         tracker = Tracker(pc.tracking)
         parent = tracker.find_run(identity.run_key(pc, "pipeline"))
-        run_id = tracker.open_run(identity.edit_run_key(pc, ident), f"edit-{args.mask}-band{band}",
-                                  parent.info.run_id if parent else None,
-                                  {"hkd.stage": "edit", "hkd.model_uri": uri})
+        run_id = tracker.open_run(
+            identity.edit_run_key(pc, ident),
+            f"edit-{args.mask}-band{band}",
+            parent.info.run_id if parent else None,
+            {"hkd.stage": "edit", "hkd.model_uri": uri},
+        )
         tracker.log_params(run_id, {"edit": params})
         for row in sweep.table():
             flat = {}
             for k, v in row.items():
                 if k == "r":
                     continue
-                if isinstance(v, list):     # an interval: its two ends as two metrics
-                    flat[M.edit(k.removesuffix("_ci") + "_lo")], flat[M.edit(k.removesuffix("_ci") + "_hi")] = v
+                if isinstance(v, list):  # an interval: its two ends as two metrics
+                    (
+                        flat[M.edit(k.removesuffix("_ci") + "_lo")],
+                        flat[M.edit(k.removesuffix("_ci") + "_hi")],
+                    ) = v
                 else:
                     flat[M.edit(k)] = v
             tracker.log_metrics(run_id, flat, step=int(round(row["r"] * 100)), flush=False)
         for p in paths:
             tracker.log_artifact(run_id, p, "edit")
         tracker.end(run_id)
-        result.update({"_run_id": run_id, "_experiment_id": tracker.experiment_id, "_tracking_uri": tracker.uri})
+        result.update(
+            {"_run_id": run_id, "_experiment_id": tracker.experiment_id, "_tracking_uri": tracker.uri}
+        )
     return result

@@ -10,6 +10,7 @@ Each variant is a pipeline with the base config plus its overrides. The teacher 
 not depend on the model or the training, so their content hashes are equal: they run once and every later
 variant skips them. A rerun of the study skips every finished stage, so a stopped study resumes.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,14 +31,18 @@ log = logging.getLogger(__name__)
 # name -> (label, extra overrides). The first four are the paper's cumulative ablation table, in its order:
 # (no Koopman, no consistency, hierarchical), (+ Koopman), (+ consistency, one level), (+ hierarchy = full).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "no_koopman_no_tcons": ("no Koopman, no consistency, hierarchical",
-                            ["model.variant=no_koopman", "train.states_per_traj=1"]),
+    "no_koopman_no_tcons": (
+        "no Koopman, no consistency, hierarchical",
+        ["model.variant=no_koopman", "train.states_per_traj=1"],
+    ),
     "no_tcons": ("+ Koopman (no consistency, hierarchical)", ["train.states_per_traj=1"]),
     "one_level": ("+ consistency, one level (no hierarchy)", ["model.variant=one_level"]),
     "hkd": ("HKD (full): + hierarchy", []),
     "kd": ("KD (U-Net x_T -> x_0, the teacher's size)", ["model.variant=kd", "train.states_per_traj=1"]),
-    "kd_scratch": ("KD from scratch (the paper's KD baseline)", ["model.variant=kd", "train.states_per_traj=1",
-                                                                 "model.init=none"]),
+    "kd_scratch": (
+        "KD from scratch (the paper's KD baseline)",
+        ["model.variant=kd", "train.states_per_traj=1", "model.init=none"],
+    ),
     "kdm": ("KDM-style (one global operator, HKD's trunk width)", ["model.variant=kdm"]),
     "hkd_scratch": ("HKD (full), not initialised from the teacher", ["model.init=none"]),
 }
@@ -45,7 +50,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 # is > 1, else the paper's 4 (the default of 1 is the main job's choice at 2 CPU cores, not the paper's).
 CONSISTENCY_ROWS = ("one_level", "hkd", "kdm", "hkd_scratch")
 PAPER_STATES_PER_TRAJ = 4
-ABLATION_ROWS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd")   # DESIGN 1.4, top to bottom
+ABLATION_ROWS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd")  # DESIGN 1.4, top to bottom
 DEFAULT_VARIANTS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd", "kd", "kd_scratch", "kdm")
 
 
@@ -64,49 +69,74 @@ def with_final(curve: list[dict], res: dict, e) -> list[dict]:
     m, d = res["evaluate"]["metrics"], res["distill"]
     if curve[-1]["kimg"] >= d["kimg"] - 1e-9:
         return curve
-    return curve + [{"kimg": d["kimg"], "fid": m[M.FID], "kid": m[M.KID], "kid_std": m.get(M.KID_STD),
-                     "train_s": d.get("train_s")}]
+    return curve + [
+        {
+            "kimg": d["kimg"],
+            "fid": m[M.FID],
+            "kid": m[M.KID],
+            "kid_std": m.get(M.KID_STD),
+            "train_s": d.get("train_s"),
+        }
+    ]
 
 
 def parse_variants(text: str | None) -> list[str]:
     names = [v.strip() for v in (text or ",".join(DEFAULT_VARIANTS)).split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad or not names:
-        raise ValueError(f"--variants {text!r}: unknown {bad or 'empty list'}; choose from {', '.join(VARIANTS)}")
+        raise ValueError(
+            f"--variants {text!r}: unknown {bad or 'empty list'}; choose from {', '.join(VARIANTS)}"
+        )
     return names
 
 
-def variant_configs(overrides: list[str], variants: list[str], teacher_nfe: list[int] | None = None
-                    ) -> tuple[str, dict[str, tuple[PipelineConfig, dict]]]:
+def variant_configs(
+    overrides: list[str], variants: list[str], teacher_nfe: list[int] | None = None
+) -> tuple[str, dict[str, tuple[PipelineConfig, dict]]]:
     """Every variant's composed and validated config (before anything runs), and the study's id."""
     base = from_composed(compose(overrides))
-    consistency = ([] if base.run.train.states_per_traj > 1
-                   else [f"train.states_per_traj={PAPER_STATES_PER_TRAJ}"])
+    consistency = (
+        [] if base.run.train.states_per_traj > 1 else [f"train.states_per_traj={PAPER_STATES_PER_TRAJ}"]
+    )
     t = base.run.trajectories
-    full = 2 * t.steps - 1 if t.sampler == "heun" else t.steps         # the NFE the trajectories were made with
+    full = 2 * t.steps - 1 if t.sampler == "heun" else t.steps  # the NFE the trajectories were made with
     nfe = sorted(set(teacher_nfe if teacher_nfe is not None else [1, 2, 4, full]))
     ident = hashlib.sha256(json.dumps({"o": overrides, "v": variants, "t": nfe}).encode()).hexdigest()[:8]
     study = f"{base.name}-study-{ident}"
     out = {}
     for i, v in enumerate(variants):
         # the first variant also scores the teacher; the others need not repeat it
-        extra = (consistency if v in CONSISTENCY_ROWS else []) + VARIANTS[v][1] + [f"name={base.name}-{v}",
-                                  "eval.teacher_nfe=[" + (",".join(map(str, nfe)) if i == 0 else "") + "]"]
+        extra = (
+            (consistency if v in CONSISTENCY_ROWS else [])
+            + VARIANTS[v][1]
+            + [
+                f"name={base.name}-{v}",
+                "eval.teacher_nfe=[" + (",".join(map(str, nfe)) if i == 0 else "") + "]",
+            ]
+        )
         d = compose(overrides + extra)
         pc = from_composed(d)
-        pc = dataclasses.replace(pc, tracking=dataclasses.replace(pc.tracking, tags={**pc.tracking.tags,
-                                                                                     "hkd.study": study}))
+        pc = dataclasses.replace(
+            pc, tracking=dataclasses.replace(pc.tracking, tags={**pc.tracking.tags, "hkd.study": study})
+        )
         out[v] = (pc, d)
     hashes = {v: pc.stages() for v, (pc, _) in out.items()}
     first = next(iter(hashes.values()))
     for v, h in hashes.items():
         if (h["teacher"], h["trajectories"]) != (first["teacher"], first["trajectories"]):
-            raise ValueError(f"variant {v} would not share the teacher trajectories; its overrides change them")
+            raise ValueError(
+                f"variant {v} would not share the teacher trajectories; its overrides change them"
+            )
     return study, out
 
 
-def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] | None = None,
-              progress: bool = True, out: str | Path | None = None) -> dict:
+def run_study(
+    overrides: list[str],
+    variants: list[str],
+    teacher_nfe: list[int] | None = None,
+    progress: bool = True,
+    out: str | Path | None = None,
+) -> dict:
     from orchestrator.services.tracking import Tracker
     from orchestrator.stages.driver import run_stages
 
@@ -118,16 +148,28 @@ def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] 
         res = run_stages(pc, "evaluate", progress)
         m = res["evaluate"]["metrics"]
         results["variants"][v] = {
-            "label": row_label(v, pc), "s": pc.run.train.states_per_traj, "init": pc.run.model.init,
-            "fid": m[M.FID], "kid": m[M.KID], "n": int(m[M.EVAL_N]),
-            "kimg": res["distill"]["kimg"], "train_s": res["distill"].get("train_s"),
-            "params": res["distill"].get("params"), "pipeline_run_id": res["_parent_run_id"],
-            "kid_std": m.get(M.KID_STD), "curve": with_final(res["distill"].get("curve", []), res, pc.run.eval),
-            "skipped": res.get("_skipped", [])}
+            "label": row_label(v, pc),
+            "s": pc.run.train.states_per_traj,
+            "init": pc.run.model.init,
+            "fid": m[M.FID],
+            "kid": m[M.KID],
+            "n": int(m[M.EVAL_N]),
+            "kimg": res["distill"]["kimg"],
+            "train_s": res["distill"].get("train_s"),
+            "params": res["distill"].get("params"),
+            "pipeline_run_id": res["_parent_run_id"],
+            "kid_std": m.get(M.KID_STD),
+            "curve": with_final(res["distill"].get("curve", []), res, pc.run.eval),
+            "skipped": res.get("_skipped", []),
+        }
         for k, val in m.items():
             nfe = M.teacher_nfe_of(k)
             if nfe is not None:
-                results["teacher"][nfe] = {"fid": val, "kid": m.get(M.teacher_kid(nfe)), "n": int(m[M.EVAL_N])}
+                results["teacher"][nfe] = {
+                    "fid": val,
+                    "kid": m.get(M.teacher_kid(nfe)),
+                    "n": int(m[M.EVAL_N]),
+                }
         results["_tracking_uri"], results["_experiment_id"] = res["_tracking_uri"], res["_experiment_id"]
     results["wall_s"] = time.perf_counter() - t0
     first = next(iter(cfgs.values()))[0]
@@ -138,9 +180,13 @@ def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] 
     folder.mkdir(parents=True, exist_ok=True)
     paths = write_outputs(results, folder)
     tracker = Tracker(first.tracking)
-    run_id = tracker.open_run(identity.study_run_key(study), study, None, {"hkd.stage": "study", "hkd.study": study})
-    tracker.log_params(run_id, {"study": {"variants": variants, "overrides": overrides,
-                                          "teacher_nfe": sorted(results["teacher"])}})
+    run_id = tracker.open_run(
+        identity.study_run_key(study), study, None, {"hkd.stage": "study", "hkd.study": study}
+    )
+    tracker.log_params(
+        run_id,
+        {"study": {"variants": variants, "overrides": overrides, "teacher_nfe": sorted(results["teacher"])}},
+    )
     metrics = {M.study(v, "fid"): r["fid"] for v, r in results["variants"].items()}
     metrics.update({M.study(v, "kid"): r["kid"] for v, r in results["variants"].items()})
     metrics.update({M.study(f"teacher_nfe{k}", "fid"): r["fid"] for k, r in results["teacher"].items()})
@@ -156,27 +202,46 @@ def run_study(overrides: list[str], variants: list[str], teacher_nfe: list[int] 
 def to_markdown(r: dict, pc: PipelineConfig) -> str:
     t = pc.run.train
     n = next(iter(r["variants"].values()))["n"] if r["variants"] else 0
-    lines = [f"Quality study `{r['study']}`: {pc.run.data.name} {pc.run.data.resolution}x{pc.run.data.resolution}, "
-             f"{pc.run.teacher.kind} teacher, {pc.run.trajectories.num} trajectories, every model trained for "
-             f"{t.total_kimg:g} kimg (batch {t.batch_size}); FID/KID with N = {n} (standard Inception).", "",
-             "**At equal images seen**", "",
-             "| model | NFE | FID | KID x1e3 (± std) | kimg | train s | params |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Quality study `{r['study']}`: {pc.run.data.name} {pc.run.data.resolution}x{pc.run.data.resolution}, "
+        f"{pc.run.teacher.kind} teacher, {pc.run.trajectories.num} trajectories, every model trained for "
+        f"{t.total_kimg:g} kimg (batch {t.batch_size}); FID/KID with N = {n} (standard Inception).",
+        "",
+        "**At equal images seen**",
+        "",
+        "| model | NFE | FID | KID x1e3 (± std) | kimg | train s | params |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in r["variants"].values():
-        lines.append(f"| {v['label']} | 1 | {v['fid']:.2f} | {_kid(v)} | {v['kimg']:.2f} | "
-                     f"{(v['train_s'] or 0):.0f} | {v['params'] or 0:,} |")
+        lines.append(
+            f"| {v['label']} | 1 | {v['fid']:.2f} | {_kid(v)} | {v['kimg']:.2f} | "
+            f"{(v['train_s'] or 0):.0f} | {v['params'] or 0:,} |"
+        )
     for nfe, tr in sorted(r["teacher"].items()):
         kid = f"{tr['kid'] * 1e3:.1f}" if tr.get("kid") is not None else "-"
-        lines.append(f"| teacher ({pc.run.teacher.kind}, Heun) | {nfe} | {tr['fid']:.2f} | {kid} | - | - | - |")
+        lines.append(
+            f"| teacher ({pc.run.teacher.kind}, Heun) | {nfe} | {tr['fid']:.2f} | {kid} | - | - | - |"
+        )
     wall = equal_wall(r)
     if wall:
-        lines += ["", f"**At equal wall-clock**: each model's curve point (eval.curve_n = {wall['n']}) with the most "
-                      f"training seconds up to {wall['seconds']:.0f} s, the shortest run's total.", "",
-                  "| model | kimg | train s | FID | KID x1e3 (± std) |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"**At equal wall-clock**: each model's curve point (eval.curve_n = {wall['n']}) with the most "
+            f"training seconds up to {wall['seconds']:.0f} s, the shortest run's total.",
+            "",
+            "| model | kimg | train s | FID | KID x1e3 (± std) |",
+            "|---|---|---|---|---|",
+        ]
         for v, p in wall["rows"].items():
-            lines.append(f"| {r['variants'][v]['label']} | {p['kimg']:.2f} | {p['train_s']:.0f} | {p['fid']:.2f} | "
-                         f"{_kid(p)} |")
-    lines += ["", f"Wall-clock {r['wall_s'] / 60:.1f} min. Each model row is a pipeline run tagged "
-                  f"`hkd.study = {r['study']}` in MLflow."]
+            lines.append(
+                f"| {r['variants'][v]['label']} | {p['kimg']:.2f} | {p['train_s']:.0f} | {p['fid']:.2f} | "
+                f"{_kid(p)} |"
+            )
+    lines += [
+        "",
+        f"Wall-clock {r['wall_s'] / 60:.1f} min. Each model row is a pipeline run tagged "
+        f"`hkd.study = {r['study']}` in MLflow.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -189,7 +254,10 @@ def _kid(row: dict) -> str:
 
 def equal_wall(r: dict) -> dict | None:
     """Every variant at the same training seconds: its last curve point at or before the shortest run's total."""
-    curves = {v: [p for p in row.get("curve") or [] if p.get("train_s") is not None] for v, row in r["variants"].items()}
+    curves = {
+        v: [p for p in row.get("curve") or [] if p.get("train_s") is not None]
+        for v, row in r["variants"].items()
+    }
     if not curves or not all(curves.values()):
         return None
     budget = min(c[-1]["train_s"] for c in curves.values())
@@ -213,16 +281,32 @@ def write_outputs(r: dict, folder: Path) -> list[Path]:
     w = csv.writer(buf)
     w.writerow(["model", "nfe", "fid", "kid", "kid_std", "n", "kimg", "train_s", "params"])
     for v, row in r["variants"].items():
-        w.writerow([v, 1, row["fid"], row["kid"], row.get("kid_std"), row["n"], row["kimg"], row["train_s"],
-                    row["params"]])
+        w.writerow(
+            [
+                v,
+                1,
+                row["fid"],
+                row["kid"],
+                row.get("kid_std"),
+                row["n"],
+                row["kimg"],
+                row["train_s"],
+                row["params"],
+            ]
+        )
     for nfe, tr in sorted(r["teacher"].items()):
         w.writerow([f"teacher_nfe{nfe}", nfe, tr["fid"], tr.get("kid"), "", tr["n"], "", "", ""])
     table = folder / "study.csv"
     table.write_text(buf.getvalue())
-    (folder / "study.json").write_text(json.dumps({k: v for k, v in r.items() if not k.startswith("_")},
-                                                  indent=1, default=str))
-    names = [row["label"] for row in r["variants"].values()] + [f"teacher NFE {k}" for k in sorted(r["teacher"])]
-    fids = [row["fid"] for row in r["variants"].values()] + [r["teacher"][k]["fid"] for k in sorted(r["teacher"])]
+    (folder / "study.json").write_text(
+        json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, indent=1, default=str)
+    )
+    names = [row["label"] for row in r["variants"].values()] + [
+        f"teacher NFE {k}" for k in sorted(r["teacher"])
+    ]
+    fids = [row["fid"] for row in r["variants"].values()] + [
+        r["teacher"][k]["fid"] for k in sorted(r["teacher"])
+    ]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1))
     colors = ["tab:blue"] * len(r["variants"]) + ["tab:gray"] * len(r["teacher"])
     ax.barh(range(len(names)), fids, color=colors)

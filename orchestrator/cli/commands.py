@@ -23,6 +23,7 @@ automatically. On a cluster: ``ray job submit --working-dir . -- hkd pipeline cl
 tracking=remote``. Every command is a function of ``orchestrator.api``, which this module only parses for and
 prints from.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ HELP = {
 }
 
 
-def _base(name: str, overrides: str = "Hydra overrides, e.g. model.levels=2 experiment=smoke") -> argparse.ArgumentParser:
+def _base(
+    name: str, overrides: str = "Hydra overrides, e.g. model.levels=2 experiment=smoke"
+) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"hkd {name}", description=HELP[name])
     p.add_argument("overrides", nargs="*", metavar="OVERRIDE", help=overrides)
     p.add_argument("--json", metavar="FILE", help="write the result to this JSON file")
@@ -61,7 +64,9 @@ def _base(name: str, overrides: str = "Hydra overrides, e.g. model.levels=2 expe
 
 
 def _dry_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan; run nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and the plan; run nothing"
+    )
 
 
 def _progress(p: argparse.ArgumentParser) -> None:
@@ -76,25 +81,39 @@ def parser_for(name: str) -> argparse.ArgumentParser:
         if name != "preflight":
             _progress(p)
         if name in ("pipeline", "evaluate"):
-            p.add_argument("--headline", metavar="FILE", help="write the headline (KID ratio, FID ratio, floor, N, "
-                           "run id, config hash, commit) to this JSON file")
-            p.add_argument("--name", help="the name the headline carries (default: 'main job' without overrides, "
-                           "else the overrides)")
+            p.add_argument(
+                "--headline",
+                metavar="FILE",
+                help="write the headline (KID ratio, FID ratio, floor, N, "
+                "run id, config hash, commit) to this JSON file",
+            )
+            p.add_argument(
+                "--name",
+                help="the name the headline carries (default: 'main job' without overrides, "
+                "else the overrides)",
+            )
         return p
     if name == "config":
         return _base(name, "ignored")
     if name == "sweep":
         p = _base(name, "the sweep YAML, then Hydra overrides added to its base")
-        p.add_argument("--resume", metavar="SWEEP_ID", help="continue this sweep after its driver was stopped")
+        p.add_argument(
+            "--resume", metavar="SWEEP_ID", help="continue this sweep after its driver was stopped"
+        )
         p.add_argument("--id", metavar="SWEEP_ID", help="name a new sweep (default: <name>-<date>-<time>)")
         _dry_run(p)
         _progress(p)
         return p
     if name == "study":
         p = _base(name)
-        p.add_argument("--variants", help="comma-separated subset of no_koopman_no_tcons,no_tcons,one_level,hkd (the "
-                       "paper's cumulative ablation rows), kd, kd_scratch, kdm, hkd_scratch")
-        p.add_argument("--teacher-nfe", help="teacher NFEs to score (default 1,2,4 and the trajectories' full NFE)")
+        p.add_argument(
+            "--variants",
+            help="comma-separated subset of no_koopman_no_tcons,no_tcons,one_level,hkd (the "
+            "paper's cumulative ablation rows), kd, kd_scratch, kdm, hkd_scratch",
+        )
+        p.add_argument(
+            "--teacher-nfe", help="teacher NFEs to score (default 1,2,4 and the trajectories' full NFE)"
+        )
         p.add_argument("--out", help="local folder for the table and figures (default runs/study-<id>)")
         _dry_run(p)
         _progress(p)
@@ -102,18 +121,30 @@ def parser_for(name: str) -> argparse.ArgumentParser:
     if name == "edit":
         return _edit_parser()
     if name == "compare":
-        p = _base(name, "MLflow run ids, sweep ids, study ids or model URIs, and Hydra overrides (key=value: the "
-                  "tracking and storage to read from)")
-        p.add_argument("--gauge", default="canonical", choices=["canonical", "trained"], help="spectra in the "
-                       "canonical gauge (default; the gauge freedom of alpha fixed, docs/results/issue24) or as trained")
+        p = _base(
+            name,
+            "MLflow run ids, sweep ids, study ids or model URIs, and Hydra overrides (key=value: the "
+            "tracking and storage to read from)",
+        )
+        p.add_argument(
+            "--gauge",
+            default="canonical",
+            choices=["canonical", "trained"],
+            help="spectra in the "
+            "canonical gauge (default; the gauge freedom of alpha fixed, docs/results/issue24) or as trained",
+        )
         p.add_argument("--out", help="local folder for the table and figures (default runs/compare-<id>)")
         return p
     if name == "ship-teacher":
         p = _base(name)
-        p.add_argument("--out", required=True, help="the shipped teacher's folder (e.g. hkd_core/shipped/<name>)")
+        p.add_argument(
+            "--out", required=True, help="the shipped teacher's folder (e.g. hkd_core/shipped/<name>)"
+        )
         return p
     if name == "data":
-        return _base(name, "push NAME (mnist, fashion_mnist, cifar10_jpeg, or inception), then Hydra overrides")
+        return _base(
+            name, "push NAME (mnist, fashion_mnist, cifar10_jpeg, or inception), then Hydra overrides"
+        )
     raise KeyError(name)
 
 
@@ -122,31 +153,57 @@ def _edit_parser() -> argparse.ArgumentParser:
 
     d = EditArgs()
     p = _base("edit")
-    p.add_argument("--model", help="s3://bucket/key, a local model.pt or models:/name/version (default: the "
-                   "distilled model of the given config)")
+    p.add_argument(
+        "--model",
+        help="s3://bucket/key, a local model.pt or models:/name/version (default: the "
+        "distilled model of the given config)",
+    )
     p.add_argument("--band", help=f"band to blend, by name (low/mid/high) or index (default {d.band})")
-    p.add_argument("--bands", type=int, dest="n_bands", help=f"number of bands the modes are split into (default "
-                   f"{d.n_bands})")
+    p.add_argument(
+        "--bands",
+        type=int,
+        dest="n_bands",
+        help=f"number of bands the modes are split into (default {d.n_bands})",
+    )
     p.add_argument("--tau-mid", type=float, help=f"where on the trajectory to blend (default {d.tau_mid})")
     p.add_argument("--mask", help=f"lower|upper|left|right|center|all (default {d.mask})")
-    p.add_argument("--ratios", help=f"blend ratios r, comma-separated (default {','.join(f'{r:g}' for r in d.ratios)})")
-    p.add_argument("--samples", type=int, help=f"images to edit; the scores carry bootstrap 95 %% intervals over them, "
-                   f"the grid shows 3 (default {d.samples})")
+    p.add_argument(
+        "--ratios", help=f"blend ratios r, comma-separated (default {','.join(f'{r:g}' for r in d.ratios)})"
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        help=f"images to edit; the scores carry bootstrap 95 %% intervals over them, "
+        f"the grid shows 3 (default {d.samples})",
+    )
     p.add_argument("--seed", type=int, help=f"noise seed of the images and references (default {d.seed})")
-    p.add_argument("--reference", help="data (test images drawn with --seed), data:I,J,... (those indices), "
-                   "file:PATH[,PATH...] (image files) or sample (the model's own samples); each enters through its "
-                   f"own state at sigma(tau_mid) (default {d.reference})")
-    p.add_argument("--band-order", dest="order", choices=["alpha", "speed"], help="bands sort modes by alpha (band 0 "
-                   f"decays fastest) or by speed |alpha| (band 0 changes most) (default {d.order})")
-    p.add_argument("--controls", type=int, help="random mode sets of the band's size, the control beside the band "
-                   f"(default {d.controls})")
+    p.add_argument(
+        "--reference",
+        help="data (test images drawn with --seed), data:I,J,... (those indices), "
+        "file:PATH[,PATH...] (image files) or sample (the model's own samples); each enters through its "
+        f"own state at sigma(tau_mid) (default {d.reference})",
+    )
+    p.add_argument(
+        "--band-order",
+        dest="order",
+        choices=["alpha", "speed"],
+        help="bands sort modes by alpha (band 0 "
+        f"decays fastest) or by speed |alpha| (band 0 changes most) (default {d.order})",
+    )
+    p.add_argument(
+        "--controls",
+        type=int,
+        help=f"random mode sets of the band's size, the control beside the band (default {d.controls})",
+    )
     p.add_argument("--out", help="local folder for the table and figures (default runs/edit-<id>)")
     _dry_run(p)
     return p
 
 
 def top_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="hkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in HELP.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -161,13 +218,16 @@ def main(argv: list[str] | None = None) -> int:
             top.print_help()
             return 0
         top.print_usage(sys.stderr)
-        print(f"hkd: {'unknown command ' + repr(argv[0]) if argv else 'no command'}; choose one of "
-              f"{', '.join(HELP)} (hkd --help)", file=sys.stderr)
+        print(
+            f"hkd: {'unknown command ' + repr(argv[0]) if argv else 'no command'}; choose one of "
+            f"{', '.join(HELP)} (hkd --help)",
+            file=sys.stderr,
+        )
         return 2
     command = argv[0]
     try:
         args = parser_for(command).parse_intermixed_args(argv[1:])
-    except SystemExit as e:          # --help (0) or a flag this command does not have (2: argparse said which)
+    except SystemExit as e:  # --help (0) or a flag this command does not have (2: argparse said which)
         return int(e.code or 0)
     args.command = command
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -176,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.identity import git_sha
     from orchestrator.services.jobdir import settle
 
-    settle()              # a Ray job's driver: out of Ray's unpacked working dir, which Ray may replace mid-run
-    git_sha()             # the commit this process starts with is the one its results record
+    settle()  # a Ray job's driver: out of Ray's unpacked working dir, which Ray may replace mid-run
+    git_sha()  # the commit this process starts with is the one its results record
     try:
         return RUN.get(command, stage_main)(args)
     except api.UsageError as e:
@@ -201,7 +261,7 @@ def stage_main(args) -> int:
         return 0
     res = api.pipeline(args.overrides, upto, progress=not args.no_progress)
     out.write_json(args.json, res)
-    if getattr(args, "headline", None):           # pipeline and evaluate have it; the other stages do not
+    if getattr(args, "headline", None):  # pipeline and evaluate have it; the other stages do not
         out.write_headline(args.headline, res, args.command, args.overrides, args.name)
     out.print_results(res)
     return 0
@@ -246,15 +306,28 @@ def _floats(text: str | None, what: str) -> list[float] | None:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise api.UsageError(f"{what} {text!r}: give comma-separated numbers, e.g. 0,0.5,1", what.strip("-")) from None
+        raise api.UsageError(
+            f"{what} {text!r}: give comma-separated numbers, e.g. 0,0.5,1", what.strip("-")
+        ) from None
 
 
 def study_main(args) -> int:
     nfe = [int(x) for x in _floats(args.teacher_nfe, "--teacher-nfe")] if args.teacher_nfe else None
     if args.dry_run:
         study, cfgs = api.study_plan(args.overrides, args.variants, nfe)
-        print(json.dumps({"study": study, "variants": {v: {"config": pc.to_dict(), "plan": api.plan(pc, "evaluate")}
-                                                       for v, (pc, _) in cfgs.items()}}, indent=1, default=str))
+        print(
+            json.dumps(
+                {
+                    "study": study,
+                    "variants": {
+                        v: {"config": pc.to_dict(), "plan": api.plan(pc, "evaluate")}
+                        for v, (pc, _) in cfgs.items()
+                    },
+                },
+                indent=1,
+                default=str,
+            )
+        )
         return 0
     res = api.study(args.overrides, args.variants, nfe, args.out, progress=not args.no_progress)
     out.write_json(args.json, res)
@@ -301,14 +374,24 @@ def ship_main(args) -> int:
 def data_main(args) -> int:
     words = [a for a in args.overrides if "=" not in a]
     if len(words) != 2 or words[0] != "push":
-        raise api.UsageError("use `hkd data push DATASET` (mnist, fashion_mnist, cifar10_jpeg) or "
-                             "`hkd data push inception` (the FID weights)", "data")
+        raise api.UsageError(
+            "use `hkd data push DATASET` (mnist, fashion_mnist, cifar10_jpeg) or "
+            "`hkd data push inception` (the FID weights)",
+            "data",
+        )
     uri, new = api.push_data(words[1], [a for a in args.overrides if "=" in a])
     who = "every node reads them" if words[1] == "inception" else "jobs read it with no HKD_DATA_DIR"
     print(f"{words[1]}: {uri} ({'uploaded' if new else 'already there'}); {who}")
     return 0
 
 
-RUN = {"preflight": preflight_main, "config": config_main, "sweep": sweep_main, "study": study_main,
-       "edit": edit_main, "compare": compare_main, "ship-teacher": ship_main, "data": data_main}
-
+RUN = {
+    "preflight": preflight_main,
+    "config": config_main,
+    "sweep": sweep_main,
+    "study": study_main,
+    "edit": edit_main,
+    "compare": compare_main,
+    "ship-teacher": ship_main,
+    "data": data_main,
+}

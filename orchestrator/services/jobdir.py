@@ -15,6 +15,7 @@ moves the process there (its current directory, ``sys.path``, ``PYTHONPATH`` and
 imported from it), so nothing in the driver depends on a folder that Ray may replace. Outside a Ray job it
 does nothing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,7 @@ def in_ray_working_dir(path: Path) -> bool:
 
 
 def _moved(value: str, old: str, new: str) -> str:
-    return new + value[len(old):] if value == old or value.startswith(old + os.sep) else value
+    return new + value[len(old) :] if value == old or value.startswith(old + os.sep) else value
 
 
 def settle(root: str | os.PathLike | None = None) -> Path | None:
@@ -54,7 +55,9 @@ def settle(root: str | os.PathLike | None = None) -> Path | None:
     os.environ["PWD"] = new
     sys.path[:] = [_moved(p, old, new) for p in sys.path]
     if os.environ.get("PYTHONPATH"):
-        os.environ["PYTHONPATH"] = os.pathsep.join(_moved(p, old, new) for p in os.environ["PYTHONPATH"].split(os.pathsep))
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            _moved(p, old, new) for p in os.environ["PYTHONPATH"].split(os.pathsep)
+        )
     for mod in list(sys.modules.values()):
         paths = getattr(mod, "__path__", None)
         if paths is not None and not isinstance(paths, str):
@@ -67,6 +70,9 @@ def settle(root: str | os.PathLike | None = None) -> Path | None:
                     paths[:] = moved
                 except TypeError:
                     mod.__path__ = moved
-    log.info("ray job: the driver works in a private copy of its working directory, %s (Ray may replace %s)",
-             dest, cwd)
+    log.info(
+        "ray job: the driver works in a private copy of its working directory, %s (Ray may replace %s)",
+        dest,
+        cwd,
+    )
     return dest

@@ -5,6 +5,7 @@ artifact store) and say in one sentence what failed and what to do.
 about a second): one HEAD of the bucket and one call to the tracking server. A refused key, a bucket that
 does not exist (a typo, unless ``storage.create_bucket=true``) or a server that does not answer then fails
 with one sentence, exit code 2, and nothing written anywhere."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from orchestrator.services.raycheck import ray_check, ray_target
 from orchestrator.services.rayfs import ray_storage
 from orchestrator.services.storage import (
     S3Store,
@@ -45,28 +47,49 @@ def classify(err: BaseException, cfg: StorageConfig) -> str:
 
     endpoint = cfg.resolved_endpoint() or "the AWS default endpoint"
     text = str(err)
-    if isinstance(err, (EndpointConnectionError, ConnectionError)) or "Could not connect" in text \
-            or "Connection refused" in text or "connection refused" in text.lower():
-        return (f"endpoint unreachable: nothing answers at {endpoint} (storage.endpoint_url); start the S3 server "
-                f"(python infra/local/stack.py start) or fix the URL")
+    if (
+        isinstance(err, (EndpointConnectionError, ConnectionError))
+        or "Could not connect" in text
+        or "Connection refused" in text
+        or "connection refused" in text.lower()
+    ):
+        return (
+            f"endpoint unreachable: nothing answers at {endpoint} (storage.endpoint_url); start the S3 server "
+            f"(python infra/local/stack.py start) or fix the URL"
+        )
     if isinstance(err, NoCredentialsError):
         return "no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentials_file"
     code = ""
     if isinstance(err, ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
-    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken") or \
-            "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "403" in text:
-        return (f"bad credentials: {endpoint} refused the access key for s3://{cfg.bucket} "
-                f"({code or 'access denied'}); the keys came from {credentials_source(cfg)}: fix them there, or "
-                f"point storage.credentials_file (AWS_SHARED_CREDENTIALS_FILE) at the right file")
-    if isinstance(err, MissingBucket) or code in ("NoSuchBucket",) or "NoSuchBucket" in text \
-            or "bucket does not exist" in text.lower():
-        return (f"missing bucket: s3://{cfg.bucket} does not exist at {endpoint} (storage.bucket); check the "
-                f"name, or create it with storage.create_bucket=true")
+    if (
+        code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken")
+        or "AccessDenied" in text
+        or "InvalidAccessKeyId" in text
+        or "SignatureDoesNotMatch" in text
+        or "403" in text
+    ):
+        return (
+            f"bad credentials: {endpoint} refused the access key for s3://{cfg.bucket} "
+            f"({code or 'access denied'}); the keys came from {credentials_source(cfg)}: fix them there, or "
+            f"point storage.credentials_file (AWS_SHARED_CREDENTIALS_FILE) at the right file"
+        )
+    if (
+        isinstance(err, MissingBucket)
+        or code in ("NoSuchBucket",)
+        or "NoSuchBucket" in text
+        or "bucket does not exist" in text.lower()
+    ):
+        return (
+            f"missing bucket: s3://{cfg.bucket} does not exist at {endpoint} (storage.bucket); check the "
+            f"name, or create it with storage.create_bucket=true"
+        )
     return f"{type(err).__name__}: {text[:300]}"
 
 
-def preflight(cfg: StorageConfig, tracking_uri: str | None = None, ray_address: str | None = None) -> list[dict]:
+def preflight(
+    cfg: StorageConfig, tracking_uri: str | None = None, ray_address: str | None = None
+) -> list[dict]:
     """Write, read and list a probe through boto3, through Ray's pyarrow filesystem and (if a tracking URI is
     given) through MLflow's artifact store; ask the Ray head (if the driver joins one) with the driver's token.
     Returns one dict per check: name, ok, detail."""
@@ -89,7 +112,7 @@ def preflight(cfg: StorageConfig, tracking_uri: str | None = None, ray_address: 
 
     def via_boto3() -> str:
         store = S3Store(dataclasses.replace(cfg, retry_deadline_s=0, max_attempts=1))
-        bucket_exists(store.client, cfg.bucket)    # some servers create a bucket on first PUT: ask first
+        bucket_exists(store.client, cfg.bucket)  # some servers create a bucket on first PUT: ask first
         store.put(probe, body)
         assert store.get(probe) == body, "read back different bytes"
         assert probe in store.list("_preflight/"), "probe missing from the listing"
@@ -123,8 +146,12 @@ def preflight(cfg: StorageConfig, tracking_uri: str | None = None, ray_address: 
     return results
 
 
-def gate(cfg: StorageConfig, tracking_uri: str | None = None, timeout_s: float = 3.0,
-         ray_address: str | None = None) -> list[str]:
+def gate(
+    cfg: StorageConfig,
+    tracking_uri: str | None = None,
+    timeout_s: float = 3.0,
+    ray_address: str | None = None,
+) -> list[str]:
     """The cheap part of preflight, before any work: the bucket answers to these keys (one HEAD; a missing
     bucket is created only with ``storage.create_bucket=true``), the tracking server answers (one GET), and the
     Ray head a driver will join answers and takes its token (``ray_target``; one GCS call).
@@ -132,13 +159,20 @@ def gate(cfg: StorageConfig, tracking_uri: str | None = None, timeout_s: float =
     done = []
     if cfg.kind == "s3":
         t0 = time.monotonic()
-        client = make_client(dataclasses.replace(cfg, connect_timeout_s=min(cfg.connect_timeout_s, timeout_s),
-                                                 read_timeout_s=min(cfg.read_timeout_s, 2 * timeout_s)),
-                             max_attempts=1)
+        client = make_client(
+            dataclasses.replace(
+                cfg,
+                connect_timeout_s=min(cfg.connect_timeout_s, timeout_s),
+                read_timeout_s=min(cfg.read_timeout_s, 2 * timeout_s),
+            ),
+            max_attempts=1,
+        )
         try:
             bucket_exists(client, cfg.bucket)
-            done.append(f"s3://{cfg.bucket} at {cfg.resolved_endpoint() or 'AWS'} answers "
-                        f"({time.monotonic() - t0:.2f} s)")
+            done.append(
+                f"s3://{cfg.bucket} at {cfg.resolved_endpoint() or 'AWS'} answers "
+                f"({time.monotonic() - t0:.2f} s)"
+            )
         except MissingBucket as e:
             if not cfg.create_bucket:
                 raise StorageError(classify(e, cfg)) from None
@@ -146,7 +180,9 @@ def gate(cfg: StorageConfig, tracking_uri: str | None = None, timeout_s: float =
                 client.create_bucket(Bucket=cfg.bucket)
             except Exception as err:  # noqa: BLE001 - one sentence for the user
                 raise StorageError(classify(err, cfg)) from None
-            done.append(f"s3://{cfg.bucket} created at {cfg.resolved_endpoint() or 'AWS'} (storage.create_bucket)")
+            done.append(
+                f"s3://{cfg.bucket} created at {cfg.resolved_endpoint() or 'AWS'} (storage.create_bucket)"
+            )
         except StorageError:
             raise
         except Exception as e:  # noqa: BLE001 - one sentence for the user
@@ -156,64 +192,9 @@ def gate(cfg: StorageConfig, tracking_uri: str | None = None, timeout_s: float =
         if not r["ok"]:
             raise StorageError(r["detail"])
         done.append(r["detail"])
-    if ray_target(ray_address):        # last: the only check that imports ray
+    if ray_target(ray_address):  # last: the only check that imports ray
         done.append(ray_check(ray_target(ray_address), timeout_s))
     return done
-
-
-def ray_target(address: str | None) -> str | None:
-    """The Ray GCS address a driver will join, when it can be checked from here: None for an in-process Ray
-    (no address), ``auto`` (found on this node by Ray itself) and Ray Client addresses (``ray://``)."""
-    if not address or address == "auto" or address.startswith("ray://"):
-        return None
-    return address.split("://")[-1]
-
-
-def ray_unreachable(address: str, err: object) -> str:
-    return (f"Ray unreachable: nothing answers at {address} (cluster.address / RAY_ADDRESS: {err}); start the head "
-            f"(python infra/local/stack.py start, or `ray start --head`) or fix the address")
-
-
-def ray_token_refused(address: str, where: str, mode: str) -> str:
-    return (f"Ray refused this driver's token: the head at {address} runs with token authentication and the token "
-            f"from {where} (RAY_AUTH_MODE={mode}) is missing or wrong; use the cluster's token (the local stack's "
-            f"is .stack/ray_token)")
-
-
-def ray_check(address: str, timeout_s: float = 3.0) -> str:
-    """Does the Ray head at ``address`` (host:port of its GCS) answer, and accept this driver's token? One TCP
-    connection and one GCS call, in well under a second; ``ray.init`` itself retries a wrong address or a
-    refused token for 20 to 40 s and then raises a bare ``ConnectionError``. Returns what it checked; raises
-    StorageError with one sentence."""
-    import os
-    import socket
-
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise StorageError(f"bad Ray address {address!r} (cluster.address / RAY_ADDRESS): use host:port of the "
-                           f"head's GCS, e.g. 127.0.0.1:6379, or leave it unset for a Ray in this process")
-    t0 = time.monotonic()
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as e:
-        raise StorageError(ray_unreachable(address, e)) from None
-    mode = os.environ.get("RAY_AUTH_MODE", "disabled")
-    try:
-        from ray._raylet import GcsClient  # Ray's own GCS client (not a public API: skipped if it moves)
-    except ImportError:
-        return f"Ray at {address} answers ({time.monotonic() - t0:.2f} s; token not checked)"
-    try:
-        GcsClient(address=address).internal_kv_get(b"hkd-preflight", namespace=None, timeout=timeout_s)
-    except Exception as e:  # noqa: BLE001 - one sentence for the user
-        text = str(e)
-        if type(e).__name__ == "AuthenticationError" or "InvalidAuthToken" in text or "Unauthenticated" in text:
-            where = os.environ.get("RAY_AUTH_TOKEN_PATH") or ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN")
-                                                              else "~/.ray/auth_token")
-            raise StorageError(ray_token_refused(address, where, mode)) from None
-        raise StorageError(f"Ray at {address} did not answer as a Ray head ({type(e).__name__}: {text[:200]}); "
-                           f"check cluster.address / RAY_ADDRESS") from None
-    return f"Ray at {address} answers (auth {mode}, {time.monotonic() - t0:.2f} s)"
 
 
 def tracking_server_check(uri: str, timeout_s: float = 5.0) -> dict:
@@ -229,13 +210,16 @@ def tracking_server_check(uri: str, timeout_s: float = 5.0) -> dict:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
             r.read()
         health = "answers"
-    except urllib.error.HTTPError as e:       # it answered: a server that has no /health is still a server
+    except urllib.error.HTTPError as e:  # it answered: a server that has no /health is still a server
         health = f"answers (HTTP {e.code} on /health)"
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        return {"name": name, "ok": False,
-                "detail": f"tracking server unreachable: nothing answers at {uri} (tracking.uri / MLFLOW_TRACKING_URI: "
-                          f"{reason}); start it (python infra/local/stack.py start) or fix the URL"}
+        return {
+            "name": name,
+            "ok": False,
+            "detail": f"tracking server unreachable: nothing answers at {uri} (tracking.uri / MLFLOW_TRACKING_URI: "
+            f"{reason}); start it (python infra/local/stack.py start) or fix the URL",
+        }
     refused = tracking_auth_check(uri, timeout_s)
     if refused:
         return {"name": name, "ok": False, "detail": refused}
@@ -253,7 +237,7 @@ def tracking_auth_check(uri: str, timeout_s: float = 5.0) -> str | None:
     import urllib.parse
     import urllib.request
 
-    from orchestrator.services.tracking import CREDENTIALS_ENV, use_credentials_file
+    from orchestrator.services.tracking_auth import CREDENTIALS_ENV, use_credentials_file
 
     try:
         use_credentials_file()
@@ -274,20 +258,26 @@ def tracking_auth_check(uri: str, timeout_s: float = 5.0) -> str | None:
         body = e.read(2000).decode("utf-8", "replace")
         host = urllib.parse.urlsplit(uri).netloc
         if e.code == 403 and "host" in body.lower():
-            return (f"tracking server refused the host name {host}: its --allowed-hosts does not list it (MLflow >= "
-                    f"3.5); add {host} to the server's --allowed-hosts (infra/kuberay/mlflow.yaml) or reach it by a "
-                    f"name it lists")
+            return (
+                f"tracking server refused the host name {host}: its --allowed-hosts does not list it (MLflow >= "
+                f"3.5); add {host} to the server's --allowed-hosts (infra/kuberay/mlflow.yaml) or reach it by a "
+                f"name it lists"
+            )
         if e.code == 401:
             given = f"user {user!r}" if user else "no credentials"
-            return (f"tracking server at {uri} refused {given} (HTTP 401: it runs with basic authentication); set "
-                    f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or point {CREDENTIALS_ENV} at a file "
-                    f"with them (what the cluster's nodes use)")
+            return (
+                f"tracking server at {uri} refused {given} (HTTP 401: it runs with basic authentication); set "
+                f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or point {CREDENTIALS_ENV} at a file "
+                f"with them (what the cluster's nodes use)"
+            )
         if e.code == 403:
-            return (f"tracking server at {uri} refused user {user!r} read access (HTTP 403); grant it READ or "
-                    f"higher on the experiments (MLflow's auth API) or use another user")
-        return None                   # any other answer: a server that is there and let us in (404: no Default)
+            return (
+                f"tracking server at {uri} refused user {user!r} read access (HTTP 403); grant it READ or "
+                f"higher on the experiments (MLflow's auth API) or use another user"
+            )
+        return None  # any other answer: a server that is there and let us in (404: no Default)
     except (urllib.error.URLError, OSError):
-        return None                   # it answered /health a moment ago: the stages' retries handle a blip
+        return None  # it answered /health a moment ago: the stages' retries handle a blip
 
 
 def _preflight_fs(cfg: StorageConfig, probe: str, body: bytes, tracking_uri: str | None) -> list[dict]:
@@ -298,10 +288,17 @@ def _preflight_fs(cfg: StorageConfig, probe: str, body: bytes, tracking_uri: str
         store.put(probe, body)
         assert store.get(probe) == body, "read back different bytes"
         store.delete(probe)
-        results.append({"name": "storage (fs)", "ok": True, "detail": f"write/read/delete {store.uri(probe)}"})
+        results.append(
+            {"name": "storage (fs)", "ok": True, "detail": f"write/read/delete {store.uri(probe)}"}
+        )
     except (OSError, AssertionError) as e:
-        results.append({"name": "storage (fs)", "ok": False,
-                        "detail": f"storage.root {cfg.resolved_root()} is not writable ({e}); choose another folder"})
+        results.append(
+            {
+                "name": "storage (fs)",
+                "ok": False,
+                "detail": f"storage.root {cfg.resolved_root()} is not writable ({e}); choose another folder",
+            }
+        )
     if tracking_uri:
         results.append(tracking_server_check(tracking_uri))
     return results
@@ -335,20 +332,29 @@ def study_storage_check(url: str | None, where: str = "study_storage", timeout_s
         args = {"connect_timeout": max(1, int(timeout_s))} if u.get_backend_name() == "postgresql" else {}
         engine = create_engine(u, connect_args=args, poolclass=NullPool)
     except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as e:
-        raise StorageError(f"{where}: {safe_url(url)} is not a database URL this driver can use ({e}); e.g. "
-                           f"postgresql+psycopg://hkd@db-host:5432/optuna (psycopg comes with the cluster extra)") \
-            from None
+        raise StorageError(
+            f"{where}: {safe_url(url)} is not a database URL this driver can use ({e}); e.g. "
+            f"postgresql+psycopg://hkd@db-host:5432/optuna (psycopg comes with the cluster extra)"
+        ) from None
     t0 = time.monotonic()
     try:
         with engine.connect() as c:
             c.execute(text("SELECT 1"))
     except SQLAlchemyError as e:
-        first = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(getattr(e, "orig", e)).strip() else str(e)
+        first = (
+            str(getattr(e, "orig", e)).strip().splitlines()[0]
+            if str(getattr(e, "orig", e)).strip()
+            else str(e)
+        )
         if "password authentication failed" in first or "no password supplied" in first:
-            raise StorageError(f"{where}: {safe_url(url)} refused user {u.username!r} ({first}); fix the password "
-                               f"in the URL or in libpq's password file (PGPASSFILE, default ~/.pgpass)") from None
-        raise StorageError(f"{where}: cannot open the Optuna study database {safe_url(url)} ({first}); start the "
-                           f"server or fix the URL") from None
+            raise StorageError(
+                f"{where}: {safe_url(url)} refused user {u.username!r} ({first}); fix the password "
+                f"in the URL or in libpq's password file (PGPASSFILE, default ~/.pgpass)"
+            ) from None
+        raise StorageError(
+            f"{where}: cannot open the Optuna study database {safe_url(url)} ({first}); start the "
+            f"server or fix the URL"
+        ) from None
     finally:
         engine.dispose()
     return f"study storage {safe_url(url)} answers ({time.monotonic() - t0:.2f} s)"

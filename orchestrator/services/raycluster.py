@@ -1,4 +1,5 @@
 """Joining or starting Ray for the driver: the one place that calls ``ray.init``."""
+
 from __future__ import annotations
 
 import os
@@ -15,9 +16,9 @@ RAY_NOISE = (
     re.compile(r"Actor with class name: 'PreemptionWatcher' .*constructor arguments in the object store"),
     re.compile(r"\d+ PYTHON worker processes have been started on node"),
     re.compile(r"Failed to query Ray Train Controller actor state"),
-    re.compile(r"^Reporting training result \d+: TrainingReport\("),      # Ray Train V2 echoes every report
+    re.compile(r"^Reporting training result \d+: TrainingReport\("),  # Ray Train V2 echoes every report
 )
-NOISY_ACTORS = ("PlacementGroupCleaner",)      # its every line: placement-group bookkeeping and its tracebacks
+NOISY_ACTORS = ("PlacementGroupCleaner",)  # its every line: placement-group bookkeeping and its tracebacks
 
 
 def keep_line(data: dict, line: str) -> bool:
@@ -35,7 +36,7 @@ def quiet_ray_echo() -> None:
         return
     try:
         import ray._private.worker as rw
-    except ImportError:                      # another Ray layout: show everything rather than fail
+    except ImportError:  # another Ray layout: show everything rather than fail
         return
     original = rw.print_to_stdstream
     if getattr(original, "_hkd_filtered", False):
@@ -70,7 +71,6 @@ def init_ray(pc: PipelineConfig) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-
     if ray.is_initialized():
         return
     quiet_ray_echo()
@@ -84,15 +84,35 @@ def init_ray(pc: PipelineConfig) -> None:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         need = pc.cluster.num_workers * pc.cluster.cpus_per_worker + 1
-        ray.init(num_cpus=max(int(need), os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env,
-                 _node_ip_address="127.0.0.1")
+        ray.init(
+            num_cpus=max(int(need), os.cpu_count() or 1),
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            _node_ip_address="127.0.0.1",
+        )
 
 
 def env_for_workers() -> dict:
     """Variables the workers need that the driver has (endpoints and the credentials file, never the keys)."""
-    keys = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE", "HKD_S3_PROFILE",
-            "AWS_DEFAULT_REGION",
-            "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "HKD_MLFLOW_CREDENTIALS", "PGPASSFILE", "HKD_S3_BUCKET", "HKD_INCEPTION_WEIGHTS", "HKD_CACHE",
-            "HKD_DATA_DIR", "HKD_GIT_SHA", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-            "HKD_FAULT_STALL_BEFORE_UPLOAD_S", "HKD_FAULT_STALL_AFTER_UPLOAD_S", "HKD_FAULT_STALL_MARK")
+    keys = (
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_PROFILE",
+        "HKD_S3_PROFILE",
+        "AWS_DEFAULT_REGION",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "HKD_MLFLOW_CREDENTIALS",
+        "PGPASSFILE",
+        "HKD_S3_BUCKET",
+        "HKD_INCEPTION_WEIGHTS",
+        "HKD_CACHE",
+        "HKD_DATA_DIR",
+        "HKD_GIT_SHA",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+        "HKD_FAULT_STALL_BEFORE_UPLOAD_S",
+        "HKD_FAULT_STALL_AFTER_UPLOAD_S",
+        "HKD_FAULT_STALL_MARK",
+    )
     return {k: os.environ[k] for k in keys if os.environ.get(k)}

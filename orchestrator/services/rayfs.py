@@ -1,5 +1,6 @@
 """Ray's storage path on S3: (storage_path, storage_filesystem) for Ray Train and Tune, a pyarrow S3 filesystem
 built without keys (Ray pickles it into its state) whose retry strategy survives that pickling."""
+
 from __future__ import annotations
 
 import logging
@@ -21,20 +22,22 @@ def ray_storage(cfg: StorageConfig):
     takes credentials from the AWS SDK's chain in each process: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or
     AWS_SHARED_CREDENTIALS_FILE + AWS_PROFILE, which this sets from storage.credentials_file/profile and
     which ``raycluster.env_for_workers`` hands to every worker (the file's path, never the keys)."""
-    if cfg.kind == "fs":          # a local folder: Ray writes there itself
+    if cfg.kind == "fs":  # a local folder: Ray writes there itself
         path = cfg.resolved_root() / cfg.prefix.strip("/") / "ray"
         path.mkdir(parents=True, exist_ok=True)
         return str(path), None
     endpoint = cfg.resolved_endpoint()
-    key, _ = read_credentials(cfg)             # fails here, clearly, if the configured file is missing or empty
+    key, _ = read_credentials(cfg)  # fails here, clearly, if the configured file is missing or empty
     if cfg.credentials_file:
         os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(Path(cfg.credentials_file).expanduser())
         os.environ["AWS_PROFILE"] = cfg.profile
     elif os.environ.get("AWS_SHARED_CREDENTIALS_FILE") and cfg.profile != "default":
         os.environ.setdefault("AWS_PROFILE", cfg.profile)
     if key is None:
-        log.info("no S3 keys in the environment or a credentials file: pyarrow falls back to the AWS SDK's chain "
-                 "(an instance or pod role)")
+        log.info(
+            "no S3 keys in the environment or a credentials file: pyarrow falls back to the AWS SDK's chain "
+            "(an instance or pod role)"
+        )
     kw = {"region": cfg.region}
     if endpoint:
         u = urlparse(endpoint)
@@ -70,7 +73,9 @@ def _retrying_fs_class():
         failed Ray Train's controller on its next snapshot write."""
 
         def __init__(self, *, max_attempts: int = RAY_FS_ATTEMPTS, **kw):
-            super().__init__(retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=max_attempts), **kw)
+            super().__init__(
+                retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=max_attempts), **kw
+            )
             self._hkd_args = (max_attempts, kw)
 
         def __reduce__(self):

@@ -5,6 +5,7 @@ Both a pipeline (its distill stage logs the model, its evaluate stage crowns it)
 FID, once the sweep ends) go through here, so the alias means the same whichever produced the version:
 the lowest FID among the versions scored at the same N.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,7 @@ from hkd_core import metric_names as M
 from orchestrator.services.tracking import Tracker
 
 log = logging.getLogger(__name__)
-CHAMPION = "champion"            # the registry alias on the best version by FID at the same N
+CHAMPION = "champion"  # the registry alias on the best version by FID at the same N
 
 
 @contextlib.contextmanager
@@ -50,19 +51,34 @@ def log_model(tracker: Tracker, run_id: str, model, name: str | None) -> tuple[s
     import mlflow
     import mlflow.pytorch
 
-    with tracking_uri(tracker.uri), tempfile.TemporaryDirectory() as tmp, \
-            mlflow.start_run(run_id=run_id, nested=True):
+    with (
+        tracking_uri(tracker.uri),
+        tempfile.TemporaryDirectory() as tmp,
+        mlflow.start_run(run_id=run_id, nested=True),
+    ):
         # the model's classes travel with it (code_paths): models:/NAME/N loads where hkd_core is not installed;
         # the package's sources only, not its shipped teacher weights
         code = Path(tmp) / "hkd_core"
-        shutil.copytree(Path(hkd_core.__file__).parent, code,
-                        ignore=shutil.ignore_patterns("__pycache__", "shipped", "*.pt", "*.png"))
-        info = mlflow.pytorch.log_model(model, name="model", registered_model_name=name, serialization_format="pickle",
-                                        pip_requirements=["torch"], code_paths=[str(code)], await_registration_for=60)
+        shutil.copytree(
+            Path(hkd_core.__file__).parent,
+            code,
+            ignore=shutil.ignore_patterns("__pycache__", "shipped", "*.pt", "*.png"),
+        )
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            registered_model_name=name,
+            serialization_format="pickle",
+            pip_requirements=["torch"],
+            code_paths=[str(code)],
+            await_registration_for=60,
+        )
     return (f"{name}/{info.registered_model_version}" if name else None), getattr(info, "model_id", None)
 
 
-def crown(tracker: Tracker, registered: str, metrics: dict, n: int, run_id: str, alias: str = CHAMPION) -> dict:
+def crown(
+    tracker: Tracker, registered: str, metrics: dict, n: int, run_id: str, alias: str = CHAMPION
+) -> dict:
     """The alias on the best version of a registered model, by FID at the same N: the newly evaluated version
     (``registered``: "name/version") records its scores as version tags (eval.fid, eval.kid, eval.n,
     eval.run_id) and takes the alias when no version holds it, or when the holder was scored at the same N and
@@ -85,17 +101,25 @@ def crown(tracker: Tracker, registered: str, metrics: dict, n: int, run_id: str,
         holder = tracker._call(lambda: client.get_model_version_by_alias(name, alias), "alias")
     except MlflowException:
         holder = None
-    held = str(holder.version) if holder is not None else None      # an int from some stores, a str from others
+    held = str(holder.version) if holder is not None else None  # an int from some stores, a str from others
     if held == str(version):
         return {**out, "moved": False, "why": "already the champion"}
     if holder is not None:
         h_fid, h_n = holder.tags.get("eval.fid"), holder.tags.get("eval.n")
         if h_n != str(n) or h_fid is None:
-            return {**out, "moved": False, "holder": held,
-                    "why": f"version {held} was scored at N = {h_n}, not {n}: not comparable"}
+            return {
+                **out,
+                "moved": False,
+                "holder": held,
+                "why": f"version {held} was scored at N = {h_n}, not {n}: not comparable",
+            }
         if float(h_fid) <= fid:
-            return {**out, "moved": False, "holder": held,
-                    "why": f"version {held} has FID {float(h_fid):.4g} <= {fid:.4g}"}
+            return {
+                **out,
+                "moved": False,
+                "holder": held,
+                "why": f"version {held} has FID {float(h_fid):.4g} <= {fid:.4g}",
+            }
     tracker._call(lambda: client.set_registered_model_alias(name, alias, version), "set alias")
     return {**out, "moved": True, "holder": held}
 
@@ -103,8 +127,11 @@ def crown(tracker: Tracker, registered: str, metrics: dict, n: int, run_id: str,
 def sweep_candidate(summary: dict) -> dict | None:
     """The sweep's trial that competes for the alias: among the completed trials with a final FID, the lowest FID
     (the sweep's own metric may be another, e.g. the error against the teacher; the alias is by FID)."""
-    rows = [r for r in summary["rows"] if r["status"] == "completed" and r.get("fid") is not None
-            and r["fid"] == r["fid"]]
+    rows = [
+        r
+        for r in summary["rows"]
+        if r["status"] == "completed" and r.get("fid") is not None and r["fid"] == r["fid"]
+    ]
     return min(rows, key=lambda r: r["fid"]) if rows else None
 
 
@@ -116,20 +143,29 @@ def register_sweep_best(tracker: Tracker, summary: dict, name: str | None, load_
     best = sweep_candidate(summary)
     if name is None or best is None:
         return None
-    runs = tracker.search(f"tags.`hkd.sweep_id` = '{summary['sweep_id']}' and tags.`hkd.trial_id` = "
-                          f"'{best['trial_id']}' and tags.`hkd.stage` = 'trial'")
+    runs = tracker.search(
+        f"tags.`hkd.sweep_id` = '{summary['sweep_id']}' and tags.`hkd.trial_id` = "
+        f"'{best['trial_id']}' and tags.`hkd.stage` = 'trial'"
+    )
     run = next((r for r in runs if r.data.tags.get("hkd.model_uri")), None)
     if run is None:
-        log.warning("sweep %s: trial %s has no model_uri tag; its model is not registered",
-                    summary["sweep_id"], best["trial_id"])
+        log.warning(
+            "sweep %s: trial %s has no model_uri tag; its model is not registered",
+            summary["sweep_id"],
+            best["trial_id"],
+        )
         return None
     run_id = run.info.run_id
     registered, model_id = log_model(tracker, run_id, load_model(run.data.tags["hkd.model_uri"]), name)
-    if run.info.end_time:     # logging reopened the ended trial run: it still ended when the trial did
-        tracker._call(lambda: tracker.client.set_terminated(run_id, run.info.status, end_time=run.info.end_time),
-                      "restore end")
+    if run.info.end_time:  # logging reopened the ended trial run: it still ended when the trial did
+        tracker._call(
+            lambda: tracker.client.set_terminated(run_id, run.info.status, end_time=run.info.end_time),
+            "restore end",
+        )
     n = int(best.get("eval_n") or 0)
-    scores = {k: v for k, v in ((M.FID, best["fid"]), (M.KID, best.get("kid")), (M.EVAL_N, n)) if v is not None}
+    scores = {
+        k: v for k, v in ((M.FID, best["fid"]), (M.KID, best.get("kid")), (M.EVAL_N, n)) if v is not None
+    }
     if model_id:
         tracker.log_metrics(run_id, scores, int(round(best["kimg"] * 1000)), model_id=model_id)
         tracker.set_tags(run_id, {"hkd.model_id": model_id})

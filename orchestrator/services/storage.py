@@ -14,6 +14,7 @@ Retries, in two layers:
   down for a minute costs time, not work.
 ``preflight`` writes, reads and lists a probe through each client and says exactly what failed.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -21,15 +22,14 @@ import dataclasses
 import hashlib
 import logging
 import os
-import random
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from hkd_core.trajectories import LocalStore
+from orchestrator.services.retries import count_botocore_retries, retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,25 +41,31 @@ class StorageError(RuntimeError):
 
 @dataclass
 class StorageConfig:
-    kind: str = "s3"                       # s3 | fs (a local folder: one machine, no services; see storage/fs.yaml)
-    root: str | None = None                # fs: the folder; None: $HKD_CACHE/store (default ~/.cache/hkd/store)
-    endpoint_url: str | None = None        # e.g. http://127.0.0.1:8333; None: $AWS_ENDPOINT_URL_S3, then
-                                           # $AWS_ENDPOINT_URL, else AWS itself
+    kind: str = "s3"  # s3 | fs (a local folder: one machine, no services; see storage/fs.yaml)
+    root: str | None = None  # fs: the folder; None: $HKD_CACHE/store (default ~/.cache/hkd/store)
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333; None: $AWS_ENDPOINT_URL_S3, then
+    # $AWS_ENDPOINT_URL, else AWS itself
     bucket: str = "hkd"
-    prefix: str = "runs"                   # every object of this project lives under s3://bucket/prefix/
-    create_bucket: bool = False            # a bucket that does not exist is refused (a typo), unless this is true
-    data_source: str = "auto"              # data sets: auto (the local disk, else s3://bucket/datasets/) | local | s3
+    prefix: str = "runs"  # every object of this project lives under s3://bucket/prefix/
+    create_bucket: bool = False  # a bucket that does not exist is refused (a typo), unless this is true
+    data_source: str = "auto"  # data sets: auto (the local disk, else s3://bucket/datasets/) | local | s3
     region: str = "us-east-1"
-    credentials_file: str | None = None    # an AWS-style INI file; None: $AWS_SHARED_CREDENTIALS_FILE or env keys
+    credentials_file: str | None = (
+        None  # an AWS-style INI file; None: $AWS_SHARED_CREDENTIALS_FILE or env keys
+    )
     profile: str = "default"
-    retry_deadline_s: float = 120.0        # keep retrying transient errors this long (the outer loop)
-    max_attempts: int = 5                  # botocore's attempts per call (adaptive mode), inside the outer loop
+    retry_deadline_s: float = 120.0  # keep retrying transient errors this long (the outer loop)
+    max_attempts: int = 5  # botocore's attempts per call (adaptive mode), inside the outer loop
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
 
     def resolved_endpoint(self) -> str | None:
-        return (self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-                or None)
+        return (
+            self.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None
+        )
 
     def root_uri(self) -> str:
         if self.kind == "fs":
@@ -78,12 +84,17 @@ def credentials_source(cfg: StorageConfig) -> str:
     """Where the S3 keys come from, in words (never the keys): for messages about refused credentials."""
     if cfg.credentials_file:
         env = os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
-        via = ", set from AWS_SHARED_CREDENTIALS_FILE" if env and Path(env).expanduser() == \
-            Path(cfg.credentials_file).expanduser() else ""
+        via = (
+            ", set from AWS_SHARED_CREDENTIALS_FILE"
+            if env and Path(env).expanduser() == Path(cfg.credentials_file).expanduser()
+            else ""
+        )
         return f"the file {Path(cfg.credentials_file).expanduser()} [{cfg.profile}] (storage.credentials_file{via})"
     if os.environ.get("AWS_SHARED_CREDENTIALS_FILE"):
-        return (f"the file {os.environ['AWS_SHARED_CREDENTIALS_FILE']} "
-                f"[{os.environ.get('AWS_PROFILE', cfg.profile)}] (AWS_SHARED_CREDENTIALS_FILE)")
+        return (
+            f"the file {os.environ['AWS_SHARED_CREDENTIALS_FILE']} "
+            f"[{os.environ.get('AWS_PROFILE', cfg.profile)}] (AWS_SHARED_CREDENTIALS_FILE)"
+        )
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         return "the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
     return "the AWS SDK's default chain (~/.aws, an instance or pod role)"
@@ -95,8 +106,10 @@ def read_credentials(cfg: StorageConfig) -> tuple[str | None, str | None]:
     if path:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise StorageError(f"storage.credentials_file {p} does not exist; point it at an AWS-style credentials "
-                               f"file or unset it to use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+            raise StorageError(
+                f"storage.credentials_file {p} does not exist; point it at an AWS-style credentials "
+                f"file or unset it to use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+            )
         ini = configparser.ConfigParser()
         ini.read(p)
         profile = os.environ.get("AWS_PROFILE", cfg.profile) if not cfg.credentials_file else cfg.profile
@@ -106,57 +119,14 @@ def read_credentials(cfg: StorageConfig) -> tuple[str | None, str | None]:
     return os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
 
 
-_TRANSIENT_CODES = {"RequestTimeout", "RequestTimeoutException", "SlowDown", "Throttling", "ThrottlingException",
-                    "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
-
-
-def is_transient(err: BaseException) -> bool:
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        ReadTimeoutError,
-    )
-
-    if isinstance(err, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectTimeoutError,
-                        ConnectionError)):
-        return True
-    if isinstance(err, ClientError):
-        code = str(err.response.get("Error", {}).get("Code", ""))
-        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return code in _TRANSIENT_CODES or status >= 500
-    name = type(err).__name__
-    return name in ("ProtocolError", "NewConnectionError", "IncompleteRead")
-
-
-def retry(fn: Callable[[], T], what: str, deadline_s: float, on_retry: Callable[[int, BaseException], None] | None = None
-          ) -> T:
-    """Call fn until it succeeds, retrying transient errors with jittered back-off until the deadline."""
-    t0 = time.monotonic()
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - classified below
-            attempt += 1
-            if not is_transient(e) or time.monotonic() - t0 > deadline_s:
-                raise
-            delay = min(8.0, 0.25 * 2 ** min(attempt, 6)) * (0.5 + random.random())
-            log.warning("%s failed (%s: %s); retry %d in %.1f s", what, type(e).__name__, str(e)[:200], attempt, delay)
-            if on_retry:
-                on_retry(attempt, e)
-            time.sleep(delay)
-
-
 class S3Store:
     """A BlobStore on ``s3://bucket/prefix/<sub>``; keys are relative to that folder."""
 
     def __init__(self, cfg: StorageConfig, sub: str = ""):
         self.cfg = cfg
         self.base = "/".join(p.strip("/") for p in (cfg.prefix, sub) if p.strip("/"))
-        self.client, self.counter = shared_client(cfg, cfg.max_attempts)     # one client per store root
-        self.retries = 0               # the outer loop's retries
+        self.client, self.counter = shared_client(cfg, cfg.max_attempts)  # one client per store root
+        self.retries = 0  # the outer loop's retries
         self._retries_before = self.counter["retries"]
 
     @property
@@ -174,16 +144,21 @@ class S3Store:
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         def count(attempt, err):
             self.retries += 1
+
         return retry(fn, what, self.cfg.retry_deadline_s, count)
 
     def put(self, key: str, data: bytes) -> None:
-        self._call(f"PUT {self.uri(key)}", lambda: self.client.put_object(Bucket=self.cfg.bucket, Key=self.key(key),
-                                                                         Body=data))
+        self._call(
+            f"PUT {self.uri(key)}",
+            lambda: self.client.put_object(Bucket=self.cfg.bucket, Key=self.key(key), Body=data),
+        )
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         """Large files go up as a multipart upload, which becomes visible only once complete."""
-        self._call(f"upload {path} -> {self.uri(key)}",
-                   lambda: self.client.upload_file(str(path), self.cfg.bucket, self.key(key)))
+        self._call(
+            f"upload {path} -> {self.uri(key)}",
+            lambda: self.client.upload_file(str(path), self.cfg.bucket, self.key(key)),
+        )
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
@@ -191,23 +166,29 @@ class S3Store:
         from hkd_core.trajectories import ShardError
 
         try:
-            return self._call(f"GET {self.uri(key)}", lambda: self.client.get_object(
-                Bucket=self.cfg.bucket, Key=self.key(key))["Body"].read())
+            return self._call(
+                f"GET {self.uri(key)}",
+                lambda: self.client.get_object(Bucket=self.cfg.bucket, Key=self.key(key))["Body"].read(),
+            )
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise ShardError(f"{self.uri(key)} does not exist") from None
             raise
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
-        self._call(f"download {self.uri(key)}", lambda: self.client.download_file(self.cfg.bucket, self.key(key),
-                                                                                  str(path)))
+        self._call(
+            f"download {self.uri(key)}",
+            lambda: self.client.download_file(self.cfg.bucket, self.key(key), str(path)),
+        )
 
     def _head(self, key: str) -> dict | None:
         from botocore.exceptions import ClientError
 
         try:
-            return self._call(f"HEAD {self.uri(key)}", lambda: self.client.head_object(Bucket=self.cfg.bucket,
-                                                                                       Key=self.key(key)))
+            return self._call(
+                f"HEAD {self.uri(key)}",
+                lambda: self.client.head_object(Bucket=self.cfg.bucket, Key=self.key(key)),
+            )
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
@@ -246,8 +227,10 @@ class S3Store:
             token = page["NextContinuationToken"]
 
     def delete(self, key: str) -> None:
-        self._call(f"DELETE {self.uri(key)}", lambda: self.client.delete_object(Bucket=self.cfg.bucket,
-                                                                               Key=self.key(key)))
+        self._call(
+            f"DELETE {self.uri(key)}",
+            lambda: self.client.delete_object(Bucket=self.cfg.bucket, Key=self.key(key)),
+        )
 
 
 class FsStore(LocalStore):
@@ -307,23 +290,6 @@ def read_uri(cfg: StorageConfig, uri: str, what: str = "") -> bytes:
     return p.read_bytes()
 
 
-def count_botocore_retries(client) -> dict:
-    """A counter of the retries botocore makes inside this client's calls: every response (a success, or the
-    error it finally gave up with) carries ResponseMetadata.RetryAttempts."""
-    counter = {"retries": 0}
-
-    def after(parsed=None, **_):
-        counter["retries"] += int(((parsed or {}).get("ResponseMetadata") or {}).get("RetryAttempts", 0) or 0)
-
-    def after_error(exception=None, **_):
-        resp = getattr(exception, "response", None) or {}
-        counter["retries"] += int((resp.get("ResponseMetadata") or {}).get("RetryAttempts", 0) or 0)
-
-    client.meta.events.register("after-call.s3", after)
-    client.meta.events.register("after-call-error.s3", after_error)
-    return counter
-
-
 def make_client(cfg: StorageConfig, max_attempts: int = 3):
     """A new boto3 S3 client for this config (its endpoint, region, credentials, retries and timeouts)."""
     import boto3
@@ -332,10 +298,19 @@ def make_client(cfg: StorageConfig, max_attempts: int = 3):
     endpoint = cfg.resolved_endpoint()
     key, secret = read_credentials(cfg)
     return boto3.client(
-        "s3", endpoint_url=endpoint, region_name=cfg.region, aws_access_key_id=key, aws_secret_access_key=secret,
-        config=Config(retries={"mode": "adaptive", "total_max_attempts": max_attempts},
-                      connect_timeout=cfg.connect_timeout_s, read_timeout=cfg.read_timeout_s,
-                      s3={"addressing_style": "path"}, signature_version="s3v4"))
+        "s3",
+        endpoint_url=endpoint,
+        region_name=cfg.region,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        config=Config(
+            retries={"mode": "adaptive", "total_max_attempts": max_attempts},
+            connect_timeout=cfg.connect_timeout_s,
+            read_timeout=cfg.read_timeout_s,
+            s3={"addressing_style": "path"},
+            signature_version="s3v4",
+        ),
+    )
 
 
 _CLIENTS: dict[tuple, tuple] = {}
@@ -348,8 +323,15 @@ def shared_client(cfg: StorageConfig, max_attempts: int) -> tuple:
     forked process makes its own (the pid is part of the key). The credentials enter the key as a digest."""
     key, secret = read_credentials(cfg)
     digest = hashlib.sha256(f"{key}\0{secret}".encode()).hexdigest()
-    ident = (os.getpid(), cfg.resolved_endpoint(), cfg.region, digest, max_attempts, cfg.connect_timeout_s,
-             cfg.read_timeout_s)
+    ident = (
+        os.getpid(),
+        cfg.resolved_endpoint(),
+        cfg.region,
+        digest,
+        max_attempts,
+        cfg.connect_timeout_s,
+        cfg.read_timeout_s,
+    )
     with _CLIENTS_LOCK:
         if ident not in _CLIENTS:
             client = make_client(cfg, max_attempts)

@@ -1,9 +1,11 @@
 """MLflow's system metrics on the runs whose work this process does (issue 25)."""
+
 from __future__ import annotations
 
 import logging
 
-from orchestrator.services.tracking import TrackingConfig, use_credentials_file
+from orchestrator.services.tracking import TrackingConfig
+from orchestrator.services.tracking_auth import use_credentials_file
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +32,14 @@ class SystemMetrics:
             return
         try:
             use_credentials_file()
-            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.system_metrics_s,
-                                                samples_before_logging=1, resume_logging=True, node_id=node,
-                                                tracking_uri=cfg.resolved_uri())
+            self.monitor = SystemMetricsMonitor(
+                run_id,
+                sampling_interval=cfg.system_metrics_s,
+                samples_before_logging=1,
+                resume_logging=True,
+                node_id=node,
+                tracking_uri=cfg.resolved_uri(),
+            )
             self.monitor.start()
         except Exception as e:  # noqa: BLE001 - metrics about the machine never stop the work
             log.warning("system metrics not started on run %s: %s", run_id, str(e)[:200])

@@ -10,6 +10,7 @@ the values of that batch are gone unless the caller still holds them; its call a
 window. Here a chunk leaves the buffer only once the server took it (an outage of any length loses nothing),
 and the training loop never waits: a background thread sends.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.services.tracking_auth import use_credentials_file
+
 log = logging.getLogger(__name__)
 RUN_KEY = "hkd.run_key"
 # MLflow 3's experiment type: its UI opens a model-training experiment on the runs table
@@ -29,14 +32,14 @@ EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_develop
 
 @dataclass
 class TrackingConfig:
-    kind: str = "server"                # server (an MLflow server at uri) | file (a local store, no server)
-    root: str | None = None             # file: folder of mlflow.db and the artifacts; None: $HKD_CACHE/mlflow
-    uri: str | None = None              # server: e.g. http://127.0.0.1:5000; None: $MLFLOW_TRACKING_URI
+    kind: str = "server"  # server (an MLflow server at uri) | file (a local store, no server)
+    root: str | None = None  # file: folder of mlflow.db and the artifacts; None: $HKD_CACHE/mlflow
+    uri: str | None = None  # server: e.g. http://127.0.0.1:5000; None: $MLFLOW_TRACKING_URI
     experiment: str = "hkd"
     register_model: str | None = "hkd"  # Model Registry name for distilled models; None: don't register
-    retry_deadline_s: float = 300.0     # keep unsent metrics and retry this long before failing the run
-    system_metrics_s: float = 10.0      # CPU, memory, disk, network (and GPU) on each stage's run, every this
-                                        # many seconds (MLflow's System Metrics tab); 0: off
+    retry_deadline_s: float = 300.0  # keep unsent metrics and retry this long before failing the run
+    system_metrics_s: float = 10.0  # CPU, memory, disk, network (and GPU) on each stage's run, every this
+    # many seconds (MLflow's System Metrics tab); 0: off
     tags: dict = field(default_factory=dict)
 
     def resolved_root(self) -> Path:
@@ -57,8 +60,10 @@ class TrackingConfig:
             return f"sqlite:///{root / 'mlflow.db'}"
         uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
-            raise ValueError("tracking.uri is not set and MLFLOW_TRACKING_URI is empty; point it at the MLflow "
-                             "server (python infra/local/stack.py start prints it)")
+            raise ValueError(
+                "tracking.uri is not set and MLFLOW_TRACKING_URI is empty; point it at the MLflow "
+                "server (python infra/local/stack.py start prints it)"
+            )
         return uri
 
 
@@ -72,36 +77,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
     return out
-
-
-CREDENTIALS_ENV = "HKD_MLFLOW_CREDENTIALS"
-
-
-def use_credentials_file() -> str | None:
-    """A tracking server with basic authentication: its user name and password from the file that
-    ``$HKD_MLFLOW_CREDENTIALS`` names (MLflow's own format, ``[mlflow]`` with ``mlflow_tracking_username`` and
-    ``mlflow_tracking_password``; on a cluster a Secret mounted at the same path on every node), put into this
-    process's environment where MLflow's client reads them. Only the path travels to Ray workers
-    (raycluster.env_for_workers), never the password; credentials already in the environment win. Returns the
-    user name, or None when there is no file to read."""
-    path = os.environ.get(CREDENTIALS_ENV)
-    if not path:
-        return None
-    import configparser
-
-    f = Path(path).expanduser()
-    cp = configparser.ConfigParser()
-    if not f.is_file() or not cp.read(f) or "mlflow" not in cp:
-        raise ValueError(f"{CREDENTIALS_ENV}={path}: no such file, or no [mlflow] section in it; write "
-                         f"mlflow_tracking_username and mlflow_tracking_password under [mlflow], or unset it")
-    sec = cp["mlflow"]
-    user, password = sec.get("mlflow_tracking_username"), sec.get("mlflow_tracking_password")
-    if not user or not password:
-        raise ValueError(f"{CREDENTIALS_ENV}={path}: [mlflow] needs both mlflow_tracking_username and "
-                         f"mlflow_tracking_password")
-    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
-    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
-    return os.environ["MLFLOW_TRACKING_USERNAME"]
 
 
 def _client(uri: str):
@@ -133,8 +108,13 @@ def _permanent(e: BaseException) -> bool:
 
     if isinstance(e, MlflowException):
         code = getattr(e, "error_code", "")
-        return code in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                        "BAD_REQUEST", "INVALID_STATE")
+        return code in (
+            "INVALID_PARAMETER_VALUE",
+            "RESOURCE_ALREADY_EXISTS",
+            "RESOURCE_DOES_NOT_EXIST",
+            "BAD_REQUEST",
+            "INVALID_STATE",
+        )
     return isinstance(e, (ValueError, TypeError, FileNotFoundError))
 
 
@@ -148,15 +128,16 @@ class Tracker:
         self.uri = cfg.resolved_uri()
         self.client = _client(self.uri)
         self._buffer: dict[str, list] = {}
-        self._lock = threading.Lock()          # guards the buffer; never held while talking to the server
-        self._send_lock = threading.Lock()     # one sender at a time
+        self._lock = threading.Lock()  # guards the buffer; never held while talking to the server
+        self._send_lock = threading.Lock()  # one sender at a time
         self.experiment_id = self._call(lambda: self._experiment(cfg.experiment), "get experiment")
         self._down_since: float | None = None  # when the server stopped answering (for the log line)
         self._stop = threading.Event()
         self._thread = None
         if background_flush_s:
-            self._thread = threading.Thread(target=self._flush_loop, args=(background_flush_s,), daemon=True,
-                                            name="hkd-mlflow-flush")
+            self._thread = threading.Thread(
+                target=self._flush_loop, args=(background_flush_s,), daemon=True, name="hkd-mlflow-flush"
+            )
             self._thread.start()
 
     def _flush_loop(self, every_s: float) -> None:
@@ -185,9 +166,10 @@ class Tracker:
                 self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=self.cfg.artifact_location(),
-                                                 tags={EXPERIMENT_KIND: MODEL_TRAINING})
-        except Exception:   # a concurrent creator won the race
+            return self.client.create_experiment(
+                name, artifact_location=self.cfg.artifact_location(), tags={EXPERIMENT_KIND: MODEL_TRAINING}
+            )
+        except Exception:  # a concurrent creator won the race
             return self.client.get_experiment_by_name(name).experiment_id
 
     def log_inputs(self, run_id: str, inputs: list[dict]) -> None:
@@ -195,33 +177,55 @@ class Tracker:
         a description), source_type, context (training, evaluation, ...) and optionally profile (a dict)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        ds = [DatasetInput(Dataset(name=i["name"], digest=i["digest"][:36], source_type=i.get("source_type", "local"),
-                                   source=json.dumps({"uri": i["source"]}),
-                                   profile=json.dumps(i["profile"]) if i.get("profile") else None),
-                           tags=[InputTag("mlflow.data.context", i["context"])]) for i in inputs]
+        ds = [
+            DatasetInput(
+                Dataset(
+                    name=i["name"],
+                    digest=i["digest"][:36],
+                    source_type=i.get("source_type", "local"),
+                    source=json.dumps({"uri": i["source"]}),
+                    profile=json.dumps(i["profile"]) if i.get("profile") else None,
+                ),
+                tags=[InputTag("mlflow.data.context", i["context"])],
+            )
+            for i in inputs
+        ]
         self._call(lambda: self.client.log_inputs(run_id, datasets=ds), "log dataset inputs")
 
     def search(self, filter_string: str, max_results: int = 1000) -> list:
         """Runs of this experiment matching an MLflow filter (with the tracker's retries)."""
-        return self._call(lambda: self.client.search_runs([self.experiment_id], filter_string,
-                                                          max_results=max_results), f"search {filter_string}")
+        return self._call(
+            lambda: self.client.search_runs([self.experiment_id], filter_string, max_results=max_results),
+            f"search {filter_string}",
+        )
 
     def find_run(self, key: str):
-        runs = self._call(lambda: self.client.search_runs([self.experiment_id], f"tags.`{RUN_KEY}` = '{key}'",
-                                                          max_results=5, order_by=["attributes.start_time ASC"]),
-                          f"search run {key}")
+        runs = self._call(
+            lambda: self.client.search_runs(
+                [self.experiment_id],
+                f"tags.`{RUN_KEY}` = '{key}'",
+                max_results=5,
+                order_by=["attributes.start_time ASC"],
+            ),
+            f"search run {key}",
+        )
         return runs[0] if runs else None
 
-    def open_run(self, key: str, name: str, parent_run_id: str | None = None, tags: dict | None = None) -> str:
+    def open_run(
+        self, key: str, name: str, parent_run_id: str | None = None, tags: dict | None = None
+    ) -> str:
         """The run with this key (reopened, status RUNNING again), or a new one. Returns its run id."""
         run = self.find_run(key)
         all_tags = {RUN_KEY: key, **self.cfg.tags, **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run is None:
-            run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=name,
-                                                            tags={k: str(v) for k, v in all_tags.items()}),
-                             f"create run {name}")
+            run = self._call(
+                lambda: self.client.create_run(
+                    self.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()}
+                ),
+                f"create run {name}",
+            )
             log.info("mlflow: new run %s (%s)", name, run.info.run_id)
         else:
             self._call(lambda: self.client.update_run(run.info.run_id, status="RUNNING"), "reopen run")
@@ -237,7 +241,7 @@ class Tracker:
         flat = {k: v[:6000] for k, v in flatten(params).items() if k not in have}
         items = [Param(k, v) for k, v in flat.items()]
         for i in range(0, len(items), 100):
-            self._call(lambda: self.client.log_batch(run_id, params=items[i:i + 100]), "log params")
+            self._call(lambda: self.client.log_batch(run_id, params=items[i : i + 100]), "log params")
 
     def set_tags(self, run_id: str, tags: dict) -> None:
         from mlflow.entities import RunTag
@@ -252,8 +256,9 @@ class Tracker:
             if k in have:
                 self._call(lambda k=k: self.client.delete_tag(run_id, k), f"delete tag {k}")
 
-    def log_metrics(self, run_id: str, metrics: dict, step: int, flush: bool = True,
-                    model_id: str | None = None) -> None:
+    def log_metrics(
+        self, run_id: str, metrics: dict, step: int, flush: bool = True, model_id: str | None = None
+    ) -> None:
         """Buffer, then try to send; a failure keeps the buffer for the next flush (never drops metrics). With
         ``model_id`` (MLflow 3's logged model) the metrics are the model's too: its page lists them."""
         from mlflow.entities import Metric
@@ -261,8 +266,11 @@ class Tracker:
         now = int(time.time() * 1000)
         with self._lock:
             buf = self._buffer.setdefault(run_id, [])
-            buf += [Metric(k, float(v), now, int(step), model_id=model_id) for k, v in metrics.items()
-                    if isinstance(v, (int, float)) and v == v]
+            buf += [
+                Metric(k, float(v), now, int(step), model_id=model_id)
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and v == v
+            ]
         if flush and self._thread is None:
             self.flush(deadline_s=0)
 
@@ -300,14 +308,18 @@ class Tracker:
                     raise
                 if self._down_since is None:
                     self._down_since = time.monotonic()
-                log.warning("mlflow unreachable (%s); %d metric values buffered", str(e)[:120], self.pending())
+                log.warning(
+                    "mlflow unreachable (%s); %d metric values buffered", str(e)[:120], self.pending()
+                )
                 return False
             if self._down_since is not None:
-                log.warning("mlflow reachable again after %.1f s; buffered metric values are being sent",
-                            time.monotonic() - self._down_since)
+                log.warning(
+                    "mlflow reachable again after %.1f s; buffered metric values are being sent",
+                    time.monotonic() - self._down_since,
+                )
                 self._down_since = None
             with self._lock:
-                del self._buffer[run_id][:len(chunk)]
+                del self._buffer[run_id][: len(chunk)]
         return True
 
     def pending(self) -> int:

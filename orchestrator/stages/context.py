@@ -1,6 +1,7 @@
 """What every stage runs in: ``StageContext`` (the config, the tracker, the pipeline's run, where the stage writes,
 its MLflow run opened, failed or finished, its training fitted on Ray Train) and the dataset inputs its run
 records."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +18,14 @@ from orchestrator.stages.lease import LEASE
 
 log = logging.getLogger(__name__)
 DONE = "_SUCCESS.json"
-OUTPUTS = "_outputs"          # the marker's list of the files it vouches for
+OUTPUTS = "_outputs"  # the marker's list of the files it vouches for
 # the config sections each stage's MLflow run records as params
-STAGE_PARAMS = {"teacher": ("data", "teacher"), "trajectories": ("data", "teacher", "trajectories"),
-                "distill": ("data", "teacher", "trajectories", "model", "train"), "evaluate": ("data", "model", "eval")}
+STAGE_PARAMS = {
+    "teacher": ("data", "teacher"),
+    "trajectories": ("data", "teacher", "trajectories"),
+    "distill": ("data", "teacher", "trajectories", "model", "train"),
+    "evaluate": ("data", "model", "eval"),
+}
 
 
 def stage_done(store, stage: str) -> dict | None:
@@ -34,9 +39,16 @@ def stage_done(store, stage: str) -> dict | None:
     if vouched:
         gone = sorted(set(vouched) - set(store.list()))
         if gone:
-            log.warning("%s: %s says the stage finished, but %d of the %d files it vouches for are gone "
-                        "(%s%s): running the stage again", stage, store.uri(DONE), len(gone), len(vouched),
-                        ", ".join(gone[:3]), ", ..." if len(gone) > 3 else "")
+            log.warning(
+                "%s: %s says the stage finished, but %d of the %d files it vouches for are gone "
+                "(%s%s): running the stage again",
+                stage,
+                store.uri(DONE),
+                len(gone),
+                len(vouched),
+                ", ".join(gone[:3]),
+                ", ..." if len(gone) > 3 else "",
+            )
             store.delete(DONE)
             return None
     return summary
@@ -50,10 +62,10 @@ class StageContext:
     pc: PipelineConfig
     tracker: Tracker
     parent_run_id: str | None
-    lineage: dict                  # tags every run carries (config hash, git sha, data, ...)
+    lineage: dict  # tags every run carries (config hash, git sha, data, ...)
     progress: bool = True
-    opened: dict = dataclasses.field(default_factory=dict)     # stage -> its MLflow run id, once opened
-    system: dict = dataclasses.field(default_factory=dict)     # stage -> its SystemMetrics sampler, while open
+    opened: dict = dataclasses.field(default_factory=dict)  # stage -> its MLflow run id, once opened
+    system: dict = dataclasses.field(default_factory=dict)  # stage -> its SystemMetrics sampler, while open
 
     def prefix(self, stage: str) -> str:
         return identity.stage_prefix(self.pc, stage)
@@ -71,17 +83,22 @@ class StageContext:
         s.put(DONE, json.dumps({**summary, OUTPUTS: outputs}, indent=1, default=float).encode())
 
     def open_run(self, stage: str, tags: dict | None = None) -> str:
-        run_id = self.tracker.open_run(identity.run_key(self.pc, stage), identity.run_name(self.pc, stage),
-                                       self.parent_run_id, {**self.lineage, "hkd.stage": stage,
-                                                            "hkd.stage_hash": self.pc.stages()[stage], **(tags or {})})
+        run_id = self.tracker.open_run(
+            identity.run_key(self.pc, stage),
+            identity.run_name(self.pc, stage),
+            self.parent_run_id,
+            {**self.lineage, "hkd.stage": stage, "hkd.stage_hash": self.pc.stages()[stage], **(tags or {})},
+        )
         run = self.pc.run.to_dict()
-        self.tracker.log_params(run_id, {**{k: run[k] for k in STAGE_PARAMS[stage]},
-                                         "cluster": dataclasses.asdict(self.pc.cluster)})
+        self.tracker.log_params(
+            run_id,
+            {**{k: run[k] for k in STAGE_PARAMS[stage]}, "cluster": dataclasses.asdict(self.pc.cluster)},
+        )
         inputs = self.inputs(stage)
         if inputs:
             self.tracker.log_inputs(run_id, inputs)
         self.opened[stage] = run_id
-        self.system[stage] = SystemMetrics(self.pc.tracking, run_id)      # the driver's machine while it runs
+        self.system[stage] = SystemMetrics(self.pc.tracking, run_id)  # the driver's machine while it runs
         return run_id
 
     def close_system_metrics(self, stage: str) -> None:
@@ -106,8 +123,9 @@ class StageContext:
         return dataset_inputs(self.pc, stage, self.store("trajectories").uri("train"))
 
     def fit(self, stage: str, loop, run_id: str, extra: dict):
-        t = trainer.make_trainer(self.pc, loop, {"pipeline": self.pc, "run_id": run_id, **extra},
-                                 self.prefix(stage))
+        t = trainer.make_trainer(
+            self.pc, loop, {"pipeline": self.pc, "run_id": run_id, **extra}, self.prefix(stage)
+        )
         return trainer.fit(t)
 
 
@@ -122,18 +140,35 @@ def dataset_inputs(pc: PipelineConfig, stage: str, trajectories_uri: str) -> lis
 
     def images(split: str, context: str) -> dict:
         sub = dataclasses.replace(d, split=split)
-        return {"name": f"{d.name}/{split}", "digest": config_hash(sub)[:12], "source": f"hkd-data:{d.name}",
-                "source_type": "local", "context": context,
-                "profile": {"split": split, "resolution": d.resolution, "limit": d.limit}}
+        return {
+            "name": f"{d.name}/{split}",
+            "digest": config_hash(sub)[:12],
+            "source": f"hkd-data:{d.name}",
+            "source_type": "local",
+            "context": context,
+            "profile": {"split": split, "resolution": d.resolution, "limit": d.limit},
+        }
+
     if stage == "teacher" and run.teacher.kind == "edm":
         return [images(d.split, "training")]
     if stage == "distill":
         t = run.trajectories
-        return [{"name": identity.stage_prefix(pc, "trajectories"), "digest": pc.stages()["trajectories"],
-                 "source": trajectories_uri, "source_type": "s3" if trajectories_uri.startswith("s3://") else "local",
-                 "context": "training", "profile": {"trajectories": t.num, "sampler": t.sampler, "steps": t.steps,
-                                                    "teacher": run.teacher.kind}},
-                images(d.split, "teacher training")]
+        return [
+            {
+                "name": identity.stage_prefix(pc, "trajectories"),
+                "digest": pc.stages()["trajectories"],
+                "source": trajectories_uri,
+                "source_type": "s3" if trajectories_uri.startswith("s3://") else "local",
+                "context": "training",
+                "profile": {
+                    "trajectories": t.num,
+                    "sampler": t.sampler,
+                    "steps": t.steps,
+                    "teacher": run.teacher.kind,
+                },
+            },
+            images(d.split, "teacher training"),
+        ]
     if stage == "evaluate":
         return [images(run.eval.split, "evaluation")]
     return []

@@ -5,6 +5,7 @@
 cluster (storage=s3, an MLflow server, a Ray head) and without any service (storage=fs tracking=file, Ray
 started in this process).
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,21 +23,27 @@ from orchestrator.stages.steps import stage_distill, stage_evaluate, stage_teach
 log = logging.getLogger(__name__)
 
 
-def context(pc: PipelineConfig, progress: bool = True, parent: str | None = None,
-            tracker: Tracker | None = None) -> StageContext:
+def context(
+    pc: PipelineConfig, progress: bool = True, parent: str | None = None, tracker: Tracker | None = None
+) -> StageContext:
     """The stages' shared state. Without ``parent`` the pipeline's own parent run is opened (or reopened)."""
     tracker = tracker or Tracker(pc.tracking)
     lineage = identity.lineage(pc)
     if parent is None:
-        parent = tracker.open_run(identity.run_key(pc, "pipeline"), identity.run_name(pc, "pipeline"), None,
-                                  {**lineage, "hkd.stage": "pipeline"})
+        parent = tracker.open_run(
+            identity.run_key(pc, "pipeline"),
+            identity.run_name(pc, "pipeline"),
+            None,
+            {**lineage, "hkd.stage": "pipeline"},
+        )
         tracker.log_params(parent, pc.run.to_dict())
         tracker.log_dict(parent, pc.to_dict(), "config/resolved.json")
     return StageContext(pc, tracker, parent, lineage, progress)
 
 
-def run_stages(pc: PipelineConfig, upto: str = "evaluate", progress: bool = True,
-               ctx: StageContext | None = None) -> dict:
+def run_stages(
+    pc: PipelineConfig, upto: str = "evaluate", progress: bool = True, ctx: StageContext | None = None
+) -> dict:
     """Every stage up to ``upto`` (inclusive), each skipped if its output exists for this config.
     With ``ctx`` (a sweep's), the stages nest under its parent run, which is left open. Ray is started (or
     joined) by the first stage that needs it: a rerun whose stages are all done starts none."""
@@ -51,10 +58,12 @@ def run_stages(pc: PipelineConfig, upto: str = "evaluate", progress: bool = True
     results: dict = {}
     with Leases(todo) as leases:
         ctx = ctx or context(pc, progress)
-        fns = {"teacher": lambda: stage_teacher(ctx),
-               "trajectories": lambda: stage_trajectories(ctx, results["teacher"]),
-               "distill": lambda: stage_distill(ctx, results["trajectories"], results["teacher"]),
-               "evaluate": lambda: stage_evaluate(ctx, results["teacher"], results["distill"])}
+        fns = {
+            "teacher": lambda: stage_teacher(ctx),
+            "trajectories": lambda: stage_trajectories(ctx, results["teacher"]),
+            "distill": lambda: stage_distill(ctx, results["trajectories"], results["teacher"]),
+            "evaluate": lambda: stage_evaluate(ctx, results["teacher"], results["distill"]),
+        }
         t0 = time.perf_counter()
         status = "FAILED"
         try:
@@ -80,8 +89,14 @@ def run_stages(pc: PipelineConfig, upto: str = "evaluate", progress: bool = True
         finally:
             if own:
                 _close_pipeline_run(ctx, results, time.perf_counter() - t0, status)
-    results.update({"_parent_run_id": ctx.parent_run_id, "_experiment_id": ctx.tracker.experiment_id,
-                    "_tracking_uri": ctx.tracker.uri, "_storage_root": pc.storage.root_uri()})
+    results.update(
+        {
+            "_parent_run_id": ctx.parent_run_id,
+            "_experiment_id": ctx.tracker.experiment_id,
+            "_tracking_uri": ctx.tracker.uri,
+            "_storage_root": pc.storage.root_uri(),
+        }
+    )
     return results
 
 
@@ -89,7 +104,10 @@ def _close_pipeline_run(ctx: StageContext, results: dict, wall_s: float, status:
     from hkd_core import metric_names as M
 
     if "evaluate" in results and "metrics" in results["evaluate"]:
-        ctx.tracker.log_metrics(ctx.parent_run_id, results["evaluate"]["metrics"],
-                                int(round(results.get("distill", {}).get("kimg", 0) * 1000)))
+        ctx.tracker.log_metrics(
+            ctx.parent_run_id,
+            results["evaluate"]["metrics"],
+            int(round(results.get("distill", {}).get("kimg", 0) * 1000)),
+        )
     ctx.tracker.log_metrics(ctx.parent_run_id, {M.PIPELINE_WALL_S: wall_s}, 0)
     ctx.tracker.end(ctx.parent_run_id, status)

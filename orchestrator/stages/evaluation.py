@@ -9,6 +9,7 @@ taken from its shipped record or from the teacher-score cache (``teacher-scores/
 reference identity (``hkd_core.evaluation.reference_identity``: the reference images' sha256 and the
 Inception weights' sha256 included) and the same noise seeds; otherwise the teacher is sampled again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,20 +26,23 @@ from hkd_core import evaluation as E
 from hkd_core import metric_names as M
 from orchestrator.services.raycluster import env_for_workers
 from orchestrator.services.storage import make_store
-from orchestrator.stages import workers
+from orchestrator.stages import tasks, workers
 
 log = logging.getLogger(__name__)
 REFERENCES = "fid-refs"
 TEACHER_SCORES = "teacher-scores"
-EVAL_CHUNK = 500          # images per Ray task: the progress bar moves by this much (2 tasks at N = 1000)
+EVAL_CHUNK = 500  # images per Ray task: the progress bar moves by this much (2 tasks at N = 1000)
 
 
 def _tasks(pc):
     import ray
 
-    return ray.remote(num_cpus=max(1, int(pc.cluster.cpus_per_worker)),
-                      num_gpus=pc.cluster.gpus_per_worker if pc.cluster.use_gpu else 0,
-                      max_retries=2, runtime_env={"env_vars": env_for_workers()})
+    return ray.remote(
+        num_cpus=max(1, int(pc.cluster.cpus_per_worker)),
+        num_gpus=pc.cluster.gpus_per_worker if pc.cluster.use_gpu else 0,
+        max_retries=2,
+        runtime_env={"env_vars": env_for_workers()},
+    )
 
 
 def _threads(pc) -> int:
@@ -68,12 +72,13 @@ def gather(refs: list, sizes: list[int], desc: str, progress: bool) -> list:
     return out
 
 
-def image_features(pc, images: torch.Tensor, tasks: int | None = None, desc: str = "images",
-                   progress: bool = False):
+def image_features(
+    pc, images: torch.Tensor, tasks: int | None = None, desc: str = "images", progress: bool = False
+):
     """(FeatureStats, features) of given images, split into contiguous chunks over Ray tasks (``_chunks``)."""
     k = _chunks(pc, images.shape[0], tasks)
     bounds = np.linspace(0, images.shape[0], k + 1).round().astype(int)
-    fn = _tasks(pc)(workers.image_features_task)
+    fn = _tasks(pc)(tasks.image_features_task)
     spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     refs = [fn.remote(pc, images[a:b].clone(), _threads(pc)) for a, b in spans]
     return E.merge_chunks(gather(refs, [b - a for a, b in spans], desc, progress))
@@ -82,7 +87,13 @@ def image_features(pc, images: torch.Tensor, tasks: int | None = None, desc: str
 def reference(pc, n: int | None = None, progress: bool = False) -> tuple:
     """Reference statistics of the evaluation split for N images (default eval.n), from the cache in storage
     or computed across Ray tasks once. Returns (Reference, cache object name, computed now?)."""
-    from hkd_core.fid import Reference, decode_reference, encode_reference, reference_cache_name, reference_key
+    from hkd_core.fid import (
+        Reference,
+        decode_reference,
+        encode_reference,
+        reference_cache_name,
+        reference_key,
+    )
     from hkd_core.inception import weights_digest
     from orchestrator.stages.workers import inception_weights
 
@@ -96,22 +107,30 @@ def reference(pc, n: int | None = None, progress: bool = False) -> tuple:
         if ref.key == key:
             return ref, name, False
     images = E.reference_images(d, e.split, n)
-    log.info("reference statistics for %s/%s N=%d across Ray tasks (once; cached at %s)", d.name, e.split, n,
-             store.uri(name))
-    stats, feats = image_features(pc, images, desc=f"evaluate: reference {d.name}/{e.split}", progress=progress)
+    log.info(
+        "reference statistics for %s/%s N=%d across Ray tasks (once; cached at %s)",
+        d.name,
+        e.split,
+        n,
+        store.uri(name),
+    )
+    stats, feats = image_features(
+        pc, images, desc=f"evaluate: reference {d.name}/{e.split}", progress=progress
+    )
     ref = Reference(key, stats, feats)
     store.put(name, encode_reference(ref))
     return ref, name, True
 
 
-def sample_scores(pc, ref, what: dict, model_key=None, teacher_key=None, images_ref=None,
-                  progress: bool = False) -> dict:
+def sample_scores(
+    pc, ref, what: dict, model_key=None, teacher_key=None, images_ref=None, progress: bool = False
+) -> dict:
     """Samples from the evaluation seeds and their scores, computed across Ray tasks, one chunk of seeds each
     (chunk i takes seeds i, i + k, ...; merged in chunk order)."""
     seeds = E.eval_seeds(pc.run.eval)
     k = _chunks(pc, len(seeds))
     chunks = [seeds[i::k] for i in range(k) if seeds[i::k]]
-    fn = _tasks(pc)(workers.features_task)
+    fn = _tasks(pc)(tasks.features_task)
     refs = [fn.remote(pc, what, c, images_ref, teacher_key, model_key, _threads(pc)) for c in chunks]
     name = "model at NFE 1" if what["kind"] == "model" else f"teacher at NFE {what['nfe']}"
     results = gather(refs, [len(c) for c in chunks], f"evaluate: {name}", progress)
@@ -124,14 +143,19 @@ def identity_of(pc) -> dict:
     from orchestrator.stages.workers import inception_weights
 
     e = pc.run.eval
-    return {**E.reference_identity(pc.run.data, e.split, e.n, weights_digest(inception_weights(pc))), "seed": e.seed}
+    return {
+        **E.reference_identity(pc.run.data, e.split, e.n, weights_digest(inception_weights(pc))),
+        "seed": e.seed,
+    }
 
 
 def _differs(recorded: dict, want: dict) -> list[str]:
     return [k for k in sorted(set(want) | set(recorded)) if recorded.get(k) != want.get(k)]
 
 
-def recorded_teacher_scores(pc, adopted: str | None, ident: dict | None = None) -> tuple[dict[int, dict], dict | None]:
+def recorded_teacher_scores(
+    pc, adopted: str | None, ident: dict | None = None
+) -> tuple[dict[int, dict], dict | None]:
     """The shipped teacher's own scores (its record.json) when they were measured exactly as this evaluation
     would measure them: {nfe: scores} and the noise floor. A record evaluation is reused only when its reference
     identity (data set, split, N, resolution, the reference subset and the sha256 of its images, the Inception
@@ -143,17 +167,28 @@ def recorded_teacher_scores(pc, adopted: str | None, ident: dict | None = None) 
     if shipped is None:
         return {}, None
     e = pc.run.eval
-    candidates = [ev for ev in shipped.record.get("evals") or []
-                  if (ev.get("n"), ev.get("seed"), ev.get("split")) == (e.n, e.seed, e.split)]
+    candidates = [
+        ev
+        for ev in shipped.record.get("evals") or []
+        if (ev.get("n"), ev.get("seed"), ev.get("split")) == (e.n, e.seed, e.split)
+    ]
     if not candidates:
         return {}, None
     ident = ident or identity_of(pc)
     for ev in candidates:
         if ev.get("reference") == ident:
-            return {int(k): v for k, v in (ev.get("by_nfe") or {}).items()}, ev.get("noise_floor_train_vs_test")
-    log.warning("the shipped teacher's record %s holds scores at N=%d, seed %d, split %s, measured against another "
-                "reference or other Inception weights (%s differ): not reused; the teacher is sampled again",
-                shipped.folder, e.n, e.seed, e.split, ", ".join(_differs(candidates[0].get("reference") or {}, ident)))
+            return {int(k): v for k, v in (ev.get("by_nfe") or {}).items()}, ev.get(
+                "noise_floor_train_vs_test"
+            )
+    log.warning(
+        "the shipped teacher's record %s holds scores at N=%d, seed %d, split %s, measured against another "
+        "reference or other Inception weights (%s differ): not reused; the teacher is sampled again",
+        shipped.folder,
+        e.n,
+        e.seed,
+        e.split,
+        ", ".join(_differs(candidates[0].get("reference") or {}, ident)),
+    )
     return {}, None
 
 
@@ -184,13 +219,18 @@ def noise_floor(pc, ref, progress: bool = False) -> dict:
     from hkd_core.data import load_images
 
     e, d = pc.run.eval, pc.run.data
-    real, _ = load_images(d.name, "train", resolution=d.resolution, limit=e.n, root=d.root, seed=E.REFERENCE_SEED + 1)
-    stats, feats = image_features(pc, real, desc="evaluate: noise floor (real training images)", progress=progress)
+    real, _ = load_images(
+        d.name, "train", resolution=d.resolution, limit=e.n, root=d.root, seed=E.REFERENCE_SEED + 1
+    )
+    stats, feats = image_features(
+        pc, real, desc="evaluate: noise floor (real training images)", progress=progress
+    )
     return E.score(stats, feats, ref, e.kid_subset_size)
 
 
-def evaluate(pc, model_key: str, teacher_key: str | None, images, adopted: str | None = None,
-             progress: bool = False) -> dict:
+def evaluate(
+    pc, model_key: str, teacher_key: str | None, images, adopted: str | None = None, progress: bool = False
+) -> dict:
     """FID/KID of the model (NFE 1) and of the teacher at each eval.teacher_nfe, and the noise floor (real
     training images, same N), under their metric names. ``images()`` gives the teacher's data set (loaded only
     when an empirical teacher is sampled). The teacher's scores and the floor come from an adopted teacher's
@@ -200,8 +240,9 @@ def evaluate(pc, model_key: str, teacher_key: str | None, images, adopted: str |
 
     ref = reference(pc, progress=progress)[0]
     e = pc.run.eval
-    metrics = E.model_metrics(sample_scores(pc, ref, {"kind": "model"}, model_key=model_key,
-                                            progress=progress), e.n)
+    metrics = E.model_metrics(
+        sample_scores(pc, ref, {"kind": "model"}, model_key=model_key, progress=progress), e.n
+    )
     ident = identity_of(pc)
     recorded, floor = recorded_teacher_scores(pc, adopted, ident)
     if not floor and e.floor:
@@ -214,29 +255,46 @@ def evaluate(pc, model_key: str, teacher_key: str | None, images, adopted: str |
     for nfe in e.teacher_nfe:
         if nfe in recorded:
             metrics.update(E.teacher_metrics(recorded[nfe], nfe))
-            log.info("teacher at NFE %d: from the shipped teacher's record (N=%d, the same seeds, reference and "
-                     "Inception weights): FID %.2f", nfe, e.n, recorded[nfe]["fid"])
+            log.info(
+                "teacher at NFE %d: from the shipped teacher's record (N=%d, the same seeds, reference and "
+                "Inception weights): FID %.2f",
+                nfe,
+                e.n,
+                recorded[nfe]["fid"],
+            )
             continue
         if img_ref is None and pc.run.teacher.kind == "empirical":
             img_ref = ray.put(images())
         if teacher_key and "teacher_sha256" not in ident:
             # a teacher's scores belong to its weights, not only to its config: a retrained one is another teacher
-            ident = {**ident, "teacher_sha256": hashlib.sha256(make_store(pc.storage).get(teacher_key)).hexdigest()}
+            ident = {
+                **ident,
+                "teacher_sha256": hashlib.sha256(make_store(pc.storage).get(teacher_key)).hexdigest(),
+            }
 
         def measure(nfe=nfe):
-            return sample_scores(pc, ref, {"kind": "teacher", "nfe": nfe}, teacher_key=teacher_key,
-                                 images_ref=img_ref, progress=progress)
+            return sample_scores(
+                pc,
+                ref,
+                {"kind": "teacher", "nfe": nfe},
+                teacher_key=teacher_key,
+                images_ref=img_ref,
+                progress=progress,
+            )
+
         metrics.update(E.teacher_metrics(cached_scores(pc, ident, f"nfe{nfe}", measure), nfe))
     full = max(e.teacher_nfe) if e.teacher_nfe else None
     if full is not None and M.teacher_kid(full) in metrics:
         t_kid, t_std = metrics[M.teacher_kid(full)], metrics.get(M.teacher_kid_std(full)) or 0
-        if t_kid > t_std:      # within its std of 0 (small N) the teacher's KID makes no ratio: none is logged
+        if t_kid > t_std:  # within its std of 0 (small N) the teacher's KID makes no ratio: none is logged
             metrics[M.KID_RATIO] = metrics[M.KID] / t_kid
         metrics[M.FID_RATIO] = metrics[M.FID] / metrics[M.teacher_fid(full)]
     return metrics
 
 
-CANONICAL_IMAGES = 512     # test images (a seeded subset, the same for every run) the canonical gauge is measured on
+CANONICAL_IMAGES = (
+    512  # test images (a seeded subset, the same for every run) the canonical gauge is measured on
+)
 SPECTRUM_FILES = ("spectrum.png", "alpha_maps.png", "eigenvalues.npz", "spectrum_gauges.png")
 
 
@@ -248,7 +306,9 @@ def canonical_images(pc) -> torch.Tensor:
 
     d = pc.run.data
     ensure_local(pc.storage, d.name, pc.storage.data_source, d.root)
-    return load_images(d.name, "test", resolution=d.resolution, limit=CANONICAL_IMAGES, root=d.root, seed=0)[0]
+    return load_images(d.name, "test", resolution=d.resolution, limit=CANONICAL_IMAGES, root=d.root, seed=0)[
+        0
+    ]
 
 
 def canonical_spectrum(pc, model) -> list[torch.Tensor]:
@@ -287,13 +347,16 @@ def figures(model, log_artifact, canonical: list[torch.Tensor] | None = None) ->
             np.savez(Path(d) / "eigenvalues.npz", **arrays)
             paths.append(Path(d) / "eigenvalues.npz")
         if spec and canonical:
-            paths.append(plot_spectra_overlay({"as trained": spec, "canonical gauge": canonical},
-                                              Path(d) / "spectrum_gauges.png"))
+            paths.append(
+                plot_spectra_overlay(
+                    {"as trained": spec, "canonical gauge": canonical}, Path(d) / "spectrum_gauges.png"
+                )
+            )
         for p in paths:
             log_artifact(p, M.SPECTRA if p.name in SPECTRUM_FILES else "figures")
 
 
-BESIDE = 32          # samples in the side-by-side figure
+BESIDE = 32  # samples in the side-by-side figure
 
 
 def beside_teacher(pc, model, teacher_key: str | None, images) -> Path | None:
@@ -311,6 +374,6 @@ def beside_teacher(pc, model, teacher_key: str | None, images) -> Path | None:
     dev = next(model.parameters()).device
     with torch.no_grad():
         mine = E.model_generator(model)(x_T.to(dev)).clamp(-1, 1).cpu()
-        theirs = E.teacher_generator(teacher, nfe)(x_T.to(workers._device())).cpu()
+        theirs = E.teacher_generator(teacher, nfe)(x_T.to(workers.worker_device())).cpu()
     path = Path(tempfile.mkdtemp()) / "samples_vs_teacher.png"
     return save_side_by_side(mine, theirs, path, ("HKD, NFE 1", f"teacher, NFE {nfe}"))

@@ -10,6 +10,7 @@ renewed for ``STALE_S`` (its driver's machine is gone) after that; each with a w
 Object stores have no create-if-absent here, so taking the lease is write, wait, read back: of two drivers that
 write within the same instant, only the one whose write landed last reads its own token back; the other stops.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 LEASE = "_RUNNING.json"
 HEARTBEAT_S = 20.0
 STALE_S = 120.0
-SETTLE_S = 0.25          # between writing the lease and reading it back
+SETTLE_S = 0.25  # between writing the lease and reading it back
 
 
 def _alive(pid) -> bool:
@@ -52,11 +53,17 @@ class StageLease:
         try:
             return json.loads(self.store.get(LEASE)) if self.store.exists(LEASE) else None
         except (ValueError, FileNotFoundError):
-            return None                       # removed between the two calls, or half a file: nobody's
+            return None  # removed between the two calls, or half a file: nobody's
 
     def write(self) -> None:
-        held = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "since": self.since,
-                "heartbeat": time.time(), "stage": self.stage}
+        held = {
+            "token": self.token,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": self.since,
+            "heartbeat": time.time(),
+            "stage": self.stage,
+        }
         self.store.put(LEASE, json.dumps(held).encode())
 
     def busy(self, held: dict, age: float, stale_s: float) -> StageBusyError:
@@ -65,7 +72,8 @@ class StageLease:
             f"{self.stage}: another driver is running this stage for this config (host {held.get('host')}, pid "
             f"{held.get('pid')}, since {started}, last heard from {age:.0f} s ago; lease {self.store.uri(LEASE)}). "
             f"Wait for it to finish and run again: its result is reused. If that driver is gone, its lease lapses "
-            f"{max(0.0, stale_s - age):.0f} s from now, or delete the lease file.")
+            f"{max(0.0, stale_s - age):.0f} s from now, or delete the lease file."
+        )
 
     def check(self, stale_s: float) -> None:
         """Refuse if another driver holds the lease, is alive as far as this machine can tell, and was heard
@@ -76,13 +84,21 @@ class StageLease:
         age = time.time() - float(held.get("heartbeat", 0))
         if held.get("host") == socket.gethostname() and not _alive(held.get("pid")):
             # the holder ran on this machine and its process is gone (kill -9, a lost terminal): no need to wait
-            log.warning("%s: taking the stage over from driver pid %s on this machine, which has exited",
-                        self.stage, held.get("pid"))
+            log.warning(
+                "%s: taking the stage over from driver pid %s on this machine, which has exited",
+                self.stage,
+                held.get("pid"),
+            )
             return
         if age < stale_s:
             raise self.busy(held, age, stale_s)
-        log.warning("%s: taking the stage over from a driver not heard from for %.0f s (host %s, pid %s)",
-                    self.stage, age, held.get("host"), held.get("pid"))
+        log.warning(
+            "%s: taking the stage over from a driver not heard from for %.0f s (host %s, pid %s)",
+            self.stage,
+            age,
+            held.get("host"),
+            held.get("pid"),
+        )
 
     def mine(self) -> bool:
         held = self.read()
@@ -98,8 +114,13 @@ class Leases:
     together (one wait to read them back), renewed by one thread, each given back by ``release(stage)`` when
     its stage is done, the rest on exit. Taking them raises ``StageBusyError`` before anything was opened."""
 
-    def __init__(self, stores: dict, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
-                 settle_s: float = SETTLE_S):
+    def __init__(
+        self,
+        stores: dict,
+        heartbeat_s: float = HEARTBEAT_S,
+        stale_s: float = STALE_S,
+        settle_s: float = SETTLE_S,
+    ):
         token, since = uuid.uuid4().hex, time.time()
         self.held = {stage: StageLease(store, stage, token, since) for stage, store in stores.items()}
         self.heartbeat_s, self.stale_s, self.settle_s = heartbeat_s, stale_s, settle_s

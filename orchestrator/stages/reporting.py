@@ -1,5 +1,6 @@
 """What the Ray Train loops report: metrics to MLflow from rank 0 (a background buffer), checkpoints
 through Ray (each file one retried S3 PUT), a progress line, and the count of worker-group starts."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from hkd_core import metric_names as M
 def resume_file() -> str | None:
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()                                    # (1) the newest reported checkpoint
+    ckpt = ray.train.get_checkpoint()  # (1) the newest reported checkpoint
     if ckpt is None:
         return None
     local = Path(tempfile.mkdtemp(prefix="hkd-resume-"))
@@ -42,8 +43,8 @@ class CheckpointUploader:
 
     def __init__(self, storage_cfg):
         self.cfg = storage_cfg
-        self.retries = 0          # over the whole attempt
-        self.last_s = 0.0         # wall time of the newest upload, retries included
+        self.retries = 0  # over the whole attempt
+        self.last_s = 0.0  # wall time of the newest upload, retries included
         self.last_retries = 0
 
     def __call__(self, checkpoint, dir_name: str):
@@ -52,7 +53,8 @@ class CheckpointUploader:
         import ray.train
         from ray.train import Checkpoint
 
-        from orchestrator.services.storage import S3Store, retry
+        from orchestrator.services.retries import retry
+        from orchestrator.services.storage import S3Store
 
         storage = ray.train.get_context().get_storage()
         dest = f"{storage.experiment_fs_path.rstrip('/')}/{dir_name}"
@@ -65,19 +67,24 @@ class CheckpointUploader:
 
         def count(attempt, err):
             self.retries += 1
-            say(f"[checkpoint] upload to s3://{dest} failed ({type(err).__name__}); retry {attempt}, "
-                  f"{time.monotonic() - t0:.0f} s into the upload")
+            say(
+                f"[checkpoint] upload to s3://{dest} failed ({type(err).__name__}); retry {attempt}, "
+                f"{time.monotonic() - t0:.0f} s into the upload"
+            )
 
         local = Path(checkpoint.path)
         for f in sorted(p for p in local.rglob("*") if p.is_file()):
             rel = f.relative_to(local).as_posix()
-            if f.stat().st_size < 4 << 30:     # one PUT (S3's limit is 5 GiB)
-                put = lambda: store.client.put_object(Bucket=store.cfg.bucket, Key=store.key(rel),  # noqa: E731
-                                                      Body=f.read_bytes())
-            else:                              # multipart: visible only once complete
+            if f.stat().st_size < 4 << 30:  # one PUT (S3's limit is 5 GiB)
+                put = lambda: store.client.put_object(
+                    Bucket=store.cfg.bucket,
+                    Key=store.key(rel),  # noqa: E731
+                    Body=f.read_bytes(),
+                )
+            else:  # multipart: visible only once complete
                 put = lambda: store.client.upload_file(str(f), store.cfg.bucket, store.key(rel))  # noqa: E731
             retry(put, f"checkpoint upload {store.uri(rel)}", self.cfg.retry_deadline_s, count)
-        self.retries += store.botocore_retries      # botocore's own, inside the calls (RetryAttempts)
+        self.retries += store.botocore_retries  # botocore's own, inside the calls (RetryAttempts)
         self.last_s, self.last_retries = time.monotonic() - t0, self.retries - before
         if self.last_retries:
             say(f"[checkpoint] s3://{dest} uploaded after {self.last_retries} retries in {self.last_s:.1f} s")
@@ -103,7 +110,7 @@ def _fault_stall(var: str, what: str) -> None:
         time.sleep(stall)
 
 
-TIME_ATTR = "kimg"      # the time attribute of every report: what ASHA (orchestrator/sweep/asha.py) counts in
+TIME_ATTR = "kimg"  # the time attribute of every report: what ASHA (orchestrator/sweep/asha.py) counts in
 
 
 def checkpoint_report(metrics: dict, kimg: float, total_kimg: float) -> dict:
@@ -123,7 +130,9 @@ def callbacks(rank: int, tracker, run_id: str | None, total_kimg: float, what: s
     from ray.train import Checkpoint
 
     t0 = time.monotonic()
-    uploader = CheckpointUploader(storage_cfg) if storage_cfg is not None and storage_cfg.kind == "s3" else None
+    uploader = (
+        CheckpointUploader(storage_cfg) if storage_cfg is not None and storage_cfg.kind == "s3" else None
+    )
 
     def metrics_cb(metrics: dict, kimg: float) -> None:
         if tracker is not None and run_id:
@@ -131,24 +140,35 @@ def callbacks(rank: int, tracker, run_id: str | None, total_kimg: float, what: s
         if rank == 0 and M.TRAIN_LOSS in metrics:
             rate = metrics.get(M.SAMPLES_PER_S, 0.0)
             eta = (total_kimg - kimg) * 1000 / rate if rate else float("nan")
-            say(f"[{what}] {kimg:.2f}/{total_kimg:g} kimg  loss {metrics[M.TRAIN_LOSS]:.4f}  {rate:.0f} samples/s  "
-                f"elapsed {time.monotonic() - t0:.0f} s  ETA {eta:.0f} s")
+            say(
+                f"[{what}] {kimg:.2f}/{total_kimg:g} kimg  loss {metrics[M.TRAIN_LOSS]:.4f}  {rate:.0f} samples/s  "
+                f"elapsed {time.monotonic() - t0:.0f} s  ETA {eta:.0f} s"
+            )
 
     def checkpoint_cb(path: str | None, metrics: dict, kimg: float) -> None:
-        report = checkpoint_report(metrics, kimg, total_kimg)     # what Tune's schedulers read (sweep/asha.py)
+        report = checkpoint_report(metrics, kimg, total_kimg)  # what Tune's schedulers read (sweep/asha.py)
         if rank == 0 and path:
             d = Path(tempfile.mkdtemp(prefix="hkd-ckpt-"))
             shutil.copy2(path, d / Path(path).name)
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(d)),      # (2) upload to storage
-                             checkpoint_upload_fn=uploader)
+            ray.train.report(
+                report,
+                checkpoint=Checkpoint.from_directory(str(d)),  # (2) upload to storage
+                checkpoint_upload_fn=uploader,
+            )
             shutil.rmtree(d, ignore_errors=True)
             if tracker is not None and run_id and uploader is not None:
-                tracker.log_metrics(run_id, {M.CHECKPOINT_KIMG: kimg, M.CHECKPOINT_UPLOAD_S: uploader.last_s,
-                                             M.CHECKPOINT_UPLOAD_RETRIES: uploader.retries},
-                                    step=int(round(kimg * 1000)))
-                tracker.flush(deadline_s=0)     # what led up to a recorded checkpoint is not left in memory
+                tracker.log_metrics(
+                    run_id,
+                    {
+                        M.CHECKPOINT_KIMG: kimg,
+                        M.CHECKPOINT_UPLOAD_S: uploader.last_s,
+                        M.CHECKPOINT_UPLOAD_RETRIES: uploader.retries,
+                    },
+                    step=int(round(kimg * 1000)),
+                )
+                tracker.flush(deadline_s=0)  # what led up to a recorded checkpoint is not left in memory
         else:
-            ray.train.report(report)                                      # (2) every rank reports each time
+            ray.train.report(report)  # (2) every rank reports each time
 
     return metrics_cb, checkpoint_cb
 
@@ -184,7 +204,9 @@ def worker_nodes() -> dict[str, dict]:
 def placement_line(nodes: dict[str, dict]) -> str:
     """'2 workers on 2 nodes: 127.0.0.2 (ranks 0), 127.0.0.3 (ranks 1)'"""
     n = sum(len(v["ranks"]) for v in nodes.values())
-    where = ", ".join(f"{v['ip']} [{k[:8]}] (ranks {','.join(map(str, v['ranks']))})" for k, v in nodes.items())
+    where = ", ".join(
+        f"{v['ip']} [{k[:8]}] (ranks {','.join(map(str, v['ranks']))})" for k, v in nodes.items()
+    )
     return f"{n} worker{'s' if n != 1 else ''} on {len(nodes)} node{'s' if len(nodes) != 1 else ''}: {where}"
 
 
@@ -202,14 +224,15 @@ def count_attempt(tracker, run_id: str | None, resume: str | None, nodes: dict |
         tracker.set_tags(run_id, {"hkd.worker_nodes": placed, f"hkd.worker_nodes.{n}": placed})
         say(f"[train] attempt {n}: {placement_line(nodes)}")
     tracker.set_tags(run_id, {"hkd.train_attempts": n})
-    kimg = float(Path(resume).stem.split("-", 1)[1]) if resume else 0.0       # ckpt-<kimg>.pt
-    metrics = {M.TRAIN_ATTEMPT: n, **({M.TRAIN_RESUMED_FROM_KIMG: kimg} if resume else {}),
-               **({M.TRAIN_NODES: len(nodes)} if nodes else {})}
+    kimg = float(Path(resume).stem.split("-", 1)[1]) if resume else 0.0  # ckpt-<kimg>.pt
+    metrics = {
+        M.TRAIN_ATTEMPT: n,
+        **({M.TRAIN_RESUMED_FROM_KIMG: kimg} if resume else {}),
+        **({M.TRAIN_NODES: len(nodes)} if nodes else {}),
+    }
     tracker.log_metrics(run_id, metrics, step=int(round(kimg * 1000)))
     if resume:
         say(f"[train] attempt {n} resumes from {kimg:g} kimg")
-
-
 
 
 class LoopReporting:
@@ -223,8 +246,12 @@ class LoopReporting:
         from orchestrator.services.system_metrics import SystemMetrics
 
         # the machine rank 0 trains on, in the run's System Metrics tab (system/train_rank0/...)
-        self.system = SystemMetrics(pc.tracking, run_id if self.tracker is not None else None, node="train_rank0")
-        self.metrics_cb, self.checkpoint_cb = callbacks(rank, self.tracker, run_id, total_kimg, what, pc.storage)
+        self.system = SystemMetrics(
+            pc.tracking, run_id if self.tracker is not None else None, node="train_rank0"
+        )
+        self.metrics_cb, self.checkpoint_cb = callbacks(
+            rank, self.tracker, run_id, total_kimg, what, pc.storage
+        )
         self.resume = resume_file()
         count_attempt(self.tracker, run_id, self.resume, worker_nodes())
         self.local = Path(tempfile.mkdtemp(prefix=f"hkd-{what}-"))
@@ -238,6 +265,6 @@ class LoopReporting:
 
     def __exit__(self, exc_type, *exc) -> None:
         self.system.finish()
-        if self.tracker is not None:     # a failing loop sends what it can at once and lets Ray Train restart it
+        if self.tracker is not None:  # a failing loop sends what it can at once and lets Ray Train restart it
             self.tracker.close(deadline_s=0 if exc_type else None)
         shutil.rmtree(self.local, ignore_errors=True)

@@ -15,6 +15,7 @@ this N and keeps the others and the training facts, so a teacher can be scored a
         --out hkd_core/shipped/fmnist-edm
     hkd ship-teacher teacher=fmnist_edm eval.n=10000 eval.teacher_nfe=[35] --out hkd_core/shipped/fmnist-edm
 """
+
 from __future__ import annotations
 
 import io
@@ -53,8 +54,10 @@ def ship_teacher(pc, out: str | Path, command: str = "") -> dict:
     prefix = identity.stage_prefix(pc, "teacher")
     store = make_store(pc.storage, prefix)
     if pc.run.teacher.kind != "edm" or not store.exists(DONE):
-        raise FileNotFoundError(f"no trained EDM teacher for this config at {store.uri('')}: run `hkd teacher` "
-                                f"with the same overrides first (teacher=edm)")
+        raise FileNotFoundError(
+            f"no trained EDM teacher for this config at {store.uri('')}: run `hkd teacher` "
+            f"with the same overrides first (teacher=edm)"
+        )
     import json
 
     summary = json.loads(store.get(DONE))
@@ -65,32 +68,61 @@ def ship_teacher(pc, out: str | Path, command: str = "") -> dict:
     ref = evaluation.reference(pc, progress=True)[0]
     scores = {}
     for nfe in pc.run.eval.teacher_nfe:
-        s = evaluation.sample_scores(pc, ref, {"kind": "teacher", "nfe": nfe},
-                                     teacher_key=f"{prefix}/teacher.pt", progress=True)
+        s = evaluation.sample_scores(
+            pc, ref, {"kind": "teacher", "nfe": nfe}, teacher_key=f"{prefix}/teacher.pt", progress=True
+        )
         scores[str(nfe)] = s
-        log.info("teacher at NFE %d: FID@%d %.2f, KID %.4f ± %.4f", nfe, pc.run.eval.n, s["fid"], s["kid"],
-                 s["kid_std"])
+        log.info(
+            "teacher at NFE %d: FID@%d %.2f, KID %.4f ± %.4f",
+            nfe,
+            pc.run.eval.n,
+            s["fid"],
+            s["kid"],
+            s["kid_std"],
+        )
     floor = evaluation.noise_floor(pc, ref, progress=True)
     channels = DATASETS[pc.run.data.name].channels
     teacher = build_teacher(pc.run.data, pc.run.teacher, None, ema, "shipping")
     out = Path(out)
     nfe_full = max(pc.run.eval.teacher_nfe) if pc.run.eval.teacher_nfe else 35
-    grid = E.teacher_generator(teacher, nfe_full)(E.noise(E.eval_seeds(pc.run.eval, 64), (channels, pc.run.data.resolution,
-                                                                                          pc.run.data.resolution)))
+    grid = E.teacher_generator(teacher, nfe_full)(
+        E.noise(E.eval_seeds(pc.run.eval, 64), (channels, pc.run.data.resolution, pc.run.data.resolution))
+    )
     save_image_grid(grid, out / "samples.png")
-    new = {"n": pc.run.eval.n, "split": pc.run.eval.split, "seed": pc.run.eval.seed,
-           "reference": evaluation.identity_of(pc), "by_nfe": scores, "noise_floor_train_vs_test": floor,
-           "samples": f"samples.png: {len(grid)} samples at NFE {nfe_full}", "command": command,
-           "eval_wall_s": time.perf_counter() - t0, "git_sha": identity.git_sha()}
+    new = {
+        "n": pc.run.eval.n,
+        "split": pc.run.eval.split,
+        "seed": pc.run.eval.seed,
+        "reference": evaluation.identity_of(pc),
+        "by_nfe": scores,
+        "noise_floor_train_vs_test": floor,
+        "samples": f"samples.png: {len(grid)} samples at NFE {nfe_full}",
+        "command": command,
+        "eval_wall_s": time.perf_counter() - t0,
+        "git_sha": identity.git_sha(),
+    }
     old = _existing_record(out) if _same_weights(out, ema) else None
-    facts = ({k: v for k, v in old.items() if k not in ("config", "teacher_hash", "weights_sha256", "evals")}
-             if old else
-             {"kimg": summary.get("kimg"), "train_wall_s": summary.get("wall_s"), "source": summary.get("checkpoint_uri"),
-              "params": sum(v.numel() for v in ema.values() if v.is_floating_point()), "command": command,
-              "git_sha": identity.git_sha()})
+    facts = (
+        {k: v for k, v in old.items() if k not in ("config", "teacher_hash", "weights_sha256", "evals")}
+        if old
+        else {
+            "kimg": summary.get("kimg"),
+            "train_wall_s": summary.get("wall_s"),
+            "source": summary.get("checkpoint_uri"),
+            "params": sum(v.numel() for v in ema.values() if v.is_floating_point()),
+            "command": command,
+            "git_sha": identity.git_sha(),
+        }
+    )
     shipped = write_shipped(out, pc.run.data, pc.run.teacher, ema, **facts, evals=merged_evals(old, new))
-    return {"folder": str(out), "record": shipped.record, "metrics": {
-        **{M.teacher_fid(int(k)): v["fid"] for k, v in scores.items()}, "floor/fid": floor["fid"]}}
+    return {
+        "folder": str(out),
+        "record": shipped.record,
+        "metrics": {
+            **{M.teacher_fid(int(k)): v["fid"] for k, v in scores.items()},
+            "floor/fid": floor["fid"],
+        },
+    }
 
 
 def _existing_record(folder: Path) -> dict | None:

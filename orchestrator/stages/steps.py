@@ -5,6 +5,7 @@ writing ``_SUCCESS.json`` there: a stage whose marker exists for the same config
 its own MLflow run (reopened on restart) nested under the pipeline's. The work itself is hkd_core's units:
 the teacher's training loop, one shard of trajectories, the distillation loop, one chunk of samples scored.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,11 +23,13 @@ from orchestrator.services import registry
 from orchestrator.services.raycluster import env_for_workers, init_ray
 from orchestrator.services.rayfs import ray_storage
 from orchestrator.services.storage import make_store, read_uri, store_at
-from orchestrator.stages import evaluation, trainer, workers
+from orchestrator.stages import evaluation, tasks, trainer, workers
 from orchestrator.stages.context import StageContext
 from orchestrator.stages.headline import headline
 
 log = logging.getLogger(__name__)
+
+
 def images(pc: PipelineConfig) -> torch.Tensor:
     d = pc.run.data
     return load_images(d.name, d.split, resolution=d.resolution, limit=d.limit, root=d.root)[0]
@@ -44,22 +47,26 @@ def stage_teacher(ctx: StageContext) -> dict:
         return {"kind": "empirical", "teacher_key": None}
     given = pc.run.teacher.checkpoint
     shipped = None if given else find_shipped(pc.run.data, pc.run.teacher)
-    run_id = ctx.open_run("teacher", {"hkd.teacher_source": "checkpoint" if given else
-                                      "shipped" if shipped else "trained"})
+    run_id = ctx.open_run(
+        "teacher", {"hkd.teacher_source": "checkpoint" if given else "shipped" if shipped else "trained"}
+    )
     if given:
         from hkd_core.teachers import teacher_state_from_checkpoint
 
         t0 = time.perf_counter()
         blob = read_uri(pc.storage, given, "teacher.checkpoint")
-        ema, kimg = teacher_state_from_checkpoint(blob, pc.run.teacher, DATASETS[pc.run.data.name].channels,
-                                                  pc.run.data.resolution, given)
+        ema, kimg = teacher_state_from_checkpoint(
+            blob, pc.run.teacher, DATASETS[pc.run.data.name].channels, pc.run.data.resolution, given
+        )
         kimg, wall = kimg or 0.0, time.perf_counter() - t0
         log.info("teacher: using teacher.checkpoint %s (no training)", given)
     elif shipped is not None:
         t0 = time.perf_counter()
-        ema = shipped.load(DATASETS[pc.run.data.name].channels)       # sha256 and architecture checked
+        ema = shipped.load(DATASETS[pc.run.data.name].channels)  # sha256 and architecture checked
         kimg, wall = float(shipped.record.get("kimg", 0.0)), time.perf_counter() - t0
-        log.info("teacher: adopted the shipped teacher %s (trained %.0f kimg; no training)", shipped.folder, kimg)
+        log.info(
+            "teacher: adopted the shipped teacher %s (trained %.0f kimg; no training)", shipped.folder, kimg
+        )
         for name in ("record.json", "samples.png"):
             if (shipped.folder / name).is_file():
                 ctx.tracker.log_artifact(run_id, shipped.folder / name, "shipped_teacher")
@@ -75,8 +82,15 @@ def stage_teacher(ctx: StageContext) -> dict:
     key = f"{ctx.prefix('teacher')}/teacher.pt"
     root = make_store(pc.storage)
     root.put(key, buf.getvalue())
-    summary = {"kind": "edm", "teacher_key": key, "kimg": kimg, "wall_s": wall, "checkpoint_uri": root.uri(key),
-               "adopted": str(shipped.folder) if shipped else None, "from_checkpoint": given or None}
+    summary = {
+        "kind": "edm",
+        "teacher_key": key,
+        "kimg": kimg,
+        "wall_s": wall,
+        "checkpoint_uri": root.uri(key),
+        "adopted": str(shipped.folder) if shipped else None,
+        "from_checkpoint": given or None,
+    }
     ctx.tracker.set_tags(run_id, {"hkd.teacher_uri": summary["checkpoint_uri"]})
     ctx.tracker.log_metrics(run_id, {M.WALL_S: wall}, step=int(kimg * 1000))
     ctx.tracker.end(run_id)
@@ -97,11 +111,17 @@ def stage_trajectories(ctx: StageContext, teacher: dict) -> dict:
     t = pc.run.trajectories
     teacher_uri = teacher.get("checkpoint_uri") or f"empirical:{pc.run.data.name}/{pc.run.data.split}"
     run_id = ctx.open_run("trajectories", {"hkd.teacher_uri": teacher.get("checkpoint_uri") or "empirical"})
-    img_ref = ray.put(images(pc)) if pc.run.teacher.kind == "empirical" else None   # only the empirical needs them
-    remote = ray.remote(workers.generate_shard_task)
+    img_ref = (
+        ray.put(images(pc)) if pc.run.teacher.kind == "empirical" else None
+    )  # only the empirical needs them
+    remote = ray.remote(tasks.generate_shard_task)
     threads = max(1, int(pc.cluster.cpus_per_worker))
-    opts = {"num_cpus": threads, "num_gpus": pc.cluster.gpus_per_worker if pc.cluster.use_gpu else 0,
-            "runtime_env": {"env_vars": env_for_workers()}, "max_retries": 3}
+    opts = {
+        "num_cpus": threads,
+        "num_gpus": pc.cluster.gpus_per_worker if pc.cluster.use_gpu else 0,
+        "runtime_env": {"env_vars": env_for_workers()},
+        "max_retries": 3,
+    }
     spec = sampler_spec(t.sampler, t.steps)
     summary, t0 = {}, time.perf_counter()
     for split, num, seed in splits(t.num, t.holdout, t.seed):
@@ -114,14 +134,21 @@ def stage_trajectories(ctx: StageContext, teacher: dict) -> dict:
                 done, pending = ray.wait(pending, num_returns=1)
                 infos += ray.get(done)
                 bar.update(len(done))
-            pending.append(remote.options(**opts).remote(ctx.pc, img_ref, teacher.get("teacher_key"), prefix,
-                                                          index, first, count, seed, threads))
+            pending.append(
+                remote.options(**opts).remote(
+                    ctx.pc, img_ref, teacher.get("teacher_key"), prefix, index, first, count, seed, threads
+                )
+            )
         infos += ray.get(pending)
         bar.update(len(pending))
         bar.close()
-        teacher_id = {"kind": pc.run.teacher.kind, **({"uri": teacher["checkpoint_uri"]}
-                                                     if teacher.get("checkpoint_uri") else {})}
-        manifest = build_manifest(image_shape(pc.run.data), spec, teacher_id, t.shard_size, [ShardInfo(**i) for i in infos])
+        teacher_id = {
+            "kind": pc.run.teacher.kind,
+            **({"uri": teacher["checkpoint_uri"]} if teacher.get("checkpoint_uri") else {}),
+        }
+        manifest = build_manifest(
+            image_shape(pc.run.data), spec, teacher_id, t.shard_size, [ShardInfo(**i) for i in infos]
+        )
         store = make_store(pc.storage, prefix)
         write_manifest(store, manifest)
         summary[split] = {"uri": store.uri(), "trajectories": manifest.num_trajectories, "shards": len(infos)}
@@ -140,33 +167,55 @@ def stage_distill(ctx: StageContext, trajectories: dict, teacher: dict | None = 
 
     pc = ctx.pc
     init_ray(pc)
-    skip = check_distill_inputs(ctx)      # before Ray Train starts: a bad input costs seconds
-    run_id = ctx.open_run("distill", {"hkd.trajectories_uri": trajectories["train"]["uri"],
-                                      "hkd.teacher_uri": trajectories.get("teacher_uri", "")})
+    skip = check_distill_inputs(ctx)  # before Ray Train starts: a bad input costs seconds
+    run_id = ctx.open_run(
+        "distill",
+        {
+            "hkd.trajectories_uri": trajectories["train"]["uri"],
+            "hkd.teacher_uri": trajectories.get("teacher_uri", ""),
+        },
+    )
     if skip:
         ctx.tracker.set_tags(run_id, {"hkd.skipped_shards": ",".join(sorted(skip))[:4000]})
     attempt = _bump_attempt(ctx, run_id)
-    extra = {"trajectories_prefix": f"{ctx.prefix('trajectories')}/train", "skip_shards": sorted(skip),
-             "shards_checked": True,
-             "teacher_key": (teacher or {}).get("teacher_key")}
-    if pc.run.eval.curve_n:   # FID/KID against kimg, scored at each checkpoint on rank 0
-        ctx.tracker.set_tags(run_id, {"hkd.curve_n": str(pc.run.eval.curve_n)})     # what `hkd compare` labels it with
-        extra["eval"] = {"metric": M.CURVE, "fid_n": pc.run.eval.curve_n,
-                         "reference_key": evaluation.reference(pc, pc.run.eval.curve_n)[1]}
+    extra = {
+        "trajectories_prefix": f"{ctx.prefix('trajectories')}/train",
+        "skip_shards": sorted(skip),
+        "shards_checked": True,
+        "teacher_key": (teacher or {}).get("teacher_key"),
+    }
+    if pc.run.eval.curve_n:  # FID/KID against kimg, scored at each checkpoint on rank 0
+        ctx.tracker.set_tags(
+            run_id, {"hkd.curve_n": str(pc.run.eval.curve_n)}
+        )  # what `hkd compare` labels it with
+        extra["eval"] = {
+            "metric": M.CURVE,
+            "fid_n": pc.run.eval.curve_n,
+            "reference_key": evaluation.reference(pc, pc.run.eval.curve_n)[1],
+        }
     model, state, result, wall = fit_distill(pc, run_id, extra, ctx.prefix("distill"))
     buf = io.BytesIO()
     torch.save(model_record(model), buf)
     key = f"{ctx.prefix('distill')}/model.pt"
     root = make_store(pc.storage)
     root.put(key, buf.getvalue())
-    summary = {"model_key": key, "model_uri": root.uri(key), "kimg": state["nimg"] / 1000,
-               "steps": state["step"], "train_s": state["train_s"], "wall_s": wall, "attempts": attempt,
-               "params": count_parameters(model), "ray_path": result.path}
+    summary = {
+        "model_key": key,
+        "model_uri": root.uri(key),
+        "kimg": state["nimg"] / 1000,
+        "steps": state["step"],
+        "train_s": state["train_s"],
+        "wall_s": wall,
+        "attempts": attempt,
+        "params": count_parameters(model),
+        "ray_path": result.path,
+    }
     if pc.run.eval.curve_n:
         summary["curve"] = curve(ctx.tracker.history, run_id)
     ctx.tracker.log_metrics(run_id, {M.WALL_S: wall, M.STAGE_TRAIN_S: state["train_s"]}, int(state["nimg"]))
-    summary["registered_model"], summary["model_id"] = registry.log_model(ctx.tracker, run_id, model,
-                                                                          ctx.pc.tracking.register_model)
+    summary["registered_model"], summary["model_id"] = registry.log_model(
+        ctx.tracker, run_id, model, ctx.pc.tracking.register_model
+    )
     ctx.tracker.set_tags(run_id, {"hkd.model_uri": summary["model_uri"]})
     ctx.tracker.end(run_id)
     ctx.finish("distill", summary)
@@ -184,8 +233,9 @@ def fit_distill(pc: PipelineConfig, run_id: str, extra: dict, name: str, **train
         import ray  # the discriminator's real images (the teacher's), put in Ray's object store once
 
         extra = {**extra, "images_ref": [ray.put(images(pc))]}
-    t = trainer.make_trainer(pc, workers.distill_loop, {"pipeline": pc, "run_id": run_id, **extra}, name,
-                             **trainer_kw)
+    t = trainer.make_trainer(
+        pc, workers.distill_loop, {"pipeline": pc, "run_id": run_id, **extra}, name, **trainer_kw
+    )
     result, wall = trainer.fit(t)
     state = trainer.checkpoint_state(result)
     model = build_model(pc.run.model.variant, pc.run.hkd_config())
@@ -209,9 +259,11 @@ def check_distill_inputs(ctx: StageContext) -> dict[str, str]:
         log.warning("skipping a shard (train.skip_corrupt_shards=true): %s", why)
     left = len(manifest.shards) - len(skip)
     if left < pc.cluster.num_workers:
-        raise ShardError(f"{left} usable shards under {store.uri()} for {pc.cluster.num_workers} workers"
-                         + (f" ({len(skip)} skipped: {'; '.join(skip.values())})" if skip else "")
-                         + "; regenerate the trajectories or use fewer workers")
+        raise ShardError(
+            f"{left} usable shards under {store.uri()} for {pc.cluster.num_workers} workers"
+            + (f" ({len(skip)} skipped: {'; '.join(skip.values())})" if skip else "")
+            + "; regenerate the trajectories or use fewer workers"
+        )
     check_resume_checkpoint(ctx)
     return skip
 
@@ -244,10 +296,14 @@ def check_resume_checkpoint(ctx: StageContext) -> str | None:
         try:
             state = torch.load(files[-1], map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-            raise CheckpointError(f"checkpoint {uri} is unreadable ({type(e).__name__}: {e}); {again}") from None
+            raise CheckpointError(
+                f"checkpoint {uri} is unreadable ({type(e).__name__}: {e}); {again}"
+            ) from None
     model = build_model(ctx.pc.run.model.variant, ctx.pc.run.hkd_config())
     if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"checkpoint {uri} is not an HKD training checkpoint (no 'model' entry); {again}")
+        raise CheckpointError(
+            f"checkpoint {uri} is not an HKD training checkpoint (no 'model' entry); {again}"
+        )
     try:
         load_model_state(model, state["model"], uri)
     except CheckpointError as e:
@@ -271,8 +327,15 @@ def curve(history, run_id: str) -> list[dict]:
     out = []
     for step in sorted(fid):
         before = [v for s, v in train_s if s <= step]
-        out.append({"kimg": step / 1000, "fid": fid[step], "kid": kid.get(step), "kid_std": std.get(step),
-                    "train_s": before[-1] if before else None})
+        out.append(
+            {
+                "kimg": step / 1000,
+                "fid": fid[step],
+                "kid": kid.get(step),
+                "kid_std": std.get(step),
+                "train_s": before[-1] if before else None,
+            }
+        )
     return out
 
 
@@ -285,13 +348,19 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     init_ray(pc)
     run_id = ctx.open_run("evaluate", {"hkd.model_uri": distill["model_uri"]})
     t0 = time.perf_counter()
-    metrics = evaluation.evaluate(pc, distill["model_key"], teacher.get("teacher_key"),
-                                  lambda: images(pc), teacher.get("adopted"), progress=ctx.progress)
+    metrics = evaluation.evaluate(
+        pc,
+        distill["model_key"],
+        teacher.get("teacher_key"),
+        lambda: images(pc),
+        teacher.get("adopted"),
+        progress=ctx.progress,
+    )
     model = workers.load_model(pc, distill["model_key"])
-    canonical = evaluation.canonical_spectrum(pc, model)     # what runs compare by (issue 24's gauge)
+    canonical = evaluation.canonical_spectrum(pc, model)  # what runs compare by (issue 24's gauge)
     metrics.update(evaluation.spectrum_metrics(pc, model, canonical))
     if isinstance(model, HKD):
-        metrics.update(band_share_metrics(model))        # band masking with a number (issue 13)
+        metrics.update(band_share_metrics(model))  # band masking with a number (issue 13)
     metrics[M.EVAL_S] = time.perf_counter() - t0
     step = int(round(distill["kimg"] * 1000))
     model_id = distill.get("model_id")
@@ -312,8 +381,9 @@ def stage_evaluate(ctx: StageContext, teacher: dict, distill: dict) -> dict:
     ctx.tracker.log_dict(run_id, head, "headline.json")
     summary = {"metrics": metrics, "n": pc.run.eval.n, "headline": head}
     if distill.get("registered_model"):
-        summary["champion"] = registry.crown(ctx.tracker, distill["registered_model"], metrics, pc.run.eval.n, run_id)
+        summary["champion"] = registry.crown(
+            ctx.tracker, distill["registered_model"], metrics, pc.run.eval.n, run_id
+        )
     ctx.tracker.end(run_id)
     ctx.finish("evaluate", summary)
     return summary
-

@@ -1,10 +1,12 @@
-"""What runs on Ray workers: the Ray Train loops (teacher, distillation) and the sampling and scoring tasks.
+"""What runs on Ray workers: the Ray Train loops (teacher, distillation) and what they load (teachers, models,
+the Inception weights); the sampling and scoring tasks are in tasks.py.
 
 Each function takes the driver's validated ``PipelineConfig`` as it is (a dataclass, pickled to any node; no
 worker composes, parses or validates it again, so a check of a driver-local file never runs on a node without
 it) and calls into hkd_core. In the two training loops the numbered comments mark the Ray-specific lines, as in
 Ray's own examples; reporting (MLflow, checkpoints, attempts) is ``reporting.LoopReporting``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,9 +18,7 @@ import torch
 log = logging.getLogger(__name__)
 
 
-
-
-def _device() -> str:
+def worker_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -31,40 +31,61 @@ def distill_loop(config: dict) -> None:
     from hkd_core.train import train_hkd
     from orchestrator.stages.reporting import LoopReporting
 
-    pc = config["pipeline"]            # the driver's validated PipelineConfig, as it is
-    ctx = ray.train.get_context()                                          # (1) rank and world size from Ray
+    pc = config["pipeline"]  # the driver's validated PipelineConfig, as it is
+    ctx = ray.train.get_context()  # (1) rank and world size from Ray
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
-    data = TrajectoryStream(pc, config["trajectories_prefix"], config.get("skip_shards", []), rank, world,
-                            checked=config.get("shards_checked", False))
-    device = ray.train.torch.get_device()                                  # (2) cpu, or this worker's GPU
-    torch.manual_seed(pc.run.train.seed)            # identical initial weights on every rank
+    data = TrajectoryStream(
+        pc,
+        config["trajectories_prefix"],
+        config.get("skip_shards", []),
+        rank,
+        world,
+        checked=config.get("shards_checked", False),
+    )
+    device = ray.train.torch.get_device()  # (2) cpu, or this worker's GPU
+    torch.manual_seed(pc.run.train.seed)  # identical initial weights on every rank
     model = build_model(pc.run.model.variant, pc.run.hkd_config())
     tr = pc.run.train
     copied, extra = [], {}
-    if pc.run.model.init != "none":                 # the same teacher tensors on every rank
+    if pc.run.model.init != "none":  # the same teacher tensors on every rank
         copied = init_from_stored_teacher(pc, model, config.get("teacher_key"))
     m = pc.run.model
-    if m.alpha_offset or m.alpha_offset_spread:     # the gauge experiment: alpha starts off zero, same samples
+    if m.alpha_offset or m.alpha_offset_spread:  # the gauge experiment: alpha starts off zero, same samples
         from hkd_core.gauge import alpha_offsets, offset_alpha
 
         offset_alpha(model, alpha_offsets(model, m.alpha_offset, m.alpha_offset_spread, seed=tr.seed))
-    if tr.perceptual == "teacher":                  # the distance lives in the frozen teacher's features
+    if tr.perceptual == "teacher":  # the distance lives in the frozen teacher's features
         extra["perceptual_kwargs"] = {"denoiser": stored_teacher_net(pc, config.get("teacher_key"))}
     if rank == 0 and tr.holdout_every_kimg > 0:
         extra["holdout"] = overfitting_sets(pc, config["trajectories_prefix"])
-    if tr.adversarial_weight > 0:                   # the discriminator's real images (beyond the paper)
+    if tr.adversarial_weight > 0:  # the discriminator's real images (beyond the paper)
         extra["real_images"] = real_images(config)
-    if device.type == "cpu":                         # ~1.2x the training rate on CPU (docs/results/...)
+    if device.type == "cpu":  # ~1.2x the training rate on CPU (docs/results/...)
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)                           # (3) DDP
+    model = ray.train.torch.prepare_model(model)  # (3) DDP
     eval_cb = make_eval_cb(pc, config["eval"], device) if rank == 0 and config.get("eval") else None
-    with LoopReporting(pc, config.get("run_id"), rank, "distill", tr.total_kimg) as rep:   # (4) reports, resume
-        train_hkd(model, data.batch, data.sigmas, rank=rank, world_size=world, device=device,
-                  checkpoint_dir=rep.local, resume=rep.resume or False, metrics_cb=data.with_seed_sum(rep.metrics_cb),
-                  checkpoint_cb=rep.checkpoint_cb, eval_cb=eval_cb, progress=False, config=pc.run.to_dict(),
-                  teacher_tensors=copied,
-                  **extra, **dataclasses.asdict(tr))
+    with LoopReporting(
+        pc, config.get("run_id"), rank, "distill", tr.total_kimg
+    ) as rep:  # (4) reports, resume
+        train_hkd(
+            model,
+            data.batch,
+            data.sigmas,
+            rank=rank,
+            world_size=world,
+            device=device,
+            checkpoint_dir=rep.local,
+            resume=rep.resume or False,
+            metrics_cb=data.with_seed_sum(rep.metrics_cb),
+            checkpoint_cb=rep.checkpoint_cb,
+            eval_cb=eval_cb,
+            progress=False,
+            config=pc.run.to_dict(),
+            teacher_tensors=copied,
+            **extra,
+            **dataclasses.asdict(tr),
+        )
         if tr.skip_corrupt_shards:
             from hkd_core import metric_names as M
 
@@ -102,12 +123,25 @@ class TrajectoryStream:
 
         store, manifest, rank, world, tr = self._args
         old = self.ds.skipped if self.ds is not None else []
-        self.ds = TrajectoryDataset(store, manifest, rank=rank, world_size=world, seed=tr.seed, epochs=None,
-                                    skip_corrupt=tr.skip_corrupt_shards, start=step * self.per_rank)
+        self.ds = TrajectoryDataset(
+            store,
+            manifest,
+            rank=rank,
+            world_size=world,
+            seed=tr.seed,
+            epochs=None,
+            skip_corrupt=tr.skip_corrupt_shards,
+            start=step * self.per_rank,
+        )
         self.ds.skipped.extend(old)
-        self._it = iter(DataLoader(self.ds, batch_size=self.per_rank, num_workers=0,
-                                   collate_fn=lambda b: (torch.stack([x["states"] for x in b]),
-                                                         sum(x["seed"] for x in b))))
+        self._it = iter(
+            DataLoader(
+                self.ds,
+                batch_size=self.per_rank,
+                num_workers=0,
+                collate_fn=lambda b: (torch.stack([x["states"] for x in b]), sum(x["seed"] for x in b)),
+            )
+        )
         self._next = step
 
     def batch(self, step: int) -> torch.Tensor:
@@ -130,6 +164,7 @@ class TrajectoryStream:
             metrics = {**metrics, M.DATA_SEED_SUM: float(self.seed_sum)}
             self.seed_sum = 0
             cb(metrics, kimg)
+
         return log
 
     @property
@@ -161,20 +196,33 @@ def teacher_loop(config: dict) -> None:
     from hkd_core.train import train_teacher
     from orchestrator.stages.reporting import LoopReporting
 
-    pc = config["pipeline"]            # the driver's validated PipelineConfig, as it is
-    ctx = ray.train.get_context()                                          # (1) rank and world size from Ray
+    pc = config["pipeline"]  # the driver's validated PipelineConfig, as it is
+    ctx = ray.train.get_context()  # (1) rank and world size from Ray
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
-    images = ray.get(config["images_ref"][0])                              # (2) the data set, shared by ref
-    device = ray.train.torch.get_device()                                  # (3) cpu, or this worker's GPU
+    images = ray.get(config["images_ref"][0])  # (2) the data set, shared by ref
+    device = ray.train.torch.get_device()  # (3) cpu, or this worker's GPU
     torch.manual_seed(pc.run.train.seed)
     t = pc.run.teacher
-    net = ray.train.torch.prepare_model(teacher_denoiser(t, images.shape[1], pc.run.data.resolution))  # (4) DDP
-    with LoopReporting(pc, config.get("run_id"), rank, "teacher", t.total_kimg) as rep:    # (5) reports, resume
-        train_teacher(net, images, seed=pc.run.train.seed, rank=rank, world_size=world, device=device,
-                      checkpoint_dir=rep.local, resume=rep.resume or False, metrics_cb=rep.metrics_cb,
-                      checkpoint_cb=rep.checkpoint_cb, progress=False, config=pc.run.to_dict(),
-                      **dataclasses.asdict(t))
+    net = ray.train.torch.prepare_model(
+        teacher_denoiser(t, images.shape[1], pc.run.data.resolution)
+    )  # (4) DDP
+    with LoopReporting(pc, config.get("run_id"), rank, "teacher", t.total_kimg) as rep:  # (5) reports, resume
+        train_teacher(
+            net,
+            images,
+            seed=pc.run.train.seed,
+            rank=rank,
+            world_size=world,
+            device=device,
+            checkpoint_dir=rep.local,
+            resume=rep.resume or False,
+            metrics_cb=rep.metrics_cb,
+            checkpoint_cb=rep.checkpoint_cb,
+            progress=False,
+            config=pc.run.to_dict(),
+            **dataclasses.asdict(t),
+        )
 
 
 def _teacher_weights(pc, teacher_key: str | None, why: str) -> tuple[dict, str]:
@@ -182,10 +230,14 @@ def _teacher_weights(pc, teacher_key: str | None, why: str) -> tuple[dict, str]:
     from orchestrator.services.storage import make_store
 
     if not teacher_key:
-        raise ValueError(f"{why} needs the teacher's weights, but this run was given no teacher checkpoint "
-                         f"(teacher.kind={pc.run.teacher.kind!r})")
+        raise ValueError(
+            f"{why} needs the teacher's weights, but this run was given no teacher checkpoint "
+            f"(teacher.kind={pc.run.teacher.kind!r})"
+        )
     store = make_store(pc.storage)
-    return torch.load(io.BytesIO(store.get(teacher_key)), map_location="cpu", weights_only=True), store.uri(teacher_key)
+    return torch.load(io.BytesIO(store.get(teacher_key)), map_location="cpu", weights_only=True), store.uri(
+        teacher_key
+    )
 
 
 def stored_teacher_net(pc, teacher_key: str | None):
@@ -227,8 +279,13 @@ def init_from_stored_teacher(pc, model, teacher_key: str | None) -> list[str]:
 
     weights, uri = _teacher_weights(pc, teacher_key, f"model.init={pc.run.model.init}")
     names = init_from_teacher(model, weights, pc.run.model.init, uri)
-    log.info("model.init=%s: %d tensors (%d values) from %s", pc.run.model.init, len(names),
-             sum(model.state_dict()[n].numel() for n in names), uri)
+    log.info(
+        "model.init=%s: %d tensors (%d values) from %s",
+        pc.run.model.init,
+        len(names),
+        sum(model.state_dict()[n].numel() for n in names),
+        uri,
+    )
     return names
 
 
@@ -259,12 +316,21 @@ def make_eval_cb(pc, spec: dict, device):
 
     def proxy(ema, kimg: float) -> dict:
         if final_is_evaluated and kimg >= total - 1e-9:
-            return {}    # the evaluate stage scores the final model on the same seeds and reference: not twice
-        s = E.score_in_process(E.model_generator(ema), seeds, E.image_shape(pc.run.data), feats, ref,
-                               e.kid_subset_size, e.batch_size, device)
-        if metric == M.CURVE:     # eval.curve_n: FID/KID against images seen, as curves in MLflow
+            return {}  # the evaluate stage scores the final model on the same seeds and reference: not twice
+        s = E.score_in_process(
+            E.model_generator(ema),
+            seeds,
+            E.image_shape(pc.run.data),
+            feats,
+            ref,
+            e.kid_subset_size,
+            e.batch_size,
+            device,
+        )
+        if metric == M.CURVE:  # eval.curve_n: FID/KID against images seen, as curves in MLflow
             return {M.CURVE_FID: s["fid"], M.CURVE_KID: s["kid"], M.CURVE_KID_STD: s["kid_std"]}
         return {metric: s["kid"] if metric == M.KID else s["fid"]}
+
     return proxy
 
 
@@ -280,7 +346,7 @@ def load_teacher(pc, images, teacher_key: str | None):
         source = store.uri(teacher_key)
     teacher = build_teacher(pc.run.data, pc.run.teacher, images, weights, source)
     if hasattr(teacher, "net"):
-        teacher.net.to(_device())
+        teacher.net.to(worker_device())
     return teacher
 
 
@@ -291,53 +357,6 @@ def load_model(pc, model_key: str):
 
     data = make_store(pc.storage).get(model_key)
     return model_from_record(torch.load(io.BytesIO(data), map_location="cpu", weights_only=False))
-
-
-def generate_shard_task(pc, images: torch.Tensor | None, teacher_key: str | None, prefix: str, index: int, first: int, count: int,
-                        seed: int, threads: int = 1) -> dict:
-    """One shard of teacher trajectories, written to storage (reused if a whole one is already there); ``images``
-    only for the empirical teacher (an EDM teacher's weights come from storage)."""
-    from hkd_core.generate import existing_shard, generate_shard, sampler_spec
-    from orchestrator.services.storage import make_store
-
-    torch.set_num_threads(threads)
-    store = make_store(pc.storage, prefix)
-    info = existing_shard(store, index, first, count, seed)
-    if info is None:
-        t = pc.run.trajectories
-        from hkd_core.evaluation import image_shape
-
-        info = generate_shard(store, load_teacher(pc, images, teacher_key), index, first, count,
-                              image_shape(pc.run.data), sampler_spec(t.sampler, t.steps), seed, t.batch_size, _device())
-    return dataclasses.asdict(info)
-
-
-def features_task(pc, what: dict, seeds: list[int], images=None, teacher_key: str | None = None,
-                  model_key: str | None = None, threads: int = 1) -> dict:
-    """Inception statistics of the samples drawn from these noise seeds: the model at NFE 1, or the teacher at
-    ``what['nfe']`` (hkd_core.evaluation.chunk_result)."""
-    from hkd_core import evaluation as E
-    from hkd_core.fid import InceptionFeatures
-
-    torch.set_num_threads(threads)
-    dev = _device()
-    feats = InceptionFeatures(inception_weights(pc), device=dev, batch_size=pc.run.eval.batch_size)
-    if what["kind"] == "model":
-        generate = E.model_generator(load_model(pc, model_key).to(dev))
-    else:
-        generate = E.teacher_generator(load_teacher(pc, images, teacher_key), what["nfe"])
-    f = E.chunk_features(generate, seeds, E.image_shape(pc.run.data), feats, pc.run.eval.batch_size, dev)
-    return E.chunk_result(f)
-
-
-def image_features_task(pc, images: torch.Tensor, threads: int = 1) -> dict:
-    """Inception statistics and features of given images (a chunk of the reference set, or any images)."""
-    from hkd_core import evaluation as E
-    from hkd_core.fid import InceptionFeatures
-
-    torch.set_num_threads(threads)
-    feats = InceptionFeatures(inception_weights(pc), device=_device(), batch_size=pc.run.eval.batch_size)
-    return E.chunk_result(feats(images))
 
 
 def inception_weights(pc):

@@ -7,6 +7,7 @@ report made at the end of training leaves out the time attribute, which keeps th
 the trial at the budget's rung. Half (1) is here; half (2) is the training loop's report
 (``orchestrator.stages.reporting.checkpoint_report``, which the pipeline's stages and the sweep's trials share).
 """
+
 from __future__ import annotations
 
 from orchestrator.stages.reporting import TIME_ATTR
@@ -17,5 +18,9 @@ MAX_T_MARGIN = 1.001
 def scheduler(total_kimg: float, grace_period_kimg: float, reduction_factor: float):
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr=TIME_ATTR, max_t=total_kimg * MAX_T_MARGIN,
-                         grace_period=min(grace_period_kimg, total_kimg), reduction_factor=reduction_factor)
+    return ASHAScheduler(
+        time_attr=TIME_ATTR,
+        max_t=total_kimg * MAX_T_MARGIN,
+        grace_period=min(grace_period_kimg, total_kimg),
+        reduction_factor=reduction_factor,
+    )

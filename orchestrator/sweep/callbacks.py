@@ -1,5 +1,6 @@
 """Tune callbacks of the sweep driver. Kept apart from ``run.py`` and ``closing.py`` because they subclass ``ray.tune.Callback``,
 and that module must import without Ray (Ray reads its loopback setting at its first import)."""
+
 from __future__ import annotations
 
 import logging
@@ -19,5 +20,9 @@ class StoppedTrialCloserCallback(StoppedTrialCloser, tune.Callback):
         try:
             self.close(trial.trial_id, trial.last_result or {})
         except Exception as e:  # noqa: BLE001 - the sweep goes on; close_trial_runs is the backstop
-            log.warning("sweep %s: could not close stopped trial %s's run now (%s); the sweep's end will",
-                        self.sweep_id, trial.trial_id, str(e)[:200])
+            log.warning(
+                "sweep %s: could not close stopped trial %s's run now (%s); the sweep's end will",
+                self.sweep_id,
+                trial.trial_id,
+                str(e)[:200],
+            )

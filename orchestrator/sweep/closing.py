@@ -1,6 +1,7 @@
 """Closing the MLflow runs of trials that ASHA stopped: the logic of the sweep's Tune callback
 (``callbacks.StoppedTrialCloserCallback``) and the sweep end's backstop (``close_trial_runs``, every run Tune
 left open), in a module that imports without Ray."""
+
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,15 @@ log = logging.getLogger(__name__)
 def end_stopped_run(tracker: Tracker, run_id: str, kimg: float, when: str) -> None:
     """A trial run that ASHA stopped: KILLED, with hkd.stopped_early=true, the kimg it reached and who closed it
     (``hkd.closed_at``: "stopped", the moment Tune stopped it; "sweep end", the backstop)."""
-    tracker.set_tags(run_id, {"hkd.stopped_early": "true", "hkd.end_reason": "stopped by the scheduler (ASHA)",
-                              "hkd.stopped_at_kimg": f"{kimg:g}", "hkd.closed_at": when})
+    tracker.set_tags(
+        run_id,
+        {
+            "hkd.stopped_early": "true",
+            "hkd.end_reason": "stopped by the scheduler (ASHA)",
+            "hkd.stopped_at_kimg": f"{kimg:g}",
+            "hkd.closed_at": when,
+        },
+    )
     tracker.end(run_id, "KILLED")
 
 
@@ -36,11 +44,13 @@ class StoppedTrialCloser:
     def close(self, trial_id: str, last_result: dict) -> str | None:
         """End the trial's run if it stopped before its final report; returns the run id it ended."""
         if not last_result or last_result.get("final"):
-            return None                    # completed: the trial ends its own run FINISHED
+            return None  # completed: the trial ends its own run FINISHED
         if self._tracker is None:
             self._tracker = Tracker(self.tracking_cfg)
-        runs = self._tracker.search(f"tags.`hkd.sweep_id` = '{self.sweep_id}' and tags.`hkd.trial_id` = "
-                                    f"'{trial_id}' and tags.`hkd.stage` = 'trial'")
+        runs = self._tracker.search(
+            f"tags.`hkd.sweep_id` = '{self.sweep_id}' and tags.`hkd.trial_id` = "
+            f"'{trial_id}' and tags.`hkd.stage` = 'trial'"
+        )
         open_runs = [r for r in runs if r.info.status in ("RUNNING", "FAILED")]
         for r in open_runs:
             end_stopped_run(self._tracker, r.info.run_id, float(last_result.get("kimg", 0.0)), "stopped")
@@ -64,7 +74,7 @@ def close_trial_runs(tracker: Tracker, sweep_id: str, summary: dict) -> dict[str
         row = rows.get(trial)
         stopped = row is not None and row["status"].startswith("stopped")
         if run.info.status == "FAILED" and not stopped:
-            continue                     # a real failure (or one Tune's record cannot overrule): left as it is
+            continue  # a real failure (or one Tune's record cannot overrule): left as it is
         if stopped:
             end_stopped_run(tracker, run.info.run_id, row["kimg"], "sweep end")
             closed[trial] = "KILLED"
@@ -73,14 +83,20 @@ def close_trial_runs(tracker: Tracker, sweep_id: str, summary: dict) -> dict[str
             tracker.set_tags(run.info.run_id, {"hkd.end_reason": "error"})
             status = "FAILED"
         elif row is not None and row["status"] == "completed":
-            status = "FINISHED"          # finished, but the driver died before the run's own end reached MLflow
+            status = "FINISHED"  # finished, but the driver died before the run's own end reached MLflow
         else:
-            tracker.set_tags(run.info.run_id, {"hkd.stopped_early": "true",
-                                               "hkd.end_reason": "not continued by the sweep (--resume)"})
+            tracker.set_tags(
+                run.info.run_id,
+                {"hkd.stopped_early": "true", "hkd.end_reason": "not continued by the sweep (--resume)"},
+            )
             status = "KILLED"
         tracker.end(run.info.run_id, status)
         closed[trial] = status
     if closed:
-        log.info("sweep %s: closed %d trial runs (%s)", sweep_id, len(closed),
-                 ", ".join(f"{t} {s}" for t, s in sorted(closed.items())))
+        log.info(
+            "sweep %s: closed %d trial runs (%s)",
+            sweep_id,
+            len(closed),
+            ", ".join(f"{t} {s}" for t, s in sorted(closed.items())),
+        )
     return closed

@@ -7,6 +7,7 @@ child run under the sweep's run, keyed by sweep and trial id, so a resumed sweep
 duplicating. The Optuna study lives in a database (SQLite beside the local stack, or any SQLAlchemy URL),
 the Tune experiment in S3; ``hkd sweep X.yaml --resume SWEEP_ID`` continues both.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,7 @@ from orchestrator.sweep.results import publish, summarize_sweep
 from orchestrator.sweep.spec import SweepError, SweepSpec, check_against_config, define_by_run, overrides_for
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[2]     # the checkout (its .stack/ holds the local Optuna study)
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (its .stack/ holds the local Optuna study)
 
 
 def study_url(spec: SweepSpec, pc=None, sweep_id: str | None = None) -> str:
@@ -83,8 +84,10 @@ def concurrency(spec: SweepSpec, cluster=None) -> tuple[int, str]:
 
         now = ray.cluster_resources() if ray.is_initialized() else {}
         res = {"CPU": cluster.max_cpus or now.get("CPU", 1), "GPU": cluster.max_gpus or now.get("GPU", 0)}
-        source = (f"the cluster at its largest (cluster.max_cpus={cluster.max_cpus}, "
-                  f"cluster.max_gpus={cluster.max_gpus})")
+        source = (
+            f"the cluster at its largest (cluster.max_cpus={cluster.max_cpus}, "
+            f"cluster.max_gpus={cluster.max_gpus})"
+        )
     else:
         import ray
 
@@ -107,32 +110,61 @@ def trial_fn(params: dict, ctx: dict) -> None:
     # Tune hands over Optuna's per-suggestion values too (model.subspace_dims.l1, ...): keep the config keys
     params = {k: v for k, v in params.items() if k in ctx["space_keys"]}
     r = ctx["resources"]
-    over = ctx["base"] + overrides_for(params) + [f"train.checkpoint_every_kimg={ctx['report']['every_kimg']}",
-                                                  f"cluster.num_workers={r['workers']}"]
-    pc = from_composed(compose(over))      # composed once, here on the trial's driver; its workers get pc itself
+    over = (
+        ctx["base"]
+        + overrides_for(params)
+        + [
+            f"train.checkpoint_every_kimg={ctx['report']['every_kimg']}",
+            f"cluster.num_workers={r['workers']}",
+        ]
+    )
+    pc = from_composed(compose(over))  # composed once, here on the trial's driver; its workers get pc itself
     results = make_store(pc.storage, f"sweeps/{ctx['sweep_id']}/{trial_id}")
     if results.exists("final.json"):
         # finished before the driver went down, but Tune's snapshot did not know yet: report, don't redo
         tune.report(json.loads(results.get("final.json")))
         return
     tracker = Tracker(pc.tracking)
-    run_id = tracker.open_run(identity.sweep_run_key(ctx["sweep_id"], trial_id), f"{ctx['sweep_id']}-{trial_id}",
-                              ctx["sweep_run_id"],
-                              {"hkd.sweep_id": ctx["sweep_id"], "hkd.trial_id": trial_id, "hkd.stage": "trial",
-                               "hkd.config_hash": pc.stages()["distill"], "hkd.trajectories_uri": ctx["traj_uri"]})
+    run_id = tracker.open_run(
+        identity.sweep_run_key(ctx["sweep_id"], trial_id),
+        f"{ctx['sweep_id']}-{trial_id}",
+        ctx["sweep_run_id"],
+        {
+            "hkd.sweep_id": ctx["sweep_id"],
+            "hkd.trial_id": trial_id,
+            "hkd.stage": "trial",
+            "hkd.config_hash": pc.stages()["distill"],
+            "hkd.trajectories_uri": ctx["traj_uri"],
+        },
+    )
     # a trial that runs (again) is not stopped: a stop recorded before the driver died, which Tune's snapshot did
     # not know of when the sweep resumed, no longer holds (the close at its end records how it ends this time)
-    tracker.delete_tags(run_id, ("hkd.stopped_early", "hkd.end_reason", "hkd.stopped_at_kimg", "hkd.closed_at"))
+    tracker.delete_tags(
+        run_id, ("hkd.stopped_early", "hkd.end_reason", "hkd.stopped_at_kimg", "hkd.closed_at")
+    )
     tracker.log_params(run_id, {**pc.run.to_dict(), "sweep": {"params": json.dumps(params, sort_keys=True)}})
-    tracker.log_inputs(run_id, dataset_inputs(pc, "distill", ctx["traj_uri"]))     # the Dataset column, as a stage's
+    tracker.log_inputs(
+        run_id, dataset_inputs(pc, "distill", ctx["traj_uri"])
+    )  # the Dataset column, as a stage's
     try:
-        model, state, _, _ = fit_distill(      # the distill stage's own fit, with the trial's workers; (1) to Tune
-            pc, run_id, {"trajectories_prefix": ctx["traj_prefix"], "eval": ctx["eval"],
-                         "teacher_key": ctx.get("teacher_key"), "skip_shards": ctx.get("skip_shards", []),
-                         "shards_checked": "skip_shards" in ctx},
-            f"{ctx['sweep_id']}-{trial_id}", subdir="sweeps-train",
-            workers=trainer.Workers(r["workers"], r["cpus_per_worker"], r["gpus_per_worker"]),
-            callbacks=[TuneReportCallback()], num_to_keep=1)
+        model, state, _, _ = (
+            fit_distill(  # the distill stage's own fit, with the trial's workers; (1) to Tune
+                pc,
+                run_id,
+                {
+                    "trajectories_prefix": ctx["traj_prefix"],
+                    "eval": ctx["eval"],
+                    "teacher_key": ctx.get("teacher_key"),
+                    "skip_shards": ctx.get("skip_shards", []),
+                    "shards_checked": "skip_shards" in ctx,
+                },
+                f"{ctx['sweep_id']}-{trial_id}",
+                subdir="sweeps-train",
+                workers=trainer.Workers(r["workers"], r["cpus_per_worker"], r["gpus_per_worker"]),
+                callbacks=[TuneReportCallback()],
+                num_to_keep=1,
+            )
+        )
     except Exception:
         # When ASHA stops this trial, Tune tears the actor down and fit() may raise here before the process
         # goes: the driver's close_trial_runs decides from Tune's own record, so only a still-open run is marked
@@ -140,18 +172,22 @@ def trial_fn(params: dict, ctx: dict) -> None:
             tracker.end(run_id, "FAILED")
         raise
     final = final_metrics(pc, model, ctx)
-    final.update(spectrum_metrics(pc, model))       # as trained and in the canonical gauge
+    final.update(spectrum_metrics(pc, model))  # as trained and in the canonical gauge
     tracker.log_metrics(run_id, final, int(state["nimg"]))
     buf = io.BytesIO()
     torch.save(model_record(model), buf)
     results.put("model.pt", buf.getvalue())
-    tracker.set_tags(run_id, {"hkd.model_uri": results.uri("model.pt")})      # what `hkd compare SWEEP_ID` loads
+    tracker.set_tags(run_id, {"hkd.model_uri": results.uri("model.pt")})  # what `hkd compare SWEEP_ID` loads
     metric = ctx["metric"]
-    report = {metric: final[metric], "kimg": state["nimg"] / 1000, "final": 1.0,
-              **{k: v for k, v in final.items() if k.startswith(M.EVAL_PREFIX)}}
+    report = {
+        metric: final[metric],
+        "kimg": state["nimg"] / 1000,
+        "final": 1.0,
+        **{k: v for k, v in final.items() if k.startswith(M.EVAL_PREFIX)},
+    }
     tracker.end(run_id)
-    results.put("final.json", json.dumps(report).encode())     # from here on the trial counts as done
-    tune.report(report)                                                                        # (2) final value
+    results.put("final.json", json.dumps(report).encode())  # from here on the trial counts as done
+    tune.report(report)  # (2) final value
 
 
 def check_trial_shards(pc, prefix: str) -> dict[str, str]:
@@ -180,51 +216,94 @@ def final_metrics(pc, model, ctx: dict) -> dict:
         e = pc.run.eval
         feats = InceptionFeatures(workers.inception_weights(pc), batch_size=e.batch_size)
         ref = decode_reference(make_store(pc.storage, REFERENCES).get(ctx["final_reference_key"]))
-        s = E.score_in_process(E.model_generator(model), E.eval_seeds(e), E.image_shape(pc.run.data), feats, ref,
-                               e.kid_subset_size, e.batch_size)
+        s = E.score_in_process(
+            E.model_generator(model),
+            E.eval_seeds(e),
+            E.image_shape(pc.run.data),
+            feats,
+            ref,
+            e.kid_subset_size,
+            e.batch_size,
+        )
         out.update({M.FID: s["fid"], M.KID: s["kid"], M.EVAL_N: float(e.n)})
     return out
 
 
-def run_sweep(spec: SweepSpec, cli_overrides: list[str], resume: str | None = None, progress: bool = True,
-              sweep_id: str | None = None) -> dict:
+def run_sweep(
+    spec: SweepSpec,
+    cli_overrides: list[str],
+    resume: str | None = None,
+    progress: bool = True,
+    sweep_id: str | None = None,
+) -> dict:
     spec = dataclasses.replace(spec, base=spec.base + list(cli_overrides))
-    base_cfg = check_against_config(spec, compose)          # the YAML against the config, before any work
+    base_cfg = check_against_config(spec, compose)  # the YAML against the config, before any work
     pc = from_composed(base_cfg)
     sweep_id = resume or sweep_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     init_ray(pc)
     tracker = Tracker(pc.tracking)
-    sweep_run = tracker.open_run(identity.sweep_run_key(sweep_id), sweep_id, None,
-                                 {"hkd.sweep_id": sweep_id, "hkd.stage": "sweep", "hkd.sweep_spec": spec.source})
-    tracker.log_params(sweep_run, {"sweep": {"base": json.dumps(spec.base), "metric": spec.metric, "mode": spec.mode,
-                                             "trials": spec.trials, "space": json.dumps(spec.space)}})
+    sweep_run = tracker.open_run(
+        identity.sweep_run_key(sweep_id),
+        sweep_id,
+        None,
+        {"hkd.sweep_id": sweep_id, "hkd.stage": "sweep", "hkd.sweep_spec": spec.source},
+    )
+    tracker.log_params(
+        sweep_run,
+        {
+            "sweep": {
+                "base": json.dumps(spec.base),
+                "metric": spec.metric,
+                "mode": spec.mode,
+                "trials": spec.trials,
+                "space": json.dumps(spec.space),
+            }
+        },
+    )
     base = context(pc, progress, tracker=tracker)
-    tracker.end(base.parent_run_id)       # the base pipeline run only records lineage; stages nest under the sweep
+    tracker.end(base.parent_run_id)  # the base pipeline run only records lineage; stages nest under the sweep
     ctx = context(pc, progress, parent=sweep_run, tracker=tracker)
     shared = run_stages(pc, "trajectories", progress, ctx=ctx)
     traj_prefix = ctx.prefix("trajectories")
     skip = check_trial_shards(pc, f"{traj_prefix}/train")
-    trial_eval = {"metric": spec.metric, "fid_n": spec.report.fid_n, "holdout_prefix": f"{traj_prefix}/holdout"}
+    trial_eval = {
+        "metric": spec.metric,
+        "fid_n": spec.report.fid_n,
+        "holdout_prefix": f"{traj_prefix}/holdout",
+    }
     if spec.metric in (M.FID, M.KID):
         trial_eval["reference_key"] = reference(pc, spec.report.fid_n)[1]
-    trial_ctx = {"sweep_id": sweep_id, "sweep_run_id": sweep_run, "base": spec.base, "report": dataclasses.asdict(
-        spec.report), "metric": spec.metric, "resources": dataclasses.asdict(spec.resources),
-        "traj_prefix": f"{traj_prefix}/train", "traj_uri": shared["trajectories"]["train"]["uri"],
-        "eval": trial_eval, "final_reference_key": reference(pc)[1], "space_keys": sorted(spec.space),
-        "teacher_key": shared["teacher"].get("teacher_key"), "skip_shards": sorted(skip)}
+    trial_ctx = {
+        "sweep_id": sweep_id,
+        "sweep_run_id": sweep_run,
+        "base": spec.base,
+        "report": dataclasses.asdict(spec.report),
+        "metric": spec.metric,
+        "resources": dataclasses.asdict(spec.resources),
+        "traj_prefix": f"{traj_prefix}/train",
+        "traj_uri": shared["trajectories"]["train"]["uri"],
+        "eval": trial_eval,
+        "final_reference_key": reference(pc)[1],
+        "space_keys": sorted(spec.space),
+        "teacher_key": shared["teacher"].get("teacher_key"),
+        "skip_shards": sorted(skip),
+    }
     from ray import tune
 
     results = tuner(spec, pc, sweep_id, tune.with_parameters(trial_fn, ctx=trial_ctx), resume).fit()
     mirror = study_mirror(spec, pc, sweep_id)
     if mirror is not None:
-        mirror.push()                  # the study as the sweep left it
+        mirror.push()  # the study as the sweep left it
     summary = summarize_sweep(spec, sweep_id, results, pc.run.train.total_kimg, pc)
     close_trial_runs(tracker, sweep_id, summary)
     publish(tracker, sweep_run, spec, sweep_id, summary, pc, base_cfg)
-    summary["champion"] = register_sweep_best(tracker, summary, pc.tracking.register_model,
-                                              lambda uri: load_model(pc, uri)[0])
+    summary["champion"] = register_sweep_best(
+        tracker, summary, pc.tracking.register_model, lambda uri: load_model(pc, uri)[0]
+    )
     tracker.end(sweep_run)
-    summary.update({"_sweep_run_id": sweep_run, "_tracking_uri": tracker.uri, "_experiment_id": tracker.experiment_id})
+    summary.update(
+        {"_sweep_run_id": sweep_run, "_tracking_uri": tracker.uri, "_experiment_id": tracker.experiment_id}
+    )
     return summary
 
 
@@ -235,10 +314,15 @@ def search_alg(spec: SweepSpec, pc, sweep_id: str, mirror=None):
 
     from orchestrator.sweep.search import ResumableOptunaSearch
 
-    return ResumableOptunaSearch(space=define_by_run(spec, pc.run.hkd_config().levels), metric=spec.metric,
-                                 mode=spec.mode, study_name=sweep_id,
-                                 storage=optuna.storages.RDBStorage(study_url(spec, pc, sweep_id)),
-                                 sampler=optuna.samplers.TPESampler(seed=spec.seed), mirror=mirror)
+    return ResumableOptunaSearch(
+        space=define_by_run(spec, pc.run.hkd_config().levels),
+        metric=spec.metric,
+        mode=spec.mode,
+        study_name=sweep_id,
+        storage=optuna.storages.RDBStorage(study_url(spec, pc, sweep_id)),
+        sampler=optuna.samplers.TPESampler(seed=spec.seed),
+        mirror=mirror,
+    )
 
 
 def tuner(spec: SweepSpec, pc, sweep_id: str, trainable, resume: str | None = None):
@@ -259,24 +343,54 @@ def tuner(spec: SweepSpec, pc, sweep_id: str, trainable, resume: str | None = No
     mirror = study_mirror(spec, pc, sweep_id)
     if resume:
         if not tune.Tuner.can_restore(f"{tune_path}/{sweep_id}", storage_filesystem=fs):
-            raise SweepError(f"--resume {sweep_id}: no sweep of that id under {store_at(pc.storage, tune_path).uri('')}/;"
-                             f" the ids are the MLflow sweep runs' names (tag hkd.sweep_id)")
+            raise SweepError(
+                f"--resume {sweep_id}: no sweep of that id under {store_at(pc.storage, tune_path).uri('')}/;"
+                f" the ids are the MLflow sweep runs' names (tag hkd.sweep_id)"
+            )
         if mirror is not None:
-            mirror.pull()              # a new head (or another machine): the study from the bucket
+            mirror.pull()  # a new head (or another machine): the study from the bucket
         log.info("sweep %s: resuming from %s/%s", sweep_id, tune_path, sweep_id)
-        return tune.Tuner.restore(f"{tune_path}/{sweep_id}", trainable, resume_unfinished=True,
-                                  resume_errored=True, storage_filesystem=fs)
+        return tune.Tuner.restore(
+            f"{tune_path}/{sweep_id}",
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs,
+        )
     total = pc.run.train.total_kimg
     sched = spec.scheduler
-    scheduler = (asha.scheduler(total, sched.grace_period_kimg, sched.reduction_factor) if sched.type == "asha"
-                 else FIFOScheduler())
+    scheduler = (
+        asha.scheduler(total, sched.grace_period_kimg, sched.reduction_factor)
+        if sched.type == "asha"
+        else FIFOScheduler()
+    )
     searcher = search_alg(spec, pc, sweep_id, mirror)
     conc, sized = concurrency(spec, pc.cluster)
-    log.info("sweep %s: %d trials, %d at a time (from %s), metric %s (%s), study %s", sweep_id, spec.trials, conc,
-             sized, spec.metric, spec.mode, mirror.uri if mirror else study_url(spec, pc, sweep_id).split("://")[0])
-    return tune.Tuner(trainable, tune_config=tune.TuneConfig(
-        search_alg=searcher, scheduler=scheduler, metric=spec.metric, mode=spec.mode, num_samples=spec.trials,
-        max_concurrent_trials=conc),
-        run_config=tune.RunConfig(name=sweep_id, storage_path=tune_path, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=1),
-                                  callbacks=[StoppedTrialCloserCallback(pc.tracking, sweep_id)]))
+    log.info(
+        "sweep %s: %d trials, %d at a time (from %s), metric %s (%s), study %s",
+        sweep_id,
+        spec.trials,
+        conc,
+        sized,
+        spec.metric,
+        spec.mode,
+        mirror.uri if mirror else study_url(spec, pc, sweep_id).split("://")[0],
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            metric=spec.metric,
+            mode=spec.mode,
+            num_samples=spec.trials,
+            max_concurrent_trials=conc,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_id,
+            storage_path=tune_path,
+            storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=1),
+            callbacks=[StoppedTrialCloserCallback(pc.tracking, sweep_id)],
+        ),
+    )

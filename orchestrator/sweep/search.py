@@ -17,6 +17,7 @@ pushed after every completed trial and at the end (a consistent snapshot through
 lost mid-sweep costs at most the study's record of the trials since the last completed one, which Tune's own
 state (in S3 too) re-runs. A server database (``study_storage: postgresql://...``) needs no mirror.
 """
+
 from __future__ import annotations
 
 import logging
@@ -98,8 +99,11 @@ class ResumableOptunaSearch(OptunaSearch):
         orphans = [t.number for t in running if t._trial_id not in known]
         for number in orphans:
             self._ot_study.tell(number, state=optuna.trial.TrialState.FAIL)
-            log.warning("optuna trial %d was running when the sweep's driver stopped and Tune never recorded it: "
-                        "marked FAIL (Tune runs the trials it knew again)", number)
+            log.warning(
+                "optuna trial %d was running when the sweep's driver stopped and Tune never recorded it: "
+                "marked FAIL (Tune runs the trials it knew again)",
+                number,
+            )
         return orphans
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -112,13 +116,19 @@ class ResumableOptunaSearch(OptunaSearch):
             return
         try:
             mirror.push()
-        except Exception as e:          # the bucket down for a while: the next completed trial pushes again
-            log.warning("optuna study not copied to %s this time (%s); the next completed trial tries again",
-                        mirror.key, e)
+        except Exception as e:  # the bucket down for a while: the next completed trial pushes again
+            log.warning(
+                "optuna study not copied to %s this time (%s); the next completed trial tries again",
+                mirror.key,
+                e,
+            )
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         try:
             super().on_trial_result(trial_id, result)
         except UpdateFinishedTrialError:
-            log.info("trial %s already finished in the Optuna study (before the driver went down); its value "
-                     "there stands, this report is not sent again", trial_id)
+            log.info(
+                "trial %s already finished in the Optuna study (before the driver went down); its value "
+                "there stands, this report is not sent again",
+                trial_id,
+            )

@@ -19,6 +19,7 @@ A sweep file (see ``sweeps/README.md``)::
     study_storage: null              # an SQLAlchemy URL for the Optuna study; null: SQLite beside the stack
     seed: 0
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,21 @@ from hkd_core.config import ConfigError
 
 METRICS = (M.FID, M.KID, M.MSE_VS_TEACHER)
 DIST_KINDS = ("values", "uniform", "loguniform", "int")
-TOP_KEYS = ("name", "base", "space", "metric", "mode", "trials", "max_concurrency", "scheduler", "report",
-            "resources", "study_storage", "seed", "description")
+TOP_KEYS = (
+    "name",
+    "base",
+    "space",
+    "metric",
+    "mode",
+    "trials",
+    "max_concurrency",
+    "scheduler",
+    "report",
+    "resources",
+    "study_storage",
+    "seed",
+    "description",
+)
 
 
 class SweepError(ConfigError):
@@ -44,20 +58,20 @@ class SweepError(ConfigError):
 
 @dataclass
 class Scheduler:
-    type: str = "asha"                 # asha | fifo
-    grace_period_kimg: float = 1.0     # no trial is stopped before this many kimg
+    type: str = "asha"  # asha | fifo
+    grace_period_kimg: float = 1.0  # no trial is stopped before this many kimg
     reduction_factor: float = 2.0
 
 
 @dataclass
 class Report:
-    every_kimg: float = 1.0            # intermediate metric (and checkpoint) interval
-    fid_n: int = 100                   # samples for the intermediate FID, when metric is eval/fid
+    every_kimg: float = 1.0  # intermediate metric (and checkpoint) interval
+    fid_n: int = 100  # samples for the intermediate FID, when metric is eval/fid
 
 
 @dataclass
 class Resources:
-    workers: int = 1                   # Ray Train workers per trial
+    workers: int = 1  # Ray Train workers per trial
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
 
@@ -81,7 +95,9 @@ class SweepSpec:
 
     def digest(self) -> str:
         d = {k: v for k, v in self.__dict__.items() if k not in ("source", "description")}
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=lambda o: o.__dict__).encode()).hexdigest()[:10]
+        return hashlib.sha256(
+            json.dumps(d, sort_keys=True, default=lambda o: o.__dict__).encode()
+        ).hexdigest()[:10]
 
 
 def _err(src: str, key: str, msg: str) -> SweepError:
@@ -108,8 +124,11 @@ class _Mistakes:
 
 def _check_dist(bad: _Mistakes, key: str, d, even: bool = False) -> None:
     if not isinstance(d, dict) or len(d) != 1 or next(iter(d)) not in DIST_KINDS:
-        return bad(key, f"must be one of {{values: [...]}}, {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, "
-                        f"{{int: [lo, hi]}}; got {d!r}")
+        return bad(
+            key,
+            f"must be one of {{values: [...]}}, {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, "
+            f"{{int: [lo, hi]}}; got {d!r}",
+        )
     kind, arg = next(iter(d.items()))
     if kind == "values":
         if not isinstance(arg, list) or not arg:
@@ -156,12 +175,16 @@ def _check_space(bad: _Mistakes, space) -> None:
             elif key not in ("model.subspace_dims", "model.operator"):
                 bad(f"space.{key}", "per_level applies to model.subspace_dims and model.operator")
             else:
-                _check_dist(bad, f"space.{key}.per_level", dist["per_level"], even=key == "model.subspace_dims")
+                _check_dist(
+                    bad, f"space.{key}.per_level", dist["per_level"], even=key == "model.subspace_dims"
+                )
         else:
             _check_dist(bad, f"space.{key}", dist, even=key == "model.subspace_dims")
     if "model.levels" in space and "model.subspace_dims" not in space:
-        bad("space.model.levels", "searching the number of levels needs model.subspace_dims with per_level, so "
-                                  "that d_l follows L")
+        bad(
+            "space.model.levels",
+            "searching the number of levels needs model.subspace_dims with per_level, so that d_l follows L",
+        )
     return None
 
 
@@ -220,10 +243,22 @@ def parse(text: str, src: str = "<sweep>", compose_fn=None) -> SweepSpec:
         except ConfigError as e:
             bad("base", str(e))
     bad.raise_any()
-    return SweepSpec(name=name, base=base, space=space, metric=metric, mode=mode, trials=trials,
-                     max_concurrency=conc, scheduler=sched, report=report, resources=res,
-                     study_storage=d.get("study_storage"), seed=int(d.get("seed", 0)),
-                     description=str(d.get("description", "")), source=src)
+    return SweepSpec(
+        name=name,
+        base=base,
+        space=space,
+        metric=metric,
+        mode=mode,
+        trials=trials,
+        max_concurrency=conc,
+        scheduler=sched,
+        report=report,
+        resources=res,
+        study_storage=d.get("study_storage"),
+        seed=int(d.get("seed", 0)),
+        description=str(d.get("description", "")),
+        source=src,
+    )
 
 
 def _check_keys(bad: _Mistakes, base: dict, space: dict) -> None:
@@ -304,7 +339,7 @@ def check_against_config(spec: SweepSpec, compose_fn) -> dict:
     bad.raise_any()
     levels_default = base["model"].get("levels") or 0
     if not levels_default:
-        from hkd_core.models import PRESETS
+        from hkd_core.architecture import PRESETS
 
         levels_default = PRESETS[base["model"]["preset"]].levels
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -321,7 +356,9 @@ def check_against_config(spec: SweepSpec, compose_fn) -> dict:
         try:
             from_composed(compose_fn(spec.base + overrides_for(params)))
         except ConfigError as e:
-            raise _err(spec.source, "space", f"a sampled point is not a valid config ({e}); sampled {params}") from e
+            raise _err(
+                spec.source, "space", f"a sampled point is not a valid config ({e}); sampled {params}"
+            ) from e
     return copy.deepcopy(base)
 
 

@@ -1,5 +1,6 @@
 """The adversarial term (beyond the paper, issue 23): the discriminator learns, the generator term points
 towards what it calls real, and its state resumes with the run."""
+
 import json
 
 import pytest
@@ -9,22 +10,32 @@ from hkd_core.adversarial import AdversarialTerm, Discriminator
 from hkd_core.models import build_model
 from hkd_core.train import train_hkd
 
-FAST = dict(batch_size=16, lr=3e-3, lr_rampup_kimg=0.0, log_every_kimg=0.016, checkpoint_every_kimg=0.016,
-            ema_halflife_kimg=0.01, progress=False)
+FAST = dict(
+    batch_size=16,
+    lr=3e-3,
+    lr_rampup_kimg=0.0,
+    log_every_kimg=0.016,
+    checkpoint_every_kimg=0.016,
+    ema_halflife_kimg=0.01,
+    progress=False,
+)
 
 
 def _term(real: torch.Tensor, lr: float = 2e-3) -> AdversarialTerm:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(5)
-    return AdversarialTerm(Discriminator(1, 8, width=8), lambda step: real[torch.randint(0, len(real), (16,),
-                                                                                          generator=g)],
-                           weight=0.01, lr=lr)
+    return AdversarialTerm(
+        Discriminator(1, 8, width=8),
+        lambda step: real[torch.randint(0, len(real), (16,), generator=g)],
+        weight=0.01,
+        lr=lr,
+    )
 
 
 def _two_sets():
     g = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.avg_pool2d(torch.rand(64, 1, 8, 8, generator=g) * 2 - 1, 3, 1, 1)
-    noisy = (torch.rand(64, 1, 8, 8, generator=g) * 2 - 1)
+    noisy = torch.rand(64, 1, 8, 8, generator=g) * 2 - 1
     return smooth, noisy
 
 
@@ -34,7 +45,7 @@ def test_the_discriminator_learns_to_tell_real_from_fake():
     term = _term(real)
     first = term.discriminator_step(fake[:16], 0)
     for step in range(1, 60):
-        last = term.discriminator_step(fake[(step % 4) * 16:(step % 4 + 1) * 16], step)
+        last = term.discriminator_step(fake[(step % 4) * 16 : (step % 4 + 1) * 16], step)
     assert last["adv_d_loss"] < 0.5 * first["adv_d_loss"], (first, last)
     with torch.no_grad():
         term.disc.eval()
@@ -45,7 +56,7 @@ def test_the_generator_term_moves_samples_towards_real_and_leaves_the_discrimina
     real, fake = _two_sets()
     term = _term(real)
     for step in range(60):
-        term.discriminator_step(fake[(step % 4) * 16:(step % 4 + 1) * 16], step)
+        term.discriminator_step(fake[(step % 4) * 16 : (step % 4 + 1) * 16], step)
     before = {k: v.clone() for k, v in term.disc.state_dict().items()}
     x = fake[:16].clone().requires_grad_(True)
     term.generator_loss(x).backward()
@@ -64,7 +75,7 @@ def test_the_discriminator_gets_no_gradient_from_the_generator_term():
     term.opt.zero_grad(set_to_none=True)
     term.generator_loss(fake[:16].clone().requires_grad_(True)).backward()
     assert all(p.grad is None for p in term.disc.parameters())
-    assert all(p.requires_grad for p in term.disc.parameters())   # trainable again for its own step
+    assert all(p.requires_grad for p in term.disc.parameters())  # trainable again for its own step
 
 
 def _fresh(tiny_cfg):
@@ -73,13 +84,22 @@ def _fresh(tiny_cfg):
 
 
 @pytest.mark.slow
-def test_distillation_with_the_term_logs_it_and_resumes_with_the_same_discriminator(tiny_cfg, toy_trajectories,
-                                                                                   toy_images, tmp_path):
+def test_distillation_with_the_term_logs_it_and_resumes_with_the_same_discriminator(
+    tiny_cfg, toy_trajectories, toy_images, tmp_path
+):
     states, sigmas = toy_trajectories
     fast = {**FAST, "adversarial_weight": 0.05, "adversarial_lr": 1e-3}
     logged = []
-    straight = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "a",
-                         real_images=toy_images, metrics_cb=lambda m, k: logged.append(m), **fast)
+    straight = train_hkd(
+        _fresh(tiny_cfg),
+        states,
+        sigmas,
+        total_kimg=0.16,
+        checkpoint_dir=tmp_path / "a",
+        real_images=toy_images,
+        metrics_cb=lambda m, k: logged.append(m),
+        **fast,
+    )
     assert {"train/loss_adv", "train/adv_d_loss", "train/adv_d_real", "train/adv_d_fake"} <= set(logged[-1])
 
     def crash(path, metrics, kimg):
@@ -87,26 +107,51 @@ def test_distillation_with_the_term_logs_it_and_resumes_with_the_same_discrimina
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "b",
-                  real_images=toy_images, checkpoint_cb=crash, **fast)
+        train_hkd(
+            _fresh(tiny_cfg),
+            states,
+            sigmas,
+            total_kimg=0.16,
+            checkpoint_dir=tmp_path / "b",
+            real_images=toy_images,
+            checkpoint_cb=crash,
+            **fast,
+        )
     assert json.loads((tmp_path / "b" / "latest.json").read_text())["kimg"] == pytest.approx(0.08)
-    resumed = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "b",
-                        real_images=toy_images, **fast)
+    resumed = train_hkd(
+        _fresh(tiny_cfg),
+        states,
+        sigmas,
+        total_kimg=0.16,
+        checkpoint_dir=tmp_path / "b",
+        real_images=toy_images,
+        **fast,
+    )
     for a, b in zip(straight["model"].state_dict().values(), resumed["model"].state_dict().values()):
         assert torch.equal(a, b)
     # without the term the same run ends elsewhere: the term acts on the student
     plain = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, **FAST)
-    assert not all(torch.equal(a, b) for a, b in zip(straight["model"].state_dict().values(),
-                                                      plain["model"].state_dict().values()))
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(straight["model"].state_dict().values(), plain["model"].state_dict().values())
+    )
 
 
-def test_a_checkpoint_without_the_discriminator_is_not_resumed_with_it(tiny_cfg, toy_trajectories, toy_images,
-                                                                       tmp_path):
+def test_a_checkpoint_without_the_discriminator_is_not_resumed_with_it(
+    tiny_cfg, toy_trajectories, toy_images, tmp_path
+):
     states, sigmas = toy_trajectories
     train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.032, checkpoint_dir=tmp_path, **FAST)
     with pytest.raises(ValueError, match="adversarial"):
-        train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.064, checkpoint_dir=tmp_path, real_images=toy_images,
-                  **{**FAST, "adversarial_weight": 0.01})
+        train_hkd(
+            _fresh(tiny_cfg),
+            states,
+            sigmas,
+            total_kimg=0.064,
+            checkpoint_dir=tmp_path,
+            real_images=toy_images,
+            **{**FAST, "adversarial_weight": 0.01},
+        )
 
 
 def test_the_term_needs_real_images(tiny_cfg, toy_trajectories):

@@ -1,4 +1,5 @@
 """hkd_core is plain PyTorch: it never imports the orchestration libraries."""
+
 import ast
 import subprocess
 import sys
@@ -23,7 +24,12 @@ def test_no_forbidden_imports_in_source():
 
 def test_importing_every_module_loads_none_of_them():
     mods = sorted(f"hkd_core.{p.stem}" for p in PKG.glob("*.py") if p.stem != "__main__")
-    code = ("import sys\n" + "".join(f"import {m}\n" for m in mods) +
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300).stdout
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in mods)
+        + f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
     assert out.strip() == "[]", out

@@ -21,7 +21,9 @@ def _have_fashion():
     return _have("fashion_mnist") or data._DEBIAN_FASHION.is_dir()
 
 
-NO_FASHION = "no Fashion-MNIST: neither fashion_mnist.npz (shared/data, $HKD_DATA_DIR) nor dataset-fashion-mnist"
+NO_FASHION = (
+    "no Fashion-MNIST: neither fashion_mnist.npz (shared/data, $HKD_DATA_DIR) nor dataset-fashion-mnist"
+)
 
 
 @pytest.mark.skipif(not _have_fashion(), reason=NO_FASHION)
@@ -29,7 +31,7 @@ def test_fashion_mnist_padded_to_32():
     x, y = load_images("fashion_mnist", "test", resolution=32, limit=100)
     assert x.shape == (100, 1, 32, 32) and y.shape == (100,)
     assert x.min() >= -1 and x.max() <= 1 and x.max() > 0.9
-    assert torch.all(x[:, :, :2, :] == -1) and torch.all(x[:, :, :, -2:] == -1)   # the padding is black
+    assert torch.all(x[:, :, :2, :] == -1) and torch.all(x[:, :, :, -2:] == -1)  # the padding is black
     x28, _ = load_images("fashion_mnist", "test", limit=100)
     assert torch.equal(x28, x[:, :, 2:30, 2:30])
     assert torch.equal(to_uint8(x28), torch.as_tensor(np.round((x28.numpy() + 1) * 127.5)).to(torch.uint8))
@@ -62,7 +64,9 @@ def test_corrupt_file_names_path_and_checksum(tmp_path, monkeypatch):
     target.write_bytes(gzip.compress(bytes(raw)))
     monkeypatch.setattr(data, "_DEBIAN_FASHION", copy)
     monkeypatch.setattr(data, "default_search_dirs", lambda root=None: [])
-    with pytest.raises(DataError, match=rf"{target}: md5 of its decompressed content is [0-9a-f]+, expected "):
+    with pytest.raises(
+        DataError, match=rf"{target}: md5 of its decompressed content is [0-9a-f]+, expected "
+    ):
         load_images("fashion_mnist", "test", allow_download=False)
 
 
@@ -90,16 +94,18 @@ def test_cifar10_jpeg_decodes_once_and_keeps_labels():
         pytest.skip("cifar10_jpeg_files.tar.gz not present")
     x, y = load_images("cifar10_jpeg", "test")
     assert x.shape == (10000, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
-    assert torch.equal(torch.bincount(y), torch.full((10,), 1000))       # 1000 per class
+    assert torch.equal(torch.bincount(y), torch.full((10,), 1000))  # 1000 per class
     from hkd_core.data import cache_dir
 
-    assert len(list(cache_dir().glob("cifar10_jpeg_*.npz"))) == 1      # decoded once, cached
+    assert len(list(cache_dir().glob("cifar10_jpeg_*.npz"))) == 1  # decoded once, cached
     x2, _ = load_images("cifar10_jpeg", "test", limit=5, seed=3)
     assert x2.shape == (5, 3, 32, 32)
 
 
-@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 def test_debian_fashion_mnist_is_found_and_checked(monkeypatch):
     import hkd_core.data as data
 
@@ -109,4 +115,4 @@ def test_debian_fashion_mnist_is_found_and_checked(monkeypatch):
     if _have("fashion_mnist"):
         monkeypatch.undo()
         x2, y2 = load_images("fashion_mnist", "test", limit=50, seed=0)
-        assert torch.equal(x, x2) and torch.equal(y, y2)     # the same images as the npz
+        assert torch.equal(x, x2) and torch.equal(y, y2)  # the same images as the npz

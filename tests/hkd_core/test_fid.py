@@ -1,4 +1,5 @@
 """FID/KID through torch-fidelity's standard Inception network (needs the weights: `python -m hkd_core weights`)."""
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ def features():
     try:
         weights_path()
     except WeightsError as e:
-        pytest.fail(f"{e}")   # set-up must have fetched them: a missing file is a failure, not a skip
+        pytest.fail(f"{e}")  # set-up must have fetched them: a missing file is a failure, not a skip
     return InceptionFeatures(batch_size=32)
 
 
@@ -27,7 +28,7 @@ def test_fid_and_kid_equal_torch_fidelity_on_the_same_images(features, fid_image
     assert ours == pytest.approx(torch_fidelity_direct["fid"], rel=1e-4)
     assert kid == pytest.approx(torch_fidelity_direct["kid"], rel=1e-3, abs=1e-6)
     assert kid_std == pytest.approx(torch_fidelity_direct["kid_std"], rel=1e-3, abs=1e-6)
-    assert ours > 20   # two different sets of images are far apart at this N
+    assert ours > 20  # two different sets of images are far apart at this N
     # a set against itself is ~0
     assert abs(fid_from_stats(FeatureStats.of(fa), FeatureStats.of(fa))) < 1e-2
 
@@ -37,7 +38,9 @@ def test_stats_merge_exactly_across_workers():
     whole = FeatureStats.of(f)
     parts = FeatureStats.of(f[:13]).merge(FeatureStats.of(f[13:31])).merge(FeatureStats.of(f[31:]))
     np.testing.assert_allclose(parts.mu_sigma()["sigma"], whole.mu_sigma()["sigma"], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(whole.mu_sigma()["sigma"], np.cov(f.double().numpy(), rowvar=False), atol=1e-10)
+    np.testing.assert_allclose(
+        whole.mu_sigma()["sigma"], np.cov(f.double().numpy(), rowvar=False), atol=1e-10
+    )
 
 
 def test_chunks_merged_score_as_the_whole_set(features, fid_images):
@@ -45,8 +48,12 @@ def test_chunks_merged_score_as_the_whole_set(features, fid_images):
     fa, fb = features(a), features(b)
     ref = Reference({}, FeatureStats.of(fb), fb)
     whole = E.score(FeatureStats.of(fa), fa, ref, kid_subset_size=16)
-    merged = E.score(*E.merge_chunks([E.chunk_result(fa[:11]), E.chunk_result(fa[11:])]), ref, kid_subset_size=16)
-    assert merged["fid"] == pytest.approx(whole["fid"], rel=1e-6) and merged["kid"] == pytest.approx(whole["kid"])
+    merged = E.score(
+        *E.merge_chunks([E.chunk_result(fa[:11]), E.chunk_result(fa[11:])]), ref, kid_subset_size=16
+    )
+    assert merged["fid"] == pytest.approx(whole["fid"], rel=1e-6) and merged["kid"] == pytest.approx(
+        whole["kid"]
+    )
     assert whole["fid"] > 20
     itself = E.score(*E.merge_chunks([E.chunk_result(fb)]), ref, kid_subset_size=16)
     assert abs(itself["fid"]) < 1e-2

@@ -1,5 +1,6 @@
 """The spectrum's gauge (issue 24): the symmetry under sigma-conditioned observables, the two fixes that break
 it, the offset that keeps the samples, and the matching of modes between two models."""
+
 import copy
 from dataclasses import replace
 
@@ -81,9 +82,11 @@ def test_the_canonical_gauge_gives_one_spectrum_per_orbit_and_keeps_the_outputs(
     with torch.no_grad():
         torch.testing.assert_close(canon(x, sigma), m(x, sigma), atol=1e-4, rtol=1e-4)
     for c, th in zip(*canonical_gauge(canon, images, torch.Generator().manual_seed(1))):
-        assert c.abs().max() < 1e-2 and th.abs().max() < 1e-2        # against c, theta of order 1 above
+        assert c.abs().max() < 1e-2 and th.abs().max() < 1e-2  # against c, theta of order 1 above
     # measured on other states, the canonical gauge of one model moves by a little, not by the orbit's spread
-    other = canonical_spectrum(m, torch.rand(24, 1, 8, 8, generator=g) * 2 - 1, torch.Generator().manual_seed(2))
+    other = canonical_spectrum(
+        m, torch.rand(24, 1, 8, 8, generator=g) * 2 - 1, torch.Generator().manual_seed(2)
+    )
     assert all((o.real - e.real).abs().mean() < (c.abs().mean()) for o, e, c in zip(other, a, cs))
 
 
@@ -113,7 +116,9 @@ def test_the_gauge_condition_scores_the_gauges_image_differently(koopman_model, 
 
     def gauge_term(model):
         with torch.no_grad():
-            return loss(model, states[:32], sigmas, 0.0, torch.Generator().manual_seed(0))["loss_gauge"].item()
+            return loss(model, states[:32], sigmas, 0.0, torch.Generator().manual_seed(0))[
+                "loss_gauge"
+            ].item()
 
     cs, thetas = _gauge(m)
     base, moved = gauge_term(m), gauge_term(gauge_transform(m, cs, thetas))
@@ -130,7 +135,7 @@ def test_the_shifted_noise_level_stays_on_the_grid():
     sigma = torch.tensor([80.0, 5.0, 0.5, 0.002])
     s2, dtau = shifted_sigma(sigma, torch.Generator().manual_seed(0))
     assert torch.allclose(dtau.abs(), torch.full((4,), 0.25))
-    assert dtau[0] > 0 and dtau[-1] < 0                       # turned round at the two ends
+    assert dtau[0] > 0 and dtau[-1] < 0  # turned round at the two ends
     assert ((s2 >= 0.002 - 1e-6) & (s2 <= 80 + 1e-3)).all()
 
 
@@ -174,11 +179,13 @@ def test_mode_matching_recovers_a_known_permutation():
     a = torch.complex(torch.randn(8, 3, 3, generator=g), torch.randn(8, 3, 3, generator=g))
     perm = torch.stack([torch.randperm(8, generator=g) for _ in range(9)], 1).view(8, 3, 3)
     b = torch.empty_like(a)
-    b.scatter_(0, perm, a)                                    # b[perm[k]] = a[k]
-    b = torch.complex(b.real, b.imag * torch.where(torch.rand(8, 3, 3, generator=g) < 0.5, -1.0, 1.0))  # pair order
+    b.scatter_(0, perm, a)  # b[perm[k]] = a[k]
+    b = torch.complex(
+        b.real, b.imag * torch.where(torch.rand(8, 3, 3, generator=g) < 0.5, -1.0, 1.0)
+    )  # pair order
     for method in ("hungarian", "sort"):
         assert torch.equal(match_modes(a, b, method), perm), method
-    assert torch.equal(match_modes(a, b + 0.7), perm)          # an offset common to the modes does not steer it
+    assert torch.equal(match_modes(a, b + 0.7), perm)  # an offset common to the modes does not steer it
     agree = spectrum_agreement([a], [b + 0.25])[0]
     assert agree["alpha_corr"] == pytest.approx(1.0) and agree["alpha_mean_diff"] == pytest.approx(0.25)
     assert agree["abs_beta_corr"] == pytest.approx(1.0)

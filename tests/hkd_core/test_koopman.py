@@ -8,8 +8,9 @@ from hkd_core.koopman import KoopmanOperator, evolve, sigma_of_tau, tau_of_sigma
 
 def _random_op(d=6, h=3, w=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(d // 2, h, w, generator=g, dtype=torch.float64), \
-        torch.randn(d // 2, h, w, generator=g, dtype=torch.float64) * 3
+    return torch.randn(d // 2, h, w, generator=g, dtype=torch.float64), torch.randn(
+        d // 2, h, w, generator=g, dtype=torch.float64
+    ) * 3
 
 
 def block_generator(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,7 @@ def test_per_sample_time_steps_broadcast():
     dt = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
     out = evolve(z, alpha, beta, dt)
     for b in range(3):
-        torch.testing.assert_close(out[b:b + 1], evolve(z[b:b + 1], alpha, beta, float(dt[b])))
+        torch.testing.assert_close(out[b : b + 1], evolve(z[b : b + 1], alpha, beta, float(dt[b])))
     torch.testing.assert_close(out[0], z[0])
 
 
@@ -72,7 +73,7 @@ def test_shared_operator_applies_the_same_eigenvalues_everywhere():
         op.beta.fill_(math.pi)
     z = torch.zeros(1, 4, 3, 3)
     z[:, 0] = 1.0
-    out = op(z, 0.5)   # scale e^-0.5, rotate by pi/2: channel 0 -> channel 1
+    out = op(z, 0.5)  # scale e^-0.5, rotate by pi/2: channel 0 -> channel 1
     torch.testing.assert_close(out[:, 0], torch.zeros(1, 3, 3), atol=1e-6, rtol=0)
     torch.testing.assert_close(out[:, 1], torch.full((1, 3, 3), math.exp(-0.5)))
 
@@ -85,7 +86,7 @@ def test_odd_dimension_is_refused():
 def test_tau_maps_noise_end_to_zero_and_data_end_to_one():
     assert tau_of_sigma(80.0).item() == pytest.approx(0.0)
     assert tau_of_sigma(0.002).item() == pytest.approx(1.0)
-    assert tau_of_sigma(0.0).item() == pytest.approx(1.0)   # the final state counts as sigma_min
+    assert tau_of_sigma(0.0).item() == pytest.approx(1.0)  # the final state counts as sigma_min
     s = torch.tensor([50.0, 1.0, 0.01])
     torch.testing.assert_close(sigma_of_tau(tau_of_sigma(s)), s, rtol=1e-5, atol=0)
     assert torch.all(tau_of_sigma(torch.tensor([80.0, 10.0, 1.0, 0.1])).diff() > 0)
@@ -98,12 +99,12 @@ def test_bounded_alpha_never_exceeds_its_bound_and_is_alpha_near_zero():
     with torch.no_grad():
         op.alpha.copy_(torch.tensor([-1e6, -3.0, 1e-3, 50.0]).view(2, 1, 2).expand(2, 2, 2))
     r = op.rates()
-    assert r.abs().max() <= 2.0 and op.eigenvalues().real.abs().max() <= 2.0   # float32 tanh saturates at 1
-    assert math.isclose(r[1, 0, 0].item(), 1e-3, rel_tol=1e-5)                  # tanh(x) = x near 0
+    assert r.abs().max() <= 2.0 and op.eigenvalues().real.abs().max() <= 2.0  # float32 tanh saturates at 1
+    assert math.isclose(r[1, 0, 0].item(), 1e-3, rel_tol=1e-5)  # tanh(x) = x near 0
     free = KoopmanOperator(4, 2, 2, "position")
     with torch.no_grad():
         free.alpha.copy_(op.alpha)
-    assert free.rates().abs().max() == 1e6                                       # unbounded: what was set
+    assert free.rates().abs().max() == 1e6  # unbounded: what was set
     # an optimiser that drives every rate towards -inf and +inf for many steps
     opt = torch.optim.SGD(op.parameters(), lr=100.0)
     z = torch.randn(3, 4, 2, 2)

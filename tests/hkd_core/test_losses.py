@@ -22,7 +22,12 @@ def test_pseudo_huber():
 
 def test_lambda_schedule():
     s = LambdaSchedule(1.0, 0.2, 10.0)
-    assert s(0) == 1.0 and s(5) == pytest.approx(0.6) and s(10) == pytest.approx(0.2) and s(50) == pytest.approx(0.2)
+    assert (
+        s(0) == 1.0
+        and s(5) == pytest.approx(0.6)
+        and s(10) == pytest.approx(0.2)
+        and s(50) == pytest.approx(0.2)
+    )
 
 
 def test_state_picks_are_distinct_intermediate_states():
@@ -32,7 +37,7 @@ def test_state_picks_are_distinct_intermediate_states():
     inner = idx[:, 1:]
     assert inner.min() >= 1 and inner.max() <= 17
     assert all(len(set(r.tolist())) == 3 for r in inner)
-    assert len(set(inner.flatten().tolist())) == 17      # every intermediate state gets drawn
+    assert len(set(inner.flatten().tolist())) == 17  # every intermediate state gets drawn
     with pytest.raises(ValueError, match="states_per_traj=9"):
         HKDLoss(9).pick(2, karras_sigmas(7))
 
@@ -52,7 +57,7 @@ def test_xT_weight_sets_its_share_at_the_same_scale(toy_trajectories):
     states, sigmas = toy_trajectories
     plain = HKDLoss(4, LambdaSchedule(1.0, 1.0), lambda2=0.0)
     half = HKDLoss(4, LambdaSchedule(1.0, 1.0), lambda2=0.0, xT_weight=0.5)
-    g = lambda: torch.Generator().manual_seed(3)   # noqa: E731 - the same states for both
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731 - the same states for both
     a, b = plain(Identity(), states, sigmas, generator=g()), half(Identity(), states, sigmas, generator=g())
     torch.testing.assert_close(a["loss_recon"], b["loss_recon"])
     # 4 * (0.5 d_T + 0.5 mean(d_inner)) = 2 d_T + 2 mean(d_inner)
@@ -112,27 +117,33 @@ def test_latent_consistency_is_zero_on_an_exactly_linear_system_and_positive_oth
     taus = tau_of_sigma(sigmas)
     x0 = torch.randn(16, 2, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        states = torch.stack([toy.op(x0, t) for t in taus.tolist()], 1)     # (16, 7, 2, 8, 8) on the orbit
+        states = torch.stack([toy.op(x0, t) for t in taus.tolist()], 1)  # (16, 7, 2, 8, 8) on the orbit
         loss = HKDLoss(1, LambdaSchedule(1.0, 1.0), lambda2=0.0, latent_weight=1.0)
-        g = lambda: torch.Generator().manual_seed(0)   # noqa: E731
+        g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
         on = loss(toy, states, sigmas, generator=g())
         assert on["loss_latent"] < 1e-10
         torch.testing.assert_close(on["loss"], on["loss_recon"] + on["loss_latent"])
         bumped = states.clone()
-        bumped[:, 1:-1] += 0.05 * torch.randn(bumped[:, 1:-1].shape, generator=torch.Generator().manual_seed(3))
+        bumped[:, 1:-1] += 0.05 * torch.randn(
+            bumped[:, 1:-1].shape, generator=torch.Generator().manual_seed(3)
+        )
         off = loss(toy, bumped, sigmas, generator=g())["loss_latent"]
         more = states.clone()
         more[:, 1:-1] += 0.5 * torch.randn(more[:, 1:-1].shape, generator=torch.Generator().manual_seed(3))
         assert 0 < off < loss(toy, more, sigmas, generator=g())["loss_latent"]
         # the x_T reconstruction is unchanged by the extra state the latent term draws (s = 1)
-        torch.testing.assert_close(on["loss_recon"], HKDLoss(1, LambdaSchedule(1.0, 1.0), lambda2=0.0)(
-            toy, states, sigmas)["loss_recon"])
+        torch.testing.assert_close(
+            on["loss_recon"],
+            HKDLoss(1, LambdaSchedule(1.0, 1.0), lambda2=0.0)(toy, states, sigmas)["loss_recon"],
+        )
     # scale-free: shrinking every latent does not shrink the relative residual
     a, b = [torch.randn(4, 6, 3, 3)], [torch.randn(4, 6, 3, 3)]
     torch.testing.assert_close(latent_consistency(a, b), latent_consistency([a[0] * 1e-3], [b[0] * 1e-3]))
 
 
-def test_latent_term_on_hkd_matches_its_formula_and_trains_encoder_and_spectrum(koopman_model, toy_trajectories):
+def test_latent_term_on_hkd_matches_its_formula_and_trains_encoder_and_spectrum(
+    koopman_model, toy_trajectories
+):
     """On the real HKD (spread-out spectrum): the term equals |evolve(E(x_T), tau_s - tau_T) - E(x_s)|^2 /
     |E(x_s)|^2 computed by hand for the drawn state, and its gradient reaches the encoder and the rates."""
     states, sigmas = toy_trajectories
@@ -149,11 +160,16 @@ def test_latent_term_on_hkd_matches_its_formula_and_trains_encoder_and_spectrum(
     assert out["loss_latent"] > 0
     # the extra state is encoded, not decoded: the reconstruction term is x_T's alone, as without the latent term
     with torch.no_grad():
-        torch.testing.assert_close(out["loss_recon"], HKDLoss(1, LambdaSchedule(1.0, 1.0), lambda2=0.0)(
-            m, states[:8], sigmas)["loss_recon"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            out["loss_recon"],
+            HKDLoss(1, LambdaSchedule(1.0, 1.0), lambda2=0.0)(m, states[:8], sigmas)["loss_recon"],
+            rtol=1e-5,
+            atol=1e-7,
+        )
         rows = torch.tensor([0, 2, 5])
-        torch.testing.assert_close(m(states[:8, 0], sigmas[0], decode=rows), m(states[:8, 0], sigmas[0])[rows],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            m(states[:8, 0], sigmas[0], decode=rows), m(states[:8, 0], sigmas[0])[rows], rtol=1e-5, atol=1e-6
+        )
     out["loss"].backward()
     assert m.encoder.conv_in.weight.grad.abs().sum() > 0
     assert all(k.alpha.grad.abs().sum() > 0 for k in m.koopman)
@@ -179,8 +195,17 @@ def test_lpips_weight_paths_reach_the_loss_from_the_train_config(tmp_path, koopm
     states, sigmas = toy_trajectories
     vgg = tmp_path / "vgg16.pth"
     with pytest.raises(FileNotFoundError, match=f"LPIPS weights {vgg} not found"):
-        train_hkd(koopman_model, states, sigmas, progress=False, total_kimg=0.001, batch_size=4,
-                  perceptual="lpips", lpips_vgg_path=str(vgg), lpips_lin_path=str(tmp_path / "lin.pth"))
+        train_hkd(
+            koopman_model,
+            states,
+            sigmas,
+            progress=False,
+            total_kimg=0.001,
+            batch_size=4,
+            perceptual="lpips",
+            lpips_vgg_path=str(vgg),
+            lpips_lin_path=str(tmp_path / "lin.pth"),
+        )
 
 
 def _teacher_net(seed: int = 0):
@@ -188,8 +213,9 @@ def _teacher_net(seed: int = 0):
     from hkd_core.teachers import teacher_denoiser
 
     torch.manual_seed(seed)
-    net = teacher_denoiser(TeacherConfig(kind="edm", channels=8, channel_mult=[1, 2], blocks=1, attn_resolutions=[]),
-                           1, 16)
+    net = teacher_denoiser(
+        TeacherConfig(kind="edm", channels=8, channel_mult=[1, 2], blocks=1, attn_resolutions=[]), 1, 16
+    )
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.3)
@@ -209,7 +235,9 @@ def test_teacher_feature_distance_is_zero_for_equal_images_and_grows_with_distor
     e = torch.randn(x.shape, generator=g)
     by_noise = [d(x + s * e, x).mean().item() for s in (0.02, 0.1, 0.3, 1.0)]
     assert all(a < b for a, b in zip(by_noise, by_noise[1:])), by_noise
-    blur = [d(torch.nn.functional.avg_pool2d(x, k, 1, k // 2)[..., :16, :16], x).mean().item() for k in (3, 5, 7)]
+    blur = [
+        d(torch.nn.functional.avg_pool2d(x, k, 1, k // 2)[..., :16, :16], x).mean().item() for k in (3, 5, 7)
+    ]
     assert 0 < blur[0] < blur[1] < blur[2], blur
     torch.testing.assert_close(d(x + 0.1 * e, x), d(x, x + 0.1 * e))
 
@@ -241,5 +269,10 @@ def test_teacher_perceptual_needs_the_teacher():
     with pytest.raises(TypeError, match="EDMPrecond"):
         perceptual_distance("teacher", denoiser=build_model("kd", "tiny"))
     with pytest.raises(ValueError, match="perceptual=teacher needs the teacher network"):
-        train_hkd(build_model("hkd", "tiny"), torch.zeros(4, 3, 1, 32, 32), torch.tensor([80.0, 1.0, 0.002]),
-                  perceptual="teacher", progress=False)
+        train_hkd(
+            build_model("hkd", "tiny"),
+            torch.zeros(4, 3, 1, 32, 32),
+            torch.tensor([80.0, 1.0, 0.002]),
+            perceptual="teacher",
+            progress=False,
+        )

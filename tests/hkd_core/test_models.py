@@ -3,12 +3,18 @@ import dataclasses
 import pytest
 import torch
 
-from hkd_core.models import KD, KDM, PRESETS, build_model, count_parameters, model_from_record, model_record, preset
+from hkd_core.architecture import PRESETS, preset
+from hkd_core.models import KD, KDM, build_model, count_parameters, model_from_record, model_record
 
 # Parameter counts at the presets' own sizes (32x32); a change here is an architecture change: update the
 # README's table with it.
-PARAMS = {("tiny", "hkd"): 20609, ("small", "hkd"): 1011713, ("cifar", "hkd"): 19409907,
-          ("small", "kd"): 731457, ("small", "kdm"): 1090753}
+PARAMS = {
+    ("tiny", "hkd"): 20609,
+    ("small", "hkd"): 1011713,
+    ("cifar", "hkd"): 19409907,
+    ("small", "kd"): 731457,
+    ("small", "kdm"): 1090753,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -17,11 +23,12 @@ def test_preset_shapes(name):
     cfg = m.cfg
     x = torch.randn(2, cfg.img_channels, cfg.resolution, cfg.resolution)
     zs = m.encode(x, 80.0)
-    assert [tuple(z.shape[1:]) for z in zs] == [(d, cfg.resolution // 2 ** l, cfg.resolution // 2 ** l)
-                                               for l, d in enumerate(cfg.subspace_dims)]
+    assert [tuple(z.shape[1:]) for z in zs] == [
+        (d, cfg.resolution // 2**l, cfg.resolution // 2**l) for l, d in enumerate(cfg.subspace_dims)
+    ]
     assert m(x, 1.0).shape == x.shape
     koopman = sum(p.numel() for p in m.koopman.parameters())
-    assert koopman == sum(d * (cfg.resolution // 2 ** l) ** 2 for l, d in enumerate(cfg.subspace_dims))
+    assert koopman == sum(d * (cfg.resolution // 2**l) ** 2 for l, d in enumerate(cfg.subspace_dims))
 
 
 @pytest.mark.parametrize("key", sorted(PARAMS))
@@ -76,21 +83,27 @@ def test_one_step_sampling_and_trajectory(tiny_cfg):
     with torch.no_grad():
         x = m.sample(x_T=x_T)
     h.remove()
-    assert len(calls) == 1 and x.shape == (3, 1, 8, 8)   # NFE = 1
+    assert len(calls) == 1 and x.shape == (3, 1, 8, 8)  # NFE = 1
     with torch.no_grad():
         tr = m.trajectory(x_T, [0.0, 0.5, 1.0])
     assert tr["previews"].shape == (3, 3, 1, 8, 8) and len(tr["latents"]) == 3
-    torch.testing.assert_close(tr["previews"][-1], x)                   # tau = 1 is the sample
-    torch.testing.assert_close(tr["latents"][0], m.encode(x_T, 80.0))   # tau = 0 is the encoding
+    torch.testing.assert_close(tr["previews"][-1], x)  # tau = 1 is the sample
+    torch.testing.assert_close(tr["latents"][0], m.encode(x_T, 80.0))  # tau = 0 is the encoding
 
 
-@pytest.mark.parametrize("over, msg", [
-    ({"subspace_dims": [4, 5]}, r"subspace_dims\[1\] \(level 2\) is 5; each d_l must be even"),
-    ({"subspace_dims": [4]}, "has 1 entries"),
-    ({"levels": 4, "subspace_dims": [4, 4, 4, 4], "resolution": 12}, "resolution 12 allows at most 3 levels"),
-    ({"operator": "dense"}, "model.operator"),
-    ({"attn_levels": [3]}, r"attn_levels \[3\]"),
-])
+@pytest.mark.parametrize(
+    "over, msg",
+    [
+        ({"subspace_dims": [4, 5]}, r"subspace_dims\[1\] \(level 2\) is 5; each d_l must be even"),
+        ({"subspace_dims": [4]}, "has 1 entries"),
+        (
+            {"levels": 4, "subspace_dims": [4, 4, 4, 4], "resolution": 12},
+            "resolution 12 allows at most 3 levels",
+        ),
+        ({"operator": "dense"}, "model.operator"),
+        ({"attn_levels": [3]}, r"attn_levels \[3\]"),
+    ],
+)
 def test_invalid_configs_name_the_key(over, msg):
     with pytest.raises(ValueError, match=msg):
         preset("tiny", **over)
@@ -104,7 +117,9 @@ def test_model_record_round_trip(tiny_cfg):
         x = torch.randn(2, 1, 8, 8)
         assert type(m2) is type(m) and m2.variant == v
         torch.testing.assert_close(m2(x, 3.0), m.eval()(x, 3.0))
-    assert dataclasses.asdict(model_from_record(model_record(build_model("one_level", tiny_cfg))).cfg)["latent_levels"] == [2]
+    assert dataclasses.asdict(model_from_record(model_record(build_model("one_level", tiny_cfg))).cfg)[
+        "latent_levels"
+    ] == [2]
 
 
 def test_operator_sharing_per_level(tiny_cfg):

@@ -4,11 +4,11 @@ import torch
 from hkd_core.sampler import karras_sigmas, sample_euler, sample_heun, sample_nfe, steps_for_nfe
 from hkd_core.teachers import GaussianTeacher
 
-S = 0.5   # data std; the PF-ODE solution is x(sigma) = x_T * sqrt(S^2 + sigma^2) / sqrt(S^2 + sigma_max^2)
+S = 0.5  # data std; the PF-ODE solution is x(sigma) = x_T * sqrt(S^2 + sigma^2) / sqrt(S^2 + sigma_max^2)
 
 
 def exact(x_T, sigma, sigma_max=80.0):
-    return x_T * (S ** 2 + sigma ** 2) ** 0.5 / (S ** 2 + sigma_max ** 2) ** 0.5
+    return x_T * (S**2 + sigma**2) ** 0.5 / (S**2 + sigma_max**2) ** 0.5
 
 
 def test_karras_schedule():
@@ -24,7 +24,7 @@ def test_heun_carries_noise_to_the_gaussian_data_distribution():
     teacher = GaussianTeacher(0.0, S)
     x_T = torch.randn(50000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80
     x0 = sample_heun(teacher.denoise, x_T, karras_sigmas(64)).x0
-    target_std = S * 80 / (S ** 2 + 80 ** 2) ** 0.5
+    target_std = S * 80 / (S**2 + 80**2) ** 0.5
     assert x0.std().item() == pytest.approx(target_std, rel=0.01)
     assert abs(x0.mean().item()) < 0.01
     # and not just in distribution: each sample lands where the exact ODE solution does
@@ -36,9 +36,12 @@ def test_heun_is_second_order_and_euler_first_order():
     x_T = torch.randn(1000, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80
     err = {}
     for name, fn in (("heun", sample_heun), ("euler", sample_euler)):
-        e = [(fn(teacher.denoise, x_T, karras_sigmas(n)).x0 - exact(x_T, 0.0)).abs().max().item() for n in (50, 200)]
+        e = [
+            (fn(teacher.denoise, x_T, karras_sigmas(n)).x0 - exact(x_T, 0.0)).abs().max().item()
+            for n in (50, 200)
+        ]
         err[name] = e[0] / e[1]
-    assert err["heun"] > 10      # ~16 for a 2nd-order method when steps x4
+    assert err["heun"] > 10  # ~16 for a 2nd-order method when steps x4
     assert 2 < err["euler"] < 8  # ~4 for a 1st-order method
 
 
@@ -58,7 +61,9 @@ def test_same_signature_and_callback():
     teacher = GaussianTeacher()
     seen = []
     for fn in (sample_heun, sample_euler):
-        tr = fn(teacher.denoise, torch.randn(3, 2) * 80, karras_sigmas(4), callback=seen.append, keep_states=False)
+        tr = fn(
+            teacher.denoise, torch.randn(3, 2) * 80, karras_sigmas(4), callback=seen.append, keep_states=False
+        )
         assert tr.states.shape == (1, 3, 2)
     assert [d["i"] for d in seen] == [0, 1, 2, 3] * 2 and {"x", "sigma", "sigma_next", "nfe"} <= set(seen[0])
 

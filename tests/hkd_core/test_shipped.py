@@ -1,4 +1,5 @@
 """Shipped teachers: adopted only for exactly their config, refused (naming the file) when altered or foreign."""
+
 import dataclasses
 import json
 
@@ -10,20 +11,28 @@ from hkd_core.shipped import ShippedTeacherError, find_shipped, read_shipped, te
 from hkd_core.teachers import teacher_denoiser
 
 DATA = DataConfig(limit=None)
-TEACHER = TeacherConfig(kind="edm", channels=8, channel_mult=[1, 2], blocks=1, attn_resolutions=[], sigma_data=0.66)
+TEACHER = TeacherConfig(
+    kind="edm", channels=8, channel_mult=[1, 2], blocks=1, attn_resolutions=[], sigma_data=0.66
+)
 
 
 @pytest.fixture
 def shipped(tmp_path):
     torch.manual_seed(0)
     net = teacher_denoiser(TEACHER, 1, DATA.resolution)
-    return write_shipped(tmp_path / "fmnist-edm", DATA, TEACHER, net.state_dict(), kimg=12.5,
-                         fid={"n": 1000, "nfe": 35, "fid": 40.0}), net
+    return write_shipped(
+        tmp_path / "fmnist-edm",
+        DATA,
+        TEACHER,
+        net.state_dict(),
+        kimg=12.5,
+        fid={"n": 1000, "nfe": 35, "fid": 40.0},
+    ), net
 
 
 def test_the_record_is_found_for_its_config_only(shipped, tmp_path):
     s, net = shipped
-    assert s.hash == stage_hashes(RunConfig(data=DATA, teacher=TEACHER))["teacher"]       # the stage's identity
+    assert s.hash == stage_hashes(RunConfig(data=DATA, teacher=TEACHER))["teacher"]  # the stage's identity
     assert find_shipped(DATA, TEACHER, [tmp_path]).folder == s.folder
     assert find_shipped(DATA, dataclasses.replace(TEACHER, lr=2e-3), [tmp_path]) is None
     assert find_shipped(dataclasses.replace(DATA, limit=5000), TEACHER, [tmp_path]) is None
@@ -36,7 +45,7 @@ def test_the_record_is_found_for_its_config_only(shipped, tmp_path):
 def test_keys_added_to_the_schema_later_take_their_defaults(shipped):
     s, _ = shipped
     rec = json.loads((s.folder / "record.json").read_text())
-    del rec["config"]["teacher"]["ema_rampup"]          # a record written before the key existed
+    del rec["config"]["teacher"]["ema_rampup"]  # a record written before the key existed
     (s.folder / "record.json").write_text(json.dumps(rec))
     assert read_shipped(s.folder).hash == teacher_hash(DATA, TEACHER)
 
@@ -53,7 +62,7 @@ def test_altered_weights_are_refused_naming_the_file(shipped):
 def test_weights_of_another_architecture_are_refused(shipped, tmp_path):
     s, _ = shipped
     other = teacher_denoiser(dataclasses.replace(TEACHER, channels=16), 1, DATA.resolution)
-    forged = write_shipped(tmp_path / "forged", DATA, TEACHER, other.state_dict())   # a record that lies
+    forged = write_shipped(tmp_path / "forged", DATA, TEACHER, other.state_dict())  # a record that lies
     with pytest.raises(ShippedTeacherError, match=r"forged/teacher.pt.*does not describe these weights"):
         forged.load(img_channels=1)
 

@@ -9,8 +9,15 @@ from hkd_core.edm import EDMPrecond, UNet, UNetConfig
 from hkd_core.models import build_model
 from hkd_core.train import train_hkd, train_teacher
 
-FAST = dict(batch_size=16, lr=3e-3, lr_rampup_kimg=0.0, log_every_kimg=0.016, checkpoint_every_kimg=0.016,
-            ema_halflife_kimg=0.01, progress=False)
+FAST = dict(
+    batch_size=16,
+    lr=3e-3,
+    lr_rampup_kimg=0.0,
+    log_every_kimg=0.016,
+    checkpoint_every_kimg=0.016,
+    ema_halflife_kimg=0.01,
+    progress=False,
+)
 
 
 def _fresh(tiny_cfg, variant="hkd"):
@@ -22,8 +29,15 @@ def _fresh(tiny_cfg, variant="hkd"):
 def test_distillation_reduces_the_loss(tiny_cfg, toy_trajectories):
     states, sigmas = toy_trajectories
     logged = []
-    res = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.8, states_per_traj=3,
-                    metrics_cb=lambda m, k: logged.append(m), **FAST)
+    res = train_hkd(
+        _fresh(tiny_cfg),
+        states,
+        sigmas,
+        total_kimg=0.8,
+        states_per_traj=3,
+        metrics_cb=lambda m, k: logged.append(m),
+        **FAST,
+    )
     assert res["steps"] == 50 and res["kimg"] == pytest.approx(0.8)
     first, last = logged[0]["train/loss"], logged[-1]["train/loss"]
     assert last < 0.7 * first, (first, last)
@@ -36,9 +50,11 @@ class _Crash(Exception):
 
 def _crash_at(kimg_stop: float):
     """A checkpoint callback that stops the run right after the checkpoint at ``kimg_stop`` is written."""
+
     def cb(path, metrics, kimg):
         if kimg >= kimg_stop - 1e-9:
             raise _Crash
+
     return cb
 
 
@@ -49,12 +65,23 @@ def test_resume_continues_exactly_where_it_stopped(tiny_cfg, toy_trajectories, t
     seen, not the process's own count)."""
     states, sigmas = toy_trajectories
     fast = {**FAST, "lr_schedule": schedule}
-    straight = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "a", **fast)
+    straight = train_hkd(
+        _fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "a", **fast
+    )
     with pytest.raises(_Crash):
-        train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "b",
-                  checkpoint_cb=_crash_at(0.08), **fast)
+        train_hkd(
+            _fresh(tiny_cfg),
+            states,
+            sigmas,
+            total_kimg=0.16,
+            checkpoint_dir=tmp_path / "b",
+            checkpoint_cb=_crash_at(0.08),
+            **fast,
+        )
     assert json.loads((tmp_path / "b" / "latest.json").read_text())["kimg"] == pytest.approx(0.08)
-    resumed = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "b", **fast)
+    resumed = train_hkd(
+        _fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "b", **fast
+    )
     assert resumed["steps"] == straight["steps"] == 10
     for a, b in zip(straight["model"].state_dict().values(), resumed["model"].state_dict().values()):
         assert torch.equal(a, b)
@@ -75,7 +102,7 @@ def test_wall_clock_budget_stops_training(tiny_cfg, toy_trajectories, monkeypatc
     class Clock:
         @staticmethod
         def perf_counter():
-            now[0] += 0.15          # a step is timed by two consecutive reads: 0.15 s of training per step
+            now[0] += 0.15  # a step is timed by two consecutive reads: 0.15 s of training per step
             return now[0]
 
     monkeypatch.setattr(T, "time", Clock)
@@ -101,11 +128,23 @@ def test_batch_must_split_over_workers(tiny_cfg, toy_trajectories):
 @pytest.mark.slow
 def test_teacher_training_learns_to_denoise(toy_images, tmp_path):
     torch.manual_seed(0)
-    net = EDMPrecond(UNet(UNetConfig(resolution=8, channels=8, channel_mult=(1, 2), blocks=1, attn_resolutions=())))
+    net = EDMPrecond(
+        UNet(UNetConfig(resolution=8, channels=8, channel_mult=(1, 2), blocks=1, attn_resolutions=()))
+    )
     logged = []
-    res = train_teacher(net, toy_images, total_kimg=1.6, batch_size=32, lr=3e-3, lr_rampup_kimg=0, log_every_kimg=0.32,
-                        checkpoint_every_kimg=0.8, checkpoint_dir=tmp_path, progress=False,
-                        metrics_cb=lambda m, k: logged.append(m["train/loss"]))
+    res = train_teacher(
+        net,
+        toy_images,
+        total_kimg=1.6,
+        batch_size=32,
+        lr=3e-3,
+        lr_rampup_kimg=0,
+        log_every_kimg=0.32,
+        checkpoint_every_kimg=0.8,
+        checkpoint_dir=tmp_path,
+        progress=False,
+        metrics_cb=lambda m, k: logged.append(m["train/loss"]),
+    )
     assert logged[-1] < 0.7 * logged[0]
     assert latest_checkpoint(tmp_path) is not None and res["steps"] == 50
 
@@ -129,8 +168,15 @@ def test_eval_callback_runs_at_each_checkpoint_on_the_ema(tiny_cfg, toy_trajecto
         seen.append(kimg)
         return {"eval/proxy": 10 * kimg}
 
-    train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.048, eval_cb=eval_cb,
-              checkpoint_cb=lambda path, m, kimg: reported.append(m), **FAST)
+    train_hkd(
+        _fresh(tiny_cfg),
+        states,
+        sigmas,
+        total_kimg=0.048,
+        eval_cb=eval_cb,
+        checkpoint_cb=lambda path, m, kimg: reported.append(m),
+        **FAST,
+    )
     assert seen == pytest.approx([0.016, 0.032, 0.048])
     assert [m["eval/proxy"] for m in reported] == pytest.approx([0.16, 0.32, 0.48])
 
@@ -147,18 +193,24 @@ def test_the_cosine_schedule_ramps_up_then_reaches_its_end_value(budget):
     s = TrainConfig(total_kimg=40.0, lr_rampup_kimg=2.0, lr_schedule="cosine", lr_end_frac=0.05)
     if budget == "seconds":
         s = dataclasses.replace(s, total_kimg=float("inf"), max_train_s=100.0)
-    at = (lambda p: lr_factor(s, 40 * p, 0.0)) if budget == "kimg" else (lambda p: lr_factor(s, 2 + 40 * p, 100 * p))
+    at = (
+        (lambda p: lr_factor(s, 40 * p, 0.0))
+        if budget == "kimg"
+        else (lambda p: lr_factor(s, 2 + 40 * p, 100 * p))
+    )
     if budget == "kimg":
         assert lr_factor(s, 1.0) == pytest.approx(0.5 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi / 40))))
-    assert at(1.0) == pytest.approx(0.05) and at(1.5) == pytest.approx(0.05)       # the end value, and it stays
-    assert at(0.5) == pytest.approx(0.05 + 0.95 * 0.5)                            # halfway: the midpoint
+    assert at(1.0) == pytest.approx(0.05) and at(1.5) == pytest.approx(0.05)  # the end value, and it stays
+    assert at(0.5) == pytest.approx(0.05 + 0.95 * 0.5)  # halfway: the midpoint
     values = [at(p / 20) for p in range(2, 21)]
     assert all(a > b for a, b in zip(values, values[1:]))
     const = dataclasses.replace(s, lr_schedule="constant")
     assert lr_factor(const, 1.0) == 0.5 and lr_factor(const, 30.0, 99.0) == 1.0
 
 
-def test_the_teachers_tensors_learn_at_their_own_rate_and_the_last_lr_is_the_end_value(tiny_cfg, toy_trajectories):
+def test_the_teachers_tensors_learn_at_their_own_rate_and_the_last_lr_is_the_end_value(
+    tiny_cfg, toy_trajectories
+):
     """train.teacher_lr_mult scales the lr of the tensors named as copied from the teacher (and only those);
     the cosine schedule's last step runs at lr * lr_end_frac."""
     states, sigmas = toy_trajectories
@@ -166,9 +218,18 @@ def test_the_teachers_tensors_learn_at_their_own_rate_and_the_last_lr_is_the_end
     copied = [n for n, _ in model.named_parameters() if n.startswith("encoder.conv_in")]
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     lrs = []
-    res = train_hkd(model, states, sigmas, total_kimg=0.08, teacher_tensors=copied, teacher_lr_mult=0.01,
-                    lr_schedule="cosine", lr_end_frac=0.1, metrics_cb=lambda m, k: lrs.append(m["train/lr"]),
-                    **FAST)
+    res = train_hkd(
+        model,
+        states,
+        sigmas,
+        total_kimg=0.08,
+        teacher_tensors=copied,
+        teacher_lr_mult=0.01,
+        lr_schedule="cosine",
+        lr_end_frac=0.1,
+        metrics_cb=lambda m, k: lrs.append(m["train/lr"]),
+        **FAST,
+    )
     moved = {n: (p.detach() - start[n]).abs().max().item() for n, p in res["model"].named_parameters()}
     # Adam moves a parameter by at most about lr * mult per step: 5 steps
     assert max(moved[n] for n in copied) <= 5 * 3e-3 * 0.01 * 1.01
@@ -189,9 +250,16 @@ def test_the_held_out_and_training_errors_are_logged_as_curves(tiny_cfg, toy_tra
 
     states, sigmas = toy_trajectories
     logged = []
-    res = train_hkd(_fresh(tiny_cfg), states[4:], sigmas, total_kimg=0.064, holdout_every_kimg=0.032,
-                    holdout={"holdout": states[:4], "train": states[4:8]},
-                    metrics_cb=lambda m, k: logged.append((k, m)), **FAST)
+    res = train_hkd(
+        _fresh(tiny_cfg),
+        states[4:],
+        sigmas,
+        total_kimg=0.064,
+        holdout_every_kimg=0.032,
+        holdout={"holdout": states[:4], "train": states[4:8]},
+        metrics_cb=lambda m, k: logged.append((k, m)),
+        **FAST,
+    )
     with_holdout = [(k, m) for k, m in logged if "train/holdout_mse" in m]
     assert [k for k, _ in with_holdout] == pytest.approx([0.032, 0.064])
     assert all("train/train_mse" in m and "train/loss" in m for _, m in with_holdout)
@@ -210,20 +278,32 @@ def _poisoned(states, steps: set[int], batch: int = 16):
         if step in steps:
             b[0].fill_(float("nan"))
         return b
+
     return at
 
 
-def test_a_nonfinite_loss_ends_the_run_naming_its_step_and_leaves_the_checkpoints_finite(tiny_cfg, toy_trajectories,
-                                                                                      tmp_path):
+def test_a_nonfinite_loss_ends_the_run_naming_its_step_and_leaves_the_checkpoints_finite(
+    tiny_cfg, toy_trajectories, tmp_path
+):
     from hkd_core.checkpoint import load_checkpoint
     from hkd_core.train import NonFiniteLossError
 
     states, sigmas = toy_trajectories
-    with pytest.raises(NonFiniteLossError, match=r"the loss is nan \(gradient norm nan\) at step 3 \(0.048 kimg\).*"
-                                                 r"train.skip_nonfinite=true"):
-        train_hkd(_fresh(tiny_cfg), _poisoned(states, {3}), sigmas, total_kimg=0.32, states_per_traj=3,
-                  checkpoint_dir=tmp_path, **FAST)
-    state = load_checkpoint(tmp_path)                  # the checkpoint at 0.048 kimg, written before step 3
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"the loss is nan \(gradient norm nan\) at step 3 \(0.048 kimg\).*"
+        r"train.skip_nonfinite=true",
+    ):
+        train_hkd(
+            _fresh(tiny_cfg),
+            _poisoned(states, {3}),
+            sigmas,
+            total_kimg=0.32,
+            states_per_traj=3,
+            checkpoint_dir=tmp_path,
+            **FAST,
+        )
+    state = load_checkpoint(tmp_path)  # the checkpoint at 0.048 kimg, written before step 3
     assert state["step"] == 3
     assert all(torch.isfinite(v).all() for v in state["model"].values() if torch.is_floating_point(v))
 
@@ -231,10 +311,18 @@ def test_a_nonfinite_loss_ends_the_run_naming_its_step_and_leaves_the_checkpoint
 def test_skip_nonfinite_skips_the_steps_counts_them_and_keeps_the_weights_finite(tiny_cfg, toy_trajectories):
     states, sigmas = toy_trajectories
     logged = []
-    res = train_hkd(_fresh(tiny_cfg), _poisoned(states, {2, 5}), sigmas, total_kimg=0.16, states_per_traj=3,
-                    skip_nonfinite=True, metrics_cb=lambda m, k: logged.append(m), **FAST)
+    res = train_hkd(
+        _fresh(tiny_cfg),
+        _poisoned(states, {2, 5}),
+        sigmas,
+        total_kimg=0.16,
+        states_per_traj=3,
+        skip_nonfinite=True,
+        metrics_cb=lambda m, k: logged.append(m),
+        **FAST,
+    )
     assert res["skipped_nonfinite"] == 2 and res["steps"] == 10 and res["kimg"] == pytest.approx(0.16)
     assert all(torch.isfinite(p).all() for p in res["model"].parameters())
     assert all(torch.isfinite(p).all() for p in res["ema"].parameters())
     assert logged[-1]["train/skipped_nonfinite"] == 2 and math.isfinite(logged[-1]["train/loss"])
-    assert "train/skipped_nonfinite" not in logged[0]                     # step 0: nothing skipped yet
+    assert "train/skipped_nonfinite" not in logged[0]  # step 0: nothing skipped yet

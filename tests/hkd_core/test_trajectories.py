@@ -22,8 +22,9 @@ def _write(tmp_path, n=10, shard_size=4, steps=3):
     trajectories sampled here from the same seeds' noise, to compare against."""
     teacher = GaussianTeacher()
     store = LocalStore(tmp_path / "traj")
-    manifest = generate_trajectories(store, teacher, n, (1, 4, 4), steps=steps, shard_size=shard_size,
-                                     batch_size=3, progress=False)
+    manifest = generate_trajectories(
+        store, teacher, n, (1, 4, 4), steps=steps, shard_size=shard_size, batch_size=3, progress=False
+    )
     sig = karras_sigmas(steps)
     tr = sample_heun(teacher.denoise, noise_for_seeds(torch.arange(n), (1, 4, 4)) * sig[0], sig)
     return store, manifest, tr
@@ -62,8 +63,12 @@ def test_a_stream_started_at_k_continues_the_uninterrupted_sequence_without_read
     inside a shard, at a shard boundary and epochs later, and never reads a shard it passes over."""
     store, _, _ = _write(tmp_path, n=10, shard_size=4)
     for rank, world in ((0, 1), (1, 2)):
-        full = [(it["seed"], it["states"]) for it, _ in zip(TrajectoryDataset(store, rank=rank, world_size=world,
-                                                                               seed=3, epochs=None), range(60))]
+        full = [
+            (it["seed"], it["states"])
+            for it, _ in zip(
+                TrajectoryDataset(store, rank=rank, world_size=world, seed=3, epochs=None), range(60)
+            )
+        ]
         per_epoch = {(0, 1): 10, (1, 2): None}[(rank, world)]
         for k in (1, 4, 5, 9, 10, 23, 37):
             ds = TrajectoryDataset(store, rank=rank, world_size=world, seed=3, epochs=None, start=k)
@@ -79,10 +84,15 @@ def test_a_stream_started_at_k_continues_the_uninterrupted_sequence_without_read
                     return super().get(key)
 
             counted = Counting(store.root)
-            first = next(iter(TrajectoryDataset(counted, rank=rank, world_size=world, seed=3, epochs=None,
-                                                start=2 * per_epoch + 8)))
+            first = next(
+                iter(
+                    TrajectoryDataset(
+                        counted, rank=rank, world_size=world, seed=3, epochs=None, start=2 * per_epoch + 8
+                    )
+                )
+            )
             assert first["seed"] == full[2 * per_epoch + 8][0]
-            assert len([r for r in reads if r.endswith(".pt") or "shard" in r]) == 1, reads   # one shard read
+            assert len([r for r in reads if r.endswith(".pt") or "shard" in r]) == 1, reads  # one shard read
     with pytest.raises(ValueError, match="start=-1"):
         TrajectoryDataset(store, start=-1)
 
@@ -113,7 +123,7 @@ def test_truncated_and_missing_shards_fail_the_cheap_check(tmp_path):
 
 def test_altered_shard_of_the_same_size_fails_the_cheap_check_by_md5(tmp_path):
     store, manifest, _ = _write(tmp_path)
-    assert all(len(s.md5) == 32 for s in read_manifest(store).shards)       # the manifest records each MD5
+    assert all(len(s.md5) == 32 for s in read_manifest(store).shards)  # the manifest records each MD5
     p = store.root / manifest.shards[1].key
     data = bytearray(p.read_bytes())
     data[-7] ^= 0x01
@@ -150,9 +160,12 @@ def test_unreadable_manifest(tmp_path):
 
 def test_generation_is_split_independent_and_resumes(tmp_path):
     teacher = GaussianTeacher()
-    a = generate_trajectories(LocalStore(tmp_path / "a"), teacher, 9, (1, 2, 2), steps=3, shard_size=4, progress=False)
-    b = generate_trajectories(LocalStore(tmp_path / "b"), teacher, 9, (1, 2, 2), steps=3, shard_size=3,
-                              batch_size=2, progress=False)
+    a = generate_trajectories(
+        LocalStore(tmp_path / "a"), teacher, 9, (1, 2, 2), steps=3, shard_size=4, progress=False
+    )
+    b = generate_trajectories(
+        LocalStore(tmp_path / "b"), teacher, 9, (1, 2, 2), steps=3, shard_size=3, batch_size=2, progress=False
+    )
     sa, _ = load_all(LocalStore(tmp_path / "a"), a)
     sb, _ = load_all(LocalStore(tmp_path / "b"), b)
     assert torch.equal(sa, sb)

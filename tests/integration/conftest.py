@@ -1,5 +1,6 @@
 """The real local stack for integration tests: SeaweedFS S3, an MLflow server and a Ray head, on 127.0.0.1
 and free ports, in a temporary folder; started once per session and stopped at the end."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,8 +27,9 @@ free_ports = _stack_module().free_ports
 
 
 def stack(*args: str, state: Path) -> str:
-    r = subprocess.run([sys.executable, str(STACK), *args, "--dir", str(state)], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(STACK), *args, "--dir", str(state)], capture_output=True, text=True, timeout=300
+    )
     if r.returncode:
         raise RuntimeError(f"stack {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
     return r.stdout
@@ -49,8 +51,7 @@ def local_stack(tmp_path_factory):
             env[k] = v
         os.environ.update(env)
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-        yield {"dir": state, "ports": ports, "env": env,
-               "status": json.loads(stack("status", state=state))}
+        yield {"dir": state, "ports": ports, "env": env, "status": json.loads(stack("status", state=state))}
     finally:
         try:
             import ray
@@ -77,9 +78,15 @@ def free_port():
 
 
 RUN_TAG = __import__("uuid").uuid4().hex[:6]
-SMOKE = ["experiment=smoke", "cluster.num_workers=2", f"storage.prefix=it-{RUN_TAG}",
-         f"tracking.experiment=it-{RUN_TAG}", f"name=smoke-{RUN_TAG}", "tracking.register_model=hkd-it",
-         "tracking.system_metrics_s=1"]
+SMOKE = [
+    "experiment=smoke",
+    "cluster.num_workers=2",
+    f"storage.prefix=it-{RUN_TAG}",
+    f"tracking.experiment=it-{RUN_TAG}",
+    f"name=smoke-{RUN_TAG}",
+    "tracking.register_model=hkd-it",
+    "tracking.system_metrics_s=1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -155,7 +162,8 @@ def pytest_terminal_summary(terminalreporter):
         return
     terminalreporter.section("faults injected and recovery times")
     for f in FAULTS:
-        terminalreporter.write_line(" | ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}"
-                                               for k, v in f.items()))
+        terminalreporter.write_line(
+            " | ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in f.items())
+        )
     if os.environ.get("HKD_FAULT_REPORT"):
         Path(os.environ["HKD_FAULT_REPORT"]).write_text(json.dumps(FAULTS, indent=1))

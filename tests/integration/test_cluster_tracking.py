@@ -3,6 +3,7 @@ backend store, its basic-auth users and the sweep's Optuna study; ``mlflow serve
 ``--allowed-hosts`` and artifacts proxied to the local stack's S3 (infra/local/cluster_tracking.py, the rehearsal
 of infra/kuberay/mlflow.yaml). Clients hold no secret in their environment: MLflow's user comes from the file
 ``HKD_MLFLOW_CREDENTIALS`` names (the Ray workers get the path), PostgreSQL's password from ``PGPASSFILE``."""
+
 from __future__ import annotations
 
 import base64
@@ -45,27 +46,50 @@ def tracking(local_stack, tmp_path_factory):
     pg, ml = free_ports(2)
     base = [sys.executable, str(TOOL), "--dir", str(state), "--stack-dir", str(local_stack["dir"])]
     t0 = time.monotonic()
-    r = subprocess.run(base[:2] + ["start"] + base[2:] + ["--pg-port", str(pg), "--mlflow-port", str(ml),
-                                                          "--allowed-hosts", "mlflow.hkd.svc.cluster.local"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        base[:2]
+        + ["start"]
+        + base[2:]
+        + ["--pg-port", str(pg), "--mlflow-port", str(ml), "--allowed-hosts", "mlflow.hkd.svc.cluster.local"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     started_s = time.monotonic() - t0
     env = {}
-    for line in subprocess.run(base[:2] + ["env"] + base[2:], capture_output=True, text=True, check=True,
-                               timeout=60).stdout.splitlines():
+    for line in subprocess.run(
+        base[:2] + ["env"] + base[2:], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.splitlines():
         k, v = line.removeprefix("export ").split("=", 1)
         env[k] = v
     try:
-        yield {"env": env, "dir": state, "uri": env["MLFLOW_TRACKING_URI"], "mlflow_port": ml, "pg_port": pg,
-               "started_s": started_s, "secrets": json.loads((state / "secrets.json").read_text())}
+        yield {
+            "env": env,
+            "dir": state,
+            "uri": env["MLFLOW_TRACKING_URI"],
+            "mlflow_port": ml,
+            "pg_port": pg,
+            "started_s": started_s,
+            "secrets": json.loads((state / "secrets.json").read_text()),
+        }
     finally:
         subprocess.run(base[:2] + ["purge"] + base[2:], capture_output=True, timeout=120)
 
 
 def _hkd(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args, "--no-progress"], capture_output=True,
-                          text=True, timeout=timeout, env={**full, **env})
+    full = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**full, **env},
+    )
 
 
 def _client(tracking):
@@ -79,12 +103,16 @@ def _client(tracking):
 @pytest.fixture(autouse=True)
 def _no_credentials_left():
     yield
-    os.environ.pop("MLFLOW_TRACKING_USERNAME", None)       # what _client put there, for this test only
+    os.environ.pop("MLFLOW_TRACKING_USERNAME", None)  # what _client put there, for this test only
     os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
 
 
 def _get(url: str, auth: tuple[str, str] | None = None) -> int:
-    headers = {"Authorization": "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()} if auth else {}
+    headers = (
+        {"Authorization": "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()}
+        if auth
+        else {}
+    )
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
             return r.status
@@ -106,13 +134,22 @@ def test_basic_auth_and_allowed_hosts_refuse_before_any_stage(tracking):
     assert r.stderr.strip().splitlines()[-1] == (
         f"hkd: storage error: tracking server at {tracking['uri']} refused no credentials (HTTP 401: it runs with "
         f"basic authentication); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or point "
-        f"HKD_MLFLOW_CREDENTIALS at a file with them (what the cluster's nodes use)")
+        f"HKD_MLFLOW_CREDENTIALS at a file with them (what the cluster's nodes use)"
+    )
     other = f"localhost:{tracking['mlflow_port']}"
-    r = _hkd(["distill", *COMMON, "tracking.experiment=ct-refused", f"tracking.uri=http://{other}"], tracking["env"])
+    r = _hkd(
+        ["distill", *COMMON, "tracking.experiment=ct-refused", f"tracking.uri=http://{other}"],
+        tracking["env"],
+    )
     assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1].startswith(
-        f"hkd: storage error: tracking server refused the host name {other}: its --allowed-hosts does not list it")
-    assert _client(tracking).get_experiment_by_name("ct-refused") is None      # nothing written
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"hkd: storage error: tracking server refused the host name {other}: its --allowed-hosts does not list it"
+        )
+    )
+    assert _client(tracking).get_experiment_by_name("ct-refused") is None  # nothing written
 
 
 def test_a_stage_runs_on_postgres_with_auth_and_no_secret_reaches_mlflow(tracking, s3):
@@ -127,14 +164,19 @@ def test_a_stage_runs_on_postgres_with_auth_and_no_secret_reaches_mlflow(trackin
     c = _client(tracking)
     exp = c.get_experiment_by_name(f"ct-{TAG}")
     runs = {x.data.tags.get("hkd.stage"): x for x in c.search_runs([exp.experiment_id], max_results=50)}
-    assert {"pipeline", "trajectories", "distill"} <= set(runs), sorted(runs)     # (the empirical teacher: no run)
+    assert {"pipeline", "trajectories", "distill"} <= set(runs), sorted(
+        runs
+    )  # (the empirical teacher: no run)
     assert all(runs[s].info.status == "FINISHED" for s in ("pipeline", "trajectories", "distill"))
     distill = runs["distill"]
-    assert len(c.get_metric_history(distill.info.run_id, "train/loss")) >= 2     # from rank 0, a Ray worker
+    assert len(c.get_metric_history(distill.info.run_id, "train/loss")) >= 2  # from rank 0, a Ray worker
     # the logged model (MLflow 3: its own artifact location) went through the server's proxy into S3
     models = c.search_logged_models(experiment_ids=[exp.experiment_id])
     assert models and all(m.source_run_id in {x.info.run_id for x in runs.values()} for m in models)
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="hkd", Prefix="mlflow-artifacts-cluster/").get("Contents", [])]
+    keys = [
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket="hkd", Prefix="mlflow-artifacts-cluster/").get("Contents", [])
+    ]
     assert any(k.endswith("model.pth") or "/data/" in k or k.endswith("MLmodel") for k in keys), keys[:20]
     sec = tracking["secrets"]
     blob = json.dumps([{**x.data.params, **x.data.tags} for x in runs.values()]) + r.stdout + r.stderr
@@ -142,14 +184,25 @@ def test_a_stage_runs_on_postgres_with_auth_and_no_secret_reaches_mlflow(trackin
     # the backend store is PostgreSQL: the runs are rows there (read with libpq's password file, as clients do)
     import psycopg
 
-    with psycopg.connect(host="127.0.0.1", port=tracking["pg_port"], user="hkd", dbname="mlflow",
-                         passfile=tracking["env"]["PGPASSFILE"]) as conn:
-        n = conn.execute("SELECT count(*) FROM runs WHERE experiment_id = %s", (int(exp.experiment_id),)).fetchone()[0]
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=tracking["pg_port"],
+        user="hkd",
+        dbname="mlflow",
+        passfile=tracking["env"]["PGPASSFILE"],
+    ) as conn:
+        n = conn.execute(
+            "SELECT count(*) FROM runs WHERE experiment_id = %s", (int(exp.experiment_id),)
+        ).fetchone()[0]
     assert n == len(runs)
-    print(f"\ncluster tracking: server up in {tracking['started_s']:.1f} s; hkd distill (2 stages) {took:.1f} s")
+    print(
+        f"\ncluster tracking: server up in {tracking['started_s']:.1f} s; hkd distill (2 stages) {took:.1f} s"
+    )
 
 
-def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(tracking, tmp_path, monkeypatch):
+def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
+    tracking, tmp_path, monkeypatch
+):
     """The smoke sweep with two trials at a time, its Optuna study in the same PostgreSQL (RDBStorage, no
     password in the URL), the driver killed once a trial has ended, then `--resume` from a new driver: every
     trial in the study once; a wrong database password is one sentence, exit 2, before any trial."""
@@ -165,8 +218,11 @@ def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
     r = _hkd(["sweep", str(bad), *COMMON[1:]], tracking["env"], timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"hkd: sweep error: study_storage ({bad}): ") and "password authentication failed" in last
-    assert "wrong" not in last                                       # the URL shown with its password masked
+    assert (
+        last.startswith(f"hkd: sweep error: study_storage ({bad}): ")
+        and "password authentication failed" in last
+    )
+    assert "wrong" not in last  # the URL shown with its password masked
 
     sweep_id = f"pg-{TAG}"
     log = tmp_path / "driver.log"
@@ -174,17 +230,37 @@ def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
     env.pop("MLFLOW_TRACKING_USERNAME", None)
     env.pop("MLFLOW_TRACKING_PASSWORD", None)
     # no model registered at the sweep's end: the registry is test_sweep's; this test is about the study's storage
-    args = [sys.executable, "-m", "orchestrator", "sweep", str(path), *COMMON[1:], "tracking.register_model=null",
-            "--no-progress"]
-    proc = subprocess.Popen(args + ["--id", sweep_id], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env=env)
+    args = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "sweep",
+        str(path),
+        *COMMON[1:],
+        "tracking.register_model=null",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        args + ["--id", sweep_id],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
     c = _client(tracking)
     t0 = time.monotonic()
     try:
         while True:
             exp = c.get_experiment_by_name(f"ct-{TAG}")
-            ended = c.search_runs([exp.experiment_id], f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = "
-                                  f"'trial' and attributes.status != 'RUNNING'") if exp else []
+            ended = (
+                c.search_runs(
+                    [exp.experiment_id],
+                    f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = "
+                    f"'trial' and attributes.status != 'RUNNING'",
+                )
+                if exp
+                else []
+            )
             if ended:
                 break
             assert proc.poll() is None, log.read_text()[-3000:]
@@ -195,19 +271,28 @@ def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
         proc.wait()
     assert f"{spec['trials']} trials, 2 at a time" in log.read_text()
     out = tmp_path / "summary.json"
-    r = subprocess.run(args + ["--resume", sweep_id, "--json", str(out)], capture_output=True, text=True,
-                       timeout=1200, env=env)
+    r = subprocess.run(
+        args + ["--resume", sweep_id, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads(out.read_text())
     assert len(summary["rows"]) == spec["trials"]
     monkeypatch.setenv("PGPASSFILE", tracking["env"]["PGPASSFILE"])
-    study = optuna.load_study(study_name=sweep_id, storage=url)     # the study, read from PostgreSQL
+    study = optuna.load_study(study_name=sweep_id, storage=url)  # the study, read from PostgreSQL
     states = [t.state.name for t in study.trials]
     # a trial Optuna handed out after Tune's last snapshot before the kill is marked FAIL on resume (Tune asks anew
     # for what it re-runs): never left RUNNING; the others are the spec's trials, each completed or pruned
     done = [s for s in states if s != "FAIL"]
     assert len(done) == spec["trials"] and set(done) <= {"COMPLETE", "PRUNED"}, states
     # two trials ran at once: their MLflow runs overlap in time
-    trials = sorted(c.search_runs([exp.experiment_id], f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` "
-                                  f"= 'trial'"), key=lambda x: x.info.start_time)
+    trials = sorted(
+        c.search_runs(
+            [exp.experiment_id], f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial'"
+        ),
+        key=lambda x: x.info.start_time,
+    )
     assert any(a.info.end_time and b.info.start_time < a.info.end_time for a, b in zip(trials, trials[1:]))

@@ -1,5 +1,6 @@
 """FID at scale on the real stack: statistics accumulated per Ray task and merged equal torch-fidelity's own
 computation; reference statistics cached in S3 are reused, and recomputed when N or the weights change."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ def test_distributed_fid_equals_torch_fidelity(pc, fid_images, torch_fidelity_di
     from orchestrator.stages.evaluation import image_features
 
     a, b = fid_images
-    sa, fa = image_features(pc, a, tasks=2)             # two chunks, merged
+    sa, fa = image_features(pc, a, tasks=2)  # two chunks, merged
     sb, fb = image_features(pc, b, tasks=1)
     assert sa.n == len(a) and sb.n == len(b) and fa.shape == (len(a), 2048)
     assert fid_from_stats(sa, sb) == pytest.approx(torch_fidelity_direct["fid"], rel=1e-4)
@@ -41,7 +42,9 @@ def test_reference_statistics_cached_in_s3_reused_and_recomputed(pc, s3, tmp_pat
     from orchestrator.stages.evaluation import reference
 
     def with_eval(**kw):
-        return dataclasses.replace(pc, run=dataclasses.replace(pc.run, eval=dataclasses.replace(pc.run.eval, **kw)))
+        return dataclasses.replace(
+            pc, run=dataclasses.replace(pc.run, eval=dataclasses.replace(pc.run.eval, **kw))
+        )
 
     def keys():
         page = s3.list_objects_v2(Bucket=pc.storage.bucket, Prefix=f"{pc.storage.prefix}/fid-refs/")
@@ -49,10 +52,14 @@ def test_reference_statistics_cached_in_s3_reused_and_recomputed(pc, s3, tmp_pat
 
     small = with_eval(n=20)
     r1, _, computed = reference(small)
-    assert computed and r1.stats.n == 20 and keys() == [f"{pc.storage.prefix}/fid-refs/{reference_cache_name(r1.key)}"]
-    r2, _, computed = reference(small)                                # the same (data, split, N, weights): reused
+    assert (
+        computed
+        and r1.stats.n == 20
+        and keys() == [f"{pc.storage.prefix}/fid-refs/{reference_cache_name(r1.key)}"]
+    )
+    r2, _, computed = reference(small)  # the same (data, split, N, weights): reused
     assert not computed and torch.equal(r1.features, r2.features) and len(keys()) == 1
-    r3, _, computed = reference(with_eval(n=24))                      # another N: computed anew, its own object
+    r3, _, computed = reference(with_eval(n=24))  # another N: computed anew, its own object
     assert computed and r3.stats.n == 24 and len(keys()) == 2
     assert r3.features.shape == (24, 2048) and r3.key["n"] == 24
 

@@ -1,10 +1,11 @@
-"""Faults injected into the real stack while distillation runs, and bad input data.
+"""Faults injected into the real stack while distillation runs (bad input data: test_bad_data.py).
 
 Each fault test starts ``hkd distill`` as its own process on the session's stack (Ray head, SeaweedFS,
 MLflow), injects one fault once training is under way, and checks what the run kept: it completes, with
 the same kimg as an uninterrupted run, in one MLflow run, with no checkpoint in S3 partial or dropped.
 Recovery times go to the fault report printed at the end of the session (conftest.fault_report).
 """
+
 from __future__ import annotations
 
 import io
@@ -20,8 +21,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-TOTAL = 0.768     # kimg: 24 steps of 32 images, about 8 s of training here: long enough that a fault injected
-                  # at the first checkpoint or progress line lands while the run trains
+TOTAL = 0.768  # kimg: 24 steps of 32 images, about 8 s of training here: long enough that a fault injected
+# at the first checkpoint or progress line lands while the run trains
 # each fault test distils with its own train.seed: its own stage hash, so nothing is shared or skipped
 FAULT_TRAIN = [f"train.total_kimg={TOTAL}", "train.checkpoint_every_kimg=0.064", "train.log_every_kimg=0.032"]
 
@@ -33,14 +34,9 @@ def _client():
 
 
 def _keys(s3, prefix: str) -> list[str]:
-    out, token = [], None
-    while True:
-        kw = {"Bucket": "hkd", "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
-        page = s3.list_objects_v2(**kw)
-        out += [o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/")]   # not folder markers
-        if not page.get("IsTruncated"):
-            return out
-        token = page["NextContinuationToken"]
+    """Every object key under ``prefix`` (not folder markers)."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="hkd", Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
 
 
 class Distill:
@@ -56,10 +52,22 @@ class Distill:
         self.log = tmp / f"distill-{self.hash}.log"
         self.json = tmp / f"distill-{self.hash}.json"
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "distill", *args, "--no-progress",
-                                      "--json", str(self.json)], stdout=open(self.log, "wb"),
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator",
+                "distill",
+                *args,
+                "--no-progress",
+                "--json",
+                str(self.json),
+            ],
+            stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -90,8 +98,9 @@ class Distill:
     def run(self, run_tag: str):
         c = _client()
         exp = c.get_experiment_by_name(f"it-{run_tag}")
-        runs = c.search_runs([exp.experiment_id], f"tags.`hkd.stage_hash` = '{self.hash}' and "
-                                                  f"tags.`hkd.stage` = 'distill'")
+        runs = c.search_runs(
+            [exp.experiment_id], f"tags.`hkd.stage_hash` = '{self.hash}' and tags.`hkd.stage` = 'distill'"
+        )
         assert len(runs) == 1, f"{len(runs)} MLflow runs for one distillation"
         return runs[0]
 
@@ -107,7 +116,7 @@ def _assert_checkpoints_whole(s3, ray_prefix: str) -> int:
 
     folders: dict[str, list[str]] = {}
     for k in _keys(s3, ray_prefix):
-        rest = k[len(ray_prefix):]
+        rest = k[len(ray_prefix) :]
         if rest.startswith("checkpoint_") and "/" in rest:
             folders.setdefault(rest.split("/", 1)[0], []).append(rest.split("/", 1)[1])
     assert folders, f"no checkpoint under s3://hkd/{ray_prefix}"
@@ -124,17 +133,22 @@ def _train_workers() -> list[int]:
     another Ray that happens to run on the machine."""
     from ray.util.state import list_actors
 
-    actors = list_actors(address=os.environ["RAY_ADDRESS"], raise_on_missing_output=False,
-                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(
+        address=os.environ["RAY_ADDRESS"],
+        raise_on_missing_output=False,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     return sorted(a.pid for a in actors)
 
 
 def _assert_complete(res: dict, run, steps_per_log: int = 32) -> None:
     """The same kimg, steps and logging points as an uninterrupted run."""
-    assert res["distill"]["kimg"] == pytest.approx(TOTAL) and res["distill"]["steps"] == round(TOTAL * 1000 / 32)
+    assert res["distill"]["kimg"] == pytest.approx(TOTAL) and res["distill"]["steps"] == round(
+        TOTAL * 1000 / 32
+    )
     assert run.info.status == "FINISHED"
     steps = {m.step for m in _history(run.info.run_id, "train/kimg")}
-    assert steps == set(range(steps_per_log, round(TOTAL * 1000) + 1, steps_per_log))     # each logging point
+    assert steps == set(range(steps_per_log, round(TOTAL * 1000) + 1, steps_per_log))  # each logging point
 
 
 def _assert_same_batches_as_uninterrupted(res: dict, run, seed: int, world: int, batch: int = 32) -> None:
@@ -144,26 +158,33 @@ def _assert_same_batches_as_uninterrupted(res: dict, run, seed: int, world: int,
     from hkd_core.trajectories import TrajectoryDataset, read_manifest
     from orchestrator.services.storage import StorageConfig, store_at
 
-    store = store_at(StorageConfig(endpoint_url=os.environ["AWS_ENDPOINT_URL"]),
-                     res["trajectories"]["train"]["uri"][len("s3://"):])
+    store = store_at(
+        StorageConfig(endpoint_url=os.environ["AWS_ENDPOINT_URL"]),
+        res["trajectories"]["train"]["uri"][len("s3://") :],
+    )
     steps = round(TOTAL * 1000 / batch)
     per_rank = batch // world
-    stream = iter(TrajectoryDataset(store, read_manifest(store), rank=0, world_size=world, seed=seed, epochs=None))
-    expected = {(k + 1) * batch: float(sum(next(stream)["seed"] for _ in range(per_rank))) for k in range(steps)}
+    stream = iter(
+        TrajectoryDataset(store, read_manifest(store), rank=0, world_size=world, seed=seed, epochs=None)
+    )
+    expected = {
+        (k + 1) * batch: float(sum(next(stream)["seed"] for _ in range(per_rank))) for k in range(steps)
+    }
     logged = _history(run.info.run_id, "data/seed_sum")
     assert {m.step for m in logged} == set(expected)
     wrong = [(m.step, m.value, expected[m.step]) for m in logged if m.value != expected[m.step]]
     assert not wrong, f"batches differ from the uninterrupted run's at (step, logged, expected): {wrong[:5]}"
 
 
-def test_worker_killed_restarts_from_the_last_checkpoint_in_the_same_run(first_pipeline, s3, smoke, run_tag,
-                                                                          tmp_path, fault_report):
+def test_worker_killed_restarts_from_the_last_checkpoint_in_the_same_run(
+    first_pipeline, s3, smoke, run_tag, tmp_path, fault_report
+):
     """kill -9 of a Ray Train worker: FailureConfig restarts the worker group, which resumes from the last
     recorded checkpoint and ends at the same kimg, in one MLflow run that counts the attempts."""
     d = Distill([*smoke, *FAULT_TRAIN, "train.seed=11", f"name=wkill-{run_tag}"], tmp_path)
     d.wait_for(lambda: d.recorded(s3), "recorded checkpoint")
     pids = _train_workers()
-    assert len(pids) == 2, pids                              # cluster.num_workers=2
+    assert len(pids) == 2, pids  # cluster.num_workers=2
     os.kill(pids[0], signal.SIGKILL)
     t_kill = time.time()
     res = d.finish()
@@ -177,19 +198,35 @@ def test_worker_killed_restarts_from_the_last_checkpoint_in_the_same_run(first_p
     progress = [ln for ln in d.output().splitlines() if "[distill]" in ln and " kimg  loss " in ln]
     assert progress and all(a != b for a, b in zip(progress, progress[1:])), "a progress line printed twice"
     back = min(m.timestamp for m in _history(run.info.run_id, "train/attempt") if m.value == 2) / 1000
-    fault_report.append({"fault": "kill -9 of a Ray Train worker", "workers back and resumed (s)": back - t_kill,
-                         "resumed from kimg": resumed[0].value, "final kimg": res["distill"]["kimg"],
-                         "lost": f"no checkpoint; the steps after {resumed[0].value:g} kimg were redone"})
+    fault_report.append(
+        {
+            "fault": "kill -9 of a Ray Train worker",
+            "workers back and resumed (s)": back - t_kill,
+            "resumed from kimg": resumed[0].value,
+            "final kimg": res["distill"]["kimg"],
+            "lost": f"no checkpoint; the steps after {resumed[0].value:g} kimg were redone",
+        }
+    )
 
 
-def test_object_store_outage_delays_checkpoints_but_drops_none(first_pipeline, s3, stack_service, smoke, run_tag,
-                                                               tmp_path, fault_report):
+def test_object_store_outage_delays_checkpoints_but_drops_none(
+    first_pipeline, s3, stack_service, smoke, run_tag, tmp_path, fault_report
+):
     """SeaweedFS stopped for about 10 s while a checkpoint is being written: the upload is retried until the
     store is back, every checkpoint arrives whole, and the run completes. HKD_FAULT_STALL_BEFORE_UPLOAD_S
     holds each upload 5 s, so that the outage meets one for certain (else it may meet only shard reads)."""
     every = 0.384
-    d = Distill([*smoke, *FAULT_TRAIN, f"train.checkpoint_every_kimg={every}", "train.seed=12",
-                 f"name=s3out-{run_tag}"], tmp_path, env={"HKD_FAULT_STALL_BEFORE_UPLOAD_S": "5"})
+    d = Distill(
+        [
+            *smoke,
+            *FAULT_TRAIN,
+            f"train.checkpoint_every_kimg={every}",
+            "train.seed=12",
+            f"name=s3out-{run_tag}",
+        ],
+        tmp_path,
+        env={"HKD_FAULT_STALL_BEFORE_UPLOAD_S": "5"},
+    )
     d.wait_for(lambda: "about to be uploaded: stalling" in d.output(), "checkpoint upload")
     t_down = time.time()
     stack_service("stop", "s3")
@@ -203,17 +240,25 @@ def test_object_store_outage_delays_checkpoints_but_drops_none(first_pipeline, s
     assert max(m.value for m in retries) >= 1, "the checkpoint upload did not meet the outage"
     uploaded = {round(m.value * 1000) for m in _history(run.info.run_id, "checkpoint/kimg")}
     step = round(every * 1000)
-    assert uploaded == set(range(step, round(TOTAL * 1000) + 1, step))      # every checkpoint, none dropped
+    assert uploaded == set(range(step, round(TOTAL * 1000) + 1, step))  # every checkpoint, none dropped
     assert _assert_checkpoints_whole(s3, d.ray_prefix) >= 1
     assert "uploaded after" in d.output()
     first = min(_history(run.info.run_id, "checkpoint/upload_s"), key=lambda m: m.step)
-    fault_report.append({"fault": "SeaweedFS stopped during a checkpoint upload", "outage (s)": t_up - t_down,
-                         "that upload took (s)": first.value, "upload retries": max(m.value for m in retries),
-                         "final kimg": res["distill"]["kimg"], "lost": "nothing"})
+    fault_report.append(
+        {
+            "fault": "SeaweedFS stopped during a checkpoint upload",
+            "outage (s)": t_up - t_down,
+            "that upload took (s)": first.value,
+            "upload retries": max(m.value for m in retries),
+            "final kimg": res["distill"]["kimg"],
+            "lost": "nothing",
+        }
+    )
 
 
-def test_tracking_server_restart_loses_no_metric(first_pipeline, stack_service, smoke, run_tag, tmp_path,
-                                                 fault_report):
+def test_tracking_server_restart_loses_no_metric(
+    first_pipeline, stack_service, smoke, run_tag, tmp_path, fault_report
+):
     """The MLflow server stopped for about 10 s mid-run: training goes on, the metrics of the outage wait in
     the worker's buffer and arrive once the server is back, in the same run."""
     d = Distill([*smoke, *FAULT_TRAIN, "train.seed=13", f"name=mlout-{run_tag}"], tmp_path)
@@ -221,112 +266,29 @@ def test_tracking_server_restart_loses_no_metric(first_pipeline, stack_service, 
     d.wait_for(lambda: "[distill]" in d.output(), "training progress")
     t_down = time.time()
     stack_service("stop", "mlflow")
-    time.sleep(3)                        # and MLflow takes about 10 s to start again
+    time.sleep(3)  # and MLflow takes about 10 s to start again
     stack_service("start")
     t_up = time.time()
     res = d.finish()
     run = d.run(run_tag)
     _assert_complete(res, run)
-    during = [m for m in c.get_metric_history(run.info.run_id, "train/loss") if t_down * 1000 <= m.timestamp <= t_up * 1000]
+    during = [
+        m
+        for m in c.get_metric_history(run.info.run_id, "train/loss")
+        if t_down * 1000 <= m.timestamp <= t_up * 1000
+    ]
     assert during, "no metric was logged while the server was down: the outage missed the training"
-    assert run.data.tags["hkd.train_attempts"] == "1"        # the outage cost no restart
+    assert run.data.tags["hkd.train_attempts"] == "1"  # the outage cost no restart
     import re
 
     waited = re.findall(r"mlflow reachable again after ([0-9.]+) s", d.output())
-    fault_report.append({"fault": "MLflow server stopped mid-run", "outage (s)": t_up - t_down,
-                         "metric buffer waited (s)": float(waited[0]) if waited else "-",
-                         "metric values logged during the outage, arrived": len(during),
-                         "total run wall (s)": res["distill"]["wall_s"], "lost": "nothing"})
-
-
-# ---- corrupt inputs: refused by the driver before Ray Train starts --------------------------------------
-
-def _copy_trajectories(s3, first: dict, prefix: str) -> str:
-    """The smoke pipeline's trajectories stage, copied under another storage prefix; returns the copy's
-    train folder key."""
-    src_root = first["_storage_root"].split("s3://hkd/", 1)[1]
-    traj = first["trajectories"]["train"]["uri"].split("s3://hkd/", 1)[1].rsplit("/", 1)[0]   # .../trajectories-<h>
-    for k in _keys(s3, traj + "/"):
-        s3.copy_object(Bucket="hkd", Key=prefix + k[len(src_root):], CopySource={"Bucket": "hkd", "Key": k})
-    return prefix + traj[len(src_root):] + "/train"
-
-
-def _refused(argv: list[str], capsys) -> tuple[int, str, float]:
-    from orchestrator.cli import main
-
-    t0 = time.monotonic()
-    rc = main(["distill", *argv, "--no-progress"])
-    return rc, capsys.readouterr().err, time.monotonic() - t0
-
-
-@pytest.mark.parametrize("case", ["truncated", "altered", "missing"])
-def test_corrupt_shard_is_refused_before_training(first_pipeline, s3, smoke, run_tag, case, capsys, fault_report):
-    res, _ = first_pipeline
-    prefix = f"itc-{run_tag}-{case}"
-    train = _copy_trajectories(s3, res, prefix)
-    key = f"{train}/shard-000001.npz"
-    body = s3.get_object(Bucket="hkd", Key=key)["Body"].read()
-    if case == "truncated":
-        s3.put_object(Bucket="hkd", Key=key, Body=body[: len(body) // 2])
-        expect = f"s3://hkd/{key} has {len(body) // 2} bytes, the manifest says {len(body)}: truncated or altered"
-    elif case == "altered":                        # same size, one byte changed: only a checksum tells
-        s3.put_object(Bucket="hkd", Key=key, Body=body[:1000] + bytes([body[1000] ^ 0xFF]) + body[1001:])
-        expect = f"s3://hkd/{key} has MD5 "
-    else:
-        s3.delete_object(Bucket="hkd", Key=key)
-        # A stage's done-marker lists the files it wrote, and a listed file that is gone makes the stage run
-        # again (tests/orchestrator/test_stage_cache.py). The manifest is checked on its own, for a shard the
-        # marker does not vouch for: a marker written before the list (as here), or a manifest edited by hand.
-        done = key.rsplit("/train/", 1)[0] + "/_SUCCESS.json"
-        marker = json.loads(s3.get_object(Bucket="hkd", Key=done)["Body"].read())
-        marker.pop("_outputs", None)
-        s3.put_object(Bucket="hkd", Key=done, Body=json.dumps(marker).encode())
-        expect = f"manifest lists s3://hkd/{key}, which does not exist"
-    rc, err, took = _refused([*smoke, f"storage.prefix={prefix}", f"name=corrupt-{case}-{run_tag}"], capsys)
-    assert rc == 3 and f"hkd: input error: {expect}" in err, err[-2000:]
-    assert not [k for k in _keys(s3, prefix + "/") if "/ray/distill-" in k]        # Ray Train never started
-    fault_report.append({"fault": f"{case} trajectory shard", "refused after (s)": took, "message": err.strip()[:160]})
-
-
-def test_corrupt_shard_skipped_and_counted_when_configured(first_pipeline, s3, smoke, run_tag, fault_report):
-    from orchestrator.cli import main
-
-    res, _ = first_pipeline
-    prefix = f"itc-{run_tag}-skip"
-    train = _copy_trajectories(s3, res, prefix)
-    key = f"{train}/shard-000002.npz"
-    body = s3.get_object(Bucket="hkd", Key=key)["Body"].read()
-    s3.put_object(Bucket="hkd", Key=key, Body=body[:-10])
-    out = Path(os.environ["AWS_SHARED_CREDENTIALS_FILE"]).parent / f"skip-{run_tag}.json"
-    assert main(["distill", *smoke, f"storage.prefix={prefix}", "train.skip_corrupt_shards=true", "train.total_kimg=0.128",
-                 f"name=skip-{run_tag}", "--no-progress", "--json", str(out)]) == 0
-    r = json.loads(out.read_text())
-    assert r["distill"]["kimg"] == pytest.approx(0.128)
-    c = _client()
-    run = [x for x in c.search_runs([c.get_experiment_by_name(f"it-{run_tag}").experiment_id],
-                                    "tags.`hkd.stage` = 'distill'") if x.data.tags["hkd.run_key"].startswith(f"skip-{run_tag}/")]
-    assert len(run) == 1 and run[0].data.metrics["data/skipped_shards"] == 1
-    assert run[0].data.tags["hkd.skipped_shards"] == "shard-000002.npz"
-    fault_report.append({"fault": "truncated shard with train.skip_corrupt_shards=true",
-                         "result": "trained on the other 3 shards; data/skipped_shards = 1"})
-
-
-def test_checkpoint_of_another_architecture_is_refused_before_training(first_pipeline, s3, smoke, run_tag, capsys,
-                                                                       fault_report):
-    """A checkpoint Ray would resume from that was written for another model (a code change under the same
-    config): named, with what differs, before any worker starts."""
-    from orchestrator.config import load
-
-    res, _ = first_pipeline
-    other = [*smoke, "model.subspace_dims=[8,8]", f"name=arch-{run_tag}"]        # the tiny preset has [4,4]
-    src = res["distill"]["ray_path"].split("hkd/", 1)[1].rstrip("/") + "/"
-    dst = f"it-{run_tag}/ray/distill-{load(other).stages()['distill']}/"
-    assert src != dst
-    for k in _keys(s3, src):
-        s3.copy_object(Bucket="hkd", Key=dst + k[len(src):], CopySource={"Bucket": "hkd", "Key": k})
-    rc, err, took = _refused(other, capsys)
-    assert rc == 3, err[-2000:]
-    assert f"hkd: input error: checkpoint s3://hkd/{dst}checkpoint_" in err
-    assert "was written for a different architecture" in err and "shape" in err
-    fault_report.append({"fault": "resume checkpoint of another architecture", "refused after (s)": took,
-                         "message": err.strip()[:160]})
+    fault_report.append(
+        {
+            "fault": "MLflow server stopped mid-run",
+            "outage (s)": t_up - t_down,
+            "metric buffer waited (s)": float(waited[0]) if waited else "-",
+            "metric values logged during the outage, arrived": len(during),
+            "total run wall (s)": res["distill"]["wall_s"],
+            "lost": "nothing",
+        }
+    )

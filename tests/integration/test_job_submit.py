@@ -1,4 +1,5 @@
 """`ray job submit` against the stack's `ray start --head`, running the pipeline to the end."""
+
 import json
 import os
 import subprocess
@@ -18,9 +19,22 @@ def test_ray_job_submit_runs_the_pipeline(local_stack, first_pipeline, smoke, ru
     dash = f"http://127.0.0.1:{local_stack['ports']['dashboard']}"
     env = {**os.environ, "RAY_ADDRESS": dash}
     runtime_env = {"excludes": EXCLUDES}
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(ROOT),
-           "--runtime-env-json", json.dumps(runtime_env), "--",
-           "hkd", "pipeline", *smoke, "eval.seed=7", "eval.teacher_nfe=[]", "--no-progress"]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "hkd",
+        "pipeline",
+        *smoke,
+        "eval.seed=7",
+        "eval.teacher_nfe=[]",
+        "--no-progress",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
@@ -30,7 +44,7 @@ def test_ray_job_submit_runs_the_pipeline(local_stack, first_pipeline, smoke, ru
     assert "stages skipped (already done): trajectories, distill" in out
     fid = first_pipeline[0]["evaluate"]["metrics"]["eval/fid"]
     line = next(x for x in out.splitlines() if x.startswith("HKD at NFE 1, N = 32: KID x1e3 "))
-    assert f"FID {fid:.2f}" not in line and "floor at N = 32" in line               # new noise, a new number
+    assert f"FID {fid:.2f}" not in line and "floor at N = 32" in line  # new noise, a new number
     assert f"artifacts: s3://hkd/it-{run_tag}/" in out and "MLflow UI: http://127.0.0.1:" in out
 
 
@@ -41,12 +55,18 @@ def test_job_submit_needs_the_head_token(local_stack, tmp_path):
     dash = f"http://127.0.0.1:{local_stack['ports']['dashboard']}"
     ray = str(Path(sys.executable).parent / "ray")
     base = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
-    base.update(RAY_ADDRESS=dash, HOME=str(tmp_path))          # and no ~/.ray/auth_token to fall back on
+    base.update(RAY_ADDRESS=dash, HOME=str(tmp_path))  # and no ~/.ray/auth_token to fall back on
     cmd = [ray, "job", "submit", "--no-wait", "--", "python", "-c", "print('ran')"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=base, timeout=120)
     assert r.returncode != 0 and "couldn't find an authentication token" in r.stdout + r.stderr
     wrong = tmp_path / "wrong_token"
     wrong.write_text("0" * 64)
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**base, "RAY_AUTH_TOKEN_PATH": str(wrong)}, timeout=120)
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env={**base, "RAY_AUTH_TOKEN_PATH": str(wrong)}, timeout=120
+    )
     assert r.returncode != 0 and "submitted successfully" not in r.stdout + r.stderr
-    assert "403" in r.stdout + r.stderr or "Invalid" in r.stdout + r.stderr or "nauthenticated" in r.stdout + r.stderr
+    assert (
+        "403" in r.stdout + r.stderr
+        or "Invalid" in r.stdout + r.stderr
+        or "nauthenticated" in r.stdout + r.stderr
+    )

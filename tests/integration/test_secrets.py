@@ -2,6 +2,7 @@
 test (see conftest.py), so it searches what the pipeline, the resumed distillation, `ray job submit` and the
 sweep left: every MLflow run's params, tags and artifacts, every object in the S3 bucket, every Ray job's
 metadata and logs, and every file the stack's servers wrote (Ray's session folder included)."""
+
 from __future__ import annotations
 
 import configparser
@@ -18,7 +19,7 @@ def _secrets(local_stack) -> list[bytes]:
     ini = configparser.ConfigParser()
     ini.read(local_stack["env"]["AWS_SHARED_CREDENTIALS_FILE"])
     out = [ini["default"]["aws_access_key_id"], ini["default"]["aws_secret_access_key"]]
-    out.append(Path(local_stack["env"]["RAY_AUTH_TOKEN_PATH"]).read_text().strip())     # the Ray head's token
+    out.append(Path(local_stack["env"]["RAY_AUTH_TOKEN_PATH"]).read_text().strip())  # the Ray head's token
     assert all(len(s) >= 8 for s in out)
     return [s.encode() for s in out]
 
@@ -68,7 +69,7 @@ def test_no_secret_in_mlflow_s3_ray_jobs_or_logs(local_stack, first_pipeline, s3
     from ray.job_submission import JobSubmissionClient
 
     jobs = JobSubmissionClient(f"http://127.0.0.1:{local_stack['ports']['dashboard']}")
-    for j in jobs.list_jobs():         # submitted jobs, and the drivers that joined the head (no submission id)
+    for j in jobs.list_jobs():  # submitted jobs, and the drivers that joined the head (no submission id)
         info = repr((j.entrypoint, j.runtime_env, j.metadata)).encode()
         if _leaks(info, secrets):
             found.append(f"ray job {j.submission_id or j.job_id} metadata")
@@ -88,6 +89,6 @@ def test_no_secret_in_mlflow_s3_ray_jobs_or_logs(local_stack, first_pipeline, s3
             if _leaks(p.read_bytes(), secrets):
                 found.append(str(p.relative_to(state)))
         except OSError:
-            pass            # a socket or a file that vanished while we looked
+            pass  # a socket or a file that vanished while we looked
     assert n_files >= 20
     assert not found, "secret found in:\n" + "\n".join(found[:50])

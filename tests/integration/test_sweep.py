@@ -1,4 +1,5 @@
 """The smoke sweep on the real stack: Ray Tune + Optuna + ASHA over Ray Train trials, tracked in MLflow."""
+
 from __future__ import annotations
 
 import json
@@ -43,19 +44,38 @@ def smoke_sweep(local_stack, tmp_path_factory, fault_report):
     sweep_id = f"smoke-{TAG}"
     tmp = tmp_path_factory.mktemp("sweep")
     out, log = tmp / "summary.json", tmp / "driver.log"
-    args = [sys.executable, "-m", "orchestrator", "sweep", str(ROOT / "sweeps" / "smoke.yaml"), *COMMON,
-            "--no-progress"]
-    user_conf = tmp / "conf"          # the user's config folder, where the best trial's preset is written
+    args = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "sweep",
+        str(ROOT / "sweeps" / "smoke.yaml"),
+        *COMMON,
+        "--no-progress",
+    ]
+    user_conf = tmp / "conf"  # the user's config folder, where the best trial's preset is written
     preset = user_conf / "experiment" / f"sweep_{sweep_id.replace('-', '_')}.yaml"
     # every stall leaves a file in `marks` as it begins (HKD_FAULT_STALL_MARK): the driver's log reaches its file
     # through Ray's log forwarding and the driver's buffer, possibly after the stall is over, or only at its exit
     marks, stall_s = tmp / "stalls", 8.0
-    env = {**os.environ, "HKD_FAULT_STALL_AFTER_UPLOAD_S": f"{stall_s:g}", "HKD_FAULT_STALL_MARK": str(marks),
-           "HKD_USER_CONF": str(user_conf), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args + ["--id", sweep_id], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env=env)
+    env = {
+        **os.environ,
+        "HKD_FAULT_STALL_AFTER_UPLOAD_S": f"{stall_s:g}",
+        "HKD_FAULT_STALL_MARK": str(marks),
+        "HKD_USER_CONF": str(user_conf),
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.Popen(
+        args + ["--id", sweep_id],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
     t0 = time.monotonic()
-    where = re.compile(r"s3://hkd/(\S+/sweeps-train/" + re.escape(sweep_id) + r"-(\w+)/checkpoint_[^/\s]+) uploaded")
+    where = re.compile(
+        r"s3://hkd/(\S+/sweeps-train/" + re.escape(sweep_id) + r"-(\w+)/checkpoint_[^/\s]+) uploaded"
+    )
 
     def open_stalls() -> list[dict]:
         """The stalls under way now, with more than 3 s of their hold left (time enough to kill the driver)."""
@@ -70,9 +90,14 @@ def smoke_sweep(local_stack, tmp_path_factory, fault_report):
         while not done:
             # a trial that has ended: completed (FINISHED) or stopped by ASHA (KILLED, closed when Tune stopped it);
             # which comes first depends on the metric values, so either will do
-            done = [r for status in ("FINISHED", "KILLED")
-                    for r in _runs(f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial' and "
-                                   f"attributes.status = '{status}'")]
+            done = [
+                r
+                for status in ("FINISHED", "KILLED")
+                for r in _runs(
+                    f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial' and "
+                    f"attributes.status = '{status}'"
+                )
+            ]
             assert done or proc.poll() is None, ended("the sweep ended before it could be interrupted")
             assert time.monotonic() - t0 < 600, ended("no trial finished within 600 s")
             time.sleep(0 if done else 1)
@@ -85,21 +110,37 @@ def smoke_sweep(local_stack, tmp_path_factory, fault_report):
             time.sleep(0.1)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)       # the driver dies mid-write, its trials with it
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-write, its trials with it
         proc.wait()
     m = where.search(stalls[0]["what"])
     t_kill = time.monotonic()
     hit = {"trial_id": m.group(2), "checkpoint": m.group(1)}
     try:
-        r = subprocess.run(args + ["--resume", sweep_id, "--json", str(out)], capture_output=True, text=True,
-                           timeout=1200, env={**os.environ, "HKD_USER_CONF": str(user_conf)})
+        r = subprocess.run(
+            args + ["--resume", sweep_id, "--json", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            env={**os.environ, "HKD_USER_CONF": str(user_conf)},
+        )
         assert r.returncode == 0, r.stderr[-4000:]
-        fault_report.append({"fault": "sweep driver killed while a trial's checkpoint was in S3 but not yet "
-                                      "in Ray's snapshot", "trial": hit["trial_id"],
-                             "resumed sweep finished after (s)": time.monotonic() - t_kill,
-                             "lost": "that trial's work since its last recorded checkpoint, redone"})
-        yield {**json.loads(out.read_text()), "finished_before_kill": before, "stdout": r.stdout,
-               "interrupted_write": hit, "user_conf": user_conf, "preset_file": preset}
+        fault_report.append(
+            {
+                "fault": "sweep driver killed while a trial's checkpoint was in S3 but not yet "
+                "in Ray's snapshot",
+                "trial": hit["trial_id"],
+                "resumed sweep finished after (s)": time.monotonic() - t_kill,
+                "lost": "that trial's work since its last recorded checkpoint, redone",
+            }
+        )
+        yield {
+            **json.loads(out.read_text()),
+            "finished_before_kill": before,
+            "stdout": r.stdout,
+            "interrupted_write": hit,
+            "user_conf": user_conf,
+            "preset_file": preset,
+        }
     finally:
         preset.unlink(missing_ok=True)
 
@@ -125,19 +166,24 @@ def test_smoke_sweep_runs_trials_and_asha_stops_only_at_its_rungs(smoke_sweep):
 def test_every_trial_has_its_mlflow_child_run(smoke_sweep):
     sweep_run = smoke_sweep["_sweep_run_id"]
     trials = _runs(f"tags.`hkd.sweep_id` = 'smoke-{TAG}' and tags.`hkd.stage` = 'trial'")
-    assert len(trials) == TRIALS and len({t.data.tags["hkd.trial_id"] for t in trials}) == TRIALS   # none twice
+    assert (
+        len(trials) == TRIALS and len({t.data.tags["hkd.trial_id"] for t in trials}) == TRIALS
+    )  # none twice
     assert all(t.data.tags["mlflow.parentRunId"] == sweep_run for t in trials)
     c = _client()
     for t in trials:
         p = t.data.params
         dims, levels = json.loads(p["model/subspace_dims"]), int(p["model/levels"])
-        assert len(dims) == levels and all(d % 2 == 0 for d in dims)          # every sampled config is valid
+        assert len(dims) == levels and all(d % 2 == 0 for d in dims)  # every sampled config is valid
         assert len(c.get_metric_history(t.info.run_id, "eval/mse_vs_teacher")) >= 1
         # the Dataset column: the sweep's shared trajectories (by stage hash) and the teacher's training images
         inputs = c.get_run(t.info.run_id).inputs.dataset_inputs
         used = {(i.dataset.name.split("-")[0], i.tags[0].value): i.dataset for i in inputs}
         assert set(used) == {("trajectories", "training"), ("fashion_mnist/train", "teacher training")}, used
-        assert json.loads(used[("trajectories", "training")].source)["uri"] == t.data.tags["hkd.trajectories_uri"]
+        assert (
+            json.loads(used[("trajectories", "training")].source)["uri"]
+            == t.data.tags["hkd.trajectories_uri"]
+        )
     arts = {f.path for f in c.list_artifacts(sweep_run, "summary")}
     assert {"summary/trials.md", "summary/trials.csv"} <= arts
     assert any(a.startswith("summary/experiment_") and a.endswith(".yaml") for a in arts)
@@ -153,7 +199,9 @@ def test_the_sweep_registers_its_best_trial_by_fid_as_the_champion(smoke_sweep):
     champ = smoke_sweep["champion"]
     assert champ["moved"] and champ["trial_id"] == best["trial_id"] and champ["model"] == f"sw-{TAG}"
     holder = _client().get_model_version_by_alias(f"sw-{TAG}", "champion")
-    assert holder.run_id == champ["run_id"] and float(holder.tags["eval.fid"]) == pytest.approx(best["fid"], rel=1e-5)
+    assert holder.run_id == champ["run_id"] and float(holder.tags["eval.fid"]) == pytest.approx(
+        best["fid"], rel=1e-5
+    )
     assert holder.tags["eval.n"] == str(int(best["eval_n"]))
     trial = _client().get_run(champ["run_id"])
     assert trial.data.tags["hkd.trial_id"] == best["trial_id"] and trial.info.status == "FINISHED"
@@ -175,7 +223,7 @@ def test_no_trial_run_is_left_running_and_each_says_how_it_ended(smoke_sweep):
             assert row["status"].startswith("stopped early"), row
             assert t.info.status == "KILLED" and t.data.tags["hkd.stopped_early"] == "true"
             assert float(t.data.tags["hkd.stopped_at_kimg"]) == pytest.approx(row["kimg"])
-            assert t.data.tags["hkd.closed_at"] == "stopped"       # by the driver's Tune callback, when it stopped
+            assert t.data.tags["hkd.closed_at"] == "stopped"  # by the driver's Tune callback, when it stopped
 
 
 def test_resume_reran_no_finished_trial_and_continued_the_study(smoke_sweep, s3, tmp_path):
@@ -197,7 +245,9 @@ def test_best_config_is_a_usable_experiment_preset(smoke_sweep, monkeypatch):
     from orchestrator.config import CONF_DIR, load
 
     # written to the user's folder (HKD_USER_CONF), never into the installed package
-    assert smoke_sweep["preset_path"] == str(smoke_sweep["preset_file"]) and smoke_sweep["preset_file"].is_file()
+    assert (
+        smoke_sweep["preset_path"] == str(smoke_sweep["preset_file"]) and smoke_sweep["preset_file"].is_file()
+    )
     assert not (CONF_DIR / "experiment" / smoke_sweep["preset_file"].name).exists()
     monkeypatch.setenv("HKD_USER_CONF", str(smoke_sweep["user_conf"]))
     pc = load([f"experiment={smoke_sweep['preset']}"])
@@ -217,17 +267,23 @@ def test_resume_after_a_kill_during_a_checkpoint_write(smoke_sweep, s3):
     hit = smoke_sweep["interrupted_write"]
     rows = {r["trial_id"]: r for r in smoke_sweep["rows"]}
     status = rows[hit["trial_id"]]["status"]
-    assert status == "completed" or status.startswith("stopped early")          # not "error"
+    assert status == "completed" or status.startswith("stopped early")  # not "error"
     runs = _runs(f"tags.`hkd.sweep_id` = 'smoke-{TAG}' and tags.`hkd.trial_id` = '{hit['trial_id']}'")
-    assert len(runs) == 1                                                       # one MLflow run for both drivers
+    assert len(runs) == 1  # one MLflow run for both drivers
     assert status != "completed" or runs[0].info.status == "FINISHED"
     train_root = hit["checkpoint"].split("/sweeps-train/")[0] + "/sweeps-train/"
-    objs = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="hkd", Prefix=train_root)
-            for o in page.get("Contents", [])]
+    objs = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="hkd", Prefix=train_root)
+        for o in page.get("Contents", [])
+    ]
     ckpts = [k for k in objs if k.count("/") >= 2 and k.split("/")[-2].startswith("checkpoint_")]
     assert ckpts
-    for k in ckpts:                      # only whole checkpoint files in checkpoint folders
+    for k in ckpts:  # only whole checkpoint files in checkpoint folders
         assert k.rsplit("/", 1)[1].startswith("ckpt-"), k
-        state = torch.load(io.BytesIO(s3.get_object(Bucket="hkd", Key=k)["Body"].read()), map_location="cpu",
-                           weights_only=False)
+        state = torch.load(
+            io.BytesIO(s3.get_object(Bucket="hkd", Key=k)["Body"].read()),
+            map_location="cpu",
+            weights_only=False,
+        )
         assert state["nimg"] / 1000 == pytest.approx(float(k.rsplit("/ckpt-", 1)[1][:-3]))

@@ -1,6 +1,7 @@
 """Bad input is refused before any work, with a message that names the key and what to do. The table of
 cases is also the documentation: docs/bad_inputs.md is generated from it (`python tests/orchestrator/test_bad_inputs.py
 > docs/bad_inputs.md`) and a test keeps the two equal."""
+
 from __future__ import annotations
 
 import sys
@@ -10,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# fmt: off
 # (what is wrong, Hydra overrides of `hkd pipeline`, the exact message)
 CONFIGS = [
     ('odd subspace dimension', ['model.levels=2', 'model.subspace_dims=[8,15]'],
@@ -147,6 +149,7 @@ SWEEPS = [
      'name: x\nbase: [experiment=smoke]\nspace: {train.lr: {uniform: [0.1, 0.2]}}\ntrials: many\n',
      "<sweep>: trials: must be an integer >= 1, got 'many'"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize("what, overrides, message", CONFIGS, ids=[c[0] for c in CONFIGS])
@@ -173,8 +176,12 @@ def test_cli_prints_the_message_and_exits_2_before_ray_starts():
     import subprocess
 
     what, overrides, message = CONFIGS[0]
-    r = subprocess.run([sys.executable, "-m", "orchestrator", "pipeline", *overrides], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "pipeline", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.strip().endswith(f"hkd: config error: {message}")
     assert "ray" not in r.stderr.lower().replace("array", "")
 
@@ -186,25 +193,25 @@ def services() -> list[tuple[str, str]]:
     same messages against the real servers."""
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from orchestrator.services.preflight import (
-        MissingBucket,
-        classify,
-        ray_check,
-        ray_token_refused,
-        tracking_server_check,
-    )
+    from orchestrator.services.preflight import MissingBucket, classify, tracking_server_check
+    from orchestrator.services.raycheck import ray_check, ray_token_refused
     from orchestrator.services.storage import StorageConfig
 
     cfg = StorageConfig(endpoint_url="<endpoint>", bucket="<bucket>", credentials_file="<file>")
     denied = ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadBucket")
-    dead = "http://127.0.0.1:9"                  # the discard port: nothing listens, refused at once
+    dead = "http://127.0.0.1:9"  # the discard port: nothing listens, refused at once
     tracking = tracking_server_check(dead, 2.0)["detail"].replace(dead, "<uri>")
-    return [("nothing listens at the S3 endpoint", classify(EndpointConnectionError(endpoint_url="x"), cfg)),
-            ("wrong access key or secret", classify(denied, cfg)),
-            ("the bucket does not exist (a typo)", classify(MissingBucket("NoSuchBucket: <bucket>"), cfg)),
-            ("nothing listens at the MLflow URL", tracking),
-            ("nothing listens at the Ray address", _refusal(ray_check, "127.0.0.1:9").replace("127.0.0.1:9", "<address>")),
-            ("a wrong Ray token", ray_token_refused("<address>", "<file>", "token"))]
+    return [
+        ("nothing listens at the S3 endpoint", classify(EndpointConnectionError(endpoint_url="x"), cfg)),
+        ("wrong access key or secret", classify(denied, cfg)),
+        ("the bucket does not exist (a typo)", classify(MissingBucket("NoSuchBucket: <bucket>"), cfg)),
+        ("nothing listens at the MLflow URL", tracking),
+        (
+            "nothing listens at the Ray address",
+            _refusal(ray_check, "127.0.0.1:9").replace("127.0.0.1:9", "<address>"),
+        ),
+        ("a wrong Ray token", ray_token_refused("<address>", "<file>", "token")),
+    ]
 
 
 def _refusal(fn, *args) -> str:
@@ -225,10 +232,16 @@ def timings() -> list[str]:
     if not f.is_file():
         return []
     m = json.loads(f.read_text())
-    out = [f"Time to fail, the whole `hkd pipeline experiment=smoke` process from start to exit "
-           f"(`benchmarks/time_to_fail.py`, {m['rounds']} alternating rounds, median; {m['machine']}):", "",
-           "| case | exit code | seconds | of which the gate and the message (above the floor) |", "|---|---:|---:|---:|"]
-    out += [f"| {r['case']} | {r['exit']} | {r['median_s']:.2f} | {r['over_floor_s']:+.2f} |" for r in m["rows"]]
+    out = [
+        f"Time to fail, the whole `hkd pipeline experiment=smoke` process from start to exit "
+        f"(`benchmarks/time_to_fail.py`, {m['rounds']} alternating rounds, median; {m['machine']}):",
+        "",
+        "| case | exit code | seconds | of which the gate and the message (above the floor) |",
+        "|---|---:|---:|---:|",
+    ]
+    out += [
+        f"| {r['case']} | {r['exit']} | {r['median_s']:.2f} | {r['over_floor_s']:+.2f} |" for r in m["rows"]
+    ]
     return out
 
 
@@ -236,36 +249,60 @@ def markdown() -> str:
     def cell(s: str) -> str:
         return s.replace("|", "\\|").replace("\n", " ")
 
-    lines = ["# Bad input and what it says", "",
-             "Every case below is refused before Ray starts or anything is written, with exactly this message",
-             "(`hkd` prints it after `hkd: config error:` or `hkd: sweep error:` and exits with 2). The table is",
-             "generated from `tests/orchestrator/test_bad_inputs.py`, which checks every message.", "",
-             "## Configs (`hkd pipeline <overrides>`)", "", "| what is wrong | overrides | message |", "|---|---|---|"]
+    lines = [
+        "# Bad input and what it says",
+        "",
+        "Every case below is refused before Ray starts or anything is written, with exactly this message",
+        "(`hkd` prints it after `hkd: config error:` or `hkd: sweep error:` and exits with 2). The table is",
+        "generated from `tests/orchestrator/test_bad_inputs.py`, which checks every message.",
+        "",
+        "## Configs (`hkd pipeline <overrides>`)",
+        "",
+        "| what is wrong | overrides | message |",
+        "|---|---|---|",
+    ]
     lines += [f"| {w} | `{' '.join(o)}` | {cell(m)} |" for w, o, m in CONFIGS]
-    lines += ["", "## Sweep YAMLs (`hkd sweep <file>`)", "", "`<sweep>` stands for the file's path.", "",
-              "| what is wrong | YAML | message |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Sweep YAMLs (`hkd sweep <file>`)",
+        "",
+        "`<sweep>` stands for the file's path.",
+        "",
+        "| what is wrong | YAML | message |",
+        "|---|---|---|",
+    ]
     lines += [f"| {w} | `{cell(t.strip())}` | {cell(m)} |" for w, t, m in SWEEPS]
-    lines += ["", "## Unreachable or misconfigured services (every command, before its work)", "",
-              "Every command that touches S3 or MLflow (`pipeline`, the stage commands, `sweep`, `study`, `edit`,",
-              "`compare`, `data push`, `ship-teacher`) first runs preflight's cheap part: one HEAD of the bucket and one call to",
-              "the tracking server and, for the commands that run Ray work, one call to the Ray head (cluster.address, or the",
-              "job's head under `ray job submit`) with the driver's token, in about a second. A failure prints",
-              "`hkd: storage error: <message>` (or `hkd: sweep error:` etc.), exits with 2, and nothing is written to S3",
-              "or MLflow; no stage starts (and for S3 and MLflow failures Ray is not even imported).",
-              "`hkd preflight` prints the same messages for its full write/read/list probes. Checked against the",
-              "real servers by `tests/integration/test_gate.py` and `test_storage_and_preflight.py`.", "",
-              "| what is wrong | message |", "|---|---|"]
+    lines += [
+        "",
+        "## Unreachable or misconfigured services (every command, before its work)",
+        "",
+        "Every command that touches S3 or MLflow (`pipeline`, the stage commands, `sweep`, `study`, `edit`,",
+        "`compare`, `data push`, `ship-teacher`) first runs preflight's cheap part: one HEAD of the bucket and one call to",
+        "the tracking server and, for the commands that run Ray work, one call to the Ray head (cluster.address, or the",
+        "job's head under `ray job submit`) with the driver's token, in about a second. A failure prints",
+        "`hkd: storage error: <message>` (or `hkd: sweep error:` etc.), exits with 2, and nothing is written to S3",
+        "or MLflow; no stage starts (and for S3 and MLflow failures Ray is not even imported).",
+        "`hkd preflight` prints the same messages for its full write/read/list probes. Checked against the",
+        "real servers by `tests/integration/test_gate.py` and `test_storage_and_preflight.py`.",
+        "",
+        "| what is wrong | message |",
+        "|---|---|",
+    ]
     lines += [f"| {w} | `{cell(m)}` |" for w, m in services()]
     t = timings()
     lines += ["", *t, ""] if t else [""]
-    lines += ["The storage root (`s3://<bucket>/<prefix>`) is part of every run's key (`hkd.run_key`): the same",
-              "config against another bucket is another MLflow run, never a reopened one.", ""]
+    lines += [
+        "The storage root (`s3://<bucket>/<prefix>`) is part of every run's key (`hkd.run_key`): the same",
+        "config against another bucket is another MLflow run, never a reopened one.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def test_docs_show_exactly_these_cases():
-    assert (ROOT / "docs" / "bad_inputs.md").read_text() == markdown(), \
+    assert (ROOT / "docs" / "bad_inputs.md").read_text() == markdown(), (
         "docs/bad_inputs.md is stale: python tests/orchestrator/test_bad_inputs.py > docs/bad_inputs.md"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`hkd edit --reference`: where a reference image comes from, and the errors for the ways it can be wrong (no
 services: a tiny model and the local data)."""
+
 import numpy as np
 import pytest
 import torch
@@ -34,11 +35,11 @@ def test_data_references_are_the_test_images_named(pc, model):
 
 def test_file_and_sample_references(pc, model, tmp_path):
     img = np.zeros((28, 28, 3), np.uint8)
-    img[:, 14:] = 255                                                # right half white
+    img[:, 14:] = 255  # right half white
     Image.fromarray(img).save(tmp_path / "half.png")
     refs, labels = load_references(pc, EditArgs(reference=f"file:{tmp_path / 'half.png'}"), model, 2)
     assert refs.shape == (2, 1, 32, 32) and labels == ["half.png", "half.png"]
-    assert refs[0, 0, :, :12].max() < -0.9 and refs[0, 0, :, 20:].min() > 0.9   # gray, resized, in [-1, 1]
+    assert refs[0, 0, :, :12].max() < -0.9 and refs[0, 0, :, 20:].min() > 0.9  # gray, resized, in [-1, 1]
     s, ls = load_references(pc, EditArgs(reference="sample"), model, 2)
     with torch.no_grad():
         torch.testing.assert_close(s, model.sample(2, torch.Generator().manual_seed(1)).clamp(-1, 1))

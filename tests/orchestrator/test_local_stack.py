@@ -1,4 +1,5 @@
 """The local stack (infra/local/stack.py): what its head hands to jobs, and a port another program holds."""
+
 from pathlib import Path
 
 import pytest
@@ -16,13 +17,13 @@ def test_the_stack_head_hands_its_jobs_the_checkouts_data_folder(tmp_path):
     spec.loader.exec_module(stack)
     checkout = tmp_path / "work" / "main"
     checkout.mkdir(parents=True)
-    assert stack.head_data_dir(checkout, {}) is None                       # nothing to hand over
+    assert stack.head_data_dir(checkout, {}) is None  # nothing to hand over
     inside = checkout / "shared" / "data"
     inside.mkdir(parents=True)
     assert stack.head_data_dir(checkout, {}) == inside.resolve()
     beside = tmp_path / "work" / "shared" / "data"
     beside.mkdir(parents=True)
-    assert stack.head_data_dir(checkout, {}) == beside.resolve()           # beside the checkout comes first
+    assert stack.head_data_dir(checkout, {}) == beside.resolve()  # beside the checkout comes first
     assert stack.head_data_dir(checkout, {"HKD_DATA_DIR": str(tmp_path)}) == tmp_path.resolve()
     assert stack.head_data_dir(checkout, {"HKD_DATA_DIR": ""}) == beside.resolve()
 
@@ -46,13 +47,25 @@ def test_the_stack_refuses_a_port_another_program_holds(tmp_path):
         free = stack.free_ports(1)[0]
         with pytest.raises(SystemExit, match=f"port {taken} on 127.0.0.1 for mlflow is taken.*--mlflow-port"):
             stack.require_free({"ports": {"mlflow": taken}}, ["mlflow"])
-        stack.require_free({"ports": {"mlflow": free}}, ["mlflow"])              # a free one passes
+        stack.require_free({"ports": {"mlflow": free}}, ["mlflow"])  # a free one passes
         if taken > 10000:
             with pytest.raises(SystemExit, match=f"port {taken} .*gRPC port, --s3-port \\+ 10000"):
                 stack.require_free({"ports": {"s3": taken - 10000}}, ["s3"], grpc=True)
         # the command itself: exit 1 with that sentence, nothing started, no state left running
-        r = subprocess.run([sys.executable, str(ROOT / "infra" / "local" / "stack.py"), "start", "--dir",
-                            str(tmp_path / "st"), "--s3-port", str(taken)], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "infra" / "local" / "stack.py"),
+                "start",
+                "--dir",
+                str(tmp_path / "st"),
+                "--s3-port",
+                str(taken),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode != 0 and f"port {taken} on 127.0.0.1 for s3 is taken" in r.stderr
         assert "pid" not in (tmp_path / "st" / "stack.json").read_text()
     finally:

@@ -1,5 +1,6 @@
 """The one driver without any service: `hkd pipeline experiment=smoke storage=fs tracking=file` end to end,
 with Ray started in this process, a local folder for storage and a local MLflow store (SQLite)."""
+
 import json
 import re
 
@@ -11,11 +12,19 @@ from orchestrator.api import plan
 from orchestrator.cli import main
 from orchestrator.config import load
 
-LEAN = ["experiment=smoke", "storage=fs", "tracking=file", "eval.teacher_nfe=[1]", "cluster.generation_tasks=1",
-        "cluster.address=null", "eval.curve_n=32", "train.adversarial_weight=0.01"]   # the discriminator's path too
+LEAN = [
+    "experiment=smoke",
+    "storage=fs",
+    "tracking=file",
+    "eval.teacher_nfe=[1]",
+    "cluster.generation_tasks=1",
+    "cluster.address=null",
+    "eval.curve_n=32",
+    "train.adversarial_weight=0.01",
+]  # the discriminator's path too
 
 
-pytestmark = pytest.mark.slow      # the smoke pipeline twice, in this process: minutes
+pytestmark = pytest.mark.slow  # the smoke pipeline twice, in this process: minutes
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,7 @@ def fs_runs(tmp_path_factory):
     over = LEAN + [f"storage.root={root}/store", f"tracking.root={root}/mlflow"]
     printed = {"out": io.StringIO(), "err": io.StringIO()}
     with pytest.MonkeyPatch.context() as mp:
-        for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):   # no service, even if one runs
+        for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):  # no service, even if one runs
             mp.delenv(var, raising=False)
         if ray.is_initialized():
             ray.shutdown()
@@ -40,15 +49,24 @@ def fs_runs(tmp_path_factory):
             out = root / f"res{i}.json"
             if i == 0:
                 with contextlib.redirect_stdout(printed["out"]), contextlib.redirect_stderr(printed["err"]):
-                    rc = main(["pipeline", *over, "--json", str(out), "--headline", str(root / "headline.json")])
+                    rc = main(
+                        ["pipeline", *over, "--json", str(out), "--headline", str(root / "headline.json")]
+                    )
             else:
                 rc = main(["pipeline", *over, "--no-progress", "--json", str(out)])
             assert rc == 0, printed["err"].getvalue()[-3000:]
             runs.append(json.loads(out.read_text()))
         pc = load(over)
         ray.shutdown()
-    yield {"root": root, "pc": pc, "first": runs[0], "again": runs[1], "over": over,
-           "stdout": printed["out"].getvalue(), "stderr": printed["err"].getvalue()}
+    yield {
+        "root": root,
+        "pc": pc,
+        "first": runs[0],
+        "again": runs[1],
+        "over": over,
+        "stdout": printed["out"].getvalue(),
+        "stderr": printed["err"].getvalue(),
+    }
 
 
 def test_every_stage_writes_where_the_plan_says(fs_runs):
@@ -57,12 +75,19 @@ def test_every_stage_writes_where_the_plan_says(fs_runs):
     steps = plan(pc, "evaluate")
     for stage in ("trajectories", "distill", "evaluate"):
         assert (root / "store" / "runs" / identity.stage_prefix(pc, stage) / "_SUCCESS.json").is_file()
-        assert steps[stage]["output"].startswith(str(root / "store" / "runs" / identity.stage_prefix(pc, stage)))
-    manifest = json.loads((root / "store" / "runs" / identity.stage_prefix(pc, "trajectories") / "train" /
-                           "manifest.json").read_text())
+        assert steps[stage]["output"].startswith(
+            str(root / "store" / "runs" / identity.stage_prefix(pc, stage))
+        )
+    manifest = json.loads(
+        (
+            root / "store" / "runs" / identity.stage_prefix(pc, "trajectories") / "train" / "manifest.json"
+        ).read_text()
+    )
     assert manifest["num_trajectories"] == 128 and len(manifest["shards"]) == 4
-    rec = torch.load(root / "store" / "runs" / identity.stage_prefix(pc, "distill") / "model.pt", weights_only=False)
-    assert rec["class"] == "HKD" and rec["config"]["channels"] == 8          # the 'tiny' preset of experiment=smoke
+    rec = torch.load(
+        root / "store" / "runs" / identity.stage_prefix(pc, "distill") / "model.pt", weights_only=False
+    )
+    assert rec["class"] == "HKD" and rec["config"]["channels"] == 8  # the 'tiny' preset of experiment=smoke
     assert fs_runs["first"]["distill"]["kimg"] == pytest.approx(0.256)
 
 
@@ -79,31 +104,56 @@ def test_runs_and_metrics_land_in_the_local_mlflow_store(fs_runs):
         r = runs[identity.run_key(pc, stage)]
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.info.status == "FINISHED"
     ev = runs[identity.run_key(pc, "evaluate")]
-    assert {"eval/fid", "eval/kid", "eval/kid_std", "eval/n", "eval/teacher_fid_nfe1",
-            "spectra/l1/alpha_mean", "spectra_canonical/l1/alpha_mean", "spectra_canonical/l2/frac_growing",
-            "bands/band0/low", "bands/random1/high", "bands/image/mid"} <= set(ev.data.metrics)
+    assert {
+        "eval/fid",
+        "eval/kid",
+        "eval/kid_std",
+        "eval/n",
+        "eval/teacher_fid_nfe1",
+        "spectra/l1/alpha_mean",
+        "spectra_canonical/l1/alpha_mean",
+        "spectra_canonical/l2/frac_growing",
+        "bands/band0/low",
+        "bands/random1/high",
+        "bands/image/mid",
+    } <= set(ev.data.metrics)
     assert ev.data.metrics["eval/n"] == 32 and ev.data.metrics["eval/fid"] > 0
-    arts = {a.path for folder in ("spectra", "figures") for a in client.list_artifacts(ev.info.run_id, folder)}
-    assert {"spectra/spectrum.png", "spectra/eigenvalues.npz", "spectra/spectrum_gauges.png", "figures/samples.png",
-            "figures/samples_vs_teacher.png"} <= arts
+    arts = {
+        a.path for folder in ("spectra", "figures") for a in client.list_artifacts(ev.info.run_id, folder)
+    }
+    assert {
+        "spectra/spectrum.png",
+        "spectra/eigenvalues.npz",
+        "spectra/spectrum_gauges.png",
+        "figures/samples.png",
+        "figures/samples_vs_teacher.png",
+    } <= arts
     assert "headline.json" in {a.path for a in client.list_artifacts(ev.info.run_id)}
-    assert ev.data.metrics["eval/kid_ratio"] == pytest.approx(ev.data.metrics["eval/kid"] /
-                                                             ev.data.metrics["eval/teacher_kid_nfe1"])
+    assert ev.data.metrics["eval/kid_ratio"] == pytest.approx(
+        ev.data.metrics["eval/kid"] / ev.data.metrics["eval/teacher_kid_nfe1"]
+    )
     assert ev.data.metrics["eval/noise_floor_fid"] > 0
     # artifacts stay beside the store, never in the working directory
     assert (fs_runs["root"] / "mlflow" / "artifacts").is_dir()
     # a model-training experiment (MLflow 3's UI opens it on the runs), and what each run consumed as dataset
     # inputs (the runs table's Dataset column)
-    assert client.get_experiment(first["_experiment_id"]).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (
+        client.get_experiment(first["_experiment_id"]).tags["mlflow.experimentKind"]
+        == "custom_model_development"
+    )
     from hkd_core.config import config_hash
 
     distill = client.get_run(runs[identity.run_key(pc, "distill")].info.run_id)
     # the adversarial term ran on every worker with the data set's images (beyond the paper)
     assert {"train/loss_adv", "train/adv_d_loss", "train/adv_d_real"} <= set(distill.data.metrics)
     used = {(i.dataset.name, i.dataset.digest, i.tags[0].value) for i in distill.inputs.dataset_inputs}
-    assert used == {(identity.stage_prefix(pc, "trajectories"), pc.stages()["trajectories"], "training"),
-                    ("fashion_mnist/train", config_hash(pc.run.data), "teacher training")}
-    traj = next(i.dataset for i in distill.inputs.dataset_inputs if i.dataset.name.startswith("trajectories-"))
+    assert used == {
+        (identity.stage_prefix(pc, "trajectories"), pc.stages()["trajectories"], "training"),
+        ("fashion_mnist/train", config_hash(pc.run.data), "teacher training"),
+    }
+    traj = next(
+        i.dataset for i in distill.inputs.dataset_inputs if i.dataset.name.startswith("trajectories-")
+    )
     assert json.loads(traj.source)["uri"] == first["trajectories"]["train"]["uri"]
     assert json.loads(traj.profile)["trajectories"] == 128
     ev_inputs = client.get_run(ev.info.run_id).inputs.dataset_inputs
@@ -113,7 +163,7 @@ def test_runs_and_metrics_land_in_the_local_mlflow_store(fs_runs):
 def test_the_same_command_again_skips_every_finished_stage(fs_runs):
     first, again = fs_runs["first"], fs_runs["again"]
     assert again["_skipped"] == ["trajectories", "distill", "evaluate"]
-    assert again["_parent_run_id"] == first["_parent_run_id"]          # the same MLflow run, reopened
+    assert again["_parent_run_id"] == first["_parent_run_id"]  # the same MLflow run, reopened
     assert again["evaluate"]["metrics"] == pytest.approx(first["evaluate"]["metrics"])
 
 
@@ -129,15 +179,31 @@ def test_compare_overlays_the_spectra_of_runs_and_models_and_logs_them(fs_runs, 
 
     first = fs_runs["first"]
     over = LEAN + [f"storage.root={fs_runs['root']}/store", f"tracking.root={fs_runs['root']}/mlflow"]
-    model_path = fs_runs["root"] / "store" / "runs" / identity.stage_prefix(fs_runs["pc"], "distill") / "model.pt"
+    model_path = (
+        fs_runs["root"] / "store" / "runs" / identity.stage_prefix(fs_runs["pc"], "distill") / "model.pt"
+    )
     m = model_from_record(torch.load(model_path, weights_only=False))
     with torch.no_grad():
         for k in m.koopman:
             k.alpha.add_(0.5)
     torch.save(model_record(m), tmp_path / "shifted.pt")
     out = tmp_path / "cmp.json"
-    assert main(["compare", *over, first["_parent_run_id"], str(model_path), str(tmp_path / "shifted.pt"),
-                 "--out", str(tmp_path / "cmp"), "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                *over,
+                first["_parent_run_id"],
+                str(model_path),
+                str(tmp_path / "shifted.pt"),
+                "--out",
+                str(tmp_path / "cmp"),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     rows = res["table"]["rows"]
     assert len(res["table"]["models"]) == 3 and {r["level"] for r in rows} == {1, 2}
@@ -155,30 +221,55 @@ def test_compare_overlays_the_spectra_of_runs_and_models_and_logs_them(fs_runs, 
     assert run.data.metrics["compare/model2/l1/alpha_w1_over_std"] > 0
     assert run.data.metrics["compare/model2/l1/alpha_mean_diff"] == pytest.approx(0.5, abs=1e-4)
     arts = {a.path for a in client.list_artifacts(res["_run_id"], "compare")}
-    assert {"compare/compare_spectra.png", "compare/compare_alpha.png", "compare/compare_curves.png", "compare/compare.md",
-            "compare/compare.json"} <= arts
+    assert {
+        "compare/compare_spectra.png",
+        "compare/compare_alpha.png",
+        "compare/compare_curves.png",
+        "compare/compare.md",
+        "compare/compare.json",
+    } <= arts
     curves = res["curves"]
-    assert list(curves) == [res["table"]["models"][0]] and curves[res["table"]["models"][0]]["curve_n"] == "32"
+    assert (
+        list(curves) == [res["table"]["models"][0]] and curves[res["table"]["models"][0]]["curve_n"] == "32"
+    )
     pts = curves[res["table"]["models"][0]]["curve"]
-    assert pts == first["distill"]["curve"]                   # what the distill stage scored, read back
-    assert [p["kimg"] for p in pts] == pytest.approx([0.128])  # the checkpoint before the end (evaluate scores it)
+    assert pts == first["distill"]["curve"]  # what the distill stage scored, read back
+    assert [p["kimg"] for p in pts] == pytest.approx(
+        [0.128]
+    )  # the checkpoint before the end (evaluate scores it)
     assert all(p["fid"] > 0 and 0 < p["kid_std"] and p["train_s"] > 0 for p in pts)
     assert (tmp_path / "cmp" / "compare_curves.png").stat().st_size > 10_000
     # the default gauge is the canonical one: the reference row is the spectrum that evaluate logged in that gauge,
     # which is not the spectrum as trained (`--gauge trained` gives that one)
     ev = {r.data.tags["hkd.run_key"]: r for r in client.search_runs([first["_experiment_id"]])}[
-        identity.run_key(fs_runs["pc"], "evaluate")].data.metrics
+        identity.run_key(fs_runs["pc"], "evaluate")
+    ].data.metrics
     ref = [r for r in rows if r["model"] == res["table"]["models"][0]]
     assert res["table"]["gauge"] == "canonical" and run.data.tags["hkd.gauge"] == "canonical"
     for r in ref:
         assert r["alpha_mean"] == pytest.approx(ev[f"spectra_canonical/l{r['level']}/alpha_mean"], abs=1e-5)
         assert abs(r["alpha_mean"] - ev[f"spectra/l{r['level']}/alpha_mean"]) > 1e-3
-    assert main(["compare", *over, str(model_path), "--gauge", "trained", "--out", str(tmp_path / "raw"),
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                *over,
+                str(model_path),
+                "--gauge",
+                "trained",
+                "--out",
+                str(tmp_path / "raw"),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     raw = json.loads(out.read_text())["table"]
     assert raw["gauge"] == "trained"
     assert [r["alpha_mean"] for r in raw["rows"]] == pytest.approx(
-        [ev[f"spectra/l{r['level']}/alpha_mean"] for r in raw["rows"]], abs=1e-6)
+        [ev[f"spectra/l{r['level']}/alpha_mean"] for r in raw["rows"]], abs=1e-6
+    )
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert f"0.128: {pts[0]['fid']:.2f}" in md
     assert main(["compare", *over, "no-such-sweep"]) == 2
@@ -199,7 +290,10 @@ def test_the_canonical_spectrum_is_one_per_gauge_orbit(fs_runs):
     g = torch.Generator().manual_seed(3)
     moved = gauge_transform(m, [torch.randn(ev.shape[0], generator=g) * 0.3 for ev in m.spectrum()])
     raw = compare_table(["model", "moved"], [m.spectrum(), moved.spectrum()])["rows"]
-    assert max(abs(r.get("alpha_mean_diff", 0)) for r in raw) > 0.01 or min(r.get("alpha_corr", 1) for r in raw) < 0.99
+    assert (
+        max(abs(r.get("alpha_mean_diff", 0)) for r in raw) > 0.01
+        or min(r.get("alpha_corr", 1) for r in raw) < 0.99
+    )
     a, b = canonical_spectrum(pc, m), canonical_spectrum(pc, moved)
     for ea, eb in zip(a, b):
         assert torch.allclose(ea, eb, atol=2e-3)
@@ -218,8 +312,11 @@ def test_the_logged_model_loads_where_hkd_core_is_not_installed(fs_runs, tmp_pat
 
     pc, first = fs_runs["pc"], fs_runs["first"]
     client = MlflowClient(first["_tracking_uri"])
-    run = next(r for r in client.search_runs([first["_experiment_id"]])
-               if r.data.tags.get("hkd.run_key") == identity.run_key(pc, "distill"))
+    run = next(
+        r
+        for r in client.search_runs([first["_experiment_id"]])
+        if r.data.tags.get("hkd.run_key") == identity.run_key(pc, "distill")
+    )
     code = f"""
 import sys
 sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
@@ -236,7 +333,9 @@ assert "/code/hkd_core/" in hkd_core.__file__, hkd_core.__file__
 x = m.sample(x_T=m.noise(2, torch.Generator().manual_seed(0)))
 print("ok", type(m).__name__, tuple(x.shape))
 """
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0 and r.stdout.strip().startswith("ok HKD (2, 1,"), r.stdout + r.stderr[-3000:]
 
 
@@ -247,7 +346,9 @@ def test_evaluate_shows_progress_and_writes_its_headline(fs_runs):
     over = fs_runs["over"]
     bars = re.split(r"[\r\n]", fs_runs["stdout"] + fs_runs["stderr"])
     for what in ("evaluate: model at NFE 1", "evaluate: teacher at NFE 1", "evaluate: noise floor"):
-        assert any(what in b and "0/32" in b for b in bars) and any(what in b and "32/32" in b for b in bars), what
+        assert any(what in b and "0/32" in b for b in bars) and any(
+            what in b and "32/32" in b for b in bars
+        ), what
     h = json.loads((fs_runs["root"] / "headline.json").read_text())
     assert h["name"] == " ".join(over) and h["n"] == 32 and h["teacher_nfe"] == 1
     assert h["kid_ratio"] == pytest.approx(h["kid"] / h["teacher_kid"]) and h["floor_fid"] > 0

@@ -1,5 +1,6 @@
 """Where the Train workers go: cluster.placement_strategy reaches Ray Train's ScalingConfig, a wrong value is
 refused naming the key, and the worker group's nodes are reported in one readable line."""
+
 import pytest
 
 from hkd_core.config import ConfigError
@@ -17,13 +18,20 @@ def test_placement_strategy_reaches_the_scaling_config():
 
 
 def test_an_unknown_strategy_is_refused_naming_the_key():
-    with pytest.raises(ConfigError, match=r"cluster.placement_strategy='spread'; choose one of \['PACK', 'SPREAD', "
-                                          r"'STRICT_SPREAD'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cluster.placement_strategy='spread'; choose one of \['PACK', 'SPREAD', "
+        r"'STRICT_SPREAD'\]",
+    ):
         load(["experiment=smoke", "cluster.placement_strategy=spread"])
 
 
 def test_placement_line_names_each_node_and_its_ranks():
-    nodes = {"aaaa1111bbbb": {"ip": "127.0.0.2", "ranks": [0, 2]}, "cccc2222dddd": {"ip": "127.0.0.3", "ranks": [1]}}
-    assert placement_line(nodes) == ("3 workers on 2 nodes: 127.0.0.2 [aaaa1111] (ranks 0,2), "
-                                     "127.0.0.3 [cccc2222] (ranks 1)")
+    nodes = {
+        "aaaa1111bbbb": {"ip": "127.0.0.2", "ranks": [0, 2]},
+        "cccc2222dddd": {"ip": "127.0.0.3", "ranks": [1]},
+    }
+    assert placement_line(nodes) == (
+        "3 workers on 2 nodes: 127.0.0.2 [aaaa1111] (ranks 0,2), 127.0.0.3 [cccc2222] (ranks 1)"
+    )
     assert placement_line({"x" * 12: {"ip": "10.0.0.1", "ranks": [0]}}).startswith("1 worker on 1 node: ")

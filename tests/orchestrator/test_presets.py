@@ -1,6 +1,7 @@
 """Every shipped experiment preset and sweep YAML composes, validates and plans in --dry-run; group YAMLs carry
 only what differs from the dataclass defaults (one source of defaults); sweeps write presets to the user's
 folder, which is on Hydra's search path."""
+
 import json
 from pathlib import Path
 
@@ -44,8 +45,8 @@ def test_every_preset_composes_and_plans_in_dry_run(name, capsys, monkeypatch, t
         leaves = _leaves(cfg)
         for key, value in _leaves({k: v for k, v in text.items() if k != "defaults"}).items():
             if key in ("train.states_per_traj", "eval.teacher_nfe") and command == "study":
-                continue          # a study's variants set these themselves
-            assert leaves[key] == value, (name, key)           # every key the preset names reaches the config
+                continue  # a study's variants set these themselves
+            assert leaves[key] == value, (name, key)  # every key the preset names reaches the config
     if command == "pipeline":
         assert list(out["plan"]) == ["teacher", "trajectories", "distill", "evaluate"]
 
@@ -69,7 +70,7 @@ def test_group_yamls_carry_only_what_differs_from_the_dataclass_defaults(path):
         for key, value in keys.items():
             assert key in base, f"{path}: {section}.{key} is not a config key"
             if isinstance(value, str) and value.startswith("${"):
-                continue              # read from the environment: not a default
+                continue  # read from the environment: not a default
             assert value != base[key], f"{path}: {section}.{key}={value!r} repeats the dataclass default"
 
 
@@ -109,4 +110,4 @@ def test_a_preset_in_the_user_folder_is_found_by_name(tmp_path, monkeypatch):
     path = write_preset("sweep_mine", "# @package _global_\ntrain:\n  lr: 0.0042\n")
     assert path == tmp_path / "experiment" / "sweep_mine.yaml"
     assert compose(["experiment=sweep_mine"])["train"]["lr"] == 0.0042
-    assert not (CONF_DIR / "experiment" / "sweep_mine.yaml").exists()     # never into the installed package
+    assert not (CONF_DIR / "experiment" / "sweep_mine.yaml").exists()  # never into the installed package

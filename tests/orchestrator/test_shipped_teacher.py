@@ -1,5 +1,6 @@
 """The teacher stage adopts a shipped teacher trained with exactly its config, without training; a corrupt one
 stops the command (exit 3) naming the file. No service: storage=fs tracking=file, Ray in this process."""
+
 import io
 import json
 
@@ -12,8 +13,16 @@ from orchestrator import identity
 from orchestrator.cli import main
 from orchestrator.config import load
 
-TINY = ["model=tiny", "teacher=edm", "teacher.channels=8", "teacher.channel_mult=[1,2]", "teacher.blocks=1",
-        "teacher.attn_resolutions=[]", "teacher.total_kimg=1", "data.limit=64"]
+TINY = [
+    "model=tiny",
+    "teacher=edm",
+    "teacher.channels=8",
+    "teacher.channel_mult=[1,2]",
+    "teacher.blocks=1",
+    "teacher.attn_resolutions=[]",
+    "teacher.total_kimg=1",
+    "data.limit=64",
+]
 
 
 @pytest.fixture
@@ -25,8 +34,13 @@ def fs(tmp_path, monkeypatch):
     monkeypatch.setenv("HKD_SHIPPED_TEACHERS", str(tmp_path / "shipped"))
     if ray.is_initialized():
         ray.shutdown()
-    yield ["storage=fs", "tracking=file", "cluster.address=null", f"storage.root={tmp_path}/store",
-           f"tracking.root={tmp_path}/mlflow"]
+    yield [
+        "storage=fs",
+        "tracking=file",
+        "cluster.address=null",
+        f"storage.root={tmp_path}/store",
+        f"tracking.root={tmp_path}/mlflow",
+    ]
     ray.shutdown()
 
 
@@ -45,9 +59,13 @@ def test_a_matching_shipped_teacher_is_adopted_not_trained(fs, tmp_path, capsys)
     assert main(["teacher", *TINY, *fs, "--no-progress", "--json", str(out)]) == 0
     res = json.loads(out.read_text())["teacher"]
     assert res["adopted"] == str(tmp_path / "shipped" / "tiny-edm") and res["kimg"] == 7.0
-    stored = torch.load(io.BytesIO((tmp_path / "store" / "runs" / res["teacher_key"]).read_bytes()), weights_only=True)
-    assert all(torch.equal(stored[k], v) for k, v in net.state_dict().items())     # the shipped weights, as they are
-    assert not (tmp_path / "store" / "runs" / "ray").exists()                      # Ray Train never ran
+    stored = torch.load(
+        io.BytesIO((tmp_path / "store" / "runs" / res["teacher_key"]).read_bytes()), weights_only=True
+    )
+    assert all(
+        torch.equal(stored[k], v) for k, v in net.state_dict().items()
+    )  # the shipped weights, as they are
+    assert not (tmp_path / "store" / "runs" / "ray").exists()  # Ray Train never ran
     assert res["teacher_key"].startswith(identity.stage_prefix(pc, "teacher"))
 
 
@@ -72,21 +90,33 @@ def test_recorded_scores_are_reused_only_under_the_same_reference_weights_and_se
     ident = identity_of(pc)
     assert ident["n"] == 64 and len(ident["inception_sha256"]) == 64 and ident["seed"] == pc.run.eval.seed
     net = teacher_denoiser(pc.run.teacher, 1, pc.run.data.resolution)
-    ev = {"n": 64, "seed": pc.run.eval.seed, "split": "test", "by_nfe": {"35": {"fid": 40.0, "kid": 0.01}},
-          "noise_floor_train_vs_test": {"fid": 20.0}}
+    ev = {
+        "n": 64,
+        "seed": pc.run.eval.seed,
+        "split": "test",
+        "by_nfe": {"35": {"fid": 40.0, "kid": 0.01}},
+        "noise_floor_train_vs_test": {"fid": 20.0},
+    }
     folder = tmp_path / "shipped" / "tiny-edm"
-    write_shipped(folder, pc.run.data, pc.run.teacher, net.state_dict(), eval=ev)       # no identity: not reused
+    write_shipped(folder, pc.run.data, pc.run.teacher, net.state_dict(), eval=ev)  # no identity: not reused
     assert recorded_teacher_scores(pc, "adopted") == ({}, None)
     write_shipped(folder, pc.run.data, pc.run.teacher, net.state_dict(), evals=[{**ev, "reference": ident}])
     scores, floor = recorded_teacher_scores(pc, "adopted")
     assert scores == {35: {"fid": 40.0, "kid": 0.01}} and floor == {"fid": 20.0}
-    assert recorded_teacher_scores(pc, None) == ({}, None)                          # not adopted: nothing
+    assert recorded_teacher_scores(pc, None) == ({}, None)  # not adopted: nothing
     for other in (["eval.n=65"], ["eval.seed=7"], ["eval.split=train"], ["teacher.lr=0.5"]):
-        assert recorded_teacher_scores(load(TINY + fs + ["eval.n=64"] + other), "adopted") == ({}, None), other
+        assert recorded_teacher_scores(load(TINY + fs + ["eval.n=64"] + other), "adopted") == ({}, None), (
+            other
+        )
     # measured with other Inception weights, or against other reference images: refused, and the log says why
     for key, value in (("inception_sha256", "0" * 64), ("images_sha256", "f" * 64)):
-        write_shipped(folder, pc.run.data, pc.run.teacher, net.state_dict(),
-                      evals=[{**ev, "reference": {**ident, key: value}}])
+        write_shipped(
+            folder,
+            pc.run.data,
+            pc.run.teacher,
+            net.state_dict(),
+            evals=[{**ev, "reference": {**ident, key: value}}],
+        )
         caplog.clear()
         assert recorded_teacher_scores(pc, "adopted") == ({}, None), key
         assert f"({key} differ)" in caplog.text
@@ -129,13 +159,15 @@ def test_teacher_checkpoint_is_used_by_the_stage_instead_of_training(fs, tmp_pat
     assert main(["teacher", *over, "--no-progress", "--json", str(out)]) == 0
     res = json.loads(out.read_text())["teacher"]
     assert res["from_checkpoint"] == str(ckpt) and res["kimg"] == 3.0 and res["adopted"] is None
-    stored = torch.load(io.BytesIO((tmp_path / "store" / "runs" / res["teacher_key"]).read_bytes()), weights_only=True)
+    stored = torch.load(
+        io.BytesIO((tmp_path / "store" / "runs" / res["teacher_key"]).read_bytes()), weights_only=True
+    )
     assert stored.keys() == net.state_dict().keys()
     assert all(torch.equal(stored[k], v) for k, v in net.state_dict().items())
-    assert not (tmp_path / "store" / "runs" / "ray").exists()                      # Ray Train never ran
+    assert not (tmp_path / "store" / "runs" / "ray").exists()  # Ray Train never ran
 
     h = stage_hashes(load(over).run)["teacher"]
-    torch.save(net.state_dict(), ckpt)                                   # other bytes at the same path
+    torch.save(net.state_dict(), ckpt)  # other bytes at the same path
     assert stage_hashes(load(over).run)["teacher"] != h
 
     wide = load(TINY + ["teacher.channels=16", "model.init=none"]).run.teacher

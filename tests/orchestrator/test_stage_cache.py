@@ -1,5 +1,6 @@
 """The stage cache: what a stage's identity is (and is not), a done-marker whose files are gone, and two drivers
 that start the same stage at once. On a local folder (storage=fs): no service, no Ray."""
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ def _pc(tmp_path, *extra):
 
 # --- identity -------------------------------------------------------------------------------------------------
 
+
 def test_the_worker_count_and_the_commit_are_not_part_of_a_stage_identity(tmp_path, monkeypatch):
     """The decision (docs/layout.md, "What a stage's identity is"): a stage is what it computes from its
     config and inputs. cluster.* (how many workers, where) and the commit are recorded on its run, not hashed;
@@ -39,6 +41,7 @@ def test_the_worker_count_and_the_commit_are_not_part_of_a_stage_identity(tmp_pa
 
 # --- the done-marker ------------------------------------------------------------------------------------------
 
+
 def _ctx(pc) -> StageContext:
     return StageContext(pc, tracker=None, parent_run_id=None, lineage={})
 
@@ -48,11 +51,11 @@ def test_a_marker_whose_files_are_gone_makes_the_stage_run_again(tmp_path, caplo
     store = ctx.store("distill")
     store.put("model.pt", b"weights")
     store.put("ray/checkpoint_0/ckpt.pt", b"state")
-    store.put(LEASE, b"{}")                                   # the lease is never vouched for
+    store.put(LEASE, b"{}")  # the lease is never vouched for
     ctx.finish("distill", {"kimg": 0.256})
     marker = json.loads(store.get(DONE))
     assert marker["_outputs"] == ["model.pt", "ray/checkpoint_0/ckpt.pt"]
-    assert ctx.done("distill") == {"kimg": 0.256}                # the summary, without the list
+    assert ctx.done("distill") == {"kimg": 0.256}  # the summary, without the list
     store.delete(LEASE)
     assert ctx.done("distill") == {"kimg": 0.256}
     store.put("extra.txt", b"written later by someone else")  # more files than vouched for: still done
@@ -61,7 +64,7 @@ def test_a_marker_whose_files_are_gone_makes_the_stage_run_again(tmp_path, caplo
     with caplog.at_level(logging.WARNING):
         assert ctx.done("distill") is None
     assert "1 of the 2 files it vouches for are gone (model.pt): running the stage again" in caplog.text
-    assert not store.exists(DONE)                              # the stale marker is gone with it
+    assert not store.exists(DONE)  # the stale marker is gone with it
 
 
 def test_a_marker_from_before_the_list_is_trusted_as_before(tmp_path):
@@ -71,6 +74,7 @@ def test_a_marker_from_before_the_list_is_trusted_as_before(tmp_path):
 
 
 # --- two drivers ----------------------------------------------------------------------------------------------
+
 
 def test_a_second_driver_is_refused_naming_the_holder_and_runs_once_it_is_released(tmp_path):
     store = make_store(_pc(tmp_path).storage, "distill-abc")
@@ -83,7 +87,7 @@ def test_a_second_driver_is_refused_naming_the_holder_and_runs_once_it_is_releas
     msg = str(e.value)
     assert msg.startswith("distill: another driver is running this stage for this config (host ")
     assert f"pid {held['pid']}" in msg and store.uri(LEASE) in msg and "its result is reused" in msg
-    assert json.loads(store.get(LEASE))["token"] == held["token"]      # the refused driver changed nothing
+    assert json.loads(store.get(LEASE))["token"] == held["token"]  # the refused driver changed nothing
     first.release_all()
     assert not store.exists(LEASE)
     with second:
@@ -96,10 +100,14 @@ def test_the_holder_renews_its_lease_and_a_lease_not_renewed_is_taken_over(tmp_p
     with Leases({"trajectories": store}, heartbeat_s=0.2, settle_s=0.05):
         beat0 = json.loads(store.get(LEASE))["heartbeat"]
         time.sleep(0.7)
-        assert json.loads(store.get(LEASE))["heartbeat"] > beat0                     # renewed
+        assert json.loads(store.get(LEASE))["heartbeat"] > beat0  # renewed
     # a driver killed with its lease held: after stale_s without a beat, the next driver takes the stage over
-    store.put(LEASE, json.dumps({"token": "dead", "host": "h", "pid": 1, "since": 0,
-                                 "heartbeat": time.time() - 30}).encode())
+    store.put(
+        LEASE,
+        json.dumps(
+            {"token": "dead", "host": "h", "pid": 1, "since": 0, "heartbeat": time.time() - 30}
+        ).encode(),
+    )
     with pytest.raises(StageBusyError):
         Leases({"trajectories": store}, stale_s=60, settle_s=0.05).acquire()
     with caplog.at_level(logging.WARNING), Leases({"trajectories": store}, stale_s=10, settle_s=0.05):
@@ -114,15 +122,23 @@ def test_a_lease_whose_driver_on_this_machine_has_exited_is_taken_over_at_once(t
     import sys
 
     store = make_store(_pc(tmp_path).storage, "distill-abc")
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(gone.stdout)
-    fresh = {"token": "killed", "host": socket.gethostname(), "pid": dead_pid, "since": time.time(),
-             "heartbeat": time.time()}
+    fresh = {
+        "token": "killed",
+        "host": socket.gethostname(),
+        "pid": dead_pid,
+        "since": time.time(),
+        "heartbeat": time.time(),
+    }
     store.put(LEASE, json.dumps(fresh).encode())
     with caplog.at_level(logging.WARNING), Leases({"distill": store}, settle_s=0.05):
         assert json.loads(store.get(LEASE))["token"] != "killed"
-    assert f"taking the stage over from driver pid {dead_pid} on this machine, which has exited" in caplog.text
+    assert (
+        f"taking the stage over from driver pid {dead_pid} on this machine, which has exited" in caplog.text
+    )
     # the same lease, held by a live process of this machine (this one), is refused
     store.put(LEASE, json.dumps({**fresh, "pid": os.getpid()}).encode())
     with pytest.raises(StageBusyError):
@@ -168,7 +184,9 @@ def test_the_pipeline_refuses_a_held_stage_before_it_opens_any_run(tmp_path, cap
         assert main(["pipeline", *over, "--no-progress"]) == 2
         took = time.monotonic() - t0
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("hkd: stage error: teacher: another driver is running this stage for this config"), last
+    assert last.startswith(
+        "hkd: stage error: teacher: another driver is running this stage for this config"
+    ), last
     assert took < 30
     db = tmp_path / "mlflow" / "mlflow.db"
     if db.exists():

@@ -1,5 +1,6 @@
 """A stage that raises ends its own MLflow run FAILED with the reason (not left RUNNING beside a FAILED
 pipeline run); on a real local MLflow store, no Ray (the stage is replaced by one that opens its run and fails)."""
+
 import pytest
 
 from orchestrator.config import load
@@ -10,8 +11,15 @@ def _local(tmp_path, monkeypatch):
     """The smoke config on a local folder and a local MLflow store, whatever services the environment names."""
     for var in ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
-    return load(["experiment=smoke", "storage=fs", "tracking=file", f"storage.root={tmp_path}/store",
-                 f"tracking.root={tmp_path}/mlflow"])
+    return load(
+        [
+            "experiment=smoke",
+            "storage=fs",
+            "tracking=file",
+            f"storage.root={tmp_path}/store",
+            f"tracking.root={tmp_path}/mlflow",
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -29,7 +37,7 @@ def test_a_failing_stage_ends_its_run_failed_with_the_reason(tmp_path, monkeypat
     run = ctx.tracker.run_data(opened["id"])
     assert run.info.status == "FAILED"
     assert run.data.tags["hkd.end_reason"] == "RuntimeError: out of disk on the node"
-    ctx.fail("teacher", RuntimeError("again"))                  # an ended run is not touched twice
+    ctx.fail("teacher", RuntimeError("again"))  # an ended run is not touched twice
     assert ctx.tracker.run_data(opened["id"]).data.tags["hkd.end_reason"].endswith("out of disk on the node")
 
 
@@ -41,7 +49,7 @@ def test_a_run_ended_by_something_else_still_gets_the_reason_with_the_path(tmp_p
 
     def teacher_that_fails(ctx):
         opened["id"] = ctx.open_run("teacher")
-        ctx.tracker.end(opened["id"], "FAILED")                 # as an inner context manager would
+        ctx.tracker.end(opened["id"], "FAILED")  # as an inner context manager would
         raise FileNotFoundError(2, "No such file or directory", "/tmp/ray/_ray_pkg_x/pyproject.toml")
 
     monkeypatch.setattr(pipeline, "stage_teacher", teacher_that_fails)
@@ -50,8 +58,9 @@ def test_a_run_ended_by_something_else_still_gets_the_reason_with_the_path(tmp_p
         pipeline.run_stages(pc, "evaluate", progress=False, ctx=ctx)
     run = ctx.tracker.run_data(opened["id"])
     assert run.info.status == "FAILED"
-    assert run.data.tags["hkd.end_reason"] == ("FileNotFoundError: No such file or directory: "
-                                               "/tmp/ray/_ray_pkg_x/pyproject.toml")
+    assert run.data.tags["hkd.end_reason"] == (
+        "FileNotFoundError: No such file or directory: /tmp/ray/_ray_pkg_x/pyproject.toml"
+    )
 
 
 @pytest.mark.slow
@@ -68,9 +77,17 @@ def test_a_nan_loss_ends_the_distill_run_failed_naming_the_step(tmp_path, monkey
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if ray.is_initialized():
         ray.shutdown()
-    over = ["experiment=smoke", "storage=fs", "tracking=file", f"storage.root={tmp_path}/store",
-            f"tracking.root={tmp_path}/mlflow", "cluster.address=null", "train.lr=1e30", "train.total_kimg=0.256",
-            "cluster.max_failures=0"]     # a NaN comes back on every retry: fail at once
+    over = [
+        "experiment=smoke",
+        "storage=fs",
+        "tracking=file",
+        f"storage.root={tmp_path}/store",
+        f"tracking.root={tmp_path}/mlflow",
+        "cluster.address=null",
+        "train.lr=1e30",
+        "train.total_kimg=0.256",
+        "cluster.max_failures=0",
+    ]  # a NaN comes back on every retry: fail at once
     try:
         assert main(["distill", *over, "--no-progress"]) == 1
     finally:
@@ -83,4 +100,7 @@ def test_a_nan_loss_ends_the_distill_run_failed_naming_the_step(tmp_path, monkey
     distill = [r for r in runs if r.data.tags.get("hkd.stage") == "distill"]
     assert len(distill) == 1 and distill[0].info.status == "FAILED"
     reason = distill[0].data.tags["hkd.end_reason"]
-    assert reason.startswith("hkd_core.loop.NonFiniteLossError: distill: the loss is nan") and "at step" in reason
+    assert (
+        reason.startswith("hkd_core.loop.NonFiniteLossError: distill: the loss is nan")
+        and "at step" in reason
+    )

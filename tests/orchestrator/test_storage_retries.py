@@ -1,5 +1,6 @@
 """botocore's adaptive retry mode does the per-call retries, and S3Store counts them from
 ResponseMetadata.RetryAttempts. Against a real HTTP server on 127.0.0.1 that throttles before it answers."""
+
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -9,7 +10,7 @@ from orchestrator.services.storage import S3Store, StorageConfig
 
 
 class Throttling(BaseHTTPRequestHandler):
-    fails = 0          # requests still to refuse with 503 SlowDown
+    fails = 0  # requests still to refuse with 503 SlowDown
     seen = 0
 
     def _reply(self, body: bytes = b"") -> None:
@@ -55,13 +56,15 @@ def server(monkeypatch):
 @pytest.mark.slow
 def test_botocore_retries_throttling_inside_a_call_and_the_store_counts_them(server):
     Throttling.fails, Throttling.seen = 2, 0
-    store = S3Store(StorageConfig(endpoint_url=server, bucket="b", prefix="p", max_attempts=3, retry_deadline_s=0))
-    store.put("x.bin", b"abc")                                # succeeds on botocore's third attempt
+    store = S3Store(
+        StorageConfig(endpoint_url=server, bucket="b", prefix="p", max_attempts=3, retry_deadline_s=0)
+    )
+    store.put("x.bin", b"abc")  # succeeds on botocore's third attempt
     assert Throttling.seen == 3 and store.botocore_retries == 2 and store.retries == 0
-    assert store.exists("x.bin") and store.botocore_retries == 2      # a clean call adds nothing
+    assert store.exists("x.bin") and store.botocore_retries == 2  # a clean call adds nothing
 
-    Throttling.fails, Throttling.seen = 10, 0                 # more than the attempts: botocore gives up ...
+    Throttling.fails, Throttling.seen = 10, 0  # more than the attempts: botocore gives up ...
     with pytest.raises(Exception) as e:
         store.put("y.bin", b"abc")
     assert "SlowDown" in str(e.value) or "503" in str(e.value)
-    assert Throttling.seen == 3 and store.botocore_retries == 2 + 2   # ... after 3 attempts, 2 of them retries
+    assert Throttling.seen == 3 and store.botocore_retries == 2 + 2  # ... after 3 attempts, 2 of them retries

@@ -1,6 +1,7 @@
 """A sweep's concurrency on an autoscaling cluster (issue 25): sized from the cluster at its largest
 (cluster.max_cpus / max_gpus), so that the trials beyond what is up now wait as pending demand and the autoscaler
 adds nodes for them; from what is up now only on a fixed cluster. Without Ray: the sizes are arithmetic."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _spec(**kw) -> SweepSpec:
-    return SweepSpec(name="t", base=[], space={}, trials=kw.pop("trials", 16),
-                     resources=Resources(**kw) if kw else Resources())
+    return SweepSpec(
+        name="t",
+        base=[],
+        space={},
+        trials=kw.pop("trials", 16),
+        resources=Resources(**kw) if kw else Resources(),
+    )
 
 
 def test_concurrency_comes_from_the_cluster_at_its_largest_not_from_what_is_up():

@@ -1,4 +1,5 @@
 """The sweep's verdict: which trial is best, whatever order Tune hands the results in and whatever NaN they hold."""
+
 from __future__ import annotations
 
 import itertools
@@ -22,17 +23,23 @@ def _summary(mode: str, results):
 
 
 def test_the_best_trial_does_not_depend_on_the_order_of_the_results_or_on_nan():
-    results = [_result("a", 50.0), _result("b", float("nan")), _result("c", 40.0), _result("d", 40.0),
-               _result("e", 30.0, final=False), _result("f", float("inf"))]
+    results = [
+        _result("a", 50.0),
+        _result("b", float("nan")),
+        _result("c", 40.0),
+        _result("d", 40.0),
+        _result("e", 30.0, final=False),
+        _result("f", float("inf")),
+    ]
     seen = set()
     for perm in itertools.permutations(results):
         s = _summary("min", list(perm))
         seen.add(tuple(r["trial_id"] for r in s["ranked"]))
-        assert s["best"]["trial_id"] == "c"            # 40 (tie with d broken by trial id), never the NaN row
-    assert seen == {("c", "d", "a")}                   # one ranking for all 720 orders
+        assert s["best"]["trial_id"] == "c"  # 40 (tie with d broken by trial id), never the NaN row
+    assert seen == {("c", "d", "a")}  # one ranking for all 720 orders
     rows = {r["trial_id"]: r["status"] for r in s["rows"]}
     assert rows["b"] == rows["f"] == "completed, eval/fid not finite"
-    assert rows["e"] == "stopped early (ASHA)"         # a stopped trial's lower value never wins
+    assert rows["e"] == "stopped early (ASHA)"  # a stopped trial's lower value never wins
     assert "| - | b | completed, eval/fid not finite |" in to_markdown(s)
 
 

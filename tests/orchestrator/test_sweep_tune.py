@@ -2,6 +2,7 @@
 sweep builds (``orchestrator.sweep.run.tuner``: Optuna's TPE from the spec's seed, ASHA over kimg, the spec's
 mode and concurrency), and the same summary, with a trainable that reports as a trial does but trains nothing.
 Each test would fail if the seed, the scheduler, the mode or the concurrency were not wired as the spec says."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,11 +22,15 @@ from orchestrator.sweep.spec import Report, Resources, Scheduler, SweepSpec
 # own (tests/orchestrator/test_sweep_tune_isolated.py starts it with HKD_TUNE_TOY=1): in the full suite's process,
 # after every test had passed, a Ray core worker left by this module's in-process Ray waited 60 s for a GCS that
 # was gone and aborted the interpreter at exit, which failed CI.
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not os.environ.get("HKD_TUNE_TOY"),
-                                 reason="runs in its own interpreter: tests/orchestrator/test_sweep_tune_isolated.py")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.environ.get("HKD_TUNE_TOY"),
+        reason="runs in its own interpreter: tests/orchestrator/test_sweep_tune_isolated.py",
+    ),
+]
 
-TOTAL = 0.4                            # kimg; reports at 0.1, 0.2, 0.3, then the final one (as a trial's)
+TOTAL = 0.4  # kimg; reports at 0.1, 0.2, 0.3, then the final one (as a trial's)
 SPACE = {"train.lr": {"loguniform": [1.0e-4, 1.0e-1]}, "model.levels": {"values": [1, 2]}}
 
 
@@ -59,7 +64,7 @@ def pc(tmp_path_factory):
     # Ray's workers cannot import a test module: the toy trainable travels by value
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     with pytest.MonkeyPatch.context() as mp:
-        for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):   # no service, even if one runs
+        for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):  # no service, even if one runs
             mp.delenv(var, raising=False)
         if ray.is_initialized():
             ray.shutdown()
@@ -72,14 +77,35 @@ def pc(tmp_path_factory):
 def _pc(root, *extra):
     from orchestrator.config import load
 
-    return load(["experiment=smoke", "storage=fs", f"storage.root={root}/store", "tracking=file",
-                 f"tracking.root={root}/mlflow", "cluster.address=null", f"train.total_kimg={TOTAL}", *extra])
+    return load(
+        [
+            "experiment=smoke",
+            "storage=fs",
+            f"storage.root={root}/store",
+            "tracking=file",
+            f"tracking.root={root}/mlflow",
+            "cluster.address=null",
+            f"train.total_kimg={TOTAL}",
+            *extra,
+        ]
+    )
 
 
 def _spec(tmp_path, **kw) -> SweepSpec:
-    base = dict(name="toy", base=[], space=SPACE, metric=M.MSE_VS_TEACHER, mode="min", trials=6, max_concurrency=1,
-                scheduler=Scheduler("asha", 0.1, 2.0), report=Report(0.1, 32), resources=Resources(1, 1.0, 0.0),
-                study_storage=f"sqlite:///{tmp_path / 'optuna.db'}", seed=0)
+    base = dict(
+        name="toy",
+        base=[],
+        space=SPACE,
+        metric=M.MSE_VS_TEACHER,
+        mode="min",
+        trials=6,
+        max_concurrency=1,
+        scheduler=Scheduler("asha", 0.1, 2.0),
+        report=Report(0.1, 32),
+        resources=Resources(1, 1.0, 0.0),
+        study_storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+        seed=0,
+    )
     return SweepSpec(**{**base, **kw})
 
 
@@ -138,11 +164,11 @@ def test_asha_stops_worse_trials_at_a_rung_and_never_the_best(pc, tmp_path, mode
 
     def at(h, rung):
         hit = h.loc[(h["kimg"] - rung).abs() < 1e-9, M.MSE_VS_TEACHER]
-        return None if hit.empty else sign * float(hit.iloc[0])          # "lower is better" in both modes
+        return None if hit.empty else sign * float(hit.iloc[0])  # "lower is better" in both modes
 
     for t in stopped:
         rung = rows[t]["kimg"]
-        assert any(rung == pytest.approx(g) for g in (0.1, 0.2)), rows[t]      # at a rung, never later
+        assert any(rung == pytest.approx(g) for g in (0.1, 0.2)), rows[t]  # at a rung, never later
         earlier = [v for u, h in history.items() if start[u] < start[t] and (v := at(h, rung)) is not None]
         assert earlier and at(history[t], rung) > min(earlier), (t, rung, earlier)
     best = min(rows.values(), key=lambda r: objective(r["params"]))

@@ -3,6 +3,7 @@ own. Its in-process Ray must not share the suite's process: there a Ray core wor
 for a GCS that was gone and aborted the interpreter at exit, after every test had passed. A child pytest starts
 clean (no RAY_ADDRESS or service endpoints of the integration stack), and this test fails with the child's
 report when any of its tests fails or none ran."""
+
 from __future__ import annotations
 
 import ast
@@ -23,8 +24,11 @@ def _expected() -> int:
     n = 0
     for node in ast.parse(MODULE.read_text()).body:
         if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-            params = [d for d in node.decorator_list if isinstance(d, ast.Call)
-                      and ast.unparse(d.func).endswith("parametrize")]
+            params = [
+                d
+                for d in node.decorator_list
+                if isinstance(d, ast.Call) and ast.unparse(d.func).endswith("parametrize")
+            ]
             n += len(params[0].args[1].elts) if params else 1
     return n
 
@@ -34,12 +38,30 @@ def _expected() -> int:
 def test_the_toy_tune_module_passes_in_its_own_interpreter(tmp_path):
     if os.environ.get("HKD_TUNE_TOY"):
         pytest.skip("HKD_TUNE_TOY is set: the module runs in this process")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "PYTEST_ADDOPTS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "PYTEST_ADDOPTS")
+    }
     env["HKD_TUNE_TOY"] = "1"
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout=300",
-                        f"--basetemp={tmp_path / 'child'}", str(MODULE)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=450)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--timeout=300",
+            f"--basetemp={tmp_path / 'child'}",
+            str(MODULE),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=450,
+    )
     report = (r.stdout[-6000:] + "\n" + r.stderr[-3000:]).strip()
     assert r.returncode == 0, report
     passed = re.search(r"(\d+) passed", r.stdout)

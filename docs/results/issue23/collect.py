@@ -4,6 +4,7 @@ before it took max(eval.teacher_nfe)), and the EMA model's held-out and training
 
     python docs/results/issue23/collect.py sqlite:////tmp/mlflow_copy.db docs/results/issue23
 """
+
 import json
 import sys
 from pathlib import Path
@@ -23,14 +24,20 @@ def main(uri: str, folder: str) -> None:
     for r in rows:
         if r.get("teacher_kid") is None:
             m = c.get_run(r["run_id"]).data.metrics
-            r.update(teacher_nfe=35, teacher_fid=m["eval/teacher_fid_nfe35"], teacher_kid=m["eval/teacher_kid_nfe35"])
+            r.update(
+                teacher_nfe=35,
+                teacher_fid=m["eval/teacher_fid_nfe35"],
+                teacher_kid=m["eval/teacher_kid_nfe35"],
+            )
             r.update(kid_ratio=r["kid"] / r["teacher_kid"], fid_ratio=r["fid"] / r["teacher_fid"])
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     curves = {}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for r in rows:
-        pts = {k: sorted((m.step / 1000, m.value) for m in c.get_metric_history(r["distill_run_id"], k))
-               for k in ("train/holdout_mse", "train/train_mse")}
+        pts = {
+            k: sorted((m.step / 1000, m.value) for m in c.get_metric_history(r["distill_run_id"], k))
+            for k in ("train/holdout_mse", "train/train_mse")
+        }
         curves[f"{r['name']}/{r['budget']}"] = pts
         for ax, k in zip(axes, pts):
             if pts[k]:

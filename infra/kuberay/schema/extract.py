@@ -6,6 +6,7 @@ this file records the tag, its commit and each CRD file's last revision at that 
     git clone https://github.com/ray-project/kuberay /tmp/kuberay
     python infra/kuberay/schema/extract.py /tmp/kuberay v1.6.0
 """
+
 from __future__ import annotations
 
 import gzip
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import yaml
 
-FILES = {"RayCluster": "ray-operator/config/crd/bases/ray.io_rayclusters.yaml",
-         "RayJob": "ray-operator/config/crd/bases/ray.io_rayjobs.yaml"}
+FILES = {
+    "RayCluster": "ray-operator/config/crd/bases/ray.io_rayclusters.yaml",
+    "RayJob": "ray-operator/config/crd/bases/ray.io_rayjobs.yaml",
+}
 
 
 def git(repo: Path, *args: str) -> str:
@@ -26,8 +29,13 @@ def git(repo: Path, *args: str) -> str:
 
 def main(repo: str, tag: str) -> Path:
     repo_path = Path(repo)
-    out = {"source": "https://github.com/ray-project/kuberay", "tag": tag,
-           "commit": git(repo_path, "rev-parse", f"{tag}^{{commit}}").strip(), "files": {}, "schemas": {}}
+    out = {
+        "source": "https://github.com/ray-project/kuberay",
+        "tag": tag,
+        "commit": git(repo_path, "rev-parse", f"{tag}^{{commit}}").strip(),
+        "files": {},
+        "schemas": {},
+    }
     for kind, path in FILES.items():
         crd = yaml.safe_load(git(repo_path, "show", f"{tag}:{path}"))
         version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
