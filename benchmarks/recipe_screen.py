@@ -10,7 +10,8 @@ student under ``model.init``), so a row names the keys a user would set.
 
 ``--kimg`` also caps each row at K thousand images (a row stops at whichever comes first), so that rows can be
 compared at equal images too; a row that sets ``train.total_kimg=K`` itself trains to that (equal compute across
-rows of different cost: K in proportion to each row's measured rate); ``--n 0`` skips the evaluation and reports the training rate alone (images/s, rows
+rows of different cost: K in proportion to each row's measured rate); ``--n 0`` skips the evaluation and
+reports the training rate alone (images/s, rows
 side by side in one process: the ratio is what to read, these machines are noisy).
 
 TRAJ is a trajectory stage's training split: ``s3://<bucket>/<prefix>/trajectories-<hash>/train`` (endpoint and

@@ -5,7 +5,8 @@
    and frequency (beta) distributions relative to the pooled std (``hkd_core.spectra.spectrum_distance``):
    near 0 is the same spectrum, near 1 as far apart as the modes are spread. Pairs that differ only in
    ``train.seed`` say whether a spectrum is reproducible; pairs across settings what a setting changes.
-2. **Does the evolution hold in latent space?** For trajectories of the teacher (the last ``--count``): x_T's latents evolved to
+2. **Does the evolution hold in latent space?** For trajectories of the teacher (the last ``--count``): x_T's
+latents evolved to
    a later state's tau against that state's own encoding, |evolve(E(x_T), tau_s - tau_T) - E(x_s)|^2 /
    |E(x_s)|^2 (``hkd_core.losses.latent_consistency``), at several sigma_s. 1 means the evolved latent is no
    closer to E(x_s) than 0 is; 0 means the encoder maps the trajectory onto an orbit of the linear evolution.

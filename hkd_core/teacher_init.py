@@ -16,7 +16,8 @@
   and their lift starts at zero, so the decoder sees the teacher's features and the new channels still learn.
   A decoder stage whose level carries no latent (``one_level``'s finer levels) takes the teacher's up stage with
   the skip's input channels left out (the first convolution, its normalisation and its 1x1 skip sliced to the
-  channels that come from below, which come first in both). With ``model.decoder=unet`` the decoder is the teacher's whole up path (bottleneck included) and
+  channels that come from below, which come first in both). With ``model.decoder=unet`` the decoder is the
+  teacher's whole up path (bottleneck included) and
   its embedding is the teacher's at sigma_max: the student then starts as the teacher's one-step denoiser.
 
 ``init_from_teacher`` copies and returns the student's tensor names it set; nothing else is touched.

@@ -2,7 +2,8 @@
 
 Both are single functions counting progress in images seen (kimg) over all ranks. Their schedule is the
 keys of ``TrainConfig`` / ``TeacherConfig`` (hkd_core/config.py, the one place defaults live, with units
-in the names): ``train_hkd(model, states, sigmas, **asdict(cfg.train))``. They run as they are in one process, and inside a data-parallel worker
+in the names): ``train_hkd(model, states, sigmas, **asdict(cfg.train))``. They run as they are in one
+process, and inside a data-parallel worker
 (a Ray Train worker, say) when given ``rank``/``world_size``, a DDP-wrapped model, this rank's batches, a
 ``metrics_cb`` and a ``checkpoint_dir``: nothing here knows which launcher started it.
 Seeds: rank r of world size w draws from ``seed * w + r`` (as in DiT); batch k draws from (that, k), so a

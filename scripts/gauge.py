@@ -8,7 +8,8 @@ of each offset run is compared with the zero-offset run's: their correlation and
 mean difference stays near the offset, the loss does not see it: alpha is not identifiable under that loss.
 The zero-offset run of each config is the full pipeline (FID/KID at eval.n); the offset runs stop after
 distillation. ``random_seed1`` is the reproducibility check: seed 1 with its own random offsets (every random
-initialisation differs) against seed 0's random offsets, matched the same way. Every run also reports the latent residual on held-out trajectories at sigma ~ 1 and at the end.
+initialisation differs) against seed 0's random offsets, matched the same way. Every run also reports the
+latent residual on held-out trajectories at sigma ~ 1 and at the end.
 
     python scripts/gauge.py --out docs/results/issue24 --configs default,no_latent,state,condition \
         --offsets 0,+0.5,-0.5,random,random_seed1

@@ -12,7 +12,8 @@ Each node binds its own loopback address (127.0.0.2 for the head, 127.0.0.3, ...
 127.0.0.1 by the machine's network address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and with that variable
 a second node cannot join, so the nodes here never set it. Every port comes from the free ones, so a cluster
 runs beside the local stack's one-node head. Each node has its own ``--temp-dir`` (under a short /tmp/hkdc-*
-folder: Ray's socket paths must stay under 108 bytes), HOME and ``HKD_CACHE`` under ``D/node<i>/``; worker node ``i`` also carries the custom resource ``node<i>`` (one unit) so work can be
+folder: Ray's socket paths must stay under 108 bytes), HOME and ``HKD_CACHE`` under ``D/node<i>/``; worker
+node ``i`` also carries the custom resource ``node<i>`` (one unit) so work can be
 pinned to it. Token authentication is on (``D/ray_token``, 0600, never printed): the nodes and every submitter
 get ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``. Nodes are stopped by process group, never with
 ``ray stop`` (which ends every Ray on the machine).

@@ -10,7 +10,8 @@ State lives in ``--dir`` (default ``$HKD_STACK_DIR`` or ``.stack/`` in the check
 and ``credentials`` (an S3 access key pair generated at first start, mode 0600, never printed: clients get
 ``AWS_SHARED_CREDENTIALS_FILE`` pointing at it; dev-only keys for this local server). The Ray head runs
 with token authentication (``--ray-auth token``, the default): its token is generated into ``ray_token``
-(0600) and clients get ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``, never the token itself. Every server binds 127.0.0.1. ``start`` is idempotent: services
+(0600) and clients get ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``, never the token itself. Every
+server binds 127.0.0.1. ``start`` is idempotent: services
 already healthy are left alone. ``stop`` ends what ``start`` started, by PID (process group).
 Standard library only, so it runs before the project's packages are importable; the ``weed``, ``mlflow``
 and ``ray`` executables are taken from the same virtual environment as this Python.
@@ -184,7 +185,8 @@ def start_s3(state: Path, st: dict) -> None:
     # -logdir is a global flag: it goes before the subcommand
     # fmt: off
     cmd = [_bin("weed"), f"-logdir={state / 'logs' / 'seaweedfs'}", "mini", f"-dir={data}", f"-ip={HOST}",
-           f"-ip.bind={HOST}", f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
+           f"-ip.bind={HOST}", f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
+           f"-filer.port={p['filer']}",
            f"-s3.config={cfg}", f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
            "-s3.port.lance=0", "-master.telemetry=false"]          # no anonymous statistics sent anywhere
     # fmt: on

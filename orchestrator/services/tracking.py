@@ -369,6 +369,7 @@ def artifact_probe(tracking_uri: str, body: bytes) -> str:
             assert "probe.txt" in names, f"probe missing from the artifact listing {names}"
             got = Path(client.download_artifacts(run.info.run_id, "probe.txt", d + "/dl")).read_bytes()
             assert got == body, "read back different bytes"
-        return f"log/list/read an artifact of run {run.info.run_id} at {client.get_run(run.info.run_id).info.artifact_uri}"
+        where = client.get_run(run.info.run_id).info.artifact_uri
+        return f"log/list/read an artifact of run {run.info.run_id} at {where}"
     finally:
         client.delete_run(run.info.run_id)

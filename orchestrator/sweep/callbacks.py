@@ -1,4 +1,5 @@
-"""Tune callbacks of the sweep driver. Kept apart from ``run.py`` and ``closing.py`` because they subclass ``ray.tune.Callback``,
+"""Tune callbacks of the sweep driver. Kept apart from ``run.py`` and ``closing.py`` because they subclass
+``ray.tune.Callback``,
 and that module must import without Ray (Ray reads its loopback setting at its first import)."""
 
 from __future__ import annotations

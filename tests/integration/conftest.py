@@ -37,7 +37,8 @@ def stack(*args: str, state: Path) -> str:
 
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory):
-    """Starts the stack (with a Ray head of 6 logical CPUs: three 1-worker sweep trials at once) and exports its client environment."""
+    """Starts the stack (with a Ray head of 6 logical CPUs: three 1-worker sweep trials at once) and exports
+    its client environment."""
     state = tmp_path_factory.mktemp("stack")
     names = ["s3", "master", "volume", "filer", "mlflow", "ray", "dashboard", "agent", "client"]
     ports = dict(zip(names, free_ports(len(names))))

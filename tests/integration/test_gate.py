@@ -78,7 +78,8 @@ def test_wrong_secret_is_one_sentence_exit_2_and_nothing_written(local_stack, tm
     )
     message = (
         f"bad credentials: {endpoint} refused the access key for s3://hkd (403); the keys came from the file "
-        f"{bad} [default] (storage.credentials_file, set from AWS_SHARED_CREDENTIALS_FILE): fix them there, or point storage.credentials_file "
+        f"{bad} [default] (storage.credentials_file, set from AWS_SHARED_CREDENTIALS_FILE): fix them there, "
+        f"or point storage.credentials_file "
         f"(AWS_SHARED_CREDENTIALS_FILE) at the right file"
     )
     assert r.returncode == 2, r.stderr[-2000:]

@@ -125,7 +125,8 @@ def test_the_cluster_has_two_nodes_on_their_own_addresses(cluster, tmp_path):
 
 def test_pipeline_on_two_nodes_survives_losing_one(cluster, s3, run_tag, tmp_path, fault_report):
     """`ray job submit` of the pipeline with its two Train workers on different nodes (SPREAD), the data set
-    (storage.data_source=s3) and the Inception weights (the nodes' caches are empty) from S3 only. Once Ray Train has recorded a checkpoint, the worker node's raylet is killed
+    (storage.data_source=s3) and the Inception weights (the nodes' caches are empty) from S3 only. Once Ray
+    Train has recorded a checkpoint, the worker node's raylet is killed
     (kill -9): the worker group restarts on the head from that checkpoint, in the same MLflow run, and the run
     ends at the full kimg; both placements are in the run's tags."""
     from mlflow.tracking import MlflowClient

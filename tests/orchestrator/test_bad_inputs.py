@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # (what is wrong, Hydra overrides of `hkd pipeline`, the exact message)
 CONFIGS = [
     ('odd subspace dimension', ['model.levels=2', 'model.subspace_dims=[8,15]'],
-     'model.subspace_dims[1] (level 2) is 15; each d_l must be even and >= 2 (it holds d_l/2 complex-conjugate eigenvalue pairs)'),
+     'model.subspace_dims[1] (level 2) is 15; each d_l must be even and >= 2 (it holds d_l/2 '
+     'complex-conjugate eigenvalue pairs)'),
     ('len(d_l) != L', ['model.levels=2', 'model.subspace_dims=[8,16,16]'],
      'model.subspace_dims has 3 entries [8, 16, 16] but model.levels is 2; give one d_l per level'),
     ('levels without dims', ['model.levels=7'],
@@ -27,7 +28,8 @@ CONFIGS = [
     ('unknown data set (key)', ['data.name=svhn'],
      "data.name='svhn' is not allowed; choose one of ['cifar10_jpeg', 'fashion_mnist', 'mnist']"),
     ('unknown key (typo)', ['train.lerning_rate=0.1'],
-     'unknown key train.lerning_rate: it is not in the composed config (a typo? `hkd pipeline --dry-run` prints every key)'),
+     'unknown key train.lerning_rate: it is not in the composed config (a typo? `hkd pipeline --dry-run` '
+     'prints every key)'),
     ('wrong type', ['train.lr=fast'],
      "train.lr='fast' must be of type float"),
     ('a word for data.limit other than auto', ['data.limit=all'],
@@ -66,7 +68,8 @@ CONFIGS = [
      'train.states_per_traj=4 needs 3 intermediate states, but trajectories.steps=1 gives 0'),
     ('teacher init, student wider than the teacher', ['model.channels=16'],
      'model.init=teacher: student tensor encoder.embed.mlp.0.weight (64, 16) needs net.embed.mlp.0.weight from '
-     'the teacher (teacher.*), which is shape (128, 32); the student\'s trunk must match the teacher\'s (model.channels, '
+     'the teacher (teacher.*), which is shape (128, 32); the student\'s trunk must match the teacher\'s '
+     '(model.channels, '
      'model.channel_mult, model.blocks and attention equal to teacher.channels, channel_mult, blocks, '
      'attn_resolutions), or use model.init=none'),
     ('teacher init without a U-Net teacher', ['teacher=empirical', 'model.init=teacher'],
@@ -123,7 +126,8 @@ CONFIGS = [
 SWEEPS = [
     ('unknown key',
      'name: x\nbase: [experiment=smoke]\nspace: {train.lr: {uniform: [0.1, 0.2]}}\nschedulr: {}\n',
-     "<sweep>: schedulr: unknown key; allowed: ['name', 'base', 'space', 'metric', 'mode', 'trials', 'max_concurrency', 'scheduler', 'report', 'resources', 'study_storage', 'seed', 'description']"),
+     "<sweep>: schedulr: unknown key; allowed: ['name', 'base', 'space', 'metric', 'mode', 'trials', "
+     "'max_concurrency', 'scheduler', 'report', 'resources', 'study_storage', 'seed', 'description']"),
     ('empty space',
      'name: x\nbase: [experiment=smoke]\nspace: {}\n',
      '<sweep>: space: is empty: give at least one key to search'),
@@ -138,10 +142,12 @@ SWEEPS = [
      '<sweep>: space.model.subspace_dims.per_level: subspace dimensions must be even integers >= 2, got [4, 5]'),
     ('levels without per-level dims',
      'name: x\nbase: [experiment=smoke]\nspace: {model.levels: {values: [1, 2]}}\n',
-     '<sweep>: space.model.levels: searching the number of levels needs model.subspace_dims with per_level, so that d_l follows L'),
+     '<sweep>: space.model.levels: searching the number of levels needs model.subspace_dims with per_level, '
+     'so that d_l follows L'),
     ('metric never reported',
      'name: x\nbase: [experiment=smoke]\nspace: {train.lr: {uniform: [0.1, 0.2]}}\nmetric: eval/acc\n',
-     "<sweep>: metric: 'eval/acc' is not reported per trial; choose one of ['eval/fid', 'eval/kid', 'eval/mse_vs_teacher']"),
+     "<sweep>: metric: 'eval/acc' is not reported per trial; choose one of ['eval/fid', 'eval/kid', "
+     "'eval/mse_vs_teacher']"),
     ('key not in the config',
      'name: x\nbase: [experiment=smoke]\nspace: {train.lerning_rate: {uniform: [0.1, 0.2]}}\n',
      '<sweep>: space.train.lerning_rate: is not a key of the composed base config'),
@@ -277,8 +283,10 @@ def markdown() -> str:
         "## Unreachable or misconfigured services (every command, before its work)",
         "",
         "Every command that touches S3 or MLflow (`pipeline`, the stage commands, `sweep`, `study`, `edit`,",
-        "`compare`, `data push`, `ship-teacher`) first runs preflight's cheap part: one HEAD of the bucket and one call to",
-        "the tracking server and, for the commands that run Ray work, one call to the Ray head (cluster.address, or the",
+        "`compare`, `data push`, `ship-teacher`) first runs preflight's cheap part: one HEAD of the bucket "
+        "and one call to",
+        "the tracking server and, for the commands that run Ray work, one call to the Ray head "
+        "(cluster.address, or the",
         "job's head under `ray job submit`) with the driver's token, in about a second. A failure prints",
         "`hkd: storage error: <message>` (or `hkd: sweep error:` etc.), exits with 2, and nothing is written to S3",
         "or MLflow; no stage starts (and for S3 and MLflow failures Ray is not even imported).",
