@@ -54,6 +54,9 @@ class TeacherConfig:
     checkpoint_every_kimg: float = 20.0
     checkpoint: str | None = None  # edm: use this checkpoint (a local file or s3://bucket/key) instead of
     # training: its EMA weights become the teacher stage's output
+    resume_from: str | None = field(default=None, metadata={"identity": "when_set"})  # edm: continue training
+    # from this training checkpoint (a ckpt-<kimg>.pt, local or s3://): its weights, optimiser, EMA and kimg;
+    # training goes on to total_kimg (raise max_train_s, which counts the seconds already trained, or unset it)
 
 
 @dataclass

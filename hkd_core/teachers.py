@@ -140,7 +140,12 @@ def teacher_denoiser(t: TeacherConfig, img_channels: int, resolution: int) -> ED
 
 
 def teacher_state_from_checkpoint(
-    blob: bytes, t: TeacherConfig, img_channels: int, resolution: int, source: str
+    blob: bytes,
+    t: TeacherConfig,
+    img_channels: int,
+    resolution: int,
+    source: str,
+    key: str = "teacher.checkpoint",
 ) -> tuple[dict, float | None]:
     """(EMA state dict, kimg or None) from a teacher checkpoint file's bytes (``teacher.checkpoint``): a state dict
     of the teacher's network (a stage's teacher.pt, a shipped teacher.pt) or a training checkpoint holding one
@@ -154,7 +159,7 @@ def teacher_state_from_checkpoint(
         obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a file torch cannot read
         raise CheckpointError(
-            f"teacher.checkpoint {source} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
+            f"{key} {source} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
             f"point it at a teacher.pt or a training checkpoint"
         ) from None
     kimg = None
@@ -163,17 +168,41 @@ def teacher_state_from_checkpoint(
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(
-            f"teacher.checkpoint {source} holds no state dict (a {type(obj).__name__}); point it "
+            f"{key} {source} holds no state dict (a {type(obj).__name__}); point it "
             f"at a teacher.pt or a training checkpoint with an 'ema' entry"
         )
     try:
-        load_model_state(teacher_denoiser(t, img_channels, resolution), obj, f"teacher.checkpoint {source}")
+        load_model_state(teacher_denoiser(t, img_channels, resolution), obj, f"{key} {source}")
     except CheckpointError as e:
         raise CheckpointError(
             f"{e} (teacher.channels, channel_mult, blocks and attn_resolutions must describe the "
             f"network in the file)"
         ) from None
     return obj, kimg
+
+
+def resumable_teacher_checkpoint(
+    blob: bytes, t: TeacherConfig, img_channels: int, resolution: int, source: str
+) -> float:
+    """The kimg of a training checkpoint that ``teacher.resume_from`` may continue (its weights, EMA and optimiser
+    state, for the network ``teacher.*`` builds); anything else is refused with a message naming ``source``."""
+    import io
+
+    from .checkpoint import CheckpointError, load_model_state
+
+    teacher_state_from_checkpoint(blob, t, img_channels, resolution, source, key="teacher.resume_from")
+    obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    missing = [k for k in ("model", "optimizer", "ema", "nimg", "step", "train_s") if k not in obj]
+    if missing:
+        raise CheckpointError(
+            f"teacher.resume_from {source} holds weights but no training state ({', '.join(missing)} missing): "
+            f"give a training checkpoint (ckpt-<kimg>.pt, from a teacher run's checkpoints), or adopt these "
+            f"weights without training with teacher.checkpoint={source}"
+        )
+    load_model_state(
+        teacher_denoiser(t, img_channels, resolution), obj["model"], f"teacher.resume_from {source}"
+    )
+    return float(obj["nimg"]) / 1000
 
 
 def build_teacher(

@@ -48,6 +48,17 @@ def validate(cfg: RunConfig) -> RunConfig:
                 f"teacher.checkpoint={cfg.teacher.checkpoint} is not a file; give a local teacher.pt "
                 f"(or a training checkpoint) or an s3://bucket/key URI"
             )
+    if cfg.teacher.resume_from:
+        if cfg.teacher.kind != "edm":
+            raise ConfigError(
+                f"teacher.resume_from is set but teacher.kind is {cfg.teacher.kind!r}; only a trained U-Net teacher "
+                f"(teacher=edm) has training to continue: use teacher=edm, or unset teacher.resume_from"
+            )
+        if cfg.teacher.checkpoint:
+            raise ConfigError(
+                "teacher.resume_from and teacher.checkpoint are both set: teacher.checkpoint adopts finished "
+                "weights (no training), teacher.resume_from continues training; unset one of them"
+            )
     _choice("trajectories.sampler", cfg.trajectories.sampler, SAMPLERS)
     for k in ("num", "steps", "shard_size", "batch_size"):
         _positive(f"trajectories.{k}", getattr(cfg.trajectories, k))

@@ -26,7 +26,8 @@ from hkd_core import evaluation as E
 from hkd_core import metric_names as M
 from orchestrator.services.raycluster import env_for_workers
 from orchestrator.services.storage import make_store
-from orchestrator.stages import tasks, workers
+from orchestrator.stages import tasks as ray_tasks
+from orchestrator.stages import workers
 
 log = logging.getLogger(__name__)
 REFERENCES = "fid-refs"
@@ -78,7 +79,7 @@ def image_features(
     """(FeatureStats, features) of given images, split into contiguous chunks over Ray tasks (``_chunks``)."""
     k = _chunks(pc, images.shape[0], tasks)
     bounds = np.linspace(0, images.shape[0], k + 1).round().astype(int)
-    fn = _tasks(pc)(tasks.image_features_task)
+    fn = _tasks(pc)(ray_tasks.image_features_task)
     spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     refs = [fn.remote(pc, images[a:b].clone(), _threads(pc)) for a, b in spans]
     return E.merge_chunks(gather(refs, [b - a for a, b in spans], desc, progress))
@@ -130,7 +131,7 @@ def sample_scores(
     seeds = E.eval_seeds(pc.run.eval)
     k = _chunks(pc, len(seeds))
     chunks = [seeds[i::k] for i in range(k) if seeds[i::k]]
-    fn = _tasks(pc)(tasks.features_task)
+    fn = _tasks(pc)(ray_tasks.features_task)
     refs = [fn.remote(pc, what, c, images_ref, teacher_key, model_key, _threads(pc)) for c in chunks]
     name = "model at NFE 1" if what["kind"] == "model" else f"teacher at NFE {what['nfe']}"
     results = gather(refs, [len(c) for c in chunks], f"evaluate: {name}", progress)

@@ -26,6 +26,17 @@ def resume_file() -> str | None:
     return str(files[-1]) if files else None
 
 
+def given_checkpoint(folder: Path, blob: bytes, kimg: float) -> str:
+    """A checkpoint handed over as bytes, written as ``<folder>/given/ckpt-<kimg>.pt`` (the name a loop's own
+    checkpoints have, which count_attempt reads the kimg from); returns its path."""
+    from hkd_core.checkpoint import atomic_write_bytes
+
+    path = folder / "given" / f"ckpt-{kimg:010.3f}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, blob)
+    return str(path)
+
+
 def say(line: str) -> None:
     """One progress line on the process's own stdout, which Ray forwards to the driver once. Not ``print``: in a
     Ray Train worker ``print`` is patched to go to Train's logger *and*, where anything wrapped sys.stdout, to the
@@ -240,7 +251,9 @@ class LoopReporting:
     background buffer), the loop's metrics_cb / checkpoint_cb, the checkpoint Ray hands back on a restart
     (``resume``), the count of worker-group starts, and a local folder for checkpoints before upload."""
 
-    def __init__(self, pc, run_id: str | None, rank: int, what: str, total_kimg: float):
+    def __init__(
+        self, pc, run_id: str | None, rank: int, what: str, total_kimg: float, start_from: tuple | None = None
+    ):
         self.tracker = tracker_for_rank0(pc, rank)
         self.run_id = run_id
         from orchestrator.services.system_metrics import SystemMetrics
@@ -252,9 +265,11 @@ class LoopReporting:
         self.metrics_cb, self.checkpoint_cb = callbacks(
             rank, self.tracker, run_id, total_kimg, what, pc.storage
         )
-        self.resume = resume_file()
-        count_attempt(self.tracker, run_id, self.resume, worker_nodes())
         self.local = Path(tempfile.mkdtemp(prefix=f"hkd-{what}-"))
+        # Ray's newest checkpoint of this run first (a restart); else a checkpoint the config continues from
+        # (``start_from``: its bytes and kimg, e.g. teacher.resume_from), written where the loop can read it
+        self.resume = resume_file() or (given_checkpoint(self.local, *start_from) if start_from else None)
+        count_attempt(self.tracker, run_id, self.resume, worker_nodes())
 
     def log(self, metrics: dict, kimg: float) -> None:
         if self.tracker is not None and self.run_id:

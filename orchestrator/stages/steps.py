@@ -21,11 +21,12 @@ from hkd_core.data import load_images
 from orchestrator.config import PipelineConfig
 from orchestrator.services import registry
 from orchestrator.services.raycluster import env_for_workers, init_ray
-from orchestrator.services.rayfs import ray_storage
-from orchestrator.services.storage import make_store, read_uri, store_at
-from orchestrator.stages import evaluation, tasks, trainer, workers
+from orchestrator.services.storage import make_store, read_uri
+from orchestrator.stages import evaluation, trainer, workers
+from orchestrator.stages import tasks as ray_tasks
 from orchestrator.stages.context import StageContext
 from orchestrator.stages.headline import headline
+from orchestrator.stages.inputs import check_distill_inputs
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,27 @@ def stage_teacher(ctx: StageContext) -> dict:
     pc = ctx.pc
     if pc.run.teacher.kind == "empirical":
         return {"kind": "empirical", "teacher_key": None}
-    given = pc.run.teacher.checkpoint
-    shipped = None if given else find_shipped(pc.run.data, pc.run.teacher)
-    run_id = ctx.open_run(
-        "teacher", {"hkd.teacher_source": "checkpoint" if given else "shipped" if shipped else "trained"}
-    )
+    given, resume_from = pc.run.teacher.checkpoint, pc.run.teacher.resume_from
+    shipped = None if given or resume_from else find_shipped(pc.run.data, pc.run.teacher)
+    source = "checkpoint" if given else "shipped" if shipped else "resumed" if resume_from else "trained"
+    extra = {}
+    if resume_from:  # read and checked here, before any run opens or Ray starts: a bad file costs nothing
+        from hkd_core.teachers import resumable_teacher_checkpoint
+
+        blob = read_uri(pc.storage, resume_from, "teacher.resume_from")
+        at = resumable_teacher_checkpoint(
+            blob, pc.run.teacher, DATASETS[pc.run.data.name].channels, pc.run.data.resolution, resume_from
+        )
+        log.info(
+            "teacher: continues %s from %.1f kimg to %g kimg", resume_from, at, pc.run.teacher.total_kimg
+        )
+    run_id = ctx.open_run("teacher", {"hkd.teacher_source": source})
+    if resume_from:
+        import ray
+
+        init_ray(pc)
+        ctx.tracker.set_tags(run_id, {"hkd.resumed_from": resume_from, "hkd.resumed_from_kimg": f"{at:g}"})
+        extra = {"resume_from": (ray.put(blob), at)}
     if given:
         from hkd_core.teachers import teacher_state_from_checkpoint
 
@@ -74,7 +91,9 @@ def stage_teacher(ctx: StageContext) -> dict:
         import ray
 
         init_ray(pc)
-        result, wall = ctx.fit("teacher", workers.teacher_loop, run_id, {"images_ref": [ray.put(images(pc))]})
+        result, wall = ctx.fit(
+            "teacher", workers.teacher_loop, run_id, {"images_ref": [ray.put(images(pc))], **extra}
+        )
         state = trainer.checkpoint_state(result)
         ema, kimg = state["ema"], state["nimg"] / 1000
     buf = io.BytesIO()
@@ -90,6 +109,7 @@ def stage_teacher(ctx: StageContext) -> dict:
         "checkpoint_uri": root.uri(key),
         "adopted": str(shipped.folder) if shipped else None,
         "from_checkpoint": given or None,
+        "resumed_from": resume_from or None,
     }
     ctx.tracker.set_tags(run_id, {"hkd.teacher_uri": summary["checkpoint_uri"]})
     ctx.tracker.log_metrics(run_id, {M.WALL_S: wall}, step=int(kimg * 1000))
@@ -114,7 +134,7 @@ def stage_trajectories(ctx: StageContext, teacher: dict) -> dict:
     img_ref = (
         ray.put(images(pc)) if pc.run.teacher.kind == "empirical" else None
     )  # only the empirical needs them
-    remote = ray.remote(tasks.generate_shard_task)
+    remote = ray.remote(ray_tasks.generate_shard_task)
     threads = max(1, int(pc.cluster.cpus_per_worker))
     opts = {
         "num_cpus": threads,
@@ -241,75 +261,6 @@ def fit_distill(pc: PipelineConfig, run_id: str, extra: dict, name: str, **train
     model = build_model(pc.run.model.variant, pc.run.hkd_config())
     model.load_state_dict(state["ema"])
     return model.eval(), state, result, wall
-
-
-def check_distill_inputs(ctx: StageContext) -> dict[str, str]:
-    """What distillation reads, checked by the driver before Ray Train starts, so that a bad input costs
-    seconds and names its object: every shard the manifest lists (exists, size, and the MD5 S3 reports in
-    its ETag, all by HEAD requests), and the checkpoint a rerun would resume from (written for this model).
-    Raises ShardError / CheckpointError; with train.skip_corrupt_shards returns {key: problem} of the shards
-    to leave out instead."""
-    from hkd_core.trajectories import ShardError, check_shards, read_manifest
-
-    pc = ctx.pc
-    store = make_store(pc.storage, f"{ctx.prefix('trajectories')}/train")
-    manifest = read_manifest(store)
-    skip = check_shards(store, manifest, skip_corrupt=pc.run.train.skip_corrupt_shards)
-    for why in skip.values():
-        log.warning("skipping a shard (train.skip_corrupt_shards=true): %s", why)
-    left = len(manifest.shards) - len(skip)
-    if left < pc.cluster.num_workers:
-        raise ShardError(
-            f"{left} usable shards under {store.uri()} for {pc.cluster.num_workers} workers"
-            + (f" ({len(skip)} skipped: {'; '.join(skip.values())})" if skip else "")
-            + "; regenerate the trajectories or use fewer workers"
-        )
-    check_resume_checkpoint(ctx)
-    return skip
-
-
-def check_resume_checkpoint(ctx: StageContext) -> str | None:
-    """The newest checkpoint Ray Train recorded for the distill stage, if any, loaded into a model built from
-    this config: a checkpoint of another architecture (a code change under the same config) is refused here,
-    naming its URI, instead of failing every worker restart. Returns its URI."""
-    from pathlib import Path
-
-    from hkd_core.checkpoint import CheckpointError, load_model_state
-    from hkd_core.models import build_model
-
-    path, fs = ray_storage(ctx.pc.storage)
-    exp = f"{path}/{ctx.prefix('distill')}"
-    exp_uri = store_at(ctx.pc.storage, exp).uri("")
-    if not store_at(ctx.pc.storage, exp).exists("checkpoint_manager_snapshot.json"):
-        return None
-    from ray.train import Result
-
-    ckpt = Result.from_path(exp, storage_filesystem=fs).checkpoint
-    if ckpt is None:
-        return None
-    again = f"delete {exp_uri}/ to start the stage over"
-    with ckpt.as_directory() as d:
-        files = sorted(Path(d).glob("ckpt-*.pt"))
-        uri = store_at(ctx.pc.storage, ckpt.path).uri(files[-1].name if files else "")
-        if not files:
-            raise CheckpointError(f"checkpoint {uri} holds no ckpt-*.pt; {again}")
-        try:
-            state = torch.load(files[-1], map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-            raise CheckpointError(
-                f"checkpoint {uri} is unreadable ({type(e).__name__}: {e}); {again}"
-            ) from None
-    model = build_model(ctx.pc.run.model.variant, ctx.pc.run.hkd_config())
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(
-            f"checkpoint {uri} is not an HKD training checkpoint (no 'model' entry); {again}"
-        )
-    try:
-        load_model_state(model, state["model"], uri)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}; or {again}") from None
-    log.info("distill: will resume from %s (%.3f kimg)", uri, state.get("nimg", 0) / 1000)
-    return uri
 
 
 def _bump_attempt(ctx: StageContext, run_id: str) -> int:

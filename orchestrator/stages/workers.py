@@ -104,10 +104,10 @@ class TrajectoryStream:
         self.skip_given = set(skip)
         manifest = without_shards(read_manifest(store), self.skip_given)
         # The driver checked every shard before starting Ray Train (``checked``: the distill stage's
-        # check_distill_inputs, once per sweep for its trials) and, with train.skip_corrupt_shards, hands over the
-        # ones to leave out; a loop started without that check has rank 0 check (HEAD requests only). A shard that
-        # goes bad later is skipped while streaming when configured (counted on rank 0), else it stops the run,
-        # naming the object.
+        # inputs.check_distill_inputs, once per sweep for its trials) and, with train.skip_corrupt_shards, hands
+        # over the ones to leave out; a loop started without that check has rank 0 check (HEAD requests only). A
+        # shard that goes bad later is skipped while streaming when configured (counted on rank 0), else it
+        # stops the run, naming the object.
         if rank == 0 and not checked and not tr.skip_corrupt_shards:
             check_shards(store, manifest)
         self._args = (store, manifest, rank, world, tr)
@@ -207,7 +207,11 @@ def teacher_loop(config: dict) -> None:
     net = ray.train.torch.prepare_model(
         teacher_denoiser(t, images.shape[1], pc.run.data.resolution)
     )  # (4) DDP
-    with LoopReporting(pc, config.get("run_id"), rank, "teacher", t.total_kimg) as rep:  # (5) reports, resume
+    given = config.get(
+        "resume_from"
+    )  # teacher.resume_from: (object ref of its bytes, kimg), read by the driver
+    start_from = (ray.get(given[0]), given[1]) if given else None
+    with LoopReporting(pc, config.get("run_id"), rank, "teacher", t.total_kimg, start_from) as rep:  # (5)
         train_teacher(
             net,
             images,

@@ -32,6 +32,14 @@ CONFIGS = [
      'prints every key)'),
     ('wrong type', ['train.lr=fast'],
      "train.lr='fast' must be of type float"),
+    ('teacher.resume_from without a U-Net teacher', ['teacher=empirical', 'model.init=none',
+                                                     'teacher.resume_from=/tmp/ckpt.pt'],
+     "teacher.resume_from is set but teacher.kind is 'empirical'; only a trained U-Net teacher (teacher=edm) has "
+     "training to continue: use teacher=edm, or unset teacher.resume_from"),
+    ('teacher.resume_from and teacher.checkpoint together', ['teacher.resume_from=s3://hkd/a/ckpt-1.pt',
+                                                            'teacher.checkpoint=s3://hkd/b/teacher.pt'],
+     "teacher.resume_from and teacher.checkpoint are both set: teacher.checkpoint adopts finished weights (no "
+     "training), teacher.resume_from continues training; unset one of them"),
     ('a word for data.limit other than auto', ['data.limit=all'],
      "data.limit='all': give a number of images, null (all of them) or auto (all for teacher=edm, 5000 for "
      "teacher=empirical)"),
