@@ -261,7 +261,8 @@ def test_distill_resumes_in_the_same_run_after_the_driver_is_killed(local_stack,
 
 
 def test_edm_teacher_trains_on_ray_and_feeds_the_trajectory_tasks(local_stack, s3, smoke, run_tag):
-    """teacher=edm: Ray Train fits the U-Net, its EMA weights go to S3, and the sampling tasks load them."""
+    """teacher=edm: Ray Train fits the U-Net, its EMA weights go to S3, and the sampling tasks load them; then the
+    teacher is continued from its own training checkpoint in S3 (teacher.resume_from)."""
     args = [
         *smoke,
         "teacher=edm",
@@ -305,6 +306,36 @@ def test_edm_teacher_trains_on_ray_and_feeds_the_trajectory_tasks(local_stack, s
     prefix = res["trajectories"]["train"]["uri"].split("s3://hkd/", 1)[1]
     m = read_manifest(S3Store(StorageConfig(prefix=""), prefix))
     assert m.teacher == {"kind": "edm", "uri": teacher["checkpoint_uri"]} and m.num_trajectories == 64
+
+    # teacher.resume_from: the same teacher continued from its own training checkpoint in S3, to 0.384 kimg
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="hkd", Prefix=f"it-{run_tag}/")
+    ckpts = sorted(
+        o["Key"]
+        for page in pages
+        for o in page.get("Contents", [])
+        if "/teacher-" in o["Key"] and o["Key"].rsplit("/", 1)[-1].startswith("ckpt-")
+    )
+    assert ckpts, "the teacher's training checkpoints are not in S3"
+    given = f"s3://hkd/{ckpts[-1]}"
+    more = [*args, "teacher.total_kimg=0.384", f"teacher.resume_from={given}"]
+    r = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "teacher", *more, "--no-progress", "--json", out],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = json.loads(open(out).read())["teacher"]
+    assert resumed["kimg"] == pytest.approx(0.384) and resumed["resumed_from"] == given
+    assert resumed["checkpoint_uri"] != teacher["checkpoint_uri"]  # a stage of its own: the first one stays
+    run = [x for x in _runs(f"it-{run_tag}") if x.data.tags.get("hkd.teacher_source") == "resumed"]
+    assert len(run) == 1 and run[0].data.tags["hkd.resumed_from"] == given
+    at = float(run[0].data.tags["hkd.resumed_from_kimg"])
+    assert at == pytest.approx(0.256)  # the last checkpoint of the first run
+    history = _client().get_metric_history(run[0].info.run_id, "train/resumed_from_kimg")
+    assert [h.value for h in history] == [pytest.approx(at)]
+    steps = [h.step for h in _client().get_metric_history(run[0].info.run_id, "train/loss")]
+    assert steps and min(steps) > 256  # it trained on from the checkpoint, not from the start
 
 
 def test_edit_logs_the_grid_and_scores_beside_the_pipeline_run(first_pipeline, smoke, run_tag, tmp_path):
