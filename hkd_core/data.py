@@ -1,4 +1,4 @@
-"""Image data sets (MNIST, Fashion-MNIST, CIFAR-10 as JPEG q75) and 2-D toy sets, found locally first.
+"""Image data sets (MNIST, Fashion-MNIST, CIFAR-10 as JPEG q75), found locally first.
 
 Look-up order for the image sets: an explicit ``root`` (or ``$HKD_DATA_DIR``), the ``shared/data``
 folder beside the project checkout, the Debian package path (Fashion-MNIST only), and, only when
