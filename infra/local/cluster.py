@@ -114,6 +114,10 @@ class LocalCluster:
             RAY_AUTH_TOKEN_PATH=str(self.token_path),
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}",
         )  # jobs run `hkd`
+        # a lost node is declared dead after 3 failed health checks 1 s apart (Ray's default: 5, 3 s apart): on
+        # loopback a killed raylet refuses at once, and a busy one still has each check's 10 s timeout
+        env.setdefault("RAY_health_check_period_ms", "1000")
+        env.setdefault("RAY_health_check_failure_threshold", "3")
         return env
 
     def start(

@@ -114,5 +114,6 @@ def env_for_workers() -> dict:
         "HKD_FAULT_STALL_BEFORE_UPLOAD_S",
         "HKD_FAULT_STALL_AFTER_UPLOAD_S",
         "HKD_FAULT_STALL_MARK",
+        "HKD_FAULT_STALL_ARMED_BY",
     )
     return {k: os.environ[k] for k in keys if os.environ.get(k)}

@@ -108,7 +108,10 @@ def _fault_stall(var: str, what: str) -> None:
     at a chosen instant so that a fault lands there for certain (before the upload: an object-store outage
     meets it; after the upload, before Ray Train records it: a kill is most harmful)."""
     stall = float(os.environ.get(var) or 0)
-    if stall > 0:
+    armed = os.environ.get(
+        "HKD_FAULT_STALL_ARMED_BY"
+    )  # a file: stall only once it exists (the test says when)
+    if stall > 0 and (not armed or Path(armed).exists()):
         say(f"[checkpoint] {what}: stalling {stall:g} s ({var})")
         if mark := os.environ.get("HKD_FAULT_STALL_MARK"):
             # a file per stall, written as it begins: the test learns of it at once (a log line reaches the

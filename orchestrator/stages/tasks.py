@@ -5,6 +5,8 @@ images. Each takes the driver's validated ``PipelineConfig`` as it is, and the n
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 
 import torch
 
@@ -61,11 +63,10 @@ def features_task(
     """Inception statistics of the samples drawn from these noise seeds: the model at NFE 1, or the teacher at
     ``what['nfe']`` (hkd_core.evaluation.chunk_result)."""
     from hkd_core import evaluation as E
-    from hkd_core.fid import InceptionFeatures
 
     torch.set_num_threads(threads)
     dev = worker_device()
-    feats = InceptionFeatures(inception_weights(pc), device=dev, batch_size=pc.run.eval.batch_size)
+    feats = inception(pc, dev)
     if what["kind"] == "model":
         generate = E.model_generator(load_model(pc, model_key).to(dev))
     else:
@@ -77,10 +78,21 @@ def features_task(
 def image_features_task(pc, images: torch.Tensor, threads: int = 1) -> dict:
     """Inception statistics and features of given images (a chunk of the reference set, or any images)."""
     from hkd_core import evaluation as E
-    from hkd_core.fid import InceptionFeatures
 
     torch.set_num_threads(threads)
-    feats = InceptionFeatures(
-        inception_weights(pc), device=worker_device(), batch_size=pc.run.eval.batch_size
-    )
-    return E.chunk_result(feats(images))
+    return E.chunk_result(inception(pc, worker_device())(images))
+
+
+def inception(pc, device):
+    """The Inception network of this worker process, built once (1.5 s on a CPU core) and kept for the next
+    evaluation task that Ray hands the same process; a weights file replaced in place is another network."""
+    path = inception_weights(pc)
+    st = os.stat(path)
+    return _inception(str(path), st.st_size, st.st_mtime_ns, str(device), pc.run.eval.batch_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _inception(path: str, size: int, mtime_ns: int, device: str, batch_size: int):
+    from hkd_core.fid import InceptionFeatures
+
+    return InceptionFeatures(path, device=device, batch_size=batch_size)

@@ -158,7 +158,7 @@ def test_a_stage_runs_on_postgres_with_auth_and_no_secret_reaches_mlflow(trackin
     authenticated through the credentials file), the model's artifacts through the server's S3 proxy; no
     password in any parameter, tag or line of output."""
     t0 = time.monotonic()
-    r = _hkd(["distill", *COMMON, "cluster.num_workers=2"], tracking["env"])
+    r = _hkd(["distill", *COMMON, "cluster.num_workers=2", "train.total_kimg=0.128"], tracking["env"])
     took = time.monotonic() - t0
     assert r.returncode == 0, r.stderr[-4000:]
     c = _client(tracking)
@@ -210,7 +210,17 @@ def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
 
     spec = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
     url = tracking["env"]["HKD_OPTUNA_STORAGE"]
-    spec.update({"name": "smoke-pg", "trials": 2, "max_concurrency": 2, "study_storage": url})
+    # one report per trial, no scheduler: this test is about where the study lives, test_sweep about ASHA
+    spec.update(
+        {
+            "name": "smoke-pg",
+            "trials": 2,
+            "max_concurrency": 2,
+            "study_storage": url,
+            "base": ["experiment=smoke", "train.total_kimg=0.128"],
+            "scheduler": {"type": "fifo"},
+        }
+    )
     path = tmp_path / "smoke-pg.yaml"
     path.write_text(yaml.safe_dump(spec))
     bad = tmp_path / "bad.yaml"

@@ -4,7 +4,6 @@ and its `ray start --head`."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from orchestrator.services.storage import StorageConfig
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-EXCLUDES = [".venv", ".stack", "runs", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info"]
 
 
 def _pushable() -> str:
@@ -54,34 +52,25 @@ def test_push_uploads_the_verified_file_under_its_content_address_once(local_sta
     assert bad.returncode == 2 and "unknown data set 'svhn'" in bad.stderr
 
 
-def test_a_job_without_the_data_on_its_disk_reads_it_from_s3(local_stack, s3, run_tag):
+def test_a_job_without_the_data_on_its_disk_reads_it_from_s3(local_stack, s3, run_tag, job_command):
     """`ray job submit` of a stage that loads images: the job's driver runs in Ray's copy of the working
     directory, with HKD_DATA_DIR emptied, so no local copy is found; it fetches the pushed file (and says so)."""
     name = _pushable()
     assert _hkd("data", "push", name).returncode == 0
     dash = f"http://127.0.0.1:{local_stack['ports']['dashboard']}"
-    runtime_env = {
-        "excludes": EXCLUDES,
-        "env_vars": {"HKD_DATA_DIR": "", "HKD_CACHE": f"/tmp/hkd-job-{run_tag}"},
-    }
-    cmd = [
-        str(Path(sys.executable).parent / "ray"),
-        "job",
-        "submit",
-        "--working-dir",
-        str(ROOT),
-        "--runtime-env-json",
-        json.dumps(runtime_env),
-        "--",
-        "hkd",
-        "trajectories",
-        "experiment=smoke",
-        f"data={name}",
-        f"storage.prefix=itdata-{run_tag}",
-        f"tracking.experiment=it-{run_tag}",
-        f"name=s3data-{run_tag}",
-        "--no-progress",
-    ]
+    cmd = job_command(
+        [
+            "hkd",
+            "trajectories",
+            "experiment=smoke",
+            f"data={name}",
+            f"storage.prefix=itdata-{run_tag}",
+            f"tracking.experiment=it-{run_tag}",
+            f"name=s3data-{run_tag}",
+            "--no-progress",
+        ],
+        env_vars={"HKD_DATA_DIR": "", "HKD_CACHE": f"/tmp/hkd-job-{run_tag}"},
+    )
     r = subprocess.run(
         cmd, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": dash}, timeout=900
     )

@@ -25,7 +25,6 @@ from orchestrator.services.datasets import dataset_key
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-EXCLUDES = [".venv", ".stack", "runs", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info"]
 HEAD, WORKER = "127.0.0.2", "127.0.0.3"
 TOTAL = 0.512  # kimg; a checkpoint every 0.064: the kill lands after the first, long before the end
 
@@ -75,27 +74,24 @@ def _hkd(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _submit(cluster, entrypoint: list[str], log: Path, env_vars: dict | None = None) -> subprocess.Popen:
-    """`ray job submit` (it tails the job's output until the job ends) to the cluster's head, with the token."""
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("HKD_DATA_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    }
-    env.update(cluster.client_env())
-    runtime_env = {"excludes": EXCLUDES, **({"env_vars": env_vars} if env_vars else {})}
-    cmd = [
-        str(Path(sys.executable).parent / "ray"),
-        "job",
-        "submit",
-        "--working-dir",
-        str(ROOT),
-        "--runtime-env-json",
-        json.dumps(runtime_env),
-        "--",
-        *entrypoint,
-    ]
-    return subprocess.Popen(
-        cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
+@pytest.fixture(scope="module")
+def submit(job_command):
+    """``submit(cluster, entrypoint, log, env_vars=None)``: `ray job submit` to that cluster (its address and token,
+    no HKD_DATA_DIR), output to ``log``; returns the running process."""
+
+    def run(cluster, entrypoint: list[str], log: Path, env_vars: dict | None = None) -> subprocess.Popen:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("HKD_DATA_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        }
+        env.update(cluster.client_env())
+        cmd = job_command(entrypoint, env_vars)
+        return subprocess.Popen(
+            cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    return run
 
 
 def _finish(proc: subprocess.Popen, log: Path, timeout_s: float = 900) -> str:
@@ -107,7 +103,7 @@ def _finish(proc: subprocess.Popen, log: Path, timeout_s: float = 900) -> str:
     return log.read_text(errors="replace")
 
 
-def test_the_cluster_has_two_nodes_on_their_own_addresses(cluster, tmp_path):
+def test_the_cluster_has_two_nodes_on_their_own_addresses(cluster, tmp_path, submit):
     """ray.nodes(), from a job's driver on the head: two live nodes, on 127.0.0.2 and 127.0.0.3, the worker node
     with its own resource; nothing bound to 127.0.0.1."""
     code = (
@@ -115,7 +111,7 @@ def test_the_cluster_has_two_nodes_on_their_own_addresses(cluster, tmp_path):
         "sorted(n['Resources'])] for n in ray.nodes()]))"
     )
     log = tmp_path / "nodes.log"
-    out = _finish(_submit(cluster, ["python", "-c", code], log), log, 300)
+    out = _finish(submit(cluster, ["python", "-c", code], log), log, 300)
     assert "succeeded" in out, out[-3000:]
     nodes = json.loads(out.split("NODES ", 1)[1].splitlines()[0])
     assert sorted((ip, alive) for ip, alive, _ in nodes) == [(HEAD, True), (WORKER, True)]
@@ -123,7 +119,7 @@ def test_the_cluster_has_two_nodes_on_their_own_addresses(cluster, tmp_path):
     assert {r["node_ip"] for r in cluster.alive_nodes()} == {HEAD, WORKER}
 
 
-def test_pipeline_on_two_nodes_survives_losing_one(cluster, s3, run_tag, tmp_path, fault_report):
+def test_pipeline_on_two_nodes_survives_losing_one(cluster, s3, run_tag, tmp_path, fault_report, submit):
     """`ray job submit` of the pipeline with its two Train workers on different nodes (SPREAD), the data set
     (storage.data_source=s3) and the Inception weights (the nodes' caches are empty) from S3 only. Once Ray
     Train has recorded a checkpoint, the worker node's raylet is killed
@@ -155,7 +151,7 @@ def test_pipeline_on_two_nodes_survives_losing_one(cluster, s3, run_tag, tmp_pat
     snap = f"mn-{run_tag}/ray/distill-{h}/checkpoint_manager_snapshot.json"
     log = tmp_path / "job.log"
     t0 = time.monotonic()
-    proc = _submit(cluster, ["hkd", "pipeline", *args, "--no-progress"], log)
+    proc = submit(cluster, ["hkd", "pipeline", *args, "--no-progress"], log)
 
     def recorded() -> bool:
         try:
@@ -213,7 +209,7 @@ def test_pipeline_on_two_nodes_survives_losing_one(cluster, s3, run_tag, tmp_pat
     )
 
 
-def test_a_data_file_whose_hash_does_not_match_is_refused_by_the_job(cluster, s3, run_tag, tmp_path):
+def test_a_data_file_whose_hash_does_not_match_is_refused_by_the_job(cluster, s3, run_tag, tmp_path, submit):
     """The bucket's copy of the data set altered: the job's driver refuses it, naming the object and what to do,
     before any stage runs."""
     name = "fashion_mnist"
@@ -226,7 +222,7 @@ def test_a_data_file_whose_hash_does_not_match_is_refused_by_the_job(cluster, s3
     log = tmp_path / "bad.log"
     # a cache of its own: the head's has the good file from the test above, checked and used as it is
     out = _finish(
-        _submit(
+        submit(
             cluster,
             [
                 "hkd",
@@ -276,7 +272,9 @@ def _mlflow():
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 
 
-def test_the_pipeline_runs_end_to_end_with_no_work_on_the_head(zero_head, run_tag, tmp_path, measured):
+def test_the_pipeline_runs_end_to_end_with_no_work_on_the_head(
+    zero_head, run_tag, tmp_path, measured, submit
+):
     """`ray job submit -- hkd pipeline` through evaluate: the driver sits on the head (0 CPUs), the trajectory
     tasks, the Train worker (rank 0) and the evaluation on the worker node; the model is logged from the driver
     after training, with the job's working dir replaced meanwhile (the issue's FileNotFoundError)."""
@@ -290,7 +288,7 @@ def test_the_pipeline_runs_end_to_end_with_no_work_on_the_head(zero_head, run_ta
     ]
     log = tmp_path / "job.log"
     t0 = time.monotonic()
-    out = _finish(_submit(zero_head, ["hkd", "pipeline", *args, "--no-progress"], log), log)
+    out = _finish(submit(zero_head, ["hkd", "pipeline", *args, "--no-progress"], log), log)
     took = time.monotonic() - t0
     assert "succeeded" in out, out[-5000:]
     assert "KID ratio" in out  # the headline, printed by the driver
@@ -313,7 +311,7 @@ def test_the_pipeline_runs_end_to_end_with_no_work_on_the_head(zero_head, run_ta
 
 
 def test_a_sweep_sizes_for_the_cluster_at_its_largest_and_lands_trials_on_a_node_added_mid_sweep(
-    zero_head, run_tag, tmp_path, measured
+    zero_head, run_tag, tmp_path, measured, submit
 ):
     """Two trials of 2 CPUs each (the trial's own process + 1 Train worker), sized from cluster.max_cpus=4 (two
     such nodes) on a cluster that has one 2-CPU worker node: both trials start, and their Train workers wait as
@@ -325,6 +323,8 @@ def test_a_sweep_sizes_for_the_cluster_at_its_largest_and_lands_trials_on_a_node
         {
             "name": "grow",
             "trials": 2,
+            "base": ["experiment=smoke", "train.total_kimg=0.128"],
+            "scheduler": {"type": "fifo"},
             "max_concurrency": None,
             "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
         }
@@ -339,7 +339,7 @@ def test_a_sweep_sizes_for_the_cluster_at_its_largest_and_lands_trials_on_a_node
         "cluster.max_cpus=4",
     ]
     log = tmp_path / "sweep.log"
-    proc = _submit(zero_head, ["hkd", "sweep", str(path), *common, "--id", sweep_id, "--no-progress"], log)
+    proc = submit(zero_head, ["hkd", "sweep", str(path), *common, "--id", sweep_id, "--no-progress"], log)
     c = _mlflow()
     t0 = time.monotonic()
 

@@ -34,13 +34,30 @@ def _runs(filt: str):
     return c.search_runs([exp.experiment_id], filt, max_results=500) if exp else []
 
 
+def _tune_terminated(s3, sweep_id: str) -> set[str]:
+    """The trials that Tune's newest experiment snapshot in the bucket records as ended (TERMINATED): what a
+    resumed sweep restores. Tune writes the snapshot every second and uploads it in the background, so a trial
+    that ended in MLflow a moment ago may still be RUNNING there, and a resume would rightly continue it."""
+    prefix = f"sw-{TAG}/ray/sweeps/{sweep_id}/"  # the Tune experiment (rayfs.ray_storage: <prefix>/ray)
+    listed = s3.list_objects_v2(Bucket="hkd", Prefix=prefix, Delimiter="/").get("Contents", [])
+    states = sorted(o["Key"] for o in listed if o["Key"][len(prefix) :].startswith("experiment_state-"))
+    if not states:
+        return set()
+    try:
+        data = json.loads(s3.get_object(Bucket="hkd", Key=states[-1])["Body"].read())
+    except (json.JSONDecodeError, s3.exceptions.NoSuchKey):
+        return set()  # replaced while read: the next poll reads the new one
+    trials = (json.loads(state) for state, _meta in data.get("trial_data", []))
+    return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
+
+
 @pytest.fixture(scope="module")
-def smoke_sweep(local_stack, tmp_path_factory, fault_report):
+def smoke_sweep(local_stack, tmp_path_factory, fault_report, s3):
     """The smoke sweep, with its driver killed in the middle of a trial's checkpoint write, then resumed to
     the end. The kill lands in the most harmful instant: the checkpoint's file is in S3 but Ray Train's
-    snapshot does not list it yet. HKD_FAULT_STALL_AFTER_UPLOAD_S holds every upload in that state for 8 s;
-    once a trial has ended (completed, or stopped by ASHA), the driver is killed as soon as another trial reports
-    such a stall."""
+    snapshot does not list it yet. HKD_FAULT_STALL_AFTER_UPLOAD_S holds uploads in that state for 8 s
+    once a trial has ended (completed, or stopped by ASHA, in MLflow and in Tune's snapshot): the driver is killed
+    as soon as another trial reports such a stall."""
     sweep_id = f"smoke-{TAG}"
     tmp = tmp_path_factory.mktemp("sweep")
     out, log = tmp / "summary.json", tmp / "driver.log"
@@ -58,10 +75,12 @@ def smoke_sweep(local_stack, tmp_path_factory, fault_report):
     # every stall leaves a file in `marks` as it begins (HKD_FAULT_STALL_MARK): the driver's log reaches its file
     # through Ray's log forwarding and the driver's buffer, possibly after the stall is over, or only at its exit
     marks, stall_s = tmp / "stalls", 8.0
+    armed = tmp / "armed"  # the stalls begin once this file exists: after the first trial has ended
     env = {
         **os.environ,
         "HKD_FAULT_STALL_AFTER_UPLOAD_S": f"{stall_s:g}",
         "HKD_FAULT_STALL_MARK": str(marks),
+        "HKD_FAULT_STALL_ARMED_BY": str(armed),
         "HKD_USER_CONF": str(user_conf),
         "PYTHONUNBUFFERED": "1",
     }
@@ -98,12 +117,14 @@ def smoke_sweep(local_stack, tmp_path_factory, fault_report):
                     f"attributes.status = '{status}'"
                 )
             ]
+            # ... and that Tune's snapshot in the bucket records as ended too (else the resume would continue it)
+            done = [r for r in done if r.data.tags["hkd.trial_id"] in _tune_terminated(s3, sweep_id)]
             assert done or proc.poll() is None, ended("the sweep ended before it could be interrupted")
             assert time.monotonic() - t0 < 600, ended("no trial finished within 600 s")
             time.sleep(0 if done else 1)
         before = {r.data.tags["hkd.trial_id"]: r.info.end_time for r in done}
-        # another trial's checkpoint in the instant between its upload and Ray's record of it (one that began
-        # before the first trial's end was seen counts too, while it has time left)
+        armed.touch()
+        # another trial's checkpoint in the instant between its upload and Ray's record of it
         while not (stalls := open_stalls()):
             assert proc.poll() is None, ended("the sweep ended before a trial wrote another checkpoint")
             assert time.monotonic() - t0 < 700, ended("no checkpoint write after the first trial finished")
