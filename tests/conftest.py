@@ -124,3 +124,18 @@ def torch_fidelity_direct(fid_images):
         "kid": m["kernel_inception_distance_mean"],
         "kid_std": m["kernel_inception_distance_std"],
     }
+
+
+@pytest.fixture
+def fast_kw():
+    """train_hkd's keyword arguments for a run of seconds: small batches, no lr ramp, a log point and a
+    checkpoint every 16 images, a short EMA (the tests of hkd_core.train and of the adversarial term)."""
+    return dict(
+        batch_size=16,
+        lr=3e-3,
+        lr_rampup_kimg=0.0,
+        log_every_kimg=0.016,
+        checkpoint_every_kimg=0.016,
+        ema_halflife_kimg=0.01,
+        progress=False,
+    )

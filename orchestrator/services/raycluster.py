@@ -58,17 +58,22 @@ def driver_address(pc: PipelineConfig) -> str | None:
     return pc.cluster.address or (os.environ.get("RAY_ADDRESS") if in_job else None)
 
 
+def loopback_env(pc: PipelineConfig) -> None:
+    """For a one-node Ray on this machine's 127.0.0.1 (in-process, or the local stack's head): Ray would replace
+    127.0.0.1 by the machine's network address without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0. Never for a
+    cluster: with it set, a worker node's `ray start --address` aborts (multi-node nodes use other loopback
+    addresses, or real ones). Ray reads it when it is first imported, so the driver calls this before any
+    stage runs (``driver.run_stages``), and ``init_ray`` again."""
+    target = driver_address(pc)
+    if not target or target.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def init_ray(pc: PipelineConfig) -> None:
     """Join cluster.address, or start a Ray in this process sized for the workers (plus one CPU for the
     driver's tasks)."""
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    target = driver_address(pc)
-    if not target or target.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
-        # a one-node Ray on this machine's 127.0.0.1 (in-process, or the local stack's head): Ray would replace
-        # 127.0.0.1 by the machine's network address without this. Never for a cluster: with it set, a worker
-        # node's `ray start --address` aborts (multi-node nodes use other loopback addresses, or real ones).
-        # Read when ray is imported, so set before that.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    loopback_env(pc)
     import ray
 
     if ray.is_initialized():

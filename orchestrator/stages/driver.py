@@ -14,7 +14,7 @@ import time
 from orchestrator import identity
 from orchestrator.config import PipelineConfig
 from orchestrator.identity import STAGES
-from orchestrator.services.raycluster import init_ray  # noqa: F401 - the driver's entry points import it from here
+from orchestrator.services.raycluster import init_ray, loopback_env  # noqa: F401 - init_ray: the entry points import it from here
 from orchestrator.services.tracking import Tracker
 from orchestrator.stages.context import StageContext, stage_done
 from orchestrator.stages.lease import Leases
@@ -49,6 +49,7 @@ def run_stages(
     joined) by the first stage that needs it: a rerun whose stages are all done starts none."""
     from orchestrator.services.storage import make_store
 
+    loopback_env(pc)  # before any stage imports ray
     stages = STAGES[: STAGES.index(upto) + 1]
     stores = {s: make_store(pc.storage, identity.stage_prefix(pc, s)) for s in stages}
     # the stages this driver will run, leased before any MLflow run is opened: a second driver for the same

@@ -10,16 +10,6 @@ from hkd_core.adversarial import AdversarialTerm, Discriminator
 from hkd_core.models import build_model
 from hkd_core.train import train_hkd
 
-FAST = dict(
-    batch_size=16,
-    lr=3e-3,
-    lr_rampup_kimg=0.0,
-    log_every_kimg=0.016,
-    checkpoint_every_kimg=0.016,
-    ema_halflife_kimg=0.01,
-    progress=False,
-)
-
 
 def _term(real: torch.Tensor, lr: float = 2e-3) -> AdversarialTerm:
     torch.manual_seed(0)
@@ -85,10 +75,10 @@ def _fresh(tiny_cfg):
 
 @pytest.mark.slow
 def test_distillation_with_the_term_logs_it_and_resumes_with_the_same_discriminator(
-    tiny_cfg, toy_trajectories, toy_images, tmp_path
+    fast_kw, tiny_cfg, toy_trajectories, toy_images, tmp_path
 ):
     states, sigmas = toy_trajectories
-    fast = {**FAST, "adversarial_weight": 0.05, "adversarial_lr": 1e-3}
+    fast = {**fast_kw, "adversarial_weight": 0.05, "adversarial_lr": 1e-3}
     logged = []
     straight = train_hkd(
         _fresh(tiny_cfg),
@@ -130,7 +120,7 @@ def test_distillation_with_the_term_logs_it_and_resumes_with_the_same_discrimina
     for a, b in zip(straight["model"].state_dict().values(), resumed["model"].state_dict().values()):
         assert torch.equal(a, b)
     # without the term the same run ends elsewhere: the term acts on the student
-    plain = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, **FAST)
+    plain = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.16, **fast_kw)
     assert not all(
         torch.equal(a, b)
         for a, b in zip(straight["model"].state_dict().values(), plain["model"].state_dict().values())
@@ -138,10 +128,10 @@ def test_distillation_with_the_term_logs_it_and_resumes_with_the_same_discrimina
 
 
 def test_a_checkpoint_without_the_discriminator_is_not_resumed_with_it(
-    tiny_cfg, toy_trajectories, toy_images, tmp_path
+    fast_kw, tiny_cfg, toy_trajectories, toy_images, tmp_path
 ):
     states, sigmas = toy_trajectories
-    train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.032, checkpoint_dir=tmp_path, **FAST)
+    train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.032, checkpoint_dir=tmp_path, **fast_kw)
     with pytest.raises(ValueError, match="adversarial"):
         train_hkd(
             _fresh(tiny_cfg),
@@ -150,11 +140,13 @@ def test_a_checkpoint_without_the_discriminator_is_not_resumed_with_it(
             total_kimg=0.064,
             checkpoint_dir=tmp_path,
             real_images=toy_images,
-            **{**FAST, "adversarial_weight": 0.01},
+            **{**fast_kw, "adversarial_weight": 0.01},
         )
 
 
-def test_the_term_needs_real_images(tiny_cfg, toy_trajectories):
+def test_the_term_needs_real_images(fast_kw, tiny_cfg, toy_trajectories):
     states, sigmas = toy_trajectories
     with pytest.raises(ValueError, match="train.adversarial_weight=0.01 needs real images"):
-        train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.032, **{**FAST, "adversarial_weight": 0.01})
+        train_hkd(
+            _fresh(tiny_cfg), states, sigmas, total_kimg=0.032, **{**fast_kw, "adversarial_weight": 0.01}
+        )

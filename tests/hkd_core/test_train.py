@@ -9,16 +9,6 @@ from hkd_core.edm import EDMPrecond, UNet, UNetConfig
 from hkd_core.models import build_model
 from hkd_core.train import train_hkd, train_teacher
 
-FAST = dict(
-    batch_size=16,
-    lr=3e-3,
-    lr_rampup_kimg=0.0,
-    log_every_kimg=0.016,
-    checkpoint_every_kimg=0.016,
-    ema_halflife_kimg=0.01,
-    progress=False,
-)
-
 
 def _fresh(tiny_cfg, variant="hkd"):
     torch.manual_seed(0)
@@ -26,7 +16,7 @@ def _fresh(tiny_cfg, variant="hkd"):
 
 
 @pytest.mark.slow
-def test_distillation_reduces_the_loss(tiny_cfg, toy_trajectories):
+def test_distillation_reduces_the_loss(fast_kw, tiny_cfg, toy_trajectories):
     states, sigmas = toy_trajectories
     logged = []
     res = train_hkd(
@@ -36,7 +26,7 @@ def test_distillation_reduces_the_loss(tiny_cfg, toy_trajectories):
         total_kimg=0.8,
         states_per_traj=3,
         metrics_cb=lambda m, k: logged.append(m),
-        **FAST,
+        **fast_kw,
     )
     assert res["steps"] == 50 and res["kimg"] == pytest.approx(0.8)
     first, last = logged[0]["train/loss"], logged[-1]["train/loss"]
@@ -59,12 +49,12 @@ def _crash_at(kimg_stop: float):
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
-def test_resume_continues_exactly_where_it_stopped(tiny_cfg, toy_trajectories, tmp_path, schedule):
+def test_resume_continues_exactly_where_it_stopped(fast_kw, tiny_cfg, toy_trajectories, tmp_path, schedule):
     """A run that stops after a checkpoint and is started again with the same config ends with the weights of the
     run that went straight through, the learning-rate schedule included (the cosine's position is the images
     seen, not the process's own count)."""
     states, sigmas = toy_trajectories
-    fast = {**FAST, "lr_schedule": schedule}
+    fast = {**fast_kw, "lr_schedule": schedule}
     straight = train_hkd(
         _fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "a", **fast
     )
@@ -92,7 +82,7 @@ def test_resume_continues_exactly_where_it_stopped(tiny_cfg, toy_trajectories, t
     assert len(list((tmp_path / "b").glob("ckpt-*.pt"))) == 2
 
 
-def test_wall_clock_budget_stops_training(tiny_cfg, toy_trajectories, monkeypatch):
+def test_wall_clock_budget_stops_training(fast_kw, tiny_cfg, toy_trajectories, monkeypatch):
     """With no kimg limit only the budget can end a run: on a clock where every optimizer step takes 0.15 s it
     stops after exactly the step that crosses 1 s (the 7th), whatever the machine's speed."""
     import hkd_core.loop as T
@@ -107,22 +97,24 @@ def test_wall_clock_budget_stops_training(tiny_cfg, toy_trajectories, monkeypatc
 
     monkeypatch.setattr(T, "time", Clock)
     states, sigmas = toy_trajectories
-    res = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=float("inf"), max_train_s=1.0, **FAST)
+    res = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=float("inf"), max_train_s=1.0, **fast_kw)
     assert res["steps"] == 7 and res["train_s"] == pytest.approx(1.05)
     assert res["kimg"] == pytest.approx(res["steps"] * 0.016)
 
 
-def test_resuming_with_another_architecture_is_refused(tiny_cfg, toy_trajectories, tmp_path):
+def test_resuming_with_another_architecture_is_refused(fast_kw, tiny_cfg, toy_trajectories, tmp_path):
     states, sigmas = toy_trajectories
-    train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.016, checkpoint_dir=tmp_path, **FAST)
+    train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.016, checkpoint_dir=tmp_path, **fast_kw)
     with pytest.raises(CheckpointError, match="different architecture"):
-        train_hkd(_fresh(tiny_cfg, "kdm"), states, sigmas, total_kimg=0.032, checkpoint_dir=tmp_path, **FAST)
+        train_hkd(
+            _fresh(tiny_cfg, "kdm"), states, sigmas, total_kimg=0.032, checkpoint_dir=tmp_path, **fast_kw
+        )
 
 
-def test_batch_must_split_over_workers(tiny_cfg, toy_trajectories):
+def test_batch_must_split_over_workers(fast_kw, tiny_cfg, toy_trajectories):
     states, sigmas = toy_trajectories
     with pytest.raises(ValueError, match="batch_size=16 is not divisible by the 3 workers"):
-        train_hkd(_fresh(tiny_cfg), states, sigmas, world_size=3, **FAST)
+        train_hkd(_fresh(tiny_cfg), states, sigmas, world_size=3, **fast_kw)
 
 
 @pytest.mark.slow
@@ -149,17 +141,21 @@ def test_teacher_training_learns_to_denoise(toy_images, tmp_path):
     assert latest_checkpoint(tmp_path) is not None and res["steps"] == 50
 
 
-def test_generators_learn_at_their_own_rate(tiny_cfg, toy_trajectories):
+def test_generators_learn_at_their_own_rate(fast_kw, tiny_cfg, toy_trajectories):
     states, sigmas = toy_trajectories
-    fast = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.08, koopman_lr_mult=10.0, **FAST)["model"]
-    slow = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.08, koopman_lr_mult=1.0, **FAST)["model"]
+    fast = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.08, koopman_lr_mult=10.0, **fast_kw)[
+        "model"
+    ]
+    slow = train_hkd(_fresh(tiny_cfg), states, sigmas, total_kimg=0.08, koopman_lr_mult=1.0, **fast_kw)[
+        "model"
+    ]
     # Adam moves each parameter by about lr per step, so after 5 steps |alpha| is bounded by 5 * lr * mult
     a_fast = max(k.alpha.abs().max().item() for k in fast.koopman)
     a_slow = max(k.alpha.abs().max().item() for k in slow.koopman)
     assert a_slow <= 5 * 3e-3 * 1.01 < a_fast <= 5 * 3e-3 * 10 * 1.01
 
 
-def test_eval_callback_runs_at_each_checkpoint_on_the_ema(tiny_cfg, toy_trajectories):
+def test_eval_callback_runs_at_each_checkpoint_on_the_ema(fast_kw, tiny_cfg, toy_trajectories):
     states, sigmas = toy_trajectories
     seen, reported = [], []
 
@@ -175,7 +171,7 @@ def test_eval_callback_runs_at_each_checkpoint_on_the_ema(tiny_cfg, toy_trajecto
         total_kimg=0.048,
         eval_cb=eval_cb,
         checkpoint_cb=lambda path, m, kimg: reported.append(m),
-        **FAST,
+        **fast_kw,
     )
     assert seen == pytest.approx([0.016, 0.032, 0.048])
     assert [m["eval/proxy"] for m in reported] == pytest.approx([0.16, 0.32, 0.48])
@@ -209,7 +205,7 @@ def test_the_cosine_schedule_ramps_up_then_reaches_its_end_value(budget):
 
 
 def test_the_teachers_tensors_learn_at_their_own_rate_and_the_last_lr_is_the_end_value(
-    tiny_cfg, toy_trajectories
+    fast_kw, tiny_cfg, toy_trajectories
 ):
     """train.teacher_lr_mult scales the lr of the tensors named as copied from the teacher (and only those);
     the cosine schedule's last step runs at lr * lr_end_frac."""
@@ -228,7 +224,7 @@ def test_the_teachers_tensors_learn_at_their_own_rate_and_the_last_lr_is_the_end
         lr_schedule="cosine",
         lr_end_frac=0.1,
         metrics_cb=lambda m, k: lrs.append(m["train/lr"]),
-        **FAST,
+        **fast_kw,
     )
     moved = {n: (p.detach() - start[n]).abs().max().item() for n, p in res["model"].named_parameters()}
     # Adam moves a parameter by at most about lr * mult per step: 5 steps
@@ -243,7 +239,7 @@ def lr_factor_at_last_step(total_kimg, kimg_per_step, end):
     return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def test_the_held_out_and_training_errors_are_logged_as_curves(tiny_cfg, toy_trajectories):
+def test_the_held_out_and_training_errors_are_logged_as_curves(fast_kw, tiny_cfg, toy_trajectories):
     """holdout: the EMA model's MSE on the held-out and on as many training trajectories, at every
     holdout_every_kimg, beside the training loss; equal to holdout_error on the final EMA model."""
     from hkd_core.evaluation import holdout_error
@@ -258,7 +254,7 @@ def test_the_held_out_and_training_errors_are_logged_as_curves(tiny_cfg, toy_tra
         holdout_every_kimg=0.032,
         holdout={"holdout": states[:4], "train": states[4:8]},
         metrics_cb=lambda m, k: logged.append((k, m)),
-        **FAST,
+        **fast_kw,
     )
     with_holdout = [(k, m) for k, m in logged if "train/holdout_mse" in m]
     assert [k for k, _ in with_holdout] == pytest.approx([0.032, 0.064])
@@ -283,7 +279,7 @@ def _poisoned(states, steps: set[int], batch: int = 16):
 
 
 def test_a_nonfinite_loss_ends_the_run_naming_its_step_and_leaves_the_checkpoints_finite(
-    tiny_cfg, toy_trajectories, tmp_path
+    fast_kw, tiny_cfg, toy_trajectories, tmp_path
 ):
     from hkd_core.checkpoint import load_checkpoint
     from hkd_core.train import NonFiniteLossError
@@ -301,14 +297,16 @@ def test_a_nonfinite_loss_ends_the_run_naming_its_step_and_leaves_the_checkpoint
             total_kimg=0.32,
             states_per_traj=3,
             checkpoint_dir=tmp_path,
-            **FAST,
+            **fast_kw,
         )
     state = load_checkpoint(tmp_path)  # the checkpoint at 0.048 kimg, written before step 3
     assert state["step"] == 3
     assert all(torch.isfinite(v).all() for v in state["model"].values() if torch.is_floating_point(v))
 
 
-def test_skip_nonfinite_skips_the_steps_counts_them_and_keeps_the_weights_finite(tiny_cfg, toy_trajectories):
+def test_skip_nonfinite_skips_the_steps_counts_them_and_keeps_the_weights_finite(
+    fast_kw, tiny_cfg, toy_trajectories
+):
     states, sigmas = toy_trajectories
     logged = []
     res = train_hkd(
@@ -319,7 +317,7 @@ def test_skip_nonfinite_skips_the_steps_counts_them_and_keeps_the_weights_finite
         states_per_traj=3,
         skip_nonfinite=True,
         metrics_cb=lambda m, k: logged.append(m),
-        **FAST,
+        **fast_kw,
     )
     assert res["skipped_nonfinite"] == 2 and res["steps"] == 10 and res["kimg"] == pytest.approx(0.16)
     assert all(torch.isfinite(p).all() for p in res["model"].parameters())
