@@ -292,3 +292,30 @@ def test_tracking_server_restart_loses_no_metric(
             "lost": "nothing",
         }
     )
+
+
+def test_a_burst_logged_while_the_server_is_down_arrives_complete(local_stack, stack_service, run_tag):
+    """Issue 28: 1,300 metric values (more than two of the buffer's 500-value batches, over three keys) logged
+    through a worker's Tracker while MLflow is stopped all stay buffered, and all arrive once it is back: every
+    key's history holds every step with its own value, none twice, after close() returns."""
+    from orchestrator.config import load
+    from orchestrator.services.tracking import Tracker
+
+    pc = load(["experiment=smoke", f"tracking.experiment=burst-{run_tag}"])
+    tracker = Tracker(pc.tracking, background_flush_s=0.5)
+    run_id = tracker.open_run(f"burst-{run_tag}", f"burst-{run_tag}", None, {"hkd.stage": "burst"})
+    stack_service("stop", "mlflow")
+    try:
+        keys, steps = ("load/a", "load/b", "load/c"), 434
+        for step in range(steps):
+            tracker.log_metrics(run_id, {k: step + i / 10 for i, k in enumerate(keys)}, step)
+        time.sleep(1.5)  # the background sender tries meanwhile, and keeps all of it
+        assert tracker.pending() == len(keys) * steps
+    finally:
+        stack_service("start")
+    tracker.close()
+    assert tracker.pending() == 0
+    c = _client()
+    for i, k in enumerate(keys):
+        got = sorted((m.step, m.value) for m in c.get_metric_history(run_id, k))
+        assert got == [(s, pytest.approx(s + i / 10)) for s in range(steps)], k
