@@ -1,0 +1,175 @@
+"""The sweep driver's overhead as trials grow (issue 28), on a simulated many-node cluster: a head with 0 CPUs
+and several worker nodes on loopback addresses (``infra/local/cluster.py``, each a ``ray start`` of its own,
+with more logical CPUs than the machine has cores), and the sweep's own Tuner (``orchestrator.sweep.run.
+tuner``: Optuna's TPE, ASHA, the trial-closing callback, Tune's experiment state in S3) over a trivial trainable
+that opens its MLflow run through the project's Tracker, reports four times and ends. For each trial count it
+measures the wall time, the time per trial, MLflow runs created per second, and the size of Tune's experiment
+state (written every second: what grows with the trials).
+
+    eval "$(python infra/local/stack.py env)"     # S3 and MLflow of the local stack
+    python benchmarks/tune_overhead.py --trials 64,256 --nodes 3 --cpus-per-node 16 --concurrency 32 \\
+        --out docs/results/issue28/tune_overhead.json
+
+The driver runs as a Ray job on the cluster (``ray job submit``), as a sweep does there; ``--inner`` is that
+job's side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def trivial(params: dict, tracking) -> None:
+    """A trial with no work: its MLflow run opened and closed through the Tracker, four reports to Tune."""
+    from ray import tune
+
+    from hkd_core import metric_names as M
+    from orchestrator.services.tracking import Tracker
+
+    tracker = Tracker(tracking)
+    trial = tune.get_context().get_trial_id()
+    run_id = tracker.open_run(
+        f"tune-overhead-{trial}", trial, None, {"hkd.stage": "trial", "hkd.trial_id": trial}
+    )
+    x = abs(params["train.lr"] - 1e-2)
+    for k in (1, 2, 3):
+        tune.report({M.MSE_VS_TEACHER: x + 0.1 / k, "kimg": 0.1 * k})
+    tune.report({M.MSE_VS_TEACHER: x, "kimg": 0.4, "final": 1.0})
+    tracker.end(run_id)
+
+
+def inner(a) -> int:
+    """The job's side: one sweep per trial count, timed; one JSON line per count on stdout."""
+    import ray
+    from ray import tune
+
+    from hkd_core import metric_names as M
+    from orchestrator.config import load
+    from orchestrator.services.storage import make_store
+    from orchestrator.stages.driver import init_ray
+    from orchestrator.sweep.run import tuner
+    from orchestrator.sweep.spec import Report, Resources, Scheduler, SweepSpec
+
+    pc = load(["experiment=smoke", "train.total_kimg=0.4", f"tracking.experiment=tune-overhead-{a.tag}"])
+    init_ray(pc)
+    print("NODES", len([n for n in ray.nodes() if n["Alive"]]), flush=True)
+    for n in [int(x) for x in a.trials.split(",")]:
+        spec = SweepSpec(
+            name=f"overhead{n}",
+            base=[],
+            space={"train.lr": {"loguniform": [1.0e-4, 1.0e-1]}},
+            metric=M.MSE_VS_TEACHER,
+            mode="min",
+            trials=n,
+            max_concurrency=a.concurrency,
+            scheduler=Scheduler("asha", 0.1, 2.0),
+            report=Report(0.1, 32),
+            resources=Resources(1, 1.0, 0.0),
+            study_storage=f"sqlite:///{tempfile.mkdtemp()}/optuna.db",
+            seed=0,
+        )
+        sweep_id = f"overhead-{a.tag}-{n}"
+        t0 = time.monotonic()
+        grid = tuner(spec, pc, sweep_id, tune.with_parameters(trivial, tracking=pc.tracking)).fit()
+        wall = time.monotonic() - t0
+        errors = sum(1 for r in grid if r.error)
+        store = make_store(pc.storage, f"ray/sweeps/{sweep_id}")
+        states = [k for k in store.list("") if k.split("/")[-1].startswith("experiment_state")]
+        state_bytes = len(store.get(states[-1])) if states else 0
+        print(
+            "ROW "
+            + json.dumps(
+                {
+                    "trials": n,
+                    "concurrency": a.concurrency,
+                    "wall_s": wall,
+                    "s_per_trial": wall / n,
+                    "mlflow_runs_per_s": n / wall,
+                    "errors": errors,
+                    "experiment_state_bytes": state_bytes,
+                }
+            ),
+            flush=True,
+        )
+    return 0
+
+
+def outer(a) -> int:
+    sys.path.insert(0, str(ROOT / "infra" / "local"))
+    from cluster import LocalCluster
+
+    c = LocalCluster(Path(tempfile.mkdtemp(prefix="hkd-overhead-")))
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")
+    }
+    c.start([0] + [a.cpus_per_node] * a.nodes, first_ip=a.first_ip, env=env)
+    tag = time.strftime("%H%M%S")
+    try:
+        runtime_env = {"excludes": [".venv", ".stack", "runs", ".git", "**/__pycache__", "*.egg-info"]}
+        cmd = [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "benchmarks/tune_overhead.py",
+            "--inner",
+            "--trials",
+            a.trials,
+            "--concurrency",
+            str(a.concurrency),
+            "--tag",
+            tag,
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**env, **c.client_env()}, timeout=7200)
+        out = r.stdout + r.stderr
+        rows = [json.loads(line.split("ROW ", 1)[1]) for line in out.splitlines() if "ROW {" in line]
+        if r.returncode != 0 or not rows:
+            print(out[-5000:])
+            return 1
+    finally:
+        c.stop()
+    result = {
+        "command": " ".join(["python", "benchmarks/tune_overhead.py", *sys.argv[1:]]),
+        "cluster": f"head 0 CPUs + {a.nodes} nodes x {a.cpus_per_node} logical CPUs, loopback, on 2 cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
+    for row in rows:
+        print(json.dumps(row))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", default="64,256", help="trial counts, comma-separated")
+    p.add_argument("--nodes", type=int, default=3, help="worker nodes")
+    p.add_argument("--cpus-per-node", type=int, default=16, help="logical CPUs per worker node")
+    p.add_argument("--concurrency", type=int, default=32, help="trials at once")
+    p.add_argument("--first-ip", default="127.0.0.20", help="the head's loopback address")
+    p.add_argument("--out", help="JSON file of the rows")
+    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tag", default="x", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    return inner(a) if a.inner else outer(a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
