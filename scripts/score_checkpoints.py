@@ -31,6 +31,12 @@ def main(argv=None) -> int:
     p.add_argument("checkpoints", nargs="+", help="ckpt-*.pt files of one run")
     p.add_argument("--n", type=int, default=1000, help="samples per point (the evaluation's first N seeds)")
     p.add_argument("--out", required=True, help="JSON file of the points (appended to, resumed)")
+    p.add_argument(
+        "--grid",
+        metavar="PNG",
+        help="also draw the last checkpoint's samples beside the teacher's (its stage output in storage, at the "
+        "largest eval.teacher_nfe) on the evaluation's first noise seeds, as the evaluate stage does",
+    )
     a = p.parse_args(argv)
     import torch
 
@@ -81,7 +87,43 @@ def main(argv=None) -> int:
             f"{m[M.CURVE_KID] * 1e3:.1f} ± {m[M.CURVE_KID_STD] * 1e3:.1f}",
             flush=True,
         )
+    if a.grid:
+        draw_grid(pc, sorted(a.checkpoints)[-1], Path(a.grid))
     return 0
+
+
+def draw_grid(pc, path: str, out: Path) -> None:
+    """samples_vs_teacher.png of a checkpoint: the evaluate stage's figure, from the teacher stage's output."""
+    import json as _json
+    import shutil
+
+    import torch
+
+    from hkd_core.data import load_images
+    from hkd_core.models import build_model
+    from orchestrator import identity
+    from orchestrator.services.storage import make_store
+    from orchestrator.stages import evaluation
+    from orchestrator.stages.context import DONE
+
+    done = make_store(pc.storage, identity.stage_prefix(pc, "teacher"))
+    if not done.exists(DONE):
+        raise SystemExit(
+            f"score_checkpoints --grid: the teacher stage has no output at {done.uri(DONE)}; run it"
+        )
+    teacher_key = _json.loads(done.get(DONE)).get("teacher_key")
+    model = build_model(pc.run.model.variant, pc.run.hkd_config())
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["ema"])
+    d = pc.run.data
+    tmp = evaluation.beside_teacher(
+        pc,
+        model.eval(),
+        teacher_key,
+        lambda: load_images(d.name, "train", resolution=d.resolution, root=d.root)[0],
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(tmp), out)
+    print(f"{out}: {Path(path).name} beside the teacher", flush=True)
 
 
 if __name__ == "__main__":
