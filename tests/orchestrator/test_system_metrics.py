@@ -23,4 +23,3 @@ def test_a_run_shorter_than_the_interval_still_gets_its_point(tmp_path):
     points = client.get_metric_history(run, "system/train_rank0/cpu_utilization_percentage")
     assert len(points) == 1 and 0 <= points[0].value <= 100
     assert client.get_metric_history(run, "system/train_rank0/system_memory_usage_megabytes")[0].value > 0
-
