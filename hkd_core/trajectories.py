@@ -12,26 +12,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .checkpoint import atomic_write_bytes
+from .blobstore import LocalStore, ShardError, atomic_write_bytes  # noqa: F401 - re-exported: LocalStore, ShardError
 
 FORMAT, VERSION = "hkd-trajectories", 1
 MANIFEST = "manifest.json"
-
-
-class ShardError(RuntimeError):
-    """A shard or manifest is missing, truncated or altered."""
 
 
 class BlobStore(Protocol):
@@ -42,38 +36,6 @@ class BlobStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def size(self, key: str) -> int: ...
     def uri(self, key: str) -> str: ...
-
-
-class LocalStore:
-    """A folder as a BlobStore; writes go to a temporary file that is then renamed into place."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def put(self, key: str, data: bytes) -> None:
-        atomic_write_bytes(self.root / key, data)
-
-    def get(self, key: str) -> bytes:
-        try:
-            return (self.root / key).read_bytes()
-        except FileNotFoundError:
-            raise ShardError(f"{self.uri(key)} does not exist") from None
-
-    def exists(self, key: str) -> bool:
-        return (self.root / key).is_file()
-
-    def size(self, key: str) -> int:
-        return (self.root / key).stat().st_size
-
-    def uri(self, key: str = "") -> str:
-        return str(self.root / key) if key else str(self.root)
-
-    def md5(self, key: str) -> str:
-        h = hashlib.md5()
-        with open(self.root / key, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from hkd_core.trajectories import LocalStore
+from hkd_core.blobstore import LocalStore
 from orchestrator.services.retries import count_botocore_retries, retry
 
 log = logging.getLogger(__name__)

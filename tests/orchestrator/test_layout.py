@@ -206,3 +206,18 @@ def test_no_code_after_a_return():
         if (u := _unreachable(p.read_text()))
     }
     assert bad == {}
+
+
+def test_the_storage_and_tracking_clients_import_no_torch():
+    """A process that only moves bytes and metrics (a load test's trial, a sweep's bookkeeping) must not pay for
+    torch: 0.3 GB a process, which put 64 concurrent trials out of this machine's memory (issue 28). Checked in a
+    child interpreter, whose imports are its own."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import orchestrator.services.storage, orchestrator.services.tracking; "
+        "print('torch' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stdout + r.stderr
