@@ -137,7 +137,25 @@ def checkpoint_report(metrics: dict, kimg: float, total_kimg: float) -> dict:
     return report
 
 
-def callbacks(rank: int, tracker, run_id: str | None, total_kimg: float, what: str, storage_cfg=None):
+def eta_s(metrics: dict, kimg: float, total_kimg: float, max_train_s: float | None = None) -> float:
+    """Seconds left: to total_kimg at the current rate, or to the training-seconds budget when that ends first."""
+    rate = metrics.get(M.SAMPLES_PER_S, 0.0)
+    eta = (total_kimg - kimg) * 1000 / rate if rate else float("nan")
+    if max_train_s and M.TRAIN_S in metrics:
+        left = max(0.0, max_train_s - metrics[M.TRAIN_S])
+        eta = left if eta != eta else min(eta, left)
+    return eta
+
+
+def callbacks(
+    rank: int,
+    tracker,
+    run_id: str | None,
+    total_kimg: float,
+    what: str,
+    storage_cfg=None,
+    max_train_s: float | None = None,
+):
     """metrics_cb / checkpoint_cb for hkd_core's loops: MLflow and a progress line from rank 0, checkpoints
     through Ray (uploaded to S3 by CheckpointUploader; with storage=fs Ray copies them itself)."""
     import ray.train
@@ -153,7 +171,7 @@ def callbacks(rank: int, tracker, run_id: str | None, total_kimg: float, what: s
             tracker.log_metrics(run_id, metrics, step=int(round(kimg * 1000)))
         if rank == 0 and M.TRAIN_LOSS in metrics:
             rate = metrics.get(M.SAMPLES_PER_S, 0.0)
-            eta = (total_kimg - kimg) * 1000 / rate if rate else float("nan")
+            eta = eta_s(metrics, kimg, total_kimg, max_train_s)
             say(
                 f"[{what}] {kimg:.2f}/{total_kimg:g} kimg  loss {metrics[M.TRAIN_LOSS]:.4f}  {rate:.0f} samples/s  "
                 f"elapsed {time.monotonic() - t0:.0f} s  ETA {eta:.0f} s"
@@ -255,7 +273,14 @@ class LoopReporting:
     (``resume``), the count of worker-group starts, and a local folder for checkpoints before upload."""
 
     def __init__(
-        self, pc, run_id: str | None, rank: int, what: str, total_kimg: float, start_from: tuple | None = None
+        self,
+        pc,
+        run_id: str | None,
+        rank: int,
+        what: str,
+        total_kimg: float,
+        start_from: tuple | None = None,
+        max_train_s: float | None = None,
     ):
         self.tracker = tracker_for_rank0(pc, rank)
         self.run_id = run_id
@@ -266,7 +291,7 @@ class LoopReporting:
             pc.tracking, run_id if self.tracker is not None else None, node="train_rank0"
         )
         self.metrics_cb, self.checkpoint_cb = callbacks(
-            rank, self.tracker, run_id, total_kimg, what, pc.storage
+            rank, self.tracker, run_id, total_kimg, what, pc.storage, max_train_s
         )
         self.local = Path(tempfile.mkdtemp(prefix=f"hkd-{what}-"))
         # Ray's newest checkpoint of this run first (a restart); else a checkpoint the config continues from

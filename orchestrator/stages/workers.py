@@ -66,7 +66,7 @@ def distill_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)  # (3) DDP
     eval_cb = make_eval_cb(pc, config["eval"], device) if rank == 0 and config.get("eval") else None
     with LoopReporting(
-        pc, config.get("run_id"), rank, "distill", tr.total_kimg
+        pc, config.get("run_id"), rank, "distill", tr.total_kimg, max_train_s=tr.max_train_s
     ) as rep:  # (4) reports, resume
         train_hkd(
             model,
@@ -211,7 +211,9 @@ def teacher_loop(config: dict) -> None:
         "resume_from"
     )  # teacher.resume_from: (object ref of its bytes, kimg), read by the driver
     start_from = (ray.get(given[0]), given[1]) if given else None
-    with LoopReporting(pc, config.get("run_id"), rank, "teacher", t.total_kimg, start_from) as rep:  # (5)
+    with LoopReporting(
+        pc, config.get("run_id"), rank, "teacher", t.total_kimg, start_from, t.max_train_s
+    ) as rep:  # (5)
         train_teacher(
             net,
             images,
