@@ -115,26 +115,11 @@ def outer(a) -> int:
     c.start([0] + [a.cpus_per_node] * a.nodes, first_ip=a.first_ip, env=env)
     tag = time.strftime("%H%M%S")
     try:
-        runtime_env = {"excludes": [".venv", ".stack", "runs", ".git", "**/__pycache__", "*.egg-info"]}
-        cmd = [
-            str(Path(sys.executable).parent / "ray"),
-            "job",
-            "submit",
-            "--working-dir",
-            str(ROOT),
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--",
-            "python",
-            "benchmarks/tune_overhead.py",
-            "--inner",
-            "--trials",
-            a.trials,
-            "--concurrency",
-            str(a.concurrency),
-            "--tag",
-            tag,
-        ]
+        from orchestrator.services.jobdir import submit_command
+
+        entry = ["python", "benchmarks/tune_overhead.py", "--inner", "--trials", a.trials]
+        entry += ["--concurrency", str(a.concurrency), "--tag", tag]
+        cmd = submit_command(entry, ROOT)
         r = subprocess.run(cmd, capture_output=True, text=True, env={**env, **c.client_env()}, timeout=7200)
         out = r.stdout + r.stderr
         rows = [json.loads(line.split("ROW ", 1)[1]) for line in out.splitlines() if "ROW {" in line]

@@ -76,3 +76,28 @@ def settle(root: str | os.PathLike | None = None) -> Path | None:
         cwd,
     )
     return dest
+
+
+# What a job's working dir never needs: Ray uploads the rest of the checkout as the job's package (the same list
+# as the README's `ray job submit` line)
+JOB_EXCLUDES = [".venv", ".stack", "runs", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info"]
+
+
+def submit_command(entrypoint: list[str], working_dir: str | Path, env_vars: dict | None = None) -> list[str]:
+    """The `ray job submit` command line that runs ``entrypoint`` with ``working_dir`` (less JOB_EXCLUDES) as the
+    job's package and ``env_vars`` in its environment; the ``ray`` beside this interpreter. The caller sets
+    RAY_ADDRESS (and the token) in the environment it runs it with."""
+    import json
+
+    runtime_env = {"excludes": JOB_EXCLUDES, **({"env_vars": env_vars} if env_vars else {})}
+    ray = str(Path(sys.executable).parent / "ray")
+    head = [
+        ray,
+        "job",
+        "submit",
+        "--working-dir",
+        str(working_dir),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+    ]
+    return [*head, "--", *entrypoint]

@@ -170,26 +170,14 @@ def pytest_terminal_summary(terminalreporter):
         Path(os.environ["HKD_FAULT_REPORT"]).write_text(json.dumps(FAULTS, indent=1))
 
 
-# What a job's working dir never needs (Ray uploads the rest of this checkout as the job's package)
-JOB_EXCLUDES = [".venv", ".stack", "runs", ".git", "**/__pycache__", ".pytest_cache", "*.egg-info"]
-
-
 @pytest.fixture(scope="session")
 def job_command():
-    """Builds the `ray job submit` command line of the tests: this checkout as the job's working dir (less
-    JOB_EXCLUDES), the job's environment variables if given, then the entrypoint. The caller sets RAY_ADDRESS."""
+    """Builds the `ray job submit` command line of the tests (orchestrator.services.jobdir.submit_command): this
+    checkout as the job's working dir, the job's environment variables if given, then the entrypoint. The caller
+    sets RAY_ADDRESS."""
+    from orchestrator.services.jobdir import submit_command
 
     def build(entrypoint: list[str], env_vars: dict | None = None) -> list[str]:
-        runtime_env = {"excludes": JOB_EXCLUDES, **({"env_vars": env_vars} if env_vars else {})}
-        ray = str(Path(sys.executable).parent / "ray")
-        return [
-            ray,
-            "job",
-            "submit",
-            "--working-dir",
-            str(ROOT),
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-        ] + ["--", *entrypoint]
+        return submit_command(entrypoint, ROOT, env_vars)
 
     return build

@@ -40,3 +40,17 @@ def test_outside_a_ray_job_nothing_moves(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert settle(tmp_path / "private") is None and os.getcwd() == str(tmp_path)
     assert not (tmp_path / "private").exists()
+
+
+def test_the_submit_command_packs_the_checkout_less_what_a_job_never_needs(tmp_path):
+    import json
+
+    from orchestrator.services.jobdir import JOB_EXCLUDES, submit_command
+
+    cmd = submit_command(["hkd", "pipeline", "--", "x"], tmp_path, {"HKD_DATA_DIR": ""})
+    assert cmd[1:3] == ["job", "submit"] and cmd[0].endswith("ray")
+    assert cmd[cmd.index("--working-dir") + 1] == str(tmp_path)
+    env = json.loads(cmd[cmd.index("--runtime-env-json") + 1])
+    assert env == {"excludes": JOB_EXCLUDES, "env_vars": {"HKD_DATA_DIR": ""}} and ".venv" in JOB_EXCLUDES
+    assert cmd[cmd.index("--") + 1 :] == ["hkd", "pipeline", "--", "x"]  # the entrypoint after the first "--"
+    assert "env_vars" not in json.loads(submit_command(["a"], tmp_path)[6])
