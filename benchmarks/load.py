@@ -37,13 +37,15 @@ sys.path.insert(0, str(ROOT))
 KEYS = ("load/a", "load/b")
 
 
-def trial(pc, tag: str, i: int, seconds: float, rate: float, ckpt_bytes: int, ckpt_every_s: float) -> dict:
+def trial(
+    tracking, storage, tag: str, i: int, seconds: float, rate: float, ckpt_bytes: int, ckpt_every_s: float
+) -> dict:
     """One synthetic trial: a run of its own; len(KEYS) values every 1/rate s (step k holds k and -k), a
     checkpoint blob every ckpt_every_s; then close() (the buffer drained, retried up to its deadline)."""
     from orchestrator.services.storage import make_store
     from orchestrator.services.tracking import Tracker
 
-    tracker = Tracker(pc.tracking, background_flush_s=1.0)
+    tracker = Tracker(tracking, background_flush_s=1.0)
     run_id = tracker.open_run(f"{tag}-{i}", f"{tag}-{i}", None, {"hkd.stage": "load", "load.tag": tag})
     send_s, failed = [], [0]
     send = tracker.client.log_batch
@@ -59,7 +61,7 @@ def trial(pc, tag: str, i: int, seconds: float, rate: float, ckpt_bytes: int, ck
             send_s.append(time.perf_counter() - t)
 
     tracker.client.log_batch = timed_send
-    store = make_store(pc.storage, f"load/{tag}/{i}")
+    store = make_store(storage, f"load/{tag}/{i}")
     blob = np.random.default_rng(i).bytes(ckpt_bytes)
     call_s, up_s, up_fail = [], [], 0
     t0 = time.monotonic()
@@ -105,7 +107,12 @@ def run_n(pc, n: int, a, fault: bool = False) -> dict:
     tag = f"load-{n}-{uuid.uuid4().hex[:6]}"
     frac = min(1.0, a.cpus / n)
     fn = ray.remote(num_cpus=frac, max_retries=0)(trial)
-    refs = [fn.remote(pc, tag, i, a.seconds, a.rate, int(a.ckpt_mb * 2**20), a.ckpt_every) for i in range(n)]
+    # the two configs only (torch-free clients, 18 MB): the whole PipelineConfig would import hkd_core.config,
+    # and torch with it, into every trial's process (0.3-0.6 GB each: 64 of them do not fit 24 GB)
+    refs = [
+        fn.remote(pc.tracking, pc.storage, tag, i, a.seconds, a.rate, int(a.ckpt_mb * 2**20), a.ckpt_every)
+        for i in range(n)
+    ]
     outage = None
     if fault:
         time.sleep(a.seconds / 2)
@@ -116,6 +123,9 @@ def run_n(pc, n: int, a, fault: bool = False) -> dict:
         _stack("start")
         outage = {"outage_s": time.monotonic() - t, "restarted_at": time.time()}
     res = ray.get(refs)
+    from orchestrator.services.tracking_auth import use_credentials_file
+
+    use_credentials_file()  # a server with basic auth (cluster_tracking.py): the clients' user, from its file
     client = MlflowClient(pc.tracking.resolved_uri())
     held = sum(len(client.get_metric_history(r["run_id"], k)) for r in res for k in KEYS)
     store = make_store(pc.storage, f"load/{tag}")
@@ -196,7 +206,10 @@ def main(argv=None) -> int:
     p.add_argument("--cpus", type=float, default=2.0, help="CPUs the trials share (each gets cpus/N)")
     p.add_argument("--backend", default="sqlite", help="the label of the tracking server's backend store")
     p.add_argument("--fault", action="store_true", help="stop MLflow and S3 for 10 s halfway")
-    p.add_argument("--out", help="JSON file of the rows")
+    p.add_argument("--out", help="JSON file of the rows (kept: a rerun replaces only the N it measures)")
+    p.add_argument(
+        "--machine", default="2 cores, no GPU", help="what the rows ran on, as recorded in each row"
+    )
     p.add_argument("--plot", nargs="*", help="plot these JSON files (no run)")
     a = p.parse_args(argv)
     if a.plot:
@@ -211,17 +224,32 @@ def main(argv=None) -> int:
     adopt_local_stack()
     pc = load(["experiment=smoke", f"tracking.experiment=load-{a.backend}"])
     init_ray(pc)
-    rows = [run_n(pc, int(n), a, a.fault) for n in a.n.split(",")]
-    out = {
-        "backend": a.backend,
-        "tracking_uri": pc.tracking.resolved_uri(),
-        "command": " ".join(["python", "benchmarks/load.py", *(argv or sys.argv[1:])]),
-        "machine": "2 cores, no GPU",
-        "date": time.strftime("%Y-%m-%d"),
-        "rows": rows,
-    }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
+    path = Path(a.out)
+    # rows already in --out are kept (another N, measured before) unless this run measures that N again
+    done = json.loads(path.read_text()) if path.exists() else {}
+    runs = [dict(r) for r in done.get("runs", [])]
+    rows = {(r["n"], bool(r.get("outage_s"))): r for r in done.get("rows", [])}
+    runs.append(
+        {
+            "command": " ".join(["python", "benchmarks/load.py", *(argv or sys.argv[1:])]),
+            "machine": a.machine,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        }
+    )
+    for n in a.n.split(","):
+        row = run_n(pc, int(n), a, a.fault)
+        row["machine"] = a.machine
+        rows[(row["n"], bool(row.get("outage_s")))] = row
+        out = {
+            "backend": a.backend,
+            "tracking_uri": pc.tracking.resolved_uri(),
+            "runs": runs,
+            "rows": sorted(rows.values(), key=lambda r: (r["n"], bool(r.get("outage_s")))),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        tmp.replace(path)  # after each N: a row measured is never lost to a later one's failure
     return 0
 
 

@@ -36,6 +36,7 @@ import stack  # noqa: E402
 HOST = stack.HOST
 DB_USER = "hkd"
 DATABASES = ("mlflow", "mlflow_auth", "optuna")
+AUTH_CACHE_TTL_S = 60  # basic_auth.ini's auth_cache_ttl_seconds (MLflow's default 0: no cache)
 CLIENT_USER = "hkd-client"
 
 
@@ -174,7 +175,11 @@ def start_mlflow(state: Path, st: dict, stack_dir: Path) -> None:
         f"database_uri = {db_url(st, 'mlflow_auth')}\n"
         "admin_username = admin\n"
         f"admin_password = {sec['admin']}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # a credential checked once is trusted for a minute: without the cache every request pays a scrypt
+        # hash (0.15 s of CPU here), which held MLflow on PostgreSQL to 93 metric values/s with 4 trials
+        # (docs/results/issue28); a revoked password can go on working for at most this long
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n",
     )
     _secret_file(
         state / "mlflow_credentials",
