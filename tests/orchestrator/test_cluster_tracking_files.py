@@ -40,7 +40,6 @@ def test_the_cluster_tracking_server_runs_on_postgres_with_auth_allowed_hosts_an
     ini = configparser.ConfigParser()
     ini.read_string(docs[("ConfigMap", "hkd-mlflow-auth")]["data"]["basic_auth.ini"])
     import mlflow.server.auth as auth
-
     from mlflow.server.auth.config import AuthConfig
 
     default = configparser.ConfigParser()
