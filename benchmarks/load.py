@@ -6,15 +6,16 @@ the driver counts what MLflow and S3 hold against what was logged and uploaded: 
     python benchmarks/load.py --n 4,16,64 --seconds 30 --out docs/results/issue28/sqlite.json
     eval "$(python infra/local/cluster_tracking.py env)"       # MLflow on PostgreSQL, started before
     python benchmarks/load.py --n 4,16,64 --seconds 30 --backend postgres --out docs/results/issue28/postgres.json
-    python benchmarks/load.py --n 16 --seconds 40 --fault --out docs/results/issue28/fault.json
+    python benchmarks/load.py --n 16 --seconds 60 --fault --out docs/results/issue28/fault.json
     python benchmarks/load.py --plot docs/results/issue28/sqlite.json docs/results/issue28/postgres.json
 
 Per N, one row: metric values logged and held, lost, writes/s the server accepted (values held over the time from
 the first value to the last trial's drained buffer), p50/p99 of a logging call (what a training loop waits: the
 buffered ``log_metrics``) and of a batch sent to the server (``log_batch``, from the sender thread), failed
-sends, checkpoint uploads held/made, uploads/s, MB/s and p99 of an upload. ``--fault``: MLflow (the local stack's)
-and S3 are stopped halfway through for 10 s, then started; the row adds the outage and the time from the restart
-until every trial had sent all it held.
+sends, checkpoint uploads held/made, uploads/s, MB/s and p99 of an upload. ``--fault``: once every trial has
+opened its run, a third of the way into the logging, MLflow (the local stack's) and S3 are stopped for 10 s,
+then started; the row adds the outage, how many trials were logging at its start and at the restart, and the
+time from the restart until every trial had sent all it held.
 
 Runs against the local stack (``infra/local/stack.py start --ray``): its Ray, S3 and, unless the environment
 names another tracking server (``MLFLOW_TRACKING_URI``, as ``cluster_tracking.py env`` exports), its MLflow.
@@ -81,6 +82,7 @@ def trial(
                 up_fail += 1
         time.sleep(max(0.0, step / rate - (time.monotonic() - t0)))
     t_close = time.monotonic()
+    t_last = time.time()
     tracker.close()
     tracker.end(run_id)
     return {
@@ -92,6 +94,7 @@ def trial(
         "send_s": send_s,
         "send_failed": failed[0],
         "upload_s": up_s,
+        "t_last": t_last,  # the last value logged (wall clock)
         "closed_at": time.time(),
         "close_s": time.monotonic() - t_close,
         "t_first": time.time() - (time.monotonic() - t0),
@@ -113,20 +116,29 @@ def run_n(pc, n: int, a, fault: bool = False) -> dict:
         fn.remote(pc.tracking, pc.storage, tag, i, a.seconds, a.rate, int(a.ckpt_mb * 2**20), a.ckpt_every)
         for i in range(n)
     ]
-    outage = None
-    if fault:
-        time.sleep(a.seconds / 2)
-        t = time.monotonic()
-        _stack("stop", "--service=mlflow")
-        _stack("stop", "--service=s3")
-        time.sleep(10)
-        _stack("start")
-        outage = {"outage_s": time.monotonic() - t, "restarted_at": time.time()}
-    res = ray.get(refs)
     from orchestrator.services.tracking_auth import use_credentials_file
 
     use_credentials_file()  # a server with basic auth (cluster_tracking.py): the clients' user, from its file
     client = MlflowClient(pc.tracking.resolved_uri())
+    outage = None
+    if fault:
+        # the outage must meet every trial while it logs: wait until all have opened their runs (their loops
+        # start right after), then a third of their logging time; trials still starting would only wait for it
+        exp = client.get_experiment_by_name(pc.tracking.experiment)
+        deadline = time.monotonic() + 600
+        while len(client.search_runs([exp.experiment_id], f"tags.`load.tag` = '{tag}'", max_results=n)) < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"load: not all {n} trials opened their runs within 600 s")
+            time.sleep(0.5)
+        time.sleep(a.seconds / 3)
+        t = time.monotonic()
+        started_at = time.time()
+        _stack("stop", "--service=mlflow")
+        _stack("stop", "--service=s3")
+        time.sleep(10)
+        _stack("start")
+        outage = {"outage_s": time.monotonic() - t, "started_at": started_at, "restarted_at": time.time()}
+    res = ray.get(refs)
     held = sum(len(client.get_metric_history(r["run_id"], k)) for r in res for k in KEYS)
     store = make_store(pc.storage, f"load/{tag}")
     objects = len(list(store.list("")))
@@ -162,6 +174,9 @@ def run_n(pc, n: int, a, fault: bool = False) -> dict:
     if outage:
         row["outage_s"] = outage["outage_s"]
         row["drained_after_restart_s"] = max(r["closed_at"] for r in res) - outage["restarted_at"]
+        # every trial was logging when the outage began, and still when it ended (else it met only part of it)
+        row["trials_logging_at_outage"] = sum(r["t_first"] <= outage["started_at"] for r in res)
+        row["trials_logging_at_restart"] = sum(r["t_last"] >= outage["restarted_at"] for r in res)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     return row
 
@@ -170,6 +185,32 @@ def _stack(*args: str) -> None:
     subprocess.run(
         [sys.executable, str(ROOT / "infra" / "local" / "stack.py"), *args], check=True, capture_output=True
     )
+
+
+def table(paths: list[str]) -> str:
+    """The rows of these JSON files as one Markdown table (the docs' tables are printed by this, not typed)."""
+    head = (
+        "| backend | N | values logged | held | **lost** | values/s held (offered) | p99 logging call "
+        "| p50 / p99 batch sent | uploads (held) | **lost** | outage: trials logging at start / restart, drained |"
+    )
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        for r in d["rows"]:
+            out = "-"
+            if r.get("outage_s"):
+                out = (
+                    f"{r['outage_s']:.0f} s away; {r.get('trials_logging_at_outage', '?')} / "
+                    f"{r.get('trials_logging_at_restart', '?')} of {r['n']}; "
+                    f"drained {r['drained_after_restart_s']:.0f} s after"
+                )
+            lines.append(
+                f"| {d['backend']} | {r['n']} | {r['values_logged']:,} | {r['values_held']:,} "
+                f"| **{r['values_lost']}** | {r['writes_per_s']:.0f} ({r['offered_per_s']:.0f}) "
+                f"| {r['log_call_p99_ms']:.2f} ms | {r['send_p50_ms']:,.0f} / {r['send_p99_ms']:,.0f} ms "
+                f"| {r['uploads']} ({r['uploads_held']}) | **{r['uploads_lost']}** | {out} |"
+            )
+    return "\n".join(lines)
 
 
 def plot(paths: list[str]) -> Path:
@@ -211,9 +252,13 @@ def main(argv=None) -> int:
         "--machine", default="2 cores, no GPU", help="what the rows ran on, as recorded in each row"
     )
     p.add_argument("--plot", nargs="*", help="plot these JSON files (no run)")
+    p.add_argument("--table", nargs="*", help="print these JSON files' rows as a Markdown table (no run)")
     a = p.parse_args(argv)
     if a.plot:
         print(plot(a.plot))
+        return 0
+    if a.table:
+        print(table(a.table))
         return 0
     if not a.out:
         p.error("--out is required for a run")
