@@ -4,7 +4,10 @@ with more logical CPUs than the machine has cores), and the sweep's own Tuner (`
 tuner``: Optuna's TPE, ASHA, the trial-closing callback, Tune's experiment state in S3) over a trivial trainable
 that opens its MLflow run through the project's Tracker, reports four times and ends. For each trial count it
 measures the wall time, the time per trial, MLflow runs created per second, and the size of Tune's experiment
-state (written every second: what grows with the trials).
+state (written every second: what grows with the trials), and where the driver's time goes: its CPU seconds,
+the seconds spent in Tune's experiment-state snapshots (``--checkpoint-s``: the sweep's period, 1 s, or Tune's
+``auto``), and the seconds per trial in each quarter of the sweep (flat if nothing grows with the trials).
+Progress (trials ended) is printed as the job runs.
 
     eval "$(python infra/local/stack.py env)"     # S3 and MLflow of the local stack
     python benchmarks/tune_overhead.py --trials 64,256 --nodes 3 --cpus-per-node 16 --concurrency 32 \\
@@ -50,15 +53,48 @@ def trivial(params: dict, tracking) -> None:
 
 def inner(a) -> int:
     """The job's side: one sweep per trial count, timed; one JSON line per count on stdout."""
+    import resource
+
     import ray
     from ray import tune
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 
     from hkd_core import metric_names as M
     from orchestrator.config import load
     from orchestrator.services.storage import make_store
     from orchestrator.stages.driver import init_ray
+    from orchestrator.sweep.callbacks import StoppedTrialCloserCallback
     from orchestrator.sweep.run import tuner
     from orchestrator.sweep.spec import Report, Resources, Scheduler, SweepSpec
+
+    # the sweep's own period unless one is given ("auto" is Tune's: at most 5 % of the driver's time, >= 10 s)
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = a.checkpoint_s
+    # where the driver's time goes: Tune's experiment-state snapshots, timed in this process
+    saves = {"n": 0, "s": 0.0}
+    sync_up = _ExperimentCheckpointManager.sync_up_experiment_state
+
+    def timed_sync_up(self, *args, **kwargs):
+        before = self._last_save_time
+        t = time.monotonic()
+        try:
+            return sync_up(self, *args, **kwargs)
+        finally:
+            if self._last_save_time != before:  # a snapshot was taken (not throttled)
+                saves["n"] += 1
+                saves["s"] += time.monotonic() - t
+
+    _ExperimentCheckpointManager.sync_up_experiment_state = timed_sync_up
+    # when each trial ends, seen by the driver (the sweep's own closing callback, wrapped), with progress
+    ends: list[float] = []
+    on_complete = StoppedTrialCloserCallback.on_trial_complete
+
+    def counted(self, *args, **kwargs):
+        ends.append(time.monotonic())
+        if len(ends) % 16 == 0:
+            print(f"PROGRESS {len(ends)} trials ended, {ends[-1] - t0:.0f} s", flush=True)
+        return on_complete(self, *args, **kwargs)
+
+    StoppedTrialCloserCallback.on_trial_complete = counted
 
     pc = load(["experiment=smoke", "train.total_kimg=0.4", f"tracking.experiment=tune-overhead-{a.tag}"])
     init_ray(pc)
@@ -79,9 +115,18 @@ def inner(a) -> int:
             seed=0,
         )
         sweep_id = f"overhead-{a.tag}-{n}"
+        saves.update(n=0, s=0.0)
+        ends.clear()
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.monotonic()
         grid = tuner(spec, pc, sweep_id, tune.with_parameters(trivial, tracking=pc.tracking)).fit()
         wall = time.monotonic() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        driver_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        # seconds per trial in each quarter of the sweep, by the order trials ended: flat if nothing grows
+        q = max(1, len(ends) // 4)
+        marks = [t0] + [ends[min(len(ends), (i + 1) * q) - 1] for i in range(4)] if ends else []
+        quarters = [(marks[i + 1] - marks[i]) / q for i in range(len(marks) - 1)]
         errors = sum(1 for r in grid if r.error)
         store = make_store(pc.storage, f"ray/sweeps/{sweep_id}")
         states = [k for k in store.list("") if k.split("/")[-1].startswith("experiment_state")]
@@ -97,6 +142,13 @@ def inner(a) -> int:
                     "mlflow_runs_per_s": n / wall,
                     "errors": errors,
                     "experiment_state_bytes": state_bytes,
+                    "checkpoint_period_s": a.checkpoint_s,
+                    "state_snapshots": saves["n"],
+                    "state_snapshot_s": saves["s"],
+                    "state_snapshot_share": saves["s"] / wall,
+                    "driver_cpu_s": driver_cpu,
+                    "driver_cpu_share": driver_cpu / wall,
+                    "s_per_trial_by_quarter": quarters,
                 }
             ),
             flush=True,
@@ -118,10 +170,23 @@ def outer(a) -> int:
         from orchestrator.services.jobdir import submit_command
 
         entry = ["python", "benchmarks/tune_overhead.py", "--inner", "--trials", a.trials]
-        entry += ["--concurrency", str(a.concurrency), "--tag", tag]
+        entry += ["--concurrency", str(a.concurrency), "--tag", tag, "--checkpoint-s", a.checkpoint_s]
         cmd = submit_command(entry, ROOT)
-        r = subprocess.run(cmd, capture_output=True, text=True, env={**env, **c.client_env()}, timeout=7200)
-        out = r.stdout + r.stderr
+        # the job's log, streamed: its progress lines shown as they come, the rest kept for an error
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**env, **c.client_env()}
+        )
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "PROGRESS " in line or "ROW {" in line:
+                print(
+                    line.split("PROGRESS ", 1)[-1].rstrip() if "PROGRESS " in line else line.rstrip(),
+                    flush=True,
+                )
+        proc.wait(timeout=7200)
+        r = subprocess.CompletedProcess(cmd, proc.returncode)
+        out = "".join(lines)
         rows = [json.loads(line.split("ROW ", 1)[1]) for line in out.splitlines() if "ROW {" in line]
         if r.returncode != 0 or not rows:
             print(out[-5000:])
@@ -130,7 +195,8 @@ def outer(a) -> int:
         c.stop()
     result = {
         "command": " ".join(["python", "benchmarks/tune_overhead.py", *sys.argv[1:]]),
-        "cluster": f"head 0 CPUs + {a.nodes} nodes x {a.cpus_per_node} logical CPUs, loopback, on 2 cores",
+        "cluster": f"head 0 CPUs + {a.nodes} nodes x {a.cpus_per_node} logical CPUs, loopback",
+        "machine": a.machine,
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
     }
@@ -148,8 +214,16 @@ def main(argv=None) -> int:
     p.add_argument("--nodes", type=int, default=3, help="worker nodes")
     p.add_argument("--cpus-per-node", type=int, default=16, help="logical CPUs per worker node")
     p.add_argument("--concurrency", type=int, default=32, help="trials at once")
+    p.add_argument(
+        "--checkpoint-s",
+        default="1",
+        help="Tune's experiment-state period, TUNE_GLOBAL_CHECKPOINT_S: the sweep's 1 (default) or 'auto'",
+    )
     p.add_argument("--first-ip", default="127.0.0.20", help="the head's loopback address")
     p.add_argument("--out", help="JSON file of the rows")
+    p.add_argument(
+        "--machine", default="2 cores", help="what ran it, for the JSON (e.g. 'one core: taskset -c 0')"
+    )
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tag", default="x", help=argparse.SUPPRESS)
     a = p.parse_args(argv)

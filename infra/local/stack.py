@@ -223,6 +223,20 @@ def _bucket_ready(state: Path, st: dict) -> bool:
         return False
 
 
+# The tracking server's SQLAlchemy pool. MLflow's default (5 connections + 10 overflow, 30 s wait) runs out at
+# 64 concurrent trials on SQLite, where every write holds its connection while it waits for the database lock:
+# the server then answers 400 "QueuePool limit ... reached" (docs/results/issue28). 32 + 64 held 64 trials.
+SQLITE_POOL = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "32", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "64"}
+
+
+def mlflow_server_env(environ) -> dict:
+    """The local MLflow server's environment: the caller's (a pool size it sets wins), the larger pool, no job
+    execution, and no tracking URI of its own."""
+    env = {**SQLITE_POOL, **environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def start_mlflow(state: Path, st: dict) -> None:
     p = st["ports"]
     if (
@@ -233,8 +247,7 @@ def start_mlflow(state: Path, st: dict) -> None:
         return
     require_free(st, ["mlflow"])
     (state / "mlflow").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **client_env(state, st), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = mlflow_server_env({**os.environ, **client_env(state, st)})
     # fmt: off
     cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
            "--artifacts-destination", f"s3://{BUCKET}/mlflow-artifacts", "--host", HOST, "--port", str(p["mlflow"]),

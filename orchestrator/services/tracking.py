@@ -102,11 +102,19 @@ def _with_retry(fn, what: str, deadline_s: float):
             time.sleep(delay)
 
 
+# A server under load answers some requests 400 although nothing is wrong with them: its database connection
+# pool ran out (SQLAlchemy's "QueuePool limit ... reached, connection timed out") or SQLite's lock wait expired.
+# Those are retried like a server that is away (docs/results/issue28).
+BUSY_SERVER = ("QueuePool limit", "connection timed out", "database is locked")
+
+
 def _permanent(e: BaseException) -> bool:
-    """Errors that retrying cannot fix (bad request, resource exists/missing)."""
+    """Errors that retrying cannot fix (bad request, resource exists/missing), except a busy server's."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(e, MlflowException):
+        if any(m in str(e) for m in BUSY_SERVER):
+            return False
         code = getattr(e, "error_code", "")
         return code in (
             "INVALID_PARAMETER_VALUE",

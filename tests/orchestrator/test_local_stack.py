@@ -72,3 +72,24 @@ def test_the_stack_refuses_a_port_another_program_holds(tmp_path):
         holder.close()
     text = (ROOT / "infra" / "local" / "stack.py").read_text()
     assert "-master.telemetry=false" in text and '"MLFLOW_DISABLE_TELEMETRY": "true"' in text
+
+
+def test_the_stacks_mlflow_server_gets_a_pool_that_holds_64_trials():
+    """MLflow-on-SQLite's default pool (5 + 10) ran out under 64 concurrent trials (issue 28); the local stack's
+    server starts with 32 + 64, through the variables MLflow itself reads, unless the caller sets its own."""
+    import importlib.util
+
+    from mlflow.environment_variables import (
+        MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW,
+        MLFLOW_SQLALCHEMYSTORE_POOL_SIZE,
+    )
+
+    spec = importlib.util.spec_from_file_location("stack_mod", ROOT / "infra" / "local" / "stack.py")
+    stack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stack)
+    env = stack.mlflow_server_env({"PATH": "/bin", "MLFLOW_TRACKING_URI": "http://elsewhere"})
+    assert int(env[MLFLOW_SQLALCHEMYSTORE_POOL_SIZE.name]) >= 32
+    assert int(env[MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW.name]) >= 64
+    assert "MLFLOW_TRACKING_URI" not in env and env["PATH"] == "/bin"
+    own = stack.mlflow_server_env({MLFLOW_SQLALCHEMYSTORE_POOL_SIZE.name: "8"})
+    assert own[MLFLOW_SQLALCHEMYSTORE_POOL_SIZE.name] == "8"
