@@ -128,8 +128,17 @@ def write_shipped(
     folder: Path, data: DataConfig, teacher: TeacherConfig, ema_state: dict, **facts
 ) -> ShippedTeacher:
     """Ship a trained teacher: its weights and a record (config, content hash, sha256, and ``facts``: kimg,
-    train_s, FID/KID with N, the command that made it, ...). Each file is written whole or not at all."""
+    train_s, FID/KID with N, the command that made it, ...). Each file is written whole or not at all.
+
+    A teacher trained in segments (``teacher.resume_from``, one run per session or machine) is recorded under
+    its config without ``resume_from``: resuming itself changes nothing in the weights (bit-equal to one
+    uninterrupted run on as many workers, tests/hkd_core/test_teacher_resume.py), so the config that adopts it
+    is the one that would have trained it in one go. The last segment's ``resume_from`` stays in the record as
+    ``resumed_from``."""
     folder = Path(folder)
+    if teacher.resume_from:
+        facts = {"resumed_from": teacher.resume_from, **facts}
+        teacher = dataclasses.replace(teacher, resume_from=None)
     atomic_write(
         folder / WEIGHTS,
         lambda f: torch.save({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, f),

@@ -107,7 +107,8 @@ def ship_teacher(pc, out: str | Path, command: str = "") -> dict:
         if old
         else {
             "kimg": summary.get("kimg"),
-            "train_wall_s": summary.get("wall_s"),
+            "train_wall_s": summary.get("wall_s"),  # the last segment's run
+            "train_s": summary.get("train_s"),  # seconds of training, every segment together
             "source": summary.get("checkpoint_uri"),
             "params": sum(v.numel() for v in ema.values() if v.is_floating_point()),
             "command": command,

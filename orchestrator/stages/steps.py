@@ -49,7 +49,7 @@ def stage_teacher(ctx: StageContext) -> dict:
     given, resume_from = pc.run.teacher.checkpoint, pc.run.teacher.resume_from
     shipped = None if given or resume_from else find_shipped(pc.run.data, pc.run.teacher)
     source = "checkpoint" if given else "shipped" if shipped else "resumed" if resume_from else "trained"
-    extra = {}
+    extra, train_s = {}, None
     if resume_from:  # read and checked here, before any run opens or Ray starts: a bad file costs nothing
         from hkd_core.teachers import resumable_teacher_checkpoint
 
@@ -96,6 +96,7 @@ def stage_teacher(ctx: StageContext) -> dict:
         )
         state = trainer.checkpoint_state(result)
         ema, kimg = state["ema"], state["nimg"] / 1000
+        train_s = state.get("train_s")  # seconds of training over every segment (resume_from), not this run's
     buf = io.BytesIO()
     torch.save(ema, buf)
     key = f"{ctx.prefix('teacher')}/teacher.pt"
@@ -110,6 +111,7 @@ def stage_teacher(ctx: StageContext) -> dict:
         "adopted": str(shipped.folder) if shipped else None,
         "from_checkpoint": given or None,
         "resumed_from": resume_from or None,
+        "train_s": train_s,
     }
     ctx.tracker.set_tags(run_id, {"hkd.teacher_uri": summary["checkpoint_uri"]})
     ctx.tracker.log_metrics(run_id, {M.WALL_S: wall}, step=int(kimg * 1000))

@@ -72,3 +72,18 @@ def test_a_corrupt_record_is_refused_naming_it(shipped, tmp_path):
     (s.folder / "record.json").write_text("{not json")
     with pytest.raises(ShippedTeacherError, match=r"fmnist-edm/record.json is unreadable"):
         find_shipped(DATA, TEACHER, [tmp_path])
+
+
+def test_a_teacher_trained_in_segments_is_recorded_under_its_one_go_config(tmp_path):
+    """The CIFAR teacher trains over several sessions (teacher.resume_from); a resumed run's weights equal an
+    uninterrupted run's, so its record carries the config without resume_from (that config adopts it) and keeps
+    the last segment's checkpoint as a fact."""
+    torch.manual_seed(0)
+    net = teacher_denoiser(TEACHER, 1, DATA.resolution)
+    last = "s3://hkd/runs/ray/teacher-abc/checkpoint_x/ckpt-000340.032.pt"
+    segmented = dataclasses.replace(TEACHER, resume_from=last)
+    s = write_shipped(tmp_path / "cifar-edm", DATA, segmented, net.state_dict(), kimg=400.0)
+    rec = json.loads((s.folder / "record.json").read_text())
+    assert rec["config"]["teacher"]["resume_from"] is None and rec["resumed_from"] == last
+    assert rec["teacher_hash"] == teacher_hash(DATA, TEACHER) != teacher_hash(DATA, segmented)
+    assert find_shipped(DATA, TEACHER, [tmp_path]).folder == s.folder

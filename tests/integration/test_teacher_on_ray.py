@@ -93,6 +93,8 @@ def test_edm_teacher_trains_on_ray_and_feeds_the_trajectory_tasks(local_stack, s
     resumed = json.loads(open(out).read())["teacher"]
     assert resumed["kimg"] == pytest.approx(0.384) and resumed["resumed_from"] == given
     assert resumed["checkpoint_uri"] != teacher["checkpoint_uri"]  # a stage of its own: the first one stays
+    # the seconds of training count both segments: more than the first's, which the second carried on from
+    assert teacher["train_s"] > 0 and resumed["train_s"] > teacher["train_s"]
     run = [x for x in _runs(f"it-{run_tag}") if x.data.tags.get("hkd.teacher_source") == "resumed"]
     assert len(run) == 1 and run[0].data.tags["hkd.resumed_from"] == given
     at = float(run[0].data.tags["hkd.resumed_from_kimg"])

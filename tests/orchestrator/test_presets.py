@@ -63,9 +63,13 @@ def test_every_sweep_yaml_composes_and_plans_in_dry_run(name, capsys):
 def test_group_yamls_carry_only_what_differs_from_the_dataclass_defaults(path):
     text = path.read_text()
     node = yaml.safe_load(text) or {}
+    if path.parent.name != "experiment":
+        node.pop("defaults", None)  # a group option's choice of another group's option (data -> its teacher)
     # a group option is its group's keys, or (`# @package _global_`) whole sections
     sections = node if text.startswith("# @package _global_") else {path.parent.name: node}
     for section, keys in sections.items():
+        if section == "defaults":  # an experiment's choices of group options, not keys
+            continue
         base = defaults()[section]
         for key, value in keys.items():
             assert key in base, f"{path}: {section}.{key} is not a config key"
@@ -79,6 +83,12 @@ def test_a_group_option_sets_only_its_own_section(path):
     """Only an experiment preset may span sections: a group option that set another group's keys would make
     that group's defaults depend on which option of this one was picked (teacher=edm once set data.limit)."""
     assert "@package" not in path.read_text(), f"{path}: a group option sets only {path.parent.name}.*"
+    choices = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
+    # what it may do besides: choose another group's option (data=cifar10_jpeg its teacher), which the command
+    # line and an experiment still override
+    assert all(
+        c == "_self_" or (isinstance(c, dict) and next(iter(c)).startswith("override /")) for c in choices
+    )
 
 
 @pytest.mark.parametrize("teacher, limit, init", [("edm", None, "teacher"), ("empirical", 5000, "none")])
@@ -111,3 +121,24 @@ def test_a_preset_in_the_user_folder_is_found_by_name(tmp_path, monkeypatch):
     assert path == tmp_path / "experiment" / "sweep_mine.yaml"
     assert compose(["experiment=sweep_mine"])["train"]["lr"] == 0.0042
     assert not (CONF_DIR / "experiment" / "sweep_mine.yaml").exists()  # never into the installed package
+
+
+def test_cifar10_chooses_its_own_teacher_and_a_teacher_given_still_wins():
+    """data=cifar10_jpeg composes the teacher trained for it here (sigma_data 0.5, width 32, one block; what
+    the shipped CIFAR teacher's record holds), not the Fashion-MNIST teacher's settings; teacher=... on the
+    command line, or an experiment's own choice, overrides it."""
+    from orchestrator.config import load
+
+    cifar = load(["data=cifar10_jpeg"]).run.teacher
+    assert (cifar.kind, cifar.channels, cifar.blocks, cifar.attn_resolutions, cifar.sigma_data) == (
+        "edm",
+        32,
+        1,
+        [],
+        0.5,
+    )
+    assert load([]).run.teacher.sigma_data == 0.66  # Fashion-MNIST keeps its own
+    assert load(["data=cifar10_jpeg", "teacher=empirical"]).run.teacher.kind == "empirical"
+    assert load(["data=cifar10_jpeg", "teacher=edm"]).run.teacher.sigma_data == 0.66
+    assert load(["experiment=cifar_gpu"]).run.teacher.channels == 128
+    assert load(["experiment=smoke", "data=cifar10_jpeg"]).run.teacher.kind == "empirical"
