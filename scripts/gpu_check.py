@@ -14,7 +14,12 @@ fails is recorded with its error and the next runs. Within the time budget, in o
    checks the CUDA path but not the numbers, and says so);
 5. train: distillation steps of the ``cifar`` preset on the GPU (samples/s), the same steps' loss on CPU for
    the first step (equal within float tolerance), and one-step sampling throughput;
-6. study: the CIFAR-10 study preset (``hkd study experiment=study_cifar_gpu``), only where Ray and MLflow are
+6. cifar_gpu: the first steps of ``experiment=cifar_gpu`` on the GPU, as its stages take them
+   (``orchestrator/first_steps.py``, what tests/orchestrator/test_presets.py runs for cifar_cpu on the CPU):
+   CIFAR-10's JPEGs (from ../shared/data, carried, or the data root given), its teacher, Heun trajectories,
+   the student started from the teacher's U-Net, training steps with the preset's recipe, one-step samples.
+   Needs Hydra, OmegaConf and PyYAML (small wheels, carried in .whl/ as below) and the CIFAR-10 file;
+7. study: the CIFAR-10 study preset (``hkd study experiment=study_cifar_gpu``), only where Ray and MLflow are
    importable (their wheels exceed what travels to the machine here), with what time is left.
 
     python scripts/gpu_check.py --out DIR [--budget-s 540]
@@ -224,6 +229,27 @@ def check_train(seconds: float) -> dict:
     }
 
 
+def check_first_steps(seconds: float) -> dict:
+    """cifar_gpu's first steps on the GPU (cifar_cpu's on the CPU in a dry run)."""
+    try:
+        import hydra  # noqa: F401
+        import omegaconf  # noqa: F401
+        import yaml  # noqa: F401
+    except ImportError as e:
+        return {
+            "skipped": f"{e.name} is not installed here: carry its wheel in .whl/ (see scripts/gpu_check.sh)"
+        }
+    from hkd_core.data import has_local_copy
+
+    if not has_local_copy("cifar10_jpeg"):
+        return {"skipped": "CIFAR-10 (JPEG) is not on this machine: carry ../shared/data or set HKD_DATA_DIR"}
+    from orchestrator.first_steps import first_steps
+
+    if DEV == "cuda":
+        return first_steps(["experiment=cifar_gpu"], "cuda", trajectories=64, batch_size=64, train_steps=20)
+    return first_steps(["experiment=cifar_cpu"], "cpu")
+
+
 def check_study(seconds: float, out: Path) -> dict:
     if DEV == "cpu":
         return {"skipped": "dry run: the study preset is sized for a GPU"}
@@ -272,6 +298,7 @@ def main() -> int:
         ("mixed_precision", check_mixed_precision),
         ("inception", check_inception),
         ("train", lambda: check_train(t_end - time.monotonic())),
+        ("cifar_gpu", lambda: check_first_steps(t_end - time.monotonic())),
         ("study", lambda: check_study(t_end - time.monotonic() - 20, a.out)),
     ]
     for name, fn in checks:

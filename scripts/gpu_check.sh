@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # One accelerator-machine run, at most 10 minutes: the CUDA code paths of hkd_core (device choice, NCCL for the
 # process group, bf16 autocast sizing, the FID Inception network on the GPU against the CPU, distillation steps
-# and one-step sampling of the cifar preset), then the CIFAR-10 study preset where Ray and MLflow are there.
+# and one-step sampling of the cifar preset, cifar_gpu's first steps), then the CIFAR-10 study preset where Ray
+# and MLflow are there.
 # Results: $OUT/gpu_check.json and $OUT/gpu_check.md (OUT: the device tool's folder, or the first argument).
 #
 # That machine has PyTorch but nothing can be fetched there: the project's other pure-Python needs travel as
 # wheels in .whl/ (ignored by git; see /work/.library/device/README.md), made here with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl torch-fidelity==0.4.0
+# plus, for cifar_gpu's first steps (the config's composition), hydra-core, omegaconf, antlr4-python3-runtime
+# and PyYAML at the versions of .ci/requirements.lock, and the CIFAR-10 file (HKD_DATA_DIR, or ../shared/data
+# carried beside the checkout)
 # and the converted Inception weights (95 MB, more than travels in one call) only if HKD_INCEPTION_WEIGHTS
 # points at a copy there. Run from the repository root:  scripts/gpu_check.sh [OUT]
 set -uo pipefail

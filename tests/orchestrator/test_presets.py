@@ -142,3 +142,95 @@ def test_cifar10_chooses_its_own_teacher_and_a_teacher_given_still_wins():
     assert load(["data=cifar10_jpeg", "teacher=edm"]).run.teacher.sigma_data == 0.66
     assert load(["experiment=cifar_gpu"]).run.teacher.channels == 128
     assert load(["experiment=smoke", "data=cifar10_jpeg"]).run.teacher.kind == "empirical"
+
+
+# What a GPU preset may change from cifar_cpu: sizes (of the teacher and its training budget, of the student, the
+# data generated, the training and the evaluation), the device and the workers. Anything else differing would be
+# another code path.
+SIZES = {
+    "teacher": {
+        "channels",
+        "blocks",
+        "attn_resolutions",
+        "total_kimg",
+        "max_train_s",
+        "batch_size",
+        "lr",
+        "ema_halflife_kimg",
+        "log_every_kimg",
+        "checkpoint_every_kimg",
+    },
+    "model": {"preset"},
+    "trajectories": {"num", "holdout", "shard_size", "batch_size"},
+    "train": {
+        "total_kimg",
+        "batch_size",
+        "lr_rampup_kimg",
+        "lambda1_anneal_kimg",
+        "ema_halflife_kimg",
+        "log_every_kimg",
+        "checkpoint_every_kimg",
+        "states_per_traj",  # 4 states per trajectory: what a GPU affords (the paper's)
+    },
+    "eval": {"n", "batch_size", "teacher_nfe"},
+    "cluster": "all",
+}
+# study_cifar_gpu's own design, as study_fmnist's: rows matched in size, the paper's ablation without the
+# latent-consistency term
+STUDY_DESIGN = {"model.grow_blocks", "train.latent_weight"}
+
+
+def _differences(a: dict, b: dict) -> set[str]:
+    la, lb = _leaves(a), _leaves(b)
+    return {k for k in la.keys() | lb.keys() if la.get(k) != lb.get(k)}
+
+
+def _allowed(key: str) -> bool:
+    section, _, name = key.partition(".")
+    allowed = SIZES.get(section, set())
+    return allowed == "all" or name in allowed
+
+
+def test_the_gpu_presets_take_cifar_cpus_path_changing_only_sizes_device_and_workers():
+    from orchestrator.config import load
+
+    cpu = load(["experiment=cifar_cpu"])
+    assert (
+        cpu.run.data.name == "cifar10_jpeg"
+        and cpu.run.teacher.kind == "edm"
+        and cpu.run.model.init == "teacher"
+    )
+    assert not cpu.cluster.use_gpu
+    gpu = load(["experiment=cifar_gpu"])
+    assert gpu.cluster.use_gpu and gpu.run.model.preset == "cifar"
+    other = {k for k in _differences(cpu.run.to_dict(), gpu.run.to_dict()) if not _allowed(k)}
+    assert not other, f"cifar_gpu leaves cifar_cpu's path at {sorted(other)}"
+
+    fmnist = load(["experiment=study_fmnist"]).run.to_dict()
+    study = load(["experiment=study_cifar_gpu"])
+    assert study.cluster.use_gpu and study.run.teacher == cpu.run.teacher  # the CIFAR teacher trained here
+    other = {k for k in _differences(cpu.run.to_dict(), study.run.to_dict()) if not _allowed(k)}
+    assert other == STUDY_DESIGN, f"study_cifar_gpu leaves cifar_cpu's path at {sorted(other - STUDY_DESIGN)}"
+    assert all(_leaves(study.run.to_dict())[k] == _leaves(fmnist)[k] for k in STUDY_DESIGN)
+
+
+def test_cifar_cpu_takes_its_first_steps_on_rgb_images():
+    """cifar_cpu's first steps in this process, as its stages take them (the pipeline itself runs for 20 minutes;
+    orchestrator/first_steps.py, which scripts/gpu_check.py runs for cifar_gpu on a GPU): CIFAR-10's JPEGs as
+    three channels, its teacher (the shipped weights when they exist, else the configured network as
+    initialised), Heun trajectories of it, the student started from the teacher's U-Net, a few steps of its
+    training with the preset's recipe and its one-step samples."""
+    from hkd_core.data import has_local_copy
+    from orchestrator.first_steps import first_steps
+
+    if not has_local_copy("cifar10_jpeg"):
+        pytest.skip("CIFAR-10 (JPEG) is not on this machine: ../shared/data/cifar10_jpeg_files.tar.gz")
+    r = first_steps(["experiment=cifar_cpu"])
+    assert (
+        r["data"]["images"] == [32, 3, 32, 32] and r["data"]["classes_seen"] > 3
+    )  # the classes, not one folder
+    assert r["teacher"]["params"] == 732_611  # the c32 teacher the screen chose (docs/results/issue27)
+    assert r["teacher"]["trajectories"] == [16, 3, 3, 32, 32]
+    assert r["student"]["tensors_from_teacher"] > 0  # started from the teacher's U-Net
+    assert r["student"]["steps"] == 4 and len(r["student"]["losses"]) == 4
+    assert r["student"]["one_step"] == [4, 3, 32, 32]
