@@ -4,9 +4,9 @@ with more logical CPUs than the machine has cores), and the sweep's own Tuner (`
 tuner``: Optuna's TPE, ASHA, the trial-closing callback, Tune's experiment state in S3) over a trivial trainable
 that opens its MLflow run through the project's Tracker, reports four times and ends. For each trial count it
 measures the wall time, the time per trial, MLflow runs created per second, and the size of Tune's experiment
-state (written every second: what grows with the trials), and where the driver's time goes: its CPU seconds,
-the seconds spent in Tune's experiment-state snapshots (``--checkpoint-s``: the sweep's period, 1 s, or Tune's
-``auto``), and the seconds per trial in each quarter of the sweep (flat if nothing grows with the trials).
+state (what grows with the trials), and where the driver's time goes: its CPU seconds, the seconds spent in
+Tune's experiment-state snapshots (``--checkpoint-s``: the sweep's own period, a number, or Tune's ``auto``),
+and the seconds per trial in each quarter of the sweep (flat if nothing grows with the trials).
 Progress (trials ended) is printed as the job runs.
 
     eval "$(python infra/local/stack.py env)"     # S3 and MLflow of the local stack
@@ -67,8 +67,10 @@ def inner(a) -> int:
     from orchestrator.sweep.run import tuner
     from orchestrator.sweep.spec import Report, Resources, Scheduler, SweepSpec
 
-    # the sweep's own period unless one is given ("auto" is Tune's: at most 5 % of the driver's time, >= 10 s)
-    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = a.checkpoint_s
+    # the sweep's own period (orchestrator.sweep.run.snapshot_period_s) unless one is given ("auto" is Tune's: at
+    # most 5 % of the driver's time, at least 10 s)
+    if a.checkpoint_s != "sweep":
+        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = a.checkpoint_s
     # where the driver's time goes: Tune's experiment-state snapshots, timed in this process
     saves = {"n": 0, "s": 0.0}
     sync_up = _ExperimentCheckpointManager.sync_up_experiment_state
@@ -142,7 +144,7 @@ def inner(a) -> int:
                     "mlflow_runs_per_s": n / wall,
                     "errors": errors,
                     "experiment_state_bytes": state_bytes,
-                    "checkpoint_period_s": a.checkpoint_s,
+                    "checkpoint_period_s": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S"),
                     "state_snapshots": saves["n"],
                     "state_snapshot_s": saves["s"],
                     "state_snapshot_share": saves["s"] / wall,
@@ -158,8 +160,12 @@ def inner(a) -> int:
 
 def outer(a) -> int:
     sys.path.insert(0, str(ROOT / "infra" / "local"))
+    import signal
+
     from cluster import LocalCluster
 
+    # a kill (SIGTERM) still stops the cluster's nodes, in the finally below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     c = LocalCluster(Path(tempfile.mkdtemp(prefix="hkd-overhead-")))
     env = {
         k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")
@@ -216,8 +222,9 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=32, help="trials at once")
     p.add_argument(
         "--checkpoint-s",
-        default="1",
-        help="Tune's experiment-state period, TUNE_GLOBAL_CHECKPOINT_S: the sweep's 1 (default) or 'auto'",
+        default="sweep",
+        help="Tune's experiment-state period, TUNE_GLOBAL_CHECKPOINT_S: the sweep's own (default: it grows with "
+        "the trials), seconds, or 'auto' (Tune's)",
     )
     p.add_argument("--first-ip", default="127.0.0.20", help="the head's loopback address")
     p.add_argument("--out", help="JSON file of the rows")

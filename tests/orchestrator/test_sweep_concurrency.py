@@ -4,8 +4,10 @@ adds nodes for them; from what is up now only on a fixed cluster. Without Ray: t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 from orchestrator.config import ClusterConfig
@@ -49,3 +51,21 @@ def test_the_gpu_cluster_config_states_the_kuberay_manifests_largest_size():
     assert gpu["max_gpus"] == group["maxReplicas"] * int(limits["nvidia.com/gpu"])
     assert gpu["max_cpus"] == group["maxReplicas"] * int(limits["cpu"])
     assert group["minReplicas"] == 0 and rc["spec"]["enableInTreeAutoscaling"] is True
+
+
+def test_tunes_snapshot_period_grows_with_the_trials_and_a_users_own_stays(monkeypatch):
+    """A snapshot of Tune's experiment state costs in proportion to the trials, so a fixed 1 s period took 13 % of
+    a 256-trial sweep's driver (issue 28): the period grows with the trials, never under 1 s, and is set again
+    for each sweep in the process; a TUNE_GLOBAL_CHECKPOINT_S the user set is left alone."""
+    from orchestrator.sweep import run
+
+    monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S", raising=False)
+    monkeypatch.setattr(run, "_period_set", None)
+    assert run.snapshot_period_s(4) == 1.0 and run.snapshot_period_s(64) == 1.0
+    assert run.snapshot_period_s(256) == pytest.approx(3.84)
+    assert run.snapshot_period_s(1024) > 4 * run.snapshot_period_s(256) * 0.99
+    assert run.set_snapshot_period(4) == "1"
+    assert run.set_snapshot_period(256) == "3.84"  # a second sweep in the same driver: its own period
+    assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "3.84"
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "auto")  # the user's choice
+    assert run.set_snapshot_period(256) == "auto" and run.set_snapshot_period(4) == "auto"
