@@ -286,6 +286,7 @@ def main(argv=None) -> int:
         row["machine"] = a.machine
         rows[(row["n"], bool(row.get("outage_s")))] = row
         out = {
+            **done,  # notes kept beside the rows (e.g. a failure recorded before a fix)
             "backend": a.backend,
             "tracking_uri": pc.tracking.resolved_uri(),
             "runs": runs,

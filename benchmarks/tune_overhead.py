@@ -39,16 +39,27 @@ def trivial(params: dict, tracking) -> None:
     from hkd_core import metric_names as M
     from orchestrator.services.tracking import Tracker
 
+    t0 = time.perf_counter()
     tracker = Tracker(tracking)
     trial = tune.get_context().get_trial_id()
     run_id = tracker.open_run(
         f"tune-overhead-{trial}", trial, None, {"hkd.stage": "trial", "hkd.trial_id": trial}
     )
+    opened = time.perf_counter() - t0  # the tracking server's share of a trial: does it grow with the runs?
     x = abs(params["train.lr"] - 1e-2)
     for k in (1, 2, 3):
-        tune.report({M.MSE_VS_TEACHER: x + 0.1 / k, "kimg": 0.1 * k})
-    tune.report({M.MSE_VS_TEACHER: x, "kimg": 0.4, "final": 1.0})
+        tune.report({M.MSE_VS_TEACHER: x + 0.1 / k, "kimg": 0.1 * k, "open_run_s": opened})
+    t1 = time.perf_counter()
     tracker.end(run_id)
+    tune.report(
+        {
+            M.MSE_VS_TEACHER: x,
+            "kimg": 0.4,
+            "final": 1.0,
+            "open_run_s": opened,
+            "end_run_s": time.perf_counter() - t1,
+        }
+    )
 
 
 def inner(a) -> int:
@@ -129,6 +140,18 @@ def inner(a) -> int:
         q = max(1, len(ends) // 4)
         marks = [t0] + [ends[min(len(ends), (i + 1) * q) - 1] for i in range(4)] if ends else []
         quarters = [(marks[i + 1] - marks[i]) / q for i in range(len(marks) - 1)]
+        # the trial's own MLflow calls, by the order trials ended, in quarters
+        timed = sorted(
+            (r.metrics.get("timestamp", 0), r.metrics)
+            for r in grid
+            if r.metrics and "open_run_s" in r.metrics
+        )
+        k = max(1, len(timed) // 4)
+        open_q = [
+            sum(m["open_run_s"] for _, m in timed[i * k : (i + 1) * k]) / len(timed[i * k : (i + 1) * k])
+            for i in range(4)
+            if timed[i * k : (i + 1) * k]
+        ]
         errors = sum(1 for r in grid if r.error)
         store = make_store(pc.storage, f"ray/sweeps/{sweep_id}")
         states = [k for k in store.list("") if k.split("/")[-1].startswith("experiment_state")]
@@ -151,6 +174,7 @@ def inner(a) -> int:
                     "driver_cpu_s": driver_cpu,
                     "driver_cpu_share": driver_cpu / wall,
                     "s_per_trial_by_quarter": quarters,
+                    "open_run_s_by_quarter": open_q,
                 }
             ),
             flush=True,
