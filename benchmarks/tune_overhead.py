@@ -142,9 +142,12 @@ def inner(a) -> int:
         quarters = [(marks[i + 1] - marks[i]) / q for i in range(len(marks) - 1)]
         # the trial's own MLflow calls, by the order trials ended, in quarters
         timed = sorted(
-            (r.metrics.get("timestamp", 0), r.metrics)
-            for r in grid
-            if r.metrics and "open_run_s" in r.metrics
+            (
+                (r.metrics.get("timestamp", 0), r.metrics)
+                for r in grid
+                if r.metrics and "open_run_s" in r.metrics
+            ),
+            key=lambda t: t[0],
         )
         k = max(1, len(timed) // 4)
         open_q = [

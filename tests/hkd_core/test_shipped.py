@@ -87,3 +87,26 @@ def test_a_teacher_trained_in_segments_is_recorded_under_its_one_go_config(tmp_p
     assert rec["config"]["teacher"]["resume_from"] is None and rec["resumed_from"] == last
     assert rec["teacher_hash"] == teacher_hash(DATA, TEACHER) != teacher_hash(DATA, segmented)
     assert find_shipped(DATA, TEACHER, [tmp_path]).folder == s.folder
+
+
+def test_the_shipped_cifar_teacher_is_adopted_for_its_own_config_only_and_refused_when_altered(tmp_path):
+    """hkd_core/shipped/cifar-edm (issue 27): found for the config it records, which carries no resume_from; any
+    other teacher key, or weights whose sha256 differs from the record's, and it is not used."""
+    import shutil
+
+    from hkd_core.shipped import SHIPPED_DIR
+
+    s = read_shipped(SHIPPED_DIR / "cifar-edm")
+    assert s.data.name == "cifar10_jpeg" and s.teacher.resume_from is None and s.record["resumed_from"]
+    assert find_shipped(s.data, s.teacher).folder == s.folder
+    assert find_shipped(s.data, dataclasses.replace(s.teacher, max_train_s=9000.0)) is None
+    assert find_shipped(s.data, dataclasses.replace(s.teacher, resume_from=s.record["resumed_from"])) is None
+    state = s.load(img_channels=3)
+    assert sum(v.numel() for v in state.values() if v.is_floating_point()) == s.record["params"]
+    copy = tmp_path / "cifar-edm"
+    shutil.copytree(s.folder, copy)
+    raw = bytearray((copy / "teacher.pt").read_bytes())
+    raw[-200] ^= 0xFF
+    (copy / "teacher.pt").write_bytes(bytes(raw))
+    with pytest.raises(ShippedTeacherError, match=str(copy / "teacher.pt")):
+        read_shipped(copy).load(img_channels=3)
