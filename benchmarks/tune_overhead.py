@@ -78,7 +78,7 @@ def inner(a) -> int:
     from orchestrator.sweep.run import tuner
     from orchestrator.sweep.spec import Report, Resources, Scheduler, SweepSpec
 
-    # the sweep's own period (orchestrator.sweep.run.snapshot_period_s) unless one is given ("auto" is Tune's: at
+    # the sweep's own period (orchestrator.sweep.snapshots.snapshot_period_s) unless one is given ("auto" is Tune's: at
     # most 5 % of the driver's time, at least 10 s)
     if a.checkpoint_s != "sweep":
         os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = a.checkpoint_s

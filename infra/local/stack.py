@@ -223,15 +223,13 @@ def _bucket_ready(state: Path, st: dict) -> bool:
         return False
 
 
-# The tracking server's SQLAlchemy pool. MLflow's default (5 connections + 10 overflow, 30 s wait) runs out at
-# 64 concurrent trials on SQLite, where every write holds its connection while it waits for the database lock:
-# the server then answers 400 "QueuePool limit ... reached" (docs/results/issue28). 32 + 64 held 64 trials.
+# The server's SQLAlchemy pool: MLflow's 5 + 10 ran out at 64 concurrent trials on SQLite (400 "QueuePool limit
+# ... reached"); 32 + 64 held them (docs/results/issue28).
 SQLITE_POOL = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "32", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "64"}
 
 
 def mlflow_server_env(environ) -> dict:
-    """The local MLflow server's environment: the caller's (a pool size it sets wins), the larger pool, no job
-    execution, and no tracking URI of its own."""
+    """The server's environment: the caller's (its own pool size wins), the pool above, no jobs, no tracking URI."""
     env = {**SQLITE_POOL, **environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return env

@@ -57,7 +57,7 @@ def test_tunes_snapshot_period_grows_with_the_trials_and_a_users_own_stays(monke
     """A snapshot of Tune's experiment state costs in proportion to the trials, so a fixed 1 s period took 13 % of
     a 256-trial sweep's driver (issue 28): the period grows with the trials, never under 1 s, and is set again
     for each sweep in the process; a TUNE_GLOBAL_CHECKPOINT_S the user set is left alone."""
-    from orchestrator.sweep import run
+    from orchestrator.sweep import snapshots as run
 
     monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S", raising=False)
     monkeypatch.setattr(run, "_period_set", None)
