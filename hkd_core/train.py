@@ -118,6 +118,18 @@ def _lpips_paths(t) -> dict:
     return {"vgg_path": t.lpips_vgg_path, "lin_path": t.lpips_lin_path}
 
 
+def recipe_extras(t, teacher_net, real_images) -> dict:
+    """train_hkd's keyword arguments that the recipe ``t`` (a TrainConfig) asks for, each loaded only when asked:
+    the frozen teacher network for ``perceptual=teacher`` and the discriminator's real images for
+    ``adversarial_weight > 0``. ``teacher_net`` and ``real_images`` are zero-argument loaders."""
+    extra: dict = {}
+    if t.perceptual == "teacher":  # the distance lives in the frozen teacher's features
+        extra["perceptual_kwargs"] = {"denoiser": teacher_net()}
+    if t.adversarial_weight > 0:  # the discriminator's real images (beyond the paper)
+        extra["real_images"] = real_images()
+    return extra
+
+
 def train_hkd(
     model: nn.Module,  # HKD, KD or KDM (see models.build_model), possibly DDP-wrapped
     trajectories,  # states (N, S+1, C, H, W), or an iterator of this rank's batches

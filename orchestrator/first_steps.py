@@ -39,7 +39,7 @@ def first_steps(
     from hkd_core.shipped import find_shipped
     from hkd_core.teacher_init import init_from_teacher
     from hkd_core.teachers import build_teacher, teacher_denoiser
-    from hkd_core.train import train_hkd
+    from hkd_core.train import recipe_extras, train_hkd
     from orchestrator.config import load
 
     t_start = time.perf_counter()
@@ -82,11 +82,7 @@ def first_steps(
         checkpoint_every_kimg=per_step * train_steps,
         holdout_every_kimg=0.0,
     )
-    extra: dict = {}
-    if tr.perceptual == "teacher":
-        extra["perceptual_kwargs"] = {"denoiser": teacher.net}
-    if tr.adversarial_weight > 0:
-        extra["real_images"] = real
+    extra = recipe_extras(tr, lambda: teacher.net, lambda: real)
     logged: list[dict] = []
     t0 = time.perf_counter()
     out = train_hkd(

@@ -28,7 +28,7 @@ def distill_loop(config: dict) -> None:
     import ray.train.torch
 
     from hkd_core.models import build_model
-    from hkd_core.train import train_hkd
+    from hkd_core.train import recipe_extras, train_hkd
     from orchestrator.stages.reporting import LoopReporting
 
     pc = config["pipeline"]  # the driver's validated PipelineConfig, as it is
@@ -47,7 +47,7 @@ def distill_loop(config: dict) -> None:
     torch.manual_seed(pc.run.train.seed)  # identical initial weights on every rank
     model = build_model(pc.run.model.variant, pc.run.hkd_config())
     tr = pc.run.train
-    copied, extra = [], {}
+    copied = []
     if pc.run.model.init != "none":  # the same teacher tensors on every rank
         copied = init_from_stored_teacher(pc, model, config.get("teacher_key"))
     m = pc.run.model
@@ -55,12 +55,11 @@ def distill_loop(config: dict) -> None:
         from hkd_core.gauge import alpha_offsets, offset_alpha
 
         offset_alpha(model, alpha_offsets(model, m.alpha_offset, m.alpha_offset_spread, seed=tr.seed))
-    if tr.perceptual == "teacher":  # the distance lives in the frozen teacher's features
-        extra["perceptual_kwargs"] = {"denoiser": stored_teacher_net(pc, config.get("teacher_key"))}
+    extra = recipe_extras(
+        tr, lambda: stored_teacher_net(pc, config.get("teacher_key")), lambda: real_images(config)
+    )
     if rank == 0 and tr.holdout_every_kimg > 0:
         extra["holdout"] = overfitting_sets(pc, config["trajectories_prefix"])
-    if tr.adversarial_weight > 0:  # the discriminator's real images (beyond the paper)
-        extra["real_images"] = real_images(config)
     if device.type == "cpu":  # ~1.2x the training rate on CPU (docs/results/...)
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # (3) DDP

@@ -150,3 +150,26 @@ def test_the_term_needs_real_images(fast_kw, tiny_cfg, toy_trajectories):
         train_hkd(
             _fresh(tiny_cfg), states, sigmas, total_kimg=0.032, **{**fast_kw, "adversarial_weight": 0.01}
         )
+
+
+def test_recipe_extras_loads_only_what_the_recipe_asks_for():
+    """The distill loop and the presets' first steps share this choice: the teacher network is loaded for
+    perceptual=teacher only, the real images for an adversarial weight only."""
+    from hkd_core.config import TrainConfig
+    from hkd_core.train import recipe_extras
+
+    calls = []
+
+    def teacher():
+        calls.append("teacher")
+        return "net"
+
+    def images():
+        calls.append("images")
+        return "imgs"
+
+    assert recipe_extras(TrainConfig(perceptual="pseudo_huber", adversarial_weight=0.0), teacher, images) == {}
+    assert calls == []
+    both = recipe_extras(TrainConfig(perceptual="teacher", adversarial_weight=0.1), teacher, images)
+    assert both == {"perceptual_kwargs": {"denoiser": "net"}, "real_images": "imgs"}
+    assert calls == ["teacher", "images"]
