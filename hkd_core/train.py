@@ -120,13 +120,19 @@ def _lpips_paths(t) -> dict:
 
 def recipe_extras(t, teacher_net, real_images) -> dict:
     """train_hkd's keyword arguments that the recipe ``t`` (a TrainConfig) asks for, each loaded only when asked:
-    the frozen teacher network for ``perceptual=teacher`` and the discriminator's real images for
-    ``adversarial_weight > 0``. ``teacher_net`` and ``real_images`` are zero-argument loaders."""
+    the frozen teacher network for ``perceptual=teacher`` (and for ``adversarial_disc=teacher``) and the
+    discriminator's real images for ``adversarial_weight > 0``. ``teacher_net`` and ``real_images`` are
+    zero-argument loaders."""
     extra: dict = {}
+    adversarial = t.adversarial_weight > 0
+    wants_teacher = t.perceptual == "teacher" or (adversarial and t.adversarial_disc == "teacher")
+    net = teacher_net() if wants_teacher else None  # loaded once for both
     if t.perceptual == "teacher":  # the distance lives in the frozen teacher's features
-        extra["perceptual_kwargs"] = {"denoiser": teacher_net()}
-    if t.adversarial_weight > 0:  # the discriminator's real images (beyond the paper)
+        extra["perceptual_kwargs"] = {"denoiser": net}
+    if adversarial:  # the discriminator's real images (beyond the paper)
         extra["real_images"] = real_images()
+        if t.adversarial_disc == "teacher":  # its features are the teacher's
+            extra["adversarial_teacher"] = net
     return extra
 
 
@@ -154,6 +160,7 @@ def train_hkd(
     # model's error is measured on every holdout_every_kimg (rank 0)
     real_images=None,  # train.adversarial_weight > 0: real images (N, C, H, W) in [-1, 1] (or a
     # function step -> this rank's batch) for the discriminator
+    adversarial_teacher: nn.Module | None = None,  # train.adversarial_disc=teacher: the teacher (EDMPrecond)
     **train,  # TrainConfig's keys (total_kimg, batch_size, lr, ...): its defaults
 ) -> dict:
     """Distil stored teacher trajectories into a one-step model; returns kimg, steps, train_s, ``ema``, metrics.
@@ -193,7 +200,7 @@ def train_hkd(
                 f"{type(unwrap(model)).__name__} has none (use train.{key}=0)"
             )
     loss_fn.candidates(torch.as_tensor(sigmas))  # refuses too few intermediate states before the first step
-    adv = _adversarial(t, real_images, rank, world_size, device)
+    adv = _adversarial(t, real_images, rank, world_size, device, adversarial_teacher)
     loss_fn.keep_x0 = adv is not None
     base = t.seed * world_size + rank
 
@@ -233,7 +240,7 @@ def train_hkd(
     return loop.run(step_loss)
 
 
-def _adversarial(t: TrainConfig, real_images, rank: int, world_size: int, device):
+def _adversarial(t: TrainConfig, real_images, rank: int, world_size: int, device, teacher=None):
     """The adversarial term of train.adversarial_weight > 0 (beyond the paper), else None. Its discriminator
     starts from the same weights on every rank (seeded by train.seed); each rank draws its own real batches."""
     if not t.adversarial_weight:
@@ -243,13 +250,21 @@ def _adversarial(t: TrainConfig, real_images, rank: int, world_size: int, device
             f"train.adversarial_weight={t.adversarial_weight} needs real images for the "
             f"discriminator: pass real_images (the orchestrator loads the data set's training split)"
         )
-    from .adversarial import AdversarialTerm, Discriminator
+    from .adversarial import AdversarialTerm, Discriminator, TeacherFeatureDiscriminator
 
+    if t.adversarial_disc == "teacher" and teacher is None:
+        raise ValueError(
+            "train.adversarial_disc=teacher needs the teacher network: pass adversarial_teacher=teacher (the "
+            "orchestrator loads it from the teacher stage's weights)"
+        )
     real = _batch_fn(real_images, t.batch_size // world_size, t.seed + 1, rank, world_size)
     probe = real(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed + 1)
-        disc = Discriminator(probe.shape[1], probe.shape[-1])
+        if t.adversarial_disc == "teacher":
+            disc = TeacherFeatureDiscriminator(teacher, t.adversarial_sigma, seed=t.seed + 2)
+        else:
+            disc = Discriminator(probe.shape[1], probe.shape[-1])
     return AdversarialTerm(
         disc, real, t.adversarial_weight, t.adversarial_lr, t.adversarial_start_kimg, device
     )

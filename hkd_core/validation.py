@@ -94,6 +94,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("train.adversarial_weight", cfg.train.adversarial_weight, strict=False)
     _positive("train.adversarial_lr", cfg.train.adversarial_lr)
     _positive("train.adversarial_start_kimg", cfg.train.adversarial_start_kimg, strict=False)
+    _choice("train.adversarial_disc", cfg.train.adversarial_disc, {"small", "teacher"})
+    _positive("train.adversarial_sigma", cfg.train.adversarial_sigma)
+    if cfg.train.adversarial_weight and cfg.train.adversarial_disc == "teacher" and cfg.teacher.kind != "edm":
+        raise ConfigError(
+            f"train.adversarial_disc=teacher puts the discriminator on a U-Net teacher's features; teacher.kind "
+            f"is {cfg.teacher.kind!r}, which has no network: use teacher=edm, or train.adversarial_disc=small"
+        )
     if cfg.train.adversarial_weight and cfg.data.resolution % 8:
         raise ConfigError(
             f"train.adversarial_weight={cfg.train.adversarial_weight}: the discriminator halves the "

@@ -251,7 +251,9 @@ def stored_teacher_net(pc, teacher_key: str | None):
     from hkd_core.data import DATASETS
     from hkd_core.teachers import teacher_denoiser
 
-    weights, uri = _teacher_weights(pc, teacher_key, "train.perceptual=teacher")
+    t = pc.run.train
+    wants = "train.perceptual=teacher" if t.perceptual == "teacher" else "train.adversarial_disc=teacher"
+    weights, uri = _teacher_weights(pc, teacher_key, wants)
     net = teacher_denoiser(pc.run.teacher, DATASETS[pc.run.data.name].channels, pc.run.data.resolution)
     load_model_state(net, weights, uri)
     return net.eval().requires_grad_(False)

@@ -74,11 +74,16 @@ def _fresh(tiny_cfg):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("disc", ["small", "teacher"])
 def test_distillation_with_the_term_logs_it_and_resumes_with_the_same_discriminator(
-    fast_kw, tiny_cfg, toy_trajectories, toy_images, tmp_path
+    disc, fast_kw, tiny_cfg, toy_trajectories, toy_images, tmp_path
 ):
+    """Either discriminator: a run stopped halfway and resumed ends bit for bit where the straight run ends
+    (the teacher-feature one's noise included)."""
     states, sigmas = toy_trajectories
-    fast = {**fast_kw, "adversarial_weight": 0.05, "adversarial_lr": 1e-3}
+    fast = {**fast_kw, "adversarial_weight": 0.05, "adversarial_lr": 1e-3, "adversarial_disc": disc}
+    if disc == "teacher":
+        fast.update(adversarial_teacher=_teacher(), adversarial_sigma=0.3)
     logged = []
     straight = train_hkd(
         _fresh(tiny_cfg),
@@ -168,8 +173,123 @@ def test_recipe_extras_loads_only_what_the_recipe_asks_for():
         calls.append("images")
         return "imgs"
 
-    assert recipe_extras(TrainConfig(perceptual="pseudo_huber", adversarial_weight=0.0), teacher, images) == {}
+    assert (
+        recipe_extras(TrainConfig(perceptual="pseudo_huber", adversarial_weight=0.0), teacher, images) == {}
+    )
     assert calls == []
     both = recipe_extras(TrainConfig(perceptual="teacher", adversarial_weight=0.1), teacher, images)
     assert both == {"perceptual_kwargs": {"denoiser": "net"}, "real_images": "imgs"}
     assert calls == ["teacher", "images"]
+    calls.clear()  # the teacher-feature discriminator: the teacher too, loaded once when both want it
+    cfg = TrainConfig(perceptual="teacher", adversarial_weight=0.1, adversarial_disc="teacher")
+    assert recipe_extras(cfg, teacher, images) == {
+        "perceptual_kwargs": {"denoiser": "net"},
+        "real_images": "imgs",
+        "adversarial_teacher": "net",
+    }
+    assert calls == ["teacher", "images"]
+    calls.clear()
+    cfg = TrainConfig(adversarial_weight=0.1, adversarial_disc="teacher")
+    assert recipe_extras(cfg, teacher, images) == {"real_images": "imgs", "adversarial_teacher": "net"}
+    assert (
+        recipe_extras(TrainConfig(adversarial_disc="teacher"), teacher, images) == {}
+    )  # no term, no teacher
+    assert calls == ["teacher", "images"]
+
+
+def _teacher(seed: int = 0):
+    from hkd_core.config import TeacherConfig
+    from hkd_core.teachers import teacher_denoiser
+
+    torch.manual_seed(seed)
+    net = teacher_denoiser(
+        TeacherConfig(kind="edm", channels=8, channel_mult=[1, 2], blocks=1, attn_resolutions=[]), 1, 16
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    return net
+
+
+def _teacher_term(teacher, real, sigma=0.3):
+    from hkd_core.adversarial import TeacherFeatureDiscriminator
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    disc = TeacherFeatureDiscriminator(teacher, sigma=sigma)
+    return AdversarialTerm(
+        disc, lambda step: real[torch.randint(0, len(real), (16,), generator=g)], weight=0.01, lr=2e-3
+    )
+
+
+def _sets16():
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(64, 1, 16, 16, generator=g) * 2 - 1, 5, 1, 2)
+    noisy = torch.rand(64, 1, 16, 16, generator=g) * 2 - 1
+    return smooth, noisy
+
+
+def test_the_teacher_feature_discriminator_trains_its_heads_and_never_the_teacher():
+    """train.adversarial_disc=teacher: the discriminator learns to tell smooth images from noise through the
+    frozen teacher's features; the teacher copy neither changes nor gets gradients (from either step), it is
+    a copy (the given teacher is not touched), and only the heads are in the optimiser."""
+    teacher = _teacher()
+    given = {k: v.clone() for k, v in teacher.state_dict().items()}
+    real, fake = _sets16()
+    term = _teacher_term(teacher, real, sigma=0.1)
+    frozen = {k: v.clone() for k, v in term.disc.features.state_dict().items()}
+    assert {id(p) for p in term.trainable} == {id(p) for p in term.disc.heads.parameters()}
+    losses = [
+        float(term.discriminator_step(fake[(step % 4) * 16 : (step % 4 + 1) * 16], step)["adv_d_loss"])
+        for step in range(60)
+    ]
+    assert sum(losses[-10:]) / 10 < 0.6 * losses[0], losses  # 2 is chance; noisy step to step
+    x = fake[:16].clone().requires_grad_(True)
+    heads = {k: v.clone() for k, v in term.disc.heads.state_dict().items()}
+    term.generator_loss(x).backward()
+    assert x.grad.abs().sum() > 0
+    for k, v in term.disc.heads.state_dict().items():  # no power-iteration step, no weight change
+        assert torch.equal(v, heads[k]), k
+    for k, v in term.disc.features.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    assert all(p.grad is None and not p.requires_grad for p in term.disc.features.parameters())
+    assert all(p.requires_grad for p in term.disc.heads.parameters())
+    assert not term.disc.features.training  # eval mode, whatever the discriminator's
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, given[k]), k
+    with torch.no_grad():
+        term.disc.eval()
+        assert term.disc(real).mean() > term.disc(fake).mean() + 0.5
+
+
+def test_the_teacher_feature_discriminator_draws_its_noise_by_call_count():
+    """Its noise depends only on (seed, calls), a buffer in its state: a copy restored from a state dict draws
+    what the original draws next (so a resumed run continues bit for bit)."""
+    from hkd_core.adversarial import TeacherFeatureDiscriminator
+
+    teacher = _teacher()
+    a = TeacherFeatureDiscriminator(teacher, sigma=0.3, seed=3)
+    x = _sets16()[0][:4]
+    with torch.no_grad():
+        a(x), a(x)
+        b = TeacherFeatureDiscriminator(teacher, sigma=0.3, seed=0)
+        b.load_state_dict(a.state_dict())
+        assert int(b.calls) == 2 and int(b.seed) == 3
+        assert torch.equal(a(x), b(x))
+        assert not torch.equal(a(x), a(x))  # another call, other noise
+
+
+def test_the_teacher_feature_discriminator_is_refused_without_a_network(fast_kw, tiny_cfg, toy_trajectories):
+    """adversarial_disc=teacher with no teacher passed: a clear error naming the key, before training."""
+    states, sigmas = toy_trajectories
+    with pytest.raises(ValueError, match="adversarial_disc=teacher"):
+        train_hkd(
+            _fresh(tiny_cfg),
+            states,
+            sigmas,
+            total_kimg=0.04,
+            real_images=torch.zeros(8, 1, 16, 16),
+            adversarial_weight=0.1,
+            adversarial_disc="teacher",
+            **fast_kw,
+        )

@@ -47,6 +47,13 @@ CONFIGS = [
                                                           'train.perceptual=teacher'],
      "train.perceptual=teacher measures images in a U-Net teacher's features; teacher.kind is 'empirical', which has "
      "no network: use teacher=edm (it adopts a shipped teacher where one matches), or train.perceptual=pseudo_huber"),
+    ('teacher-feature discriminator without a U-Net teacher', ['teacher=empirical', 'model.init=none',
+                                                               'train.adversarial_weight=0.1',
+                                                               'train.adversarial_disc=teacher'],
+     "train.adversarial_disc=teacher puts the discriminator on a U-Net teacher's features; teacher.kind is "
+     "'empirical', which has no network: use teacher=edm, or train.adversarial_disc=small"),
+    ('unknown discriminator', ['train.adversarial_disc=vgg'],
+     "train.adversarial_disc='vgg' is not allowed; choose one of ['small', 'teacher']"),
     ('unknown lr schedule', ['train.lr_schedule=linear'],
      "train.lr_schedule='linear' is not allowed; choose one of ['constant', 'cosine']"),
     ('grown blocks on KD', ['model.variant=kd', 'model.grow_blocks=1'],
