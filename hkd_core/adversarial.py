@@ -21,7 +21,6 @@ tell from real ones, as in adversarial distillation (ADD, DMD2). The term is opt
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -100,17 +99,9 @@ class TeacherFeatureDiscriminator(nn.Module):
         return self
 
     def _levels(self, x: torch.Tensor) -> list[torch.Tensor]:
-        from .layers import downsample
+        from .losses import unet_levels
 
-        net = self.features
-        s = torch.full((x.shape[0],), self.sigma, device=x.device)
-        emb = net.embed(s.log() / 4)
-        h = net.conv_in(x / math.sqrt(self.sigma**2 + self.sigma_data**2))
-        out = []
-        for i, stage in enumerate(net.down):
-            h = stage(downsample(h) if i else h, emb)
-            out.append(h)
-        return out
+        return unet_levels(self.features, x, self.sigma, self.sigma_data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the noise of the n-th call comes from a generator seeded by n (a buffer, saved with the state), so a
@@ -153,9 +144,8 @@ class AdversarialTerm:
             start_kimg,
             device,
         )
-        self.trainable = [
-            p for p in self.disc.parameters() if p.requires_grad
-        ]  # a frozen feature net stays out
+        # only what trains: a frozen feature network stays out of the optimiser and the gradient averaging
+        self.trainable = [p for p in self.disc.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.trainable, lr=lr, betas=(0.0, 0.99))
 
     def active(self, kimg: float) -> bool:

@@ -203,10 +203,8 @@ class TrainConfig:
     adversarial_disc: str = field(default="small", metadata=IDENTITY_WHEN_SET)  # small: the discriminator of
     # its own; teacher: heads on the frozen teacher U-Net's down-path features, the images noised to
     # adversarial_sigma (adversarial.TeacherFeatureDiscriminator; needs a U-Net teacher)
-    adversarial_sigma: float = field(
-        default=0.25, metadata=IDENTITY_WHEN_SET
-    )  # teacher: that noise level (low:
-    # the fine detail that a blurry student lacks survives it)
+    # teacher: the noise level of that discriminator's input (low: the fine detail a blurry student lacks survives)
+    adversarial_sigma: float = field(default=0.25, metadata=IDENTITY_WHEN_SET)
     log_every_kimg: float = 1.0
     holdout_every_kimg: float = 1.0  # the EMA model's error on the held-out trajectories (train/holdout_mse),
     # a curve beside the training loss; 0: never (also when there are none)

@@ -83,6 +83,21 @@ class LPIPS(nn.Module):
         return total
 
 
+def unet_levels(net: nn.Module, x: torch.Tensor, sigma: float, sigma_data: float) -> list[torch.Tensor]:
+    """Each level's output of a U-Net's down path for images ``x`` taken as states at noise level ``sigma``
+    (EDM's c_in and c_noise): the teacher's own features, for the perceptual distance and the discriminator."""
+    from .layers import downsample
+
+    s = torch.full((x.shape[0],), sigma, device=x.device)
+    emb = net.embed(s.log() / 4)
+    h = net.conv_in(x / math.sqrt(sigma**2 + sigma_data**2))
+    out = []
+    for i, stage in enumerate(net.down):
+        h = stage(downsample(h) if i else h, emb)
+        out.append(h)
+    return out
+
+
 class TeacherFeatureDistance(nn.Module):
     """A perceptual distance in the frozen teacher's own features (DESIGN 1.2): LPIPS's recipe without its
     VGG weights, which cannot be had offline. Both images go through the teacher U-Net's down path as if they
@@ -107,16 +122,10 @@ class TeacherFeatureDistance(nn.Module):
         self.sigma, self.sigma_data = float(sigma), float(denoiser.sigma_data)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        from .layers import downsample
+        return [h / (h.square().sum(1, keepdim=True) + 1e-10).sqrt() for h in self.levels(x)]
 
-        s = torch.full((x.shape[0],), self.sigma, device=x.device)
-        emb = self.net.embed(s.log() / 4)
-        h = self.net.conv_in(x / math.sqrt(self.sigma**2 + self.sigma_data**2))
-        out = []
-        for i, stage in enumerate(self.net.down):
-            h = stage(downsample(h) if i else h, emb)
-            out.append(h / (h.square().sum(1, keepdim=True) + 1e-10).sqrt())
-        return out
+    def levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return unet_levels(self.net, x, self.sigma, self.sigma_data)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fx = self.features(x)

@@ -139,3 +139,25 @@ def fast_kw():
         ema_halflife_kimg=0.01,
         progress=False,
     )
+
+
+def _random_unet_teacher(seed: int = 0):
+    """An EDM U-Net teacher (8 wide, two levels, 1 channel) with random weights of std 0.3, so that its features
+    differ from position to position: for the teacher-feature distance and discriminator."""
+    from hkd_core.config import TeacherConfig
+    from hkd_core.teachers import teacher_denoiser
+
+    torch.manual_seed(seed)
+    net = teacher_denoiser(
+        TeacherConfig(kind="edm", channels=8, channel_mult=[1, 2], blocks=1, attn_resolutions=[]), 1, 16
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    return net
+
+
+@pytest.fixture
+def unet_teacher():
+    """``unet_teacher(seed=0)`` builds a small random-weight U-Net teacher (EDMPrecond)."""
+    return _random_unet_teacher

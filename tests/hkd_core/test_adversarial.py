@@ -76,14 +76,14 @@ def _fresh(tiny_cfg):
 @pytest.mark.slow
 @pytest.mark.parametrize("disc", ["small", "teacher"])
 def test_distillation_with_the_term_logs_it_and_resumes_with_the_same_discriminator(
-    disc, fast_kw, tiny_cfg, toy_trajectories, toy_images, tmp_path
+    disc, fast_kw, tiny_cfg, toy_trajectories, toy_images, tmp_path, unet_teacher
 ):
     """Either discriminator: a run stopped halfway and resumed ends bit for bit where the straight run ends
     (the teacher-feature one's noise included)."""
     states, sigmas = toy_trajectories
     fast = {**fast_kw, "adversarial_weight": 0.05, "adversarial_lr": 1e-3, "adversarial_disc": disc}
     if disc == "teacher":
-        fast.update(adversarial_teacher=_teacher(), adversarial_sigma=0.3)
+        fast.update(adversarial_teacher=unet_teacher(), adversarial_sigma=0.3)
     logged = []
     straight = train_hkd(
         _fresh(tiny_cfg),
@@ -197,20 +197,6 @@ def test_recipe_extras_loads_only_what_the_recipe_asks_for():
     assert calls == ["teacher", "images"]
 
 
-def _teacher(seed: int = 0):
-    from hkd_core.config import TeacherConfig
-    from hkd_core.teachers import teacher_denoiser
-
-    torch.manual_seed(seed)
-    net = teacher_denoiser(
-        TeacherConfig(kind="edm", channels=8, channel_mult=[1, 2], blocks=1, attn_resolutions=[]), 1, 16
-    )
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.3)
-    return net
-
-
 def _teacher_term(teacher, real, sigma=0.3):
     from hkd_core.adversarial import TeacherFeatureDiscriminator
 
@@ -229,11 +215,11 @@ def _sets16():
     return smooth, noisy
 
 
-def test_the_teacher_feature_discriminator_trains_its_heads_and_never_the_teacher():
+def test_the_teacher_feature_discriminator_trains_its_heads_and_never_the_teacher(unet_teacher):
     """train.adversarial_disc=teacher: the discriminator learns to tell smooth images from noise through the
     frozen teacher's features; the teacher copy neither changes nor gets gradients (from either step), it is
     a copy (the given teacher is not touched), and only the heads are in the optimiser."""
-    teacher = _teacher()
+    teacher = unet_teacher()
     given = {k: v.clone() for k, v in teacher.state_dict().items()}
     real, fake = _sets16()
     term = _teacher_term(teacher, real, sigma=0.1)
@@ -262,12 +248,12 @@ def test_the_teacher_feature_discriminator_trains_its_heads_and_never_the_teache
         assert term.disc(real).mean() > term.disc(fake).mean() + 0.5
 
 
-def test_the_teacher_feature_discriminator_draws_its_noise_by_call_count():
+def test_the_teacher_feature_discriminator_draws_its_noise_by_call_count(unet_teacher):
     """Its noise depends only on (seed, calls), a buffer in its state: a copy restored from a state dict draws
     what the original draws next (so a resumed run continues bit for bit)."""
     from hkd_core.adversarial import TeacherFeatureDiscriminator
 
-    teacher = _teacher()
+    teacher = unet_teacher()
     a = TeacherFeatureDiscriminator(teacher, sigma=0.3, seed=3)
     x = _sets16()[0][:4]
     with torch.no_grad():

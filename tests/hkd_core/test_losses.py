@@ -208,26 +208,12 @@ def test_lpips_weight_paths_reach_the_loss_from_the_train_config(tmp_path, koopm
         )
 
 
-def _teacher_net(seed: int = 0):
-    from hkd_core.config import TeacherConfig
-    from hkd_core.teachers import teacher_denoiser
-
-    torch.manual_seed(seed)
-    net = teacher_denoiser(
-        TeacherConfig(kind="edm", channels=8, channel_mult=[1, 2], blocks=1, attn_resolutions=[]), 1, 16
-    )
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.3)
-    return net
-
-
-def test_teacher_feature_distance_is_zero_for_equal_images_and_grows_with_distortion():
+def test_teacher_feature_distance_is_zero_for_equal_images_and_grows_with_distortion(unet_teacher):
     """train.perceptual=teacher: d(x, x) = 0; under additive noise of growing strength and under growing
     blur the distance grows monotonically; it is symmetric and per-sample."""
     from hkd_core.losses import TeacherFeatureDistance, perceptual_distance
 
-    d = perceptual_distance("teacher", denoiser=_teacher_net(), sigma=0.5)
+    d = perceptual_distance("teacher", denoiser=unet_teacher(), sigma=0.5)
     assert isinstance(d, TeacherFeatureDistance)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 1, 16, 16, generator=g) * 2 - 1
@@ -242,12 +228,12 @@ def test_teacher_feature_distance_is_zero_for_equal_images_and_grows_with_distor
     torch.testing.assert_close(d(x + 0.1 * e, x), d(x, x + 0.1 * e))
 
 
-def test_teacher_feature_distance_trains_the_student_not_the_teacher():
+def test_teacher_feature_distance_trains_the_student_not_the_teacher(unet_teacher):
     """Gradients reach the image being scored, never the frozen teacher copy (which is also not the
     teacher object given: changing that one afterwards changes nothing)."""
     from hkd_core.losses import TeacherFeatureDistance
 
-    net = _teacher_net()
+    net = unet_teacher()
     d = TeacherFeatureDistance(net, sigma=1.0)
     x = torch.zeros(2, 1, 16, 16, requires_grad=True)
     y = torch.rand(2, 1, 16, 16)
