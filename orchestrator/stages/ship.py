@@ -18,6 +18,7 @@ this N and keeps the others and the training facts, so a teacher can be scored a
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import time
@@ -66,11 +67,21 @@ def ship_teacher(pc, out: str | Path, command: str = "") -> dict:
     init_ray(pc)
     t0 = time.perf_counter()
     ref = evaluation.reference(pc, progress=True)[0]
+    # each score (the teacher at one NFE, the floor) is cached under this reference identity and these
+    # weights as soon as it is measured, so an interrupted shipping at N = 10,000 resumes where it stopped
+    ident = {
+        **evaluation.identity_of(pc),
+        "teacher_sha256": hashlib.sha256(store.get("teacher.pt")).hexdigest(),
+    }
     scores = {}
     for nfe in pc.run.eval.teacher_nfe:
-        s = evaluation.sample_scores(
-            pc, ref, {"kind": "teacher", "nfe": nfe}, teacher_key=f"{prefix}/teacher.pt", progress=True
-        )
+
+        def measure(nfe=nfe):
+            return evaluation.sample_scores(
+                pc, ref, {"kind": "teacher", "nfe": nfe}, teacher_key=f"{prefix}/teacher.pt", progress=True
+            )
+
+        s = evaluation.cached_scores(pc, ident, f"nfe{nfe}", measure)
         scores[str(nfe)] = s
         log.info(
             "teacher at NFE %d: FID@%d %.2f, KID %.4f ± %.4f",
@@ -80,7 +91,9 @@ def ship_teacher(pc, out: str | Path, command: str = "") -> dict:
             s["kid"],
             s["kid_std"],
         )
-    floor = evaluation.noise_floor(pc, ref, progress=True)
+    floor = evaluation.cached_scores(
+        pc, evaluation.identity_of(pc), "floor", lambda: evaluation.noise_floor(pc, ref, progress=True)
+    )
     channels = DATASETS[pc.run.data.name].channels
     teacher = build_teacher(pc.run.data, pc.run.teacher, None, ema, "shipping")
     out = Path(out)

@@ -180,3 +180,59 @@ def test_teacher_checkpoint_is_used_by_the_stage_instead_of_training(fs, tmp_pat
     missing = tmp_path / "nope.pt"
     assert main(["teacher", *TINY, *fs, f"teacher.checkpoint={missing}", "--no-progress"]) == 2
     assert f"teacher.checkpoint={missing} is not a file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ship_teacher_scores_once_and_an_interrupted_shipping_resumes_from_its_cached_scores(
+    fs, tmp_path, monkeypatch
+):
+    """`hkd ship-teacher` writes the record with its scores per NFE and the floor; each score is cached as soon as it
+    is measured, so shipping the same weights again (after an interruption, or into another folder) measures
+    nothing and writes the same scores; other weights are measured afresh."""
+    from orchestrator.stages import evaluation
+
+    torch.manual_seed(5)
+    pc = load(TINY + fs)
+    net = teacher_denoiser(pc.run.teacher, 1, pc.run.data.resolution)
+    ckpt = tmp_path / "teacher-ckpt.pt"
+    torch.save({"ema": net.state_dict(), "nimg": 3000, "step": 47}, ckpt)
+    over = [
+        *TINY,
+        *fs,
+        f"teacher.checkpoint={ckpt}",
+        "eval.n=32",
+        "eval.kid_subset_size=16",
+        "eval.teacher_nfe=[2]",
+    ]
+    assert main(["teacher", *over, "--no-progress"]) == 0
+    assert main(["ship-teacher", *over, "--out", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "a" / "record.json").read_text())
+    (ev,) = first["evals"]
+    assert ev["n"] == 32 and set(ev["by_nfe"]) == {"2"} and ev["by_nfe"]["2"]["fid"] > 0
+    assert ev["noise_floor_train_vs_test"]["fid"] > 0 and first["kimg"] == 3.0
+
+    def refuse(*a, **k):
+        raise AssertionError("measured again although its score is cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluation, "sample_scores", refuse)
+        m.setattr(evaluation, "noise_floor", refuse)
+        assert main(["ship-teacher", *over, "--out", str(tmp_path / "b")]) == 0
+    again = json.loads((tmp_path / "b" / "record.json").read_text())["evals"][0]
+    assert (
+        again["by_nfe"] == ev["by_nfe"]
+        and again["noise_floor_train_vs_test"] == ev["noise_floor_train_vs_test"]
+    )
+
+    # the teacher's scores are cached under its weights' sha256 (other weights: another key), the floor under the
+    # reference alone (it is the data's, not the teacher's)
+    import hashlib
+
+    cached = {
+        p.name.split("-n32-")[0]: json.loads(p.read_text())["reference"]
+        for p in (tmp_path / "store").rglob("teacher-scores/**/*.json")
+    }
+    assert set(cached) == {"nfe2", "floor"}
+    teacher_pt = next((tmp_path / "store").rglob("teacher-*/teacher.pt")).read_bytes()
+    assert cached["nfe2"]["teacher_sha256"] == hashlib.sha256(teacher_pt).hexdigest()
+    assert "teacher_sha256" not in cached["floor"] and cached["floor"]["n"] == 32
