@@ -150,6 +150,15 @@ def identity_of(pc) -> dict:
     }
 
 
+def teacher_identity(pc, teacher_key: str) -> dict:
+    """The identity a teacher's scores are cached under: the evaluation's (``identity_of``) plus the sha256 of
+    the teacher's weights at ``teacher_key`` (a retrained teacher is another teacher, whatever its config)."""
+    return {
+        **identity_of(pc),
+        "teacher_sha256": hashlib.sha256(make_store(pc.storage).get(teacher_key)).hexdigest(),
+    }
+
+
 def _differs(recorded: dict, want: dict) -> list[str]:
     return [k for k in sorted(set(want) | set(recorded)) if recorded.get(k) != want.get(k)]
 
@@ -267,11 +276,7 @@ def evaluate(
         if img_ref is None and pc.run.teacher.kind == "empirical":
             img_ref = ray.put(images())
         if teacher_key and "teacher_sha256" not in ident:
-            # a teacher's scores belong to its weights, not only to its config: a retrained one is another teacher
-            ident = {
-                **ident,
-                "teacher_sha256": hashlib.sha256(make_store(pc.storage).get(teacher_key)).hexdigest(),
-            }
+            ident = teacher_identity(pc, teacher_key)
 
         def measure(nfe=nfe):
             return sample_scores(

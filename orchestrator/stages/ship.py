@@ -21,7 +21,6 @@ this N and keeps the others and the training facts, so a teacher can be scored a
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import time
@@ -72,10 +71,7 @@ def ship_teacher(pc, out: str | Path, command: str = "") -> dict:
     ref = evaluation.reference(pc, progress=True)[0]
     # each score (the teacher at one NFE, the floor) is cached under this reference identity and these
     # weights as soon as it is measured, so an interrupted shipping at N = 10,000 resumes where it stopped
-    ident = {
-        **evaluation.identity_of(pc),
-        "teacher_sha256": hashlib.sha256(store.get("teacher.pt")).hexdigest(),
-    }
+    ident = evaluation.teacher_identity(pc, f"{prefix}/teacher.pt")
     scores = {}
     for nfe in pc.run.eval.teacher_nfe:
 
