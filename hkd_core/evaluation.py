@@ -86,7 +86,7 @@ def score(stats: FeatureStats, feats: torch.Tensor, ref: Reference, kid_subset_s
     """FID from the merged statistics, KID (mean and std over 100 subsets) from the features. A subset is at
     most half the samples: subsets as large as the set would all be the set, and the std would read 0."""
     kid, kid_std = kid_from_features(feats, ref.features, max(2, min(kid_subset_size, feats.shape[0] // 2)))
-    return {"fid": fid_from_stats(stats, ref.stats), "kid": kid, "kid_std": kid_std}
+    return {"fid": fid_from_stats(stats, ref.stats, feats, ref.features), "kid": kid, "kid_std": kid_std}
 
 
 def score_in_process(

@@ -1,8 +1,9 @@
 """FID and KID with torch-fidelity's standard Inception network, offline, with cached reference statistics.
 
 Features come from torch-fidelity's ``inception-v3-compat`` extractor (pool3, 2048-d); FID from its
-``fid_statistics_to_metric`` and KID from its ``kid_features_to_metric``, so the metric code is
-torch-fidelity's. Statistics are accumulated in float64 as (n, sum, sum of outer products), which merge
+``fid_statistics_to_metric`` formula (its matrix square root's trace taken exactly by a symmetric
+eigendecomposition, ten times faster than scipy's ``sqrtm``; tested equal to torch-fidelity's) and KID from its
+``kid_features_to_metric``. Statistics are accumulated in float64 as (n, sum, sum of outer products), which merge
 exactly across workers (see ``FeatureStats.merge``). Reference statistics are keyed by (data set, split, N,
 resolution, weights sha256) so that a driver can cache them (``evaluation.py`` draws the samples).
 """
@@ -115,10 +116,53 @@ class FeatureStats:
         return {"mu": mu, "sigma": sigma}
 
 
-def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance matrix (eigenvalues below 0, rounding, clipped to 0)."""
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
-    return fid_statistics_to_metric(a.mu_sigma(), b.mu_sigma(), verbose=False)[KEY_METRIC_FID]
+
+def trace_sqrt_product(
+    sa: np.ndarray, sb: np.ndarray, fa: np.ndarray | None = None, fb: np.ndarray | None = None
+) -> float:
+    """tr sqrtm(sa @ sb) for two covariance matrices, the term of the Frechet distance that torch-fidelity (like
+    every FID code) takes with scipy.linalg.sqrtm of the non-symmetric product: a complex Schur decomposition of
+    a 2048 x 2048 matrix, 10-20 s on two cores, paid by every FID at every N. The same number, exactly: with
+    sa = h h^T (its Cholesky factor, or its symmetric root where sa is singular), sa @ sb = h (h^T sb h) h^-1 is
+    similar to the symmetric h^T sb h, so the trace is the sum of the square roots of its eigenvalues. With the
+    centred features behind both (``fa``, ``fb``: rows scaled by 1/sqrt(n - 1)) and fewer rows than columns,
+    the non-zero eigenvalues of sa @ sb are the squared singular values of fa @ fb.T (n_a x n_b): milliseconds."""
+    if fa is not None and fb is not None and max(fa.shape[0], fb.shape[0]) <= fa.shape[1]:
+        return float(np.linalg.svd(fa @ fb.T, compute_uv=False).sum())
+    try:  # sa = l l^T: sa @ sb is similar to l^T sb l as well, and a Cholesky factor costs far less than eigh
+        h = np.linalg.cholesky(sa)
+        lam = np.linalg.eigvalsh(h.T @ sb @ h)
+    except np.linalg.LinAlgError:  # sa singular (fewer samples than dimensions, without their features)
+        h = _psd_sqrt(sa)
+        lam = np.linalg.eigvalsh(h @ sb @ h)
+    return float(np.sqrt(np.clip(lam, 0, None)).sum())
+
+
+def _scaled_centred(features: torch.Tensor, stats: FeatureStats) -> np.ndarray | None:
+    """(features - mean) / sqrt(n - 1) in float64, when ``features`` are the ones ``stats`` summarise."""
+    if features is None or features.shape[0] != stats.n or stats.n < 2:
+        return None
+    f = features.double().numpy()
+    return (f - stats.total / stats.n) / np.sqrt(stats.n - 1)
+
+
+def fid_from_stats(
+    a: FeatureStats, b: FeatureStats, fa: torch.Tensor | None = None, fb: torch.Tensor | None = None
+) -> float:
+    """The Frechet distance of torch-fidelity's ``fid_statistics_to_metric`` (|mu_a - mu_b|^2 + tr sa + tr sb
+    - 2 tr sqrtm(sa sb)), with the last term from ``trace_sqrt_product``; the features behind each side, when
+    given, take its fast path at small N. A test holds it to torch-fidelity's own to 1e-6."""
+    ma, mb = a.mu_sigma(), b.mu_sigma()
+    d = ma["mu"] - mb["mu"]
+    ta = _scaled_centred(fa, a) if fa is not None and fb is not None else None
+    tb = _scaled_centred(fb, b) if ta is not None else None
+    tr = trace_sqrt_product(ma["sigma"], mb["sigma"], ta, tb)
+    return float(d @ d + np.trace(ma["sigma"]) + np.trace(mb["sigma"]) - 2 * tr)
 
 
 def kid_from_features(

@@ -57,3 +57,24 @@ def test_chunks_merged_score_as_the_whole_set(features, fid_images):
     assert whole["fid"] > 20
     itself = E.score(*E.merge_chunks([E.chunk_result(fb)]), ref, kid_subset_size=16)
     assert abs(itself["fid"]) < 1e-2
+
+
+@pytest.mark.parametrize("n", [40, 2100])
+def test_fid_equals_torch_fidelitys_sqrtm_formula_on_each_path(n):
+    """The Frechet distance with tr sqrtm(sa sb) taken by symmetric eigendecompositions equals torch-fidelity's
+    fid_statistics_to_metric (scipy's sqrtm): at n = 40 both without the features (singular covariance: the
+    symmetric-root path) and with them (the Gram path), at n = 2100 > 2048 (full rank: the Cholesky path). A set
+    against a shifted copy of itself is exactly the squared shift."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, 2048, generator=g).abs() * 0.5
+    b = (torch.randn(n, 2048, generator=g) * 0.7 + 0.2).abs() @ torch.eye(2048).roll(1, 0)
+    sa, sb = FeatureStats.of(a), FeatureStats.of(b)
+    theirs = fid_statistics_to_metric(sa.mu_sigma(), sb.mu_sigma(), verbose=False)[KEY_METRIC_FID]
+    assert fid_from_stats(sa, sb) == pytest.approx(theirs, rel=1e-6)
+    assert fid_from_stats(sa, sb, a, b) == pytest.approx(theirs, rel=1e-6)
+    shifted = a + 0.25
+    assert fid_from_stats(sa, FeatureStats.of(shifted), a, shifted) == pytest.approx(2048 * 0.25**2, rel=1e-6)
+    # features that are not the ones the statistics summarise are not used (the exact path is taken instead)
+    assert fid_from_stats(sa, sb, a[:-1], b) == pytest.approx(theirs, rel=1e-6)
