@@ -91,7 +91,8 @@ def main(uri: str, folder: str) -> None:
         )
         + "\n"
     )
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+    fig.subplots_adjust(wspace=0.38, top=0.8)
     ax = axes[0]
     ks = [p["kimg"] for p in curve]
     ax.errorbar(
@@ -122,7 +123,7 @@ def main(uri: str, folder: str) -> None:
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right")
-    ax.set_title("one-step quality at each checkpoint", fontsize=9)
+    ax.set_title("one-step quality at each checkpoint", fontsize=9, pad=22)
     for k, label in (
         ("train/holdout_mse", "held-out trajectories"),
         ("train/train_mse", "training trajectories"),
@@ -133,7 +134,7 @@ def main(uri: str, folder: str) -> None:
     axes[1].set_xlabel("kimg")
     axes[1].set_ylabel("EMA model's MSE against the teacher")
     axes[1].legend(fontsize=7)
-    axes[1].set_title("does it memorise the trajectories?", fontsize=9)
+    axes[1].set_title("does it memorise the trajectories?", fontsize=9, pad=22)
     fig.suptitle(
         f"CIFAR-10 long run: {head.get('kimg', 0):.0f} kimg, {head.get('train_s', 0) / 3600:.2f} h of training, "
         f"N = {head['n']}: KID ratio {head.get('kid_ratio', float('nan')):.2f}, "
