@@ -125,16 +125,15 @@ def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
 def trace_sqrt_product(
     sa: np.ndarray, sb: np.ndarray, fa: np.ndarray | None = None, fb: np.ndarray | None = None
 ) -> float:
-    """tr sqrtm(sa @ sb) for two covariance matrices, the term of the Frechet distance that torch-fidelity (like
-    every FID code) takes with scipy.linalg.sqrtm of the non-symmetric product: a complex Schur decomposition of
-    a 2048 x 2048 matrix, 2-3 s on two cores (more under load), paid by every FID at every N
-    (benchmarks/fid_trace.py: 0.04 s here at N = 32, 0.26 s at N = 1000, 0.84 s at N = 10,000). The same
-    number, exactly: with
-    sa = h h^T (its Cholesky factor, or its symmetric root where sa is singular), sa @ sb = h (h^T sb h) h^-1 is
-    similar to the symmetric h^T sb h, so the trace is the sum of the square roots of its eigenvalues. With the
-    centred features behind both (``fa``, ``fb``: rows scaled by 1/sqrt(n - 1)) and fewer rows than columns,
-    the non-zero eigenvalues of sa @ sb are the squared singular values of fa @ fb.T (n_a x n_b): milliseconds."""
-    if fa is not None and fb is not None and max(fa.shape[0], fb.shape[0]) <= fa.shape[1]:
+    """tr sqrtm(sa @ sb) for two covariance matrices: the term of the Frechet distance that torch-fidelity takes
+    with scipy.linalg.sqrtm of the non-symmetric product (a complex Schur decomposition of a 2048 x 2048 matrix,
+    2-3 s on two cores, paid by every FID). The same number, exactly: with sa = h h^T (its Cholesky factor, or
+    its symmetric root where sa is singular), sa @ sb is similar to the symmetric h^T sb h, so the trace is the
+    sum of the square roots of its eigenvalues. Given the centred features behind both (``fa``, ``fb``: rows
+    scaled by 1/sqrt(n - 1), see ``_scaled_centred``), the non-zero eigenvalues of sa @ sb are the squared
+    singular values of fa @ fb.T (n_a x n_b): milliseconds at small N. benchmarks/fid_trace.py: 0.04 s at
+    N = 32, 0.26 s at N = 1000, 0.84 s at N = 10,000."""
+    if fa is not None and fb is not None:
         return float(np.linalg.svd(fa @ fb.T, compute_uv=False).sum())
     try:  # sa = l l^T: sa @ sb is similar to l^T sb l as well, and a Cholesky factor costs far less than eigh
         h = np.linalg.cholesky(sa)
@@ -145,7 +144,7 @@ def trace_sqrt_product(
     return float(np.sqrt(np.clip(lam, 0, None)).sum())
 
 
-def _scaled_centred(features: torch.Tensor, stats: FeatureStats) -> np.ndarray | None:
+def _scaled_centred(features: torch.Tensor | None, stats: FeatureStats) -> np.ndarray | None:
     """(features - mean) / sqrt(n - 1) in float64, when ``features`` are the ones ``stats`` summarise and no more
     than their dimensions."""
     if features is None or features.shape[0] != stats.n or not 2 <= stats.n <= features.shape[1]:
@@ -162,9 +161,7 @@ def fid_from_stats(
     given, take its fast path at small N. A test holds it to torch-fidelity's own to 1e-6."""
     ma, mb = a.mu_sigma(), b.mu_sigma()
     d = ma["mu"] - mb["mu"]
-    ta = _scaled_centred(fa, a) if fa is not None and fb is not None else None
-    tb = _scaled_centred(fb, b) if ta is not None else None
-    tr = trace_sqrt_product(ma["sigma"], mb["sigma"], ta, tb)
+    tr = trace_sqrt_product(ma["sigma"], mb["sigma"], _scaled_centred(fa, a), _scaled_centred(fb, b))
     return float(d @ d + np.trace(ma["sigma"]) + np.trace(mb["sigma"]) - 2 * tr)
 
 
