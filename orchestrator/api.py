@@ -257,7 +257,7 @@ def study_plan(
         names = parse_variants(
             variants if isinstance(variants, str) or variants is None else ",".join(variants)
         )
-        return variant_configs(list(overrides), names, list(teacher_nfe) if teacher_nfe else None)
+        return variant_configs(list(overrides), names, list(teacher_nfe) if teacher_nfe is not None else None)
     except (ConfigError, ValueError) as e:
         raise UsageError(str(e), "study") from None
 
@@ -280,9 +280,23 @@ def study(
     names = parse_variants(variants if isinstance(variants, str) or variants is None else ",".join(variants))
     try:
         return run_study(
-            list(overrides), names, list(teacher_nfe) if teacher_nfe else None, progress=progress, out=out
+            list(overrides),
+            names,
+            list(teacher_nfe) if teacher_nfe is not None else None,
+            progress=progress,
+            out=out,
         )
     except StageBusyError as e:  # another driver runs one of the study's stages
+        raise UsageError(str(e), "study") from None
+
+
+def study_merge(folders: Sequence[str], out: str) -> dict:
+    """One study's table and figures from its parts (``hkd study --variants ... --out DIR`` runs)."""
+    from orchestrator.analysis.study_parts import StudyMergeError, merge_study
+
+    try:
+        return merge_study(list(folders), out)
+    except StudyMergeError as e:
         raise UsageError(str(e), "study") from None
 
 

@@ -130,6 +130,18 @@ def variant_configs(
     return study, out
 
 
+def part_fields(overrides: list[str], cfgs: dict) -> dict:
+    """What a study's part records so that parts of one study merge (orchestrator/analysis/study_parts.py): its
+    base overrides, the content hashes of the stages every variant shares, and N."""
+    first = next(iter(cfgs.values()))[0]
+    stages = first.stages()
+    return {
+        "overrides": list(overrides),
+        "shared_stages": {k: stages[k] for k in ("teacher", "trajectories")},
+        "n": first.run.eval.n,
+    }
+
+
 def run_study(
     overrides: list[str],
     variants: list[str],
@@ -142,7 +154,7 @@ def run_study(
 
     study, cfgs = variant_configs(overrides, variants, teacher_nfe)
     t0 = time.perf_counter()
-    results: dict = {"study": study, "variants": {}, "teacher": {}}
+    results: dict = {"study": study, "variants": {}, "teacher": {}, **part_fields(overrides, cfgs)}
     for v, (pc, _) in cfgs.items():
         log.info("study %s: variant %s (%s)", study, v, row_label(v, pc))
         res = run_stages(pc, "evaluate", progress)

@@ -34,6 +34,7 @@ import sys
 
 from orchestrator import api
 from orchestrator.cli import output as out
+from orchestrator.cli.study import add_study_flags, study_main
 from orchestrator.errors import summary
 
 STAGE_CMDS = ("teacher", "trajectories", "distill", "evaluate", "pipeline")
@@ -106,15 +107,7 @@ def parser_for(name: str) -> argparse.ArgumentParser:
         return p
     if name == "study":
         p = _base(name)
-        p.add_argument(
-            "--variants",
-            help="comma-separated subset of no_koopman_no_tcons,no_tcons,one_level,hkd (the "
-            "paper's cumulative ablation rows), kd, kd_scratch, kdm, hkd_scratch",
-        )
-        p.add_argument(
-            "--teacher-nfe", help="teacher NFEs to score (default 1,2,4 and the trajectories' full NFE)"
-        )
-        p.add_argument("--out", help="local folder for the table and figures (default runs/study-<id>)")
+        add_study_flags(p)
         _dry_run(p)
         _progress(p)
         return p
@@ -309,30 +302,6 @@ def _floats(text: str | None, what: str) -> list[float] | None:
         raise api.UsageError(
             f"{what} {text!r}: give comma-separated numbers, e.g. 0,0.5,1", what.strip("-")
         ) from None
-
-
-def study_main(args) -> int:
-    nfe = [int(x) for x in _floats(args.teacher_nfe, "--teacher-nfe")] if args.teacher_nfe else None
-    if args.dry_run:
-        study, cfgs = api.study_plan(args.overrides, args.variants, nfe)
-        print(
-            json.dumps(
-                {
-                    "study": study,
-                    "variants": {
-                        v: {"config": pc.to_dict(), "plan": api.plan(pc, "evaluate")}
-                        for v, (pc, _) in cfgs.items()
-                    },
-                },
-                indent=1,
-                default=str,
-            )
-        )
-        return 0
-    res = api.study(args.overrides, args.variants, nfe, args.out, progress=not args.no_progress)
-    out.write_json(args.json, res)
-    out.print_study(res)
-    return 0
 
 
 EDIT_FLAGS = ("band", "n_bands", "tau_mid", "mask", "samples", "seed", "reference", "order", "controls")
