@@ -100,6 +100,18 @@ def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
+def _agreed_seconds(train_s: float, device) -> float:
+    """The ranks' training seconds as one number, the largest. A run with ``max_train_s`` stops by it and its lr
+    schedule follows it: timed on each rank alone, the ranks would stop at different steps (the one still
+    training then pairs its gradient all-reduce with the other's last collective, and gloo aborts) and step with
+    different learning rates (the replicas part)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return train_s
+    t = torch.tensor([train_s], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 class _Loop:
     """The engine behind both loops: optimiser, lr ramp-up, EMA, logging, checkpoint and resume.
 
@@ -282,6 +294,8 @@ class _Loop:
             t0 = time.perf_counter()
             values = self.optimizer_step(step_loss)
             self.train_s += time.perf_counter() - t0
+            if s.max_train_s is not None:  # every rank stops at the same step, on the same lr schedule
+                self.train_s = _agreed_seconds(self.train_s, self.device)
             cur_lr = values.pop("_lr")
             if not values.pop("_skipped", 0.0):
                 for k, v in values.items():

@@ -324,3 +324,75 @@ def test_skip_nonfinite_skips_the_steps_counts_them_and_keeps_the_weights_finite
     assert all(torch.isfinite(p).all() for p in res["ema"].parameters())
     assert logged[-1]["train/skipped_nonfinite"] == 2 and math.isfinite(logged[-1]["train/loss"])
     assert "train/skipped_nonfinite" not in logged[0]  # step 0: nothing skipped yet
+
+
+_BUDGET_RANK = """
+import sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import hkd_core.loop as T
+from hkd_core.models import build_model
+from hkd_core.train import train_hkd
+
+rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+now = [0.0]
+
+
+class Clock:  # rank 0 trains 0.15 s per step, rank 1 0.25 s: each would stop at another step by its own clock
+    @staticmethod
+    def perf_counter():
+        now[0] += (0.15, 0.25)[rank]
+        return now[0]
+
+
+T.time = Clock
+args = torch.load(out + "/args.pt", weights_only=False)  # written by the test itself
+torch.manual_seed(0)
+model = DistributedDataParallel(build_model("hkd", args["cfg"]))
+res = train_hkd(model, args["states"], args["sigmas"], rank=rank, world_size=2, total_kimg=float("inf"),
+                max_train_s=1.0, lr_schedule="cosine", **args["kw"])
+torch.save({"steps": res["steps"], "train_s": res["train_s"], "model": res["model"].state_dict()},
+           f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_wall_clock_budget_ends_every_rank_at_the_same_step(fast_kw, tiny_cfg, toy_trajectories, tmp_path):
+    """Two data-parallel ranks (gloo on 127.0.0.1) whose clocks run at different speeds: with max_train_s they
+    agree on the seconds trained (the slower rank's), so both stop after the same step (the 4th, 4 x 0.25 s) with
+    equal weights; timed alone, rank 0 would train 7 steps and pair its gradient all-reduce with nothing."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    states, sigmas = toy_trajectories
+    torch.save({"cfg": tiny_cfg, "states": states, "sigmas": sigmas, "kw": fast_kw}, tmp_path / "args.pt")
+    script = tmp_path / "rank.py"
+    script.write_text(_BUDGET_RANK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(port), str(tmp_path)],
+            cwd=root,
+            env={**__import__("os").environ, "PYTHONPATH": str(root)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-2000:] for log in logs)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["steps"] == r1["steps"] == 4 and r0["train_s"] == r1["train_s"] == pytest.approx(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(r0["model"].values(), r1["model"].values()))
