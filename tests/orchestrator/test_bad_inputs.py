@@ -117,7 +117,7 @@ CONFIGS = [
     ('no workers', ['cluster.num_workers=0'],
      'cluster.num_workers=0 must be >= 1'),
     ('batch not divisible by workers', ['cluster.num_workers=3'],
-     'train.batch_size=64 is not divisible by cluster.num_workers=3'),
+     'train.batch_size=32 is not divisible by cluster.num_workers=3'),
     ('unknown placement strategy', ['cluster.placement_strategy=spread'],
      "cluster.placement_strategy='spread'; choose one of ['PACK', 'SPREAD', 'STRICT_SPREAD']"),
     ('GPU without GPUs', ['cluster.use_gpu=true', 'cluster.gpus_per_worker=0'],

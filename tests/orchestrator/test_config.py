@@ -49,7 +49,7 @@ def test_overrides_reach_the_model():
             ["model.levels=6", "model.subspace_dims=[2,2,2,2,2,2]", "data.resolution=28"],
             "resolution 28 allows at most 3 levels",
         ),
-        (["cluster.num_workers=3"], "train.batch_size=64 is not divisible by cluster.num_workers=3"),
+        (["cluster.num_workers=3"], "train.batch_size=32 is not divisible by cluster.num_workers=3"),
         (["experiment=smoke", "cluster.num_workers=8"], "makes 4 shards, fewer than cluster.num_workers=8"),
         (["cluster.use_gpu=true"], "cluster.use_gpu is true but cluster.gpus_per_worker is 0"),
         (
