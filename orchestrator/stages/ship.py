@@ -16,7 +16,12 @@ this N and keeps the others and the training facts, so a teacher can be scored a
 
     hkd teacher teacher=edm ... && hkd ship-teacher teacher=edm ... eval.n=1000 eval.teacher_nfe=[1,2,4,35] \\
         --out hkd_core/shipped/fmnist-edm
-    hkd ship-teacher teacher=fmnist_edm eval.n=10000 eval.teacher_nfe=[35] --out hkd_core/shipped/fmnist-edm
+    hkd ship-teacher eval.n=10000 eval.teacher_nfe=[35] --out hkd_core/shipped/fmnist-edm
+    hkd ship-teacher eval.n=10000 eval.teacher_nfe=[1,2,4] --out hkd_core/shipped/fmnist-edm
+
+The last line adds NFE 1, 2 and 4 to the N = 10,000 evaluation and keeps its NFE 35 and its floor (the same
+weights and identity: they still hold); a study that ran at N = 10,000 in this storage cached those scores, so
+that shipping measures nothing, and every later study at N = 10,000 takes all its teacher rows from the record.
 """
 
 from __future__ import annotations
@@ -38,13 +43,38 @@ from orchestrator.stages.context import DONE, OUTPUTS
 log = logging.getLogger(__name__)
 
 
+SAME_EVAL = ("n", "seed", "split", "reference")
+
+
+def same_eval(record: dict | None, new: dict) -> dict | None:
+    """The record's evaluation measured exactly as ``new`` (the same N, seeds, split and reference identity)."""
+    for ev in (record or {}).get("evals") or []:
+        if all(ev.get(k) == new.get(k) for k in SAME_EVAL):
+            return ev
+    return None
+
+
 def merged_evals(record: dict | None, new: dict) -> list[dict]:
     """The record's evaluations with ``new`` added: one that has the same N, seed, split and reference identity
-    is replaced, the others are kept (``record`` None: a new teacher, ``new`` alone)."""
+    is replaced, the others are kept (``record`` None: a new teacher, ``new`` alone). The replaced one's scores at
+    the NFEs that ``new`` did not measure stay (the same weights, the same identity: they still hold), each under
+    the command that measured it (``kept``), so a teacher shipped at NFE 35 can be scored at NFE 1, 2 and 4 later
+    without measuring NFE 35 again."""
     if not record:
         return [new]
-    same = ("n", "seed", "split", "reference")
-    return [ev for ev in record.get("evals") or [] if any(ev.get(k) != new.get(k) for k in same)] + [new]
+    old = same_eval(record, new)
+    rest = [ev for ev in record.get("evals") or [] if ev is not old]
+    if old is None:
+        return rest + [new]
+    kept = sorted(set(old.get("by_nfe") or {}) - set(new.get("by_nfe") or {}), key=int)
+    if not kept:
+        return rest + [new]
+    merged = {**new, "by_nfe": {**old["by_nfe"], **new["by_nfe"]}}
+    merged["kept"] = [
+        *(old.get("kept") or []),
+        {"nfe": kept, "command": old.get("command"), "git_sha": old.get("git_sha")},
+    ]
+    return rest + [merged]
 
 
 def ship_teacher(pc, out: str | Path, command: str = "") -> dict:
@@ -54,6 +84,7 @@ def ship_teacher(pc, out: str | Path, command: str = "") -> dict:
     from hkd_core.teachers import build_teacher
     from orchestrator.stages.driver import init_ray
 
+    out = Path(out)
     prefix = identity.stage_prefix(pc, "teacher")
     store = make_store(pc.storage, prefix)
     if pc.run.teacher.kind != "edm" or not store.exists(DONE):
@@ -90,13 +121,23 @@ def ship_teacher(pc, out: str | Path, command: str = "") -> dict:
             s["kid"],
             s["kid_std"],
         )
-    floor = evaluation.cached_scores(
+    old = _existing_record(out) if _same_weights(out, ema) else None
+    prior = same_eval(
+        old,
+        {
+            "n": pc.run.eval.n,
+            "seed": pc.run.eval.seed,
+            "split": pc.run.eval.split,
+            "reference": evaluation.identity_of(pc),
+        },
+    )
+    floor = (prior or {}).get("noise_floor_train_vs_test") or evaluation.cached_scores(
         pc, evaluation.identity_of(pc), "floor", lambda: evaluation.noise_floor(pc, ref, progress=True)
     )
     channels = DATASETS[pc.run.data.name].channels
     teacher = build_teacher(pc.run.data, pc.run.teacher, None, ema, "shipping")
-    out = Path(out)
-    nfe_full = max(pc.run.eval.teacher_nfe) if pc.run.eval.teacher_nfe else 35
+    # the grid at the fullest NFE the record will hold (NFE 35 kept from an earlier shipping included)
+    nfe_full = max([*pc.run.eval.teacher_nfe, *map(int, (prior or {}).get("by_nfe") or {})] or [35])
     grid = E.teacher_generator(teacher, nfe_full)(
         E.noise(E.eval_seeds(pc.run.eval, 64), (channels, pc.run.data.resolution, pc.run.data.resolution))
     )
@@ -113,7 +154,6 @@ def ship_teacher(pc, out: str | Path, command: str = "") -> dict:
         "eval_wall_s": time.perf_counter() - t0,
         "git_sha": identity.git_sha(),
     }
-    old = _existing_record(out) if _same_weights(out, ema) else None
     facts = (
         {k: v for k, v in old.items() if k not in ("config", "teacher_hash", "weights_sha256", "evals")}
         if old

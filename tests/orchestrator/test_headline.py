@@ -52,6 +52,31 @@ def test_a_record_keeps_its_evaluations_at_other_n_and_replaces_the_same_one():
     assert merged_evals(record, other_weights) == [e1000, other_weights]
 
 
+def test_scoring_a_shipped_teacher_at_more_nfe_keeps_the_nfe_scored_before():
+    """The same identity at NFE 1 and 4 later: NFE 35 stays, under the command that measured it; an NFE measured
+    again takes its new score; another N keeps nothing of this one."""
+    ref = {"images_sha256": "a", "inception_sha256": "b"}
+    e35 = {"n": 10000, "seed": 123, "split": "test", "reference": ref, "command": "ship 35", "git_sha": "x"}
+    e35["by_nfe"] = {"35": {"fid": 22.3}, "4": {"fid": 60.0}}
+    e1000 = {**e35, "n": 1000, "by_nfe": {"35": {"fid": 41.5}}}
+    later = {
+        **e35,
+        "command": "ship 1,4",
+        "git_sha": "y",
+        "by_nfe": {"1": {"fid": 290.0}, "4": {"fid": 59.0}},
+    }
+    (kept1000, merged) = merged_evals({"evals": [e1000, e35]}, later)
+    assert kept1000 == e1000
+    assert merged["by_nfe"] == {"1": {"fid": 290.0}, "4": {"fid": 59.0}, "35": {"fid": 22.3}}
+    assert merged["command"] == "ship 1,4"
+    assert merged["kept"] == [{"nfe": ["35"], "command": "ship 35", "git_sha": "x"}]
+    again = {**later, "command": "ship 2", "by_nfe": {"2": {"fid": 295.0}}}
+    (_, twice) = merged_evals({"evals": [e1000, merged]}, again)
+    assert set(twice["by_nfe"]) == {"1", "2", "4", "35"}
+    assert [k["nfe"] for k in twice["kept"]] == [["35"], ["1", "4", "35"]]
+    assert merged_evals({"evals": [e1000]}, {**later, "n": 50000})[1] == {**later, "n": 50000}
+
+
 def test_no_kid_ratio_when_the_teachers_kid_is_within_its_std_of_zero():
     """At a small N the teacher's (unbiased) KID can be negative or within its std of 0: a ratio of it means
     nothing (the smoke job printed "KID ratio -148.96"), so the headline says n/a and gives the two KIDs."""

@@ -236,3 +236,20 @@ def test_ship_teacher_scores_once_and_an_interrupted_shipping_resumes_from_its_c
     teacher_pt = next((tmp_path / "store").rglob("teacher-*/teacher.pt")).read_bytes()
     assert cached["nfe2"]["teacher_sha256"] == hashlib.sha256(teacher_pt).hexdigest()
     assert "teacher_sha256" not in cached["floor"] and cached["floor"]["n"] == 32
+
+    # scored at another NFE later, into the same folder: NFE 2 and the floor are kept from the record (the floor
+    # not measured again, even with its cached score gone), NFE 1 added, and the grid drawn at the fullest NFE
+    for p in (tmp_path / "store").rglob("teacher-scores/**/floor-*.json"):
+        p.unlink()
+    with monkeypatch.context() as m:
+        m.setattr(evaluation, "noise_floor", refuse)
+        more = [*over[:-1], "eval.teacher_nfe=[1]"]
+        assert main(["ship-teacher", *more, "--out", str(tmp_path / "a")]) == 0
+    record = json.loads((tmp_path / "a" / "record.json").read_text())
+    (both,) = record["evals"]
+    assert both["by_nfe"]["2"] == ev["by_nfe"]["2"] and set(both["by_nfe"]) == {"1", "2"}
+    assert (
+        both["kept"][0]["nfe"] == ["2"]
+        and both["noise_floor_train_vs_test"] == ev["noise_floor_train_vs_test"]
+    )
+    assert both["samples"].endswith("at NFE 2") and record["kimg"] == first["kimg"]
