@@ -180,8 +180,15 @@ def run_study(
                 results["teacher"][nfe] = {
                     "fid": val,
                     "kid": m.get(M.teacher_kid(nfe)),
+                    "kid_std": m.get(M.teacher_kid_std(nfe)),
                     "n": int(m[M.EVAL_N]),
                 }
+        if M.NOISE_FLOOR_FID in m:
+            results["floor"] = {
+                "fid": m[M.NOISE_FLOOR_FID],
+                "kid": m.get(M.NOISE_FLOOR_KID),
+                "n": int(m[M.EVAL_N]),
+            }
         results["_tracking_uri"], results["_experiment_id"] = res["_tracking_uri"], res["_experiment_id"]
     results["wall_s"] = time.perf_counter() - t0
     first = next(iter(cfgs.values()))[0]
@@ -219,21 +226,28 @@ def to_markdown(r: dict, pc: PipelineConfig) -> str:
         f"{pc.run.teacher.kind} teacher, {pc.run.trajectories.num} trajectories, every model trained for "
         f"{t.total_kimg:g} kimg (batch {t.batch_size}); FID/KID with N = {n} (standard Inception).",
         "",
-        "**At equal images seen**",
+        "**At equal images seen**"
+        + (f" (ratios to the teacher at {max(r['teacher'])} NFE)" if r["teacher"] else ""),
         "",
-        "| model | NFE | FID | KID x1e3 (± std) | kimg | train s | params |",
-        "|---|---|---|---|---|---|---|",
+        "| model | NFE | KID x1e3 (± std) | KID ratio | FID | FID ratio | kimg | train s | params |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in r["variants"].values():
+        kr, fr = ratios(v, r["teacher"])
         lines.append(
-            f"| {v['label']} | 1 | {v['fid']:.2f} | {_kid(v)} | {v['kimg']:.2f} | "
+            f"| {v['label']} | 1 | {_kid(v)} | {kr} | {v['fid']:.2f} | {fr} | {v['kimg']:.2f} | "
             f"{(v['train_s'] or 0):.0f} | {v['params'] or 0:,} |"
         )
     for nfe, tr in sorted(r["teacher"].items()):
-        kid = f"{tr['kid'] * 1e3:.1f}" if tr.get("kid") is not None else "-"
+        kr, fr = ratios(tr, r["teacher"])
         lines.append(
-            f"| teacher ({pc.run.teacher.kind}, Heun) | {nfe} | {tr['fid']:.2f} | {kid} | - | - | - |"
+            f"| teacher ({pc.run.teacher.kind}, Heun) | {nfe} | {_kid(tr)} | {kr} | {tr['fid']:.2f} | {fr} "
+            "| - | - | - |"
         )
+    floor = r.get("floor")
+    if floor:
+        kid = f", KID x1e3 {floor['kid'] * 1e3:.1f}" if floor.get("kid") is not None else ""
+        lines += ["", f"Floor at N = {floor['n']}: FID {floor['fid']:.2f}{kid} (N real training images)."]
     wall = equal_wall(r)
     if wall:
         lines += [
@@ -255,6 +269,16 @@ def to_markdown(r: dict, pc: PipelineConfig) -> str:
         f"`hkd.study = {r['study']}` in MLflow.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def ratios(row: dict, teacher: dict) -> tuple[str, str]:
+    """KID and FID of ``row`` over the teacher's at its fullest NFE, formatted; "-" where there is no teacher or
+    its KID is within its std of 0 (then a ratio of it means nothing)."""
+    if not teacher:
+        return "-", "-"
+    t = teacher[max(teacher)]
+    kid_ok = row.get("kid") is not None and t.get("kid") is not None and t["kid"] > (t.get("kid_std") or 0)
+    return (f"{row['kid'] / t['kid']:.2f}" if kid_ok else "-"), f"{row['fid'] / t['fid']:.2f}"
 
 
 def _kid(row: dict) -> str:
@@ -282,10 +306,7 @@ def equal_wall(r: dict) -> dict | None:
 
 
 def write_outputs(r: dict, folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from orchestrator.analysis import study_figures
 
     md = folder / "study.md"
     md.write_text(r["markdown"])
@@ -307,58 +328,16 @@ def write_outputs(r: dict, folder: Path) -> list[Path]:
             ]
         )
     for nfe, tr in sorted(r["teacher"].items()):
-        w.writerow([f"teacher_nfe{nfe}", nfe, tr["fid"], tr.get("kid"), "", tr["n"], "", "", ""])
+        w.writerow(
+            [f"teacher_nfe{nfe}", nfe, tr["fid"], tr.get("kid"), tr.get("kid_std"), tr["n"], "", "", ""]
+        )
     table = folder / "study.csv"
     table.write_text(buf.getvalue())
     (folder / "study.json").write_text(
         json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, indent=1, default=str)
     )
-    names = [row["label"] for row in r["variants"].values()] + [
-        f"teacher NFE {k}" for k in sorted(r["teacher"])
-    ]
-    fids = [row["fid"] for row in r["variants"].values()] + [
-        r["teacher"][k]["fid"] for k in sorted(r["teacher"])
-    ]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1))
-    colors = ["tab:blue"] * len(r["variants"]) + ["tab:gray"] * len(r["teacher"])
-    ax.barh(range(len(names)), fids, color=colors)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.invert_yaxis()
-    for i, f in enumerate(fids):
-        ax.text(f, i, f" {f:.1f}", va="center", fontsize=7)
-    ax.set_xlabel("FID (lower is better)")
-    ax.set_title(f"{r['study']}", fontsize=9)
-    fig.savefig(folder / "study_fid.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    study_figures.bars(r, folder / "study_fid.png")
     out = [md, table, folder / "study.json", folder / "study_fid.png"]
     if any(row.get("curve") for row in r["variants"].values()):
-        out.append(plot_curves(r, folder / "study_curves.png"))
+        out.append(study_figures.curves(r, folder / "study_curves.png", ABLATION_ROWS))
     return out
-
-
-def plot_curves(r: dict, path: Path) -> Path:
-    """FID against kimg (left) and against training seconds (right), one line per variant, the teacher's
-    full-NFE FID as a dashed line."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for v, row in r["variants"].items():
-        c = row.get("curve") or []
-        if not c:
-            continue
-        style = "-o" if v in ABLATION_ROWS else "--s"
-        for ax, x in zip(axes, ("kimg", "train_s")):
-            pts = [(p[x], p["fid"]) for p in c if p.get(x) is not None]
-            ax.plot(*zip(*pts), style, ms=3, label=row["label"])
-    if r["teacher"]:
-        full = max(r["teacher"])
-        for ax in axes:
-            ax.axhline(r["teacher"][full]["fid"], color="gray", ls=":", label=f"teacher, {full} NFE")
-    axes[0].set_xlabel("kimg (trajectories seen)")
-    axes[1].set_xlabel("training seconds")
-    axes[0].set_ylabel(f"FID@{r.get('curve_n', '?')} (NFE 1)")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(r["study"], fontsize=9)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path

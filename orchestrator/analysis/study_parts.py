@@ -60,6 +60,7 @@ def merge_parts(parts: list[dict]) -> dict:
                 )
     variants: dict = {}
     teacher: dict = {}
+    floor = next((p["floor"] for p in parts if p.get("floor")), None)  # the data's: the same in every part
     for p in parts:
         for v, row in p["variants"].items():
             if v in variants:
@@ -85,6 +86,7 @@ def merge_parts(parts: list[dict]) -> dict:
         "parts": [p["study"] for p in parts],
         "variants": variants,
         "teacher": teacher,
+        **({"floor": floor} if floor else {}),
         "wall_s": sum(p.get("wall_s") or 0.0 for p in parts),
         "curve_n": first.get("curve_n", 0),
         **{k: first[k] for k in SHARED},

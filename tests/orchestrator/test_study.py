@@ -160,8 +160,22 @@ def test_markdown_table_has_a_row_per_model_and_teacher_nfe():
         "teacher": {1: {"fid": 300.0, "kid": 0.3, "n": 32}, 11: {"fid": 50.0, "kid": 0.05, "n": 32}},
     }
     md = to_markdown(r, pc)
-    assert "| HKD (full) | 1 | 100.00 | 100.0 |" in md and "| KD | 1 | 120.00 |" in md
-    assert "Heun) | 11 | 50.00 |" in md and "N = 32" in md
+    # KID leads, then its ratio to the teacher at its fullest NFE (11), FID and its ratio
+    assert (
+        "| HKD (full) | 1 | 100.0 | 2.00 | 100.00 | 2.00 |" in md
+        and "| KD | 1 | 120.0 | 2.40 | 120.00 | 2.40 |" in md
+    )
+    assert (
+        "Heun) | 11 | 50.0 | 1.00 | 50.00 | 1.00 |" in md
+        and "Heun) | 1 | 300.0 | 6.00 | 300.00 | 6.00 |" in md
+    )
+    assert "N = 32" in md and "Floor" not in md
+    # a teacher KID within its std of 0 makes no KID ratio; the floor is stated when the study measured it
+    r["teacher"][11] = {**r["teacher"][11], "kid_std": 0.06}
+    r["floor"] = {"fid": 20.5, "kid": 0.001, "n": 32}
+    md = to_markdown(r, pc)
+    assert "| HKD (full) | 1 | 100.0 | - | 100.00 | 2.00 |" in md
+    assert "Floor at N = 32: FID 20.50, KID x1e3 1.0" in md
 
 
 def test_equal_wall_clock_picks_each_curve_at_the_shortest_runs_seconds():
@@ -214,13 +228,17 @@ def test_parts_of_one_study_merge_into_one_table(tmp_path):
     from orchestrator.analysis.study_parts import merge_study
 
     a = _part(tmp_path, "a", {"hkd": 101.0, "kd": 120.0}, {1: 300.0, 11: 50.0})
-    b = _part(tmp_path, "b", {"kdm": 130.0}, {11: 50.0})
+    b = _part(tmp_path, "b", {"kdm": 130.0}, {11: 50.0}, floor={"fid": 20.5, "kid": 0.001, "n": 32})
     r = merge_study([a, b], tmp_path / "merged")
     assert list(r["variants"]) == ["hkd", "kd", "kdm"] and sorted(r["teacher"]) == [1, 11]
     assert r["wall_s"] == 120.0 and r["parts"] == ["hkd-study-a", "hkd-study-b"]
     md = (tmp_path / "merged" / "study.md").read_text()
-    assert "| row hkd | 1 | 101.00 |" in md and "| row kdm | 1 | 130.00 |" in md
-    assert "Heun) | 1 | 300.00 |" in md and "hkd-study-a, hkd-study-b" in md
+    assert (
+        "| row hkd | 1 | 100.0 ± 10.0 | 2.00 | 101.00 | 2.02 |" in md
+        and "| row kdm | 1 | 100.0 ± 10.0 | 2.00 | 130.00 |" in md
+    )
+    assert r["floor"]["fid"] == 20.5 and "Floor at N = 32: FID 20.50" in md  # from the part that measured it
+    assert "Heun) | 1 | 50.0 | 1.00 | 300.00 | 6.00 |" in md and "hkd-study-a, hkd-study-b" in md
     assert json.loads((tmp_path / "merged" / "study.json").read_text())["variants"]["kd"]["fid"] == 120.0
     assert (tmp_path / "merged" / "study_fid.png").stat().st_size > 0
 
@@ -260,7 +278,9 @@ def test_hkd_study_merge_on_the_command_line(tmp_path, capsys):
     b = _part(tmp_path, "b", {"kd": 120.0}, {})
     assert main(["study", "--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
-    assert "| row kd | 1 | 120.00 |" in out and f"{tmp_path / 'm'}/study.md" in out
+    assert (
+        "| row kd | 1 | 100.0 ± 10.0 | 2.00 | 120.00 | 2.40 |" in out and f"{tmp_path / 'm'}/study.md" in out
+    )
     assert main(["study", "--merge", str(a), str(b)]) == 2
     assert "--merge needs --out" in capsys.readouterr().err
     assert main(["study", "--merge", str(a), str(a), "--out", str(tmp_path / "m2")]) == 2
