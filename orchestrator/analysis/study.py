@@ -155,6 +155,9 @@ def run_study(
     study, cfgs = variant_configs(overrides, variants, teacher_nfe)
     t0 = time.perf_counter()
     results: dict = {"study": study, "variants": {}, "teacher": {}, **part_fields(overrides, cfgs)}
+    first = next(iter(cfgs.values()))[0]
+    results["curve_n"] = first.run.eval.curve_n
+    folder = Path(out or Path("runs") / study)
     for v, (pc, _) in cfgs.items():
         log.info("study %s: variant %s (%s)", study, v, row_label(v, pc))
         res = run_stages(pc, "evaluate", progress)
@@ -190,13 +193,14 @@ def run_study(
                 "n": int(m[M.EVAL_N]),
             }
         results["_tracking_uri"], results["_experiment_id"] = res["_tracking_uri"], res["_experiment_id"]
-    results["wall_s"] = time.perf_counter() - t0
-    first = next(iter(cfgs.values()))[0]
-    results["curve_n"] = first.run.eval.curve_n
+        results["wall_s"] = time.perf_counter() - t0
+        results["pending"] = [w for w in cfgs if w not in results["variants"]]
+        if results["pending"]:  # what has finished is on disk at once: a part stopped later keeps it
+            results["markdown"] = to_markdown(results, first)
+            write_outputs(results, folder)
+    del results["pending"]
     md = to_markdown(results, first)
     results["markdown"] = md
-    folder = Path(out or Path("runs") / study)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = write_outputs(results, folder)
     tracker = Tracker(first.tracking)
     run_id = tracker.open_run(
@@ -263,6 +267,11 @@ def to_markdown(r: dict, pc: PipelineConfig) -> str:
                 f"| {r['variants'][v]['label']} | {p['kimg']:.2f} | {p['train_s']:.0f} | {p['fid']:.2f} | "
                 f"{_kid(p)} |"
             )
+    if r.get("pending"):
+        lines += [
+            "",
+            f"Not run yet: {', '.join(r['pending'])} (the same command again resumes, skipping what finished).",
+        ]
     lines += [
         "",
         f"Wall-clock {r['wall_s'] / 60:.1f} min. Each model row is a pipeline run tagged "
@@ -308,6 +317,7 @@ def equal_wall(r: dict) -> dict | None:
 def write_outputs(r: dict, folder: Path) -> list[Path]:
     from orchestrator.analysis import study_figures
 
+    folder.mkdir(parents=True, exist_ok=True)
     md = folder / "study.md"
     md.write_text(r["markdown"])
     buf = io.StringIO()
@@ -333,9 +343,10 @@ def write_outputs(r: dict, folder: Path) -> list[Path]:
         )
     table = folder / "study.csv"
     table.write_text(buf.getvalue())
-    (folder / "study.json").write_text(
-        json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, indent=1, default=str)
-    )
+    # written whole or not at all: a part stopped mid-write keeps its last study.json
+    tmp = folder / "study.json.tmp"
+    tmp.write_text(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}, indent=1, default=str))
+    tmp.replace(folder / "study.json")
     study_figures.bars(r, folder / "study_fid.png")
     out = [md, table, folder / "study.json", folder / "study_fid.png"]
     if any(row.get("curve") for row in r["variants"].values()):

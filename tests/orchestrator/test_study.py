@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from hkd_core import metric_names as M
 from orchestrator.analysis.study import DEFAULT_VARIANTS, parse_variants, to_markdown, variant_configs
 
 
@@ -294,3 +295,40 @@ def test_teacher_nfe_flag_takes_numbers_or_none_and_names_a_bad_one():
     assert _teacher_nfe(None) is None and _teacher_nfe("none") == [] and _teacher_nfe("1,35") == [1, 35]
     with pytest.raises(api.UsageError, match=r"--teacher-nfe '1,x': give comma-separated NFEs"):
         _teacher_nfe("1,x")
+
+
+def test_a_part_stopped_after_a_variant_keeps_that_variant_on_disk(tmp_path, monkeypatch):
+    """A study writes its table and study.json after every variant, naming those not run yet: a part stopped in
+    its second variant (a session's end) keeps the first, merges like any part, and its table says what is
+    missing."""
+    from orchestrator.analysis import study
+    from orchestrator.analysis.study_parts import merge_study
+    from orchestrator.stages import driver
+
+    def stages(pc, last, progress):
+        if pc.run.model.variant == "kdm":
+            raise KeyboardInterrupt  # the part stopped in its second variant
+        m = {M.FID: 90.0, M.KID: 0.04, M.KID_STD: 0.002, M.EVAL_N: 32, M.NOISE_FLOOR_FID: 20.5}
+        m.update({M.teacher_fid(11): 45.0, M.teacher_kid(11): 0.02, M.teacher_kid_std(11): 0.001})
+        dist = {"kimg": 0.256, "train_s": 9.0, "params": 1234, "curve": []}
+        return {
+            "evaluate": {"metrics": m},
+            "distill": dist,
+            "_parent_run_id": "r",
+            "_tracking_uri": "u",
+            "_experiment_id": "e",
+        }
+
+    monkeypatch.setattr(driver, "run_stages", stages)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(["experiment=smoke"], ["hkd", "kdm"], [11], progress=False, out=tmp_path / "a")
+    part = json.loads((tmp_path / "a" / "study.json").read_text())
+    assert list(part["variants"]) == ["hkd"] and part["pending"] == ["kdm"] and part["floor"]["fid"] == 20.5
+    assert part["teacher"]["11"]["kid_std"] == 0.001
+    md = (tmp_path / "a" / "study.md").read_text()
+    assert "| 1 | 40.0 ± 2.0 | 2.00 | 90.00 | 2.00 |" in md and "Not run yet: kdm" in md
+    assert not (tmp_path / "a" / "study.json.tmp").exists()
+    b = _part(tmp_path, "b", {"kd": 120.0}, {11: 45.0})
+    merged = merge_study([tmp_path / "a", b], tmp_path / "m")
+    assert list(merged["variants"]) == ["hkd", "kd"] and merged["pending"] == ["kdm"]
+    assert "Not run yet: kdm" in (tmp_path / "m" / "study.md").read_text()
