@@ -176,7 +176,12 @@ def run_study(
             "kid_std": m.get(M.KID_STD),
             "curve": with_final(res["distill"].get("curve", []), res, pc.run.eval),
             "skipped": res.get("_skipped", []),
+            # the stages' own seconds, also when this run skipped them (a resumed study): what the row costs
+            "stage_s": {"distill": res["distill"].get("wall_s"), "evaluate": m.get(M.EVAL_S)},
         }
+        results.setdefault(
+            "shared_s", {k: res[k].get("wall_s") for k in ("teacher", "trajectories") if k in res}
+        )
         for k, val in m.items():
             nfe = M.teacher_nfe_of(k)
             if nfe is not None:
@@ -272,12 +277,22 @@ def to_markdown(r: dict, pc: PipelineConfig) -> str:
             "",
             f"Not run yet: {', '.join(r['pending'])} (the same command again resumes, skipping what finished).",
         ]
+    cost = stage_seconds(r)
     lines += [
         "",
-        f"Wall-clock {r['wall_s'] / 60:.1f} min. Each model row is a pipeline run tagged "
+        f"Wall-clock {r['wall_s'] / 60:.1f} min"
+        + (f"; the stages' own time {cost / 60:.1f} min (the shared stages once)" if cost else "")
+        + ". Each model row is a pipeline run tagged "
         f"`hkd.study = {r['study']}` in MLflow.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def stage_seconds(r: dict) -> float:
+    """What the study's rows cost from scratch: the shared stages once and every variant's distill and evaluate
+    stages, from their own records (a resumed study's wall-clock counts only what it ran)."""
+    own = [x for row in r["variants"].values() for x in (row.get("stage_s") or {}).values()]
+    return sum(x for x in [*(r.get("shared_s") or {}).values(), *own] if x)
 
 
 def ratios(row: dict, teacher: dict) -> tuple[str, str]:

@@ -87,6 +87,7 @@ def merge_parts(parts: list[dict]) -> dict:
         "variants": variants,
         "teacher": teacher,
         **({"floor": floor} if floor else {}),
+        "shared_s": next((p["shared_s"] for p in parts if p.get("shared_s")), {}),
         # variants a part named but had not finished when it stopped (and no other part ran)
         "pending": [v for p in parts for v in p.get("pending") or [] if v not in variants],
         "wall_s": sum(p.get("wall_s") or 0.0 for p in parts),

@@ -310,8 +310,11 @@ def test_a_part_stopped_after_a_variant_keeps_that_variant_on_disk(tmp_path, mon
             raise KeyboardInterrupt  # the part stopped in its second variant
         m = {M.FID: 90.0, M.KID: 0.04, M.KID_STD: 0.002, M.EVAL_N: 32, M.NOISE_FLOOR_FID: 20.5}
         m.update({M.teacher_fid(11): 45.0, M.teacher_kid(11): 0.02, M.teacher_kid_std(11): 0.001})
-        dist = {"kimg": 0.256, "train_s": 9.0, "params": 1234, "curve": []}
+        m[M.EVAL_S] = 100.0
+        dist = {"kimg": 0.256, "train_s": 9.0, "params": 1234, "curve": [], "wall_s": 20.0}
         return {
+            "teacher": {"wall_s": 0.5},
+            "trajectories": {"wall_s": 1000.0},
             "evaluate": {"metrics": m},
             "distill": dist,
             "_parent_run_id": "r",
@@ -328,6 +331,9 @@ def test_a_part_stopped_after_a_variant_keeps_that_variant_on_disk(tmp_path, mon
     md = (tmp_path / "a" / "study.md").read_text()
     assert "| 1 | 40.0 ± 2.0 | 2.00 | 90.00 | 2.00 |" in md and "Not run yet: kdm" in md
     assert not (tmp_path / "a" / "study.json.tmp").exists()
+    # the stages' own seconds, the shared ones once: 0.5 + 1000 + 20 + 100 s
+    assert part["variants"]["hkd"]["stage_s"] == {"distill": 20.0, "evaluate": 100.0}
+    assert "the stages' own time 18.7 min (the shared stages once)" in md
     b = _part(tmp_path, "b", {"kd": 120.0}, {11: 45.0})
     merged = merge_study([tmp_path / "a", b], tmp_path / "m")
     assert list(merged["variants"]) == ["hkd", "kd"] and merged["pending"] == ["kdm"]
