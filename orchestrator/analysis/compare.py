@@ -253,7 +253,7 @@ def run_compare(
 
         figs.append(plot_alpha_agreement(dict(zip(labels, spectra)), folder / "compare_alpha.png"))
     if curves:
-        from orchestrator.analysis.study import plot_curves
+        from orchestrator.analysis.study_figures import curves as plot_curves
 
         n = sorted({c["curve_n"] for c in curves.values()})
         figs.append(
@@ -262,7 +262,7 @@ def run_compare(
                     "variants": curves,
                     "teacher": {},
                     "curve_n": "/".join(n),
-                    "study": "FID at every checkpoint (NFE 1)",
+                    "study": "KID and FID at every checkpoint (NFE 1)",
                 },
                 folder / "compare_curves.png",
             )

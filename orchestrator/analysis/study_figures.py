@@ -69,7 +69,7 @@ def curves(r: dict, path: Path, solid: tuple[str, ...] = ()) -> Path:
                     t * scale,
                     color="gray",
                     ls=":",
-                    label=f"teacher, {full} NFE (N = {r['teacher'][full]['n']})",
+                    label=f"teacher, {full} NFE (N = {r['teacher'][full].get('n', '?')})",
                 )
     n = r.get("curve_n", "?")
     axes[0][0].set_ylabel(f"KID x1e3 at N = {n} (NFE 1)")

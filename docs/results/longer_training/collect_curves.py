@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from orchestrator.analysis.compare import Source, curves_markdown, run_curves
-from orchestrator.analysis.study import plot_curves
+from orchestrator.analysis.study_figures import curves as plot_curves
 from orchestrator.config import load
 from orchestrator.services import tracking as T
 
