@@ -79,7 +79,9 @@ def print_sweep(summary: dict) -> None:
 
 def print_study(res: dict) -> None:
     print(res["markdown"])
-    curves = ", study_curves.png (KID and FID against kimg and training seconds)" if res.get("curve_n") else ""
+    curves = (
+        ", study_curves.png (KID and FID against kimg and training seconds)" if res.get("curve_n") else ""
+    )
     print(f"table and figures: {res['folder']}/study.md, study_fid.png{curves}")
     print_ui(
         res["_tracking_uri"],
