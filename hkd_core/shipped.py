@@ -104,6 +104,19 @@ def read_shipped(folder: Path) -> ShippedTeacher:
         ) from None
 
 
+SAME_EVAL = ("n", "seed", "split", "reference")
+
+
+def same_eval(record: dict | None, new: dict) -> dict | None:
+    """The record's evaluation measured exactly as ``new`` (the same N, seeds, split and reference identity:
+    the reference images' and the Inception weights' sha256 among it), or None. The one rule by which a recorded
+    score is reused (the evaluate stage) or kept (``hkd ship-teacher``)."""
+    for ev in (record or {}).get("evals") or []:
+        if all(ev.get(k) == new.get(k) for k in SAME_EVAL):
+            return ev
+    return None
+
+
 def shipped_dirs() -> list[Path]:
     """Where shipped teachers are looked for: $HKD_SHIPPED_TEACHERS (folders separated by ':'), then the
     package's own."""

@@ -171,12 +171,16 @@ def recorded_teacher_scores(
     identity (data set, split, N, resolution, the reference subset and the sha256 of its images, the Inception
     weights' sha256) and its noise seeds equal this evaluation's (``ident``, default ``identity_of(pc)``); an
     evaluation recorded without an identity (before it was recorded) is never reused."""
-    from hkd_core.shipped import find_shipped
+    from hkd_core.shipped import find_shipped, same_eval
 
     shipped = find_shipped(pc.run.data, pc.run.teacher) if adopted else None
     if shipped is None:
         return {}, None
     e = pc.run.eval
+    ident = ident or identity_of(pc)
+    ev = same_eval(shipped.record, {"n": e.n, "seed": e.seed, "split": e.split, "reference": ident})
+    if ev is not None:
+        return {int(k): v for k, v in (ev.get("by_nfe") or {}).items()}, ev.get("noise_floor_train_vs_test")
     candidates = [
         ev
         for ev in shipped.record.get("evals") or []
@@ -184,12 +188,6 @@ def recorded_teacher_scores(
     ]
     if not candidates:
         return {}, None
-    ident = ident or identity_of(pc)
-    for ev in candidates:
-        if ev.get("reference") == ident:
-            return {int(k): v for k, v in (ev.get("by_nfe") or {}).items()}, ev.get(
-                "noise_floor_train_vs_test"
-            )
     log.warning(
         "the shipped teacher's record %s holds scores at N=%d, seed %d, split %s, measured against another "
         "reference or other Inception weights (%s differ): not reused; the teacher is sampled again",

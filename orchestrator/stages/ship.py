@@ -35,23 +35,13 @@ import torch
 
 from hkd_core import evaluation as E
 from hkd_core import metric_names as M
+from hkd_core.shipped import same_eval
 from orchestrator import identity
 from orchestrator.services.storage import make_store
 from orchestrator.stages import evaluation
 from orchestrator.stages.context import DONE, OUTPUTS
 
 log = logging.getLogger(__name__)
-
-
-SAME_EVAL = ("n", "seed", "split", "reference")
-
-
-def same_eval(record: dict | None, new: dict) -> dict | None:
-    """The record's evaluation measured exactly as ``new`` (the same N, seeds, split and reference identity)."""
-    for ev in (record or {}).get("evals") or []:
-        if all(ev.get(k) == new.get(k) for k in SAME_EVAL):
-            return ev
-    return None
 
 
 def merged_evals(record: dict | None, new: dict) -> list[dict]:
