@@ -290,12 +290,14 @@ def study(
         raise UsageError(str(e), "study") from None
 
 
-def study_merge(folders: Sequence[str], out: str) -> dict:
-    """One study's table and figures from its parts (``hkd study --variants ... --out DIR`` runs)."""
+def study_combine(folders: Sequence[str], out: str, over_seeds: bool = False) -> dict:
+    """One table from several ``hkd study --out`` folders: the parts of one study (``--merge``), or one study run
+    at several ``train.seed`` values (``--seeds``: each seed's score, their mean and spread)."""
     from orchestrator.analysis.study_parts import StudyMergeError, merge_study
+    from orchestrator.analysis.study_seeds import combine_study_seeds
 
     try:
-        return merge_study(list(folders), out)
+        return (combine_study_seeds if over_seeds else merge_study)(list(folders), out)
     except StudyMergeError as e:
         raise UsageError(str(e), "study") from None
 

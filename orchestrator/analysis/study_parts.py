@@ -25,20 +25,21 @@ class StudyMergeError(ValueError):
     pass
 
 
-def read_part(folder: str | Path) -> dict:
+def read_part(folder: str | Path, flag: str = "--merge") -> dict:
+    """A study folder's study.json, checked to hold what a merge (or ``--seeds``) needs."""
     path = Path(folder) / "study.json"
     if not path.is_file():
         raise StudyMergeError(
-            f"hkd study --merge: {path} does not exist; give the folders that `hkd study --out` wrote"
+            f"hkd study {flag}: {path} does not exist; give the folders that `hkd study --out` wrote"
         )
     try:
         part = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise StudyMergeError(f"hkd study --merge: {path} is not JSON ({e})") from None
+        raise StudyMergeError(f"hkd study {flag}: {path} is not JSON ({e})") from None
     missing = [k for k in (*SHARED, "variants", "teacher") if k not in part]
     if missing:
         raise StudyMergeError(
-            f"hkd study --merge: {path} lacks {', '.join(missing)}: it was written before studies could be "
+            f"hkd study {flag}: {path} lacks {', '.join(missing)}: it was written before studies could be "
             f"merged; run that part again (finished stages are skipped)"
         )
     part["_path"] = str(path)

@@ -1,4 +1,5 @@
-"""``hkd study``: its flags and what it runs, the whole study or the merge of a study's parts."""
+"""``hkd study``: its flags and what it runs: the whole study, the merge of a study's parts, or one study at
+several seeds put into one table."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ def add_study_flags(p: argparse.ArgumentParser) -> None:
         help="merge the parts of one study (the --out folders of `hkd study --variants ...` runs on the same "
         "overrides) into one table in --out; runs nothing",
     )
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        metavar="DIR",
+        help="one study run at several train.seed values (one whole or merged study folder per seed) into one "
+        "table in --out: each seed's KID and FID, their mean and spread over seeds; runs nothing",
+    )
 
 
 def _teacher_nfe(text: str | None) -> list[int] | None:
@@ -45,10 +53,22 @@ def _teacher_nfe(text: str | None) -> list[int] | None:
 
 
 def study_main(args) -> int:
+    if args.merge and args.seeds:
+        raise api.UsageError("hkd study: give --merge (the parts of one seed) or --seeds, not both", "study")
+    if args.seeds:
+        if not args.out:
+            raise api.UsageError(
+                "hkd study --seeds needs --out: the folder for the table over seeds", "study"
+            )
+        res = api.study_combine(args.seeds, args.out, over_seeds=True)
+        out.write_json(args.json, res)
+        print(res["markdown"])
+        print(f"table and figure: {res['folder']}/seeds.md, seeds.png, seeds.json")
+        return 0
     if args.merge:
         if not args.out:
             raise api.UsageError("hkd study --merge needs --out: the folder for the merged table", "study")
-        res = api.study_merge(args.merge, args.out)
+        res = api.study_combine(args.merge, args.out)
         out.write_json(args.json, res)
         print(res["markdown"])
         print(f"table and figures: {res['folder']}/study.md, study_fid.png")
