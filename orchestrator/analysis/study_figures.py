@@ -7,18 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def bars(r: dict, path: Path) -> Path:
     """One bar per model and per teacher NFE: KID x1e3 with its std (left), FID (right), the floor dotted."""
-    plt = _plt()
+    from hkd_core.figures import plt
+
     rows = [(row["label"], row) for row in r["variants"].values()]
     rows += [(f"teacher NFE {k}", r["teacher"][k]) for k in sorted(r["teacher"])]
     colors = ["tab:blue"] * len(r["variants"]) + ["tab:gray"] * len(r["teacher"])
@@ -50,7 +42,8 @@ def bars(r: dict, path: Path) -> Path:
 def curves(r: dict, path: Path, solid: tuple[str, ...] = ()) -> Path:
     """KID (top) and FID (bottom) of every checkpoint against kimg (left) and training seconds (right), one line
     per variant (``solid``: the ablation rows; the others dashed), the teacher's fullest NFE as a dotted line."""
-    plt = _plt()
+    from hkd_core.figures import plt
+
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex="col", sharey="row")
     for v, row in r["variants"].items():
         c = row.get("curve") or []

@@ -46,6 +46,24 @@ def read_part(folder: str | Path, flag: str = "--merge") -> dict:
     return part
 
 
+def add_teacher(teacher: dict, study: dict, flag: str, why: str) -> None:
+    """Adds ``study``'s teacher scores (by NFE) to ``teacher``; an NFE scored already must agree, or the studies
+    were not scored alike (``why`` says what that means for the caller) and nothing combines."""
+    for nfe, score in study["teacher"].items():
+        nfe = int(nfe)
+        if nfe in teacher and abs(teacher[nfe]["fid"] - score["fid"]) > 1e-6 * max(1.0, abs(score["fid"])):
+            raise StudyMergeError(
+                f"hkd study {flag}: the teacher at NFE {nfe} scores FID {score['fid']} in {study['_path']} and "
+                f"{teacher[nfe]['fid']} in {teacher[nfe].get('_from', 'an earlier folder')}; {why}"
+            )
+        teacher.setdefault(nfe, {**score, "_from": study["_path"]})
+
+
+def strip_sources(teacher: dict) -> dict:
+    """The teacher rows without the bookkeeping ``add_teacher`` adds."""
+    return {nfe: {k: v for k, v in score.items() if k != "_from"} for nfe, score in teacher.items()}
+
+
 def merge_parts(parts: list[dict]) -> dict:
     """One study's results from its parts, in the parts' order; refuses parts of different studies."""
     if len(parts) < 2:
@@ -70,23 +88,14 @@ def merge_parts(parts: list[dict]) -> dict:
                     f"belongs to one part"
                 )
             variants[v] = row
-        for nfe, score in p["teacher"].items():
-            nfe = int(nfe)
-            if nfe in teacher and abs(teacher[nfe]["fid"] - score["fid"]) > 1e-6 * max(
-                1.0, abs(score["fid"])
-            ):
-                raise StudyMergeError(
-                    f"hkd study --merge: the teacher at NFE {nfe} scores FID {score['fid']} in {p['_path']} and "
-                    f"{teacher[nfe]['fid']} in an earlier part; the parts were not scored alike"
-                )
-            teacher.setdefault(nfe, score)
+        add_teacher(teacher, p, "--merge", "the parts were not scored alike")
     ident = hashlib.sha256(json.dumps([p["study"] for p in parts]).encode()).hexdigest()[:8]
     name = first["study"].split("-study-")[0]
     return {
         "study": f"{name}-study-merged-{ident}",
         "parts": [p["study"] for p in parts],
         "variants": variants,
-        "teacher": teacher,
+        "teacher": strip_sources(teacher),
         **({"floor": floor} if floor else {}),
         "shared_s": next((p["shared_s"] for p in parts if p.get("shared_s")), {}),
         # variants a part named but had not finished when it stopped (and no other part ran)

@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 from orchestrator.analysis.study import ratios
-from orchestrator.analysis.study_parts import StudyMergeError, read_part
+from orchestrator.analysis.study_parts import StudyMergeError, add_teacher, read_part, strip_sources
 
 SEED = re.compile(r"^\+{0,2}train\.seed=")
 
@@ -66,14 +66,6 @@ def _check_alike(studies: list[dict]) -> None:
                     f"hkd study --seeds: {s['_path']} and {first['_path']} differ in their {what} ({a!r} against "
                     f"{b!r}); only one study run at several train.seed values combines"
                 )
-        for nfe, score in s["teacher"].items():
-            other = first["teacher"].get(nfe)
-            if other is not None and abs(other["fid"] - score["fid"]) > 1e-6 * max(1.0, abs(score["fid"])):
-                raise StudyMergeError(
-                    f"hkd study --seeds: the teacher at NFE {nfe} scores FID {score['fid']} in {s['_path']} and "
-                    f"{other['fid']} in {first['_path']}; the teacher does not depend on the student's seed, so "
-                    f"these were not scored alike"
-                )
 
 
 def _spread(values: list[float]) -> float | None:
@@ -95,8 +87,13 @@ def combine_seeds(studies: list[dict]) -> dict:
             )
     teacher: dict = {}
     for st in studies:
-        for nfe, score in st["teacher"].items():
-            teacher.setdefault(int(nfe), score)
+        add_teacher(
+            teacher,
+            st,
+            "--seeds",
+            "the teacher does not depend on the student's seed, so these were not scored alike",
+        )
+    teacher = strip_sources(teacher)
     order = list(dict.fromkeys(v for st in studies for v in st["variants"]))
     variants: dict = {}
     for v in order:
@@ -210,9 +207,8 @@ def to_markdown(r: dict) -> str:
 
 def seeds_figure(r: dict, path: Path) -> Path:
     """Per model the mean KID and FID over seeds as bars, each seed's value a dot, the teacher's rows gray."""
-    from orchestrator.analysis.study_figures import _plt
+    from hkd_core.figures import plt
 
-    plt = _plt()
     rows = list(r["variants"].values())
     teacher = [(f"teacher NFE {k}", r["teacher"][k]) for k in sorted(r["teacher"])]
     labels = [row["label"] for row in rows] + [name for name, _ in teacher]

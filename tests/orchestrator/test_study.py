@@ -240,7 +240,9 @@ def test_parts_of_one_study_merge_into_one_table(tmp_path):
     )
     assert r["floor"]["fid"] == 20.5 and "Floor at N = 32: FID 20.50" in md  # from the part that measured it
     assert "Heun) | 1 | 50.0 | 1.00 | 300.00 | 6.00 |" in md and "hkd-study-a, hkd-study-b" in md
-    assert json.loads((tmp_path / "merged" / "study.json").read_text())["variants"]["kd"]["fid"] == 120.0
+    written = json.loads((tmp_path / "merged" / "study.json").read_text())
+    assert written["variants"]["kd"]["fid"] == 120.0
+    assert all(set(t) == {"fid", "kid", "n"} for t in written["teacher"].values())  # no bookkeeping
     assert (tmp_path / "merged" / "study_fid.png").stat().st_size > 0
 
 
@@ -255,7 +257,10 @@ def test_parts_of_different_studies_or_overlapping_parts_are_refused(tmp_path):
     with pytest.raises(StudyMergeError, match=r"variant hkd is in .*t/study.json and in an earlier part"):
         merge_study([a, twice], tmp_path / "m2")
     disagree = _part(tmp_path, "d", {"kd": 120.0}, {11: 51.0})
-    with pytest.raises(StudyMergeError, match=r"teacher at NFE 11 scores FID 51.0"):
+    with pytest.raises(
+        StudyMergeError,
+        match=r"teacher at NFE 11 scores FID 51.0 in .*d/study.json and 50.0 in .*a/study.json",
+    ):
         merge_study([a, disagree], tmp_path / "m3")
     with pytest.raises(StudyMergeError, match=r"nowhere/study.json does not exist"):
         merge_study([a, tmp_path / "nowhere"], tmp_path / "m4")
