@@ -268,10 +268,18 @@ def to_markdown(r: dict, pc: PipelineConfig) -> str:
             "|---|---|---|---|---|",
         ]
         for v, p in wall["rows"].items():
-            lines.append(
-                f"| {r['variants'][v]['label']} | {p['kimg']:.2f} | {p['train_s']:.0f} | {p['fid']:.2f} | "
-                f"{_kid(p)} |"
+            secs = f"{p['train_s']:.0f}" + (
+                " (its first point: past the budget)" if p.get("past_budget") else ""
             )
+            lines.append(
+                f"| {r['variants'][v]['label']} | {p['kimg']:.2f} | {secs} | {p['fid']:.2f} | {_kid(p)} |"
+            )
+        if any(p.get("past_budget") for p in wall["rows"].values()):
+            lines += [
+                "",
+                "A row marked past the budget has no curve point within it (a smaller train.checkpoint_every_kimg "
+                "scores its curve at more points).",
+            ]
     if r.get("pending"):
         lines += [
             "",
@@ -324,7 +332,8 @@ def equal_wall(r: dict) -> dict | None:
     rows = {}
     for v, c in curves.items():
         within = [p for p in c if p["train_s"] <= budget * 1.0001]
-        rows[v] = within[-1] if within else c[0]
+        # a run with no point inside the budget shows its first point, marked: it is not at equal seconds
+        rows[v] = within[-1] if within else {**c[0], "past_budget": True}
     n = r.get("curve_n", 0)
     return {"seconds": budget, "rows": rows, "n": n}
 

@@ -194,7 +194,12 @@ def test_equal_wall_clock_picks_each_curve_at_the_shortest_runs_seconds():
     r = {"variants": {"kd": {"curve": fast}, "hkd": {"curve": slow}}, "curve_n": 1000}
     w = equal_wall(r)
     assert w["seconds"] == 120 and w["rows"]["kd"]["kimg"] == 8 and w["rows"]["hkd"]["kimg"] == 4
+    assert "past_budget" not in w["rows"]["kd"] and "past_budget" not in w["rows"]["hkd"]
     assert equal_wall({"variants": {"kd": {"curve": fast}, "hkd": {"curve": []}}}) is None
+    # a run whose first point comes after the shortest run's total is shown at that point, and marked
+    slower = [{"kimg": 8, "train_s": 400, "fid": 100, "kid": 0.05}]
+    w = equal_wall({"variants": {"kd": {"curve": fast}, "hkd": {"curve": slower}}})
+    assert w["rows"]["hkd"]["past_budget"] is True and w["rows"]["hkd"]["train_s"] == 400
     # the final point comes from the evaluate stage when the curve is scored at eval.n, and only then
     res = {
         "evaluate": {"metrics": {"eval/fid": 120.0, "eval/kid": 0.05, "eval/kid_std": 0.01}},
