@@ -216,30 +216,69 @@ def canonical_gauge(
     same model (same outputs) whose alpha and beta mean one thing: every growth or decay of a mode along a
     trajectory is alpha's, none of it the encoder's clock. Two models that differ only by a gauge have the same
     canonical spectrum, whatever the states measured on."""
-    g = generator or torch.Generator().manual_seed(0)
     sums: list[list[torch.Tensor]] | None = None
     n = 0
-    for i in range(0, len(images), batch):
-        x0 = images[i : i + batch].float()
-        tau = torch.rand(len(x0), generator=g) * (1 - GAUGE_DTAU)
-        sig, sig2 = sigma_of_tau(tau), sigma_of_tau(tau + GAUGE_DTAU)
-        x = x0 + sig.view(-1, *([1] * (x0.ndim - 1))) * torch.randn(x0.shape, generator=g)
+    for x, sig, sig2 in _gauge_states(images, generator, batch):
         terms = _pair_terms(
-            model.encode(x, sig), model.encode(x, sig2), torch.full_like(tau, GAUGE_DTAU), 1e-6
+            model.encode(x, sig), model.encode(x, sig2), torch.full_like(sig, GAUGE_DTAU), 1e-6
         )
         # the rotation as a circular mean (the angle of the mean unit phasor): a gauge's theta turns every
         # state's angle by theta dtau, so it turns this mean by exactly as much, where a few states whose angle
         # wraps past pi would bend a plain mean
         parts = [[gain.sum(0), torch.cos(angle).sum(0), torch.sin(angle).sum(0)] for gain, angle, _ in terms]
         sums = parts if sums is None else [[x + y for x, y in zip(acc, p)] for acc, p in zip(sums, parts)]
-        n += len(x0)
+        n += len(x)
     return ([-acc[0] / n / 2 for acc in sums], [-torch.atan2(acc[2], acc[1]) / GAUGE_DTAU for acc in sums])
+
+
+def _gauge_states(images: torch.Tensor, generator: torch.Generator | None, batch: int):
+    """Batches of (x, sigma, sigma'): ``images`` noised to states at tau drawn uniformly in [0, 1 - dtau], with
+    the noise level tau + GAUGE_DTAU to encode the same states at."""
+    g = generator or torch.Generator().manual_seed(0)
+    for i in range(0, len(images), batch):
+        x0 = images[i : i + batch].float()
+        tau = torch.rand(len(x0), generator=g) * (1 - GAUGE_DTAU)
+        sig, sig2 = sigma_of_tau(tau), sigma_of_tau(tau + GAUGE_DTAU)
+        yield x0 + sig.view(-1, *([1] * (x0.ndim - 1))) * torch.randn(x0.shape, generator=g), sig, sig2
+
+
+@torch.no_grad()
+def dense_canonical_spectrum(
+    model: nn.Module, images: torch.Tensor, generator: torch.Generator | None = None, batch: int = 64
+) -> torch.Tensor:
+    """The canonical spectrum of a model with one dense generator G on a flat latent (KDM: exp(G dtau) z, z =
+    ``model.latent(x, sigma)``). The same freedom holds in G's eigenbasis: with G = V diag(lam) V^-1 and one
+    complex shift mu_k per eigenvalue (conjugate pairs alike, real on real eigenvalues), C = V diag(mu) V^-1 is
+    a real matrix that commutes with G, and G + C with the latent exp(C (tau - 1)) z decodes every input
+    identically. The canonical member is the one whose mode coordinates w = V^-1 z of the encoded states have
+    zero mean log-energy slope and phase slope at a fixed state, as ``canonical_gauge`` asks of HKD's pairs.
+    Returns lam + mu, (kdm_dim,) complex."""
+    lam, vecs = torch.linalg.eig(model.generator.detach().double())
+    inv_t = torch.linalg.inv(vecs).T
+    gain = cos = sin = torch.zeros(len(lam), dtype=torch.float64)
+    n = 0
+    for x, sig, sig2 in _gauge_states(images, generator, batch):
+        w1 = model.latent(x, sig).double().to(inv_t.dtype) @ inv_t
+        w2 = model.latent(x, sig2).double().to(inv_t.dtype) @ inv_t
+        gain = (
+            gain + ((w2.abs().square() + 1e-12).log() - (w1.abs().square() + 1e-12).log()).sum(0) / GAUGE_DTAU
+        )
+        angle = torch.angle(w2 * w1.conj())
+        cos, sin = cos + torch.cos(angle).sum(0), sin + torch.sin(angle).sum(0)
+        n += len(x)
+    theta = -torch.atan2(sin, cos) / GAUGE_DTAU
+    # a real eigenvalue's mode may only shift along the real axis (its coordinate is real up to a constant phase)
+    theta = torch.where(lam.imag.abs() > 1e-9 * lam.abs().clamp(min=1.0), theta, torch.zeros_like(theta))
+    return (lam + torch.complex(-gain / n / 2, theta)).to(torch.complex64)
 
 
 def canonical_spectrum(
     model: nn.Module, images: torch.Tensor, generator: torch.Generator | None = None
 ) -> list[torch.Tensor]:
-    """The model's spectrum in the canonical gauge (``canonical_gauge``): per level (d/2, h, w) complex."""
+    """The model's spectrum in the canonical gauge: per level (d/2, h, w) complex for HKD (``canonical_gauge``),
+    one (kdm_dim,) vector for a dense generator (KDM, ``dense_canonical_spectrum``)."""
+    if not hasattr(model, "koopman") and hasattr(model, "latent"):
+        return [dense_canonical_spectrum(model, images, generator)]
     cs, thetas = canonical_gauge(model, images, generator)
     return [
         ev + torch.complex(c.to(ev.real), th.to(ev.real)) for ev, c, th in zip(model.spectrum(), cs, thetas)

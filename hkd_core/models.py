@@ -269,9 +269,13 @@ class KDM(OneStepModel):
         self.from_latent = nn.Linear(cfg.kdm_dim, w * s * s)
         self.decoder = Decoder(cfg, [0] * cfg.levels, coarse_channels=w)
 
+    def latent(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The state's (B, kdm_dim) latent at its own noise level, before any evolution."""
+        return self.to_latent(self.encoder(x, as_sigma(sigma, x).flatten())[-1].flatten(1))
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         s = as_sigma(sigma, x).flatten()
-        z = self.to_latent(self.encoder(x, s)[-1].flatten(1))
+        z = self.latent(x, s)
         dtau = (1 - tau_of_sigma(s).to(x.device))[:, None, None]
         z = (torch.matrix_exp(self.generator[None] * dtau) @ z[:, :, None])[:, :, 0]
         return self.decoder([None] * self.cfg.levels, self.from_latent(z).reshape(-1, *self.flat))

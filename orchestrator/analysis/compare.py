@@ -102,8 +102,12 @@ def compare_table(labels: list[str], spectra: list[list]) -> dict:
     for i, (name, spec) in enumerate(zip(labels, spectra)):
         s = summarize(spec, prefix="")
         levels = len(spec)
+        # mode-by-mode agreement needs modes at positions (HKD's (d/2, h, w)); a dense generator's eigenvalues
+        # (KDM's one vector) have no positions to pair them by, and get the distance of the marginals only
         same = (
-            i and len(spec) == len(spectra[0]) and all(a.shape == b.shape for a, b in zip(spectra[0], spec))
+            i
+            and len(spec) == len(spectra[0])
+            and all(a.shape == b.shape and a.ndim == 3 for a, b in zip(spectra[0], spec))
         )
         dist = spectrum_distance(spectra[0], spec) if i and len(spec) == len(spectra[0]) else None
         agree = spectrum_agreement(spectra[0], spec) if same else None
