@@ -356,3 +356,48 @@ def test_evaluate_shows_progress_and_writes_its_headline(fs_runs):
     assert h["run_id"] and h["command"].startswith("hkd pipeline experiment=smoke")
     lines = [x for x in fs_runs["stdout"].splitlines() if x.startswith("  KID ratio ")]
     assert lines and f"{h['kid_ratio']:.2f}" in lines[0]
+
+
+def test_an_evaluate_stage_run_again_takes_the_models_scores_from_the_cache(fs_runs, monkeypatch):
+    """The model's scores are cached under the evaluation's identity and its weights' sha256 as soon as they are
+    measured: an evaluate stage that failed after scoring (or is run again) scores nothing again and reports the
+    same numbers. Runs last: it makes the evaluate stage run once more in the fixture's store."""
+    import hashlib
+
+    import ray
+
+    from orchestrator.stages import evaluation
+
+    root, over = fs_runs["root"], fs_runs["over"]
+    prefix = identity.stage_prefix(fs_runs["pc"], "distill")
+    model = (root / "store" / "runs" / prefix / "model.pt").read_bytes()
+    (cached,) = [
+        json.loads(p.read_text()) for p in (root / "store").rglob("teacher-scores/**/model-n32-*.json")
+    ]
+    assert (
+        cached["reference"]["model_sha256"] == hashlib.sha256(model).hexdigest()
+        and cached["reference"]["n"] == 32
+    )
+    assert cached["scores"]["fid"] == pytest.approx(fs_runs["first"]["evaluate"]["metrics"]["eval/fid"])
+
+    def refuse(*a, **k):
+        raise AssertionError("scored again although its scores are cached")
+
+    (root / "store" / "runs" / identity.stage_prefix(fs_runs["pc"], "evaluate") / "_SUCCESS.json").unlink()
+    for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(evaluation, "sample_scores", refuse)
+    monkeypatch.setattr(evaluation, "noise_floor", refuse)
+    out = root / "again.json"
+    try:
+        assert main(["pipeline", *over, "--no-progress", "--json", str(out)]) == 0
+    finally:
+        ray.shutdown()
+    res = json.loads(out.read_text())
+    assert "evaluate" not in res["_skipped"]
+    assert res["evaluate"]["metrics"]["eval/fid"] == pytest.approx(
+        fs_runs["first"]["evaluate"]["metrics"]["eval/fid"]
+    )
+    assert res["evaluate"]["metrics"]["eval/kid"] == pytest.approx(
+        fs_runs["first"]["evaluate"]["metrics"]["eval/kid"]
+    )
