@@ -366,7 +366,7 @@ def test_an_evaluate_stage_run_again_takes_the_models_scores_from_the_cache(fs_r
 
     import ray
 
-    from orchestrator.stages import evaluation
+    from orchestrator.stages import evaluation as ev
 
     root, over = fs_runs["root"], fs_runs["over"]
     prefix = identity.stage_prefix(fs_runs["pc"], "distill")
@@ -386,18 +386,15 @@ def test_an_evaluate_stage_run_again_takes_the_models_scores_from_the_cache(fs_r
     (root / "store" / "runs" / identity.stage_prefix(fs_runs["pc"], "evaluate") / "_SUCCESS.json").unlink()
     for var in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(evaluation, "sample_scores", refuse)
-    monkeypatch.setattr(evaluation, "noise_floor", refuse)
+    monkeypatch.setattr(ev, "sample_scores", refuse)
+    monkeypatch.setattr(ev, "noise_floor", refuse)
     out = root / "again.json"
     try:
         assert main(["pipeline", *over, "--no-progress", "--json", str(out)]) == 0
     finally:
         ray.shutdown()
-    res = json.loads(out.read_text())
+    res, first = json.loads(out.read_text()), fs_runs["first"]["evaluate"]["metrics"]
     assert "evaluate" not in res["_skipped"]
-    assert res["evaluate"]["metrics"]["eval/fid"] == pytest.approx(
-        fs_runs["first"]["evaluate"]["metrics"]["eval/fid"]
-    )
-    assert res["evaluate"]["metrics"]["eval/kid"] == pytest.approx(
-        fs_runs["first"]["evaluate"]["metrics"]["eval/kid"]
+    assert [res["evaluate"]["metrics"][k] for k in ("eval/fid", "eval/kid")] == pytest.approx(
+        [first["eval/fid"], first["eval/kid"]]
     )
