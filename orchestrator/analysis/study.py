@@ -54,6 +54,16 @@ ABLATION_ROWS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd")  # DESIG
 DEFAULT_VARIANTS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd", "kd", "kd_scratch", "kdm")
 
 
+def study_order(names) -> list[str]:
+    """Variant names in the study's table order (VARIANTS: the paper's ablation rows first); unknown names after
+    them, in their given order. A merged or multi-seed table reads alike whatever order its parts ran in."""
+    known = list(VARIANTS)
+    names = list(dict.fromkeys(names))
+    return sorted((n for n in names if n in VARIANTS), key=known.index) + [
+        n for n in names if n not in VARIANTS
+    ]
+
+
 def row_label(v: str, pc: PipelineConfig) -> str:
     """A row's label with what its number depends on: the states per trajectory in its loss (s) and its init;
     a row with the adversarial term says it is beyond the paper."""
@@ -142,6 +152,24 @@ def part_fields(overrides: list[str], cfgs: dict) -> dict:
     }
 
 
+def curve_teacher(overrides: list[str], curve_n: int, n: int, nfe: int | None) -> dict | None:
+    """The teacher at ``nfe`` (the study's fullest) at the curves' N (``eval.curve_n``), for the curves' reference
+    line: FID depends on N (its floor is 22.6 at N = 1000 and 2.4 at N = 10,000), so a teacher row at the study's
+    N = 10,000 drawn beside curves at N = 1000 would misplace it. From the shipped teacher's record, reused only
+    where it was measured as an evaluation at that N would measure it (the same reference images, Inception
+    weights and noise seeds: ``recorded_teacher_scores``); None when the curves are at the study's N (its teacher
+    rows serve), or the record holds no such score."""
+    if not curve_n or curve_n == n or nfe is None:
+        return None
+    from orchestrator.stages.evaluation import recorded_teacher_scores  # the stage's own rule for reuse
+
+    pc = from_composed(compose([*overrides, f"eval.n={curve_n}"]))
+    scores, _ = recorded_teacher_scores(pc, "shipped")
+    if nfe not in scores:
+        return None
+    return {**{k: scores[nfe].get(k) for k in ("fid", "kid", "kid_std")}, "nfe": nfe, "n": curve_n}
+
+
 def run_study(
     overrides: list[str],
     variants: list[str],
@@ -204,6 +232,8 @@ def run_study(
             results["markdown"] = to_markdown(results, first)
             write_outputs(results, folder)
     del results["pending"]
+    full = max(results["teacher"]) if results["teacher"] else None
+    results["teacher_curve"] = curve_teacher(overrides, results["curve_n"], first.run.eval.n, full)
     md = to_markdown(results, first)
     results["markdown"] = md
     paths = write_outputs(results, folder)
@@ -348,19 +378,7 @@ def write_outputs(r: dict, folder: Path) -> list[Path]:
     w = csv.writer(buf)
     w.writerow(["model", "nfe", "fid", "kid", "kid_std", "n", "kimg", "train_s", "params"])
     for v, row in r["variants"].items():
-        w.writerow(
-            [
-                v,
-                1,
-                row["fid"],
-                row["kid"],
-                row.get("kid_std"),
-                row["n"],
-                row["kimg"],
-                row["train_s"],
-                row["params"],
-            ]
-        )
+        w.writerow([v, 1, *(row.get(k) for k in ("fid", "kid", "kid_std", "n", "kimg", "train_s", "params"))])
     for nfe, tr in sorted(r["teacher"].items()):
         w.writerow(
             [f"teacher_nfe{nfe}", nfe, tr["fid"], tr.get("kid"), tr.get("kid_std"), tr["n"], "", "", ""]

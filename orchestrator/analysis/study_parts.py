@@ -15,6 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from orchestrator.analysis.study import curve_teacher, study_order
 from orchestrator.config import compose, from_composed
 
 # what every part must share to be one study (keys of a part's study.json)
@@ -65,7 +66,8 @@ def strip_sources(teacher: dict) -> dict:
 
 
 def merge_parts(parts: list[dict]) -> dict:
-    """One study's results from its parts, in the parts' order; refuses parts of different studies."""
+    """One study's results from its parts, its rows in the study's order (``study_order``); refuses parts of
+    different studies."""
     if len(parts) < 2:
         raise StudyMergeError("hkd study --merge: give at least two part folders")
     first = parts[0]
@@ -77,18 +79,19 @@ def merge_parts(parts: list[dict]) -> dict:
                     f"({p[key]!r} against {first[key]!r}); only parts of one study (the same base overrides, "
                     f"teacher trajectories and N) merge"
                 )
-    variants: dict = {}
+    found: dict = {}
     teacher: dict = {}
     floor = next((p["floor"] for p in parts if p.get("floor")), None)  # the data's: the same in every part
     for p in parts:
         for v, row in p["variants"].items():
-            if v in variants:
+            if v in found:
                 raise StudyMergeError(
                     f"hkd study --merge: variant {v} is in {p['_path']} and in an earlier part; each variant "
                     f"belongs to one part"
                 )
-            variants[v] = row
+            found[v] = row
         add_teacher(teacher, p, "--merge", "the parts were not scored alike")
+    variants = {v: found[v] for v in study_order(found)}  # the study's row order, not the parts'
     ident = hashlib.sha256(json.dumps([p["study"] for p in parts]).encode()).hexdigest()[:8]
     name = first["study"].split("-study-")[0]
     return {
@@ -112,6 +115,8 @@ def merge_study(folders: list[str | Path], out: str | Path) -> dict:
 
     merged = merge_parts([read_part(f) for f in folders])
     pc = from_composed(compose(list(merged["overrides"])))
+    full = max(merged["teacher"]) if merged["teacher"] else None
+    merged["teacher_curve"] = curve_teacher(list(merged["overrides"]), merged["curve_n"], merged["n"], full)
     merged["markdown"] = to_markdown(merged, pc) + f"\nMerged from the parts {', '.join(merged['parts'])}.\n"
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

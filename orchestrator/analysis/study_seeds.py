@@ -21,7 +21,7 @@ import re
 import statistics
 from pathlib import Path
 
-from orchestrator.analysis.study import ratios
+from orchestrator.analysis.study import ratios, study_order
 from orchestrator.analysis.study_parts import StudyMergeError, add_teacher, read_part, strip_sources
 
 SEED = re.compile(r"^\+{0,2}train\.seed=")
@@ -94,7 +94,7 @@ def combine_seeds(studies: list[dict]) -> dict:
             "the teacher does not depend on the student's seed, so these were not scored alike",
         )
     teacher = strip_sources(teacher)
-    order = list(dict.fromkeys(v for st in studies for v in st["variants"]))
+    order = study_order(v for st in studies for v in st["variants"])
     variants: dict = {}
     for v in order:
         per_seed = {
@@ -208,6 +208,7 @@ def to_markdown(r: dict) -> str:
 def seeds_figure(r: dict, path: Path) -> Path:
     """Per model the mean KID and FID over seeds as bars, each seed's value a dot, the teacher's rows gray."""
     from hkd_core.figures import plt
+    from orchestrator.analysis.study_figures import axis_limit, clipped_barh, title
 
     rows = list(r["variants"].values())
     teacher = [(f"teacher NFE {k}", r["teacher"][k]) for k in sorted(r["teacher"])]
@@ -218,7 +219,9 @@ def seeds_figure(r: dict, path: Path) -> Path:
             (t.get(key) or 0) * scale for _, t in teacher
         ]
         colors = ["tab:blue"] * len(rows) + ["tab:gray"] * len(teacher)
-        ax.barh(range(len(labels)), means, color=colors, alpha=0.6)
+        dots = [s[key] * scale for row in rows for s in row["seeds"].values() if s.get(key) is not None]
+        focus = means[: len(rows)] + dots + means[-1:]  # the models, each seed, the teacher's fullest NFE
+        clipped_barh(ax, means, colors, limit=axis_limit(focus, means + dots), alpha=0.6)
         for i, row in enumerate(rows):
             for j, (seed, s) in enumerate(sorted(row["seeds"].items())):
                 if s.get(key) is not None:
@@ -230,8 +233,6 @@ def seeds_figure(r: dict, path: Path) -> Path:
                         color=f"C{j + 1}",
                         label=f"seed {seed}" if i == 0 else None,
                     )
-        for i, m in enumerate(means):
-            ax.text(m, i, f" {m:.1f}", va="center", fontsize=7)
     floor = r.get("floor")
     if floor:
         axes[1].axvline(floor["fid"], color="k", ls=":", lw=1, label=f"floor at N = {floor['n']}")
@@ -241,7 +242,7 @@ def seeds_figure(r: dict, path: Path) -> Path:
     axes[1].set_xlabel(f"FID at N = {r['n']}: mean over seeds (bar), each seed (dot)")
     axes[0].legend(fontsize=7, loc="lower right")
     axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(r["study"], fontsize=9)
+    fig.suptitle(title(r), fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

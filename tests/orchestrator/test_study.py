@@ -1,12 +1,9 @@
 """The quality study's plan: every variant shares the teacher trajectories, differs where declared, and the
 teacher is scored once."""
 
-import json
-
 import pytest
 import torch
 
-from hkd_core import metric_names as M
 from orchestrator.analysis.study import DEFAULT_VARIANTS, parse_variants, to_markdown, variant_configs
 
 
@@ -210,94 +207,6 @@ def test_equal_wall_clock_picks_each_curve_at_the_shortest_runs_seconds():
     assert with_final(fast, res, EvalConfig(n=1000, curve_n=500)) == fast
 
 
-def _part(tmp_path, name: str, variants: dict, teacher: dict, overrides=("experiment=smoke",), **extra):
-    from orchestrator.analysis.study import part_fields
-
-    _, cfgs = variant_configs(list(overrides), ["hkd"])
-    folder = tmp_path / name
-    folder.mkdir()
-    row = {"fid": 100.0, "kid": 0.1, "kid_std": 0.01, "n": 32, "kimg": 0.256, "train_s": 9.0, "params": 1234}
-    part = {
-        "study": f"hkd-study-{name}",
-        "variants": {v: {**row, "label": f"row {v}", "fid": fid} for v, fid in variants.items()},
-        "teacher": {str(k): {"fid": f, "kid": 0.05, "n": 32} for k, f in teacher.items()},
-        "wall_s": 60.0,
-        "curve_n": 0,
-        **part_fields(list(overrides), cfgs),
-        **extra,
-    }
-    (folder / "study.json").write_text(json.dumps(part))
-    return folder
-
-
-def test_parts_of_one_study_merge_into_one_table(tmp_path):
-    from orchestrator.analysis.study_parts import merge_study
-
-    a = _part(tmp_path, "a", {"hkd": 101.0, "kd": 120.0}, {1: 300.0, 11: 50.0})
-    b = _part(tmp_path, "b", {"kdm": 130.0}, {11: 50.0}, floor={"fid": 20.5, "kid": 0.001, "n": 32})
-    r = merge_study([a, b], tmp_path / "merged")
-    assert list(r["variants"]) == ["hkd", "kd", "kdm"] and sorted(r["teacher"]) == [1, 11]
-    assert r["wall_s"] == 120.0 and r["parts"] == ["hkd-study-a", "hkd-study-b"]
-    md = (tmp_path / "merged" / "study.md").read_text()
-    assert (
-        "| row hkd | 1 | 100.0 ± 10.0 | 2.00 | 101.00 | 2.02 |" in md
-        and "| row kdm | 1 | 100.0 ± 10.0 | 2.00 | 130.00 |" in md
-    )
-    assert r["floor"]["fid"] == 20.5 and "Floor at N = 32: FID 20.50" in md  # from the part that measured it
-    assert "Heun) | 1 | 50.0 | 1.00 | 300.00 | 6.00 |" in md and "hkd-study-a, hkd-study-b" in md
-    written = json.loads((tmp_path / "merged" / "study.json").read_text())
-    assert written["variants"]["kd"]["fid"] == 120.0
-    assert all(set(t) == {"fid", "kid", "n"} for t in written["teacher"].values())  # no bookkeeping
-    assert (tmp_path / "merged" / "study_fid.png").stat().st_size > 0
-
-
-def test_parts_of_different_studies_or_overlapping_parts_are_refused(tmp_path):
-    from orchestrator.analysis.study_parts import StudyMergeError, merge_study
-
-    a = _part(tmp_path, "a", {"hkd": 101.0}, {11: 50.0})
-    other = _part(tmp_path, "o", {"kd": 120.0}, {}, overrides=("experiment=smoke", "train.total_kimg=0.5"))
-    with pytest.raises(StudyMergeError, match=r"differ in overrides"):
-        merge_study([a, other], tmp_path / "m1")
-    twice = _part(tmp_path, "t", {"hkd": 99.0}, {})
-    with pytest.raises(StudyMergeError, match=r"variant hkd is in .*t/study.json and in an earlier part"):
-        merge_study([a, twice], tmp_path / "m2")
-    disagree = _part(tmp_path, "d", {"kd": 120.0}, {11: 51.0})
-    with pytest.raises(
-        StudyMergeError,
-        match=r"teacher at NFE 11 scores FID 51.0 in .*d/study.json and 50.0 in .*a/study.json",
-    ):
-        merge_study([a, disagree], tmp_path / "m3")
-    with pytest.raises(StudyMergeError, match=r"nowhere/study.json does not exist"):
-        merge_study([a, tmp_path / "nowhere"], tmp_path / "m4")
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "study.json").write_text(json.dumps({"study": "s", "variants": {}, "teacher": {}}))
-    with pytest.raises(StudyMergeError, match=r"lacks overrides, shared_stages, n: it was written before"):
-        merge_study([a, old], tmp_path / "m5")
-    assert not any((tmp_path / m).exists() for m in ("m1", "m2", "m3", "m4", "m5"))
-
-
-def test_a_part_can_leave_the_teacher_to_another():
-    _, cfgs = variant_configs(["experiment=smoke"], ["kd", "hkd"], teacher_nfe=[])
-    assert all(pc.run.eval.teacher_nfe == [] for pc, _ in cfgs.values())
-
-
-def test_hkd_study_merge_on_the_command_line(tmp_path, capsys):
-    from orchestrator.cli import main
-
-    a = _part(tmp_path, "a", {"hkd": 101.0}, {11: 50.0})
-    b = _part(tmp_path, "b", {"kd": 120.0}, {})
-    assert main(["study", "--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
-    out = capsys.readouterr().out
-    assert (
-        "| row kd | 1 | 100.0 ± 10.0 | 2.00 | 120.00 | 2.40 |" in out and f"{tmp_path / 'm'}/study.md" in out
-    )
-    assert main(["study", "--merge", str(a), str(b)]) == 2
-    assert "--merge needs --out" in capsys.readouterr().err
-    assert main(["study", "--merge", str(a), str(a), "--out", str(tmp_path / "m2")]) == 2
-    assert "variant hkd is in" in capsys.readouterr().err
-
-
 def test_teacher_nfe_flag_takes_numbers_or_none_and_names_a_bad_one():
     from orchestrator import api
     from orchestrator.cli.study import _teacher_nfe
@@ -305,46 +214,3 @@ def test_teacher_nfe_flag_takes_numbers_or_none_and_names_a_bad_one():
     assert _teacher_nfe(None) is None and _teacher_nfe("none") == [] and _teacher_nfe("1,35") == [1, 35]
     with pytest.raises(api.UsageError, match=r"--teacher-nfe '1,x': give comma-separated NFEs"):
         _teacher_nfe("1,x")
-
-
-def test_a_part_stopped_after_a_variant_keeps_that_variant_on_disk(tmp_path, monkeypatch):
-    """A study writes its table and study.json after every variant, naming those not run yet: a part stopped in
-    its second variant (a session's end) keeps the first, merges like any part, and its table says what is
-    missing."""
-    from orchestrator.analysis import study
-    from orchestrator.analysis.study_parts import merge_study
-    from orchestrator.stages import driver
-
-    def stages(pc, last, progress):
-        if pc.run.model.variant == "kdm":
-            raise KeyboardInterrupt  # the part stopped in its second variant
-        m = {M.FID: 90.0, M.KID: 0.04, M.KID_STD: 0.002, M.EVAL_N: 32, M.NOISE_FLOOR_FID: 20.5}
-        m.update({M.teacher_fid(11): 45.0, M.teacher_kid(11): 0.02, M.teacher_kid_std(11): 0.001})
-        m[M.EVAL_S] = 100.0
-        dist = {"kimg": 0.256, "train_s": 9.0, "params": 1234, "curve": [], "wall_s": 20.0}
-        return {
-            "teacher": {"wall_s": 0.5},
-            "trajectories": {"wall_s": 1000.0},
-            "evaluate": {"metrics": m},
-            "distill": dist,
-            "_parent_run_id": "r",
-            "_tracking_uri": "u",
-            "_experiment_id": "e",
-        }
-
-    monkeypatch.setattr(driver, "run_stages", stages)
-    with pytest.raises(KeyboardInterrupt):
-        study.run_study(["experiment=smoke"], ["hkd", "kdm"], [11], progress=False, out=tmp_path / "a")
-    part = json.loads((tmp_path / "a" / "study.json").read_text())
-    assert list(part["variants"]) == ["hkd"] and part["pending"] == ["kdm"] and part["floor"]["fid"] == 20.5
-    assert part["teacher"]["11"]["kid_std"] == 0.001
-    md = (tmp_path / "a" / "study.md").read_text()
-    assert "| 1 | 40.0 ± 2.0 | 2.00 | 90.00 | 2.00 |" in md and "Not run yet: kdm" in md
-    assert not (tmp_path / "a" / "study.json.tmp").exists()
-    # the stages' own seconds, the shared ones once: 0.5 + 1000 + 20 + 100 s
-    assert part["variants"]["hkd"]["stage_s"] == {"distill": 20.0, "evaluate": 100.0}
-    assert "the stages' own time 18.7 min (the shared stages once)" in md
-    b = _part(tmp_path, "b", {"kd": 120.0}, {11: 45.0})
-    merged = merge_study([tmp_path / "a", b], tmp_path / "m")
-    assert list(merged["variants"]) == ["hkd", "kd"] and merged["pending"] == ["kdm"]
-    assert "Not run yet: kdm" in (tmp_path / "m" / "study.md").read_text()
