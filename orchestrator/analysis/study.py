@@ -318,7 +318,8 @@ def to_markdown(r: dict, pc: PipelineConfig) -> str:
     cost = stage_seconds(r)
     lines += [
         "",
-        f"Wall-clock {r['wall_s'] / 60:.1f} min"
+        f"The command's wall-clock {r['wall_s'] / 60:.1f} min (a resumed study counts what it ran, a merged one "
+        "sums its parts')"
         + (f"; the stages' own time {cost / 60:.1f} min (the shared stages once)" if cost else "")
         + ". Each model row is a pipeline run tagged "
         f"`hkd.study = {r['study']}` in MLflow.",
