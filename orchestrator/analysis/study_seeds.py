@@ -205,8 +205,26 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_points(r: dict, key: str, scale: float) -> list[tuple]:
+    """Each seed's value of ``key`` per model row as (x, y, its KID std or None, the seed's index, its legend
+    label the first time only): seeds side by side within a row, one colour per seed whichever rows have it."""
+    order = [str(s) for s in r["seeds"]]
+    out, labelled = [], set()
+    for i, row in enumerate(r["variants"].values()):
+        for seed, s in row["seeds"].items():
+            if s.get(key) is None:
+                continue
+            j = order.index(str(seed))
+            err = s["kid_std"] * scale if key == "kid" and s.get("kid_std") is not None else None
+            y = i + 0.2 * (j - (len(order) - 1) / 2)
+            out.append((s[key] * scale, y, err, j, None if str(seed) in labelled else f"seed {seed}"))
+            labelled.add(str(seed))
+    return out
+
+
 def seeds_figure(r: dict, path: Path) -> Path:
-    """Per model the mean KID and FID over seeds as bars, each seed's value a dot, the teacher's rows gray."""
+    """Per model the mean KID and FID over seeds as bars, each seed's value a dot (KID with its std over subsets),
+    the teacher's rows gray."""
     from hkd_core.figures import plt
     from orchestrator.analysis.study_figures import axis_limit, clipped_barh, title
 
@@ -222,23 +240,18 @@ def seeds_figure(r: dict, path: Path) -> Path:
         dots = [s[key] * scale for row in rows for s in row["seeds"].values() if s.get(key) is not None]
         focus = means[: len(rows)] + dots + means[-1:]  # the models, each seed, the teacher's fullest NFE
         clipped_barh(ax, means, colors, limit=axis_limit(focus, means + dots), alpha=0.6)
-        for i, row in enumerate(rows):
-            for j, (seed, s) in enumerate(sorted(row["seeds"].items())):
-                if s.get(key) is not None:
-                    ax.plot(
-                        s[key] * scale,
-                        i,
-                        "o",
-                        ms=4,
-                        color=f"C{j + 1}",
-                        label=f"seed {seed}" if i == 0 else None,
-                    )
+        for x, y, err, j, label in seed_points(r, key, scale):
+            ax.errorbar(
+                x, y, xerr=err, fmt="o", ms=4, color=f"C{j + 1}", elinewidth=0.8, capsize=2, label=label
+            )
     floor = r.get("floor")
     if floor:
         axes[1].axvline(floor["fid"], color="k", ls=":", lw=1, label=f"floor at N = {floor['n']}")
     axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
     axes[0].invert_yaxis()
-    axes[0].set_xlabel(f"KID x1e3 at N = {r['n']}: mean over seeds (bar), each seed (dot)")
+    axes[0].set_xlabel(
+        f"KID x1e3 at N = {r['n']}: mean over seeds (bar), each seed (dot ± its std over subsets)"
+    )
     axes[1].set_xlabel(f"FID at N = {r['n']}: mean over seeds (bar), each seed (dot)")
     axes[0].legend(fontsize=7, loc="lower right")
     axes[1].legend(fontsize=7, loc="lower right")

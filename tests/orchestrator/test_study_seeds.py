@@ -102,3 +102,22 @@ def test_hkd_study_seeds_on_the_command_line(tmp_path, capsys):
     assert "--seeds needs --out" in capsys.readouterr().err
     assert main(["study", "--seeds", str(s0), "--merge", str(s1), "--out", str(tmp_path / "y")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_each_seed_keeps_its_colour_and_legend_entry_whichever_rows_have_it(tmp_path):
+    from orchestrator.analysis.study_seeds import combine_study_seeds, seed_points
+
+    s0 = _study(tmp_path, "s0", {"hkd": (0.030, 40.0), "no_tcons": (0.031, 41.0)}, {11: 20.0})
+    s1 = _study(
+        tmp_path, "s1", {"kd": (0.05, 60.0), "hkd": (0.034, 44.0)}, {}, ("experiment=smoke", "train.seed=1")
+    )
+    r = combine_study_seeds([s0, s1], tmp_path / "seeds")
+    assert list(r["variants"]) == ["no_tcons", "hkd", "kd"]  # the study's order: seed 1 lacks the first row
+    pts = [(round(x, 1), round(y, 2), err, j, label) for x, y, err, j, label in seed_points(r, "kid", 1e3)]
+    assert pts == [
+        (31.0, -0.1, 2.0, 0, "seed 0"),
+        (30.0, 0.9, 2.0, 0, None),
+        (34.0, 1.1, 2.0, 1, "seed 1"),
+        (50.0, 2.1, 2.0, 1, None),  # a row only seed 1 has: seed 1's colour, not the first one
+    ]
+    assert [err for *_, err, _, _ in seed_points(r, "fid", 1.0)] == [None] * 4
