@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-OFF_SCALE = (
-    1.3  # the bars' axis ends at this many times the largest model row: the teacher at 1-2 NFE is far out
-)
+# the bars' axis ends at this many times the largest model row: the teacher at 1-2 NFE is far out
+OFF_SCALE = 1.3
 
 
 def title(r: dict) -> str:
