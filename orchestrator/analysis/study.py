@@ -57,9 +57,8 @@ DEFAULT_VARIANTS = ("no_koopman_no_tcons", "no_tcons", "one_level", "hkd", "kd",
 def study_order(names) -> list[str]:
     """Variant names in the study's table order (VARIANTS: the paper's ablation rows first); unknown names after
     them, in their given order. A merged or multi-seed table reads alike whatever order its parts ran in."""
-    known = list(VARIANTS)
     names = list(dict.fromkeys(names))
-    return sorted((n for n in names if n in VARIANTS), key=known.index) + [
+    return sorted((n for n in names if n in VARIANTS), key=list(VARIANTS).index) + [
         n for n in names if n not in VARIANTS
     ]
 
@@ -153,18 +152,22 @@ def part_fields(overrides: list[str], cfgs: dict) -> dict:
 
 
 def curve_teacher(overrides: list[str], curve_n: int, n: int, nfe: int | None) -> dict | None:
-    """The teacher at ``nfe`` (the study's fullest) at the curves' N (``eval.curve_n``), for the curves' reference
-    line: FID depends on N (its floor is 22.6 at N = 1000 and 2.4 at N = 10,000), so a teacher row at the study's
-    N = 10,000 drawn beside curves at N = 1000 would misplace it. From the shipped teacher's record, reused only
-    where it was measured as an evaluation at that N would measure it (the same reference images, Inception
-    weights and noise seeds: ``recorded_teacher_scores``); None when the curves are at the study's N (its teacher
-    rows serve), or the record holds no such score."""
+    """The teacher at ``nfe`` at the curves' N (``eval.curve_n``), their reference line (FID depends on N: its floor
+    is 22.6 at N = 1000, 2.4 at 10,000), from the shipped record where it was measured as an evaluation at that N
+    would be (``recorded_teacher_scores``); None when the curves are at the study's N or there is no such score."""
     if not curve_n or curve_n == n or nfe is None:
         return None
+    from hkd_core.data import DataError
+    from hkd_core.inception import WeightsError, weights_path
     from orchestrator.stages.evaluation import recorded_teacher_scores  # the stage's own rule for reuse
 
     pc = from_composed(compose([*overrides, f"eval.n={curve_n}"]))
-    scores, _ = recorded_teacher_scores(pc, "shipped")
+    try:  # on this machine only (a merge needs no service): the weights' and the reference images' sha256
+        weights_path(pc.run.eval.inception_weights)
+        scores, _ = recorded_teacher_scores(pc, "shipped")
+    except (WeightsError, DataError) as e:
+        log.warning("no teacher line at the curves' N = %d (%s)", curve_n, e)
+        return None
     if nfe not in scores:
         return None
     return {**{k: scores[nfe].get(k) for k in ("fid", "kid", "kid_std")}, "nfe": nfe, "n": curve_n}

@@ -154,7 +154,7 @@ def test_merged_and_multi_seed_rows_follow_the_study_order_whatever_the_parts_or
     assert list(combine_study_seeds([s1, a], tmp_path / "s")["variants"]) == ["hkd", "kd", "kdm"]
 
 
-def test_the_curves_teacher_line_is_the_teacher_at_the_curves_n(tmp_path):
+def test_the_curves_teacher_line_is_the_teacher_at_the_curves_n(tmp_path, caplog):
     """FID depends on N: curves at N = 1000 get the teacher's recorded score at N = 1000, not its row at the
     study's N = 10,000; without one the FID panels get no teacher line and the KID panels say why theirs serves."""
     from hkd_core.shipped import find_shipped
@@ -178,6 +178,11 @@ def test_the_curves_teacher_line_is_the_teacher_at_the_curves_n(tmp_path):
         "n": 1000,
     }
     assert curve_teacher([*over, "eval.seed=5"], 1000, 10000, 35) is None  # not measured on the curves' seeds
+    caplog.set_level("WARNING")
+    assert curve_teacher([*over, "eval.inception_weights=/nowhere/w.pth"], 1000, 10000, 35) is None
+    assert (
+        "no teacher line at the curves' N = 1000 (Inception weights /nowhere/w.pth not found" in caplog.text
+    )
     assert curve_teacher(over, 10000, 10000, 35) is None and curve_teacher(over, 1000, 10000, 7) is None
     parts = [
         _part(tmp_path, p, {v: 60.0}, {35: 22.3}, tuple(over), curve_n=1000)
