@@ -396,5 +396,5 @@ def write_outputs(r: dict, folder: Path) -> list[Path]:
     study_figures.bars(r, folder / "study_fid.png")
     out = [md, table, folder / "study.json", folder / "study_fid.png"]
     if any(row.get("curve") for row in r["variants"].values()):
-        out.append(study_figures.curves(r, folder / "study_curves.png", ABLATION_ROWS))
+        out.append(study_figures.curves(r, folder / "study_curves.png", ABLATION_ROWS, tuple(VARIANTS)))
     return out

@@ -87,10 +87,12 @@ def curve_reference(r: dict, key: str) -> tuple[float, str] | None:
     return t[key], f"teacher, {full} NFE (N = {t.get('n', '?')}{note})"
 
 
-def curves(r: dict, path: Path, solid: tuple[str, ...] = ()) -> Path:
+def curves(r: dict, path: Path, solid: tuple[str, ...] = (), palette: tuple[str, ...] = ()) -> Path:
     """KID (top) and FID (bottom) of every checkpoint against kimg (left) and training seconds (right), one line
-    per variant (``solid``: the ablation rows; the others dashed), the teacher's fullest NFE as a dotted line at
-    the curves' N (``curve_reference``); the legend under the panels."""
+    per variant (``solid``: the ablation rows; the others dashed; a variant in ``palette`` has the colour of its
+    place there, the same in every study), the teacher's fullest NFE as a dotted line at the curves' N
+    (``curve_reference``); the legend under the panels."""
+    names = list(palette) + [v for v in r["variants"] if v not in palette]
     from hkd_core.figures import plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex="col", sharey="row")
@@ -102,7 +104,7 @@ def curves(r: dict, path: Path, solid: tuple[str, ...] = ()) -> Path:
                 pts = [(p[x], p[key] * scale) for p in c if p.get(x) is not None and p.get(key) is not None]
                 if pts:
                     axes[i][j].plot(
-                        *zip(*pts), style, ms=3, color=f"C{list(r['variants']).index(v)}", label=row["label"]
+                        *zip(*pts), style, ms=3, color=f"C{names.index(v) % 10}", label=row["label"]
                     )
     for i, (key, scale) in enumerate((("kid", 1e3), ("fid", 1.0))):
         ref = curve_reference(r, key)

@@ -249,10 +249,8 @@ def seeds_figure(r: dict, path: Path) -> Path:
         axes[1].axvline(floor["fid"], color="k", ls=":", lw=1, label=f"floor at N = {floor['n']}")
     axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
     axes[0].invert_yaxis()
-    axes[0].set_xlabel(
-        f"KID x1e3 at N = {r['n']}: mean over seeds (bar), each seed (dot ± its std over subsets)"
-    )
-    axes[1].set_xlabel(f"FID at N = {r['n']}: mean over seeds (bar), each seed (dot)")
+    axes[0].set_xlabel(f"KID x1e3 at N = {r['n']}: seeds' mean (bar), each seed (dot ± its std)")
+    axes[1].set_xlabel(f"FID at N = {r['n']}: seeds' mean (bar), each seed (dot)")
     axes[0].legend(fontsize=7, loc="lower right")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle(title(r), fontsize=9)
