@@ -164,7 +164,7 @@ def curve_teacher(overrides: list[str], curve_n: int, n: int, nfe: int | None) -
     pc = from_composed(compose([*overrides, f"eval.n={curve_n}"]))
     try:  # on this machine only (a merge needs no service): the weights' and the reference images' sha256
         weights_path(pc.run.eval.inception_weights)
-        scores, _ = recorded_teacher_scores(pc, "shipped")
+        scores, _ = recorded_teacher_scores(pc)
     except (WeightsError, DataError) as e:
         log.warning("no teacher line at the curves' N = %d (%s)", curve_n, e)
         return None

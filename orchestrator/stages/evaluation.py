@@ -165,9 +165,7 @@ def _differs(recorded: dict, want: dict) -> list[str]:
     return [k for k in sorted(set(want) | set(recorded)) if recorded.get(k) != want.get(k)]
 
 
-def recorded_teacher_scores(
-    pc, adopted: str | None, ident: dict | None = None
-) -> tuple[dict[int, dict], dict | None]:
+def recorded_teacher_scores(pc, ident: dict | None = None) -> tuple[dict[int, dict], dict | None]:
     """The shipped teacher's own scores (its record.json) when they were measured exactly as this evaluation
     would measure them: {nfe: scores} and the noise floor. A record evaluation is reused only when its reference
     identity (data set, split, N, resolution, the reference subset and the sha256 of its images, the Inception
@@ -175,7 +173,7 @@ def recorded_teacher_scores(
     evaluation recorded without an identity (before it was recorded) is never reused."""
     from hkd_core.shipped import find_shipped, same_eval
 
-    shipped = find_shipped(pc.run.data, pc.run.teacher) if adopted else None
+    shipped = find_shipped(pc.run.data, pc.run.teacher)
     if shipped is None:
         return {}, None
     e = pc.run.eval
@@ -259,7 +257,7 @@ def evaluate(
         lambda: sample_scores(pc, ref, {"kind": "model"}, model_key=model_key, progress=progress),
     )
     metrics = E.model_metrics(mine, e.n)
-    recorded, floor = recorded_teacher_scores(pc, adopted, ident)
+    recorded, floor = recorded_teacher_scores(pc, ident) if adopted else ({}, None)
     if not floor and e.floor:
         floor = cached_scores(pc, ident, "floor", lambda: noise_floor(pc, ref, progress))
     if floor:

@@ -99,15 +99,12 @@ def test_recorded_scores_are_reused_only_under_the_same_reference_weights_and_se
     }
     folder = tmp_path / "shipped" / "tiny-edm"
     write_shipped(folder, pc.run.data, pc.run.teacher, net.state_dict(), eval=ev)  # no identity: not reused
-    assert recorded_teacher_scores(pc, "adopted") == ({}, None)
+    assert recorded_teacher_scores(pc) == ({}, None)
     write_shipped(folder, pc.run.data, pc.run.teacher, net.state_dict(), evals=[{**ev, "reference": ident}])
-    scores, floor = recorded_teacher_scores(pc, "adopted")
+    scores, floor = recorded_teacher_scores(pc)
     assert scores == {35: {"fid": 40.0, "kid": 0.01}} and floor == {"fid": 20.0}
-    assert recorded_teacher_scores(pc, None) == ({}, None)  # not adopted: nothing
     for other in (["eval.n=65"], ["eval.seed=7"], ["eval.split=train"], ["teacher.lr=0.5"]):
-        assert recorded_teacher_scores(load(TINY + fs + ["eval.n=64"] + other), "adopted") == ({}, None), (
-            other
-        )
+        assert recorded_teacher_scores(load(TINY + fs + ["eval.n=64"] + other)) == ({}, None), other
     # measured with other Inception weights, or against other reference images: refused, and the log says why
     for key, value in (("inception_sha256", "0" * 64), ("images_sha256", "f" * 64)):
         write_shipped(
@@ -118,7 +115,7 @@ def test_recorded_scores_are_reused_only_under_the_same_reference_weights_and_se
             evals=[{**ev, "reference": {**ident, key: value}}],
         )
         caplog.clear()
-        assert recorded_teacher_scores(pc, "adopted") == ({}, None), key
+        assert recorded_teacher_scores(pc) == ({}, None), key
         assert f"({key} differ)" in caplog.text
 
 
