@@ -203,9 +203,11 @@ def test_a_stage_runs_on_postgres_with_auth_and_no_secret_reaches_mlflow(trackin
 def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
     tracking, tmp_path, monkeypatch
 ):
-    """The smoke sweep with two trials at a time, its Optuna study in the same PostgreSQL (RDBStorage, no
-    password in the URL), the driver killed once a trial has ended, then `--resume` from a new driver: every
-    trial in the study once; a wrong database password is one sentence, exit 2, before any trial."""
+    """The smoke sweep's two trials one after the other, its Optuna study in the same PostgreSQL (RDBStorage, no
+    password in the URL), the driver killed once the first trial has ended, then `--resume` from a new driver,
+    which reads the first trial from PostgreSQL and runs the second: every trial in the study once; a wrong
+    database password is one sentence, exit 2, before any trial. (One at a time: the second trial is not run
+    twice, before the kill and again after it; trials at once are test_sweep's.)"""
     import optuna
 
     spec = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
@@ -215,7 +217,7 @@ def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
         {
             "name": "smoke-pg",
             "trials": 2,
-            "max_concurrency": 2,
+            "max_concurrency": 1,
             "study_storage": url,
             "base": ["experiment=smoke", "train.total_kimg=0.128"],
             "scheduler": {"type": "fifo"},
@@ -279,7 +281,8 @@ def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert f"{spec['trials']} trials, 2 at a time" in log.read_text()
+    assert f"{spec['trials']} trials, 1 at a time" in log.read_text()
+    t_resume_ms = time.time() * 1000
     out = tmp_path / "summary.json"
     r = subprocess.run(
         args + ["--resume", sweep_id, "--json", str(out)],
@@ -298,11 +301,13 @@ def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
     # for what it re-runs): never left RUNNING; the others are the spec's trials, each completed or pruned
     done = [s for s in states if s != "FAIL"]
     assert len(done) == spec["trials"] and set(done) <= {"COMPLETE", "PRUNED"}, states
-    # two trials ran at once: their MLflow runs overlap in time
-    trials = sorted(
-        c.search_runs(
+    # the first trial ended under the killed driver, the second under the new one, after it read the study
+    rows = {row["trial_id"] for row in summary["rows"]}
+    ends = sorted(
+        t.info.end_time
+        for t in c.search_runs(
             [exp.experiment_id], f"tags.`hkd.sweep_id` = '{sweep_id}' and tags.`hkd.stage` = 'trial'"
-        ),
-        key=lambda x: x.info.start_time,
+        )
+        if t.data.tags["hkd.trial_id"] in rows
     )
-    assert any(a.info.end_time and b.info.start_time < a.info.end_time for a, b in zip(trials, trials[1:]))
+    assert len(ends) == spec["trials"] and ends[0] < t_resume_ms < ends[1], (ends, t_resume_ms)

@@ -19,7 +19,7 @@ LEAN = [
     "eval.teacher_nfe=[1]",
     "cluster.generation_tasks=1",
     "cluster.address=null",
-    "eval.curve_n=32",
+    "eval.curve_n=16",
     "train.adversarial_weight=0.01",
 ]  # the discriminator's path too
 
@@ -117,7 +117,7 @@ def test_runs_and_metrics_land_in_the_local_mlflow_store(fs_runs):
         "bands/random1/high",
         "bands/image/mid",
     } <= set(ev.data.metrics)
-    assert ev.data.metrics["eval/n"] == 32 and ev.data.metrics["eval/fid"] > 0
+    assert ev.data.metrics["eval/n"] == 16 and ev.data.metrics["eval/fid"] > 0
     arts = {
         a.path for folder in ("spectra", "figures") for a in client.list_artifacts(ev.info.run_id, folder)
     }
@@ -230,7 +230,7 @@ def test_compare_overlays_the_spectra_of_runs_and_models_and_logs_them(fs_runs, 
     } <= arts
     curves = res["curves"]
     assert (
-        list(curves) == [res["table"]["models"][0]] and curves[res["table"]["models"][0]]["curve_n"] == "32"
+        list(curves) == [res["table"]["models"][0]] and curves[res["table"]["models"][0]]["curve_n"] == "16"
     )
     pts = curves[res["table"]["models"][0]]["curve"]
     assert pts == first["distill"]["curve"]  # what the distill stage scored, read back
@@ -346,11 +346,11 @@ def test_evaluate_shows_progress_and_writes_its_headline(fs_runs):
     over = fs_runs["over"]
     bars = re.split(r"[\r\n]", fs_runs["stdout"] + fs_runs["stderr"])
     for what in ("evaluate: model at NFE 1", "evaluate: teacher at NFE 1", "evaluate: noise floor"):
-        assert any(what in b and "0/32" in b for b in bars) and any(
-            what in b and "32/32" in b for b in bars
+        assert any(what in b and "0/16" in b for b in bars) and any(
+            what in b and "16/16" in b for b in bars
         ), what
     h = json.loads((fs_runs["root"] / "headline.json").read_text())
-    assert h["name"] == " ".join(over) and h["n"] == 32 and h["teacher_nfe"] == 1
+    assert h["name"] == " ".join(over) and h["n"] == 16 and h["teacher_nfe"] == 1
     assert h["kid_ratio"] == pytest.approx(h["kid"] / h["teacher_kid"]) and h["floor_fid"] > 0
     assert h["config_hash"] == identity.pipeline_hash(load(over)) and h["commit"] == identity.git_sha()
     assert h["run_id"] and h["command"].startswith("hkd pipeline experiment=smoke")
@@ -372,11 +372,11 @@ def test_an_evaluate_stage_run_again_takes_the_models_scores_from_the_cache(fs_r
     prefix = identity.stage_prefix(fs_runs["pc"], "distill")
     model = (root / "store" / "runs" / prefix / "model.pt").read_bytes()
     (cached,) = [
-        json.loads(p.read_text()) for p in (root / "store").rglob("teacher-scores/**/model-n32-*.json")
+        json.loads(p.read_text()) for p in (root / "store").rglob("teacher-scores/**/model-n16-*.json")
     ]
     assert (
         cached["reference"]["model_sha256"] == hashlib.sha256(model).hexdigest()
-        and cached["reference"]["n"] == 32
+        and cached["reference"]["n"] == 16
     )
     assert cached["scores"]["fid"] == pytest.approx(fs_runs["first"]["evaluate"]["metrics"]["eval/fid"])
 
