@@ -201,7 +201,7 @@ def test_a_stage_runs_on_postgres_with_auth_and_no_secret_reaches_mlflow(trackin
 
 
 def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
-    tracking, tmp_path, monkeypatch
+    tracking, s3, tmp_path, monkeypatch
 ):
     """The smoke sweep's two trials one after the other, its Optuna study in the same PostgreSQL (RDBStorage, no
     password in the URL), the driver killed once the first trial has ended, then `--resume` from a new driver,
@@ -273,7 +273,10 @@ def test_a_sweep_keeps_its_optuna_study_in_postgres_and_resumes_on_a_new_driver(
                 if exp
                 else []
             )
-            if ended:
+            # ... with its result in the bucket (final.json, put just after its run ends): a resumed sweep reports
+            # that trial rather than running it again
+            results = (f"ct-{TAG}/sweeps/{sweep_id}/{t.data.tags['hkd.trial_id']}/final.json" for t in ended)
+            if any(s3.list_objects_v2(Bucket="hkd", Prefix=k).get("KeyCount", 0) for k in results):
                 break
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() - t0 < 600, "no trial ended within 600 s"
