@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metric_names as M
+from . import provenance
 from .checkpoint import load_checkpoint, load_model_state, save_checkpoint
 
 log = logging.getLogger("hkd_core.train")
@@ -156,6 +157,9 @@ class _Loop:
         self.extras = extras or {}
         self.step, self.nimg, self.train_s = 0, 0.0, 0.0
         self.skipped_nonfinite = 0
+        # the compute each segment of the run trained on (provenance.gather: every rank's CPU, kernel set,
+        # accelerator), one entry per start or resume: on the CPU the weights are bit-equal only on the same kind
+        self.compute: list[dict] = []
         self.metrics: dict[str, float] = {}
 
     def restore(self, resume) -> None:
@@ -178,6 +182,7 @@ class _Loop:
         for name, obj in self.extras.items():
             obj.load_state_dict(state["extras"][name])
         self.step, self.nimg, self.train_s = state["step"], state["nimg"], state["train_s"]
+        self.compute = list(state.get("compute", []))
         log.info("%s: resumed from %s at %.3f kimg (step %d)", self.desc, src, self.nimg / 1000, self.step)
 
     def done(self) -> bool:
@@ -206,6 +211,7 @@ class _Loop:
                         "nimg": self.nimg,
                         "train_s": self.train_s,
                         "config": self.config,
+                        "compute": self.compute,
                         **(
                             {"extras": {k: v.state_dict() for k, v in self.extras.items()}}
                             if self.extras
@@ -272,6 +278,7 @@ class _Loop:
 
     def run(self, step_loss: Callable[[int, float], dict]) -> dict:
         s = self.s
+        self.compute.append({"from_kimg": self.nimg / 1000, "workers": provenance.gather(self.device)})
         finite = math.isfinite(s.total_kimg)
         bar = tqdm(
             total=s.total_kimg if finite else None,
@@ -343,4 +350,5 @@ class _Loop:
             "metrics": self.metrics,
             "kimg_per_step": s.batch_size / 1000,
             "skipped_nonfinite": self.skipped_nonfinite,
+            "compute": self.compute,
         }

@@ -65,6 +65,7 @@ def run_row(
     name: str, label: str, overrides: list[str], budget: str, base: list[str], seconds: float | None
 ) -> dict:
     from hkd_core import metric_names as M
+    from hkd_core import provenance
     from orchestrator import identity
     from orchestrator.api import compose as compose_for_cli
     from orchestrator.config import from_composed
@@ -109,6 +110,7 @@ def run_row(
         "train_s": d["train_s"],
         "s_per_step": d["train_s"] / max(d["steps"], 1),
         "params": d.get("params"),
+        "trained_on": provenance.summary(d.get("compute")) or None,  # seconds and last digits depend on it
         "holdout_mse": history_last(tracker, did, M.TRAIN_HOLDOUT_MSE) if did else None,
         "train_mse": history_last(tracker, did, M.TRAIN_FIT_MSE) if did else None,
         "wall_s": time.perf_counter() - t0,

@@ -4,6 +4,7 @@ JSON the evaluate stage stores beside its run (``headline``) and as the lines ``
 from __future__ import annotations
 
 from hkd_core import metric_names as M
+from hkd_core import provenance
 from orchestrator import identity
 
 
@@ -25,6 +26,9 @@ def headline(pc, metrics: dict, distill: dict, pipeline_run_id: str | None, run_
         "kimg": distill.get("kimg"),
         "train_s": distill.get("train_s"),
         "model_uri": distill.get("model_uri"),
+        # the distill stage's compute (hkd_core.provenance): a run on another kind of CPU trains another model,
+        # as close as another seed; this says which
+        "trained_on": provenance.summary(distill.get("compute")) or None,
     }
 
 

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hkd_core import metric_names as M
+from hkd_core import provenance
 from hkd_core.data import load_images
 from orchestrator.config import PipelineConfig
 from orchestrator.services import registry
@@ -231,7 +232,11 @@ def stage_distill(ctx: StageContext, trajectories: dict, teacher: dict | None = 
         "attempts": attempt,
         "params": count_parameters(model),
         "ray_path": result.path,
+        # what it trained on (every segment, every rank): the weights are bit-equal only on the same kind of CPU
+        "compute": state.get("compute", []),
     }
+    if summary["compute"]:
+        ctx.tracker.set_tags(run_id, {"hkd.compute": provenance.summary(summary["compute"])[:4000]})
     if pc.run.eval.curve_n:
         summary["curve"] = curve(ctx.tracker.history, run_id)
     ctx.tracker.log_metrics(run_id, {M.WALL_S: wall, M.STAGE_TRAIN_S: state["train_s"]}, int(state["nimg"]))

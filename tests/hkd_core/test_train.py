@@ -73,6 +73,8 @@ def test_resume_continues_exactly_where_it_stopped(fast_kw, tiny_cfg, toy_trajec
         _fresh(tiny_cfg), states, sigmas, total_kimg=0.16, checkpoint_dir=tmp_path / "b", **fast
     )
     assert resumed["steps"] == straight["steps"] == 10
+    # where it trained (hkd_core.provenance): one segment straight through; resumed, a second from 0.08 kimg
+    assert [[seg["from_kimg"] for seg in r["compute"]] for r in (straight, resumed)] == [[0.0], [0.0, 0.08]]
     for a, b in zip(straight["model"].state_dict().values(), resumed["model"].state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(straight["ema"].state_dict().values(), resumed["ema"].state_dict().values()):

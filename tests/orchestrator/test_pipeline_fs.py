@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from hkd_core.provenance import cpu_model, summary
 from orchestrator import identity
 from orchestrator.api import plan
 from orchestrator.cli import main
@@ -104,19 +105,10 @@ def test_runs_and_metrics_land_in_the_local_mlflow_store(fs_runs):
         r = runs[identity.run_key(pc, stage)]
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.info.status == "FINISHED"
     ev = runs[identity.run_key(pc, "evaluate")]
-    assert {
-        "eval/fid",
-        "eval/kid",
-        "eval/kid_std",
-        "eval/n",
-        "eval/teacher_fid_nfe1",
-        "spectra/l1/alpha_mean",
-        "spectra_canonical/l1/alpha_mean",
-        "spectra_canonical/l2/frac_growing",
-        "bands/band0/low",
-        "bands/random1/high",
-        "bands/image/mid",
-    } <= set(ev.data.metrics)
+    assert set(
+        "eval/fid eval/kid eval/kid_std eval/n eval/teacher_fid_nfe1 spectra/l1/alpha_mean bands/band0/low "
+        "spectra_canonical/l1/alpha_mean spectra_canonical/l2/frac_growing bands/random1/high bands/image/mid".split()
+    ) <= set(ev.data.metrics)
     assert ev.data.metrics["eval/n"] == 16 and ev.data.metrics["eval/fid"] > 0
     arts = {
         a.path for folder in ("spectra", "figures") for a in client.list_artifacts(ev.info.run_id, folder)
@@ -146,6 +138,9 @@ def test_runs_and_metrics_land_in_the_local_mlflow_store(fs_runs):
     distill = client.get_run(runs[identity.run_key(pc, "distill")].info.run_id)
     # the adversarial term ran on every worker with the data set's images (beyond the paper)
     assert {"train/loss_adv", "train/adv_d_loss", "train/adv_d_real"} <= set(distill.data.metrics)
+    # what it trained on, in the MLflow UI: every Ray Train worker on this machine's CPU (hkd_core.provenance)
+    here = f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}) x{pc.cluster.num_workers}, torch "
+    assert distill.data.tags["hkd.compute"].startswith(here + torch.__version__), distill.data.tags
     used = {(i.dataset.name, i.dataset.digest, i.tags[0].value) for i in distill.inputs.dataset_inputs}
     assert used == {
         (identity.stage_prefix(pc, "trajectories"), pc.stages()["trajectories"], "training"),
@@ -354,6 +349,9 @@ def test_evaluate_shows_progress_and_writes_its_headline(fs_runs):
     assert h["kid_ratio"] == pytest.approx(h["kid"] / h["teacher_kid"]) and h["floor_fid"] > 0
     assert h["config_hash"] == identity.pipeline_hash(load(over)) and h["commit"] == identity.git_sha()
     assert h["run_id"] and h["command"].startswith("hkd pipeline experiment=smoke")
+    seg = fs_runs["first"]["distill"]["compute"]  # one segment, both ranks on one CPU: the headline says so
+    assert [[g["ranks"] for g in s["workers"]] for s in seg] == [[[0, 1]]]
+    assert h["trained_on"] == summary(seg)
     lines = [x for x in fs_runs["stdout"].splitlines() if x.startswith("  KID ratio ")]
     assert lines and f"{h['kid_ratio']:.2f}" in lines[0]
 
