@@ -235,8 +235,7 @@ def stage_distill(ctx: StageContext, trajectories: dict, teacher: dict | None = 
         # what it trained on (every segment, every rank): the weights are bit-equal only on the same kind of CPU
         "compute": state.get("compute", []),
     }
-    if summary["compute"]:
-        ctx.tracker.set_tags(run_id, {"hkd.compute": provenance.summary(summary["compute"])[:4000]})
+    tag_compute(ctx.tracker, run_id, summary["compute"])
     if pc.run.eval.curve_n:
         summary["curve"] = curve(ctx.tracker.history, run_id)
     ctx.tracker.log_metrics(run_id, {M.WALL_S: wall, M.STAGE_TRAIN_S: state["train_s"]}, int(state["nimg"]))
@@ -268,6 +267,13 @@ def fit_distill(pc: PipelineConfig, run_id: str, extra: dict, name: str, **train
     model = build_model(pc.run.model.variant, pc.run.hkd_config())
     model.load_state_dict(state["ema"])
     return model.eval(), state, result, wall
+
+
+def tag_compute(tracker, run_id: str, compute: list[dict]) -> None:
+    """The MLflow tag ``hkd.compute``: where a distill run or sweep trial trained (hkd_core.provenance), in one
+    line, so runs that differ in their last digits can be told apart by their machine in the UI."""
+    if compute:
+        tracker.set_tags(run_id, {"hkd.compute": provenance.summary(compute)[:4000]})
 
 
 def _bump_attempt(ctx: StageContext, run_id: str) -> int:

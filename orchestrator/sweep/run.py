@@ -32,7 +32,7 @@ from orchestrator.stages import trainer, workers
 from orchestrator.stages.context import dataset_inputs
 from orchestrator.stages.driver import context, init_ray, run_stages
 from orchestrator.stages.evaluation import REFERENCES, reference, spectrum_metrics
-from orchestrator.stages.steps import fit_distill
+from orchestrator.stages.steps import fit_distill, tag_compute
 from orchestrator.sweep import asha
 from orchestrator.sweep.closing import close_trial_runs
 from orchestrator.sweep.results import publish, summarize_sweep
@@ -179,6 +179,7 @@ def trial_fn(params: dict, ctx: dict) -> None:
     torch.save(model_record(model), buf)
     results.put("model.pt", buf.getvalue())
     tracker.set_tags(run_id, {"hkd.model_uri": results.uri("model.pt")})  # what `hkd compare SWEEP_ID` loads
+    tag_compute(tracker, run_id, state.get("compute", []))
     metric = ctx["metric"]
     report = {
         metric: final[metric],

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hkd_core.provenance import cpu_model
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 TAG = uuid.uuid4().hex[:6]
@@ -197,6 +199,10 @@ def test_every_trial_has_its_mlflow_child_run(smoke_sweep):
         dims, levels = json.loads(p["model/subspace_dims"]), int(p["model/levels"])
         assert len(dims) == levels and all(d % 2 == 0 for d in dims)  # every sampled config is valid
         assert len(c.get_metric_history(t.info.run_id, "eval/mse_vs_teacher")) >= 1
+        if (
+            "hkd.stopped_early" not in t.data.tags
+        ):  # trained to its end: where, in one line (hkd_core.provenance)
+            assert t.data.tags["hkd.compute"].startswith(cpu_model() + " ("), t.data.tags
         # the Dataset column: the sweep's shared trajectories (by stage hash) and the teacher's training images
         inputs = c.get_run(t.info.run_id).inputs.dataset_inputs
         used = {(i.dataset.name.split("-")[0], i.tags[0].value): i.dataset for i in inputs}
