@@ -13,7 +13,8 @@ Each variant reports the largest difference of its weights from the reference af
 the last, and of its one-step samples on fixed noise. Equal to the last bit means reproducible; a difference
 in the last bits after one step that grows with the steps is how another CPU gives another model.
 
-    python benchmarks/determinism.py --steps 60 --json docs/results/benchmarks/determinism.json
+    python benchmarks/determinism.py --steps 20 --json docs/results/benchmarks/determinism.json    # ~4 min
+    python benchmarks/determinism.py --steps 100 --json docs/results/benchmarks/determinism_100steps.json
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ def main(argv=None) -> int:
                 h.kill()
         secs[name] = time.perf_counter() - t0
         runs[name] = torch.load(tmp / f"{name}.pt", weights_only=False)
+        (tmp / f"{name}.pt").unlink()
         print(f"determinism: {name}: {secs[name]:.0f} s", flush=True)
+    tmp.rmdir()
     ref = runs["reference"]
     rows = []
     for name, r in runs.items():

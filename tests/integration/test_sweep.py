@@ -199,9 +199,8 @@ def test_every_trial_has_its_mlflow_child_run(smoke_sweep):
         dims, levels = json.loads(p["model/subspace_dims"]), int(p["model/levels"])
         assert len(dims) == levels and all(d % 2 == 0 for d in dims)  # every sampled config is valid
         assert len(c.get_metric_history(t.info.run_id, "eval/mse_vs_teacher")) >= 1
-        if (
-            "hkd.stopped_early" not in t.data.tags
-        ):  # trained to its end: where, in one line (hkd_core.provenance)
+        # a trial that trained to its end says where, in one line (hkd_core.provenance)
+        if "hkd.stopped_early" not in t.data.tags:
             assert t.data.tags["hkd.compute"].startswith(cpu_model() + " ("), t.data.tags
         # the Dataset column: the sweep's shared trajectories (by stage hash) and the teacher's training images
         inputs = c.get_run(t.info.run_id).inputs.dataset_inputs
