@@ -193,8 +193,8 @@ class TrainConfig:
     lambda1_end: float = 0.0
     lambda1_anneal_kimg: float = 4.0
     lambda2: float = 1.0
-    perceptual: str = "pseudo_huber"  # pseudo_huber | mse | teacher | lpips (lpips needs the two weight files
-    # below; teacher: the frozen teacher U-Net's down-path features, LPIPS's
+    perceptual: str = "pseudo_huber"  # pseudo_huber | l1 | mse | teacher | lpips (l1: per pixel, robust;
+    # lpips needs the two weight files below; teacher: the frozen teacher U-Net's down-path features, LPIPS's
     # recipe, needs a U-Net teacher: losses.TeacherFeatureDistance)
     perceptual_sigma: float = 0.5  # teacher: the noise level the teacher's features are taken at
     lpips_vgg_path: str | None = None  # lpips: torchvision's vgg16 state dict, a local file on every node

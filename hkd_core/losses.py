@@ -38,6 +38,20 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((x - y).square().flatten(1).sum(1) + c * c).sqrt().sub(c) / math.sqrt(dim)
 
 
+L1_EPS = 1e-3  # l1's smoothing: below about this per-pixel error it is quadratic, so its gradient exists at 0
+
+
+def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-pixel robust distance (Charbonnier): the mean over pixels of sqrt(d^2 + eps^2) - eps, d = x - y.
+
+    pseudo_huber takes one norm over the whole image, so its gradient is MSE's per pixel, rescaled per sample:
+    where the student cannot resolve the teacher's map it regresses to the mean, and the mean is blurry. Per
+    pixel, an L1 distance regresses to the median instead (pix2pix's reason for L1). On MSE's first-order scale
+    like pseudo_huber: a uniform error of e gives about e.
+    """
+    return ((x - y).square() + L1_EPS * L1_EPS).sqrt().sub(L1_EPS).flatten(1).mean(1)
+
+
 class LPIPS(nn.Module):
     """LPIPS (Zhang et al. 2018) on VGG-16 features, from local weight files only (nothing is downloaded).
 
@@ -134,7 +148,7 @@ class TeacherFeatureDistance(nn.Module):
         return sum((a - b).square().sum(1).mean((1, 2)) for a, b in zip(fx, fy)) / len(fx)
 
 
-PERCEPTUAL = ("pseudo_huber", "mse", "teacher", "lpips")
+PERCEPTUAL = ("pseudo_huber", "l1", "mse", "teacher", "lpips")
 
 
 def perceptual_distance(name: str, **kwargs) -> Distance:
@@ -142,6 +156,8 @@ def perceptual_distance(name: str, **kwargs) -> Distance:
     weight files."""
     if name == "pseudo_huber":
         return pseudo_huber
+    if name == "l1":
+        return l1
     if name == "mse":
         return mse
     if name == "teacher":

@@ -13,6 +13,7 @@ from .config_checks import ConfigError
 from .config_checks import choice as _choice
 from .config_checks import positive as _positive
 from .data import DATASETS
+from .losses import PERCEPTUAL
 from .models import VARIANTS
 from .sampler import SAMPLERS, karras_sigmas
 
@@ -74,7 +75,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for k in ("total_kimg", "batch_size", "lr", "states_per_traj", "log_every_kimg", "checkpoint_every_kimg"):
         _positive(f"train.{k}", getattr(cfg.train, k))
     _positive("train.max_train_s", cfg.train.max_train_s)
-    _choice("train.perceptual", cfg.train.perceptual, {"pseudo_huber", "mse", "teacher", "lpips"})
+    _choice("train.perceptual", cfg.train.perceptual, set(PERCEPTUAL))
     _positive("train.perceptual_sigma", cfg.train.perceptual_sigma)
     if cfg.train.perceptual == "teacher" and cfg.teacher.kind != "edm":
         raise ConfigError(

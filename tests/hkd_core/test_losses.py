@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hkd_core.koopman import KoopmanOperator, tau_of_sigma
-from hkd_core.losses import HKDLoss, LambdaSchedule, latent_consistency, mse, pseudo_huber
+from hkd_core.losses import HKDLoss, LambdaSchedule, l1, latent_consistency, mse, pseudo_huber
 from hkd_core.sampler import karras_sigmas
 
 
@@ -18,6 +18,23 @@ def test_pseudo_huber():
     # quadratic near zero, linear far away
     small, big = pseudo_huber(x, x + 1e-5), pseudo_huber(x, x + 10)
     assert small[0] < 1e-6 and big[0] == pytest.approx(10, rel=1e-3)
+
+
+def test_l1_is_per_pixel_and_robust():
+    x = torch.zeros(2, 1, 4, 4)
+    assert torch.equal(l1(x, x), torch.zeros(2))
+    # a uniform error of e costs about e, on pseudo_huber's scale
+    torch.testing.assert_close(l1(x, x + 0.5), torch.full((2,), 0.5), atol=1e-3, rtol=0)
+    # per pixel, not one norm over the image: one pixel of 16 off by 2 costs 2/16 (each pixel its own |d|),
+    # where pseudo_huber's single norm charges 2/4: an outlier weighs 4x less under l1
+    one = x.clone()
+    one[:, 0, 0, 0] = 2.0
+    torch.testing.assert_close(l1(x, one), torch.full((2,), 2.0 / 16), atol=1e-3, rtol=0)
+    assert pseudo_huber(x, one)[0] == pytest.approx(2.0 / 4, rel=1e-2)
+    # its gradient is the median's: the sign of d, the same size for a small and a large error
+    y = torch.tensor([[[[0.01, 1.0]]]], requires_grad=True)
+    l1(y, torch.zeros(1, 1, 1, 2)).sum().backward()
+    torch.testing.assert_close(y.grad, torch.full((1, 1, 1, 2), 0.5), atol=3e-3, rtol=0)
 
 
 def test_lambda_schedule():
@@ -184,7 +201,7 @@ def test_lpips_needs_local_weights(tmp_path):
         perceptual_distance("lpips", vgg_path=tmp_path / "vgg.pth", lin_path=tmp_path / "lin.pth")
     with pytest.raises(ValueError, match="loss.perceptual is 'ssim'"):
         perceptual_distance("ssim")
-    assert perceptual_distance("pseudo_huber") is pseudo_huber
+    assert perceptual_distance("pseudo_huber") is pseudo_huber and perceptual_distance("l1") is l1
 
 
 def test_lpips_weight_paths_reach_the_loss_from_the_train_config(tmp_path, koopman_model, toy_trajectories):
